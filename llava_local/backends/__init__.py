@@ -1,0 +1,1 @@
+"""Engines behind :class:`~llava_local.VisionChat`."""

@@ -1,0 +1,61 @@
+"""The seam between the conversation core and an engine.
+
+A backend turns a prepared conversation into text and nothing more: the core
+(:mod:`llava_local.chat`) validates input, prepares pictures, keeps the history
+and builds the :class:`~llava_local.types.Reply`. A new engine implements
+:meth:`Backend.generate` and, if it holds resources, :meth:`Backend.close`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..types import DoneReason, Message, Options, Stats
+
+
+@dataclass(frozen=True)
+class Turn:
+    """What the core asks of an engine: the whole conversation, ending with the new
+    user message, plus options and an optional JSON schema the answer must fit."""
+
+    messages: Sequence[Message]
+    options: Options
+    json_schema: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Finish:
+    """The last item of :meth:`Backend.generate`: why it stopped and what it cost."""
+
+    done_reason: DoneReason
+    stats: Stats
+
+
+class Backend(ABC):
+    """One engine. ``generate`` yields text pieces, then exactly one :class:`Finish`."""
+
+    name: ClassVar[str]
+    #: The longest picture side the core prepares for this engine, unless told otherwise.
+    default_max_image_side: ClassVar[int] = 1344
+
+    model: str
+
+    @property
+    def max_image_side(self) -> int:
+        """The longest side, in pixels, pictures are shrunk to before they are sent."""
+        return self.default_max_image_side
+
+    @abstractmethod
+    def generate(self, turn: Turn) -> Iterator[str | Finish]:
+        """Answer the last message of ``turn``.
+
+        Raise only :class:`~llava_local.errors.LlavaLocalError` subclasses. If the
+        caller stops iterating early (``close()`` on the generator), stop work and
+        leave the engine ready for the next turn.
+        """
+
+    def close(self) -> None:  # noqa: B027 - engines without resources need nothing here
+        """Free the model or the connection. Called once, by :meth:`VisionChat.close`."""

@@ -1,0 +1,95 @@
+"""The errors llava-local raises, and nothing else.
+
+Every error derives from :class:`LlavaLocalError` and also from the builtin it
+resembles, so ``except ValueError`` keeps working for callers who never heard of
+this library::
+
+    LlavaLocalError
+    ├── ImageError(ValueError)                 the picture could not be read or prepared
+    ├── InvalidRequestError(ValueError)        a misspelt option, an empty prompt, a bad schema
+    ├── SchemaError(ValueError)                the answer does not fit the requested schema
+    ├── ModelNotFoundError(LookupError)        no such model (not pulled, wrong path)
+    ├── NotAVisionModelError(ValueError)       the model would silently ignore pictures
+    ├── ModelLoadError(RuntimeError)           the engine could not load the model files
+    ├── ContextOverflowError(ValueError)       the turn does not fit the context window
+    ├── MissingDependencyError(ImportError)    an optional engine is not installed
+    ├── BackendUnavailableError(ConnectionError)  the engine cannot be reached
+    │   └── BackendTimeoutError(TimeoutError)  it did not answer in time
+    └── BackendError(RuntimeError)             the engine failed during a turn
+        └── ResponseError                      the daemon answered with an error status
+
+Low-level exceptions (httpx, ollama, json, llama_cpp) are translated where they
+happen, ``raise ... from exc``, so the cause stays visible in tracebacks.
+"""
+
+from __future__ import annotations
+
+
+class LlavaLocalError(Exception):
+    """Root of every error raised by llava-local."""
+
+
+class ImageError(LlavaLocalError, ValueError):
+    """A picture could not be loaded or prepared; the message names the source."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        self.source = source
+        self.reason = reason
+        super().__init__(f"cannot use picture {source}: {reason}")
+
+
+class InvalidRequestError(LlavaLocalError, ValueError):
+    """The call itself is wrong: unknown option, bad value, empty prompt, bad schema."""
+
+
+class SchemaError(LlavaLocalError, ValueError):
+    """The model's answer is not JSON that fits the requested schema."""
+
+    def __init__(self, message: str, text: str) -> None:
+        self.text = text
+        super().__init__(message)
+
+
+class ModelNotFoundError(LlavaLocalError, LookupError):
+    """The model is not there: not pulled into Ollama, or no file at that path."""
+
+
+class NotAVisionModelError(LlavaLocalError, ValueError):
+    """The model cannot see pictures; sending it one would be silently ignored."""
+
+
+class ModelLoadError(LlavaLocalError, RuntimeError):
+    """The engine refused the model files (wrong kind of file, mismatched pair)."""
+
+
+class ContextOverflowError(LlavaLocalError, ValueError):
+    """The conversation plus the new turn does not fit the model's context window."""
+
+    def __init__(self, message: str, *, needed: int, available: int) -> None:
+        self.needed = needed
+        self.available = available
+        super().__init__(message)
+
+
+class MissingDependencyError(LlavaLocalError, ImportError):
+    """An optional engine is not installed; the message names the extra to add."""
+
+
+class BackendUnavailableError(LlavaLocalError, ConnectionError):
+    """The engine cannot be reached (daemon not running, connection dropped)."""
+
+
+class BackendTimeoutError(BackendUnavailableError, TimeoutError):
+    """The engine did not answer within the timeout."""
+
+
+class BackendError(LlavaLocalError, RuntimeError):
+    """The engine failed while answering."""
+
+
+class ResponseError(BackendError):
+    """The daemon answered with an error; ``status_code`` is None for mid-stream errors."""
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        self.status_code = status_code
+        super().__init__(message)

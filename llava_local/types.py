@@ -1,0 +1,116 @@
+"""The data that crosses the public API: options, pictures, messages, replies.
+
+All are pydantic models. Input models are strict (``extra="forbid"``: a misspelt
+option fails loudly); output models are plain records.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Role = Literal["system", "user", "assistant"]
+DoneReason = Literal["stop", "length"]
+
+
+class Options(BaseModel):
+    """Generation options, the same names for every engine.
+
+    ``None`` means "the engine's default". Each backend maps the names to its own
+    (``max_tokens`` is Ollama's ``num_predict``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: float | None = Field(default=None, ge=0.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    seed: int | None = None
+    stop: tuple[str, ...] | None = None
+    repeat_penalty: float | None = Field(default=None, gt=0.0)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_string(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+    def overlay(self, other: Options) -> Options:
+        """These options with every field that ``other`` sets replaced."""
+        return self.model_copy(update=other.model_dump(exclude_none=True))
+
+
+class PreparedImage(BaseModel):
+    """A picture after preparation: upright, RGB, bounded in size, encoded once.
+
+    ``sha256`` is the hash of ``data``; engines use it to recognise a picture they
+    have already seen. ``changes`` says what preparation did to it, in words.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    data: bytes = Field(repr=False)
+    mime: Literal["image/png", "image/jpeg"]
+    width: int
+    height: int
+    sha256: str
+    source: str
+    changes: tuple[str, ...] = ()
+
+    def b64(self) -> str:
+        """The encoded picture as base64 text, as the Ollama protocol wants it."""
+        return base64.b64encode(self.data).decode("ascii")
+
+
+class Message(BaseModel):
+    """One turn of a conversation."""
+
+    model_config = ConfigDict(frozen=True)
+
+    role: Role
+    content: str
+    images: tuple[PreparedImage, ...] = ()
+
+
+class Stats(BaseModel):
+    """Token counts and timings of one turn, the same fields for every engine.
+
+    Named as Ollama names them, converted to seconds. ``prompt_tokens`` counts the
+    prompt tokens the engine evaluated for this turn; ``cached_tokens`` those it
+    reused from the previous turn instead. ``image_encode_s`` is None where the
+    engine cannot tell.
+    """
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int | None = None
+    images_encoded: int | None = None
+    load_s: float = 0.0
+    prompt_s: float = 0.0
+    decode_s: float = 0.0
+    total_s: float = 0.0
+    first_token_s: float | None = None
+    image_encode_s: float | None = None
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """Completion tokens per second of decoding, when there was any."""
+        if self.decode_s <= 0 or self.completion_tokens == 0:
+            return None
+        return self.completion_tokens / self.decode_s
+
+
+class Reply(BaseModel):
+    """A finished answer. ``str(reply)`` is its text."""
+
+    text: str
+    model: str
+    backend: str
+    done_reason: DoneReason | None = None
+    stats: Stats = Field(default_factory=Stats)
+    parsed: Any = None
+
+    def __str__(self) -> str:
+        return self.text
