@@ -9,7 +9,7 @@ and builds the :class:`~llava_local.types.Reply`. A new engine implements
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -49,7 +49,7 @@ class Backend(ABC):
         return self.default_max_image_side
 
     @abstractmethod
-    def generate(self, turn: Turn) -> Iterator[str | Finish]:
+    def generate(self, turn: Turn) -> Generator[str | Finish, None, None]:
         """Answer the last message of ``turn``.
 
         Raise only :class:`~llava_local.errors.LlavaLocalError` subclasses. If the

@@ -1,0 +1,61 @@
+"""llava-local: talk with LLaVA-style vision-language models on ordinary CPUs.
+
+One class, :class:`VisionChat`, drives the Ollama daemon or llama.cpp in this
+process with the same code::
+
+    from llava_local import VisionChat
+
+    with VisionChat(backend="auto") as chat:
+        print(chat.ask("What is in this picture?", image="photo.jpg"))
+        for piece in chat.stream("And the colours?"):
+            print(piece, end="")
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .chat import ReplyStream, VisionChat
+from .errors import (
+    BackendError,
+    BackendTimeoutError,
+    BackendUnavailableError,
+    ContextOverflowError,
+    ImageError,
+    InvalidRequestError,
+    LlavaLocalError,
+    MissingDependencyError,
+    ModelLoadError,
+    ModelNotFoundError,
+    NotAVisionModelError,
+    ResponseError,
+    SchemaError,
+)
+from .types import Message, Options, PreparedImage, Reply, Stats
+
+try:
+    __version__ = version("llava-local")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = [
+    "BackendError",
+    "BackendTimeoutError",
+    "BackendUnavailableError",
+    "ContextOverflowError",
+    "ImageError",
+    "InvalidRequestError",
+    "LlavaLocalError",
+    "Message",
+    "MissingDependencyError",
+    "ModelLoadError",
+    "ModelNotFoundError",
+    "NotAVisionModelError",
+    "Options",
+    "PreparedImage",
+    "Reply",
+    "ReplyStream",
+    "ResponseError",
+    "SchemaError",
+    "Stats",
+    "VisionChat",
+    "__version__",
+]

@@ -1,0 +1,473 @@
+"""In-process llama.cpp: a GGUF language model plus its mmproj, driven through libmtmd.
+
+Why drive libmtmd ourselves instead of llama-cpp-python's chat handlers: every
+handler call clears the KV cache and encodes every picture again, so on a CPU a
+follow-up question costs as much as the first (llama-cpp-python issue 2222).
+This backend remembers what its KV cache holds, position by position (text
+tokens, and picture positions named by the picture's content hash), and each
+turn evaluates only what differs from it: a picture is encoded once per
+conversation.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import json
+import os
+import time
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..chat_formats import ChatFormat, choose_format
+from ..errors import (
+    BackendError,
+    ContextOverflowError,
+    ImageError,
+    InvalidRequestError,
+    MissingDependencyError,
+    ModelLoadError,
+    ModelNotFoundError,
+)
+from ..types import Options, Stats
+from . import gguf_meta
+from .base import Backend, Finish, Turn
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
+
+# One KV position: a text token id, or (picture hash, index within the picture).
+Key = int | tuple[str, int]
+
+# Text budget added to the pictures' tokens when n_ctx is not given.
+TEXT_BUDGET = 2048
+
+
+def _import_llama_cpp() -> Any:
+    try:
+        import llama_cpp
+        import llama_cpp.mtmd_cpp
+    except ImportError as exc:  # pragma: no cover - exercised only without the extra
+        raise MissingDependencyError(
+            "the llama.cpp engine needs llama-cpp-python: pip install 'llava-local[llama-cpp]' "
+            "(see the README for build flags on CPUs with AMX)"
+        ) from exc
+    return llama_cpp
+
+
+def physical_cores() -> int:
+    """Physical cores this process may use: llama.cpp slows down on hyper-threads."""
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        allowed = os.cpu_count() or 1
+    cores: set[tuple[str, str]] = set()
+    try:
+        physical = core = ""
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key, value = key.strip(), value.strip()
+            if key == "physical id":
+                physical = value
+            elif key == "core id":
+                core = value
+                cores.add((physical, core))
+    except OSError:
+        pass
+    return max(1, min(allowed, len(cores) or allowed))
+
+
+@dataclass
+class _Prompt:
+    """A tokenized turn: the mtmd chunks plus the KV key of every position."""
+
+    chunks: Any
+    keys: list[Key] = field(default_factory=list)
+    # (kind, chunk pointer, first position) per chunk, kind "text" or "image".
+    parts: list[tuple[str, Any, int]] = field(default_factory=list)
+
+
+class LlamaCppBackend(Backend):
+    """llama.cpp in this process, CPU by default, model memory-mapped."""
+
+    name = "llama_cpp"
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str],
+        mmproj: str | os.PathLike[str],
+        *,
+        n_ctx: int | None = None,
+        n_threads: int | None = None,
+        chat_format: str | None = None,
+        n_gpu_layers: int = 0,
+        n_batch: int = 512,
+        use_mmap: bool = True,
+        verbose: bool = False,
+    ) -> None:
+        self._llama_cpp = _import_llama_cpp()
+        self._mtmd = self._llama_cpp.mtmd_cpp
+        self.model_path = _existing_file(model, "language model")
+        self.mmproj_path = _existing_file(mmproj, "projector (mmproj)")
+        self.model = self.model_path.name
+        lm_meta, mm_meta = gguf_meta.check_pair(self.model_path, self.mmproj_path)
+        self._image_tokens = gguf_meta.image_tokens(mm_meta)
+        self._image_size = gguf_meta.image_size(mm_meta)
+        self.n_threads = n_threads or physical_cores()
+        if n_ctx is None:
+            trained = int(lm_meta.get("context_length") or 4096)
+            n_ctx = min(trained, (self._image_tokens or 576) + TEXT_BUDGET)
+        start = time.perf_counter()
+        self._llama = self._load_llama(n_ctx, n_gpu_layers, n_batch, use_mmap, verbose)
+        self._ctx = self._init_mtmd(verbose)
+        self._load_s = time.perf_counter() - start
+        self._marker = self._mtmd.mtmd_default_marker().decode()
+        bos = self._piece(self._llama.token_bos())
+        eos = self._piece(self._llama.token_eos())
+        self.chat_format: ChatFormat = choose_format(
+            chat_format, self._llama.metadata, bos=bos, eos=eos
+        )
+        self._keys: list[Key] = []  # what the KV cache holds, one entry per position
+
+    # -- loading ---------------------------------------------------------------
+
+    def _load_llama(
+        self, n_ctx: int, n_gpu_layers: int, n_batch: int, use_mmap: bool, verbose: bool
+    ) -> Llama:
+        try:
+            return self._llama_cpp.Llama(  # type: ignore[no-any-return]
+                model_path=str(self.model_path),
+                n_ctx=n_ctx,
+                n_batch=min(n_batch, n_ctx),
+                n_ubatch=min(n_batch, n_ctx),
+                n_threads=self.n_threads,
+                n_threads_batch=self.n_threads,
+                n_gpu_layers=n_gpu_layers,
+                use_mmap=use_mmap,
+                verbose=verbose,
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelLoadError(
+                f"llama.cpp could not load the language model {self.model_path}: {exc}"
+            ) from exc
+
+    def _init_mtmd(self, verbose: bool) -> Any:
+        params = self._mtmd.mtmd_context_params_default()
+        params.use_gpu = False
+        params.print_timings = verbose
+        params.n_threads = self.n_threads
+        params.warmup = False
+        ctx = self._mtmd.mtmd_init_from_file(
+            str(self.mmproj_path).encode(), self._llama.model, params
+        )
+        if not ctx:
+            self._llama.close()
+            raise ModelLoadError(
+                f"libmtmd could not load the projector {self.mmproj_path} for "
+                f"{self.model_path.name}; check that it is the mmproj made for this model"
+            )
+        if not self._mtmd.mtmd_support_vision(ctx):
+            self._mtmd.mtmd_free(ctx)
+            self._llama.close()
+            raise ModelLoadError(f"the projector {self.mmproj_path} has no vision encoder")
+        return ctx
+
+    @property
+    def max_image_side(self) -> int:
+        # A fixed-size encoder (LLaVA-1.5: 336 px) resizes anything larger itself;
+        # sending it twice that keeps detail for its own resampling and no more.
+        if self._image_size:
+            return max(self._image_size * 2, 64)
+        return self.default_max_image_side
+
+    @property
+    def n_ctx(self) -> int:
+        """The context window, in tokens (positions)."""
+        return int(self._llama.n_ctx())
+
+    def close(self) -> None:
+        if self._ctx:
+            self._mtmd.mtmd_free(self._ctx)
+            self._ctx = None
+        self._llama.close()
+        self._keys = []
+
+    # -- one turn ----------------------------------------------------------------
+
+    def generate(self, turn: Turn) -> Generator[str | Finish, None, None]:
+        started = time.perf_counter()
+        images = [image for message in turn.messages for image in message.images]
+        text = self.chat_format.prompt(turn.messages, self._marker)
+        prompt = self._tokenize(text, images)
+        try:
+            budget = turn.options.max_tokens or 1
+            needed = len(prompt.keys) + budget
+            if needed > self.n_ctx:
+                raise ContextOverflowError(
+                    f"this turn needs {needed} tokens ({len(prompt.keys)} of prompt, "
+                    f"{budget} to answer) but the context window holds {self.n_ctx}; "
+                    "start a new conversation with reset(), send fewer or smaller "
+                    "pictures, or load the model with a larger n_ctx",
+                    needed=needed,
+                    available=self.n_ctx,
+                )
+            stats = Stats(load_s=self._load_s)
+            self._load_s = 0.0
+            self._evaluate(prompt, stats)
+        finally:
+            self._mtmd.mtmd_input_chunks_free(prompt.chunks)
+        stats.prompt_s = time.perf_counter() - started
+        yield from self._decode(turn, stats, started)
+
+    def _piece(self, token: int) -> str:
+        return bytes(self._llama.detokenize([token], special=True)).decode("utf-8", "replace")
+
+    def _tokenize(self, text: str, images: Sequence[Any]) -> _Prompt:
+        mtmd = self._mtmd
+        bitmaps = []
+        try:
+            for image in images:
+                buf = (ctypes.c_uint8 * len(image.data)).from_buffer_copy(image.data)
+                bitmap = mtmd.mtmd_helper_bitmap_init_from_buf(
+                    self._ctx, buf, len(image.data), False
+                )
+                if not bitmap:
+                    raise ImageError(image.source, "llama.cpp could not decode the picture")
+                mtmd.mtmd_bitmap_set_id(bitmap, image.sha256.encode())
+                bitmaps.append(bitmap)
+            chunks = mtmd.mtmd_input_chunks_init()
+            data = text.encode()
+            inp = mtmd.mtmd_input_text()
+            inp.text, inp.text_len = data, len(data)
+            inp.add_special, inp.parse_special = True, True
+            array = (mtmd.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
+            code = mtmd.mtmd_tokenize(self._ctx, chunks, ctypes.byref(inp), array, len(bitmaps))
+            if code != 0:
+                mtmd.mtmd_input_chunks_free(chunks)
+                raise BackendError(
+                    f"libmtmd could not tokenize the prompt (code {code}): "
+                    + ("picture and marker counts differ" if code == 1 else "preprocessing failed")
+                )
+        finally:
+            for bitmap in bitmaps:
+                mtmd.mtmd_bitmap_free(bitmap)
+        return self._index(chunks)
+
+    def _index(self, chunks: Any) -> _Prompt:
+        mtmd = self._mtmd
+        prompt = _Prompt(chunks)
+        for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+            chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+            start = len(prompt.keys)
+            if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                n = ctypes.c_size_t()
+                ptr = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                prompt.keys.extend(int(ptr[j]) for j in range(n.value))
+                prompt.parts.append(("text", chunk, start))
+            else:
+                ident = (mtmd.mtmd_input_chunk_get_id(chunk) or b"").decode()
+                n_pos = int(mtmd.mtmd_input_chunk_get_n_pos(chunk))
+                prompt.keys.extend((ident, j) for j in range(n_pos))
+                prompt.parts.append(("image", chunk, start))
+        return prompt
+
+    def _reusable_prefix(self, keys: Sequence[Key]) -> int:
+        """How many leading positions of ``keys`` the KV cache already holds."""
+        p = 0
+        for old, new in zip(self._keys, keys, strict=False):
+            if old != new:
+                break
+            p += 1
+        if p == len(keys):  # all cached: step back so the last position yields logits
+            p -= 1
+        while 0 < p < len(keys) and _inside_picture(keys[p]):
+            p -= 1  # never keep half a picture
+        return max(p, 0)
+
+    def _evaluate(self, prompt: _Prompt, stats: Stats) -> None:
+        llama = self._llama
+        keep = self._reusable_prefix(prompt.keys)
+        llama._ctx.kv_cache_seq_rm(-1, keep, -1)
+        llama.n_tokens = keep
+        self._keys = self._keys[:keep]
+        stats.cached_tokens = keep
+        encoded, encode_s = 0, 0.0
+        for kind, chunk, start in prompt.parts:
+            end = start + self._chunk_len(kind, chunk)
+            if end <= keep:
+                continue
+            if kind == "text":
+                tokens = prompt.keys[max(start, keep) : end]
+                self._eval_text([int(t) for t in tokens if isinstance(t, int)])
+            else:
+                encode_s += self._eval_image(chunk)
+                encoded += 1
+            self._keys.extend(prompt.keys[len(self._keys) : llama.n_tokens])
+        stats.prompt_tokens = len(prompt.keys) - keep
+        stats.images_encoded = encoded
+        stats.image_encode_s = encode_s
+
+    def _chunk_len(self, kind: str, chunk: Any) -> int:
+        mtmd = self._mtmd
+        if kind == "text":
+            n = ctypes.c_size_t()
+            mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+            return int(n.value)
+        return int(mtmd.mtmd_input_chunk_get_n_pos(chunk))
+
+    def _eval_text(self, tokens: list[int]) -> None:
+        try:
+            self._llama.eval(tokens)
+        except RuntimeError as exc:
+            raise BackendError(f"llama.cpp failed to evaluate the prompt: {exc}") from exc
+
+    def _eval_image(self, chunk: Any) -> float:
+        """Encode a picture with CLIP, then read its embeddings into the KV cache.
+
+        Returns the encode time: the two steps are split so the stats can tell them apart.
+        """
+        llama, mtmd, lib = self._llama, self._mtmd, self._llama_cpp
+        t0 = time.perf_counter()
+        if mtmd.mtmd_encode_chunk(self._ctx, chunk) != 0:
+            raise BackendError("libmtmd failed to encode a picture")
+        embd = mtmd.mtmd_get_output_embd(self._ctx)
+        encode_s = time.perf_counter() - t0
+        new_n_past = lib.llama_pos(0)
+        code = mtmd.mtmd_helper_decode_image_chunk(
+            self._ctx,
+            llama._ctx.ctx,
+            chunk,
+            embd,
+            lib.llama_pos(llama.n_tokens),
+            lib.llama_seq_id(0),
+            llama.n_batch,
+            ctypes.byref(new_n_past),
+            mtmd.mtmd_helper_post_decode_callback(),
+            None,
+        )
+        if code != 0:
+            raise BackendError(f"llama.cpp failed to read a picture's embeddings (code {code})")
+        llama.n_tokens = int(new_n_past.value)
+        return encode_s
+
+    def _decode(self, turn: Turn, stats: Stats, started: float) -> Iterator[str | Finish]:
+        llama, opts = self._llama, turn.options
+        grammar = _grammar(turn.json_schema)
+        llama.set_seed(opts.seed if opts.seed is not None else self._llama_cpp.LLAMA_DEFAULT_SEED)
+        first_pos = llama.n_tokens
+        stopper = _StopScanner(opts.stop or ())
+        utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        limit = opts.max_tokens
+        reason: str = "stop"
+        count = 0
+        t_decode = time.perf_counter()
+        leading = True
+        try:
+            for token in llama.generate(
+                [],
+                reset=False,
+                **_sampling(opts),
+                grammar=grammar,
+            ):
+                if self._llama_cpp.llama_token_is_eog(llama._model.vocab, token):
+                    break
+                count += 1
+                piece = utf8.decode(bytes(llama.detokenize([token])))
+                if leading:
+                    piece = piece.lstrip()
+                    leading = not piece
+                out, hit = stopper.feed(piece)
+                if out:
+                    if stats.first_token_s is None:
+                        stats.first_token_s = time.perf_counter() - started
+                    yield out
+                if hit:
+                    break
+                if (limit is not None and count >= limit) or llama.n_tokens + 1 >= self.n_ctx:
+                    reason = "length"
+                    break
+            tail = stopper.flush(utf8.decode(b"", final=True))
+            if tail:
+                yield tail
+        finally:
+            # Whatever was decoded into the KV cache is recorded, even on Ctrl-C.
+            ids = llama.input_ids[first_pos : llama.n_tokens]
+            self._keys = self._keys[:first_pos] + [int(t) for t in ids]
+        now = time.perf_counter()
+        stats.completion_tokens = count
+        stats.decode_s = now - t_decode
+        stats.total_s = now - started
+        yield Finish("length" if reason == "length" else "stop", stats)
+
+
+def _inside_picture(key: Key) -> bool:
+    return isinstance(key, tuple) and key[1] != 0
+
+
+def _existing_file(path: str | os.PathLike[str], what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelNotFoundError(f"no {what} file at {p}; check the path or download it first")
+    if not p.is_file():
+        raise ModelNotFoundError(f"the {what} path {p} is not a file")
+    return p
+
+
+def _sampling(opts: Options) -> dict[str, Any]:
+    """llama.cpp's own defaults where an option is unset."""
+    return {
+        "temp": 0.8 if opts.temperature is None else opts.temperature,
+        "top_k": 40 if opts.top_k is None else opts.top_k,
+        "top_p": 0.95 if opts.top_p is None else opts.top_p,
+        "min_p": 0.05,
+        "repeat_penalty": 1.0 if opts.repeat_penalty is None else opts.repeat_penalty,
+    }
+
+
+def _grammar(schema: dict[str, Any] | None) -> Any:
+    if schema is None:
+        return None
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    try:
+        return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+    except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise InvalidRequestError(
+            f"llama.cpp cannot turn this JSON schema into a grammar: {exc}"
+        ) from exc
+
+
+class _StopScanner:
+    """Cuts streamed text at the first stop string, holding back possible prefixes."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        text = self.pending + piece
+        if not self.stops:
+            self.pending = ""
+            return text, False
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.pending = ""
+            return text[:cut], True
+        hold = max((_overlap(text, s) for s in self.stops), default=0)
+        self.pending = text[len(text) - hold :] if hold else ""
+        return text[: len(text) - hold], False
+
+    def flush(self, piece: str) -> str:
+        out, _ = self.feed(piece)
+        rest, self.pending = self.pending, ""
+        return out + rest
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest end of ``text`` that is a start of ``stop``."""
+    for n in range(min(len(text), len(stop) - 1), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0

@@ -1,0 +1,296 @@
+"""``VisionChat``: one conversation about pictures, the same code for every engine.
+
+The conversation, option checking, picture preparation and the reply are handled
+here, once; an engine (:mod:`llava_local.backends`) only turns the prepared
+conversation into text. A turn is added to the history only when it finishes:
+a failed or interrupted turn leaves the conversation exactly as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Generator, Iterator, Sequence
+from types import TracebackType
+from typing import Any
+
+from pydantic import ValidationError
+
+from . import images as _images
+from . import structured
+from .backends import Backend, Finish, Turn, create
+from .errors import BackendError, InvalidRequestError, LlavaLocalError
+from .types import Message, Options, PreparedImage, Reply
+
+_OPTION_NAMES = frozenset(Options.model_fields)
+
+
+def _options(values: dict[str, Any]) -> Options:
+    try:
+        return Options(**values)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise InvalidRequestError(
+            f"invalid generation options ({problems}); valid options: "
+            + ", ".join(sorted(_OPTION_NAMES))
+        ) from None
+
+
+class VisionChat:
+    """A conversation with a vision-language model.
+
+    >>> chat = VisionChat.llama_cpp()                      # the bundled demo model
+    >>> chat.ask("What digit is this?", image="7.png").text
+    'This digit is 7.'
+    """
+
+    def __init__(
+        self,
+        backend: str | Backend = "auto",
+        model: str | None = None,
+        *,
+        system: str | None = None,
+        max_image_side: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in _OPTION_NAMES}
+        self.options = _options(options)
+        if isinstance(backend, Backend):
+            if kwargs or model is not None:
+                raise InvalidRequestError("pass engine arguments to the backend, not the chat")
+            self._backend = backend
+        else:
+            self._backend = create(backend, model, **kwargs)
+        if max_image_side is not None and max_image_side < 16:
+            raise InvalidRequestError("max_image_side must be at least 16 pixels")
+        self.max_image_side = max_image_side or self._backend.max_image_side
+        self.system = system
+        self._history: list[Message] = []
+        self._lock = threading.RLock()
+        self._closed = False
+        self.last_reply: Reply | None = None
+
+    @classmethod
+    def ollama(
+        cls,
+        model: str = "llava",
+        host: str | None = None,
+        timeout: float | None = None,
+        pull: bool = False,
+        **options: Any,
+    ) -> VisionChat:
+        """A chat through the Ollama daemon (``ollama serve``)."""
+        return cls("ollama", model, host=host, timeout=timeout, pull=pull, **options)
+
+    @classmethod
+    def llama_cpp(
+        cls,
+        model: str | os.PathLike[str] | None = None,
+        mmproj: str | os.PathLike[str] | None = None,
+        n_ctx: int | None = None,
+        n_threads: int | None = None,
+        chat_format: str | None = None,
+        **options: Any,
+    ) -> VisionChat:
+        """A chat with llama.cpp in this process; no model means the bundled demo model."""
+        return cls(
+            "llama_cpp",
+            None if model is None else os.fspath(model),
+            mmproj=mmproj,
+            n_ctx=n_ctx,
+            n_threads=n_threads,
+            chat_format=chat_format,
+            **options,
+        )
+
+    # -- the conversation --------------------------------------------------------
+
+    @property
+    def backend(self) -> str:
+        """The engine's name: ``"ollama"`` or ``"llama_cpp"``."""
+        return self._backend.name
+
+    @property
+    def engine(self) -> Backend:
+        """The engine object itself, for engine-specific settings."""
+        return self._backend
+
+    @property
+    def model(self) -> str:
+        return self._backend.model
+
+    @property
+    def history(self) -> list[Message]:
+        """The finished turns, oldest first (a copy: changing it changes nothing)."""
+        return list(self._history)
+
+    def reset(self) -> None:
+        """Start a new conversation. The system prompt and options stay."""
+        with self._lock:
+            self._history = []
+            self.last_reply = None
+
+    def ask(
+        self,
+        prompt: str,
+        image: _images.ImageSource | None = None,
+        *,
+        images: Sequence[_images.ImageSource] | None = None,
+        schema: structured.Schema | None = None,
+        **options: Any,
+    ) -> Reply:
+        """Ask about ``image`` (or the pictures already in the conversation) and wait."""
+        with self.stream(prompt, image, images=images, schema=schema, **options) as stream:
+            for _ in stream:
+                pass
+        return stream.reply
+
+    def stream(
+        self,
+        prompt: str,
+        image: _images.ImageSource | None = None,
+        *,
+        images: Sequence[_images.ImageSource] | None = None,
+        schema: structured.Schema | None = None,
+        **options: Any,
+    ) -> ReplyStream:
+        """Like :meth:`ask`, but iterate the answer as it is written.
+
+        Pictures and options are checked now, before anything is sent; the turn is
+        kept in the history when the iteration ends.
+        """
+        if self._closed:
+            raise InvalidRequestError("this VisionChat is closed; create a new one")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InvalidRequestError("the prompt must be a non-empty string")
+        opts = self.options.overlay(_options(options))
+        sources = ([] if image is None else [image]) + list(images or [])
+        prepared = tuple(_images.prepare(s, max_side=self.max_image_side) for s in sources)
+        message = Message(role="user", content=prompt, images=prepared)
+        json_schema = None if schema is None else structured.json_schema(schema)
+        return ReplyStream(self, message, opts, schema, json_schema)
+
+    def _run(
+        self,
+        message: Message,
+        options: Options,
+        schema: structured.Schema | None,
+        json_schema: dict[str, Any] | None,
+        out: ReplyStream,
+    ) -> Generator[str, None, None]:
+        with self._lock:
+            system = [Message(role="system", content=self.system)] if self.system else []
+            turn = Turn([*system, *self._history, message], options, json_schema)
+            pieces: list[str] = []
+            finish: Finish | None = None
+            generator = self._backend.generate(turn)
+            try:
+                for item in generator:
+                    if isinstance(item, Finish):
+                        finish = item
+                    elif item:
+                        pieces.append(item)
+                        yield item
+            except LlavaLocalError:
+                raise
+            except Exception as exc:  # an engine bug must still surface as our error
+                raise BackendError(f"the {self.backend} engine failed: {exc!r}") from exc
+            finally:
+                generator.close()
+            if finish is None:
+                raise BackendError(f"the {self.backend} engine ended the answer without finishing")
+            text = "".join(pieces)
+            parsed = structured.parse(text, schema) if schema is not None else None
+            reply = Reply(
+                text=text,
+                model=self.model,
+                backend=self.backend,
+                done_reason=finish.done_reason,
+                stats=finish.stats,
+                parsed=parsed,
+            )
+            self._history += [message, Message(role="assistant", content=text)]
+            self.last_reply = out.reply = reply
+
+    # -- lifetime ----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the model (llama.cpp) or the HTTP client (Ollama). Safe to call twice."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._backend.close()
+
+    def __enter__(self) -> VisionChat:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"VisionChat(backend={self.backend!r}, model={self.model!r}, "
+            f"turns={len(self._history) // 2})"
+        )
+
+
+class ReplyStream(Iterator[str]):
+    """The answer as it is written: iterate for text pieces, then read :attr:`reply`.
+
+    Use it as a context manager (or iterate to the end) so that an abandoned
+    stream stops the engine; a stream closed early does not enter the history.
+    """
+
+    def __init__(
+        self,
+        chat: VisionChat,
+        message: Message,
+        options: Options,
+        schema: structured.Schema | None,
+        json_schema: dict[str, Any] | None,
+    ) -> None:
+        self.message = message
+        self._reply: Reply | None = None
+        self._pieces = chat._run(message, options, schema, json_schema, self)
+
+    @property
+    def images(self) -> tuple[PreparedImage, ...]:
+        """The pictures of this turn, as prepared and sent."""
+        return self.message.images
+
+    @property
+    def reply(self) -> Reply:
+        """The finished reply; only after the iteration has ended."""
+        if self._reply is None:
+            raise InvalidRequestError("the reply is ready only after the stream has been read")
+        return self._reply
+
+    @reply.setter
+    def reply(self, value: Reply) -> None:
+        self._reply = value
+
+    def __iter__(self) -> ReplyStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        """Stop the answer now; the turn is not kept."""
+        self._pieces.close()
+
+    def __enter__(self) -> ReplyStream:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

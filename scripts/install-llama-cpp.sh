@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Install llama-cpp-python built for this CPU without the AMX trap.
+#
+# pip's default build compiles llama.cpp with -march=native. On CPUs (and cloud VMs)
+# that report AMX but forbid it, the first quantized matrix multiply dies with SIGSEGV.
+# So on x86-64 we build with GGML_NATIVE=OFF and switch on only the instruction sets
+# /proc/cpuinfo lists, never AMX. Other machines (Raspberry Pi, Apple) keep the native
+# build, which is safe there. The wheel is cached per flag set, because pip's own wheel
+# cache ignores CMAKE_ARGS and would silently hand back a crashing build.
+#
+# Usage: scripts/install-llama-cpp.sh [PYTHON]      (default: python3)
+set -euo pipefail
+PY=${1:-python3}
+VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
+
+if [ -z "${CMAKE_ARGS:-}" ] && [ "$(uname -m)" = "x86_64" ] && [ -r /proc/cpuinfo ]; then
+  flags=$(grep -m1 '^flags' /proc/cpuinfo)
+  has() { [[ " $flags " == *" $1 "* ]]; }
+  args="-DGGML_NATIVE=OFF"
+  has avx && args+=" -DGGML_AVX=ON"
+  has avx2 && args+=" -DGGML_AVX2=ON"
+  has fma && args+=" -DGGML_FMA=ON"
+  has f16c && args+=" -DGGML_F16C=ON"
+  has bmi2 && args+=" -DGGML_BMI2=ON"
+  has avx512f && args+=" -DGGML_AVX512=ON"
+  has avx512_vnni && args+=" -DGGML_AVX512_VNNI=ON"
+  has avx512_bf16 && args+=" -DGGML_AVX512_BF16=ON"
+  export CMAKE_ARGS="$args"
+fi
+
+pyver=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')
+key=$(printf '%s|%s|%s|%s' "$VERSION" "$pyver" "$(uname -m)" "${CMAKE_ARGS:-native}" | sha256sum | cut -c1-16)
+wheels="${LLAVA_LOCAL_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/llava-local/wheels}/$key"
+mkdir -p "$wheels"
+
+if ! ls "$wheels"/llama_cpp_python-"$VERSION"-*.whl >/dev/null 2>&1; then
+  echo "building llama-cpp-python $VERSION (a few minutes) with CMAKE_ARGS='${CMAKE_ARGS:-}'" >&2
+  "$PY" -m pip wheel --no-cache-dir --no-deps -w "$wheels" "llama-cpp-python==$VERSION"
+fi
+"$PY" -m pip install --find-links "$wheels" "llama-cpp-python==$VERSION"
