@@ -1,0 +1,461 @@
+"""The Ollama engine: answers through a running ``ollama serve``, via the official client.
+
+Why a module around a client that already exists: by default that client waits
+forever, raises httpx, json and builtin exceptions, and lets a text-only model
+receive pictures it silently ignores. This engine adds a pre-flight check (daemon,
+model, vision), finite timeouts, bounded retries of refused connections, one
+function that turns every low-level error into a :mod:`llava_local.errors` type,
+and the same :class:`~llava_local.types.Stats` as the in-process engine.
+
+Choices worth knowing:
+
+- Extra keyword arguments are Ollama ``options`` sent with every turn
+  (``num_thread=4``, ``num_gpu=0``, ``mirostat=2``...). A name Ollama does not know
+  raises :class:`InvalidRequestError`, because the daemon would silently ignore it.
+  The turn's :class:`~llava_local.types.Options` win over these where both are set.
+- ``timeout`` bounds each turn: every read from the daemon, and the whole answer
+  (checked between pieces). ``timeout=None`` still bounds every read, at 600 s.
+- A daemon too old to report ``capabilities`` is judged by the model's families:
+  ``clip`` or ``mllama`` means vision (every vision model of that era had one). If
+  it reports no families either, the model is let through.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import json
+import os
+import time
+import urllib.parse
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from typing import Any, TypeVar, cast
+
+import httpx
+import ollama
+import pydantic
+
+from ..errors import (
+    BackendError,
+    BackendTimeoutError,
+    BackendUnavailableError,
+    InvalidRequestError,
+    LlavaLocalError,
+    ModelNotFoundError,
+    NotAVisionModelError,
+    ResponseError,
+)
+from ..types import DoneReason, Message, Options, Stats
+from .base import Backend, Finish, Turn
+
+__all__ = ["OllamaBackend", "find_vision_model", "resolve_host"]
+
+DEFAULT_HOST = "http://127.0.0.1:11434"
+#: The read timeout when the caller gives none: long enough for a CPU, never forever.
+DEFAULT_READ_TIMEOUT = 600.0
+#: Pauses between attempts when the daemon refuses the connection (nothing was sent).
+RETRY_DELAYS: tuple[float, ...] = (0.25, 0.75)
+#: Option names the daemon understands: the client's list plus newer ones.
+OLLAMA_OPTIONS = frozenset(ollama.Options.model_fields) | {"min_p"}
+#: Families that meant "has an image encoder" before Ollama reported capabilities.
+VISION_FAMILIES = frozenset({"clip", "mllama"})
+#: Our option names -> Ollama's.
+_OPTION_NAMES = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "max_tokens": "num_predict",
+    "seed": "seed",
+    "stop": "stop",
+    "repeat_penalty": "repeat_penalty",
+}
+#: Everything the client and its transport may raise; translated by :func:`_translate`.
+_LOW_LEVEL: tuple[type[BaseException], ...] = (
+    ollama.ResponseError,
+    ollama.RequestError,
+    httpx.HTTPError,
+    httpx.InvalidURL,
+    httpx.StreamError,
+    json.JSONDecodeError,
+    pydantic.ValidationError,
+    OSError,
+)
+
+_ANY_ERROR: tuple[type[BaseException], ...] = (LlavaLocalError, *_LOW_LEVEL)
+
+_T = TypeVar("_T")
+_Stream = Generator[ollama.ChatResponse, None, None]
+
+
+def resolve_host(host: str | None = None) -> str:
+    """The daemon's URL: ``host``, else ``OLLAMA_HOST``, else ``http://127.0.0.1:11434``.
+
+    Accepts the forms Ollama accepts: ``host``, ``host:port``, ``:port``,
+    ``http://host:port``, ``https://host`` (an explicit scheme defaults to port 80/443).
+    """
+    raw = (host if host is not None else os.environ.get("OLLAMA_HOST", "")).strip()
+    if not raw:
+        return DEFAULT_HOST
+    scheme, separator, rest = raw.partition("://")
+    scheme = scheme.lower() if separator else "http"
+    if scheme not in ("http", "https"):
+        raise InvalidRequestError(f"Ollama host {raw!r}: only http:// and https:// are possible")
+    default_port = {"http": 80, "https": 443}[scheme] if separator else 11434
+    parts = urllib.parse.urlsplit(f"{scheme}://{rest if separator else raw}")
+    try:
+        port = parts.port or default_port
+    except ValueError as exc:
+        raise InvalidRequestError(f"Ollama host {raw!r} has a bad port") from exc
+    name = parts.hostname or "127.0.0.1"
+    if ":" in name:
+        name = f"[{name}]"
+    path = parts.path.strip("/")
+    return f"{scheme}://{name}:{port}" + (f"/{path}" if path else "")
+
+
+def find_vision_model(
+    host: str | None = None, *, timeout: float = 1.0, preferred: str | None = None
+) -> str | None:
+    """A vision model the daemon has, for ``backend="auto"``; None if no daemon answers
+    within ``timeout`` or it has no vision model. ``preferred`` wins when it qualifies."""
+    try:
+        url = resolve_host(host)
+        with ollama.Client(host=url, timeout=httpx.Timeout(timeout)) as client:
+            names = [model.model for model in client.list().models if model.model]
+            for name in _candidates(names, preferred):
+                if _sees(client, name):
+                    return preferred if preferred and _same(name, preferred) else _short(name)
+    except _ANY_ERROR:
+        return None
+    return None
+
+
+class OllamaBackend(Backend):
+    """Talks to a running Ollama daemon; see the module doc for the choices it makes."""
+
+    name = "ollama"
+    default_max_image_side = 1344
+
+    def __init__(
+        self,
+        model: str = "llava",
+        *,
+        host: str | None = None,
+        timeout: float | None = None,
+        pull: bool = False,
+        keep_alive: str | float | None = None,
+        connect_timeout: float = 3.0,
+        num_ctx: int | None = None,
+        **engine_options: Any,
+    ) -> None:
+        if not model.strip():
+            raise InvalidRequestError("the Ollama model name is empty")
+        if (timeout is not None and timeout <= 0) or connect_timeout <= 0:
+            raise InvalidRequestError("timeouts must be positive numbers of seconds")
+        self.model = model
+        self.host = resolve_host(host)
+        self.timeout = timeout
+        self.pull = pull
+        self.keep_alive = keep_alive
+        self._options = _engine_options(engine_options, num_ctx)
+        read = timeout if timeout is not None else DEFAULT_READ_TIMEOUT
+        self._timeouts = httpx.Timeout(read, connect=connect_timeout)
+        self._client = ollama.Client(host=self.host, timeout=self._timeouts)
+        self._checked = False
+        self._closed = False
+
+    def check(self) -> None:
+        """Pre-flight: the daemon answers, has the model (pulling it if asked), and the
+        model can see pictures. Raises the library error that says what to do."""
+        self._ensure_open()
+        try:
+            _ping(self.host, self._timeouts)
+            show = self._show()
+        except LlavaLocalError:
+            raise
+        except _LOW_LEVEL as exc:
+            raise _translate(exc, self.host, self.model) from exc
+        if _is_vision(show) is False:
+            caps = ", ".join(show.capabilities or []) or "none"
+            raise NotAVisionModelError(
+                f"Ollama model {self.model!r} cannot see pictures (its capabilities: {caps}); "
+                "Ollama would silently ignore them. Use a vision model, e.g. `ollama pull llava`."
+            )
+        self._checked = True
+
+    def generate(self, turn: Turn) -> Generator[str | Finish, None, None]:
+        """Stream the answer to ``turn``: text pieces, then one :class:`Finish`."""
+        self._ensure_open()
+        if not self._checked:
+            self.check()
+        try:
+            yield from self._answer(turn)
+        except ModelNotFoundError:
+            self._checked = False  # removed since the check: check (and pull) again
+            raise
+        except LlavaLocalError:
+            raise
+        except _LOW_LEVEL as exc:
+            error = _translate(exc, self.host, self.model, answering=True)
+            self._checked = not isinstance(error, ModelNotFoundError)
+            raise error from exc
+
+    def close(self) -> None:
+        """Close the HTTP connections. Later turns raise :class:`BackendError`."""
+        if not self._closed:
+            self._closed = True
+            self._client.close()  # type: ignore[no-untyped-call]  # unannotated in ollama
+
+    # the turn
+    def _answer(self, turn: Turn) -> Generator[str | Finish, None, None]:
+        started = time.monotonic()
+        deadline = None if self.timeout is None else started + self.timeout
+        stream, first = _retrying(lambda: self._open(turn))
+        first_token_s: float | None = None
+        try:
+            chunks = stream if first is None else itertools.chain([first], stream)
+            for chunk in chunks:
+                piece = chunk.message.content or ""
+                if chunk.done:
+                    if piece:
+                        yield piece
+                    yield Finish(_done_reason(chunk.done_reason), _stats(chunk, first_token_s))
+                    return
+                if deadline is not None and time.monotonic() > deadline:
+                    raise BackendTimeoutError(
+                        f"Ollama at {self.host} did not finish the answer within {self.timeout} s"
+                    )
+                if piece:
+                    if first_token_s is None:
+                        first_token_s = time.monotonic() - started
+                    yield piece
+        finally:
+            stream.close()
+        raise BackendError(f"Ollama at {self.host} ended the answer without its final message")
+
+    def _open(self, turn: Turn) -> tuple[_Stream, ollama.ChatResponse | None]:
+        """Send the request and wait for the first chunk (where connection errors surface)."""
+        options = self._turn_options(turn.options)
+        stream = cast(
+            _Stream,
+            self._client.chat(
+                model=self.model,
+                messages=[_wire_message(message) for message in turn.messages],
+                stream=True,
+                format=turn.json_schema,
+                options=options or None,
+                keep_alive=self.keep_alive,
+            ),
+        )
+        try:
+            return stream, next(stream, None)
+        except BaseException:
+            stream.close()
+            raise
+
+    def _turn_options(self, options: Options) -> dict[str, Any]:
+        wire = dict(self._options)
+        for ours, theirs in _OPTION_NAMES.items():
+            value = getattr(options, ours)
+            if value is not None:
+                wire[theirs] = list(value) if isinstance(value, tuple) else value
+        return wire
+
+    # the pre-flight
+    def _show(self) -> ollama.ShowResponse:
+        try:
+            return _retrying(lambda: self._client.show(self.model))
+        except ollama.ResponseError as exc:
+            if exc.status_code != 404 or not self.pull:
+                raise
+        try:
+            _show_progress(self.model, self._client.pull(self.model, stream=True))
+        except ollama.ResponseError as exc:
+            raise ModelNotFoundError(
+                f"Ollama at {self.host} has no model {self.model!r} and could not pull it: "
+                f"{exc.error}"
+            ) from exc
+        return self._client.show(self.model)
+
+    def _ensure_open(self) -> None:
+        if self._closed:
+            raise BackendError("this Ollama backend is closed")
+
+
+# --- helpers -------------------------------------------------------------------------
+
+
+def _translate(
+    exc: BaseException, host: str, model: str, *, answering: bool = False
+) -> LlavaLocalError:
+    """The library error for a low-level one: the single place errors are mapped."""
+    if isinstance(exc, ollama.ResponseError):
+        if exc.status_code == 404:
+            return ModelNotFoundError(
+                f"Ollama at {host} has no model {model!r} ({exc.error}): "
+                f"run `ollama pull {model}`, or pass pull=True"
+            )
+        status = None if exc.status_code < 0 else exc.status_code
+        where = "while answering" if status is None else f"with status {status}"
+        return ResponseError(f"Ollama at {host} failed {where}: {exc.error}", status)
+    if isinstance(exc, httpx.TimeoutException):
+        if isinstance(exc, httpx.ConnectTimeout):
+            return BackendTimeoutError(
+                f"Ollama at {host} did not accept the connection in time; check OLLAMA_HOST"
+            )
+        return BackendTimeoutError(f"Ollama at {host} did not answer in time ({exc})")
+    if isinstance(exc, httpx.ConnectError | ConnectionRefusedError) or type(exc) is ConnectionError:
+        return BackendUnavailableError(
+            f"no Ollama daemon answers at {host}: start it with `ollama serve` "
+            "(or set OLLAMA_HOST to where it runs)"
+        )
+    if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError | OSError):
+        when = "mid-answer" if answering else "during the check"
+        return BackendUnavailableError(f"the connection to Ollama at {host} dropped {when} ({exc})")
+    if isinstance(exc, httpx.TransportError | httpx.InvalidURL):
+        return BackendUnavailableError(f"cannot talk to Ollama at {host}: {exc}")
+    if isinstance(exc, json.JSONDecodeError):
+        line = exc.doc[:80]
+        return BackendError(f"Ollama at {host} sent a line that is not JSON ({exc.msg}): {line!r}")
+    if isinstance(exc, pydantic.ValidationError):
+        return BackendError(f"Ollama at {host} sent an answer of an unexpected shape: {exc}")
+    if isinstance(exc, ollama.RequestError):
+        return InvalidRequestError(exc.error)
+    return BackendError(f"Ollama at {host} failed: {exc}")
+
+
+def _retrying(action: Callable[[], _T]) -> _T:
+    """Run ``action``, again after a pause while the connection is refused (the request
+    never left, so repeating it is safe). Never used once an answer has started."""
+    for delay in RETRY_DELAYS:
+        try:
+            return action()
+        except (httpx.ConnectError, ConnectionError) as exc:
+            if isinstance(exc, LlavaLocalError):
+                raise
+            _pause(delay)
+    return action()
+
+
+def _pause(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def _ping(host: str, timeouts: httpx.Timeout) -> None:
+    """``GET /api/version``, the cheapest question; make sure it is Ollama answering."""
+    with httpx.Client(base_url=host, timeout=timeouts) as client:
+        response = _retrying(lambda: client.get("/api/version"))
+    try:
+        version = response.json().get("version") if response.status_code == 200 else None
+    except (ValueError, AttributeError):
+        version = None
+    if not isinstance(version, str):
+        raise BackendUnavailableError(
+            f"{host} answers, but not as Ollama does (GET /api/version: "
+            f"{response.status_code}); check OLLAMA_HOST"
+        )
+
+
+def _show_progress(model: str, updates: Iterator[ollama.ProgressResponse]) -> None:
+    """Draw a pull's progress on stderr: one bar per blob, status lines as they come."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TaskID,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn())
+    bars: dict[str, TaskID] = {}
+    console = Console(stderr=True)
+    with Progress(*columns, TransferSpeedColumn(), TimeRemainingColumn(), console=console) as bar:
+        for update in updates:
+            if update.digest and update.total:
+                if update.digest not in bars:
+                    label = update.status or update.digest
+                    bars[update.digest] = bar.add_task(label, total=update.total)
+                bar.update(bars[update.digest], completed=update.completed or 0)
+            elif update.status:
+                bar.console.print(f"{model}: {update.status}", markup=False, highlight=False)
+
+
+def _engine_options(extra: Mapping[str, Any], num_ctx: int | None) -> dict[str, Any]:
+    unknown = sorted(set(extra) - OLLAMA_OPTIONS)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], OLLAMA_OPTIONS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise InvalidRequestError(
+            f"Ollama has no option {unknown[0]!r}{hint}; known: {', '.join(sorted(OLLAMA_OPTIONS))}"
+        )
+    options = {name: value for name, value in extra.items() if value is not None}
+    if num_ctx is not None:
+        options["num_ctx"] = num_ctx
+    return options
+
+
+def _wire_message(message: Message) -> dict[str, Any]:
+    """A message as Ollama wants it; the client base64-encodes the picture bytes."""
+    wire: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.images:
+        wire["images"] = [image.data for image in message.images]
+    return wire
+
+
+def _is_vision(show: ollama.ShowResponse) -> bool | None:
+    """Whether the model sees pictures; None when the daemon does not say."""
+    if show.capabilities is not None:
+        return "vision" in show.capabilities
+    families = show.details.families if show.details is not None else None
+    if not families:
+        return None
+    return not VISION_FAMILIES.isdisjoint(families)
+
+
+def _sees(client: ollama.Client, name: str) -> bool:
+    try:
+        return _is_vision(client.show(name)) is True
+    except (ollama.ResponseError, pydantic.ValidationError):
+        return False
+
+
+def _candidates(names: Sequence[str], preferred: str | None) -> list[str]:
+    first = [name for name in names if preferred and _same(name, preferred)]
+    return first + [name for name in names if name not in first]
+
+
+def _same(name: str, other: str) -> bool:
+    def full(text: str) -> str:
+        text = text.strip().lower()
+        return text if ":" in text.rsplit("/", 1)[-1] else f"{text}:latest"
+
+    return full(name) == full(other)
+
+
+def _short(name: str) -> str:
+    return name.removesuffix(":latest")
+
+
+def _done_reason(reason: str | None) -> DoneReason:
+    """``length`` when the token limit cut the answer; anything else counts as ``stop``."""
+    return "length" if reason == "length" else "stop"
+
+
+def _seconds(nanoseconds: int | None) -> float:
+    return (nanoseconds or 0) / 1e9
+
+
+def _stats(final: ollama.ChatResponse, first_token_s: float | None) -> Stats:
+    return Stats(
+        prompt_tokens=final.prompt_eval_count or 0,
+        completion_tokens=final.eval_count or 0,
+        load_s=_seconds(final.load_duration),
+        prompt_s=_seconds(final.prompt_eval_duration),
+        decode_s=_seconds(final.eval_duration),
+        total_s=_seconds(final.total_duration),
+        first_token_s=first_token_s,
+        image_encode_s=None,
+    )

@@ -1,0 +1,514 @@
+"""The Ollama engine against the stand-in daemon, through the official client, over sockets."""
+
+# The fixtures are imported from tests.ollama_server and injected by parameter name:
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+from collections.abc import Callable, Generator, Iterator
+from typing import Any
+
+import httpx
+import ollama
+import pytest
+from PIL import Image
+
+from llava_local.backends import ollama as ollama_backend
+from llava_local.backends.base import Finish, Turn
+from llava_local.backends.ollama import OllamaBackend, find_vision_model, resolve_host
+from llava_local.errors import (
+    BackendError,
+    BackendTimeoutError,
+    BackendUnavailableError,
+    InvalidRequestError,
+    LlavaLocalError,
+    ModelNotFoundError,
+    NotAVisionModelError,
+    ResponseError,
+)
+from llava_local.types import Message, Options, PreparedImage
+
+from .ollama_server import (  # noqa: F401 - the fixtures are used by name
+    OllamaServer,
+    Script,
+    closed_port,
+    ollama_server,
+)
+
+MakeBackend = Callable[..., OllamaBackend]
+
+
+@pytest.fixture(autouse=True)
+def _no_env_no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the machine's OLLAMA_HOST out and make connection retries instant."""
+    monkeypatch.delenv("OLLAMA_HOST", raising=False)
+    monkeypatch.setattr(ollama_backend, "RETRY_DELAYS", (0.0, 0.0))
+
+
+@pytest.fixture
+def make_backend(ollama_server: OllamaServer) -> Iterator[MakeBackend]:
+    """Backends talking to the stand-in daemon, closed after the test."""
+    made: list[OllamaBackend] = []
+
+    def make(model: str = "llava", **kwargs: Any) -> OllamaBackend:
+        kwargs.setdefault("host", ollama_server.url)
+        kwargs.setdefault("timeout", 5.0)
+        backend = OllamaBackend(model, **kwargs)
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        backend.close()
+
+
+def picture(color: tuple[int, int, int] = (200, 30, 30)) -> PreparedImage:
+    """A tiny real PNG, prepared as the core would."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 3), color).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    return PreparedImage(
+        data=data, mime="image/png", width=4, height=3, sha256=digest, source="red.png"
+    )
+
+
+def turn(*messages: Message, options: Options | None = None, **kwargs: Any) -> Turn:
+    return Turn(messages=messages, options=options or Options(), **kwargs)
+
+
+def user(text: str = "What is in this picture?", *images: PreparedImage) -> Message:
+    return Message(role="user", content=text, images=images)
+
+
+def ask(backend: OllamaBackend, request: Turn) -> tuple[str, Finish]:
+    """Run one turn to its end: the text and the Finish."""
+    items = list(backend.generate(request))
+    finish = items.pop()
+    assert isinstance(finish, Finish)
+    assert all(isinstance(item, str) for item in items)
+    return "".join(str(item) for item in items), finish
+
+
+# --- answers and statistics ----------------------------------------------------------
+
+
+def test_streamed_answer_and_stats(make_backend: MakeBackend) -> None:
+    """A streamed answer arrives piece by piece, then a Finish with stats in seconds."""
+    items = list(make_backend().generate(turn(user("Describe it.", picture()))))
+    assert items[:-1] == ["A", " cat", " on", " a", " mat", "."]
+    finish = items[-1]
+    assert isinstance(finish, Finish)
+    assert finish.done_reason == "stop"
+    stats = finish.stats
+    assert (stats.prompt_tokens, stats.completion_tokens) == (26, 6)
+    assert stats.load_s == pytest.approx(0.001334875)
+    assert stats.prompt_s == pytest.approx(0.342546)
+    assert stats.decode_s == pytest.approx(4.535599)
+    assert stats.total_s == pytest.approx(4.879480875)
+    assert stats.first_token_s is not None
+    assert stats.first_token_s >= 0
+    assert stats.image_encode_s is None
+
+
+def test_zero_metrics_are_omitted_and_read_as_zero(
+    ollama_server: OllamaServer, make_backend: MakeBackend
+) -> None:
+    """Metrics the daemon leaves out (zero, Go's omitempty) come through as zero."""
+    ollama_server.script(pieces=["ok"], load_duration=0, prompt_eval_count=0)
+    _, finish = ask(make_backend(), turn(user()))
+    final = replay_final_chunk(ollama_server)
+    assert "load_duration" not in final
+    assert "prompt_eval_count" not in final
+    assert (finish.stats.load_s, finish.stats.prompt_tokens) == (0.0, 0)
+
+
+def replay_final_chunk(server: OllamaServer) -> dict[str, Any]:
+    """Send the last chat request again, by hand, and read the final chunk of the stream."""
+    body = server.requests_to("/api/chat")[-1].json
+    with httpx.Client(base_url=server.url) as client:
+        lines = client.post("/api/chat", json=body).text.splitlines()
+    final: dict[str, Any] = json.loads(lines[-1])
+    return final
+
+
+@pytest.mark.parametrize(
+    ("reason", "expected"), [("stop", "stop"), ("length", "length"), ("unload", "stop")]
+)
+def test_done_reason(
+    ollama_server: OllamaServer, make_backend: MakeBackend, reason: str, expected: str
+) -> None:
+    """``length`` is kept, ``stop`` is kept, anything else counts as ``stop``."""
+    ollama_server.script(pieces=["a"], done_reason=reason)
+    _, finish = ask(make_backend(), turn(user()))
+    assert finish.done_reason == expected
+
+
+def test_stand_in_speaks_both_framings(ollama_server: OllamaServer) -> None:
+    """The stand-in streams chunked NDJSON and answers whole JSON when stream is false."""
+    body = {"model": "llava", "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(base_url=ollama_server.url) as client:
+        streamed = client.post("/api/chat", json=body)
+        whole = client.post("/api/chat", json=body | {"stream": False})
+    assert streamed.headers["content-type"] == "application/x-ndjson"
+    assert streamed.headers["transfer-encoding"] == "chunked"
+    assert len(streamed.text.splitlines()) == 7
+    assert whole.headers["content-type"] == "application/json; charset=utf-8"
+    assert whole.json()["message"]["content"] == "A cat on a mat."
+    with ollama.Client(host=ollama_server.url) as client:
+        reply = client.chat("llava", messages=body["messages"], stream=False)
+    assert (reply.done, reply.eval_count, reply.done_reason) == (True, 6, "stop")
+
+
+def test_stand_in_root_listing_and_ps(ollama_server: OllamaServer) -> None:
+    """The stand-in answers HEAD / like Go, and lists installed and loaded models."""
+    with httpx.Client(base_url=ollama_server.url) as client:
+        head = client.head("/")
+        missing = client.get("/api/nothing")
+    assert head.status_code == 200
+    assert head.headers["content-length"] == "17"
+    assert head.headers["content-type"] == "text/plain; charset=utf-8"
+    assert (missing.status_code, missing.text) == (404, "404 page not found")
+    with ollama.Client(host=ollama_server.url) as client:
+        assert [m.model for m in client.list().models] == ["llava:latest"]
+        assert client.ps().models == []
+        client.chat("llava", messages=[{"role": "user", "content": "hi"}])
+        assert [m.model for m in client.ps().models] == ["llava:latest"]
+
+
+def test_stand_in_refuses_data_urls(ollama_server: OllamaServer) -> None:
+    """Like the real daemon, the stand-in refuses a picture sent as a data: URL."""
+    image = "data:image/png;base64," + picture().b64()
+    body = {"model": "llava", "messages": [{"role": "user", "content": "x", "images": [image]}]}
+    with httpx.Client(base_url=ollama_server.url) as client:
+        response = client.post("/api/chat", json=body)
+    assert response.status_code == 400
+    assert response.json() == {"error": "illegal base64 data at input byte 4"}
+
+
+# --- the pre-flight ------------------------------------------------------------------
+
+
+def test_unknown_model_says_how_to_pull(make_backend: MakeBackend) -> None:
+    """A model the daemon lacks raises ModelNotFoundError with the pull command."""
+    backend = make_backend("llava:34b")
+    with pytest.raises(ModelNotFoundError, match=r"ollama pull llava:34b"):
+        backend.check()
+    with pytest.raises(ModelNotFoundError):
+        next(iter(backend.generate(turn(user()))))
+
+
+def test_text_model_is_refused(ollama_server: OllamaServer, make_backend: MakeBackend) -> None:
+    """A model without the vision capability raises NotAVisionModelError before any chat."""
+    ollama_server.add_model("llama3.2", capabilities=["completion", "tools"])
+    with pytest.raises(NotAVisionModelError, match=r"llama3\.2"):
+        list(make_backend("llama3.2").generate(turn(user("x", picture()))))
+    assert ollama_server.requests_to("/api/chat") == []
+
+
+@pytest.mark.parametrize(
+    ("families", "sees"), [(["llama", "clip"], True), (["llama"], False), (None, True)]
+)
+def test_old_daemon_without_capabilities(
+    ollama_server: OllamaServer,
+    make_backend: MakeBackend,
+    families: list[str] | None,
+    sees: bool,
+) -> None:
+    """Without ``capabilities`` the families decide; with no families the model is allowed."""
+    spec = ollama_server.add_model("old", capabilities=None)
+    spec.families = families
+    backend = make_backend("old")
+    if sees:
+        backend.check()
+    else:
+        with pytest.raises(NotAVisionModelError):
+            backend.check()
+
+
+def test_no_daemon_says_run_ollama_serve(closed_port: int) -> None:
+    """Nothing listening raises BackendUnavailableError naming the host and `ollama serve`."""
+    backend = OllamaBackend(host=f"127.0.0.1:{closed_port}", timeout=2.0)
+    try:
+        with pytest.raises(BackendUnavailableError, match="ollama serve") as caught:
+            list(backend.generate(turn(user())))
+    finally:
+        backend.close()
+    assert f"127.0.0.1:{closed_port}" in str(caught.value)
+    assert not isinstance(caught.value, BackendTimeoutError)
+
+
+def test_refused_connection_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused connection is tried again after a pause; here the daemon starts meanwhile."""
+    with OllamaServer(listen=False) as server:
+        server.add_model("llava")
+        pauses: list[float] = []
+
+        def pause(seconds: float) -> None:
+            pauses.append(seconds)
+            server.start()
+
+        monkeypatch.setattr(ollama_backend, "_pause", pause)
+        backend = OllamaBackend(host=server.url, timeout=5.0)
+        try:
+            backend.check()
+        finally:
+            backend.close()
+    assert len(pauses) == 1
+
+
+def test_pull_shows_progress_then_answers(
+    ollama_server: OllamaServer, make_backend: MakeBackend, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With pull=True a missing model is pulled, with progress on stderr, then answers."""
+    spec = ollama_server.add_model("bakllava", pullable=True)
+    text, _ = ask(make_backend("bakllava", pull=True), turn(user("x", picture())))
+    assert text == "A cat on a mat."
+    assert [r.json["model"] for r in ollama_server.requests_to("/api/pull")] == ["bakllava"]
+    err = capsys.readouterr().err
+    assert "pulling manifest" in err
+    assert f"pulling {spec.layers()[0][0][7:19]}" in err  # a progress bar per blob
+    assert "success" in err
+
+
+def test_pull_of_unknown_model_fails_clearly(make_backend: MakeBackend) -> None:
+    """A pull the registry cannot serve raises ModelNotFoundError with the daemon's reason."""
+    with pytest.raises(ModelNotFoundError, match="file does not exist"):
+        make_backend("no-such-model", pull=True).check()
+
+
+# --- what is sent --------------------------------------------------------------------
+
+
+def test_options_are_mapped_to_ollama_names(
+    ollama_server: OllamaServer, make_backend: MakeBackend
+) -> None:
+    """Options, num_ctx, engine options and keep_alive arrive under Ollama's names."""
+    backend = make_backend(num_ctx=2048, keep_alive="10m", num_thread=4, temperature=0.8)
+    options = Options(
+        temperature=0.0,
+        top_p=0.9,
+        top_k=40,
+        max_tokens=128,
+        seed=42,
+        stop=("USER:",),
+        repeat_penalty=1.1,
+    )
+    ask(backend, turn(user(), options=options))
+    body = ollama_server.requests_to("/api/chat")[-1].json
+    assert body["options"] == {
+        "num_ctx": 2048,
+        "num_thread": 4,
+        "temperature": 0.0,
+        "top_p": 0.9,
+        "top_k": 40,
+        "num_predict": 128,
+        "seed": 42,
+        "stop": ["USER:"],
+        "repeat_penalty": 1.1,
+    }
+    assert body["keep_alive"] == "10m"
+    assert body["stream"] is True
+
+
+def test_unset_options_are_not_sent(ollama_server: OllamaServer, make_backend: MakeBackend) -> None:
+    """With nothing set, the request carries no options, no format and no keep_alive."""
+    ask(make_backend(), turn(user()))
+    body = ollama_server.requests_to("/api/chat")[-1].json
+    assert not {"options", "format", "keep_alive"} & set(body)
+
+
+def test_unknown_engine_option_is_refused() -> None:
+    """A misspelt Ollama option raises InvalidRequestError with a suggestion."""
+    with pytest.raises(InvalidRequestError, match="num_thread"):
+        OllamaBackend(num_threads=4)
+
+
+def test_pictures_and_history_are_sent_whole_each_turn(
+    ollama_server: OllamaServer, make_backend: MakeBackend
+) -> None:
+    """Pictures go as plain base64, and every turn resends the same history byte for byte."""
+    backend = make_backend()
+    image = picture()
+    system = Message(role="system", content="Be brief.")
+    first = user("What is this?", image)
+    text, _ = ask(backend, turn(system, first))
+    second = user("What colour is it?")
+    ask(backend, turn(system, first, Message(role="assistant", content=text), second))
+    one, two = (r.json["messages"] for r in ollama_server.requests_to("/api/chat"))
+    assert one[1]["images"] == [base64.b64encode(image.data).decode()]
+    assert not one[1]["images"][0].startswith("data:")
+    assert "images" not in one[0]
+    assert [m["role"] for m in two] == ["system", "user", "assistant", "user"]
+    assert two[:2] == one
+    assert two[2]["content"] == "A cat on a mat."
+
+
+def test_schema_becomes_format(ollama_server: OllamaServer, make_backend: MakeBackend) -> None:
+    """A JSON schema is sent as Ollama's ``format`` object."""
+    schema = {"type": "object", "properties": {"animal": {"type": "string"}}}
+    ollama_server.script(pieces=['{"animal":', ' "cat"}'])
+    text, _ = ask(make_backend(), turn(user(), json_schema=schema))
+    assert text == '{"animal": "cat"}'
+    assert ollama_server.requests_to("/api/chat")[-1].json["format"] == schema
+
+
+# --- faults --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("script", "error", "text"),
+    [
+        (Script(fault="http_error", error="out of memory"), ResponseError, "out of memory"),
+        (Script(fault="error_line", after=2, error="runner died"), ResponseError, "runner died"),
+        (Script(fault="bad_line", after=2), BackendError, "not JSON"),
+        (Script(fault="drop", after=2), BackendUnavailableError, "mid-answer"),
+        (Script(fault="model_gone"), ModelNotFoundError, "ollama pull llava"),
+        (Script(fault="stall", stall_s=2.0), BackendTimeoutError, "in time"),
+    ],
+    ids=["http_error", "error_line", "bad_line", "drop", "model_gone", "stall"],
+)
+def test_faults_become_library_errors(
+    ollama_server: OllamaServer,
+    make_backend: MakeBackend,
+    script: Script,
+    error: type[LlavaLocalError],
+    text: str,
+) -> None:
+    """Each way the daemon can fail raises the matching library error, never a raw one."""
+    ollama_server.script(script)
+    backend = make_backend(timeout=0.5)
+    backend.check()
+    with pytest.raises(LlavaLocalError) as caught:
+        list(backend.generate(turn(user("x", picture()))))
+    assert type(caught.value) is error
+    assert text in str(caught.value)
+    assert len(ollama_server.requests_to("/api/chat")) == 1  # never retried mid-stream
+
+
+def test_status_codes_are_kept(ollama_server: OllamaServer, make_backend: MakeBackend) -> None:
+    """An error status is carried on ResponseError; a mid-stream error has none."""
+    ollama_server.script(
+        Script(fault="http_error", status=503, error="busy"), Script(fault="error_line")
+    )
+    backend = make_backend()
+    with pytest.raises(ResponseError) as before:
+        list(backend.generate(turn(user())))
+    with pytest.raises(ResponseError) as during:
+        list(backend.generate(turn(user())))
+    assert (before.value.status_code, during.value.status_code) == (503, None)
+
+
+def test_slow_answer_hits_the_turn_timeout(
+    ollama_server: OllamaServer, make_backend: MakeBackend
+) -> None:
+    """An answer that keeps trickling in past ``timeout`` raises BackendTimeoutError."""
+    ollama_server.script(pieces=["x"] * 40, piece_delay_s=0.05)
+    with pytest.raises(BackendTimeoutError, match="did not finish the answer within"):
+        list(make_backend(timeout=0.3).generate(turn(user())))
+
+
+def test_engine_recovers_after_a_fault(
+    ollama_server: OllamaServer, make_backend: MakeBackend
+) -> None:
+    """After a dropped connection the next turn works on the same backend."""
+    ollama_server.script(Script(fault="drop"), Script(pieces=["fine"]))
+    backend = make_backend()
+    with pytest.raises(BackendUnavailableError):
+        list(backend.generate(turn(user())))
+    assert ask(backend, turn(user()))[0] == "fine"
+
+
+def test_early_close_closes_the_stream(
+    ollama_server: OllamaServer, make_backend: MakeBackend
+) -> None:
+    """Closing the generator early closes the HTTP stream; the next turn still works."""
+    ollama_server.script(Script(pieces=["x"] * 200, piece_delay_s=0.01), Script(pieces=["ok"]))
+    backend = make_backend()
+    answer = backend.generate(turn(user()))
+    assert isinstance(answer, Generator)
+    assert next(answer) == "x"
+    answer.close()
+    assert ollama_server.client_gone.wait(5.0)
+    assert ask(backend, turn(user()))[0] == "ok"
+
+
+def test_closed_backend_refuses_turns(make_backend: MakeBackend) -> None:
+    """A closed backend raises BackendError instead of a raw client error."""
+    backend = make_backend()
+    backend.close()
+    with pytest.raises(BackendError, match="closed"):
+        list(backend.generate(turn(user())))
+
+
+# --- where the daemon is -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "url"),
+    [
+        ("", "http://127.0.0.1:11434"),
+        ("10.0.0.5", "http://10.0.0.5:11434"),
+        ("10.0.0.5:5000", "http://10.0.0.5:5000"),
+        (":5000", "http://127.0.0.1:5000"),
+        ("http://box.local:8080", "http://box.local:8080"),
+        ("https://box.local", "https://box.local:443"),
+        ("http://box.local/ollama/", "http://box.local:80/ollama"),
+        ("[::1]:5000", "http://[::1]:5000"),
+    ],
+)
+def test_ollama_host_forms(monkeypatch: pytest.MonkeyPatch, value: str, url: str) -> None:
+    """OLLAMA_HOST is read in every form Ollama accepts."""
+    monkeypatch.setenv("OLLAMA_HOST", value)
+    assert resolve_host(None) == url
+
+
+def test_host_argument_beats_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An explicit host wins over OLLAMA_HOST; a bad scheme is refused."""
+    monkeypatch.setenv("OLLAMA_HOST", "10.0.0.5:5000")
+    assert resolve_host("127.0.0.1:6000") == "http://127.0.0.1:6000"
+    with pytest.raises(InvalidRequestError):
+        resolve_host("ftp://box")
+
+
+@pytest.mark.parametrize("form", ["{host}", ":{port}", "http://{host}"])
+def test_backend_follows_ollama_host(
+    ollama_server: OllamaServer, monkeypatch: pytest.MonkeyPatch, form: str
+) -> None:
+    """A backend without a host finds the daemon through OLLAMA_HOST."""
+    monkeypatch.setenv("OLLAMA_HOST", form.format(host=ollama_server.host, port=ollama_server.port))
+    backend = OllamaBackend(timeout=5.0)
+    try:
+        assert ask(backend, turn(user()))[0] == "A cat on a mat."
+    finally:
+        backend.close()
+
+
+def test_find_vision_model_without_daemon(closed_port: int) -> None:
+    """No daemon: None, quickly and quietly."""
+    assert find_vision_model(f"127.0.0.1:{closed_port}", timeout=0.5) is None
+
+
+def test_find_vision_model_with_only_text_models(ollama_server: OllamaServer) -> None:
+    """A daemon with only text models offers none."""
+    ollama_server.remove_model("llava")
+    ollama_server.add_model("llama3.2", capabilities=["completion"])
+    assert find_vision_model(ollama_server.url) is None
+
+
+def test_find_vision_model_picks_llava(ollama_server: OllamaServer) -> None:
+    """A daemon with llava and a text model offers "llava", even when the text one is preferred."""
+    ollama_server.add_model("llama3.2", capabilities=["completion"])
+    assert find_vision_model(ollama_server.url) == "llava"
+    assert find_vision_model(ollama_server.url, preferred="llama3.2") == "llava"
+
+
+def test_find_vision_model_prefers_the_preferred(ollama_server: OllamaServer) -> None:
+    """A preferred model that can see wins over other vision models."""
+    ollama_server.add_model("moondream:1.8b")
+    assert find_vision_model(ollama_server.url, preferred="llava") == "llava"
+    assert find_vision_model(ollama_server.url, preferred="moondream:1.8b") == "moondream:1.8b"
