@@ -74,8 +74,8 @@ when ``ffn_down``'s input width equals E; that test misfires when F == E, so
 
 Vision graph (``clip_graph_llava::build``), *tested* against :func:`reference_image_embeddings`:
 
-1. Patch embedding, patches in raster order (row by row). With an f16 ``v.patch_embd``
-   the pixels are rounded to f16 first (im2col takes the kernel's type).
+1. Patch embedding, patches in raster order (row by row). ``ggml_conv_2d`` builds an f16
+   im2col, so pixels and kernel are rounded to f16 even in an f32 file.
 2. **The class token goes last**: the sequence is ``[patch_0 .. patch_{N-1}, CLS]`` and
    ``v.position_embd`` row ``j`` is added to element ``j``, so patch ``i`` gets row ``i``
    and CLS gets row ``N`` (upstream bug ggml-org/llama.cpp#25814; Hugging Face CLIP puts
@@ -92,22 +92,23 @@ Vision graph (``clip_graph_llava::build``), *tested* against :func:`reference_im
 5. The N projected rows enter the LM as N consecutive input embeddings (no begin/end
    markers for ``"mlp"``), at the positions where the image marker stood.
 
-(GELU variants are evaluated through ggml's f16 lookup tables, so they carry f16 rounding.)
+Precision: both GELUs go through ggml's f16 lookup tables, and with f16 weights ggml
+rounds each matmul's activations to f16; expect ~1e-3 relative differences from float32.
 Real LLaVA-1.5 ``mmproj`` files store 23 of CLIP ViT-L's 24 blocks (the converter drops the
 last) with ``block_count = 23``, so llama.cpp runs 22 (ggml-org/llama.cpp#25817); the twin
 presets copy that file layout.
 
-Image preprocessing for a fixed-size ``"mlp"`` projector (``mtmd_image_preprocessor_fixed_size``
-and ``img_tool::resize``), replicated by :func:`clip_preprocess` (*tested* bit-for-bit through
-the embeddings): the file is decoded by stb_image to 8-bit RGB (alpha dropped, EXIF
-orientation ignored). An image already ``S x S`` (S = image_size) is used as is. Otherwise
-``scale = min(S/w, S/h)`` (float32), ``nw = min(ceil(w*scale), S)``,
-``nh = min(ceil(h*scale), S)``; the image is resized to ``nw x nh`` with a port of Pillow's
-bicubic resampling (``Image.resize(..., BICUBIC)``: a = -0.5, antialiased when shrinking,
-fixed-point, so Pillow gives identical bytes) and pasted at ``((S-nw)//2, (S-nh)//2)`` on an
-``S x S`` canvas filled with RGB (122, 116, 104). Then ``(u8/255 - image_mean)/image_std``
-per channel. (Hugging Face LLaVA pads to a square first and then resizes; the result
-differs slightly at the borders.)
+Image preprocessing for a fixed-size ``"mlp"`` projector (``mtmd_image_preprocessor_fixed_size``,
+``img_tool::resize`` in ``mtmd-image.cpp``), replicated by :func:`clip_square` and
+:func:`clip_preprocess` (*tested*: byte-identical). The file is decoded by stb_image to
+8-bit RGB (alpha dropped, EXIF orientation ignored). A picture already ``S x S``
+(S = image_size) is used as is. Otherwise ``scale = min(S/w, S/h)`` in float32,
+``nw = min(ceil(w*scale), S)``, ``nh = min(ceil(h*scale), S)``, and the picture is resized
+to ``nw x nh`` with a port of Pillow's bicubic resampling (a = -0.5, antialiased when
+shrinking, 22-bit fixed point): first horizontally to ``nw x h``, rounded to 8 bits, then
+vertically. It is pasted at ``((S-nw)//2, (S-nh)//2)`` onto an ``S x S`` canvas filled with
+RGB (122, 116, 104); no crop. Then ``(u8/255 - image_mean)/image_std`` per channel, in
+float32. (Hugging Face LLaVA pads to a square first and resizes after, so borders differ.)
 """
 
 from __future__ import annotations
@@ -138,6 +139,7 @@ __all__ = [
     "Vocab",
     "byte_vocab",
     "clip_preprocess",
+    "clip_square",
     "padded_vocab",
     "quantize",
     "random_text_weights",
@@ -842,30 +844,38 @@ def quantize(
 # ------------------------------------------------------------------ reference forward
 
 
-def clip_preprocess(image: Image.Image, cfg: VisionConfig) -> F32Array:
-    """The pixels clip.cpp feeds a fixed-size ``"mlp"`` projector, as ``(3, S, S)`` float32.
+def clip_square(image: Image.Image, image_size: int) -> Image.Image:
+    """The ``S x S`` RGB picture clip.cpp normalizes for a fixed-size ``"mlp"`` projector.
 
-    Pillow replica of ``mtmd_image_preprocessor_fixed_size`` (see the module docstring);
-    give it an RGB image decoded the way stb_image decodes it.
+    Replica of ``mtmd_image_preprocessor_fixed_size`` (see the module docstring). clip.cpp
+    always resamples horizontally, rounds to 8 bits, then vertically; Pillow's own
+    two-axis resize sometimes runs the vertical pass first, so this does two single-axis
+    Pillow resizes, which match clip.cpp byte for byte.
     """
     from PIL import Image as PILImage
 
-    size = cfg.image_size
+    size = image_size
     rgb = image.convert("RGB")
     w, h = rgb.size
-    if (w, h) != (size, size):
-        scale = min(np.float32(size) / np.float32(w), np.float32(size) / np.float32(h))
-        nw = min(math.ceil(np.float32(w) * scale), size)
-        nh = min(math.ceil(np.float32(h) * scale), size)
-        resized = rgb.resize((nw, nh), PILImage.Resampling.BICUBIC)
-        canvas = PILImage.new("RGB", (size, size), PAD_COLOR)
-        canvas.paste(resized, ((size - nw) // 2, (size - nh) // 2))
-        rgb = canvas
-    pixels = np.asarray(rgb, dtype=np.float32) / np.float32(255.0)
-    pixels = (pixels - np.asarray(cfg.image_mean, np.float32)) / np.asarray(
-        cfg.image_std, np.float32
-    )
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+    if (w, h) == (size, size):
+        return rgb
+    scale = min(np.float32(size) / np.float32(w), np.float32(size) / np.float32(h))
+    nw = min(math.ceil(np.float32(w) * scale), size)
+    nh = min(math.ceil(np.float32(h) * scale), size)
+    bicubic = PILImage.Resampling.BICUBIC
+    resized = rgb.resize((nw, h), bicubic).resize((nw, nh), bicubic)
+    canvas = PILImage.new("RGB", (size, size), PAD_COLOR)
+    canvas.paste(resized, ((size - nw) // 2, (size - nh) // 2))
+    return canvas
+
+
+def clip_preprocess(image: Image.Image, cfg: VisionConfig) -> F32Array:
+    """The normalized pixels clip.cpp feeds the encoder, ``(3, S, S)`` float32 (CHW)."""
+    square = clip_square(image, cfg.image_size)
+    pixels = np.asarray(square, dtype=np.float32) / np.float32(255.0)
+    mean = np.asarray(cfg.image_mean, np.float32)
+    std = np.asarray(cfg.image_std, np.float32)
+    return np.ascontiguousarray(((pixels - mean) / std).transpose(2, 0, 1))
 
 
 def _layer_norm(x: F32Array, w: F32Array, b: F32Array, eps: float) -> F32Array:
@@ -875,8 +885,18 @@ def _layer_norm(x: F32Array, w: F32Array, b: F32Array, eps: float) -> F32Array:
 
 
 def _gelu_tanh(x: F32Array) -> F32Array:
-    inner = np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)
-    return np.asarray(0.5 * x * (1.0 + np.tanh(inner)), dtype=np.float32)
+    # ggml_vec_gelu_f32: identity above 10, zero below -10, else an f16 lookup table.
+    r = x.astype(np.float16).astype(np.float32)
+    y = 0.5 * r * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (r + 0.044715 * r**3)))
+    y = y.astype(np.float16).astype(np.float32)
+    return np.asarray(np.where(x <= -10, 0.0, np.where(x >= 10, x, y)), dtype=np.float32)
+
+
+def _gelu_quick(x: F32Array) -> F32Array:
+    # ggml_vec_gelu_quick_f32: always the f16 lookup table.
+    r = x.astype(np.float16).astype(np.float32)
+    y = (r / (1.0 + np.exp(-1.702 * r))).astype(np.float16)
+    return np.asarray(y, dtype=np.float32)
 
 
 def reference_image_embeddings(
@@ -891,9 +911,11 @@ def reference_image_embeddings(
     w = {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}
     e, p, s = cfg.n_embd, cfg.patch_size, cfg.image_size
     g = s // p
-    x = np.asarray(pixels, dtype=np.float32).reshape(3, g, p, g, p)
+    f16 = np.float16
+    x = np.asarray(pixels, dtype=np.float32).astype(f16).reshape(3, g, p, g, p)
     patches = x.transpose(1, 3, 0, 2, 4).reshape(g * g, 3 * p * p)  # raster order
-    h = patches @ w["v.patch_embd.weight"].reshape(e, -1).T
+    kernel = w["v.patch_embd.weight"].astype(f16).reshape(e, -1)  # f16 im2col
+    h = patches.astype(np.float32) @ kernel.astype(np.float32).T
     h = np.concatenate([h, w["v.class_embd"][None, :]])  # class token LAST
     h = h + w["v.position_embd.weight"]
     h = _layer_norm(h, w["v.pre_ln.weight"], w["v.pre_ln.bias"], cfg.eps)
@@ -912,7 +934,7 @@ def reference_image_embeddings(
         h = h + att @ w[b + "attn_out.weight"].T + w[b + "attn_out.bias"]
         y = _layer_norm(h, w[b + "ln2.weight"], w[b + "ln2.bias"], cfg.eps)
         y = y @ w[b + "ffn_up.weight"].T + w[b + "ffn_up.bias"]
-        y = _gelu_tanh(y) if cfg.use_gelu else y / (1.0 + np.exp(-1.702 * y))
+        y = _gelu_tanh(y) if cfg.use_gelu else _gelu_quick(y)
         h = h + y @ w[b + "ffn_down.weight"].T + w[b + "ffn_down.bias"]
     h = h[1:]  # rows 1..N: patches 1..N-1, then the class token
     h = _gelu_tanh(h @ w["mm.0.weight"].T + w["mm.0.bias"])
