@@ -83,7 +83,8 @@ def _auto(model: str | None, kwargs: dict[str, Any]) -> Backend:
     llama_only = {k for k in kwargs if k in _LLAMA_ARGS}
     if not llama_only and not _looks_like_path(model):
         found = find_vision_model(kwargs.get("host"), preferred=model)
-        if found is not None:
+        # A model the caller named must be that model, not another vision model.
+        if found is not None and (model is None or found == model):
             return _ollama(found, kwargs)
     ollama_only = {k for k in kwargs if k in _OLLAMA_ARGS}
     for key in ollama_only:

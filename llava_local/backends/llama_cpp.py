@@ -15,6 +15,7 @@ import codecs
 import ctypes
 import json
 import os
+import sys
 import time
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +56,24 @@ def _import_llama_cpp() -> Any:
             "(see the README for build flags on CPUs with AMX)"
         ) from exc
     return llama_cpp
+
+
+_log_state: dict[str, Any] = {"verbose": False, "callback": None}
+
+
+def _quiet_mtmd(lib: Any, verbose: bool) -> None:
+    """Send libmtmd's log to stderr only for errors, unless verbose: it narrates every turn."""
+    _log_state["verbose"] = verbose
+    if _log_state["callback"] is None:
+
+        @lib.llama_log_callback  # type: ignore[untyped-decorator]
+        def callback(level: int, text: bytes, _user: Any) -> None:
+            if _log_state["verbose"] or level == 3:  # GGML_LOG_LEVEL_ERROR
+                sys.stderr.write(text.decode("utf-8", "replace"))
+
+        _log_state["callback"] = callback  # keep it alive: C holds only the pointer
+        lib.mtmd_cpp.mtmd_log_set(callback, None)
+        lib.mtmd_cpp.mtmd_helper_log_set(callback, None)
 
 
 def physical_cores() -> int:
@@ -154,6 +173,7 @@ class LlamaCppBackend(Backend):
             ) from exc
 
     def _init_mtmd(self, verbose: bool) -> Any:
+        _quiet_mtmd(self._llama_cpp, verbose)
         params = self._mtmd.mtmd_context_params_default()
         params.use_gpu = False
         params.print_timings = verbose
@@ -198,6 +218,24 @@ class LlamaCppBackend(Backend):
 
     def generate(self, turn: Turn) -> Generator[str | Finish, None, None]:
         started = time.perf_counter()
+        stats = self._read_prompt(turn)
+        yield from self._decode(turn, stats, started)
+
+    def next_token_logits(self, turn: Turn) -> Any:
+        """Read the conversation and return the logits of the answer's first token.
+
+        A numpy array of the vocabulary's size; for scoring and for tests that need
+        to see what the model makes of a picture without sampling.
+        """
+        import numpy as np
+
+        self._read_prompt(turn)
+        ptr = self._llama_cpp.llama_get_logits_ith(self._llama.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self._llama.n_vocab(),)).copy()
+
+    def _read_prompt(self, turn: Turn) -> Stats:
+        """Tokenize the conversation and evaluate what the KV cache does not hold yet."""
+        started = time.perf_counter()
         images = [image for message in turn.messages for image in message.images]
         text = self.chat_format.prompt(turn.messages, self._marker)
         prompt = self._tokenize(text, images)
@@ -219,7 +257,7 @@ class LlamaCppBackend(Backend):
         finally:
             self._mtmd.mtmd_input_chunks_free(prompt.chunks)
         stats.prompt_s = time.perf_counter() - started
-        yield from self._decode(turn, stats, started)
+        return stats
 
     def _piece(self, token: int) -> str:
         return bytes(self._llama.detokenize([token], special=True)).decode("utf-8", "replace")
@@ -371,7 +409,7 @@ class LlamaCppBackend(Backend):
                 **_sampling(opts),
                 grammar=grammar,
             ):
-                if self._llama_cpp.llama_token_is_eog(llama._model.vocab, token):
+                if self._llama_cpp.llama_vocab_is_eog(llama._model.vocab, token):
                     break
                 count += 1
                 piece = utf8.decode(bytes(llama.detokenize([token])))
