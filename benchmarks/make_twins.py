@@ -39,10 +39,14 @@ def _check(lm: Path, mmproj: Path, image_size: int) -> None:
         prompt = f"USER: {runner.marker}\nWhat is in the picture?\nASSISTANT:"
         picture = png_bytes(size=(image_size, image_size))
         chunks = runner.chunk_token_counts(prompt, [picture])
+        encode_start = time.perf_counter()
+        runner.image_embeddings(picture)
+        encode = time.perf_counter() - encode_start
         turn_start = time.perf_counter()
         logits = runner.logits(prompt, [picture])
         turn = time.perf_counter() - turn_start
     print(f"load {loaded - start:.2f} s; chunks {chunks}")
+    print(f"CLIP encode alone: {encode:.2f} s")
     print(f"one image turn (encode + prefill {sum(n for _, n in chunks)} tokens): {turn:.2f} s")
     print(f"logits finite: {bool(np.isfinite(logits).all())}; peak RSS {_peak_rss_mib():.0f} MiB")
 
