@@ -1,4 +1,4 @@
-"""The ``llava-local`` command line, a thin layer over :class:`VisionChat`.
+"""What every command shares: engine options, opening a chat, clean error exits.
 
 Errors from the library are printed as one line saying what to do, with exit
 status 1; a usage mistake exits with 2 (click's convention) and Ctrl-C with 130.
@@ -13,12 +13,11 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 
-from . import __version__
-from .chat import VisionChat
-from .errors import LlavaLocalError
+from ..chat import VisionChat
+from ..errors import LlavaLocalError
 
 F = TypeVar("F", bound=Callable[..., Any])
-_err = Console(stderr=True, highlight=False)
+err_console = Console(stderr=True, highlight=False)
 
 
 def engine_options(func: F) -> F:
@@ -74,58 +73,8 @@ def run_safely(action: Callable[[], None]) -> None:
     try:
         action()
     except LlavaLocalError as exc:
-        _err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        _err.print("interrupted")
+        err_console.print("interrupted")
         sys.exit(130)
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, "--version", "-V", prog_name="llava-local")
-def main() -> None:
-    """Ask vision-language models about pictures, on the CPU, through Ollama or llama.cpp."""
-
-
-@main.command()
-@click.argument("image")
-@click.argument("prompt")
-@engine_options
-@click.option("--system", help="System prompt.")
-@click.option("--temperature", type=float, help="Sampling temperature (0 = greedy).")
-@click.option("--max-tokens", type=int, help="Stop after this many tokens.")
-@click.option("--seed", type=int, help="Random seed, for repeatable sampling.")
-@click.option("--no-stream", is_flag=True, help="Print the answer only when it is complete.")
-@click.option("--json", "as_json", is_flag=True, help="Print the reply with its stats as JSON.")
-def ask(
-    *,
-    image: str,
-    prompt: str,
-    system: str | None,
-    temperature: float | None,
-    max_tokens: int | None,
-    seed: int | None,
-    no_stream: bool,
-    as_json: bool,
-    **engine: Any,
-) -> None:
-    """Ask PROMPT about IMAGE (a path, an http(s) URL, or - for standard input)."""
-    source: Any = sys.stdin.buffer.read() if image == "-" else image
-
-    def body() -> None:
-        with open_chat(
-            **engine, system=system, temperature=temperature, max_tokens=max_tokens, seed=seed
-        ) as chat:
-            if as_json or no_stream:
-                reply = chat.ask(prompt, image=source)
-                click.echo(reply.model_dump_json(indent=2) if as_json else reply.text)
-                return
-            for piece in chat.stream(prompt, image=source):
-                click.echo(piece, nl=False)
-            click.echo()
-
-    run_safely(body)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -1,0 +1,50 @@
+"""``llava-local ask IMAGE PROMPT``: one question about one picture."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from ._common import engine_options, open_chat, run_safely
+
+
+@click.command()
+@click.argument("image")
+@click.argument("prompt")
+@engine_options
+@click.option("--system", help="System prompt.")
+@click.option("--temperature", type=float, help="Sampling temperature (0 = greedy).")
+@click.option("--max-tokens", type=int, help="Stop after this many tokens.")
+@click.option("--seed", type=int, help="Random seed, for repeatable sampling.")
+@click.option("--no-stream", is_flag=True, help="Print the answer only when it is complete.")
+@click.option("--json", "as_json", is_flag=True, help="Print the reply with its stats as JSON.")
+def ask(
+    *,
+    image: str,
+    prompt: str,
+    system: str | None,
+    temperature: float | None,
+    max_tokens: int | None,
+    seed: int | None,
+    no_stream: bool,
+    as_json: bool,
+    **engine: Any,
+) -> None:
+    """Ask PROMPT about IMAGE (a path, an http(s) URL, or - for standard input)."""
+    source: Any = sys.stdin.buffer.read() if image == "-" else image
+
+    def body() -> None:
+        with open_chat(
+            **engine, system=system, temperature=temperature, max_tokens=max_tokens, seed=seed
+        ) as chat:
+            if as_json or no_stream:
+                reply = chat.ask(prompt, image=source)
+                click.echo(reply.model_dump_json(indent=2) if as_json else reply.text)
+                return
+            for piece in chat.stream(prompt, image=source):
+                click.echo(piece, nl=False)
+            click.echo()
+
+    run_safely(body)
