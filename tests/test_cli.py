@@ -75,7 +75,9 @@ def test_errors_exit_1_with_one_line(tmp_path: Path, closed_port: int) -> None:
 
 def test_installed_script_runs(tiny_pair: GgufPair, picture: Path) -> None:
     """The installed `llava-local` console script answers in a real subprocess."""
-    exe = shutil.which("llava-local") or str(Path(sys.executable).parent / "llava-local")
+    beside = Path(sys.executable).parent / "llava-local"  # this environment's script first
+    exe = str(beside) if beside.exists() else shutil.which("llava-local")
+    assert exe, "llava-local is not installed in this environment"
     cmd = [
         exe,
         "ask",
