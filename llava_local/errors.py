@@ -13,6 +13,8 @@ this library::
     ├── ModelLoadError(RuntimeError)           the engine could not load the model files
     ├── ContextOverflowError(ValueError)       the turn does not fit the context window
     ├── MissingDependencyError(ImportError)    an optional engine is not installed
+    ├── InsufficientMemoryError(MemoryError)   the model would not fit in free memory
+    ├── ConversationFileError(ValueError)      a saved conversation is damaged or not ours
     ├── BackendUnavailableError(ConnectionError)  the engine cannot be reached
     │   └── BackendTimeoutError(TimeoutError)  it did not answer in time
     └── BackendError(RuntimeError)             the engine failed during a turn
@@ -73,6 +75,19 @@ class ContextOverflowError(LlavaLocalError, ValueError):
 
 class MissingDependencyError(LlavaLocalError, ImportError):
     """An optional engine is not installed; the message names the extra to add."""
+
+
+class InsufficientMemoryError(LlavaLocalError, MemoryError):
+    """Loading would need more memory than the machine has free; nothing was loaded."""
+
+    def __init__(self, message: str, *, needed: int, available: int) -> None:
+        self.needed = needed
+        self.available = available
+        super().__init__(message)
+
+
+class ConversationFileError(LlavaLocalError, ValueError):
+    """A saved conversation file is damaged, half-written or of another kind."""
 
 
 class BackendUnavailableError(LlavaLocalError, ConnectionError):

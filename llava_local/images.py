@@ -70,6 +70,7 @@ ImageSource = (
     | BinaryIO
     | Image.Image
     | np.ndarray[Any, Any]
+    | PreparedImage
 )
 """Everything :func:`prepare` accepts."""
 
@@ -172,6 +173,15 @@ def prepare(
     """
     if isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 1:
         raise InvalidRequestError(f"max_side must be a positive integer, not {max_side!r}")
+    if isinstance(source, PreparedImage):  # prepared ahead (e.g. by a prefetch thread)
+        if max(source.width, source.height) <= max_side:
+            return source
+        return _cached(
+            cache,
+            f"{source.sha256}/{max_side}",
+            source.source,
+            lambda: _prepare_bytes(source.data, source.source, max_side),
+        )
     if isinstance(source, Image.Image):
         desc = f"<PIL.Image {source.mode} {source.width}x{source.height}>"
         return _prepare_pil(source, desc, max_side, cache, owned=False)

@@ -1003,3 +1003,13 @@ def test_random_bytes_only_raise_image_error(data: bytes) -> None:
     """Arbitrary bytes either prepare or raise ImageError, never another exception."""
     with contextlib.suppress(ImageError):
         prepare(data, max_side=64, cache=None)
+
+
+def test_prepared_image_passes_through_or_is_shrunk() -> None:
+    """A PreparedImage is used as it is when small enough, else prepared again smaller."""
+    arr = np.zeros((40, 80, 3), dtype=np.uint8)
+    arr[:, :40] = 255
+    first = prepare(arr, max_side=80, cache=None)
+    assert prepare(first, max_side=100, cache=None) is first
+    smaller = prepare(first, max_side=20, cache=None)
+    assert (smaller.width, smaller.height) == (20, 10)
