@@ -304,3 +304,39 @@ def test_stop_scanner_holds_back_partial_matches(
     if not hit:
         out += scanner.flush("")
     assert (out, hit) == expected
+
+
+def test_a_picture_seen_before_skips_clip_elsewhere(tiny_pair: GgufPair) -> None:
+    """A picture from an earlier conversation, at a new position, reuses its embeddings."""
+    picture = png_bytes(seed=30)
+    with open_chat(tiny_pair) as chat:
+        chat.ask("What?", image=picture, **GREEDY)
+        chat.reset()
+        chat.system = "A different system prompt moves the picture."
+        warm = chat.ask("What?", image=picture, **GREEDY)
+    with open_chat(tiny_pair, system="A different system prompt moves the picture.") as cold:
+        fresh = cold.ask("What?", image=picture, **GREEDY)
+    assert warm.stats.images_encoded == 0
+    assert fresh.stats.images_encoded == 1
+    # The picture was read into the KV cache again (it moved), from cached embeddings.
+    assert warm.stats.prompt_tokens > tiny_pair.vision.n_image_tokens
+    assert warm.stats.prompt_tokens + (warm.stats.cached_tokens or 0) == fresh.stats.prompt_tokens
+    assert warm.text == fresh.text
+
+
+def test_embedding_cache_is_bounded_by_bytes() -> None:
+    """The embedding cache evicts least-recently-used pictures to stay under its size."""
+    from llava_local.backends.embedding_cache import EmbeddingCache
+
+    cache = EmbeddingCache(max_bytes=3 * 400)
+    arrays = {k: np.full(100, i, np.float32) for i, k in enumerate("abcd")}
+    for key in "abc":
+        cache.put(key, arrays[key])
+    assert cache.get("a") is arrays["a"]  # a is now the most recent
+    cache.put("d", arrays["d"])
+    assert cache.get("b") is None
+    assert {k for k in "acd" if cache.get(k) is not None} == {"a", "c", "d"}
+    assert cache.nbytes == 1200
+    cache.put("huge", np.zeros(1000, np.float32))
+    assert cache.get("huge") is None
+    assert len(cache) == 3

@@ -29,6 +29,8 @@ _LLAMA_ARGS = {
     "n_batch",
     "use_mmap",
     "verbose",
+    "embedding_cache_mb",
+    "force",
 }
 
 

@@ -35,6 +35,7 @@ from ..errors import (
 from ..types import Options, Stats
 from . import gguf_meta
 from .base import Backend, Finish, Turn
+from .embedding_cache import EmbeddingCache
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -125,8 +126,11 @@ class LlamaCppBackend(Backend):
         n_batch: int = 512,
         use_mmap: bool = True,
         verbose: bool = False,
+        embedding_cache_mb: float = 256,
     ) -> None:
         self._llama_cpp = _import_llama_cpp()
+        #: Projected embeddings of pictures seen before, by content hash.
+        self.embeddings = EmbeddingCache(int(embedding_cache_mb * 2**20))
         self._mtmd = self._llama_cpp.mtmd_cpp
         self.model_path = _existing_file(model, "language model")
         self.mmproj_path = _existing_file(mmproj, "projector (mmproj)")
@@ -340,8 +344,10 @@ class LlamaCppBackend(Backend):
                 tokens = prompt.keys[max(start, keep) : end]
                 self._eval_text([int(t) for t in tokens if isinstance(t, int)])
             else:
-                encode_s += self._eval_image(chunk)
-                encoded += 1
+                took = self._eval_image(chunk)
+                if took is not None:
+                    encode_s += took
+                    encoded += 1
             self._keys.extend(prompt.keys[len(self._keys) : llama.n_tokens])
         stats.prompt_tokens = len(prompt.keys) - keep
         stats.images_encoded = encoded
@@ -361,23 +367,34 @@ class LlamaCppBackend(Backend):
         except RuntimeError as exc:
             raise BackendError(f"llama.cpp failed to evaluate the prompt: {exc}") from exc
 
-    def _eval_image(self, chunk: Any) -> float:
-        """Encode a picture with CLIP, then read its embeddings into the KV cache.
+    def _eval_image(self, chunk: Any) -> float | None:
+        """Read a picture's embeddings into the KV cache, encoding it with CLIP if needed.
 
-        Returns the encode time: the two steps are split so the stats can tell them apart.
+        Returns the encode time, or None when the embeddings came from the cache: the
+        two steps are split so the stats can tell them apart.
         """
+        import numpy as np
+
         llama, mtmd, lib = self._llama, self._mtmd, self._llama_cpp
-        t0 = time.perf_counter()
-        if mtmd.mtmd_encode_chunk(self._ctx, chunk) != 0:
-            raise BackendError("libmtmd failed to encode a picture")
-        embd = mtmd.mtmd_get_output_embd(self._ctx)
-        encode_s = time.perf_counter() - t0
+        key = (mtmd.mtmd_input_chunk_get_id(chunk) or b"").decode()
+        embd = self.embeddings.get(key) if key else None
+        encode_s = None
+        if embd is None:
+            t0 = time.perf_counter()
+            if mtmd.mtmd_encode_chunk(self._ctx, chunk) != 0:
+                raise BackendError("libmtmd failed to encode a picture")
+            size = int(mtmd.mtmd_input_chunk_get_n_tokens(chunk)) * int(llama.n_embd())
+            out = mtmd.mtmd_get_output_embd(self._ctx)
+            embd = np.ctypeslib.as_array(out, shape=(size,)).copy()
+            encode_s = time.perf_counter() - t0
+            if key:
+                self.embeddings.put(key, embd)
         new_n_past = lib.llama_pos(0)
         code = mtmd.mtmd_helper_decode_image_chunk(
             self._ctx,
             llama._ctx.ctx,
             chunk,
-            embd,
+            embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
             lib.llama_pos(llama.n_tokens),
             lib.llama_seq_id(0),
             llama.n_batch,
