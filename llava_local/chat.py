@@ -12,7 +12,7 @@ import os
 import threading
 from collections.abc import Generator, Iterator, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
@@ -51,6 +51,7 @@ class VisionChat:
         *,
         system: str | None = None,
         max_image_side: int | None = None,
+        on_overflow: Literal["error", "drop_oldest"] = "error",
         **kwargs: Any,
     ) -> None:
         options = {k: kwargs.pop(k) for k in list(kwargs) if k in _OPTION_NAMES}
@@ -64,7 +65,13 @@ class VisionChat:
         if max_image_side is not None and max_image_side < 16:
             raise InvalidRequestError("max_image_side must be at least 16 pixels")
         self.max_image_side = max_image_side or self._backend.max_image_side
+        if on_overflow not in ("error", "drop_oldest"):
+            raise InvalidRequestError("on_overflow must be 'error' or 'drop_oldest'")
         self.system = system
+        #: What a turn that would not fit the context does: raise ContextOverflowError,
+        #: or leave out the oldest turns (the system prompt and pictures still talked
+        #: about are kept). The history itself is never changed.
+        self.on_overflow = on_overflow
         self._history: list[Message] = []
         self._lock = threading.RLock()
         self._closed = False
@@ -179,8 +186,7 @@ class VisionChat:
         out: ReplyStream,
     ) -> Generator[str, None, None]:
         with self._lock:
-            system = [Message(role="system", content=self.system)] if self.system else []
-            turn = Turn([*system, *self._history, message], options, json_schema)
+            turn, dropped = self._fit(message, options, json_schema)
             pieces: list[str] = []
             finish: Finish | None = None
             generator = self._backend.generate(turn)
@@ -199,6 +205,7 @@ class VisionChat:
                 generator.close()
             if finish is None:
                 raise BackendError(f"the {self.backend} engine ended the answer without finishing")
+            finish.stats.dropped_turns = dropped
             text = "".join(pieces)
             parsed = structured.parse(text, schema) if schema is not None else None
             reply = Reply(
@@ -211,6 +218,22 @@ class VisionChat:
             )
             self._history += [message, Message(role="assistant", content=text)]
             self.last_reply = out.reply = reply
+
+    def _fit(
+        self, message: Message, options: Options, json_schema: dict[str, Any] | None
+    ) -> tuple[Turn, int]:
+        """The turn to send, with the oldest turns left out if it would not fit."""
+        system = [Message(role="system", content=self.system)] if self.system else []
+        history, dropped = list(self._history), 0
+        while True:
+            turn = Turn([*system, *history, message], options, json_schema)
+            if self.on_overflow == "error" or not history:
+                return turn, dropped
+            need = self._backend.context_needed(turn)
+            if need is None or need[0] <= need[1]:
+                return turn, dropped
+            history, message = _drop_oldest_turn(history, message)
+            dropped += 1
 
     # -- lifetime ----------------------------------------------------------------
 
@@ -237,6 +260,25 @@ class VisionChat:
             f"VisionChat(backend={self.backend!r}, model={self.model!r}, "
             f"turns={len(self._history) // 2})"
         )
+
+
+def _drop_oldest_turn(
+    history: list[Message], message: Message
+) -> tuple[list[Message], Message]:
+    """History without its oldest question and answer.
+
+    Pictures of the dropped question travel to the oldest remaining question when no
+    later message brings pictures of its own: the conversation is still about them.
+    """
+    dropped, rest = history[:2], history[2:]
+    pictures = tuple(p for m in dropped for p in m.images)
+    if not pictures or any(m.images for m in [*rest, message]):
+        return rest, message
+    for i, m in enumerate(rest):
+        if m.role == "user":
+            rest[i] = m.model_copy(update={"images": pictures})
+            return rest, message
+    return rest, message.model_copy(update={"images": pictures})
 
 
 class ReplyStream(Iterator[str]):

@@ -80,7 +80,8 @@ class Stats(BaseModel):
     Named as Ollama names them, converted to seconds. ``prompt_tokens`` counts the
     prompt tokens the engine evaluated for this turn; ``cached_tokens`` those it
     reused from the previous turn instead. ``image_encode_s`` is None where the
-    engine cannot tell.
+    engine cannot tell. ``dropped_turns`` counts old turns left out to make room
+    (``on_overflow="drop_oldest"``).
     """
 
     prompt_tokens: int = 0
@@ -93,6 +94,7 @@ class Stats(BaseModel):
     total_s: float = 0.0
     first_token_s: float | None = None
     image_encode_s: float | None = None
+    dropped_turns: int = 0
 
     @property
     def decode_tokens_per_s(self) -> float | None:

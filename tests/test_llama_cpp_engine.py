@@ -340,3 +340,51 @@ def test_embedding_cache_is_bounded_by_bytes() -> None:
     cache.put("huge", np.zeros(1000, np.float32))
     assert cache.get("huge") is None
     assert len(cache) == 3
+
+
+def test_drop_oldest_keeps_answering_and_the_picture(tiny_pair: GgufPair) -> None:
+    """With on_overflow="drop_oldest", old turns make room and the picture stays in view."""
+    with open_chat(tiny_pair, n_ctx=256, system="Short.", on_overflow="drop_oldest") as chat:
+        chat.ask("Hi?", image=png_bytes(seed=31), **GREEDY)
+        replies = [chat.ask(f"Question {i}: " + "y" * 40, **GREEDY) for i in range(4)]
+        keys = chat.engine._keys  # type: ignore[attr-defined]
+    assert replies[0].stats.dropped_turns == 0
+    assert replies[-1].stats.dropped_turns >= 1
+    assert len(chat.history) == 10  # the history itself keeps every turn
+    picture_positions = [k for k in keys if isinstance(k, tuple)]
+    assert len(picture_positions) == tiny_pair.vision.n_image_tokens
+
+
+def test_drop_oldest_moves_pictures_only_while_still_talked_about() -> None:
+    """Dropped pictures move to the next question unless a later message has its own."""
+    from llava_local.chat import _drop_oldest_turn
+    from llava_local.types import PreparedImage
+
+    def pic(n: int) -> PreparedImage:
+        return PreparedImage(
+            data=b"x", mime="image/png", width=1, height=1, sha256=str(n) * 64, source=str(n)
+        )
+
+    a = Message(role="assistant", content="ok")
+    history = [
+        Message(role="user", content="q1", images=(pic(1),)),
+        a,
+        Message(role="user", content="q2"),
+        a,
+    ]
+    rest, new = _drop_oldest_turn(history, Message(role="user", content="q3"))
+    assert [m.content for m in rest] == ["q2", "ok"]
+    assert rest[0].images == (pic(1),)
+    assert new.images == ()
+    rest, new = _drop_oldest_turn(history, Message(role="user", content="q3", images=(pic(2),)))
+    assert rest[0].images == ()
+    assert new.images == (pic(2),)
+    rest, new = _drop_oldest_turn(history[:2], Message(role="user", content="q3"))
+    assert rest == []
+    assert new.images == (pic(1),)
+
+
+def test_unknown_overflow_policy_is_refused(tiny_pair: GgufPair) -> None:
+    """A misspelt on_overflow value is an InvalidRequestError."""
+    with pytest.raises(InvalidRequestError, match="on_overflow"):
+        open_chat(tiny_pair, on_overflow="truncate")

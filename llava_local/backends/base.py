@@ -57,5 +57,12 @@ class Backend(ABC):
         leave the engine ready for the next turn.
         """
 
+    def context_needed(self, turn: Turn) -> tuple[int, int] | None:
+        """``(tokens the turn needs, tokens the context holds)``, or None if unknown.
+
+        The core uses it to drop old turns before a turn that would not fit.
+        """
+        return None
+
     def close(self) -> None:  # noqa: B027 - engines without resources need nothing here
         """Free the model or the connection. Called once, by :meth:`VisionChat.close`."""

@@ -153,6 +153,7 @@ class LlamaCppBackend(Backend):
             chat_format, self._llama.metadata, bos=bos, eos=eos
         )
         self._keys: list[Key] = []  # what the KV cache holds, one entry per position
+        self._memo: tuple[tuple[str, tuple[str, ...]], _Prompt] | None = None
 
     # -- loading ---------------------------------------------------------------
 
@@ -212,6 +213,7 @@ class LlamaCppBackend(Backend):
         return int(self._llama.n_ctx())
 
     def close(self) -> None:
+        self._forget_prompt()
         if self._ctx:
             self._mtmd.mtmd_free(self._ctx)
             self._ctx = None
@@ -237,12 +239,31 @@ class LlamaCppBackend(Backend):
         ptr = self._llama_cpp.llama_get_logits_ith(self._llama.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self._llama.n_vocab(),)).copy()
 
+    def context_needed(self, turn: Turn) -> tuple[int, int]:
+        prompt = self._prompt_for(turn)
+        return len(prompt.keys) + (turn.options.max_tokens or 1), self.n_ctx
+
+    def _prompt_for(self, turn: Turn) -> _Prompt:
+        """The tokenized turn; the last one is kept, as the core often asks twice."""
+        images = [image for message in turn.messages for image in message.images]
+        text = self.chat_format.prompt(turn.messages, self._marker)
+        key = (text, tuple(image.sha256 for image in images))
+        if self._memo is not None and self._memo[0] == key:
+            return self._memo[1]
+        prompt = self._tokenize(text, images)
+        self._forget_prompt()
+        self._memo = (key, prompt)
+        return prompt
+
+    def _forget_prompt(self) -> None:
+        if self._memo is not None:
+            self._mtmd.mtmd_input_chunks_free(self._memo[1].chunks)
+            self._memo = None
+
     def _read_prompt(self, turn: Turn) -> Stats:
         """Tokenize the conversation and evaluate what the KV cache does not hold yet."""
         started = time.perf_counter()
-        images = [image for message in turn.messages for image in message.images]
-        text = self.chat_format.prompt(turn.messages, self._marker)
-        prompt = self._tokenize(text, images)
+        prompt = self._prompt_for(turn)
         try:
             budget = turn.options.max_tokens or 1
             needed = len(prompt.keys) + budget
@@ -259,7 +280,7 @@ class LlamaCppBackend(Backend):
             self._load_s = 0.0
             self._evaluate(prompt, stats)
         finally:
-            self._mtmd.mtmd_input_chunks_free(prompt.chunks)
+            self._forget_prompt()
         stats.prompt_s = time.perf_counter() - started
         return stats
 
