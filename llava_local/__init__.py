@@ -13,6 +13,7 @@ process with the same code::
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .aio import AsyncReplyStream, AsyncVisionChat
 from .chat import ReplyStream, VisionChat
 from .errors import (
     BackendError,
@@ -39,6 +40,8 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "AsyncReplyStream",
+    "AsyncVisionChat",
     "BackendError",
     "BackendTimeoutError",
     "BackendUnavailableError",
