@@ -1,0 +1,335 @@
+"""Save a conversation with its pictures to one JSON file, and read it back whole.
+
+Why a format of our own: a conversation about pictures is only useful with the
+pictures, and the same photo is often asked about in several turns, so each picture
+is stored once, keyed by the sha256 of its bytes, and messages refer to it by hash.
+
+The file is written atomically (a temporary file in the same directory, flushed and
+fsynced, then ``os.replace``), so a crash leaves the old file or the new one, never
+half of one. Reading checks everything before returning: a damaged, truncated,
+tampered or foreign file raises :class:`~llava_local.errors.ConversationFileError`
+and nothing is loaded, never a partial conversation.
+
+Layout (``version`` 1)::
+
+    {"format": "llava-local.conversation", "version": 1, "saved_at": "...",
+     "backend": "llama_cpp", "model": "...", "system": null, "options": {...},
+     "messages": [{"role": "user", "content": "...", "images": ["<sha256>", ...]}, ...],
+     "pictures": {"<sha256>": {"mime": "image/png", "width": 336, "height": 336,
+                               "source": "cat.jpg", "changes": [...], "data": "<base64>"}}}
+
+A message's picture is the hash alone when its details (source, changes, ...) are
+the stored ones; when the same bytes came from another source, it is an object with
+the hash and the details that differ, so a reload is identical.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hashlib
+import json
+import os
+import stat
+import tempfile
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+
+from .errors import ConversationFileError, InvalidRequestError
+from .types import Message, Options, PreparedImage, Role
+
+FORMAT: Final = "llava-local.conversation"
+VERSION: Final = 1
+
+Mime = Literal["image/png", "image/jpeg"]
+_HEX = frozenset("0123456789abcdef")
+
+
+def _newer(version: int) -> str:
+    return (
+        f"it was written by a newer llava-local (format version {version}; this one reads "
+        f"up to {VERSION}): upgrade llava-local to open it"
+    )
+
+
+def _is_sha256(value: str) -> bool:
+    return len(value) == 64 and set(value) <= _HEX
+
+
+class SavedPicture(BaseModel):
+    """One picture, stored once: its bytes (base64 in the file) and how it was prepared."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mime: Mime
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+    source: str
+    changes: tuple[str, ...] = ()
+    data: bytes = Field(repr=False)
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _from_base64(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return base64.b64decode(value.encode("ascii"), validate=True)
+            except (binascii.Error, UnicodeEncodeError) as exc:
+                raise ValueError(f"picture data is not valid base64 ({exc})") from None
+        return value
+
+    @field_serializer("data")
+    def _to_base64(self, value: bytes) -> str:
+        return base64.b64encode(value).decode("ascii")
+
+
+class PictureUse(BaseModel):
+    """A message's reference to a stored picture whose details differ from the stored ones."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sha256: str
+    mime: Mime | None = None
+    width: int | None = Field(default=None, ge=1)
+    height: int | None = Field(default=None, ge=1)
+    source: str | None = None
+    changes: tuple[str, ...] | None = None
+
+
+class SavedMessage(BaseModel):
+    """One turn; pictures by hash (or by :class:`PictureUse`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Role
+    content: str
+    images: tuple[str | PictureUse, ...] = ()
+
+
+class SavedConversation(BaseModel):
+    """A whole saved conversation, checked on construction: every picture is present
+    and matches its hash, so :meth:`history` cannot fail half-way."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["llava-local.conversation"] = FORMAT
+    version: int = VERSION
+    saved_at: datetime
+    backend: str
+    model: str
+    system: str | None = None
+    options: Options = Field(default_factory=Options)
+    messages: list[SavedMessage] = Field(default_factory=list)
+    pictures: dict[str, SavedPicture] = Field(default_factory=dict)
+
+    @field_validator("version")
+    @classmethod
+    def _known_version(cls, value: int) -> int:
+        if value > VERSION:
+            raise ValueError(_newer(value))
+        if value < 1:
+            raise ValueError(f"format version {value} does not exist")
+        return value
+
+    @model_validator(mode="after")
+    def _complete(self) -> SavedConversation:
+        for key, picture in self.pictures.items():
+            if not _is_sha256(key):
+                raise ValueError(f"picture key {key[:80]!r} is not a sha256 hex digest")
+            if hashlib.sha256(picture.data).hexdigest() != key:
+                raise ValueError(
+                    f"picture {key[:12]}… ({picture.source}) does not match its sha256: "
+                    "its data was changed or damaged"
+                )
+        for i, message in enumerate(self.messages):
+            for ref in message.images:
+                key = ref if isinstance(ref, str) else ref.sha256
+                if key not in self.pictures:
+                    raise ValueError(f"message {i} refers to picture {key[:12]}…, not in the file")
+        return self
+
+    def history(self) -> list[Message]:
+        """The conversation as :class:`~llava_local.types.Message` objects, pictures included."""
+        return [
+            Message(
+                role=m.role,
+                content=m.content,
+                images=tuple(self._image(ref) for ref in m.images),
+            )
+            for m in self.messages
+        ]
+
+    def _image(self, ref: str | PictureUse) -> PreparedImage:
+        key = ref if isinstance(ref, str) else ref.sha256
+        stored = self.pictures[key]
+        fields: dict[str, Any] = stored.model_dump(exclude={"data"})
+        if isinstance(ref, PictureUse):
+            fields.update(ref.model_dump(exclude={"sha256"}, exclude_none=True))
+        return PreparedImage(data=stored.data, sha256=key, **fields)
+
+
+def _picture_fields(image: PreparedImage | SavedPicture) -> dict[str, Any]:
+    return {
+        "mime": image.mime,
+        "width": image.width,
+        "height": image.height,
+        "source": image.source,
+        "changes": tuple(image.changes),
+    }
+
+
+def to_document(
+    *,
+    history: Sequence[Message],
+    system: str | None,
+    options: Options,
+    backend: str,
+    model: str,
+    saved_at: datetime | None = None,
+) -> SavedConversation:
+    """The conversation as a :class:`SavedConversation`, each picture stored once."""
+    pictures: dict[str, SavedPicture] = {}
+    messages: list[SavedMessage] = []
+    for message in history:
+        refs: list[str | PictureUse] = []
+        for image in message.images:
+            key = hashlib.sha256(image.data).hexdigest()
+            if image.sha256 != key:
+                raise InvalidRequestError(
+                    f"picture {image.source}: its sha256 field is not the hash of its data; "
+                    "prepare pictures with llava_local.images.prepare"
+                )
+            fields = _picture_fields(image)
+            if key not in pictures:
+                pictures[key] = SavedPicture(data=image.data, **fields)
+            stored = _picture_fields(pictures[key])
+            diff = {k: v for k, v in fields.items() if stored[k] != v}
+            refs.append(PictureUse(sha256=key, **diff) if diff else key)
+        messages.append(
+            SavedMessage(role=message.role, content=message.content, images=tuple(refs))
+        )
+    return SavedConversation(
+        saved_at=saved_at or datetime.now(timezone.utc),
+        backend=backend,
+        model=model,
+        system=system,
+        options=options,
+        messages=messages,
+        pictures=pictures,
+    )
+
+
+def save(
+    path: str | os.PathLike[str],
+    *,
+    history: Sequence[Message],
+    system: str | None,
+    options: Options,
+    backend: str,
+    model: str,
+) -> Path:
+    """Write the conversation to ``path`` atomically and return the path.
+
+    An existing file is replaced only once the new one is complete on disk. Errors
+    of the file system itself (no such directory, no permission) are raised as the
+    ``OSError`` they are; the old file, if any, is left untouched.
+    """
+    target = Path(path).expanduser()
+    document = to_document(
+        history=history, system=system, options=options, backend=backend, model=model
+    )
+    text = document.model_dump_json(indent=1)
+    _atomic_write(target, text.encode("utf-8"))
+    return target
+
+
+def _atomic_write(target: Path, data: bytes) -> None:
+    """Temporary file beside ``target``, flush, fsync, ``os.replace``, fsync the directory."""
+    directory = target.parent
+    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(OSError):  # keep the mode of the file being replaced
+            os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable where the OS allows (not on Windows)."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+    try:
+        fd = os.open(directory, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load(path: str | os.PathLike[str]) -> SavedConversation:
+    """Read a conversation saved by :func:`save`, checked whole before it is returned.
+
+    Raises :class:`~llava_local.errors.ConversationFileError` when the file cannot be
+    read, is not JSON, is not a llava-local conversation, comes from a newer version,
+    or has a picture that is missing or does not match its hash.
+    """
+    source = Path(path).expanduser()
+    try:
+        raw = source.read_bytes()
+    except OSError as exc:
+        raise _error(source, f"it cannot be read ({exc.strerror or exc})") from exc
+    try:
+        document = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        reason = "it is not JSON"
+        if isinstance(exc, json.JSONDecodeError) and exc.pos >= len(exc.doc.rstrip()):
+            reason = "it ends too early (truncated, or written half-way)"
+        raise _error(source, f"{reason}: {exc}") from exc
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        found = document.get("format") if isinstance(document, dict) else type(document).__name__
+        raise _error(source, f"it is not a llava-local conversation (format {found!r})")
+    version = document.get("version")
+    if isinstance(version, int) and version > VERSION:
+        raise _error(source, _newer(version))
+    try:
+        return SavedConversation.model_validate(document)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'file'}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()[:5]
+        )
+        more = len(exc.errors()) - 5
+        if more > 0:
+            problems += f"; and {more} more"
+        raise _error(source, problems) from exc
+
+
+def _error(path: Path, reason: str) -> ConversationFileError:
+    return ConversationFileError(
+        f"cannot load the conversation {path}: {reason}; nothing was loaded"
+    )
