@@ -48,7 +48,7 @@ from ..errors import (
 from ..types import DoneReason, Message, Options, Stats
 from .base import Backend, Finish, Turn
 
-__all__ = ["OllamaBackend", "find_vision_model", "resolve_host"]
+__all__ = ["OllamaBackend", "find_vision_model", "pull_model", "resolve_host"]
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
 #: The read timeout when the caller gives none: long enough for a CPU, never forever.
@@ -128,6 +128,28 @@ def find_vision_model(
     except _ANY_ERROR:
         return None
     return None
+
+
+def pull_model(
+    model: str, *, host: str | None = None, progress: bool = True, connect_timeout: float = 3.0
+) -> None:
+    """``ollama pull MODEL`` through the daemon, with a progress bar per blob on stderr.
+
+    Raises :class:`ModelNotFoundError` when the registry has no such model,
+    :class:`BackendUnavailableError` when no daemon answers, and :class:`BackendError`
+    when the pull fails part-way (the daemon keeps what it has; pulling again resumes).
+    """
+    if not model.strip():
+        raise InvalidRequestError("the Ollama model name is empty")
+    url = resolve_host(host)
+    timeouts = httpx.Timeout(DEFAULT_READ_TIMEOUT, connect=connect_timeout)
+    try:
+        with ollama.Client(host=url, timeout=timeouts) as client:
+            _pull(client, url, model, progress=progress)
+    except LlavaLocalError:
+        raise
+    except _LOW_LEVEL as exc:
+        raise _translate(exc, url, model) from exc
 
 
 class OllamaBackend(Backend):
@@ -268,13 +290,7 @@ class OllamaBackend(Backend):
         except ollama.ResponseError as exc:
             if exc.status_code != 404 or not self.pull:
                 raise
-        try:
-            _show_progress(self.model, self._client.pull(self.model, stream=True))
-        except ollama.ResponseError as exc:
-            raise ModelNotFoundError(
-                f"Ollama at {self.host} has no model {self.model!r} and could not pull it: "
-                f"{exc.error}"
-            ) from exc
+        _pull(self._client, self.host, self.model, progress=True)
         return self._client.show(self.model)
 
     def _ensure_open(self) -> None:
@@ -354,6 +370,34 @@ def _ping(host: str, timeouts: httpx.Timeout) -> None:
             f"{host} answers, but not as Ollama does (GET /api/version: "
             f"{response.status_code}); check OLLAMA_HOST"
         )
+
+
+def _pull(client: ollama.Client, host: str, model: str, *, progress: bool) -> None:
+    """Stream one pull. An error before any blob arrives means the registry has no such
+    model; one after it means the download itself failed."""
+    started: list[bool] = []
+
+    def updates() -> Iterator[ollama.ProgressResponse]:
+        for update in client.pull(model, stream=True):
+            if update.digest:
+                started.append(True)
+            yield update
+
+    try:
+        if progress:
+            _show_progress(model, updates())
+        else:
+            for _ in updates():
+                pass
+    except ollama.ResponseError as exc:
+        if started:
+            raise BackendError(
+                f"Ollama at {host} failed while pulling {model!r}: {exc.error}; "
+                "run the pull again to resume it"
+            ) from exc
+        raise ModelNotFoundError(
+            f"Ollama at {host} has no model {model!r} and could not pull it: {exc.error}"
+        ) from exc
 
 
 def _show_progress(model: str, updates: Iterator[ollama.ProgressResponse]) -> None:
