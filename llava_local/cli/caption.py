@@ -1,0 +1,112 @@
+"""``llava-local caption DIR|GLOB... --prompt TEXT --out results.jsonl``: a folder, captioned.
+
+A thin layer over :func:`llava_local.caption.caption`, which documents the line format
+and how a run resumes. Run the same command again after a crash, Ctrl-C or a stop: the
+pictures already captioned are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..caption import caption as caption_pictures
+from ..errors import InvalidRequestError, LlavaLocalError
+from ._common import engine_options, err_console, open_chat, run_safely
+
+
+def _load_schema(
+    ctx: click.Context, param: click.Parameter, value: Path | None
+) -> dict[str, Any] | None:
+    """The JSON schema file's contents, refused at once if it is not a JSON object."""
+    if value is None:
+        return None
+    try:
+        schema = json.loads(value.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise click.BadParameter(f"cannot read a JSON schema from {value}: {exc}") from None
+    if not isinstance(schema, dict):
+        raise click.BadParameter(f"{value} holds JSON, but not a JSON schema object")
+    return schema
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True, metavar="DIR|GLOB|IMAGE...")
+@click.option("--prompt", "-p", required=True, help="What to ask about each picture.")
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSON Lines file to append to; an existing one is resumed.",
+)
+@click.option(
+    "--schema",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    callback=_load_schema,
+    help="JSON schema file the answers must fit (one retry on a misfit).",
+)
+@click.option("--limit", type=click.IntRange(min=1), help="Caption at most N new pictures.")
+@click.option("--recursive", "-r", is_flag=True, help="Descend into subdirectories.")
+@engine_options
+@click.option("--system", help="System prompt.")
+@click.option("--temperature", type=float, help="Sampling temperature (0 = greedy).")
+@click.option("--max-tokens", type=int, help="Stop each answer after this many tokens.")
+@click.option("--seed", type=int, help="Random seed, for repeatable sampling.")
+@click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def caption(
+    *,
+    inputs: tuple[str, ...],
+    prompt: str,
+    out: Path,
+    schema: dict[str, Any] | None,
+    limit: int | None,
+    recursive: bool,
+    system: str | None,
+    temperature: float | None,
+    max_tokens: int | None,
+    seed: int | None,
+    no_progress: bool,
+    as_json: bool,
+    **engine: Any,
+) -> None:
+    """Ask PROMPT about every picture of DIR, GLOB or IMAGE, one JSON line each in --out.
+
+    Pictures already captioned in --out (same content, any name) are skipped, so the
+    same command continues an interrupted run.
+    """
+    given = {"temperature": temperature, "max_tokens": max_tokens, "seed": seed}
+    options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+
+    def body() -> None:
+        with open_chat(**engine, system=system) as chat:
+            try:
+                summary = caption_pictures(
+                    chat,
+                    list(inputs),
+                    out,
+                    prompt=prompt,
+                    schema=schema,
+                    limit=limit,
+                    recursive=recursive,
+                    progress=not no_progress,
+                    **options,
+                )
+            except (LlavaLocalError, KeyboardInterrupt) as exc:
+                if not isinstance(exc, InvalidRequestError):
+                    err_console.print(
+                        f"the results so far are in {out}; run again to continue", soft_wrap=True
+                    )
+                raise
+        if as_json:
+            click.echo(summary.model_dump_json(indent=2))
+        else:
+            click.echo(str(summary))
+        if not summary.found:
+            err_console.print(f"no pictures found in {' '.join(inputs)}", soft_wrap=True)
+
+    run_safely(body)
