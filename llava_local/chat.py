@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Generator, Iterator, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
@@ -235,6 +236,55 @@ class VisionChat:
             history, message = _drop_oldest_turn(history, message)
             dropped += 1
 
+    # -- keeping conversations ------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the conversation, pictures included (each once), atomically as JSON."""
+        from . import persist
+
+        with self._lock:
+            model = getattr(self._backend, "model_path", None) or self.model
+            return persist.save(
+                Path(path),
+                history=self._history,
+                system=self.system,
+                options=self.options,
+                backend=self.backend,
+                model=str(model),
+            )
+
+    def restore(self, path: str | os.PathLike[str]) -> None:
+        """Replace this chat's conversation with a saved one; the engine stays.
+
+        The file is read and checked whole first: a damaged file changes nothing.
+        """
+        from . import persist
+
+        saved = persist.load(Path(path))
+        with self._lock:
+            self._history = saved.history()
+            self.system = saved.system
+            self.last_reply = None
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        backend: str | None = None,
+        model: str | None = None,
+        **kwargs: Any,
+    ) -> VisionChat:
+        """A chat that continues a saved conversation, on the engine and model it used
+        unless told otherwise; the saved options apply unless overridden in ``kwargs``."""
+        from . import persist
+
+        saved = persist.load(Path(path))  # before any model is loaded
+        options = {**saved.options.model_dump(exclude_none=True), **kwargs}
+        options.setdefault("system", saved.system)
+        chat = cls(backend or saved.backend, model or saved.model, **options)
+        chat._history = saved.history()
+        return chat
+
     # -- lifetime ----------------------------------------------------------------
 
     def close(self) -> None:
@@ -262,9 +312,7 @@ class VisionChat:
         )
 
 
-def _drop_oldest_turn(
-    history: list[Message], message: Message
-) -> tuple[list[Message], Message]:
+def _drop_oldest_turn(history: list[Message], message: Message) -> tuple[list[Message], Message]:
     """History without its oldest question and answer.
 
     Pictures of the dropped question travel to the oldest remaining question when no

@@ -9,6 +9,7 @@ import click
 
 from .. import __version__
 from .ask import ask
+from .chat import chat
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,5 +19,6 @@ def main() -> None:
 
 
 main.add_command(ask)
+main.add_command(chat)
 
 __all__ = ["main"]

@@ -1,0 +1,184 @@
+"""``llava-local chat [IMAGE]``: a conversation in the terminal, like LLaVA's own CLI.
+
+Answers stream as they are written. Ctrl-C stops the current answer and keeps
+the session (the interrupted turn is not kept); Ctrl-D leaves. Lines starting
+with ``/`` are commands; ``/help`` lists them. Arrow keys recall earlier lines
+where the terminal supports readline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from ..chat import VisionChat
+from ..errors import LlavaLocalError
+from ..images import ImageSource, prepare
+from ..types import PreparedImage
+from ._common import engine_options, open_chat, run_safely
+
+HELP = """\
+/image PATH   add a picture to the next question (several are fine)
+/reset        start a new conversation
+/save FILE    save the conversation, pictures included
+/load FILE    continue a saved conversation
+/stats        tokens, timings and cache reuse of the last answer
+/help         this list
+Ctrl-C stops an answer; Ctrl-D leaves."""
+
+
+class Repl:
+    """The read-eval-print loop; input and output are injectable for tests."""
+
+    def __init__(
+        self,
+        chat: VisionChat,
+        *,
+        read: Callable[[str], str] = input,
+        console: Console | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> None:
+        self.chat = chat
+        self.read = read
+        self.out = console or Console(highlight=False)
+        self.options = options or {}
+        self.pending: list[PreparedImage] = []
+
+    def run(self, image: str | None = None) -> None:
+        """Loop until end of input (Ctrl-D) or ``/quit``."""
+        self.out.print(
+            f"[bold]llava-local chat[/] with {self.chat.model} ({self.chat.backend}). "
+            "/help for commands, Ctrl-D to leave."
+        )
+        if image:
+            self.command(f"/image {shlex.quote(image)}")
+        while True:
+            try:
+                line = self.read(">>> ").strip()
+            except EOFError:
+                self.out.print()
+                return
+            except KeyboardInterrupt:
+                self.out.print()
+                continue
+            if not line:
+                continue
+            if line.startswith("/"):
+                if self.command(line) == "quit":
+                    return
+                continue
+            self.answer(line)
+
+    def command(self, line: str) -> str | None:
+        """Run one ``/command``; returns "quit" to leave."""
+        try:
+            name, *args = shlex.split(line)
+        except ValueError as exc:
+            self.out.print(f"[red]{exc}[/]")
+            return None
+        arg = " ".join(args)
+        try:
+            if name in ("/quit", "/exit", "/bye"):
+                return "quit"
+            if name == "/help":
+                self.out.print(HELP, markup=False)
+            elif name == "/image" and arg:
+                self.add_image(arg)
+            elif name == "/reset":
+                self.chat.reset()
+                self.pending = []
+                self.out.print("new conversation")
+            elif name == "/save" and arg:
+                path = self.chat.save(arg)
+                self.out.print(f"saved to {path}")
+            elif name == "/load" and arg:
+                self.load(arg)
+            elif name == "/stats":
+                self.stats()
+            else:
+                self.out.print(f"unknown or incomplete command {name!r}; /help lists them")
+        except LlavaLocalError as exc:
+            self.out.print(f"[red]error:[/] {exc}")
+        return None
+
+    def add_image(self, source: ImageSource) -> None:
+        """Prepare a picture now, so a bad file is reported before the question."""
+        picture = prepare(source, max_side=self.chat.max_image_side)
+        self.pending.append(picture)
+        note = f" ({'; '.join(picture.changes)})" if picture.changes else ""
+        self.out.print(f"picture added: {picture.source}, {picture.width}x{picture.height}{note}")
+
+    def load(self, path: str) -> None:
+        """Replace the conversation with a saved one, on the same engine."""
+        self.chat.restore(Path(path))
+        self.pending = []
+        turns = len(self.chat.history) // 2
+        self.out.print(f"loaded {turns} turn{'s' if turns != 1 else ''} from {path}")
+
+    def answer(self, prompt: str) -> None:
+        """Stream one answer; Ctrl-C stops it and the turn is not kept."""
+        try:
+            stream = self.chat.stream(prompt, images=self.pending, **self.options)
+        except LlavaLocalError as exc:
+            self.out.print(f"[red]error:[/] {exc}")
+            return
+        try:
+            with stream:
+                for piece in stream:
+                    self.out.print(piece, end="", markup=False, soft_wrap=True)
+            self.pending = []
+            self.out.print()
+        except KeyboardInterrupt:
+            self.out.print("\n[yellow](stopped; this turn was not kept)[/]")
+        except LlavaLocalError as exc:
+            self.out.print(f"\n[red]error:[/] {exc}")
+
+    def stats(self) -> None:
+        reply = self.chat.last_reply
+        if reply is None:
+            self.out.print("no answer yet")
+            return
+        table = Table(title=f"last answer ({reply.done_reason})", show_header=False)
+        for key, value in reply.stats.model_dump().items():
+            if value is not None:
+                table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
+        self.out.print(table)
+
+
+@click.command()
+@click.argument("image", required=False)
+@engine_options
+@click.option("--system", help="System prompt.")
+@click.option("--temperature", type=float, help="Sampling temperature (0 = greedy).")
+@click.option("--max-tokens", type=int, help="Longest answer, in tokens.")
+def chat(
+    *,
+    image: str | None,
+    system: str | None,
+    temperature: float | None,
+    max_tokens: int | None,
+    **engine: Any,
+) -> None:
+    """Talk about pictures in the terminal; IMAGE starts the conversation with a picture."""
+    with contextlib.suppress(ImportError):  # arrow keys and history for input()
+        import readline  # noqa: F401
+    options = {
+        k: v
+        for k, v in {"temperature": temperature, "max_tokens": max_tokens}.items()
+        if v is not None
+    }
+
+    def body() -> None:
+        with open_chat(**engine, system=system, on_overflow="drop_oldest") as session:
+            Repl(session, options=options).run(image)
+
+    run_safely(body)
+    sys.exit(0)
