@@ -251,8 +251,12 @@ def save(
     document = to_document(
         history=history, system=system, options=options, backend=backend, model=model
     )
-    text = document.model_dump_json(indent=1)
-    _atomic_write(target, text.encode("utf-8"))
+    data = document.model_dump(mode="json")
+    try:
+        raw = json.dumps(data, indent=1, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # unpaired surrogates (e.g. from file names): escape them
+        raw = json.dumps(data, indent=1).encode("ascii")
+    _atomic_write(target, raw)
     return target
 
 
@@ -307,8 +311,9 @@ def load(path: str | os.PathLike[str]) -> SavedConversation:
         document = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
         reason = "it is not JSON"
-        if isinstance(exc, json.JSONDecodeError) and exc.pos >= len(exc.doc.rstrip()):
-            reason = "it ends too early (truncated, or written half-way)"
+        text = raw.strip()
+        if text.startswith(b"{") and not text.endswith(b"}"):
+            reason = "it is not complete JSON: it ends too early (truncated, or written half-way)"
         raise _error(source, f"{reason}: {exc}") from exc
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         found = document.get("format") if isinstance(document, dict) else type(document).__name__
