@@ -112,8 +112,13 @@ def test_a_session_answers_and_leaves_on_ctrl_d(terminal: Terminal, tmp_path: Pa
     terminal.expect(r"/image PATH")
     terminal.type("/image /no/such/file.png\n")
     terminal.expect(r"error:.*file\.png")
+    saved = tmp_path / "session.json"
+    terminal.type(f"/save {saved}\n")
+    terminal.expect("saved to")
     terminal.type("/reset\n")
     terminal.expect("new conversation")
+    terminal.type(f"/load {saved}\n")
+    terminal.expect("loaded 1 turn from")
     terminal.expect(">>> ")
     terminal.type("\x04")
     assert terminal.close() == 0

@@ -1,0 +1,57 @@
+"""Saving a conversation from VisionChat and continuing it later, on either engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llava_local import ConversationFileError, VisionChat
+
+from .gguf_fixtures import GgufPair, png_bytes
+from .ollama_server import OllamaServer, Script
+
+GREEDY = {"temperature": 0, "max_tokens": 6}
+
+
+def test_save_and_load_continue_the_same_conversation(tiny_pair: GgufPair, tmp_path: Path) -> None:
+    """A loaded conversation has the same history and answers as the one left running."""
+    path = tmp_path / "talk.json"
+    picture = png_bytes(seed=60)
+    with VisionChat.llama_cpp(tiny_pair.lm, mmproj=tiny_pair.mmproj, system="Be short.") as chat:
+        chat.ask("What is it?", image=picture, **GREEDY)
+        chat.ask("Again?", **GREEDY)
+        assert chat.save(path) == path
+        history = chat.history
+        expected = chat.ask("And now?", **GREEDY).text
+    with VisionChat.load(path, mmproj=tiny_pair.mmproj) as again:
+        assert again.history == history
+        assert again.system == "Be short."
+        assert again.backend == "llama_cpp"
+        assert again.ask("And now?", **GREEDY).text == expected
+
+
+def test_restore_replaces_the_conversation_or_nothing(
+    ollama_server: OllamaServer, tmp_path: Path
+) -> None:
+    """restore() loads a saved conversation into a running chat; a damaged file changes nothing."""
+    ollama_server.script(Script(pieces=["A cat."]))
+    path = tmp_path / "talk.json"
+    with VisionChat.ollama(host=ollama_server.url) as chat:
+        chat.ask("What?", image=png_bytes(seed=61))
+        chat.save(path)
+        saved = chat.history
+        chat.reset()
+        chat.ask("Other?")
+        broken = tmp_path / "broken.json"
+        broken.write_bytes(path.read_bytes()[:-40])
+        before = chat.history
+        with pytest.raises(ConversationFileError):
+            chat.restore(broken)
+        assert chat.history == before
+        chat.restore(path)
+        assert chat.history == saved
+        chat.ask("More?")
+    sent = ollama_server.requests_to("/api/chat")[-1].json["messages"]
+    assert [m["content"] for m in sent] == ["What?", "A cat.", "More?"]
+    assert sent[0]["images"]
