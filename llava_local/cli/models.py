@@ -1,0 +1,151 @@
+"""``llava-local models`` and ``llava-local pull NAME``: what is here, what exists, fetching."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from ..models import ModelsReport, PullResult, list_models, pull
+from ._common import run_safely
+
+_CHOICES = click.Choice(["auto", "ollama", "llama_cpp"])
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
+def _yes(value: bool | None) -> str:
+    return {True: "[green]yes[/]", False: "[red]no[/]", None: "?"}[value]
+
+
+@click.command()
+@click.option("--host", help="Ollama address (default: OLLAMA_HOST or 127.0.0.1:11434).")
+@click.option(
+    "--timeout", type=float, default=1.0, show_default=True, help="Seconds to wait for Ollama."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
+def models(*, host: str | None, timeout: float, as_json: bool) -> None:
+    """List installed models, the catalogue, and what fits in memory."""
+
+    def body() -> None:
+        report = list_models(host=host, timeout=timeout)
+        if as_json:
+            click.echo(report.model_dump_json(indent=2))
+        else:
+            _print_report(report, Console(highlight=False, soft_wrap=False))
+
+    run_safely(body)
+
+
+def _print_report(report: ModelsReport, console: Console) -> None:
+    status = report.ollama
+    if status.reachable:
+        console.print(f"Ollama {status.version} at {status.host}", markup=False)
+    else:
+        console.print(f"Ollama: no daemon at {status.host}", markup=False)
+    memory = report.available_memory_bytes
+    console.print(f"Memory available: {_size(memory)}; Hugging Face cache: {report.hf_cache}")
+
+    installed = Table(title="Installed", title_justify="left")
+    for column in ("name", "from", "vision", "size", "needs", "fits"):
+        installed.add_column(column, no_wrap=True)
+    installed.add_column("where", overflow="fold")
+    for model in report.installed:
+        where = str(model.model_path or "")
+        if model.note:
+            where = f"{where} ({model.note})" if where else model.note
+        vision = {True: "yes", False: "[red]no[/]", None: "?"}[model.vision]
+        installed.add_row(
+            model.name,
+            model.source,
+            vision,
+            _size(model.size_bytes),
+            _size(model.memory_bytes),
+            _yes(model.fits),
+            where,
+        )
+    if report.installed:
+        console.print(installed)
+    else:
+        console.print("Installed: nothing yet (try `llava-local pull smolvlm-500m`)")
+
+    available = Table(title="Catalogue (llava-local pull NAME)", title_justify="left")
+    for column in ("name", "ollama", "download", "needs", "fits"):
+        available.add_column(column, no_wrap=True)
+    for column in ("installed", "evidence"):
+        available.add_column(column, overflow="fold")
+    for item in report.available:
+        entry = item.entry
+        available.add_row(
+            entry.name,
+            entry.ollama or "",
+            _size(entry.download_bytes) if entry.has_gguf else "bundled",
+            _size(entry.memory_bytes) if entry.memory_bytes else "?",
+            _yes(item.fits),
+            ", ".join(item.installed),
+            entry.evidence,
+        )
+    console.print(available)
+
+
+@click.command(name="pull")
+@click.argument("name")
+@click.option(
+    "--backend",
+    type=_CHOICES,
+    default="auto",
+    show_default=True,
+    help="ollama: pull through the daemon; llama_cpp: download the GGUF pair; auto: by name.",
+)
+@click.option("--host", help="Ollama address (default: OLLAMA_HOST or 127.0.0.1:11434).")
+@click.option("--revision", help="Hugging Face revision (branch, tag or commit) of the GGUF pair.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was fetched as JSON.")
+def pull_command(**options: Any) -> None:
+    """Fetch NAME: a catalogue model's GGUF pair, or an Ollama tag through the daemon.
+
+    See `llava-local models` for the names. Downloads go to the Hugging Face cache
+    (HF_HUB_CACHE); HF_ENDPOINT picks a mirror, HF_HUB_OFFLINE=1 uses the cache only.
+    """
+    as_json = options.pop("as_json")
+    quiet = options.pop("quiet")
+
+    def body() -> None:
+        result = pull(
+            options["name"],
+            host=options["host"],
+            backend=options["backend"],
+            revision=options["revision"],
+            progress=not quiet,
+        )
+        if as_json:
+            click.echo(result.model_dump_json(indent=2))
+        else:
+            _print_pulled(result)
+
+    run_safely(body)
+
+
+def _print_pulled(result: PullResult) -> None:
+    if result.backend == "ollama":
+        click.echo(f"{result.name}: pulled into Ollama as {result.ollama_tag}")
+        click.echo(
+            f"use it: llava-local ask PICTURE QUESTION --backend ollama -m {result.ollama_tag}"
+        )
+        return
+    click.echo(f"{result.name}:")
+    click.echo(f"  model:  {result.model_path}")
+    click.echo(f"  mmproj: {result.mmproj_path}")
+    click.echo(
+        "use it: llava-local ask PICTURE QUESTION --backend llama_cpp "
+        f"-m {result.model_path} --mmproj {result.mmproj_path}"
+    )
+
+
+__all__ = ["models", "pull_command"]

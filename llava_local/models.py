@@ -1,0 +1,528 @@
+"""What is installed, what is available and whether it fits; and pulling a model.
+
+Installed models come from four places: the Ollama daemon (if it answers within a
+second: its tags, and whether each can see pictures), GGUF pairs of catalogue
+entries in the Hugging Face cache, the pair named by ``LLAVA_LOCAL_MODEL`` /
+``LLAVA_LOCAL_MMPROJ``, and the bundled demo. Whether a model fits compares its
+estimated memory (:func:`llava_local.catalog.estimate_memory`) with the memory
+available now.
+
+:func:`pull` fetches a model either way: an Ollama tag through the daemon's
+``/api/pull``, or a catalogue entry's GGUF pair with ``huggingface_hub`` into its
+cache (``HF_HUB_CACHE``; ``HF_ENDPOINT`` for a mirror; ``HF_HUB_OFFLINE=1`` to use
+only what is cached). A dropped connection resumes where it stopped with an HTTP
+range request; a download stopped by Ctrl-C starts that file again next time
+(``huggingface_hub`` 1.x and 2.x remove partial files), and files already complete
+are never fetched again.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import httpx
+import ollama
+from pydantic import BaseModel
+
+from . import catalog
+from .catalog import CatalogEntry, estimate_memory
+from .demo import DEMO_NAME, demo_paths
+from .errors import (
+    BackendError,
+    BackendUnavailableError,
+    InvalidRequestError,
+    LlavaLocalError,
+    MissingDependencyError,
+    ModelNotFoundError,
+)
+
+__all__ = [
+    "AvailableModel",
+    "InstalledModel",
+    "ModelsReport",
+    "OllamaStatus",
+    "PullResult",
+    "available_memory",
+    "cached_pairs",
+    "demo_model",
+    "download_gguf",
+    "env_pair",
+    "hf_cache_dir",
+    "list_models",
+    "ollama_models",
+    "ollama_version",
+    "pull",
+]
+
+Source = Literal["ollama", "hf-cache", "env", "demo"]
+BackendChoice = Literal["auto", "ollama", "llama_cpp"]
+
+
+class OllamaStatus(BaseModel):
+    """Whether the daemon answered, and what it said."""
+
+    host: str
+    reachable: bool
+    version: str | None = None
+    error: str | None = None
+
+
+class InstalledModel(BaseModel):
+    """A model this machine has, from one source."""
+
+    name: str
+    source: Source
+    catalog_name: str | None = None
+    vision: bool | None = None
+    size_bytes: int | None = None
+    memory_bytes: int | None = None
+    fits: bool | None = None
+    model_path: Path | None = None
+    mmproj_path: Path | None = None
+    note: str = ""
+
+
+class AvailableModel(BaseModel):
+    """A catalogue entry, where it is installed already, and whether it would fit."""
+
+    entry: CatalogEntry
+    installed: list[Source]
+    fits: bool | None
+
+
+class ModelsReport(BaseModel):
+    """Everything ``llava-local models`` shows."""
+
+    ollama: OllamaStatus
+    hf_cache: Path | None
+    available_memory_bytes: int | None
+    installed: list[InstalledModel]
+    available: list[AvailableModel]
+
+
+class PullResult(BaseModel):
+    """What :func:`pull` fetched: an Ollama tag, or the local paths of a GGUF pair."""
+
+    name: str
+    backend: Literal["ollama", "llama_cpp"]
+    ollama_tag: str | None = None
+    model_path: Path | None = None
+    mmproj_path: Path | None = None
+
+
+# --- memory --------------------------------------------------------------------------
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (:func:`llava_local.memory.available_bytes`)."""
+    from .memory import available_bytes
+
+    return available_bytes()
+
+
+def _fits(needed: int | None, available: int | None) -> bool | None:
+    if needed is None or available is None:
+        return None
+    return needed <= available
+
+
+# --- what is installed ---------------------------------------------------------------
+
+
+def ollama_models(
+    host: str | None = None, *, timeout: float = 1.0
+) -> tuple[OllamaStatus, list[InstalledModel]]:
+    """The daemon's models and whether each sees pictures; an unreachable daemon gives
+    ``reachable=False`` and no models (within about ``timeout`` seconds)."""
+    from .backends.ollama import _is_vision, resolve_host
+
+    url = resolve_host(host)
+    status = ollama_version(url, timeout=timeout)
+    if not status.reachable:
+        return status, []
+    timeouts = httpx.Timeout(max(timeout, 5.0), connect=timeout)
+    try:
+        with ollama.Client(host=url, timeout=timeouts) as client:
+            listed = client.list().models
+            models = []
+            for item in listed:
+                name = str(item.model or "")
+                try:
+                    vision = _is_vision(client.show(name))
+                except ollama.ResponseError:
+                    vision = None
+                models.append(_ollama_model(name, item.size, vision))
+    except (httpx.HTTPError, ollama.ResponseError, ValueError, OSError) as exc:
+        error = f"it answered, but listing its models failed: {exc}"
+        return status.model_copy(update={"error": error}), []
+    return status, models
+
+
+def ollama_version(host: str | None = None, *, timeout: float = 1.0) -> OllamaStatus:
+    """``GET /api/version``: the cheapest sign of a daemon, bounded by ``timeout``."""
+    from .backends.ollama import resolve_host
+
+    url = resolve_host(host)
+    try:
+        with httpx.Client(base_url=url, timeout=httpx.Timeout(timeout)) as http:
+            response = http.get("/api/version")
+        version = response.json().get("version") if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError, OSError) as exc:
+        return OllamaStatus(host=url, reachable=False, error=str(exc) or type(exc).__name__)
+    if not isinstance(version, str):
+        error = f"{url} answers GET /api/version with {response.status_code}, not as Ollama"
+        return OllamaStatus(host=url, reachable=False, error=error)
+    return OllamaStatus(host=url, reachable=True, version=version)
+
+
+def _ollama_model(name: str, size: int | None, vision: bool | None) -> InstalledModel:
+    found = catalog.match(name)
+    entry = found[0] if found and found[1] == "ollama" else None
+    kv = entry.kv_bytes_per_token if entry else None
+    tokens = entry.image_tokens if entry else 576
+    memory = (
+        None if not size else estimate_memory(size, 0, kv_bytes_per_token=kv, image_tokens=tokens)
+    )
+    short = name.removesuffix(":latest")
+    return InstalledModel(
+        name=short,
+        source="ollama",
+        catalog_name=entry.name if entry else None,
+        vision=vision,
+        size_bytes=size or None,
+        memory_bytes=memory,
+    )
+
+
+def hf_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The Hugging Face cache in use: ``cache_dir``, else ``huggingface_hub``'s
+    (``HF_HUB_CACHE``, ``HF_HOME/hub``, ``~/.cache/huggingface/hub``)."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    constants = _hf().constants
+    return Path(constants.HF_HUB_CACHE)
+
+
+def cached_pairs(cache_dir: str | os.PathLike[str] | None = None) -> list[InstalledModel]:
+    """Catalogue GGUF pairs in the Hugging Face cache (``scan_cache_dir``), newest
+    revision first; a pair missing one file is listed with a note saying which."""
+    hub = _hf()
+    try:
+        info = hub.scan_cache_dir(hf_cache_dir(cache_dir))
+    except hub.CacheNotFound:
+        return []
+    by_repo = {entry.hf_repo: entry for entry in catalog.CATALOG if entry.has_gguf}
+    found: list[InstalledModel] = []
+    for repo in info.repos:
+        entry = by_repo.get(repo.repo_id)
+        if entry is None or repo.repo_type != "model":
+            continue
+        revisions = sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True)
+        for revision in revisions:
+            files = {f.file_name: f for f in revision.files}
+            lm, mm = files.get(str(entry.gguf)), files.get(str(entry.mmproj))
+            if lm is None and mm is None:
+                continue
+            found.append(_cached_model(entry, lm, mm))
+            break
+    return found
+
+
+def _cached_model(entry: CatalogEntry, lm: Any, mm: Any) -> InstalledModel:
+    size = (lm.size_on_disk if lm else 0) + (mm.size_on_disk if mm else 0)
+    missing = [name for name, f in ((entry.gguf, lm), (entry.mmproj, mm)) if f is None]
+    memory = None
+    if lm and mm:
+        memory = estimate_memory(
+            lm.size_on_disk,
+            mm.size_on_disk,
+            kv_bytes_per_token=entry.kv_bytes_per_token,
+            image_tokens=entry.image_tokens,
+        )
+    return InstalledModel(
+        name=entry.name,
+        source="hf-cache",
+        catalog_name=entry.name,
+        vision=True,
+        size_bytes=size,
+        memory_bytes=memory,
+        model_path=Path(lm.file_path) if lm else None,
+        mmproj_path=Path(mm.file_path) if mm else None,
+        note=f"incomplete: {', '.join(map(str, missing))} missing; pull it again"
+        if missing
+        else "",
+    )
+
+
+def env_pair() -> InstalledModel | None:
+    """The pair ``LLAVA_LOCAL_MODEL`` / ``LLAVA_LOCAL_MMPROJ`` name, if set."""
+    model = os.environ.get("LLAVA_LOCAL_MODEL")
+    if not model:
+        return None
+    mmproj = os.environ.get("LLAVA_LOCAL_MMPROJ")
+    lm_path = Path(model).expanduser()
+    mm_path = Path(mmproj).expanduser() if mmproj else None
+    problems = [str(p) for p in (lm_path, mm_path) if p is not None and not p.is_file()]
+    sizes = [p.stat().st_size for p in (lm_path, mm_path) if p is not None and p.is_file()]
+    memory = estimate_memory(sizes[0], sizes[1]) if len(sizes) == 2 else None
+    note = f"missing: {', '.join(problems)}" if problems else ""
+    if mm_path is None:
+        note = "LLAVA_LOCAL_MMPROJ unset: the one *mmproj*.gguf beside the model is used"
+    return InstalledModel(
+        name=lm_path.name,
+        source="env",
+        vision=True,
+        size_bytes=sum(sizes) or None,
+        memory_bytes=memory,
+        model_path=lm_path,
+        mmproj_path=mm_path,
+        note=note,
+    )
+
+
+def demo_model() -> InstalledModel | None:
+    """The bundled demo pair, when the package carries it."""
+    try:
+        lm, mm = demo_paths()
+    except ModelNotFoundError:
+        return None
+    lm_size, mm_size = lm.stat().st_size, mm.stat().st_size
+    entry = catalog.find(DEMO_NAME)
+    return InstalledModel(
+        name=DEMO_NAME,
+        source="demo",
+        catalog_name=DEMO_NAME,
+        vision=True,
+        size_bytes=lm_size + mm_size,
+        memory_bytes=estimate_memory(lm_size, mm_size, image_tokens=entry.image_tokens),
+        model_path=lm,
+        mmproj_path=mm,
+        note="digits, shapes and colours only",
+    )
+
+
+def list_models(
+    *,
+    host: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    timeout: float = 1.0,
+) -> ModelsReport:
+    """Installed models (all sources), the catalogue, and what fits in memory now."""
+    status, installed = ollama_models(host, timeout=timeout)
+    try:
+        cache: Path | None = hf_cache_dir(cache_dir)
+        installed += cached_pairs(cache)
+    except MissingDependencyError:
+        cache = None
+    installed += [m for m in (env_pair(), demo_model()) if m is not None]
+    available = available_memory()
+    installed = [m.model_copy(update={"fits": _fits(m.memory_bytes, available)}) for m in installed]
+    where: dict[str, list[Source]] = {}
+    for model in installed:
+        if model.catalog_name:
+            where.setdefault(model.catalog_name, []).append(model.source)
+    listing = [
+        AvailableModel(
+            entry=entry,
+            installed=where.get(entry.name, []),
+            fits=_fits(_entry_memory(entry, installed), available),
+        )
+        for entry in catalog.CATALOG
+    ]
+    return ModelsReport(
+        ollama=status,
+        hf_cache=cache,
+        available_memory_bytes=available,
+        installed=installed,
+        available=listing,
+    )
+
+
+def _entry_memory(entry: CatalogEntry, installed: list[InstalledModel]) -> int | None:
+    """The catalogue's estimate, or for the demo, the installed files'."""
+    if entry.memory_bytes is not None:
+        return entry.memory_bytes
+    sizes = [m.memory_bytes for m in installed if m.catalog_name == entry.name]
+    return next((size for size in sizes if size is not None), None)
+
+
+# --- pulling -------------------------------------------------------------------------
+
+
+def pull(
+    name: str,
+    *,
+    host: str | None = None,
+    progress: bool = True,
+    backend: BackendChoice = "auto",
+    cache_dir: str | os.PathLike[str] | None = None,
+    endpoint: str | None = None,
+    revision: str | None = None,
+) -> PullResult:
+    """Fetch ``name``: an Ollama tag through the daemon, a catalogue entry's GGUF pair
+    from the Hugging Face Hub. Progress goes to stderr.
+
+    With ``backend="auto"`` a catalogue name downloads its GGUF pair (its Ollama tag if
+    it has no GGUF), the Ollama tag of an entry (``llava-phi3``) pulls through Ollama,
+    and any other name is pulled through Ollama if a daemon answers. ``"ollama"`` or
+    ``"llama_cpp"`` force one engine. ``cache_dir`` / ``endpoint`` / ``revision`` go to
+    ``huggingface_hub`` (defaults: its cache, ``HF_ENDPOINT``, ``main``).
+    """
+    if backend not in ("auto", "ollama", "llama_cpp"):
+        raise InvalidRequestError(f"unknown backend {backend!r}; choose auto, ollama or llama_cpp")
+    found = catalog.match(name)
+    entry, via = found if found else (None, None)
+    if entry is not None and entry.name == DEMO_NAME:
+        if backend == "ollama":
+            raise InvalidRequestError("the demo model is bundled for llama.cpp; Ollama has no copy")
+        model, mmproj = demo_paths()
+        return PullResult(name=DEMO_NAME, backend="llama_cpp", model_path=model, mmproj_path=mmproj)
+    if backend == "llama_cpp" or (backend == "auto" and entry and via == "name" and entry.has_gguf):
+        if entry is None:
+            catalog.find(name)  # raises, listing the choices
+        if entry is None or not entry.has_gguf:
+            raise InvalidRequestError(
+                f"{name!r} has no GGUF files in the catalogue; pull it with Ollama instead"
+            )
+        model, mmproj = download_gguf(
+            entry, cache_dir=cache_dir, endpoint=endpoint, revision=revision, progress=progress
+        )
+        return PullResult(
+            name=entry.name, backend="llama_cpp", model_path=model, mmproj_path=mmproj
+        )
+    tag = entry.ollama if entry is not None and via == "name" else name
+    if tag is None:
+        raise InvalidRequestError(f"{name!r} is not in Ollama's library; pull its GGUF files")
+    if backend == "auto" and entry is None:
+        status = ollama_version(host)
+        if not status.reachable:
+            try:
+                catalog.find(name)
+            except ModelNotFoundError as exc:
+                raise ModelNotFoundError(
+                    f"{exc}; and no Ollama daemon answers at {status.host} to pull it from "
+                    "Ollama's library (start one with `ollama serve`)"
+                ) from None
+    from .backends.ollama import pull_model
+
+    pull_model(tag, host=host, progress=progress)
+    return PullResult(name=entry.name if entry else tag, backend="ollama", ollama_tag=tag)
+
+
+def download_gguf(
+    entry: CatalogEntry,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    endpoint: str | None = None,
+    revision: str | None = None,
+    progress: bool = True,
+) -> tuple[Path, Path]:
+    """Both files of ``entry`` into the Hugging Face cache; their local paths.
+
+    Files already cached are not fetched again; without a network, cached files are
+    returned as they are. Errors say what to do: a missing repository or file is a
+    :class:`ModelNotFoundError`, an unreachable Hub with nothing cached a
+    :class:`BackendUnavailableError`.
+    """
+    if not entry.has_gguf:
+        raise InvalidRequestError(f"{entry.name} has no GGUF files to download")
+    hub = _hf()
+    quiet = None if progress else _quiet_bar()
+    paths = []
+    for filename in (str(entry.gguf), str(entry.mmproj)):
+        try:
+            path = hub.hf_hub_download(
+                str(entry.hf_repo),
+                filename,
+                revision=revision,
+                cache_dir=cache_dir,
+                endpoint=endpoint,
+                tqdm_class=quiet,
+            )
+        except LlavaLocalError:
+            raise
+        except Exception as exc:
+            raise _hub_error(exc, entry, filename, endpoint, cache_dir) from exc
+        paths.append(Path(cast(str, path)))
+    return paths[0], paths[1]
+
+
+def _hub_error(
+    exc: Exception,
+    entry: CatalogEntry,
+    filename: str,
+    endpoint: str | None,
+    cache_dir: str | os.PathLike[str] | None,
+) -> Exception:
+    """The library error for one ``huggingface_hub`` failure: the single place they are
+    mapped. Anything unknown is returned as it is, and re-raised."""
+    hub = _hf()
+    errors = hub.errors
+    where = endpoint or hub.constants.ENDPOINT
+    repo = entry.hf_repo
+    if isinstance(exc, errors.GatedRepoError):
+        return ModelNotFoundError(
+            f"{repo} is gated on the Hub: accept its terms on its page, then log in "
+            "with `hf auth login`"
+        )
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        return ModelNotFoundError(f"the Hub at {where} has no repository {repo} (or it is private)")
+    if isinstance(exc, errors.RevisionNotFoundError):
+        return ModelNotFoundError(f"{repo} on {where} has no such revision: {exc}")
+    if isinstance(exc, errors.EntryNotFoundError) and not isinstance(
+        exc, errors.LocalEntryNotFoundError
+    ):
+        return ModelNotFoundError(
+            f"{repo} on {where} has no file {filename}; the catalogue entry {entry.name} "
+            "may be out of date"
+        )
+    if isinstance(exc, errors.LocalEntryNotFoundError):
+        offline = " (HF_HUB_OFFLINE is set)" if hub.constants.HF_HUB_OFFLINE else ""
+        return BackendUnavailableError(
+            f"cannot reach the Hugging Face Hub at {where}{offline}, and {filename} of "
+            f"{repo} is not in the cache {hf_cache_dir(cache_dir)}: check the network, "
+            "HF_ENDPOINT or HF_HUB_OFFLINE, then pull again"
+        )
+    if isinstance(exc, errors.HfHubHTTPError):
+        return BackendError(f"the Hub at {where} failed on {repo}/{filename}: {exc}")
+    # The HTTP library's own base error (httpx2 in huggingface_hub 2.x): a transport
+    # failure after the client's retries.
+    if isinstance(exc, errors.HfHubHTTPError.__mro__[1]):
+        return BackendUnavailableError(f"the download of {filename} from {where} failed: {exc}")
+    if isinstance(exc, ValueError):
+        return InvalidRequestError(f"cannot download {repo}/{filename}: {exc}")
+    if isinstance(exc, OSError):
+        return BackendError(
+            f"the download of {filename} failed ({exc}); run the pull again (check free "
+            f"disk space in {hf_cache_dir(cache_dir)})"
+        )
+    return exc
+
+
+def _hf() -> Any:
+    """``huggingface_hub``, imported when first needed (it is optional)."""
+    try:
+        import huggingface_hub
+        import huggingface_hub.constants
+        import huggingface_hub.errors
+    except ImportError as exc:  # pragma: no cover - installed with the llama-cpp extra
+        raise MissingDependencyError(
+            "downloading and finding GGUF files needs huggingface_hub: "
+            "pip install 'llava-local[llama-cpp]'"
+        ) from exc
+    return huggingface_hub
+
+
+def _quiet_bar() -> Callable[..., Any]:
+    """A progress-bar class for ``huggingface_hub`` that never draws."""
+    from huggingface_hub.utils.tqdm import tqdm as hub_tqdm
+
+    class Quiet(hub_tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]  # tqdm
+
+    return Quiet
