@@ -139,8 +139,8 @@ def caption(
     """Ask ``prompt`` about every picture of ``inputs`` and append the answers to ``out``.
 
     ``inputs`` is a directory, a glob pattern, a picture, or a list of these (see
-    :func:`find_pictures`). ``limit`` bounds the pictures asked about in this run
-    (skipped ones do not count), so a big folder can be done in chunks. ``options`` are
+    :func:`find_pictures`). ``limit`` bounds the pictures recorded in this run, done or
+    failed (skipped ones do not count), so a big folder can be done in chunks. ``options`` are
     generation options (``temperature=0``...). See the module docstring for the line
     format and what resuming, failures and Ctrl-C do.
     """
@@ -283,7 +283,10 @@ class _Output:
 
     def append(self, record: dict[str, Any]) -> None:
         """Write one whole line and make it durable before the next picture."""
-        data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        try:
+            data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        except UnicodeEncodeError:  # a file name that is not UTF-8: escape, stay valid JSON
+            data = (json.dumps(record) + "\n").encode()
         view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view) :]
@@ -300,25 +303,30 @@ class _Output:
             ) from None
 
     def _load(self) -> None:
-        """Read what earlier runs did; cut a torn last line, but only in our own files."""
-        data = self.path.read_bytes()
-        body, newline, tail = data.rpartition(b"\n")
-        lines = body.split(b"\n") if newline else []
-        for number, line in enumerate(lines, 1):
-            if line.strip():
-                self._remember(self._record(line, number))
-        if not tail.strip():
+        """Read what earlier runs did, a line at a time (the file may be large)."""
+        offset = 0
+        with self.path.open("rb") as file:
+            for number, line in enumerate(file, 1):
+                if not line.endswith(b"\n"):  # only the last line can lack its newline
+                    self._last_line(line, offset, number)
+                elif line.strip():
+                    self._remember(self._record(line, number))
+                offset += len(line)
+
+    def _last_line(self, line: bytes, offset: int, number: int) -> None:
+        """Cut a line torn by a crash, but only in our own files; keep a whole one."""
+        if not line.strip():
             return
-        if not (tail.startswith(_LINE_START) or _LINE_START.startswith(tail)):
-            raise self._foreign(len(lines) + 1)
+        if not (line.startswith(_LINE_START) or _LINE_START.startswith(line)):
+            raise self._foreign(number)
         try:
-            record = self._record(tail, len(lines) + 1)
-        except InvalidRequestError:  # torn by a crash in the middle of a write
-            os.ftruncate(self._fd, len(body) + len(newline))
-            self.repaired_bytes = len(tail)
+            record = self._record(line, number)
+        except InvalidRequestError:  # torn in the middle of a write
+            os.ftruncate(self._fd, offset)
+            self.repaired_bytes = len(line)
             return
         self._remember(record)
-        os.write(self._fd, b"\n")  # a whole line that only lost its newline is kept
+        os.write(self._fd, b"\n")  # a whole line that only lost its newline
 
     def _record(self, line: bytes, number: int) -> dict[str, Any]:
         try:

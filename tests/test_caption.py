@@ -400,13 +400,13 @@ def test_limit_counts_new_pictures_and_the_next_run_continues(
 # --- the output file -----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("torn", [b'{"path": "p2.png", "sha256": "ab', b'{"pa'])
 def test_a_torn_last_line_is_cut_before_appending(
-    ollama_chat: VisionChat, good_folder: Path, tmp_path: Path
+    ollama_chat: VisionChat, good_folder: Path, tmp_path: Path, torn: bytes
 ) -> None:
     """A half-written last line left by a crash is cut off and its picture done again."""
     out = tmp_path / "out.jsonl"
     caption(ollama_chat, good_folder, out, prompt="C.", limit=2, progress=False)
-    torn = b'{"path": "p2.png", "sha256": "ab'
     with out.open("ab") as file:
         file.write(torn)
     summary = caption(ollama_chat, good_folder, out, prompt="C.", progress=False)
@@ -438,6 +438,21 @@ def test_a_file_that_is_not_ours_is_refused_untouched(
         caption(ollama_chat, good_folder, out, prompt="C.", progress=False)
     assert out.read_bytes() == content
     assert no_prefetch_thread()
+
+
+def test_a_file_name_that_is_not_utf8_still_makes_a_valid_line(tmp_path: Path) -> None:
+    """A Latin-1 file name is written escaped, so the line stays valid UTF-8 JSON."""
+    folder = tmp_path / "latin1"
+    folder.mkdir()
+    name = os.path.join(os.fsencode(folder), b"caf\xe9.png")
+    with open(name, "wb") as file:
+        file.write(png_bytes(seed=9))
+    out = tmp_path / "out.jsonl"
+    with VisionChat(StandIn()) as chat:
+        caption(chat, folder, out, prompt="C.", progress=False)
+    (record,) = lines(out)
+    assert os.fsencode(record["path"]) == name
+    assert record["text"] == "caption 1"
 
 
 def test_a_second_writer_is_refused(
