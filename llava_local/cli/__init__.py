@@ -9,6 +9,7 @@ import click
 
 from .. import __version__
 from .ask import ask
+from .caption import caption
 from .chat import chat
 
 
@@ -19,6 +20,7 @@ def main() -> None:
 
 
 main.add_command(ask)
+main.add_command(caption)
 main.add_command(chat)
 
 __all__ = ["main"]
