@@ -231,7 +231,10 @@ def screenshot(tab: Tab, name: str) -> Path:
 @pytest.fixture(scope="module")
 def digit_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A handwritten 7 from the test split, dark ink on light paper, 128 pixels square."""
-    from sklearn.datasets import load_digits  # type: ignore[import-untyped]
+    try:
+        from sklearn.datasets import load_digits  # type: ignore[import-untyped]
+    except ImportError:
+        pytest.fail("the digit pictures come from scikit-learn: pip install -e '.[dev]'")
 
     digits = load_digits()
     assert digits.target[DIGIT_INDEX] == DIGIT_LABEL
@@ -240,6 +243,20 @@ def digit_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("pictures") / "digit.png"
     small.resize((128, 128), Image.Resampling.NEAREST).convert("RGB").save(path)
     return path
+
+
+def test_without_gradio_the_page_says_which_extra_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without Gradio, building the page raises MissingDependencyError naming the extra."""
+    from llava_local import ui
+    from llava_local.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # makes `import gradio` fail
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "True")  # restored after the test
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "0")
+    with pytest.raises(MissingDependencyError, match=r"pip install 'llava-local\[ui\]'"):
+        ui.build_app()
 
 
 # --- with the stand-in Ollama daemon ---------------------------------------------------

@@ -45,7 +45,10 @@ def ui(
     def body() -> None:
         try:
             page.launch(bind, port, on_ready=ready, backend=backend, model=model, **engine)
-        except OSError as exc:  # the port is taken, or the address is not this machine's
-            raise click.ClickException(f"cannot serve on {bind}:{port}: {exc}") from exc
+        except OSError as exc:  # Gradio's message names its own knobs, not ours
+            raise click.ClickException(
+                f"cannot serve on {bind}:{port}: the port is taken or the address is not "
+                "this computer's; choose another --port or --bind"
+            ) from exc
 
     run_safely(body)
