@@ -158,6 +158,9 @@ class _Session:
         def work() -> None:
             try:
                 with self.lock:
+                    if stop.is_set():  # stopped before it could start
+                        pieces.put(("stopped", None))
+                        return
                     chat = self.open()
                     with chat.stream(prompt, image) as stream:
                         for piece in stream:
@@ -304,7 +307,7 @@ def _handlers(gr: Any, sessions: _Sessions, start: dict[str, Any]) -> _Handlers:
             yield [*asked, _text("assistant", error)], text, gr.skip(), error
             return
         stats = _stats_markdown(session.last_reply)
-        yield session.messages, gr.skip(), stats, _engine_line(session)
+        yield list(session.messages), gr.skip(), stats, _engine_line(session)
 
     def new_conversation(request: gr.Request) -> tuple[Any, ...]:
         session = sessions.get(request.session_hash)
@@ -316,7 +319,8 @@ def _handlers(gr: Any, sessions: _Sessions, start: dict[str, Any]) -> _Handlers:
         if not session.lock.locked():
             return gr.skip(), gr.skip()
         session.stop.set()
-        return session.messages, f"{_engine_line(session)} · stopped; that answer was not kept"
+        shown = list(session.messages)
+        return shown, f"{_engine_line(session)} · stopped; that answer was not kept"
 
     def use_engine(
         backend: str, model: str, mmproj: str, host: str, request: gr.Request

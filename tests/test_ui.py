@@ -334,6 +334,24 @@ def test_answers_stream_with_timings_and_a_new_conversation_starts_clean(
         assert again["messages"][0].get("images"), "the picture goes again after a reset"
 
 
+def test_stop_ends_the_answer_and_leaves_it_out(
+    browser: Any, ollama_page: Served, daemon: OllamaServer
+) -> None:
+    """Stop hangs up on the engine mid-answer and takes the unfinished answer off the
+    page, since the conversation does not keep it either."""
+    from playwright.sync_api import expect
+
+    daemon.script(pieces=["One ", "piece ", "at ", "a ", "time."], piece_delay_s=1.0)
+    daemon.client_gone.clear()
+    with open_tab(browser, ollama_page) as tab:
+        ask(tab, "Tell me slowly.")
+        wait_for_bot_text(tab, "One")
+        tab.page.locator("#llava-stop").click()
+        expect(tab.page.locator("#llava-status")).to_contain_text("that answer was not kept")
+        expect(tab.page.locator("#llava-chat .bot.message")).to_have_count(0)
+        assert daemon.client_gone.wait(timeout=15), "the engine was not stopped"
+
+
 def test_engine_failure_is_shown_on_the_page(
     browser: Any, ollama_page: Served, digit_png: Path
 ) -> None:
