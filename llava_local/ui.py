@@ -24,6 +24,7 @@ This module deliberately has no ``from __future__ import annotations``: Gradio f
 import hashlib
 import os
 import queue
+import signal
 import threading
 import time
 import weakref
@@ -437,7 +438,8 @@ def launch(
     on_ready: Callable[[str], None] | None = None,
     **engine: Any,
 ) -> None:
-    """Serve the page on ``bind:port`` until Ctrl-C; ``engine`` as for :func:`build_app`.
+    """Serve the page on ``bind:port`` until Ctrl-C or SIGTERM; ``engine`` as for
+    :func:`build_app`.
 
     ``bind`` is the web server's address (``host=`` stays the Ollama address, as
     everywhere in llava-local); the default serves this computer only. ``on_ready``
@@ -446,6 +448,7 @@ def launch(
     """
     app = build_app(**engine)
     gr = _gradio()
+    stopping = _stop_on_sigterm()
     try:
         app.launch(
             server_name=bind,
@@ -466,6 +469,24 @@ def launch(
     finally:
         app.close()
         close_sessions(app)
+        stopping()
+
+
+def _stop_on_sigterm() -> Callable[[], None]:
+    """Make SIGTERM (``systemctl stop``, ``kill``) stop the page as Ctrl-C does, so the
+    engines are closed; returns what puts the previous handler back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+
+    return restore
 
 
 def close_sessions(app: "gr.Blocks") -> None:

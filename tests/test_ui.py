@@ -77,7 +77,7 @@ class Served:
 
 @contextlib.contextmanager
 def serve_page(tmp: Path, *engine_args: str) -> Iterator[Served]:
-    """``llava-local ui`` on a free port, until the block ends (Ctrl-C, then kill)."""
+    """``llava-local ui`` on a free port, until the block ends (SIGTERM, then kill)."""
     port = free_port()
     log = tmp / f"ui-{port}.log"
     env = {
@@ -94,8 +94,11 @@ def serve_page(tmp: Path, *engine_args: str) -> Iterator[Served]:
     try:
         _wait_until_served(served)
         yield served
-    finally:
+    except BaseException:
         _stop(process)
+        raise
+    _stop(process)
+    assert process.returncode == 0, f"the page did not stop cleanly:\n{served.output()}"
 
 
 def _wait_until_served(served: Served) -> None:
@@ -116,7 +119,7 @@ def _wait_until_served(served: Served) -> None:
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGTERM)  # SIGINT is ignored under `cmd &` shells
         try:
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
