@@ -198,14 +198,21 @@ def llama_cpp_build(
     listed = ", ".join(k for k, v in features.items() if v == "1") or "none reported"
     summary = f"built for: {listed}"
     if not probe:
-        return _static_verdict(summary, built_amx, cpu_amx, "the probe was skipped")
+        return _static_verdict(
+            summary,
+            built_amx,
+            cpu_amx,
+            "the probe was skipped",
+            "run `llava-local doctor` without --no-probe to test the build",
+        )
     try:
         from . import gguf_writer
 
         gguf_writer._gguf()
     except (ImportError, LlavaLocalError):
-        why = "the gguf package is missing, so no probe model (pip install gguf)"
-        return _static_verdict(summary, built_amx, cpu_amx, why)
+        why = "the gguf package is missing, so no probe model could be written"
+        fix = "pip install gguf, then run `llava-local doctor` again to test the build"
+        return _static_verdict(summary, built_amx, cpu_amx, why, fix)
     with tempfile.TemporaryDirectory(prefix="llava-local-probe-") as tmp:
         model = gguf_writer.write_language_model(
             Path(tmp) / "probe-q4_0.gguf",
@@ -267,7 +274,7 @@ def _probe_verdict(summary: str, done: subprocess.CompletedProcess[str]) -> Chec
     )
 
 
-def _static_verdict(summary: str, built_amx: bool, cpu_amx: bool, why: str) -> Check:
+def _static_verdict(summary: str, built_amx: bool, cpu_amx: bool, why: str, fix: str) -> Check:
     """Without running the build: AMX compiled in but not offered by the kernel is the
     trap's signature (``-march=native`` saw AMX in CPUID; /proc/cpuinfo hides it)."""
     if built_amx and not cpu_amx:
@@ -282,7 +289,7 @@ def _static_verdict(summary: str, built_amx: bool, cpu_amx: bool, why: str) -> C
         name="llama.cpp build",
         status="warn",
         detail=f"{summary}; not run: {why}",
-        fix="run `llava-local doctor` with the gguf package installed to test the build",
+        fix=fix,
     )
 
 
@@ -376,11 +383,13 @@ def _local_models_check(cache_dir: str | os.PathLike[str] | None) -> Check:
     except LlavaLocalError:
         pairs = []
     env = models.env_pair()
-    if env is not None and env.note.startswith("missing"):
+    gone = [p for p in (env.model_path, env.mmproj_path) if p and not p.is_file()] if env else []
+    if gone:
         return Check(
             name="local models",
             status="fail",
-            detail=f"LLAVA_LOCAL_MODEL / LLAVA_LOCAL_MMPROJ name files that are {env.note}",
+            detail="LLAVA_LOCAL_MODEL / LLAVA_LOCAL_MMPROJ name missing files: "
+            + ", ".join(map(str, gone)),
             fix="point them at an existing GGUF pair, or unset them",
         )
     complete = [p.name for p in pairs if not p.note]

@@ -268,9 +268,10 @@ def env_pair() -> InstalledModel | None:
     problems = [str(p) for p in (lm_path, mm_path) if p is not None and not p.is_file()]
     sizes = [p.stat().st_size for p in (lm_path, mm_path) if p is not None and p.is_file()]
     memory = estimate_memory(sizes[0], sizes[1]) if len(sizes) == 2 else None
-    note = f"missing: {', '.join(problems)}" if problems else ""
+    notes = [f"missing: {', '.join(problems)}"] if problems else []
     if mm_path is None:
-        note = "LLAVA_LOCAL_MMPROJ unset: the one *mmproj*.gguf beside the model is used"
+        notes.append("LLAVA_LOCAL_MMPROJ unset: the one *mmproj*.gguf beside the model is used")
+    note = "; ".join(notes)
     return InstalledModel(
         name=lm_path.name,
         source="env",

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http
+import json
 import re
 import socket
 import socketserver
@@ -53,7 +54,7 @@ _RANGE = re.compile(r"^bytes=(?P<start>\d+)-(?P<end>\d*)$")
 
 def git_blob_sha1(data: bytes) -> str:
     """The git object id of ``data``: what the Hub sends as a small file's ETag."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()  # noqa: S324
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 def lfs_pointer(data: bytes) -> bytes:
@@ -93,7 +94,7 @@ class HubRepo:
     @property
     def commit(self) -> str:
         """A stable 40-hex commit id that changes with the content."""
-        digest = hashlib.sha1(self.repo_id.encode())  # noqa: S324
+        digest = hashlib.sha1(self.repo_id.encode())
         for name in sorted(self.files):
             digest.update(name.encode() + self.files[name].etag.encode())
         return digest.hexdigest()
@@ -241,7 +242,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _error(
         self, status: int, code: str, message: str, extra: dict[str, str] | None = None
     ) -> None:
-        body = ('{"error":"%s"}' % message).encode()
+        body = json.dumps({"error": message}).encode()
         headers = {"X-Error-Code": code, "X-Error-Message": message, **(extra or {})}
         self._send(status, headers, body, "application/json; charset=utf-8")
 
