@@ -12,8 +12,8 @@ available now.
 cache (``HF_HUB_CACHE``; ``HF_ENDPOINT`` for a mirror; ``HF_HUB_OFFLINE=1`` to use
 only what is cached). A dropped connection resumes where it stopped with an HTTP
 range request; a download stopped by Ctrl-C starts that file again next time
-(``huggingface_hub`` 1.x and 2.x remove partial files), and files already complete
-are never fetched again.
+(``huggingface_hub`` 2.x deletes partial files), and files already complete are
+never fetched again.
 """
 
 from __future__ import annotations
