@@ -1,0 +1,706 @@
+"""How much memory a GGUF pair will take in llama.cpp, and whether this machine has it.
+
+Why: when a model does not fit, the kernel does not refuse it politely, it kills
+the process mid-load (or the machine swaps to a halt). So before loading, the
+pair's memory is estimated from the files' headers and compared with what the
+machine (or the container's cgroup) has available.
+
+What llama.cpp (0.3.x, CPU) holds, and how each part is estimated here:
+
+- **weights**: the language model is memory-mapped; every page of it is read at
+  load or on the first turn, so its tensor bytes count as resident.
+- **repack**: on CPUs with fast integer kernels (x86 AVX2; ARM NEON with dotprod
+  or i8mm) llama.cpp copies Q4_0, IQ4_NL, Q4_K, MXFP4 (and on ARM also Q5_K,
+  Q6_K, Q8_0; on AVX512 also Q2_K) matrices into an interleaved layout, an
+  extra buffer as large as those tensors (``ggml-cpu/repack.cpp``). The token
+  embedding (a row lookup, not a matrix product) is never repacked. The mapped
+  pages those tensors came from are never read again, so the kernel can drop
+  them under pressure: they count in peak RSS but not in what must fit.
+- **projector**: clip.cpp reads the whole mmproj file into memory.
+- **KV cache**: ``n_layer * n_ctx * (n_head_kv * head_dim_k + n_head_kv * head_dim_v)``
+  f16 values, ``n_ctx`` rounded up to 256, zeroed at load (so resident).
+- **compute**: llama.cpp reserves one buffer for its worst-case graph (no flash
+  attention, as llama-cpp-python defaults). Fitted to the buffer sizes llama.cpp
+  reports, with ``u = min(n_batch, n_ctx)`` and ``k = n_ctx`` rounded to 256::
+
+      attention = 4 * u * (k * (n_head + 1) + 5 * n_embd + 2 * n_head_kv * head_dim)
+      output    = 4 * u * (n_vocab + 3 * n_embd)
+      compute   = max(attention, output)
+
+  plus the CPU's scratch for quantizing activations (``u * max(n_ff, n_embd)``
+  bytes), and for the projector, one picture's graph with flash attention
+  (``4 * (3 * S**2 + 2 * n_pos * max(n_ff, n_embd))``) and its embeddings.
+- **overhead**: libraries, threads and the tokenizer's tables, measured.
+
+Measured against peak RSS (see ``tests/test_memory.py``): the estimate is the
+peak over a long conversation, so one short turn measures somewhat below it.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from pydantic import BaseModel, ConfigDict, computed_field
+
+from .errors import InsufficientMemoryError, ModelLoadError
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+# Engine overhead measured on this library's test pairs: ggml contexts, thread
+# pools and the graph metadata (a fixed part), tokenizer tables (per token), and
+# each thread's stack and scratch.
+OVERHEAD_FIXED = 16 * MiB
+OVERHEAD_PER_TOKEN = 512
+OVERHEAD_PER_THREAD = 1 * MiB
+
+# check(): what must be left free beyond the estimate, for Python, the pictures
+# being prepared and estimation error.
+MARGIN_FRACTION = 0.10
+MARGIN_MIN = 256 * MiB
+
+# ggml type id -> (elements per block, bytes per block), as in ggml.c.
+GGML_BLOCKS: dict[int, tuple[int, int]] = {
+    0: (1, 4),  # F32
+    1: (1, 2),  # F16
+    2: (32, 18),  # Q4_0
+    3: (32, 20),  # Q4_1
+    6: (32, 22),  # Q5_0
+    7: (32, 24),  # Q5_1
+    8: (32, 34),  # Q8_0
+    9: (32, 36),  # Q8_1
+    10: (256, 84),  # Q2_K
+    11: (256, 110),  # Q3_K
+    12: (256, 144),  # Q4_K
+    13: (256, 176),  # Q5_K
+    14: (256, 210),  # Q6_K
+    15: (256, 292),  # Q8_K
+    16: (256, 66),  # IQ2_XXS
+    17: (256, 74),  # IQ2_XS
+    18: (256, 98),  # IQ3_XXS
+    19: (256, 50),  # IQ1_S
+    20: (32, 18),  # IQ4_NL
+    21: (256, 110),  # IQ3_S
+    22: (256, 82),  # IQ2_S
+    23: (256, 136),  # IQ4_XS
+    24: (1, 1),  # I8
+    25: (1, 2),  # I16
+    26: (1, 4),  # I32
+    27: (1, 8),  # I64
+    28: (1, 8),  # F64
+    29: (256, 56),  # IQ1_M
+    30: (1, 2),  # BF16
+    34: (256, 54),  # TQ1_0
+    35: (256, 66),  # TQ2_0
+    39: (32, 17),  # MXFP4
+}
+Q4_0, Q4_1, Q8_0, Q2_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, MXFP4 = (
+    2,
+    3,
+    8,
+    10,
+    12,
+    13,
+    14,
+    20,
+    23,
+    39,
+)
+
+# Tensors read by row lookup (GET_ROWS), never by a matrix product: never repacked.
+_LOOKUP_TENSORS = ("token_embd.weight", "token_types.weight", "position_embd.weight")
+
+
+# --------------------------------------------------------------------------- GGUF
+
+
+@dataclass(frozen=True)
+class GgufTensor:
+    """One tensor's entry in a GGUF header."""
+
+    name: str
+    shape: tuple[int, ...]  # ggml order: shape[0] is the row length, shape[1] the rows
+    ggml_type: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class GgufHeader:
+    """A GGUF file's metadata and tensor table."""
+
+    meta: dict[str, Any]
+    tensors: list[GgufTensor]
+
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q"}
+_SCALARS.update({11: "<q", 12: "<d"})
+_STRING, _ARRAY = 8, 9
+_ARRAY_KEEP = 4096  # longer arrays (vocabularies) are skipped, only their length kept
+
+
+def read_gguf(path: Path) -> GgufHeader:
+    """Metadata and tensor table of a GGUF file, from its header alone.
+
+    Written here rather than with ``gguf.GGUFReader``, which takes about a second on
+    a 7B file because it builds an array view per vocabulary entry. Arrays longer
+    than 4096 items are replaced by their length.
+    """
+    try:
+        with path.open("rb") as f:
+            return _parse_gguf(f)
+    except (OSError, struct.error, UnicodeDecodeError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read the GGUF header of {path}: {exc}") from exc
+
+
+def _parse_gguf(f: BinaryIO) -> GgufHeader:
+    def take(fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        data = f.read(size)
+        if len(data) != size:
+            raise ValueError("the file ends inside its header")
+        return struct.unpack(fmt, data)[0]
+
+    def string() -> str:
+        n = take("<Q")
+        if n > 1 << 24:
+            raise ValueError(f"implausible string length {n}")
+        data = f.read(n)
+        if len(data) != n:
+            raise ValueError("the file ends inside its header")
+        return data.decode("utf-8")
+
+    def value(kind: int) -> Any:
+        if kind in _SCALARS:
+            return take(_SCALARS[kind])
+        if kind == _STRING:
+            return string()
+        if kind == _ARRAY:
+            item, count = take("<I"), take("<Q")
+            if count <= _ARRAY_KEEP:
+                return [value(item) for _ in range(count)]
+            if item in _SCALARS:
+                f.seek(struct.calcsize(_SCALARS[item]) * count, os.SEEK_CUR)
+            else:
+                for _ in range(count):
+                    value(item)
+            return ArrayLength(count)
+        raise ValueError(f"unknown GGUF value type {kind}")
+
+    if f.read(4) != b"GGUF":
+        raise ValueError("not a GGUF file")
+    version = take("<I")
+    if version not in (2, 3):
+        raise ValueError(f"unsupported GGUF version {version}")
+    n_tensors, n_kv = take("<Q"), take("<Q")
+    meta = {}
+    for _ in range(n_kv):
+        key = string()
+        meta[key] = value(take("<I"))
+    tensors = []
+    for _ in range(n_tensors):
+        name = string()
+        shape = tuple(take("<Q") for _ in range(take("<I")))
+        ggml_type = take("<I")
+        take("<Q")  # offset
+        block, size = GGML_BLOCKS.get(ggml_type, (1, 4))
+        count = 1
+        for dim in shape:
+            count *= dim
+        tensors.append(
+            GgufTensor(name=name, shape=shape, ggml_type=ggml_type, nbytes=count // block * size)
+        )
+    return GgufHeader(meta=meta, tensors=tensors)
+
+
+class ArrayLength(int):
+    """Stands for a long GGUF array (a vocabulary) of which only the length was read."""
+
+
+# ------------------------------------------------------------------------ repacking
+
+
+def cpu_features() -> frozenset[str]:
+    """The CPU features llama.cpp was built with and detected, as its system info names them.
+
+    Falls back to ``/proc/cpuinfo`` flags when llama-cpp-python is not installed.
+    """
+    try:
+        import llama_cpp
+
+        info = llama_cpp.llama_print_system_info().decode()
+    except (ImportError, AttributeError, OSError):
+        return _cpuinfo_features()
+    # "CPU : SSE3 = 1 | AVX2 = 1 | ... | REPACK = 1 |"
+    names = set()
+    for part in info.split("|"):
+        name, _, flag = part.rpartition("=")
+        if flag.strip() == "1":
+            names.add(name.rpartition(":")[2].strip().upper())
+    return frozenset(names)
+
+
+def _cpuinfo_features() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, val = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(val.split())
+    names = {"avx2": "AVX2", "avx512f": "AVX512", "asimd": "NEON", "asimddp": "DOTPROD"}
+    names["i8mm"] = "MATMUL_INT8"
+    out = {names[f] for f in flags if f in names}
+    return frozenset(out | {"REPACK"}) if out else frozenset()
+
+
+def repack_rule(features: frozenset[str]) -> Callable[[int, int], bool]:
+    """``rule(ggml_type, rows)``: whether llama.cpp repacks such a matrix on this CPU.
+
+    A copy of ``ggml_repack_get_optimal_repack_type`` (ggml-cpu/repack.cpp), where
+    ``rows`` is the tensor's ``ne[1]`` (its row count must divide into the
+    interleave of 4 or 8).
+    """
+    if "REPACK" not in features and "AMX_INT8" not in features:
+        return lambda ggml_type, rows: False
+    avx2, avx512 = "AVX2" in features, "AVX512" in features
+    neon = "NEON" in features
+    i8mm = neon and "MATMUL_INT8" in features
+    dot = neon and "DOTPROD" in features
+    need: dict[int, int] = {}  # type -> the row multiple it needs
+
+    def allow(ggml_type: int, multiple: int, when: bool) -> None:
+        if when and ggml_type not in need:
+            need[ggml_type] = multiple
+
+    allow(Q4_0, 8, avx2)
+    allow(Q4_0, 4, i8mm or dot)
+    allow(Q4_K, 8, avx2 or i8mm or dot)
+    allow(Q2_K, 8, avx512)
+    allow(Q5_K, 8, i8mm or dot)
+    allow(Q6_K, 8, i8mm or dot)
+    allow(IQ4_NL, 8, avx2)
+    allow(IQ4_NL, 4, dot)
+    allow(MXFP4, 8, avx2)
+    allow(MXFP4, 4, dot)
+    allow(Q8_0, 4, i8mm or dot)
+    if "AMX_INT8" in features:  # the AMX buffer type takes these first (approximately)
+        for ggml_type in (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_XS):
+            need[ggml_type] = 32
+    return lambda ggml_type, rows: ggml_type in need and rows % need[ggml_type] == 0
+
+
+def _repacked(tensor: GgufTensor, rule: Callable[[int, int], bool]) -> bool:
+    if tensor.name in _LOOKUP_TENSORS or len(tensor.shape) < 2:
+        return False
+    if len(tensor.shape) > 2 and not tensor.name.endswith("_exps.weight"):
+        return False
+    return rule(tensor.ggml_type, tensor.shape[1])
+
+
+# ------------------------------------------------------------------------- estimate
+
+
+class MemoryEstimate(BaseModel):
+    """The memory a GGUF pair takes once loaded, in bytes, part by part.
+
+    ``total_bytes`` is the expected peak resident size over a conversation that fills
+    ``n_ctx``; ``needed_bytes`` leaves out ``reclaimable_bytes``, mapped file pages
+    that are never read again after loading, which the kernel drops when short of
+    memory. :func:`check` compares ``needed_bytes`` with what is available.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str
+    mmproj: str
+    n_ctx: int
+    n_batch: int
+    weights_bytes: int
+    repack_bytes: int
+    projector_bytes: int
+    kv_bytes: int
+    lm_compute_bytes: int
+    projector_compute_bytes: int
+    overhead_bytes: int
+    reclaimable_bytes: int
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def compute_bytes(self) -> int:
+        """Compute buffers: the language model's graph and one picture's."""
+        return self.lm_compute_bytes + self.projector_compute_bytes
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def total_bytes(self) -> int:
+        """Expected peak RSS growth from loading and talking."""
+        return (
+            self.weights_bytes
+            + self.repack_bytes
+            + self.projector_bytes
+            + self.kv_bytes
+            + self.compute_bytes
+            + self.overhead_bytes
+        )
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def needed_bytes(self) -> int:
+        """What must fit in memory: the total less the pages the kernel can drop."""
+        return self.total_bytes - self.reclaimable_bytes
+
+    def explain(self) -> str:
+        """The estimate in a few lines of words, for error messages and ``--verbose``."""
+        repack = ""
+        if self.repack_bytes:
+            repack = (
+                f"\n  + {human(self.repack_bytes)} repacked copy of its matrices for this CPU"
+                f" (their {human(self.reclaimable_bytes)} of mapped pages can be dropped)"
+            )
+        return (
+            f"{self.model} + {self.mmproj}, n_ctx {self.n_ctx}, n_batch {self.n_batch}:\n"
+            f"  {human(self.weights_bytes)} language model weights (memory-mapped){repack}\n"
+            f"  + {human(self.projector_bytes)} projector weights\n"
+            f"  + {human(self.kv_bytes)} KV cache (f16, {self.n_ctx} positions)\n"
+            f"  + {human(self.compute_bytes)} compute buffers\n"
+            f"  + {human(self.overhead_bytes)} engine overhead\n"
+            f"  = {human(self.total_bytes)} at peak; {human(self.needed_bytes)} must fit in memory"
+        )
+
+
+def human(n: int) -> str:
+    """Bytes in GiB or MiB, as people read them."""
+    if abs(n) >= GiB:
+        return f"{n / GiB:.1f} GiB"
+    if abs(n) >= 10 * MiB:
+        return f"{n / MiB:.0f} MiB"
+    return f"{n / MiB:.1f} MiB"
+
+
+def _int(meta: dict[str, Any], key: str, default: int | None = None) -> int:
+    value = meta.get(key, default)
+    if isinstance(value, list):  # per-layer values (some architectures)
+        value = max((int(v) for v in value), default=default)
+    if value is None:
+        raise ModelLoadError(f"the GGUF header lacks {key}")
+    return int(value)
+
+
+def _per_layer(meta: dict[str, Any], key: str, n_layer: int, default: int) -> list[int]:
+    value = meta.get(key, default)
+    if isinstance(value, list) and len(value) == n_layer:
+        return [int(v) for v in value]
+    if isinstance(value, list):
+        value = max((int(v) for v in value), default=default)
+    return [int(value)] * n_layer
+
+
+def estimate(
+    model: Path,
+    mmproj: Path,
+    *,
+    n_ctx: int,
+    n_batch: int = 512,
+    n_threads: int | None = None,
+    use_mmap: bool = True,
+    features: frozenset[str] | None = None,
+) -> MemoryEstimate:
+    """Estimate the memory llama.cpp needs for ``model`` + ``mmproj`` with these settings.
+
+    ``n_ctx`` and ``n_batch`` as given to llama.cpp; ``features`` are the CPU
+    features that decide repacking (default: :func:`cpu_features`).
+    """
+    lm, mm = read_gguf(Path(model)), read_gguf(Path(mmproj))
+    arch = str(lm.meta.get("general.architecture", "llama"))
+    shapes = {t.name: t.shape for t in lm.tensors}
+
+    rule = repack_rule(cpu_features() if features is None else features)
+    packed = sum(t.nbytes for t in lm.tensors if _repacked(t, rule))
+    weights = sum(t.nbytes for t in lm.tensors)
+
+    embd = shapes.get("token_embd.weight", ())
+    n_embd = _int(lm.meta, f"{arch}.embedding_length", embd[0] if embd else None)
+    n_vocab = embd[1] if len(embd) > 1 else len(lm.meta.get("tokenizer.ggml.tokens", ())) or 32000
+    n_layer = _int(lm.meta, f"{arch}.block_count")
+    n_head = _int(lm.meta, f"{arch}.attention.head_count")
+    n_ff = _int(lm.meta, f"{arch}.feed_forward_length", 4 * n_embd)
+    head_k = _int(lm.meta, f"{arch}.attention.key_length", n_embd // n_head)
+    head_v = _int(lm.meta, f"{arch}.attention.value_length", head_k)
+    kv_heads = _per_layer(lm.meta, f"{arch}.attention.head_count_kv", n_layer, n_head)
+
+    cells = _pad(n_ctx, 256)
+    kv = sum(cells * h * (head_k + head_v) * 2 for h in kv_heads)
+    u = max(1, min(n_batch, n_ctx))
+    lm_compute = llama_compute_bytes(
+        n_ctx=n_ctx,
+        n_batch=u,
+        n_embd=n_embd,
+        n_head=n_head,
+        kv_width=max(kv_heads) * head_k,
+        n_vocab=n_vocab,
+    )
+    threads = n_threads or os.cpu_count() or 1
+    overhead = (
+        OVERHEAD_FIXED
+        + OVERHEAD_PER_TOKEN * n_vocab
+        + OVERHEAD_PER_THREAD * threads
+        + u * max(n_ff, n_embd) * 34 // 32  # activations quantized to Q8 for the matmuls
+    )
+    return MemoryEstimate(
+        model=Path(model).name,
+        mmproj=Path(mmproj).name,
+        n_ctx=n_ctx,
+        n_batch=u,
+        weights_bytes=weights - packed if not use_mmap else weights,
+        repack_bytes=packed,
+        projector_bytes=sum(t.nbytes for t in mm.tensors),
+        kv_bytes=kv,
+        lm_compute_bytes=lm_compute,
+        projector_compute_bytes=projector_compute_bytes(mm.meta),
+        overhead_bytes=overhead,
+        reclaimable_bytes=packed if use_mmap else 0,
+    )
+
+
+def llama_compute_bytes(
+    *, n_ctx: int, n_batch: int, n_embd: int, n_head: int, kv_width: int, n_vocab: int
+) -> int:
+    """The compute buffer llama.cpp reserves for a llama-like graph without flash attention.
+
+    Fitted to the sizes llama.cpp reports (``sched_reserve: CPU compute buffer size``)
+    over n_ctx 512-8192, n_batch 32-1024 and five shapes (n_embd 64-4096, vocabularies
+    258-152k): from 0.3% below to 6% above. ``kv_width`` is ``n_head_kv * head_dim``.
+    """
+    k = _pad(n_ctx, 256)
+    u = max(1, min(n_batch, n_ctx))
+    attention = 4 * u * (k * (n_head + 1) + 5 * n_embd + 2 * kv_width)  # KQ, mask, q/k/v/...
+    output = 4 * u * (n_vocab + 3 * n_embd)  # logits for a full batch
+    return max(attention, output)
+
+
+def projector_compute_bytes(meta: dict[str, Any]) -> int:
+    """One picture through the vision encoder (flash attention, clip.cpp's CPU default),
+    plus the embeddings it hands to the language model."""
+    size = _int(meta, "clip.vision.image_size", 336)
+    patch = _int(meta, "clip.vision.patch_size", 14)
+    width = _int(meta, "clip.vision.embedding_length", 1024)
+    n_ff = _int(meta, "clip.vision.feed_forward_length", 4 * width)
+    out = _int(meta, "clip.vision.projection_dim", width)
+    patches = (size // max(patch, 1)) ** 2
+    tiles = 5 if "clip.vision.image_grid_pinpoints" in meta else 1  # llava-1.6: overview + 4
+    graph = 4 * (3 * size * size + 2 * (patches + 1) * max(n_ff, width, out))
+    embeddings = 4 * tiles * patches * out
+    return graph + embeddings
+
+
+def _pad(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+# ------------------------------------------------------------------------ available
+
+
+def available_bytes() -> int:
+    """Memory this process can still use, in bytes.
+
+    Linux: ``MemAvailable`` from ``/proc/meminfo``, capped by the cgroup's limit
+    (v2 ``memory.max``, v1 ``memory.limit_in_bytes``, the tightest up the tree)
+    less its usage (page cache the cgroup could drop, ``inactive_file``, counts as
+    free). Elsewhere: psutil when installed, ``GlobalMemoryStatusEx`` on Windows,
+    ``sysconf`` on other Unixes; when nothing can tell, no limit is assumed.
+    """
+    avail = _meminfo_available()
+    if avail is not None:
+        limit = _cgroup_available()
+        return min(avail, limit) if limit is not None else avail
+    for probe in (_psutil_available, _windows_available, _sysconf_available):
+        found = probe()
+        if found is not None:
+            return found
+    return sys.maxsize
+
+
+def _meminfo_available(path: Path = Path("/proc/meminfo")) -> int | None:
+    try:
+        for line in path.read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key == "MemAvailable":
+                return int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _cgroup_available(root: Path = Path("/")) -> int | None:
+    """Room left under this process's cgroup memory limits, if any is set.
+
+    ``root`` is the file system root, so tests can hand in a made-up one.
+    """
+    proc = root / "proc/self"
+    try:
+        membership = (proc / "cgroup").read_text().splitlines()
+        mounts = (proc / "mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    best: int | None = None
+    for directory, mount, names in _cgroup_dirs(membership, mounts, root):
+        level = directory
+        while True:  # a parent's limit applies too: keep the tightest
+            room = _cgroup_room(level, *names)
+            if room is not None:
+                best = room if best is None else min(best, room)
+            if level in (mount, level.parent):
+                break
+            level = level.parent
+    return best
+
+
+def _cgroup_room(directory: Path, limit_file: str, usage_file: str, inactive: str) -> int | None:
+    limit = _read_int(directory / limit_file)
+    if limit is None or limit >= 1 << 60:  # no file, "max", or v1's "unlimited"
+        return None
+    usage = _read_int(directory / usage_file) or 0
+    droppable = _stat_value(directory / "memory.stat", inactive)
+    return max(0, limit - max(0, usage - droppable))
+
+
+def _cgroup_dirs(
+    membership: list[str], mounts: list[str], root: Path
+) -> list[tuple[Path, Path, tuple[str, str, str]]]:
+    """(cgroup directory, its mount point, (limit file, usage file, memory.stat key))."""
+    paths: dict[str, str] = {}
+    for line in membership:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and parts[1] == "":
+            paths["v2"] = parts[2]
+        elif "memory" in parts[1].split(","):
+            paths["v1"] = parts[2]
+    found = []
+    for line in mounts:
+        left, _, right = line.partition(" - ")
+        fields, extra = left.split(), right.split()
+        if len(fields) < 5 or len(extra) < 3:
+            continue
+        mount_root, mount_point, fstype, options = fields[3], fields[4], extra[0], extra[2]
+        if fstype == "cgroup2" and "v2" in paths:
+            version, names = "v2", ("memory.max", "memory.current", "inactive_file")
+        elif fstype == "cgroup" and "memory" in options.split(",") and "v1" in paths:
+            version = "v1"
+            names = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        mount = root / mount_point.lstrip("/")
+        relative = os.path.relpath(paths[version], mount_root)
+        directory = mount if relative.startswith("..") else mount / relative
+        if not directory.is_dir():
+            directory = mount  # a container that shows its own cgroup as the root
+        found.append((directory, mount, names))
+    return found
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if text == "max":
+        return 1 << 62
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _stat_value(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _psutil_available() -> int | None:
+    try:
+        import psutil  # type: ignore[import-untyped]
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def _windows_available() -> int | None:
+    if sys.platform != "win32":
+        return None
+    import ctypes
+
+    class _Status(ctypes.Structure):
+        _fields_ = [
+            ("dwLength", ctypes.c_ulong),
+            ("dwMemoryLoad", ctypes.c_ulong),
+            ("ullTotalPhys", ctypes.c_ulonglong),
+            ("ullAvailPhys", ctypes.c_ulonglong),
+            ("ullTotalPageFile", ctypes.c_ulonglong),
+            ("ullAvailPageFile", ctypes.c_ulonglong),
+            ("ullTotalVirtual", ctypes.c_ulonglong),
+            ("ullAvailVirtual", ctypes.c_ulonglong),
+            ("ullAvailExtendedVirtual", ctypes.c_ulonglong),
+        ]
+
+    status = _Status()
+    status.dwLength = ctypes.sizeof(_Status)
+    kernel32 = getattr(ctypes, "windll").kernel32  # noqa: B009 - only on Windows
+    if not kernel32.GlobalMemoryStatusEx(ctypes.byref(status)):
+        return None
+    return int(status.ullAvailPhys)
+
+
+def _sysconf_available() -> int | None:
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+# --------------------------------------------------------------------------- check
+
+
+def margin(est: MemoryEstimate) -> int:
+    """Room :func:`check` keeps free beyond the estimate."""
+    return max(MARGIN_MIN, int(est.needed_bytes * MARGIN_FRACTION))
+
+
+def check(est: MemoryEstimate, *, force: bool = False, available: int | None = None) -> None:
+    """Raise :class:`InsufficientMemoryError` unless ``est`` fits with a safety margin.
+
+    ``available`` defaults to :func:`available_bytes`; ``force=True`` skips the check
+    (the caller accepts the risk of the kernel's out-of-memory killer).
+    """
+    if force:
+        return
+    free = available_bytes() if available is None else available
+    needed = est.needed_bytes + margin(est)
+    if needed <= free:
+        return
+    kv_share = f" (its KV cache takes {human(est.kv_bytes)})" if est.kv_bytes >= 64 * MiB else ""
+    raise InsufficientMemoryError(
+        f"not enough memory to load {est.model} with {est.mmproj}: it needs about "
+        f"{human(needed)} ({human(est.needed_bytes)} estimated plus "
+        f"{human(margin(est))} to spare) but only {human(free)} is available. "
+        "Options: use a smaller model or a smaller quantization of it; pass a smaller "
+        f"n_ctx= than {est.n_ctx}{kv_share}; or pass force=True to load anyway "
+        "(the system may then kill the process).\n" + est.explain(),
+        needed=needed,
+        available=free,
+    )
