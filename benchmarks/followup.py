@@ -307,6 +307,7 @@ def work_handler(config: Config) -> EngineRun:
         verbose=False,
     )
     handler._init_mtmd_context(llama)  # CLIP loaded before the clock, like our engine
+    _quiet_mtmd()  # its per-step log lines, which verbose=False does not silence
     load_s = time.perf_counter() - start
     rss_loaded = _peak()
     timer = _TimedMtmd(handler._mtmd_cpp)
@@ -473,6 +474,15 @@ def work_raw(config: Config) -> EngineRun:
     )
 
 
+def _quiet_mtmd() -> None:
+    """Route libmtmd's log (a line per step, on stderr) to llama-cpp-python's quiet logger."""
+    from llama_cpp import _logger
+    from llama_cpp import mtmd_cpp as m
+
+    m.mtmd_log_set(_logger.llama_log_callback, None)
+    m.mtmd_helper_log_set(_logger.llama_log_callback, None)
+
+
 def _raw_load(config: Config) -> tuple[Any, Any]:
     """The Llama object and the mtmd context, set up as our engine sets them up."""
     from llama_cpp import Llama
@@ -488,11 +498,7 @@ def _raw_load(config: Config) -> tuple[Any, Any]:
         n_gpu_layers=0,
         verbose=False,
     )
-    from llama_cpp import _logger
-
-    # libmtmd logs every step to stderr unless routed to llama-cpp-python's (quiet) logger.
-    m.mtmd_log_set(_logger.llama_log_callback, None)
-    m.mtmd_helper_log_set(_logger.llama_log_callback, None)
+    _quiet_mtmd()
     params = m.mtmd_context_params_default()
     params.use_gpu, params.print_timings, params.warmup = False, False, False
     params.n_threads = config.threads
@@ -746,6 +752,40 @@ def print_tables(runs: dict[str, EngineRun]) -> None:
         console.print(f"{target}: {measured} -> {verdict}")
 
 
+def ascii_answers(lm: Path) -> Path:
+    """A copy of a twin whose answers are printable ASCII: same cost, text that round-trips.
+
+    A twin's byte vocabulary is padded with ``<unusedN>`` tokens to the real size. Random
+    weights make the model write those, and their text (``"<unused334>"``) tokenizes
+    back into 11 byte tokens, so every answer in the history is 11x longer than it was
+    to write, for every engine: nothing like a real tokenizer, where an answer comes back
+    as about the tokens it was written with. Zeroing the output-matrix rows of every token
+    except the printable ASCII bytes (0x20-0x7e) makes the model write only those, which
+    come back token for token. The matrix keeps its shape and type, so every matrix
+    multiply costs the same; end-of-sequence becomes impossible too.
+    """
+    import shutil
+
+    import numpy as np
+    from gguf import GGUFReader
+
+    out = lm.with_name(lm.stem + ".ascii-answers.gguf")
+    if out.exists():
+        return out
+    tmp = out.with_suffix(".tmp")
+    shutil.copyfile(lm, tmp)
+    reader = GGUFReader(tmp, "r+")
+    (output,) = [t for t in reader.tensors if t.name == "output.weight"]
+    rows = output.data  # (n_vocab, bytes per row), a writable memory map
+    drop = np.ones(rows.shape[0], dtype=bool)
+    drop[0x20:0x7F] = False  # the byte vocabulary: token id i is byte i
+    rows[drop] = 0  # a zero block is zero in every GGUF block type (scale 0)
+    reader.data.flush()
+    del reader, rows
+    tmp.rename(out)
+    return out
+
+
 def _pair(args: argparse.Namespace) -> tuple[Path, Path, str]:
     if args.model:
         if not args.mmproj:
@@ -756,7 +796,9 @@ def _pair(args: argparse.Namespace) -> tuple[Path, Path, str]:
     if not (lm.exists() and mm.exists()):
         maker = [sys.executable, str(ROOT / "benchmarks" / "make_twins.py")]
         subprocess.run([*maker, "--preset", args.preset, "--out", str(args.twins)], check=True)
-    return lm, mm, args.label or f"{args.preset} twin"
+    if args.answers == "ascii":
+        return ascii_answers(lm), mm, args.label or f"{args.preset} twin"
+    return lm, mm, args.label or f"{args.preset} twin, answers as written"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -767,6 +809,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="a GGUF language model instead of a twin")
     parser.add_argument("--mmproj", help="its projector")
     parser.add_argument("--label", help="name of the BENCHMARKS.md section")
+    parser.add_argument(
+        "--answers",
+        choices=["ascii", "any"],
+        default="ascii",
+        help="twins only: ascii = a copy whose answers round-trip (see ascii_answers)",
+    )
     parser.add_argument("--image", help="a photo (default: a generated one)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--n-ctx", type=int, default=4096)
