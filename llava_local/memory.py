@@ -99,19 +99,11 @@ GGML_BLOCKS: dict[int, tuple[int, int]] = {
     34: (256, 54),  # TQ1_0
     35: (256, 66),  # TQ2_0
     39: (32, 17),  # MXFP4
+    40: (64, 36),  # NVFP4
+    41: (128, 18),  # Q1_0
 }
-Q4_0, Q4_1, Q8_0, Q2_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, MXFP4 = (
-    2,
-    3,
-    8,
-    10,
-    12,
-    13,
-    14,
-    20,
-    23,
-    39,
-)
+Q4_0, Q4_1, Q8_0, Q2_K, Q4_K, Q5_K, Q6_K = 2, 3, 8, 10, 12, 13, 14
+IQ4_NL, IQ4_XS, MXFP4 = 20, 23, 39
 
 # Tensors read by row lookup (GET_ROWS), never by a matrix product: never repacked.
 _LOOKUP_TENSORS = ("token_embd.weight", "token_types.weight", "position_embd.weight")
@@ -202,19 +194,30 @@ def _parse_gguf(f: BinaryIO) -> GgufHeader:
     for _ in range(n_kv):
         key = string()
         meta[key] = value(take("<I"))
-    tensors = []
+    entries = []
     for _ in range(n_tensors):
         name = string()
-        shape = tuple(take("<Q") for _ in range(take("<I")))
-        ggml_type = take("<I")
-        take("<Q")  # offset
-        block, size = GGML_BLOCKS.get(ggml_type, (1, 4))
+        n_dims = take("<I")
+        if n_dims > 4:
+            raise ValueError(f"tensor {name} has {n_dims} dimensions (ggml has at most 4)")
+        shape = tuple(take("<Q") for _ in range(n_dims))
+        entries.append((name, shape, take("<I"), take("<Q")))
+    # A type this table does not know takes the room up to the next tensor's data.
+    data_size = os.fstat(f.fileno()).st_size - _pad(
+        f.tell(), int(meta.get("general.alignment", 32))
+    )
+    ends = sorted({offset for *_, offset in entries} | {data_size})
+    tensors = []
+    for name, shape, ggml_type, offset in entries:
         count = 1
         for dim in shape:
             count *= dim
-        tensors.append(
-            GgufTensor(name=name, shape=shape, ggml_type=ggml_type, nbytes=count // block * size)
-        )
+        if ggml_type in GGML_BLOCKS:
+            block, size = GGML_BLOCKS[ggml_type]
+            nbytes = count // block * size
+        else:
+            nbytes = min((e for e in ends if e > offset), default=offset) - offset
+        tensors.append(GgufTensor(name=name, shape=shape, ggml_type=ggml_type, nbytes=nbytes))
     return GgufHeader(meta=meta, tensors=tensors)
 
 

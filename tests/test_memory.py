@@ -297,6 +297,19 @@ def test_block_sizes_agree_with_the_gguf_package() -> None:
             assert memory.GGML_BLOCKS[int(kind)] == (block, size), kind.name
 
 
+def test_unknown_tensor_type_takes_the_room_to_the_next_tensor(
+    tiny_pair_q4: GgufPair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ggml type missing from the table is sized from the data offsets, padding included."""
+    known = {t.name: t.nbytes for t in memory.read_gguf(tiny_pair_q4.lm).tensors}
+    monkeypatch.delitem(memory.GGML_BLOCKS, memory.Q4_0)
+    guessed = memory.read_gguf(tiny_pair_q4.lm).tensors
+    q4 = [t for t in guessed if t.ggml_type == memory.Q4_0]
+    assert q4
+    for tensor in q4:
+        assert known[tensor.name] <= tensor.nbytes < known[tensor.name] + 32
+
+
 def test_not_a_gguf_and_truncated_headers_are_refused(tiny_pair: GgufPair, tmp_path: Path) -> None:
     """A file that is not GGUF, or a GGUF cut inside its header, raises ModelLoadError."""
     junk = tmp_path / "junk.gguf"
