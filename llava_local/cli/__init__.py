@@ -9,8 +9,12 @@ import click
 
 from .. import __version__
 from .ask import ask
+from .bench import bench
 from .caption import caption
 from .chat import chat
+from .doctor import doctor
+from .models import models, pull_command
+from .ui import ui
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,8 +23,7 @@ def main() -> None:
     """Ask vision-language models about pictures, on the CPU, through Ollama or llama.cpp."""
 
 
-main.add_command(ask)
-main.add_command(caption)
-main.add_command(chat)
+for command in (ask, chat, caption, models, pull_command, doctor, bench, ui):
+    main.add_command(command)
 
 __all__ = ["main"]
