@@ -86,8 +86,7 @@ def serve_page(tmp: Path, *engine_args: str) -> Iterator[Served]:
         "GRADIO_TEMP_DIR": str(tmp / "gradio"),
         "LLAVA_LOCAL_MODEL": "",  # the tests choose the engine themselves
     }
-    command = "from llava_local.cli.ui import ui; ui()"
-    args = [sys.executable, "-c", command, "--port", str(port), *engine_args]
+    args = [sys.executable, "-m", "llava_local.cli", "ui", "--port", str(port), *engine_args]
     with log.open("wb") as out:
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
     served = Served(f"http://127.0.0.1:{port}/", process, log)
