@@ -4,8 +4,9 @@ Installed models come from four places: the Ollama daemon (if it answers within 
 second: its tags, and whether each can see pictures), GGUF pairs of catalogue
 entries in the Hugging Face cache, the pair named by ``LLAVA_LOCAL_MODEL`` /
 ``LLAVA_LOCAL_MMPROJ``, and the bundled demo. Whether a model fits compares its
-estimated memory (:func:`llava_local.catalog.estimate_memory`) with the memory
-available now.
+memory with what is available now: for files on disk, :mod:`llava_local.memory`'s
+estimate from their headers; for the catalogue and Ollama's tags, the rougher
+:func:`llava_local.catalog.estimate_memory` from file sizes.
 
 :func:`pull` fetches a model either way: an Ollama tag through the daemon's
 ``/api/pull``, or a catalogue entry's GGUF pair with ``huggingface_hub`` into its
@@ -54,6 +55,7 @@ __all__ = [
     "list_models",
     "ollama_models",
     "ollama_version",
+    "pair_memory",
     "pull",
 ]
 
@@ -231,17 +233,30 @@ def cached_pairs(cache_dir: str | os.PathLike[str] | None = None) -> list[Instal
     return found
 
 
+def pair_memory(model: Path, mmproj: Path, image_tokens: int, fallback: int) -> int:
+    """Memory a downloaded pair needs, from its GGUF headers
+    (:func:`llava_local.memory.estimate` at the engine's default context: one picture
+    plus :data:`~llava_local.catalog.TEXT_TOKENS`); ``fallback`` when they cannot be read."""
+    from .memory import estimate
+
+    try:
+        return estimate(model, mmproj, n_ctx=image_tokens + catalog.TEXT_TOKENS).needed_bytes
+    except (LlavaLocalError, OSError, ValueError, KeyError, IndexError):
+        return fallback
+
+
 def _cached_model(entry: CatalogEntry, lm: Any, mm: Any) -> InstalledModel:
     size = (lm.size_on_disk if lm else 0) + (mm.size_on_disk if mm else 0)
     missing = [name for name, f in ((entry.gguf, lm), (entry.mmproj, mm)) if f is None]
     memory = None
     if lm and mm:
-        memory = estimate_memory(
+        guess = estimate_memory(
             lm.size_on_disk,
             mm.size_on_disk,
             kv_bytes_per_token=entry.kv_bytes_per_token,
             image_tokens=entry.image_tokens,
         )
+        memory = pair_memory(Path(lm.file_path), Path(mm.file_path), entry.image_tokens, guess)
     return InstalledModel(
         name=entry.name,
         source="hf-cache",
@@ -267,7 +282,9 @@ def env_pair() -> InstalledModel | None:
     mm_path = Path(mmproj).expanduser() if mmproj else None
     problems = [str(p) for p in (lm_path, mm_path) if p is not None and not p.is_file()]
     sizes = [p.stat().st_size for p in (lm_path, mm_path) if p is not None and p.is_file()]
-    memory = estimate_memory(sizes[0], sizes[1]) if len(sizes) == 2 else None
+    memory = None
+    if mm_path is not None and len(sizes) == 2:
+        memory = pair_memory(lm_path, mm_path, 576, estimate_memory(sizes[0], sizes[1]))
     notes = [f"missing: {', '.join(problems)}"] if problems else []
     if mm_path is None:
         notes.append("LLAVA_LOCAL_MMPROJ unset: the one *mmproj*.gguf beside the model is used")
@@ -291,14 +308,15 @@ def demo_model() -> InstalledModel | None:
     except ModelNotFoundError:
         return None
     lm_size, mm_size = lm.stat().st_size, mm.stat().st_size
-    entry = catalog.find(DEMO_NAME)
+    tokens = catalog.find(DEMO_NAME).image_tokens
+    guess = estimate_memory(lm_size, mm_size, image_tokens=tokens)
     return InstalledModel(
         name=DEMO_NAME,
         source="demo",
         catalog_name=DEMO_NAME,
         vision=True,
         size_bytes=lm_size + mm_size,
-        memory_bytes=estimate_memory(lm_size, mm_size, image_tokens=entry.image_tokens),
+        memory_bytes=pair_memory(lm, mm, tokens, guess),
         model_path=lm,
         mmproj_path=mm,
         note="digits, shapes and colours only",

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import hf_hub_download
 
-from llava_local import catalog, models
+from llava_local import catalog, memory, models
 from llava_local.catalog import CATALOG, CatalogEntry, estimate_memory
 from llava_local.chat_formats import BUILTIN
 from llava_local.errors import (
@@ -23,6 +23,7 @@ from llava_local.errors import (
     ModelNotFoundError,
 )
 
+from .gguf_fixtures import GgufPair
 from .hub_server import HubServer
 from .ollama_server import OllamaServer
 
@@ -377,6 +378,19 @@ def test_models_lists_the_environment_pair(
     assert pair.name == "my-model.gguf"
     assert pair.model_path == lm
     assert "gone.gguf" in pair.note
+
+
+def test_real_pairs_are_sized_from_their_headers(
+    monkeypatch: pytest.MonkeyPatch, tiny_pair: GgufPair, cache: Path, closed_port: int
+) -> None:
+    """A real GGUF pair's memory is llava_local.memory's estimate from its headers."""
+    monkeypatch.setenv("LLAVA_LOCAL_MODEL", str(tiny_pair.lm))
+    monkeypatch.setenv("LLAVA_LOCAL_MMPROJ", str(tiny_pair.mmproj))
+    report = models.list_models(host=f"127.0.0.1:{closed_port}", cache_dir=cache)
+    (pair,) = [m for m in report.installed if m.source == "env"]
+    expected = memory.estimate(tiny_pair.lm, tiny_pair.mmproj, n_ctx=576 + catalog.TEXT_TOKENS)
+    assert pair.memory_bytes == expected.needed_bytes
+    assert pair.fits is True
 
 
 def test_fits_compares_the_estimate_with_available_memory(
