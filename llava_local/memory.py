@@ -372,7 +372,7 @@ class MemoryEstimate(BaseModel):
             f"{self.model} + {self.mmproj}, n_ctx {self.n_ctx}, n_batch {self.n_batch}:\n"
             f"  {human(self.weights_bytes)} language model weights (memory-mapped){repack}\n"
             f"  + {human(self.projector_bytes)} projector weights\n"
-            f"  + {human(self.kv_bytes)} KV cache (f16, {self.n_ctx} positions)\n"
+            f"  + {human(self.kv_bytes)} KV cache (f16, {_pad(self.n_ctx, 256)} positions)\n"
             f"  + {human(self.compute_bytes)} compute buffers\n"
             f"  + {human(self.overhead_bytes)} engine overhead\n"
             f"  = {human(self.total_bytes)} at peak; {human(self.needed_bytes)} must fit in memory"
