@@ -85,7 +85,8 @@ class EngineRun(BaseModel):
     load_s: float
     rss_after_load_mib: float
     peak_rss_mib: float
-    load_average: tuple[float, float, float]
+    load_average: tuple[float, float, float]  # when the worker finished
+    load_before: tuple[float, float, float] | None = None  # when the parent started it
     turns: list[TurnRun]
 
 
@@ -584,8 +585,10 @@ def _run_worker(engine: str, config: Config) -> EngineRun:
         cmd = [sys.executable, __file__, "--worker", engine, "--config", config.model_dump_json()]
         cmd += ["--out", str(out)]
         print(f"[{time.strftime('%H:%M:%S')}] {engine}: running ...", flush=True)
+        before = os.getloadavg()
         subprocess.run(cmd, check=True)
-        return EngineRun.model_validate_json(out.read_text())
+        run = EngineRun.model_validate_json(out.read_text())
+        return run.model_copy(update={"load_before": before})
 
 
 def _fmt(value: float | None, spec: str = ".2f") -> str:
@@ -703,7 +706,9 @@ def markdown(
     lines += ["", "| engine | load s | peak RSS after load MiB | peak RSS MiB | load average |"]
     lines += ["|---|---:|---:|---:|---|"]
     for name, run in runs.items():
-        load = ", ".join(f"{v:.2f}" for v in run.load_average)
+        load = "/".join(f"{v:.2f}" for v in run.load_average)
+        if run.load_before is not None:
+            load = "/".join(f"{v:.2f}" for v in run.load_before) + " before, " + load + " after"
         lines.append(
             f"| {name} | {run.load_s:.1f} | {run.rss_after_load_mib:.0f} | "
             f"{run.peak_rss_mib:.0f} | {load} |"
