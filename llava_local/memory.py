@@ -39,16 +39,15 @@ peak over a long conversation, so one short turn measures somewhat below it.
 from __future__ import annotations
 
 import os
-import struct
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, computed_field
 
 from .errors import InsufficientMemoryError, ModelLoadError
+from .gguf_header import GgufTensor, align, read_gguf
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -65,164 +64,11 @@ OVERHEAD_PER_THREAD = 1 * MiB
 MARGIN_FRACTION = 0.10
 MARGIN_MIN = 256 * MiB
 
-# ggml type id -> (elements per block, bytes per block), as in ggml.c.
-GGML_BLOCKS: dict[int, tuple[int, int]] = {
-    0: (1, 4),  # F32
-    1: (1, 2),  # F16
-    2: (32, 18),  # Q4_0
-    3: (32, 20),  # Q4_1
-    6: (32, 22),  # Q5_0
-    7: (32, 24),  # Q5_1
-    8: (32, 34),  # Q8_0
-    9: (32, 36),  # Q8_1
-    10: (256, 84),  # Q2_K
-    11: (256, 110),  # Q3_K
-    12: (256, 144),  # Q4_K
-    13: (256, 176),  # Q5_K
-    14: (256, 210),  # Q6_K
-    15: (256, 292),  # Q8_K
-    16: (256, 66),  # IQ2_XXS
-    17: (256, 74),  # IQ2_XS
-    18: (256, 98),  # IQ3_XXS
-    19: (256, 50),  # IQ1_S
-    20: (32, 18),  # IQ4_NL
-    21: (256, 110),  # IQ3_S
-    22: (256, 82),  # IQ2_S
-    23: (256, 136),  # IQ4_XS
-    24: (1, 1),  # I8
-    25: (1, 2),  # I16
-    26: (1, 4),  # I32
-    27: (1, 8),  # I64
-    28: (1, 8),  # F64
-    29: (256, 56),  # IQ1_M
-    30: (1, 2),  # BF16
-    34: (256, 54),  # TQ1_0
-    35: (256, 66),  # TQ2_0
-    39: (32, 17),  # MXFP4
-    40: (64, 36),  # NVFP4
-    41: (128, 18),  # Q1_0
-}
 Q4_0, Q4_1, Q8_0, Q2_K, Q4_K, Q5_K, Q6_K = 2, 3, 8, 10, 12, 13, 14
 IQ4_NL, IQ4_XS, MXFP4 = 20, 23, 39
 
 # Tensors read by row lookup (GET_ROWS), never by a matrix product: never repacked.
 _LOOKUP_TENSORS = ("token_embd.weight", "token_types.weight", "position_embd.weight")
-
-
-# --------------------------------------------------------------------------- GGUF
-
-
-@dataclass(frozen=True)
-class GgufTensor:
-    """One tensor's entry in a GGUF header."""
-
-    name: str
-    shape: tuple[int, ...]  # ggml order: shape[0] is the row length, shape[1] the rows
-    ggml_type: int
-    nbytes: int
-
-
-@dataclass(frozen=True)
-class GgufHeader:
-    """A GGUF file's metadata and tensor table."""
-
-    meta: dict[str, Any]
-    tensors: list[GgufTensor]
-
-
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q"}
-_SCALARS.update({11: "<q", 12: "<d"})
-_STRING, _ARRAY = 8, 9
-_ARRAY_KEEP = 4096  # longer arrays (vocabularies) are skipped, only their length kept
-
-
-def read_gguf(path: Path) -> GgufHeader:
-    """Metadata and tensor table of a GGUF file, from its header alone.
-
-    Written here rather than with ``gguf.GGUFReader``, which takes about a second on
-    a 7B file because it builds an array view per vocabulary entry. Arrays longer
-    than 4096 items are replaced by their length.
-    """
-    try:
-        with path.open("rb") as f:
-            return _parse_gguf(f)
-    except (OSError, struct.error, UnicodeDecodeError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read the GGUF header of {path}: {exc}") from exc
-
-
-def _parse_gguf(f: BinaryIO) -> GgufHeader:
-    def take(fmt: str) -> Any:
-        size = struct.calcsize(fmt)
-        data = f.read(size)
-        if len(data) != size:
-            raise ValueError("the file ends inside its header")
-        return struct.unpack(fmt, data)[0]
-
-    def string() -> str:
-        n = take("<Q")
-        if n > 1 << 24:
-            raise ValueError(f"implausible string length {n}")
-        data = f.read(n)
-        if len(data) != n:
-            raise ValueError("the file ends inside its header")
-        return data.decode("utf-8")
-
-    def value(kind: int) -> Any:
-        if kind in _SCALARS:
-            return take(_SCALARS[kind])
-        if kind == _STRING:
-            return string()
-        if kind == _ARRAY:
-            item, count = take("<I"), take("<Q")
-            if count <= _ARRAY_KEEP:
-                return [value(item) for _ in range(count)]
-            if item in _SCALARS:
-                f.seek(struct.calcsize(_SCALARS[item]) * count, os.SEEK_CUR)
-            else:
-                for _ in range(count):
-                    value(item)
-            return ArrayLength(count)
-        raise ValueError(f"unknown GGUF value type {kind}")
-
-    if f.read(4) != b"GGUF":
-        raise ValueError("not a GGUF file")
-    version = take("<I")
-    if version not in (2, 3):
-        raise ValueError(f"unsupported GGUF version {version}")
-    n_tensors, n_kv = take("<Q"), take("<Q")
-    meta = {}
-    for _ in range(n_kv):
-        key = string()
-        meta[key] = value(take("<I"))
-    entries = []
-    for _ in range(n_tensors):
-        name = string()
-        n_dims = take("<I")
-        if n_dims > 4:
-            raise ValueError(f"tensor {name} has {n_dims} dimensions (ggml has at most 4)")
-        shape = tuple(take("<Q") for _ in range(n_dims))
-        entries.append((name, shape, take("<I"), take("<Q")))
-    # A type this table does not know takes the room up to the next tensor's data.
-    data_size = os.fstat(f.fileno()).st_size - _pad(
-        f.tell(), int(meta.get("general.alignment", 32))
-    )
-    ends = sorted({offset for *_, offset in entries} | {data_size})
-    tensors = []
-    for name, shape, ggml_type, offset in entries:
-        count = 1
-        for dim in shape:
-            count *= dim
-        if ggml_type in GGML_BLOCKS:
-            block, size = GGML_BLOCKS[ggml_type]
-            nbytes = count // block * size
-        else:
-            nbytes = min((e for e in ends if e > offset), default=offset) - offset
-        tensors.append(GgufTensor(name=name, shape=shape, ggml_type=ggml_type, nbytes=nbytes))
-    return GgufHeader(meta=meta, tensors=tensors)
-
-
-class ArrayLength(int):
-    """Stands for a long GGUF array (a vocabulary) of which only the length was read."""
 
 
 # ------------------------------------------------------------------------ repacking
@@ -372,7 +218,7 @@ class MemoryEstimate(BaseModel):
             f"{self.model} + {self.mmproj}, n_ctx {self.n_ctx}, n_batch {self.n_batch}:\n"
             f"  {human(self.weights_bytes)} language model weights (memory-mapped){repack}\n"
             f"  + {human(self.projector_bytes)} projector weights\n"
-            f"  + {human(self.kv_bytes)} KV cache (f16, {_pad(self.n_ctx, 256)} positions)\n"
+            f"  + {human(self.kv_bytes)} KV cache (f16, {align(self.n_ctx, 256)} positions)\n"
             f"  + {human(self.compute_bytes)} compute buffers\n"
             f"  + {human(self.overhead_bytes)} engine overhead\n"
             f"  = {human(self.total_bytes)} at peak; {human(self.needed_bytes)} must fit in memory"
@@ -439,7 +285,7 @@ def estimate(
     head_v = _int(lm.meta, f"{arch}.attention.value_length", head_k)
     kv_heads = _per_layer(lm.meta, f"{arch}.attention.head_count_kv", n_layer, n_head)
 
-    cells = _pad(n_ctx, 256)
+    cells = align(n_ctx, 256)
     kv = sum(cells * h * (head_k + head_v) * 2 for h in kv_heads)
     u = max(1, min(n_batch, n_ctx))
     lm_compute = llama_compute_bytes(
@@ -482,7 +328,7 @@ def llama_compute_bytes(
     over n_ctx 512-8192, n_batch 32-1024 and five shapes (n_embd 64-4096, vocabularies
     258-152k): from 0.3% below to 6% above. ``kv_width`` is ``n_head_kv * head_dim``.
     """
-    k = _pad(n_ctx, 256)
+    k = align(n_ctx, 256)
     u = max(1, min(n_batch, n_ctx))
     attention = 4 * u * (k * (n_head + 1) + 5 * n_embd + 2 * kv_width)  # KQ, mask, q/k/v/...
     output = 4 * u * (n_vocab + 3 * n_embd)  # logits for a full batch
@@ -502,10 +348,6 @@ def projector_compute_bytes(meta: dict[str, Any]) -> int:
     graph = 4 * (3 * size * size + 2 * (patches + 1) * max(n_ff, width, out))
     embeddings = 4 * tiles * patches * out
     return graph + embeddings
-
-
-def _pad(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 # ------------------------------------------------------------------------ available

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from llava_local import (
     ContextOverflowError,
     ImageError,
+    InsufficientMemoryError,
     InvalidRequestError,
     ModelLoadError,
     ModelNotFoundError,
@@ -388,3 +389,13 @@ def test_unknown_overflow_policy_is_refused(tiny_pair: GgufPair) -> None:
     """A misspelt on_overflow value is an InvalidRequestError."""
     with pytest.raises(InvalidRequestError, match="on_overflow"):
         open_chat(tiny_pair, on_overflow="truncate")
+
+
+def test_a_model_too_big_for_free_memory_is_refused(tiny_pair: GgufPair) -> None:
+    """Loading is refused before llama.cpp runs when the pair would not fit; force=True loads."""
+    huge_ctx = 4_000_000  # a KV cache of this size cannot fit in this machine's memory
+    with pytest.raises(InsufficientMemoryError, match="force=True") as info:
+        open_chat(tiny_pair, n_ctx=huge_ctx)
+    assert info.value.needed > info.value.available
+    with open_chat(tiny_pair, n_ctx=512, force=True) as chat:
+        assert chat.engine.memory_estimate.kv_bytes > 0  # type: ignore[attr-defined]

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from llava_local import gguf_writer, memory
+from llava_local import gguf_header, gguf_writer, memory
 from llava_local.backends.llama_cpp import physical_cores
 from llava_local.errors import InsufficientMemoryError, ModelLoadError
 from llava_local.gguf_writer import TextConfig
@@ -273,18 +273,18 @@ def test_header_reader_agrees_with_the_gguf_package(
     from gguf import GGUFReader
 
     for path in (tiny_pair_q4.lm, tiny_pair_q4.mmproj):
-        ours = memory.read_gguf(path)
+        ours = gguf_header.read_gguf(path)
         theirs = GGUFReader(path)
         assert [(t.name, t.shape, t.ggml_type, t.nbytes) for t in ours.tensors] == [
             (t.name, tuple(int(d) for d in t.shape), int(t.tensor_type), int(t.n_bytes))
             for t in theirs.tensors
         ]
         assert ours.meta["general.architecture"] == theirs.fields["general.architecture"].contents()
-    assert memory.read_gguf(tiny_pair_q4.lm).meta["tokenizer.ggml.tokens"] == (
+    assert gguf_header.read_gguf(tiny_pair_q4.lm).meta["tokenizer.ggml.tokens"] == (
         tiny_pair_q4.vocab.tokens
     )
-    tokens = memory.read_gguf(big_vocab_lm).meta["tokenizer.ggml.tokens"]
-    assert isinstance(tokens, memory.ArrayLength)  # too long to keep: only its length
+    tokens = gguf_header.read_gguf(big_vocab_lm).meta["tokenizer.ggml.tokens"]
+    assert isinstance(tokens, gguf_header.ArrayLength)  # too long to keep: only its length
     assert tokens == 50000
 
 
@@ -293,17 +293,17 @@ def test_block_sizes_agree_with_the_gguf_package() -> None:
     from gguf import GGML_QUANT_SIZES
 
     for kind, (block, size) in GGML_QUANT_SIZES.items():
-        if int(kind) in memory.GGML_BLOCKS and kind.name != "Q8_1":
-            assert memory.GGML_BLOCKS[int(kind)] == (block, size), kind.name
+        if int(kind) in gguf_header.GGML_BLOCKS and kind.name != "Q8_1":
+            assert gguf_header.GGML_BLOCKS[int(kind)] == (block, size), kind.name
 
 
 def test_unknown_tensor_type_takes_the_room_to_the_next_tensor(
     tiny_pair_q4: GgufPair, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A ggml type missing from the table is sized from the data offsets, padding included."""
-    known = {t.name: t.nbytes for t in memory.read_gguf(tiny_pair_q4.lm).tensors}
-    monkeypatch.delitem(memory.GGML_BLOCKS, memory.Q4_0)
-    guessed = memory.read_gguf(tiny_pair_q4.lm).tensors
+    known = {t.name: t.nbytes for t in gguf_header.read_gguf(tiny_pair_q4.lm).tensors}
+    monkeypatch.delitem(gguf_header.GGML_BLOCKS, memory.Q4_0)
+    guessed = gguf_header.read_gguf(tiny_pair_q4.lm).tensors
     q4 = [t for t in guessed if t.ggml_type == memory.Q4_0]
     assert q4
     for tensor in q4:
@@ -315,11 +315,11 @@ def test_not_a_gguf_and_truncated_headers_are_refused(tiny_pair: GgufPair, tmp_p
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"<html>not a model</html>")
     with pytest.raises(ModelLoadError, match="not a GGUF"):
-        memory.read_gguf(junk)
+        gguf_header.read_gguf(junk)
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(tiny_pair.lm.read_bytes()[:2000])
     with pytest.raises(ModelLoadError, match="ends inside its header"):
-        memory.read_gguf(cut)
+        gguf_header.read_gguf(cut)
 
 
 def test_repack_rule_follows_llama_cpp() -> None:

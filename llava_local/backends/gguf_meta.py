@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import MissingDependencyError, ModelLoadError
+from ..errors import ModelLoadError
+from ..gguf_header import read_gguf
 
 GGUF_MAGIC = b"GGUF"
 
@@ -25,19 +26,8 @@ def read(path: Path) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
             f"{path} is not a GGUF file (it starts with {magic!r}); llama.cpp needs GGUF "
             "files, e.g. the ones listed by `llava-local models`"
         )
-    try:
-        from gguf import GGUFReader
-    except ImportError as exc:  # pragma: no cover - gguf comes with the llama-cpp extra
-        raise MissingDependencyError(
-            "reading GGUF files needs the gguf package: pip install 'llava-local[llama-cpp]'"
-        ) from exc
-    try:
-        reader = GGUFReader(path)
-    except (ValueError, OSError, IndexError) as exc:
-        raise ModelLoadError(f"{path} is a damaged GGUF file: {exc}") from exc
-    meta = {name: field.contents() for name, field in reader.fields.items()}
-    shapes = {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}
-    return meta, shapes
+    header = read_gguf(path)
+    return header.meta, {t.name: t.shape for t in header.tensors}
 
 
 def check_pair(model: Path, mmproj: Path) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import memory
 from ..chat_formats import ChatFormat, choose_format
 from ..errors import (
     BackendError,
@@ -127,6 +128,7 @@ class LlamaCppBackend(Backend):
         use_mmap: bool = True,
         verbose: bool = False,
         embedding_cache_mb: float = 256,
+        force: bool = False,
     ) -> None:
         self._llama_cpp = _import_llama_cpp()
         #: Projected embeddings of pictures seen before, by content hash.
@@ -142,6 +144,18 @@ class LlamaCppBackend(Backend):
         if n_ctx is None:
             trained = int(lm_meta.get("context_length") or 4096)
             n_ctx = min(trained, (self._image_tokens or 576) + TEXT_BUDGET)
+        #: What loading is expected to take; checked against free memory first, because
+        #: the kernel's answer to a model that does not fit is to kill the process.
+        self.memory_estimate = memory.estimate(
+            self.model_path,
+            self.mmproj_path,
+            n_ctx=n_ctx,
+            n_batch=n_batch,
+            n_threads=self.n_threads,
+            use_mmap=use_mmap,
+        )
+        if n_gpu_layers == 0:  # with GPU offload the host holds less than this
+            memory.check(self.memory_estimate, force=force)
         start = time.perf_counter()
         self._llama = self._load_llama(n_ctx, n_gpu_layers, n_batch, use_mmap, verbose)
         self._ctx = self._init_mtmd(verbose)
