@@ -1,0 +1,415 @@
+"""Pictures, questions and prompts for the demo model (no torch here).
+
+Everything the demo model sees is generated in this module:
+
+* handwritten digits from ``sklearn.datasets.load_digits()`` drawn as dark ink on light
+  paper at any size (indices 0-1399 for training, 1400-1796 are the test split);
+* coloured shapes drawn with Pillow;
+* the LLaVA-1.5 (vicuna_v1) conversation text around them.
+
+``clip_preprocess`` is what llama.cpp's clip.cpp does to a picture before the vision
+tower of an "mlp" (LLaVA-1.5) projector: an aspect-preserving resize with Pillow's bicubic
+filter so the longer side becomes ``image_size`` (new size = ceil(side * scale)), centred
+on a square of rgb(122, 116, 104), then ``(x / 255 - mean) / std`` with CLIP's mean/std.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# --- constants shared with the exported model --------------------------------------------
+
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP / LLaVA-1.5
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+DEFAULT_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+OTHER_SYSTEMS = (
+    "You are a helpful assistant.",
+    "You are a vision assistant. Answer briefly.",
+    "Answer the user's questions about the picture.",
+)
+
+TRAIN_INDICES = range(0, 1400)  # sklearn digits used for training (incl. validation slice)
+VALIDATION_INDICES = range(1250, 1400)  # carved out of the training range, for choices
+TEST_INDICES = range(1400, 1797)  # never used for training or model selection
+
+# --- questions ----------------------------------------------------------------------------
+
+PRIMARY_DIGIT_QUESTION = "What digit is this?"
+
+DIGIT_QUESTIONS_TRAIN = (
+    PRIMARY_DIGIT_QUESTION,
+    "What digit is shown?",
+    "Which digit is this?",
+    "What number is this?",
+    "What number is shown in the picture?",
+    "What is the digit in the image?",
+    "Which number is written here?",
+    "Read the digit.",
+    "What digit do you see?",
+    "Tell me the digit.",
+    "What is this number?",
+    "Can you read this digit?",
+    "What handwritten digit is this?",
+    "Which digit does the image show?",
+    "Identify the number in the picture.",
+    "What number do you see in this image?",
+    "Please tell me which digit this is.",
+    "What's this digit?",
+    "Name the digit in the picture.",
+    "Which numeral is this?",
+    "What digit is written here?",
+    "Recognize the digit.",
+    "What number is drawn?",
+    "What is the handwritten number?",
+    "Read the number for me.",
+    "which digit is it",
+    "WHAT DIGIT IS THIS?",
+)
+
+# Questions whose answer depends on what the picture shows (digit or shape).
+GENERIC_QUESTIONS_TRAIN = (
+    "What is this?",
+    "What is in the picture?",
+    "Describe the image.",
+    "What do you see?",
+    "What is shown in the image?",
+    "What is drawn here?",
+    "Describe the picture.",
+    "What does this picture show?",
+    "Tell me what is in the image.",
+)
+
+SHAPE_QUESTIONS_TRAIN = (
+    "What shape is this?",
+    "What shape is it?",
+    "What shape is shown?",
+    "Which shape do you see?",
+    "What is the shape in the picture?",
+    "Name the shape.",
+    "What kind of shape is this?",
+    "Which shape is drawn?",
+    "What geometric shape is in the image?",
+    "Tell me the shape.",
+)
+
+COLOUR_QUESTIONS_TRAIN = (
+    "What colour is it?",
+    "What color is it?",
+    "What colour is the shape?",
+    "What color is the shape?",
+    "Which colour is this?",
+    "Name the colour.",
+    "What is the colour of the shape?",
+    "What color do you see?",
+    "Tell me the color.",
+    "Which color is the object?",
+)
+
+DESCRIBE_SHAPE_QUESTIONS_TRAIN = (
+    "Describe the shape and its colour.",
+    "What coloured shape is this?",
+    "Describe the shape.",
+)
+
+# Held out: never used in training; only for the "paraphrase" evaluation.
+DIGIT_QUESTIONS_HELD_OUT = (
+    "Which digit is shown in this image?",
+    "What number is written in this picture?",
+    "Can you tell me what digit this is?",
+    "What is the number in this image?",
+    "Identify the handwritten digit.",
+    "Which number is drawn here?",
+    "What digit does this picture show?",
+    "Please read the number in the image.",
+    "What's the number shown?",
+    "Tell me which number you see.",
+)
+SHAPE_QUESTIONS_HELD_OUT = (
+    "Which shape is in this image?",
+    "What shape can you see here?",
+    "Can you name the shape?",
+)
+COLOUR_QUESTIONS_HELD_OUT = (
+    "What colour does the shape have?",
+    "Can you name the color of this shape?",
+    "Which color is shown?",
+)
+FOLLOW_UP_COLOUR_QUESTION = "What colour is it?"
+
+# --- labels ---------------------------------------------------------------------------------
+
+SHAPES = ("circle", "square", "triangle", "star", "cross")
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (240, 210, 20),
+    "orange": (245, 130, 20),
+    "purple": (140, 40, 170),
+}
+COLOUR_NAMES = tuple(COLOURS)
+
+
+def digit_answer(digit: int) -> str:
+    """The answer to any question about a digit picture."""
+    return f"This digit is {digit}."
+
+
+def shape_answer(kind: str, shape: str, colour: str) -> str:
+    """The answer to a question about a shape picture; ``kind`` is shape/colour/both."""
+    if kind == "shape":
+        return f"It is a {shape}."
+    if kind == "colour":
+        return f"It is {colour}."
+    return f"It is a {colour} {shape}."
+
+
+# --- prompts -------------------------------------------------------------------------------
+
+
+def prompt_prefix(system: str) -> str:
+    """Text before the first picture: ``{system} USER: `` (or ``USER: `` with no system)."""
+    return f"{system} USER: " if system else "USER: "
+
+
+def first_turn_after_image(question: str) -> str:
+    """Text between the picture and the answer of the first turn."""
+    return f"\n{question} ASSISTANT:"
+
+
+def later_turn(question: str) -> str:
+    """Text of a follow-up turn, written right after the previous answer's ``</s>``."""
+    return f"USER: {question} ASSISTANT:"
+
+
+def render_prompt(system: str, turns: Sequence[tuple[str, str | None]], marker: str) -> str:
+    """The whole conversation as text, with ``marker`` where the picture goes.
+
+    Each turn is (question, answer); the last answer may be None (generation starts there).
+    """
+    text = prompt_prefix(system) + marker
+    for i, (question, answer) in enumerate(turns):
+        text += first_turn_after_image(question) if i == 0 else later_turn(question)
+        if answer is not None:
+            text += f" {answer}</s>"
+    return text
+
+
+# --- digits ---------------------------------------------------------------------------------
+
+
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 1,797 sklearn digits as (N, 8, 8) values 0..16 and their labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return digits.images.astype(np.float32), digits.target.astype(np.int64)
+
+
+RESAMPLES = (
+    Image.Resampling.NEAREST,
+    Image.Resampling.BILINEAR,
+    Image.Resampling.BICUBIC,
+    Image.Resampling.LANCZOS,
+    Image.Resampling.BOX,
+    Image.Resampling.HAMMING,
+)
+
+
+def render_digit(
+    pixels: np.ndarray,
+    size: int = 64,
+    resample: Image.Resampling = Image.Resampling.NEAREST,
+    ink: int = 0,
+    paper: int = 255,
+) -> Image.Image:
+    """The canonical picture of a digit: dark ink on light paper, ``size`` pixels square."""
+    grey = paper + (ink - paper) * (pixels / 16.0)
+    small = Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8), mode="L")
+    return small.resize((size, size), resample).convert("RGB")
+
+
+def augment_digit(pixels: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """A random rendering of a digit: size 8..512, any filter, shifts, contrast, JPEG."""
+    paper = int(rng.integers(185, 256))
+    ink = int(rng.integers(0, 90))
+    grey = paper + (ink - paper) * (pixels / 16.0)
+    pad = 5  # paper around the 8x8 digit, so shifted or zoomed-out views stay paper
+    canvas = np.full((8 + 2 * pad, 8 + 2 * pad), float(paper), dtype=np.float32)
+    canvas[pad:-pad, pad:-pad] = grey
+    small = Image.fromarray(np.clip(np.round(canvas), 0, 255).astype(np.uint8), mode="L")
+    size = round(math.exp(rng.uniform(math.log(8), math.log(512))))
+    aspect = 1.0 if rng.random() < 0.85 else float(rng.uniform(0.75, 1.33))
+    width, height = size, max(8, round(size * aspect))
+    # the view: about the digit's own 8x8 box, slightly shifted and zoomed, widened with
+    # paper to the picture's aspect; one resize with a random filter renders it
+    side = 8 * float(rng.uniform(0.9, 1.2))
+    cx = 4 + pad + float(rng.uniform(-0.7, 0.7))
+    cy = 4 + pad + float(rng.uniform(-0.7, 0.7))
+    if width >= height:
+        bw, bh = side * width / height, side
+    else:
+        bw, bh = side, side * height / width
+    box = (cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2)
+    image = small.resize((width, height), RESAMPLES[int(rng.integers(len(RESAMPLES)))], box=box)
+    if rng.random() < 0.25:
+        image = image.rotate(
+            float(rng.uniform(-10, 10)), resample=Image.Resampling.BICUBIC, fillcolor=paper
+        )
+    image = image.convert("RGB")
+    if rng.random() < 0.25:
+        image = _jpeg_round_trip(image, int(rng.integers(40, 96)))
+    return image
+
+
+def _jpeg_round_trip(image: Image.Image, quality: int) -> Image.Image:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
+# --- shapes --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    """What a shape picture shows."""
+
+    shape: str
+    colour: str
+
+
+def _shape_polygon(
+    shape: str, cx: float, cy: float, radius: float, angle: float
+) -> list[tuple[float, float]]:
+    def rotated(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        c, s = math.cos(angle), math.sin(angle)
+        return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in points]
+
+    if shape == "square":
+        r = radius * 0.8
+        return rotated([(-r, -r), (r, -r), (r, r), (-r, r)])
+    if shape == "triangle":
+        return rotated(
+            [
+                (radius * math.cos(a), radius * math.sin(a) + radius * 0.12)
+                for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
+            ]
+        )
+    if shape == "star":
+        points = []
+        for i in range(10):
+            r = radius if i % 2 == 0 else radius * 0.42
+            a = -math.pi / 2 + i * math.pi / 5
+            points.append((r * math.cos(a), r * math.sin(a)))
+        return rotated(points)
+    if shape == "cross":
+        a, b = radius * 0.85, radius * 0.3
+        return rotated(
+            [(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a), (-b, b),
+             (-a, b), (-a, -b), (-b, -b)]
+        )  # fmt: skip
+    raise ValueError(shape)
+
+
+def draw_shape(
+    spec: ShapeSpec,
+    *,
+    size: int = 64,
+    background: tuple[int, int, int] = (255, 255, 255),
+    rel_radius: float = 0.38,
+    centre: tuple[float, float] = (0.5, 0.5),
+    angle: float = 0.0,
+    colour_rgb: tuple[int, int, int] | None = None,
+    height: int | None = None,
+) -> Image.Image:
+    """A shape of ``spec`` on a plain background (drawn supersampled, then downsampled)."""
+    width, height = size, height or size
+    scale = max(1, min(4, 512 // max(width, height)))
+    image = Image.new("RGB", (width * scale, height * scale), background)
+    draw = ImageDraw.Draw(image)
+    side = min(width, height) * scale
+    radius = rel_radius * side
+    cx, cy = centre[0] * width * scale, centre[1] * height * scale
+    fill = colour_rgb or COLOURS[spec.colour]
+    if spec.shape == "circle":
+        r = radius * 0.9
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    else:
+        draw.polygon(_shape_polygon(spec.shape, cx, cy, radius, angle), fill=fill)
+    return image.resize((width, height), Image.Resampling.BOX)
+
+
+def random_shape_picture(spec: ShapeSpec, rng: np.random.Generator) -> Image.Image:
+    """A random rendering of ``spec``: size, position, rotation, background, JPEG."""
+    size = round(math.exp(rng.uniform(math.log(24), math.log(384))))
+    height = size if rng.random() < 0.8 else max(16, round(size * rng.uniform(0.75, 1.33)))
+    light = rng.random() < 0.75
+    level = int(rng.integers(200, 256)) if light else int(rng.integers(0, 60))
+    background = tuple(int(np.clip(level + rng.integers(-12, 13), 0, 255)) for _ in range(3))
+    rel_radius = float(rng.uniform(0.22, 0.45))
+    margin = rel_radius * 1.05
+    side = min(size, height)
+    mx, my = margin * side / size, margin * side / height
+    centre = (float(rng.uniform(mx, 1 - mx)), float(rng.uniform(my, 1 - my)))
+    angle = float(rng.uniform(-0.26, 0.26))
+    base = np.array(COLOURS[spec.colour])
+    colour_rgb = tuple(int(v) for v in np.clip(base + rng.integers(-20, 21, 3), 0, 255))
+    image = draw_shape(
+        spec,
+        size=size,
+        background=background,  # type: ignore[arg-type]
+        rel_radius=rel_radius,
+        centre=centre,
+        angle=angle,
+        colour_rgb=colour_rgb,  # type: ignore[arg-type]
+        height=height,
+    )
+    if rng.random() < 0.2:
+        image = _jpeg_round_trip(image, int(rng.integers(50, 95)))
+    return image
+
+
+# --- what clip.cpp does to a picture -------------------------------------------------------
+
+
+def clip_resize(image: Image.Image, image_size: int) -> np.ndarray:
+    """clip.cpp's resize for llava-1.5 (aspect kept, bicubic, centred on the pad colour).
+
+    Delegates to ``llava_local.gguf_writer.clip_square`` (byte-identical to clip.cpp,
+    tested there). Returns (image_size, image_size, 3) uint8.
+    """
+    from llava_local.gguf_writer import clip_square
+
+    return np.asarray(clip_square(image, image_size), dtype=np.uint8).copy()
+
+
+def normalize(pixels: np.ndarray) -> np.ndarray:
+    """(..., H, W, 3) uint8 to (..., 3, H, W) float32, as clip.cpp normalises."""
+    x = pixels.astype(np.float32) / np.float32(255.0)
+    x = (x - np.asarray(IMAGE_MEAN, dtype=np.float32)) / np.asarray(IMAGE_STD, dtype=np.float32)
+    return np.moveaxis(x, -1, -3).astype(np.float32)
+
+
+def clip_preprocess(image: Image.Image, image_size: int) -> np.ndarray:
+    """The (3, image_size, image_size) float32 input clip.cpp computes for ``image``."""
+    return normalize(clip_resize(image, image_size))
+
+
+def png_round_trip(image: Image.Image) -> Image.Image:
+    """What the library hands llama.cpp: an RGB PNG (lossless, so only RGB matters)."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")

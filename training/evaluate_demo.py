@@ -1,0 +1,368 @@
+"""Measure the demo model through llama.cpp (libmtmd, greedy) on the held-out test data.
+
+Run from the repository root (needs llama-cpp-python and scikit-learn; not torch)::
+
+    python training/evaluate_demo.py            # print the table
+    python training/evaluate_demo.py --write    # also record it in demo.json
+
+Pictures go the way the library sends them: ``llava_local.images.prepare`` (RGB, at most
+1344 px, PNG or JPEG), then libmtmd decodes and preprocesses them itself. Prompts are the
+LLaVA-1.5 vicuna format the library renders. Digits are the test split (sklearn indices
+1400-1796, never used in training); shapes are freshly drawn with a seed the trainer never
+uses. An answer is right when it is exactly the trained sentence ("This digit is 7.");
+for digits the first digit in the reply is also scored, as the Llava-mnist evaluation does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "training"))
+
+import data  # noqa: E402
+
+from llava_local.images import prepare  # noqa: E402
+
+DEMO_DIR = REPO / "llava_local" / "data" / "demo"
+EOS_ID = 257
+SHAPE_SEED = 20_251_122  # the shape "test set"; training draws from seed 0 and 1000
+
+
+class DemoEngine:
+    """llama.cpp + libmtmd on a GGUF pair, with a greedy decoder that reuses the KV cache."""
+
+    def __init__(self, lm: Path, mmproj: Path, n_ctx: int = 1024, n_threads: int = 1) -> None:
+        import llama_cpp
+        from llama_cpp import _logger, mtmd_cpp
+
+        self.lc, self.m = llama_cpp, mtmd_cpp
+        self.llama = llama_cpp.Llama(
+            str(lm),
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            n_ubatch=n_ctx,
+            n_threads=n_threads,
+            n_gpu_layers=0,
+            verbose=False,
+        )
+        mtmd_cpp.mtmd_helper_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        params = mtmd_cpp.mtmd_context_params_default()
+        params.use_gpu = False
+        params.print_timings = False
+        params.n_threads = n_threads
+        self.ctx = mtmd_cpp.mtmd_init_from_file(os.fsencode(mmproj), self.llama.model, params)
+        if not self.ctx:
+            raise RuntimeError(f"mtmd_init_from_file refused {mmproj}")
+        self.marker = mtmd_cpp.mtmd_default_marker().decode()
+
+    def close(self) -> None:
+        """Free the mtmd context."""
+        if self.ctx:
+            self.m.mtmd_free(self.ctx)
+            self.ctx = None
+
+    def __enter__(self) -> DemoEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _last_logits(self) -> np.ndarray:
+        ptr = self.lc.llama_get_logits_ith(self.llama.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.llama.n_vocab(),))
+
+    def chunks(self, prompt: str, images: Sequence[bytes]) -> list[tuple[str, list[int] | int]]:
+        """The tokenized prompt: ("text", token ids) and ("image", n_tokens) chunks."""
+        out: list[tuple[str, list[int] | int]] = []
+
+        def body(chunks: Any) -> None:
+            m = self.m
+            for i in range(m.mtmd_input_chunks_size(chunks)):
+                chunk = m.mtmd_input_chunks_get(chunks, i)
+                if m.mtmd_input_chunk_get_type(chunk) == m.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                    n = ctypes.c_size_t()
+                    ptr = m.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                    out.append(("text", [int(ptr[j]) for j in range(n.value)]))
+                else:
+                    out.append(("image", int(m.mtmd_input_chunk_get_n_tokens(chunk))))
+
+        self._tokenized(prompt, images, body)
+        return out
+
+    def _tokenized(self, prompt: str, images: Sequence[bytes], body: Callable[[Any], Any]) -> Any:
+        m = self.m
+        bitmaps: list[Any] = []
+        chunks = None
+        try:
+            for image in images:
+                buf = (ctypes.c_uint8 * len(image)).from_buffer_copy(image)
+                bitmap = m.mtmd_helper_bitmap_init_from_buf(self.ctx, buf, len(image), False)
+                if not bitmap:
+                    raise ValueError("libmtmd could not decode the picture")
+                bitmaps.append(bitmap)
+            text = m.mtmd_input_text()
+            encoded = prompt.encode()
+            text.text = encoded
+            text.text_len = len(encoded)
+            text.add_special = True  # BOS at the very start
+            text.parse_special = True  # "</s>" in the history is EOS
+            chunks = m.mtmd_input_chunks_init()
+            array = (m.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
+            if m.mtmd_tokenize(self.ctx, chunks, ctypes.byref(text), array, len(bitmaps)) != 0:
+                raise ValueError("mtmd_tokenize failed")
+            return body(chunks)
+        finally:
+            if chunks:
+                m.mtmd_input_chunks_free(chunks)
+            for bitmap in bitmaps:
+                m.mtmd_bitmap_free(bitmap)
+
+    def generate(self, prompt: str, images: Sequence[bytes], max_tokens: int = 32) -> str:
+        """Greedy continuation of ``prompt`` from an empty context, up to EOS."""
+        m, lc, llama = self.m, self.lc, self.llama
+
+        def body(chunks: Any) -> None:
+            llama.reset()
+            llama._ctx.kv_cache_clear()
+            for i in range(m.mtmd_input_chunks_size(chunks)):
+                chunk = m.mtmd_input_chunks_get(chunks, i)
+                if m.mtmd_input_chunk_get_type(chunk) == m.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                    n = ctypes.c_size_t()
+                    ptr = m.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                    llama.eval([ptr[j] for j in range(n.value)])
+                else:
+                    new_n_past = lc.llama_pos(0)
+                    status = m.mtmd_helper_eval_chunk_single(
+                        self.ctx,
+                        llama.ctx,
+                        chunk,
+                        lc.llama_pos(llama.n_tokens),
+                        lc.llama_seq_id(0),
+                        llama.n_batch,
+                        False,
+                        ctypes.byref(new_n_past),
+                    )
+                    if status != 0:
+                        raise RuntimeError(f"mtmd_helper_eval_chunk_single failed: {status}")
+                    llama.n_tokens = new_n_past.value
+
+        self._tokenized(prompt, images, body)
+        out: list[int] = []
+        for _ in range(max_tokens):
+            token = int(np.argmax(self._last_logits()))
+            if token == EOS_ID:
+                break
+            out.append(token)
+            llama.eval([token])
+        return bytes(t for t in out if t < 256).decode(errors="replace")
+
+    def ask(
+        self,
+        png: bytes,
+        turns: Sequence[tuple[str, str | None]],
+        system: str = data.DEFAULT_SYSTEM,
+    ) -> str:
+        """The model's answer to the last turn (whose answer is None)."""
+        return self.generate(data.render_prompt(system, turns, self.marker), [png])
+
+
+# ------------------------------------------------------------------------ test sets
+
+
+def prepared(image: Image.Image) -> bytes:
+    """The bytes the library hands llama.cpp for ``image`` (llava_local.images.prepare)."""
+    return prepare(image, max_side=1344, cache=None).data
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """How test digits are drawn."""
+
+    size: int
+    resample: Image.Resampling
+
+    @property
+    def name(self) -> str:
+        return f"{self.size}px-{self.resample.name.lower()}"
+
+
+CANONICAL = Rendering(64, Image.Resampling.NEAREST)
+OTHER_RENDERINGS = (
+    Rendering(8, Image.Resampling.NEAREST),
+    Rendering(28, Image.Resampling.NEAREST),
+    Rendering(28, Image.Resampling.BILINEAR),
+    Rendering(224, Image.Resampling.BICUBIC),
+    Rendering(512, Image.Resampling.NEAREST),
+)
+
+
+def digit_set(rendering: Rendering) -> tuple[list[bytes], list[int]]:
+    """The test split (indices 1400-1796) drawn with ``rendering``."""
+    images, labels = data.load_digits_arrays()
+    pngs = [
+        prepared(data.render_digit(images[i], rendering.size, rendering.resample))
+        for i in data.TEST_INDICES
+    ]
+    return pngs, [int(labels[i]) for i in data.TEST_INDICES]
+
+
+def shape_set(n: int) -> tuple[list[bytes], list[data.ShapeSpec]]:
+    """``n`` freshly drawn shapes (every shape/colour pair equally often)."""
+    rng = np.random.default_rng(SHAPE_SEED)
+    pairs = [data.ShapeSpec(s, c) for s in data.SHAPES for c in data.COLOUR_NAMES]
+    specs = [pairs[i % len(pairs)] for i in range(n)]
+    return [prepared(data.random_shape_picture(s, rng)) for s in specs], specs
+
+
+FIRST_DIGIT = re.compile(r"\d")
+
+
+def score_digits(
+    engine: DemoEngine,
+    pngs: Sequence[bytes],
+    labels: Sequence[int],
+    questions: Sequence[str],
+    *,
+    system: str = data.DEFAULT_SYSTEM,
+) -> dict[str, Any]:
+    """Exact-sentence and first-digit accuracy over every (picture, question) pair."""
+    exact = first = total = 0
+    start = time.perf_counter()
+    for i, (png, label) in enumerate(zip(pngs, labels, strict=True)):
+        # with several questions, each picture gets them in turn (one per picture)
+        question = questions[i % len(questions)]
+        reply = engine.ask(png, [(question, None)], system)
+        exact += reply == f" {data.digit_answer(label)}"
+        found = FIRST_DIGIT.search(reply)
+        first += found is not None and found.group() == str(label)
+        total += 1
+    seconds = time.perf_counter() - start
+    return {
+        "n": total,
+        "exact": round(exact / total, 4),
+        "first_digit": round(first / total, 4),
+        "ms_per_picture": round(1000 * seconds / total, 1),
+    }
+
+
+def score_shapes(
+    engine: DemoEngine,
+    pngs: Sequence[bytes],
+    specs: Sequence[data.ShapeSpec],
+    kind: str,
+    questions: Sequence[str],
+    *,
+    follow_up: bool = False,
+) -> dict[str, Any]:
+    """Exact-sentence accuracy of shape/colour/both answers (optionally as a 2nd turn)."""
+    right = 0
+    for i, (png, spec) in enumerate(zip(pngs, specs, strict=True)):
+        question = questions[i % len(questions)]
+        if follow_up:
+            first = engine.ask(png, [("What shape is this?", None)])
+            turns: list[tuple[str, str | None]] = [
+                ("What shape is this?", first.strip()),
+                (question, None),
+            ]
+        else:
+            turns = [(question, None)]
+        reply = engine.ask(png, turns)
+        right += reply == f" {data.shape_answer(kind, spec.shape, spec.colour)}"
+    return {"n": len(pngs), "exact": round(right / len(pngs), 4)}
+
+
+def evaluate(lm: Path, mmproj: Path, n_shapes: int = 300, quick: bool = False) -> dict[str, Any]:
+    """Every figure recorded in demo.json's "evaluation"."""
+    result: dict[str, Any] = {
+        "engine": "llama-cpp-python "
+        + __import__("llama_cpp").__version__
+        + " (libmtmd), greedy, n_threads=1",
+        "picture_path": "llava_local.images.prepare(max_side=1344) -> libmtmd decode -> "
+        "clip.cpp preprocessing",
+        "digits_test_split": "sklearn load_digits() indices 1400-1796 (397 pictures)",
+        "canonical_rendering": "render_digit(): 8x8 values 0-16 as grey 255-v*255/16, "
+        f"{CANONICAL.size} px square, nearest neighbour",
+    }
+    with DemoEngine(lm, mmproj) as engine:
+        pngs, labels = digit_set(CANONICAL)
+        if quick:
+            pngs, labels = pngs[:100], labels[:100]
+        result["digits_primary"] = score_digits(
+            engine, pngs, labels, [data.PRIMARY_DIGIT_QUESTION]
+        ) | {"question": data.PRIMARY_DIGIT_QUESTION}
+        per_question = {
+            q: score_digits(engine, pngs, labels, [q])["exact"]
+            for q in data.DIGIT_QUESTIONS_HELD_OUT
+        }
+        result["digits_held_out_paraphrases"] = {
+            "exact": round(float(np.mean(list(per_question.values()))), 4),
+            "n": len(pngs) * len(per_question),
+            "per_question": per_question,
+        }
+        result["digits_no_system_prompt"] = score_digits(
+            engine, pngs, labels, [data.PRIMARY_DIGIT_QUESTION], system=""
+        )
+        if not quick:
+            result["digits_other_renderings"] = {
+                r.name: score_digits(engine, *digit_set(r), [data.PRIMARY_DIGIT_QUESTION])
+                for r in OTHER_RENDERINGS
+            }
+        shape_pngs, specs = shape_set(60 if quick else n_shapes)
+        result["shapes"] = {
+            "set": f"{len(specs)} drawn shapes ({len(data.SHAPES)} shapes x "
+            f"{len(data.COLOUR_NAMES)} colours), seed {SHAPE_SEED}",
+            "shape": score_shapes(engine, shape_pngs, specs, "shape", ["What shape is this?"]),
+            "colour": score_shapes(engine, shape_pngs, specs, "colour", ["What colour is it?"]),
+            "both": score_shapes(engine, shape_pngs, specs, "both", ["What is in the picture?"]),
+            "shape_held_out_paraphrases": score_shapes(
+                engine, shape_pngs, specs, "shape", data.SHAPE_QUESTIONS_HELD_OUT
+            ),
+            "colour_held_out_paraphrases": score_shapes(
+                engine, shape_pngs, specs, "colour", data.COLOUR_QUESTIONS_HELD_OUT
+            ),
+            "colour_follow_up": score_shapes(
+                engine,
+                shape_pngs,
+                specs,
+                "colour",
+                [data.FOLLOW_UP_COLOUR_QUESTION],
+                follow_up=True,
+            ),
+        }
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Evaluate, print, and optionally record the figures in demo.json."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", type=Path, default=DEMO_DIR, help="directory of the pair")
+    parser.add_argument("--write", action="store_true", help="record in <dir>/demo.json")
+    parser.add_argument("--quick", action="store_true", help="a subset, for a quick look")
+    args = parser.parse_args(argv)
+    result = evaluate(args.dir / "demo-lm.gguf", args.dir / "demo-mmproj.gguf", quick=args.quick)
+    print(json.dumps(result, indent=2))
+    if args.write:
+        meta_path = args.dir / "demo.json"
+        meta = json.loads(meta_path.read_text())
+        meta["evaluation"] = result
+        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

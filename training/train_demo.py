@@ -1,0 +1,673 @@
+"""Train the demo model and export it as the GGUF pair shipped in llava_local/data/demo/.
+
+Run from the repository root (needs torch and scikit-learn, see training/README.md)::
+
+    python training/train_demo.py
+
+It renders its own data (sklearn digits 0-1399 and Pillow shapes), trains a LLaVA-1.5
+architecture model from scratch on the CPU, checks the PyTorch graph against the numpy
+reference of tests/test_demo_parity.py on the exported files, and writes
+``demo-lm.gguf``, ``demo-mmproj.gguf`` and ``demo.json``. Then run
+``python training/evaluate_demo.py --write`` to measure it through llama.cpp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "training"))
+
+import data  # noqa: E402
+from model import TextShape, TinyLlava, VisionShape, scale_residual_outputs  # noqa: E402
+
+from llava_local import gguf_writer as gw  # noqa: E402
+
+OUT_DIR = REPO / "llava_local" / "data" / "demo"
+
+VISION = VisionShape(image_size=32, patch_size=8, n_embd=128, n_ff=512, n_head=4, n_layer=5)
+TEXT = TextShape(n_vocab=gw.FIRST_EXTRA_ID, n_embd=128, n_layer=4, n_ff=352, n_head=4)
+CONTEXT_LENGTH = 1024
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides the training run (recorded in demo.json)."""
+
+    seed: int = 0
+    steps: int = 1000
+    batch_size: int = 48
+    lr: float = 2e-3
+    min_lr: float = 1e-4
+    warmup: int = 60
+    weight_decay: float = 0.05
+    aux_weight: float = 0.5
+    key_weight: float = 4.0  # loss weight of the digit / shape / colour words
+    pretrain_steps: int = 1500  # vision tower alone on the auxiliary classes first
+    pretrain_batch: int = 128
+    digit_renders: int = 16  # augmented pictures per training digit
+    shape_renders: int = 12000
+    p_digit: float = 0.55
+    p_default_system: float = 0.7
+    p_no_system: float = 0.15
+    p_second_turn: float = 0.25
+    threads: int = 2
+
+
+# --------------------------------------------------------------------------- samples
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training conversation: a picture (index into a pool) and its turns."""
+
+    pool: str  # "digit" or "shape"
+    index: int
+    turns: tuple[tuple[str, str], ...]
+
+
+def _pick(rng: np.random.Generator, items: Sequence[str]) -> str:
+    return items[int(rng.integers(len(items)))]
+
+
+def digit_turns(digit: int, rng: np.random.Generator, p_second: float) -> list[tuple[str, str]]:
+    """Questions about a digit picture; every answer is ``This digit is N.``."""
+
+    def question() -> str:
+        r = rng.random()
+        if r < 0.2:
+            return data.PRIMARY_DIGIT_QUESTION
+        if r < 0.75:
+            return _pick(rng, data.DIGIT_QUESTIONS_TRAIN)
+        return _pick(rng, data.GENERIC_QUESTIONS_TRAIN)
+
+    answer = data.digit_answer(digit)
+    turns = [(question(), answer)]
+    if rng.random() < p_second:
+        turns.append((question(), answer))
+    return turns
+
+
+def shape_turns(
+    spec: data.ShapeSpec, rng: np.random.Generator, p_second: float
+) -> list[tuple[str, str]]:
+    """Questions about a shape picture; the answer depends on what is asked."""
+
+    def turn() -> tuple[str, str]:
+        r = rng.random()
+        if r < 0.3:
+            kind, q = "shape", _pick(rng, data.SHAPE_QUESTIONS_TRAIN)
+        elif r < 0.6:
+            kind, q = "colour", _pick(rng, data.COLOUR_QUESTIONS_TRAIN)
+        else:
+            kind = "both"
+            q = _pick(rng, data.GENERIC_QUESTIONS_TRAIN + data.DESCRIBE_SHAPE_QUESTIONS_TRAIN)
+        return q, data.shape_answer(kind, spec.shape, spec.colour)
+
+    turns = [turn()]
+    if rng.random() < p_second:
+        if rng.random() < 0.5:
+            q = data.FOLLOW_UP_COLOUR_QUESTION
+            turns.append((q, data.shape_answer("colour", spec.shape, spec.colour)))
+        else:
+            turns.append(turn())
+    return turns
+
+
+LABEL_WORDS = re.compile(
+    r"\b(" + "|".join([*map(str, range(10)), *data.SHAPES, *data.COLOUR_NAMES]) + r")\b"
+)
+
+
+def encode_suffix(
+    turns: Sequence[tuple[str, str]], key_weight: float = 1.0
+) -> tuple[list[int], list[float]]:
+    """Token ids after the picture and their loss weights.
+
+    Question tokens weigh 0, answer tokens (and their ``</s>``) 1, and the bytes of the
+    words that carry the picture's content (digit, shape, colour) ``key_weight``.
+    """
+    ids: list[int] = []
+    weights: list[float] = []
+    for i, (question, answer) in enumerate(turns):
+        text = data.first_turn_after_image(question) if i == 0 else data.later_turn(question)
+        q_ids = list(text.encode())
+        a_text = f" {answer}"
+        a_weights = [1.0] * (len(a_text.encode()) + 1)
+        for match in LABEL_WORDS.finditer(a_text):  # answers are ASCII: chars = bytes
+            for j in range(match.start(), match.end()):
+                a_weights[j] = key_weight
+        ids += [*q_ids, *a_text.encode(), gw.EOS_ID]
+        weights += [0.0] * len(q_ids) + a_weights
+    return ids, weights
+
+
+def prefix_ids(system: str) -> list[int]:
+    """BOS, then the text before the picture."""
+    return [gw.BOS_ID, *data.prompt_prefix(system).encode()]
+
+
+# ----------------------------------------------------------------------------- pools
+
+
+@dataclass
+class Pools:
+    """Pre-rendered pictures, already as clip.cpp's (S, S, 3) uint8 squares."""
+
+    digit_pixels: np.ndarray
+    digit_labels: np.ndarray
+    shape_pixels: np.ndarray
+    shape_specs: list[data.ShapeSpec]
+
+
+def render_pools(recipe: Recipe, train_indices: Sequence[int], rng: np.random.Generator) -> Pools:
+    """Augmented renderings of the training digits and random shapes."""
+    images, labels = data.load_digits_arrays()
+    size = VISION.image_size
+    digit_pixels, digit_labels = [], []
+    for _ in range(recipe.digit_renders):
+        for i in train_indices:
+            picture = data.augment_digit(images[i], rng)
+            digit_pixels.append(data.clip_resize(picture, size))
+            digit_labels.append(labels[i])
+    shape_pixels, specs = [], []
+    for _ in range(recipe.shape_renders):
+        spec = data.ShapeSpec(_pick(rng, data.SHAPES), _pick(rng, data.COLOUR_NAMES))
+        shape_pixels.append(data.clip_resize(data.random_shape_picture(spec, rng), size))
+        specs.append(spec)
+    return Pools(np.stack(digit_pixels), np.asarray(digit_labels), np.stack(shape_pixels), specs)
+
+
+# -------------------------------------------------------------------------- training
+
+
+def make_batch(recipe: Recipe, pools: Pools, rng: np.random.Generator) -> tuple[str, list[Sample]]:
+    """One system prompt and a batch of conversations using it."""
+    r = rng.random()
+    if r < recipe.p_default_system:
+        system = data.DEFAULT_SYSTEM
+    elif r < recipe.p_default_system + recipe.p_no_system:
+        system = ""
+    else:
+        system = _pick(rng, data.OTHER_SYSTEMS)
+    samples = []
+    for _ in range(recipe.batch_size):
+        if rng.random() < recipe.p_digit:
+            i = int(rng.integers(len(pools.digit_labels)))
+            turns = digit_turns(int(pools.digit_labels[i]), rng, recipe.p_second_turn)
+            samples.append(Sample("digit", i, tuple(turns)))
+        else:
+            i = int(rng.integers(len(pools.shape_specs)))
+            turns = shape_turns(pools.shape_specs[i], rng, recipe.p_second_turn)
+            samples.append(Sample("shape", i, tuple(turns)))
+    return system, samples
+
+
+def _pixels(pools: Pools, samples: Sequence[Sample]) -> torch.Tensor:
+    pixels = np.stack(
+        [
+            pools.digit_pixels[s.index] if s.pool == "digit" else pools.shape_pixels[s.index]
+            for s in samples
+        ]
+    )
+    return torch.from_numpy(data.normalize(pixels))
+
+
+def aux_loss(
+    model: TinyLlava, pools: Pools, samples: Sequence[Sample], features: torch.Tensor
+) -> tuple[torch.Tensor, float]:
+    """Cross-entropy of the auxiliary probe (digit, or shape and colour) and its accuracy."""
+    aux = model.aux_logits(features)
+    losses, hits = [], []
+    digit_rows = [i for i, s in enumerate(samples) if s.pool == "digit"]
+    shape_rows = [i for i, s in enumerate(samples) if s.pool == "shape"]
+    if digit_rows:
+        target = torch.tensor([int(pools.digit_labels[samples[i].index]) for i in digit_rows])
+        logits = aux[digit_rows, :10]
+        losses.append(F.cross_entropy(logits, target, label_smoothing=0.1))
+        hits.append(logits.argmax(-1) == target)
+    if shape_rows:
+        specs = [pools.shape_specs[samples[i].index] for i in shape_rows]
+        shape_t = torch.tensor([data.SHAPES.index(s.shape) for s in specs])
+        colour_t = torch.tensor([data.COLOUR_NAMES.index(s.colour) for s in specs])
+        losses.append(F.cross_entropy(aux[shape_rows, 10:15], shape_t))
+        losses.append(F.cross_entropy(aux[shape_rows, 15:21], colour_t))
+        hits.append(aux[shape_rows, 10:15].argmax(-1) == shape_t)
+        hits.append(aux[shape_rows, 15:21].argmax(-1) == colour_t)
+    return torch.stack(losses).mean(), torch.cat(hits).float().mean().item()
+
+
+def batch_loss(
+    model: TinyLlava,
+    pools: Pools,
+    system: str,
+    samples: Sequence[Sample],
+    *,
+    aux_weight: float,
+    key_weight: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted answer-token cross-entropy plus the auxiliary picture-class loss."""
+    features = model.vision.features(_pixels(pools, samples))
+    image = model.vision.project(features)
+
+    encoded = [encode_suffix(s.turns, key_weight) for s in samples]
+    t_max = max(len(ids) for ids, _ in encoded)
+    ids = torch.zeros(len(samples), t_max, dtype=torch.long)
+    weight = torch.zeros(len(samples), t_max)
+    for row, (tok, w) in enumerate(encoded):
+        ids[row, : len(tok)] = torch.tensor(tok)
+        weight[row, : len(w)] = torch.tensor(w)
+    suffix = torch.cat([image, model.lm.token_embd(ids)], dim=1)
+    logits = model.lm.forward_shared_prefix(torch.tensor(prefix_ids(system)), suffix)
+    n_img = image.shape[1]
+    pred = logits[:, n_img - 1 : n_img - 1 + t_max]
+    ce = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), ids.reshape(-1), reduction="none")
+    lm_loss = (ce * weight.reshape(-1)).sum() / weight.sum()
+    probe_loss, probe_acc = aux_loss(model, pools, samples, features)
+    hits = pred.argmax(-1) == ids
+    key = weight > 1
+    stats = {
+        "lm": lm_loss.item(),
+        "aux": probe_loss.item(),
+        "probe_acc": probe_acc,
+        "token_acc": hits[weight > 0].float().mean().item(),
+        "key_acc": hits[key].float().mean().item() if bool(key.any()) else 1.0,
+    }
+    return lm_loss + aux_weight * probe_loss, stats
+
+
+def lr_at(step: int, steps: int, recipe: Recipe) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr``."""
+    if step < recipe.warmup:
+        return recipe.lr * (step + 1) / recipe.warmup
+    progress = (step - recipe.warmup) / max(1, steps - recipe.warmup)
+    return recipe.min_lr + 0.5 * (recipe.lr - recipe.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def _optimizer(params: Sequence[tuple[str, torch.nn.Parameter]], recipe: Recipe) -> Any:
+    decay = [p for n, p in params if p.ndim >= 2 and "embd" not in n]
+    no_decay = [p for n, p in params if p.ndim < 2 or "embd" in n]
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": recipe.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=recipe.lr,
+        betas=(0.9, 0.98),
+    )
+
+
+def _log(step: int, running: dict[str, float], stats: dict[str, float], start: float) -> None:
+    for k, v in stats.items():
+        running[k] = 0.9 * running.get(k, v) + 0.1 * v
+    shown = " ".join(f"{k} {v:.3f}" for k, v in running.items())
+    print(f"step {step:5d}  {shown}  {time.monotonic() - start:6.0f}s", flush=True)
+
+
+def train(recipe: Recipe, pools: Pools, rng: np.random.Generator, log_every: int = 50) -> TinyLlava:
+    """Stage 1: the vision tower alone on the probe classes. Stage 2: everything together."""
+    model = TinyLlava(VISION, TEXT, n_aux=10 + len(data.SHAPES) + len(data.COLOUR_NAMES))
+    scale_residual_outputs(model)
+    start = time.monotonic()
+
+    vision_params = [
+        (n, p) for n, p in model.named_parameters() if n.startswith(("vision.", "aux_head."))
+    ]
+    opt = _optimizer(vision_params, recipe)
+    running: dict[str, float] = {}
+    pretrain = replace(recipe, batch_size=recipe.pretrain_batch, p_second_turn=0.0)
+    for step in range(recipe.pretrain_steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, recipe.pretrain_steps, recipe)
+        _, samples = make_batch(pretrain, pools, rng)
+        loss, acc = aux_loss(model, pools, samples, model.vision.features(_pixels(pools, samples)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        running = {
+            k: 0.9 * running.get(k, v) + 0.1 * v
+            for k, v in {"aux": loss.item(), "probe_acc": acc}.items()
+        }
+        if step % log_every == 0 or step == recipe.pretrain_steps - 1:
+            _log(step, running, {}, start)
+
+    opt = _optimizer(list(model.named_parameters()), recipe)
+    running = {}
+    for step in range(recipe.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, recipe.steps, recipe)
+        system, samples = make_batch(recipe, pools, rng)
+        loss, stats = batch_loss(
+            model,
+            pools,
+            system,
+            samples,
+            aux_weight=recipe.aux_weight,
+            key_weight=recipe.key_weight,
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % log_every == 0 or step == recipe.steps - 1:
+            _log(step, running, stats, start)
+        else:
+            running = {k: 0.9 * running.get(k, v) + 0.1 * v for k, v in stats.items()}
+    return model
+
+
+# ------------------------------------------------------------------------ validation
+
+
+@torch.no_grad()
+def greedy_answers(
+    model: TinyLlava,
+    pixels: np.ndarray,
+    question: str,
+    *,
+    system: str = data.DEFAULT_SYSTEM,
+    max_tokens: int = 24,
+    batch: int = 128,
+) -> list[str]:
+    """Greedy first-turn answers in PyTorch (no KV cache; fine for short answers)."""
+    answers: list[str] = []
+    prefix = torch.tensor(prefix_ids(system))
+    for start in range(0, len(pixels), batch):
+        x = torch.from_numpy(data.normalize(pixels[start : start + batch]))
+        image = model.vision(x)
+        ids = torch.tensor([list(data.first_turn_after_image(question).encode())] * len(x))
+        done = torch.zeros(len(x), dtype=torch.bool)
+        out: list[list[int]] = [[] for _ in range(len(x))]
+        for _ in range(max_tokens):
+            suffix = torch.cat([image, model.lm.token_embd(ids)], dim=1)
+            nxt = model.lm.forward_shared_prefix(prefix, suffix)[:, -1].argmax(-1)
+            for row in range(len(x)):
+                if not done[row]:
+                    if int(nxt[row]) == gw.EOS_ID:
+                        done[row] = True
+                    else:
+                        out[row].append(int(nxt[row]))
+            if bool(done.all()):
+                break
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+        answers += [bytes(b for b in o if b < 256).decode(errors="replace") for o in out]
+    return answers
+
+
+def validation_pictures(indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Validation digits as the evaluator renders them (64 px, nearest)."""
+    images, labels = data.load_digits_arrays()
+    pixels = [
+        data.clip_resize(data.png_round_trip(data.render_digit(images[i])), VISION.image_size)
+        for i in indices
+    ]
+    return np.stack(pixels), labels[list(indices)]
+
+
+def validate(model: TinyLlava, seed: int) -> dict[str, float]:
+    """Exact-answer accuracy (PyTorch, greedy) on the validation slice and fresh shapes."""
+    model.eval()
+    pixels, labels = validation_pictures(data.VALIDATION_INDICES)
+    result: dict[str, float] = {}
+    for name, question in (
+        ("digits_primary", data.PRIMARY_DIGIT_QUESTION),
+        ("digits_held_out_0", data.DIGIT_QUESTIONS_HELD_OUT[0]),
+    ):
+        got = greedy_answers(model, pixels, question)
+        want = [f" {data.digit_answer(int(d))}" for d in labels]
+        result[name] = float(np.mean([g == w for g, w in zip(got, want, strict=True)]))
+    with torch.no_grad():
+        probe = model.aux_logits(model.vision.features(torch.from_numpy(data.normalize(pixels))))
+    result["digits_probe"] = float((probe[:, :10].argmax(-1).numpy() == labels).mean())
+    rng = np.random.default_rng(seed + 1000)
+    specs = [
+        data.ShapeSpec(_pick(rng, data.SHAPES), _pick(rng, data.COLOUR_NAMES)) for _ in range(300)
+    ]
+    shape_px = np.stack(
+        [data.clip_resize(data.random_shape_picture(s, rng), VISION.image_size) for s in specs]
+    )
+    for kind, question in (("shape", "What shape is this?"), ("colour", "What colour is it?")):
+        got = greedy_answers(model, shape_px, question)
+        want = [f" {data.shape_answer(kind, s.shape, s.colour)}" for s in specs]
+        result[f"shapes_{kind}"] = float(np.mean([g == w for g, w in zip(got, want, strict=True)]))
+    with torch.no_grad():
+        probe = model.aux_logits(model.vision.features(torch.from_numpy(data.normalize(shape_px))))
+    shape_t = np.array([data.SHAPES.index(s.shape) for s in specs])
+    result["shapes_probe"] = float((probe[:, 10:15].argmax(-1).numpy() == shape_t).mean())
+    model.train()
+    return result
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def text_config() -> gw.TextConfig:
+    """The writer's config for the LM."""
+    return gw.TextConfig(
+        n_embd=TEXT.n_embd,
+        n_layer=TEXT.n_layer,
+        n_ff=TEXT.n_ff,
+        n_head=TEXT.n_head,
+        context_length=CONTEXT_LENGTH,
+        rms_eps=TEXT.rms_eps,
+        rope_theta=TEXT.rope_theta,
+    )
+
+
+def vision_config() -> gw.VisionConfig:
+    """The writer's config for the projector."""
+    return gw.VisionConfig(
+        image_size=VISION.image_size,
+        patch_size=VISION.patch_size,
+        n_embd=VISION.n_embd,
+        n_ff=VISION.n_ff,
+        n_head=VISION.n_head,
+        n_layer=VISION.n_layer,
+        projection_dim=TEXT.n_embd,
+        eps=VISION.eps,
+        image_mean=data.IMAGE_MEAN,
+        image_std=data.IMAGE_STD,
+        use_gelu=False,
+    )
+
+
+def export_weights(model: TinyLlava) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """GGUF tensor names to float32 arrays in PyTorch layout: (LM, projector)."""
+
+    def arr(t: torch.Tensor) -> np.ndarray:
+        return t.detach().to(torch.float32).numpy().copy()
+
+    lm = model.lm
+    text = {
+        "token_embd.weight": arr(lm.token_embd.weight),
+        "output_norm.weight": arr(lm.output_norm.weight),
+        "output.weight": arr(lm.output.weight),
+    }
+    for i, block in enumerate(lm.blocks):
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up"):
+            text[f"blk.{i}.{name}.weight"] = arr(getattr(block, name).weight)
+        text[f"blk.{i}.ffn_down.weight"] = arr(block.ffn_down.weight)
+        text[f"blk.{i}.attn_norm.weight"] = arr(block.attn_norm.weight)
+        text[f"blk.{i}.ffn_norm.weight"] = arr(block.ffn_norm.weight)
+
+    v = model.vision
+    vision = {
+        "v.patch_embd.weight": arr(v.patch_embd.weight),
+        "v.class_embd": arr(v.class_embd),
+        "v.position_embd.weight": arr(v.position_embd),
+        "v.pre_ln.weight": arr(v.pre_ln.weight),
+        "v.pre_ln.bias": arr(v.pre_ln.bias),
+        "mm.0.weight": arr(v.mm0.weight),
+        "mm.0.bias": arr(v.mm0.bias),
+        "mm.2.weight": arr(v.mm2.weight),
+        "mm.2.bias": arr(v.mm2.bias),
+    }
+    for i, block in enumerate(v.blocks):
+        for name in ("ln1", "attn_q", "attn_k", "attn_v", "attn_out", "ln2", "ffn_up", "ffn_down"):
+            layer = getattr(block, name)
+            vision[f"v.blk.{i}.{name}.weight"] = arr(layer.weight)
+            vision[f"v.blk.{i}.{name}.bias"] = arr(layer.bias)
+    return text, vision
+
+
+def check_against_numpy(model: TinyLlava, lm_path: Path, mm_path: Path) -> dict[str, float]:
+    """PyTorch vs the numpy reference of tests/test_demo_parity.py on the written files."""
+    from tests import test_demo_parity as ref
+
+    model.eval()
+    images, _ = data.load_digits_arrays()
+    picture = data.render_digit(images[3], size=VISION.image_size)
+    pixels = data.clip_preprocess(picture, VISION.image_size)
+    with torch.no_grad():
+        torch_img = model.vision(torch.from_numpy(pixels)[None])[0]
+        prompt = prefix_ids(data.DEFAULT_SYSTEM)
+        suffix_ids = list(data.first_turn_after_image(data.PRIMARY_DIGIT_QUESTION).encode())
+        suffix = torch.cat([torch_img[None], model.lm.token_embd(torch.tensor([suffix_ids]))], 1)
+        torch_logits = model.lm.forward_shared_prefix(torch.tensor(prompt), suffix)[0, -1]
+    pair = ref.read_demo_pair(lm_path, mm_path)
+    np_img = ref.numpy_image_embeddings(pair, pixels)
+    np_logits = ref.numpy_next_logits(pair, prompt, np_img, suffix_ids)
+    model.train()
+    img_diff = float(np.abs(np_img - torch_img.numpy()).max())
+    logit_diff = float(np.abs(np_logits - torch_logits.numpy()).max())
+    return {
+        "embeddings_max_abs_diff": img_diff,
+        "embeddings_max_abs": float(np.abs(np_img).max()),
+        "logits_max_abs_diff": logit_diff,
+        "logits_max_abs": float(np.abs(np_logits).max()),
+        "same_next_token": bool(np_logits.argmax() == int(torch_logits.argmax())),
+    }
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Train, export, check and describe the demo model."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=OUT_DIR, help="output directory")
+    parser.add_argument("--seed", type=int, default=Recipe.seed)
+    parser.add_argument("--steps", type=int, default=Recipe.steps)
+    parser.add_argument("--dtype", choices=("f32", "f16"), default="f32")
+    parser.add_argument("--checkpoint", type=Path, help="also save the PyTorch weights here")
+    parser.add_argument("--smoke", action="store_true", help="tiny pools, for a quick try")
+    args = parser.parse_args(argv)
+    recipe = Recipe(seed=args.seed, steps=args.steps)
+    if args.smoke:
+        recipe = replace(recipe, digit_renders=1, shape_renders=500, pretrain_steps=20)
+
+    torch.set_num_threads(recipe.threads)
+    torch.manual_seed(recipe.seed)
+    rng = np.random.default_rng(recipe.seed)
+    train_indices = [i for i in data.TRAIN_INDICES if i not in data.VALIDATION_INDICES]
+
+    t0 = time.monotonic()
+    pools = render_pools(recipe, train_indices, rng)
+    t_render = time.monotonic() - t0
+    print(f"rendered {len(pools.digit_labels)} digit and {len(pools.shape_specs)} shape "
+          f"pictures in {t_render:.0f}s", flush=True)  # fmt: skip
+    model = train(recipe, pools, rng)
+    t_train = time.monotonic() - t0 - t_render
+    if args.checkpoint:
+        torch.save(model.state_dict(), args.checkpoint)
+    val = validate(model, recipe.seed)
+    print("validation (PyTorch, greedy):", json.dumps(val), flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    lm_path, mm_path = args.out / "demo-lm.gguf", args.out / "demo-mmproj.gguf"
+    text_w, vision_w = export_weights(model)
+    gw.write_language_model(
+        lm_path, text_config(), weights=text_w, dtype=args.dtype, name="llava-local demo"
+    )
+    gw.write_projector(
+        mm_path, vision_config(), weights=vision_w, dtype=args.dtype,
+        name="llava-local demo (projector)",
+    )  # fmt: skip
+    check = check_against_numpy(model, lm_path, mm_path)
+    print("torch vs numpy on the written files:", json.dumps(check), flush=True)
+    # numpy copies ggml's f16 im2col and f16 GELU tables, PyTorch does not: ~1e-3 relative
+    if (
+        check["embeddings_max_abs_diff"] > 1e-2 * check["embeddings_max_abs"]
+        or check["logits_max_abs_diff"] > 1e-2 * check["logits_max_abs"]
+        or not check["same_next_token"]
+    ):
+        raise SystemExit("the exported files do not reproduce the PyTorch model")
+
+    meta = {
+        "name": "llava-local demo",
+        "architecture": "LLaVA-1.5: CLIP ViT (quick GELU) + MLP projector + llama LM",
+        "files": {"lm": lm_path.name, "mmproj": mm_path.name, "dtype": args.dtype},
+        "vision": asdict(VISION) | {"blocks_run": VISION.n_layer - 1},
+        "text": asdict(TEXT) | {"context_length": CONTEXT_LENGTH},
+        "image_tokens": VISION.n_patches,
+        "parameters": sum(p.numel() for n, p in model.named_parameters() if "aux" not in n),
+        "vocabulary": "byte-level: ids 0-255 are bytes, 256 <s> (BOS), 257 </s> (EOS)",
+        "chat_format": "vicuna (LLaVA-1.5): '{system} USER: <image>\\n{question} ASSISTANT:'"
+        " -> ' {answer}</s>'; follow-ups 'USER: {question} ASSISTANT:' after '</s>'",
+        "default_system": data.DEFAULT_SYSTEM,
+        "other_systems_trained": ["", *data.OTHER_SYSTEMS],
+        "preprocessing": "clip.cpp llava-1.5: aspect-preserving Pillow-bicubic resize to "
+        f"{VISION.image_size} px, centred on rgb(122,116,104), CLIP mean/std",
+        "training": {
+            "recipe": asdict(recipe),
+            "render_seconds": round(t_render, 1),
+            "train_seconds": round(t_train, 1),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "digits": {
+                "source": "sklearn.datasets.load_digits()",
+                "train_indices": "0-1249",
+                "validation_indices": "1250-1399 (model choices only)",
+                "test_indices": "1400-1796 (never used in training or choices)",
+                "rendering": "dark ink on light paper, 8-512 px, any Pillow filter, shifts, "
+                "zoom, small rotations, contrast, some JPEG",
+            },
+            "shapes": {"shapes": list(data.SHAPES), "colours": data.COLOURS},
+        },
+        "questions": {
+            "primary_digit_question": data.PRIMARY_DIGIT_QUESTION,
+            "digit_train": list(data.DIGIT_QUESTIONS_TRAIN),
+            "generic_train": list(data.GENERIC_QUESTIONS_TRAIN),
+            "shape_train": list(data.SHAPE_QUESTIONS_TRAIN),
+            "colour_train": list(data.COLOUR_QUESTIONS_TRAIN),
+            "describe_train": list(data.DESCRIBE_SHAPE_QUESTIONS_TRAIN),
+            "digit_held_out": list(data.DIGIT_QUESTIONS_HELD_OUT),
+            "shape_held_out": list(data.SHAPE_QUESTIONS_HELD_OUT),
+            "colour_held_out": list(data.COLOUR_QUESTIONS_HELD_OUT),
+        },
+        "answers": {
+            "digit": "This digit is N.",
+            "shape": "It is a SHAPE.",
+            "colour": "It is COLOUR.",
+            "both": "It is a COLOUR SHAPE.",
+        },
+        "validation_pytorch": val,
+        "export_check_torch_vs_numpy": check,
+    }
+    meta_path = args.out / "demo.json"
+    old = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    if "evaluation" in old and old.get("files") == meta["files"]:
+        meta["evaluation_previous_build"] = old["evaluation"]
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"wrote {lm_path}, {mm_path}, {meta_path} in {time.monotonic() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
