@@ -190,7 +190,7 @@ class EvalReport(BaseModel):
 
 def _confusion_table(kind: str, matrix: dict[str, dict[str, int]]) -> Table:
     columns = _order({a for row in matrix.values() for a in row} - {UNPARSED, ERROR})
-    columns += [c for c in (UNPARSED, ERROR) if any(row.get(c) for row in matrix.values())]
+    columns += [UNPARSED] + [ERROR] * any(row.get(ERROR) for row in matrix.values())
     about = "" if kind == "label" else f" ({kind})"
     title = f"confusion{about}: rows true, columns answered"
     table = Table(title=title, title_justify="left")
