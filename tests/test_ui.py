@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -232,18 +231,16 @@ def screenshot(tab: Tab, name: str) -> Path:
 
 @pytest.fixture(scope="module")
 def digit_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A handwritten 7 from the test split, dark ink on light paper, 128 pixels square."""
-    try:
-        from sklearn.datasets import load_digits  # type: ignore[import-untyped]
-    except ImportError:
-        pytest.fail("the digit pictures come from scikit-learn: pip install -e '.[dev]'")
+    """A handwritten 7 from the test split, dark ink on light paper, 128 pixels square,
+    drawn by the package's built-in digits set as the demo model's training draws them."""
+    from llava_local.datasets import load_set
 
-    digits = load_digits()
-    assert digits.target[DIGIT_INDEX] == DIGIT_LABEL
-    grey = 255 - 255 * (digits.images[DIGIT_INDEX] / 16.0)
-    small = Image.fromarray(np.round(grey).astype(np.uint8), mode="L")
+    pictures = load_set("digits", limit=DIGIT_INDEX - 1400 + 1, size=128)
+    digit = next(p for p in pictures if p.name == f"digits/{DIGIT_INDEX}")
+    assert digit.label == str(DIGIT_LABEL)
+    assert isinstance(digit.source, Image.Image)
     path = tmp_path_factory.mktemp("pictures") / "digit.png"
-    small.resize((128, 128), Image.Resampling.NEAREST).convert("RGB").save(path)
+    digit.source.save(path)
     return path
 
 
