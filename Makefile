@@ -1,24 +1,38 @@
 # The two commands of the README: `make demo` (ask the demo model about a picture)
-# and `make test` (the test-suite). Both set up .venv on first use.
+# and `make test` (the test-suite). Both set up .venv on first use; `make demo`
+# installs only what running needs, `make test` adds the test tools.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+RUN := $(VENV)/.installed-run
+DEV := $(VENV)/.installed-dev
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean chromium
 
-$(STAMP): pyproject.toml scripts/install-llama-cpp.sh
+$(RUN): pyproject.toml scripts/install-llama-cpp.sh
 	python3 -m venv $(VENV)
 	scripts/install-llama-cpp.sh $(PY)
-	$(PY) -m pip install -e ".[llama-cpp,dev]"
-	touch $(STAMP)
+	$(PY) -m pip install -e ".[llama-cpp]"
+	touch $(RUN)
 
-demo: $(STAMP)
+$(DEV): $(RUN)
+	$(PY) -m pip install -e ".[llama-cpp,ui,dev]"
+	touch $(DEV)
+
+demo: $(RUN)
 	$(VENV)/bin/llava-local ask --backend llama_cpp examples/digit.png "What digit is this?"
 
-test: $(STAMP)
+test: $(DEV) chromium
 	$(PY) -m pytest
 
-lint: $(STAMP)
+# The web page's tests drive Debian's Chromium (never a browser Playwright downloads).
+chromium:
+	@command -v chromium >/dev/null || { \
+	  echo "installing Debian's chromium for the web page's tests"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+lint: $(DEV)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
