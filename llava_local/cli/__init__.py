@@ -13,6 +13,7 @@ from .bench import bench
 from .caption import caption
 from .chat import chat
 from .doctor import doctor
+from .eval import eval_command
 from .models import models, pull_command
 from .ui import ui
 
@@ -23,7 +24,7 @@ def main() -> None:
     """Ask vision-language models about pictures, on the CPU, through Ollama or llama.cpp."""
 
 
-for command in (ask, chat, caption, models, pull_command, doctor, bench, ui):
+for command in (ask, chat, caption, eval_command, models, pull_command, doctor, bench, ui):
     main.add_command(command)
 
 __all__ = ["main"]
