@@ -1,8 +1,8 @@
 """``AsyncVisionChat``: the same conversations for asyncio programs (web apps, bots).
 
 Not a second implementation: every turn runs through :class:`VisionChat` in a
-worker thread, and the answer's pieces cross into the event loop through a
-queue. Engines block (llama.cpp computes, the Ollama client reads a socket), so
+worker thread, which hands each piece of the answer to the event loop as it is
+asked for. Engines block (llama.cpp computes, the Ollama client reads a socket), so
 the loop stays free while they work. Leaving an ``async for`` early, or
 cancelling the task, stops the engine and the turn is not kept, as in the sync API.
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
@@ -110,13 +110,17 @@ class AsyncVisionChat:
 
 
 class AsyncReplyStream(AsyncIterator[str]):
-    """Pieces of an answer, produced in a worker thread, handed over in the event loop."""
+    """Pieces of an answer, each fetched on demand in the stream's own worker thread.
+
+    Nothing runs ahead of the consumer, exactly as with the sync stream: leaving the
+    ``async for`` early means the engine stops there and the turn is not kept. One
+    thread per stream, because the conversation's lock belongs to the thread that
+    started the turn.
+    """
 
     def __init__(self, stream: ReplyStream) -> None:
         self._stream = stream
-        self._queue: asyncio.Queue[object] = asyncio.Queue()
-        self._stop = threading.Event()
-        self._worker: asyncio.Future[None] | None = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llava-local-turn")
         self._finished = False
 
     @property
@@ -124,48 +128,34 @@ class AsyncReplyStream(AsyncIterator[str]):
         """The finished reply; only after the iteration has ended."""
         return self._stream.reply
 
-    def _pump(self, loop: asyncio.AbstractEventLoop) -> None:
-        # Runs in the worker thread: the one thread that iterates and closes the stream.
-        try:
-            for piece in self._stream:
-                loop.call_soon_threadsafe(self._queue.put_nowait, piece)
-                if self._stop.is_set():
-                    break
-        except BaseException as exc:  # handed to the event loop, raised there
-            loop.call_soon_threadsafe(self._queue.put_nowait, exc)
-        finally:
-            self._stream.close()
-            loop.call_soon_threadsafe(self._queue.put_nowait, _DONE)
-
     def __aiter__(self) -> AsyncReplyStream:
         return self
 
     async def __anext__(self) -> str:
         if self._finished:
             raise StopAsyncIteration
-        if self._worker is None:
-            loop = asyncio.get_running_loop()
-            self._worker = loop.run_in_executor(None, self._pump, loop)
-        item = await self._queue.get()
-        if item is _DONE:
-            self._finished = True
-            await self._worker
+        loop = asyncio.get_running_loop()
+        try:
+            piece = await loop.run_in_executor(self._thread, next, self._stream, _DONE)
+        except BaseException:
+            self._finish()
+            raise
+        if piece is _DONE:
+            self._finish()
             raise StopAsyncIteration
-        if isinstance(item, BaseException):
-            self._finished = True
-            await self._worker
-            raise item
-        assert isinstance(item, str)
-        return item
+        assert isinstance(piece, str)
+        return piece
+
+    def _finish(self) -> None:
+        self._finished = True
+        self._thread.shutdown(wait=False)
 
     async def aclose(self) -> None:
-        """Stop the answer; waits until the engine has stopped. The turn is not kept."""
-        self._stop.set()
-        if self._worker is None:
-            self._stream.close()
-        else:
-            await asyncio.shield(self._worker)
-        self._finished = True
+        """Stop the answer (waiting for the engine to stop); the turn is not kept."""
+        if not self._finished:
+            loop = asyncio.get_running_loop()
+            await asyncio.shield(loop.run_in_executor(self._thread, self._stream.close))
+            self._finish()
 
     async def __aenter__(self) -> AsyncReplyStream:
         return self
