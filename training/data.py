@@ -262,14 +262,28 @@ def augment_digit(pixels: np.ndarray, rng: np.random.Generator) -> Image.Image:
         bw, bh = side, side * height / width
     box = (cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2)
     image = small.resize((width, height), RESAMPLES[int(rng.integers(len(RESAMPLES)))], box=box)
-    if rng.random() < 0.25:
-        image = image.rotate(
-            float(rng.uniform(-10, 10)), resample=Image.Resampling.BICUBIC, fillcolor=paper
-        )
+    if rng.random() < 0.5:  # a small random affine distortion: rotation, shear, stretch
+        image = _distort(image, rng, paper)
     image = image.convert("RGB")
     if rng.random() < 0.25:
         image = _jpeg_round_trip(image, int(rng.integers(40, 96)))
     return image
+
+
+def _distort(image: Image.Image, rng: np.random.Generator, fill: int) -> Image.Image:
+    """Rotate by up to 10 degrees, shear up to 0.15, stretch 0.9-1.1 about the centre."""
+    angle = math.radians(float(rng.uniform(-10, 10)))
+    shear = float(rng.uniform(-0.15, 0.15))
+    sx, sy = float(rng.uniform(0.9, 1.1)), float(rng.uniform(0.9, 1.1))
+    c, s = math.cos(angle), math.sin(angle)
+    # output -> input mapping (what Image.transform wants), about the picture's centre
+    a, b = c / sx, (s + shear * c) / sx
+    d, e = -s / sy, (c - shear * s) / sy
+    w, h = image.size
+    cx, cy = w / 2, h / 2
+    coeffs = (a, b, cx - a * cx - b * cy, d, e, cy - d * cx - e * cy)
+    resample = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)[int(rng.integers(2))]
+    return image.transform(image.size, Image.Transform.AFFINE, coeffs, resample, fillcolor=fill)
 
 
 def _jpeg_round_trip(image: Image.Image, quality: int) -> Image.Image:
