@@ -1,6 +1,6 @@
 """Ask one question about a picture, with whichever engine is available.
 
-    python examples/ask_picture.py examples/digit.png "What digit is this?"
+python examples/ask_picture.py examples/digit.png "What digit is this?"
 """
 
 import sys

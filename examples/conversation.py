@@ -1,6 +1,6 @@
 """A conversation about one picture: the follow-up does not pay for the picture again.
 
-    python examples/conversation.py examples/digit.png
+python examples/conversation.py examples/digit.png
 """
 
 import sys
@@ -11,5 +11,8 @@ with VisionChat.llama_cpp() as chat:  # the bundled demo model; pass model=/mmpr
     first = chat.ask("What digit is this?", image=sys.argv[1], temperature=0)
     print(first.text, f"(pictures encoded: {first.stats.images_encoded})")
     again = chat.ask("Which digit is shown here?", temperature=0)
-    print(again.text, f"(pictures encoded: {again.stats.images_encoded}, "
-          f"tokens reused: {again.stats.cached_tokens})")
+    print(
+        again.text,
+        f"(pictures encoded: {again.stats.images_encoded}, "
+        f"tokens reused: {again.stats.cached_tokens})",
+    )

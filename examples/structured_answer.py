@@ -1,6 +1,6 @@
 """Get an answer as a validated pydantic object.
 
-    python examples/structured_answer.py examples/digit.png
+python examples/structured_answer.py examples/digit.png
 """
 
 import sys
@@ -15,6 +15,11 @@ class Digit(BaseModel):
 
 
 with VisionChat.llama_cpp() as chat:
-    reply = chat.ask("What digit is this? Answer in JSON.", image=sys.argv[1], schema=Digit,
-                     temperature=0, max_tokens=32)
+    reply = chat.ask(
+        "What digit is this? Answer in JSON.",
+        image=sys.argv[1],
+        schema=Digit,
+        temperature=0,
+        max_tokens=32,
+    )
     print(repr(reply.parsed))
