@@ -197,6 +197,21 @@ def ask(tab: Tab, question: str) -> None:
     box.press("Enter")
 
 
+def fill_setting(tab: Tab, elem_id: str, value: str) -> None:
+    """Type into a box in the engine panel. Gradio mounts a closed accordion's
+    children lazily (gradio-app/gradio#12906), so a box filled while its component is
+    still loading can be mounted again with the old value (the page keeps a live
+    connection, so "network idle" never comes): fill, let it settle, and fill again
+    until the value holds."""
+    box = tab.page.locator(f"#{elem_id} input, #{elem_id} textarea").first
+    for _ in range(5):
+        box.fill(value)
+        tab.page.wait_for_timeout(500)
+        if box.input_value() == value:
+            return
+    raise AssertionError(f"#{elem_id} does not keep the value {value!r}")
+
+
 def bot_texts(tab: Tab) -> list[str]:
     """The model's messages on screen, oldest first."""
     texts: list[str] = tab.page.locator("#llava-chat .bot.message").all_inner_texts()
@@ -361,7 +376,7 @@ def test_engine_failure_is_shown_on_the_page(
     nowhere = f"127.0.0.1:{free_port()}"
     with open_tab(browser, ollama_page) as tab:
         tab.page.locator("#llava-engine").get_by_text("Engine and model").click()
-        tab.page.locator("#llava-host input, #llava-host textarea").first.fill(nowhere)
+        fill_setting(tab, "llava-host", nowhere)
         tab.page.locator("#llava-use-engine").click()
         status = tab.page.locator("#llava-status")
         expect(status).to_contain_text(re.compile(rf"no Ollama daemon answers at \S*{nowhere}"))
