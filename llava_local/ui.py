@@ -33,7 +33,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .backends import _LLAMA_ARGS, _OLLAMA_ARGS
+from .backends import LLAMA_ARGS, OLLAMA_ARGS
 from .chat import VisionChat
 from .errors import BackendError, LlavaLocalError, MissingDependencyError
 from .types import Reply
@@ -510,7 +510,7 @@ def _engine_choice(
         "mmproj": mmproj.strip() or None,
         "host": host.strip() or None,
     }
-    refused = {"ollama": _LLAMA_ARGS, "llama_cpp": _OLLAMA_ARGS}.get(str(fields["backend"]), set())
+    refused = {"ollama": LLAMA_ARGS, "llama_cpp": OLLAMA_ARGS}.get(str(fields["backend"]), set())
     return {
         key: value
         for key, value in {**start, **fields}.items()

@@ -16,11 +16,12 @@ from ..demo import DEMO_NAME, demo_paths
 from ..errors import InvalidRequestError, ModelNotFoundError
 from .base import Backend, Finish, Turn
 
-__all__ = ["Backend", "BackendName", "Finish", "Turn", "create"]
+__all__ = ["LLAMA_ARGS", "OLLAMA_ARGS", "Backend", "BackendName", "Finish", "Turn", "create"]
 
 BackendName = Literal["auto", "ollama", "llama_cpp"]
-_OLLAMA_ARGS = {"host", "timeout", "pull", "keep_alive", "connect_timeout", "num_ctx"}
-_LLAMA_ARGS = {
+#: Keyword arguments only one engine takes (the other engine refuses them by name).
+OLLAMA_ARGS = {"host", "timeout", "pull", "keep_alive", "connect_timeout", "num_ctx"}
+LLAMA_ARGS = {
     "mmproj",
     "n_ctx",
     "n_threads",
@@ -82,13 +83,13 @@ def _find_mmproj(model: Path) -> Path:
 def _auto(model: str | None, kwargs: dict[str, Any]) -> Backend:
     from .ollama import find_vision_model
 
-    llama_only = {k for k in kwargs if k in _LLAMA_ARGS}
+    llama_only = {k for k in kwargs if k in LLAMA_ARGS}
     if not llama_only and not _looks_like_path(model):
         found = find_vision_model(kwargs.get("host"), preferred=model)
         # A model the caller named must be that model, not another vision model.
         if found is not None and (model is None or found == model):
             return _ollama(found, kwargs)
-    ollama_only = {k for k in kwargs if k in _OLLAMA_ARGS}
+    ollama_only = {k for k in kwargs if k in OLLAMA_ARGS}
     for key in ollama_only:
         kwargs.pop(key)
     env_model, env_mmproj = (
