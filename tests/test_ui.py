@@ -55,7 +55,7 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 START_TIMEOUT_S = 90  # importing Gradio on a busy 2-core machine
 ANSWER_TIMEOUT_MS = 120_000  # the demo model on a busy CPU, with CLIP on first use
 STEP_TIMEOUT_MS = 30_000
-DIGIT_INDEX = 1422  # a test-split digit (>= 1400, never trained on) the interim demo reads
+DIGIT_INDEX = 1422  # a test-split digit (>= 1400, never trained on) the demo reads
 DIGIT_LABEL = 7
 
 
