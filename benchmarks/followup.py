@@ -804,6 +804,99 @@ def ascii_answers(lm: Path) -> Path:
     return out
 
 
+WORD_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def prompt_words() -> list[str]:
+    """The words (letters only) of the benchmark's prompts, in order of first use."""
+    from llava_local.chat_formats import LLAVA_SYSTEM_PROMPT
+
+    text = " ".join([LLAVA_SYSTEM_PROMPT, *bench.QUESTIONS, "USER ASSISTANT"])
+    return list(dict.fromkeys(re.findall(r"[A-Za-z]+", text)))
+
+
+def word_answers(lm: Path, whole_words: bool = True) -> Path:
+    """A copy of a twin that answers in space-led word tokens, as a trained model does.
+
+    A real LLaMA tokenizer has word-initial tokens (``"▁The"``), and a model trained on
+    LLaVA's ``"ASSISTANT: {answer}"`` starts its answer with one, so the answer written
+    back into the next prompt tokenizes to the tokens it was written with and a KV cache
+    can reuse it. A random twin with a plain byte vocabulary writes ``"CCCC"`` straight
+    after the colon; re-rendered as ``"ASSISTANT: CCCC"`` the answer differs from the cache
+    at its first byte, which no trained model would cause. This copy turns 52 of the
+    ``<unusedN>`` padding tokens into GPT-2 style word tokens (``"ĠA"`` .. ``"Ġz"``, a space
+    and one letter) with the merges that build them, and zeroes every output-matrix row but
+    theirs: the model writes " C x Q ...", which round-trips token for token. Prompts
+    tokenize a little shorter too (a word's space and first letter become one token), the
+    same for every engine. Matrix shapes and types are unchanged, so every step costs the
+    same; end-of-sequence becomes impossible.
+
+    With ``whole_words`` the vocabulary also gets every word of the prompts (LLaVA's
+    system prompt, the benchmark's questions, ``USER``, ``ASSISTANT``) as one token with
+    its leading space, built by BPE merges one letter at a time, as LLaMA's
+    32000-token vocabulary has them: a byte vocabulary makes a question 2-3x more tokens
+    than a real tokenizer does, and the question is all a cached follow-up evaluates.
+    """
+    import numpy as np
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    from llava_local import gguf_writer as gw
+
+    out = lm.with_name(lm.stem + (".word-answers.gguf" if whole_words else ".letter-answers.gguf"))
+    if out.exists():
+        return out
+    reader = GGUFReader(lm)
+    tokens = list(reader.get_field("tokenizer.ggml.tokens").contents())
+    merges = list(reader.get_field("tokenizer.ggml.merges").contents())
+    space = "\u0120"  # GPT-2's symbol for the byte 0x20
+    ids = range(gw.FIRST_EXTRA_ID, gw.FIRST_EXTRA_ID + len(WORD_LETTERS))
+    if not all(tokens[i].startswith("<unused") for i in ids):
+        raise SystemExit(f"{lm} has no <unusedN> padding to turn into word tokens")
+    for i, letter in zip(ids, WORD_LETTERS, strict=True):
+        tokens[i] = space + letter
+    merges += [f"{space} {letter}" for letter in WORD_LETTERS]
+    if whole_words:
+        free = iter(range(ids.stop, len(tokens)))
+        known = set(tokens)
+        # after a space, as the prompts use them; "USER" also starts a turn after "</s>"
+        for text in [space + w for w in prompt_words()] + ["USER"]:
+            for end in range(2, len(text) + 1):
+                if text[:end] in known:
+                    continue
+                i = next(free)
+                if not tokens[i].startswith("<unused"):
+                    raise SystemExit(f"{lm}: not enough <unusedN> padding for words")
+                tokens[i] = text[:end]
+                known.add(text[:end])
+                merges.append(f"{text[: end - 1]} {text[end - 1]}")
+    arch = reader.get_field("general.architecture").contents()
+    tmp = out.with_suffix(".tmp")
+    writer = GGUFWriter(tmp, arch)
+    new = {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": merges}
+    for field in reader.fields.values():
+        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+            continue
+        kind = field.types[0]
+        sub = field.types[-1] if kind == GGUFValueType.ARRAY else None
+        value = new.get(field.name, field.contents())
+        writer.add_key_value(field.name, value, kind, sub_type=sub)
+    keep = np.zeros(len(tokens), dtype=bool)
+    keep[list(ids)] = True
+    for t in reader.tensors:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in reader.tensors:
+        data = t.data
+        if t.name == "output.weight":  # (n_vocab, bytes per row); zero blocks are zero
+            data = np.where(keep[:, None], data, np.zeros_like(data))
+        writer.write_tensor_data(data, tensor_endianess=reader.endianess)
+    writer.close()
+    tmp.rename(out)
+    return out
+
+
 def _pair(args: argparse.Namespace) -> tuple[Path, Path, str]:
     if args.model:
         if not args.mmproj:
@@ -814,8 +907,13 @@ def _pair(args: argparse.Namespace) -> tuple[Path, Path, str]:
     if not (lm.exists() and mm.exists()):
         maker = [sys.executable, str(ROOT / "benchmarks" / "make_twins.py")]
         subprocess.run([*maker, "--preset", args.preset, "--out", str(args.twins)], check=True)
+    if args.answers == "words":
+        return word_answers(lm), mm, args.label or f"{args.preset} twin"
+    if args.answers == "letters":
+        label = f"{args.preset} twin, letter tokens only"
+        return word_answers(lm, whole_words=False), mm, args.label or label
     if args.answers == "ascii":
-        return ascii_answers(lm), mm, args.label or f"{args.preset} twin"
+        return ascii_answers(lm), mm, args.label or f"{args.preset} twin, ASCII answers"
     return lm, mm, args.label or f"{args.preset} twin, answers as written"
 
 
@@ -829,9 +927,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", help="name of the BENCHMARKS.md section")
     parser.add_argument(
         "--answers",
-        choices=["ascii", "any"],
-        default="ascii",
-        help="twins only: ascii = a copy whose answers round-trip (see ascii_answers)",
+        choices=["words", "letters", "ascii", "any"],
+        default="words",
+        help="twins only: words = a copy answering in space-led word tokens, with the "
+        "prompts' words as tokens (word_answers); letters = the same without whole words; "
+        "ascii = printable bytes (ascii_answers); any = the twin as written",
     )
     parser.add_argument("--image", help="a photo (default: a generated one)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
