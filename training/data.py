@@ -242,9 +242,12 @@ def render_digit(
 PURE_INK = 0.4  # share of digit renders in pure black on white
 WARPED = 0.7  # share of digit renders elastically warped first (new handwriting)
 FRAMED = 0.75  # share of digit renders framed exactly as the test pictures are
+WARP_TO_GRID = 0.5  # share of warped digits averaged back to the dataset's 8x8 grid
 
 
-def augment_digit(pixels: np.ndarray, rng: np.random.Generator) -> Image.Image:
+def augment_digit(
+    pixels: np.ndarray, rng: np.random.Generator, *, warp_to_grid: float = WARP_TO_GRID
+) -> Image.Image:
     """A random rendering of a digit: size 8..512, any filter, contrast, JPEG.
 
     Most renders show the whole 8x8 digit edge to edge, as the task's pictures do; the rest
@@ -256,6 +259,8 @@ def augment_digit(pixels: np.ndarray, rng: np.random.Generator) -> Image.Image:
     else:
         paper, ink = int(rng.integers(185, 256)), int(rng.integers(0, 90))
     source, k = (elastic_warp(pixels, rng), 3) if rng.random() < WARPED else (pixels, 1)
+    if k == 3 and rng.random() < warp_to_grid:  # new handwriting in the 8x8 format
+        source, k = source.reshape(8, 3, 8, 3).mean(axis=(1, 3)), 1
     grey = paper + (ink - paper) * np.clip(source / 16.0, 0.0, 1.0)
     size = round(math.exp(rng.uniform(math.log(8), math.log(512))))
     resample = RESAMPLES[int(rng.integers(len(RESAMPLES)))]
