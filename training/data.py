@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -115,6 +116,44 @@ COLOUR_QUESTIONS_TRAIN = (
     "Which color is the object?",
 )
 
+# Every frame with either keyword, so that the asked word, not the phrasing around it,
+# decides between "It is a SHAPE." and "It is COLOUR." (a tiny byte-level model otherwise
+# learns phrasings: "Can you name the shape?" was answered with a colour, after "Name the
+# colour.").
+KEYWORD_FRAMES = (
+    "What {k} is this?", "What {k} is it?", "Which {k} is this?", "Which {k} is it?",
+    "Which {k} is drawn?", "What {k} do you see?", "Which {k} can you see?",
+    "Name the {k}.", "Tell me the {k}.", "Say the {k}.", "Can you tell me the {k}?",
+    "What is the {k}?", "What is its {k}?", "What {k} does it have?",
+    "What {k} is in the picture?", "What {k} is drawn here?", "Please name the {k}.",
+    "{K}?", "The {k}?", "What's the {k}?", "Do you know the {k}?",
+    "Could you tell me its {k}?", "I would like to know the {k}.", "{K}, please.",
+)  # fmt: skip
+
+
+def _word_distance(a: str, b: str) -> int:
+    """Word-level edit distance, case-folded, punctuation ignored."""
+    x, y = re.findall(r"[a-z']+", a.lower()), re.findall(r"[a-z']+", b.lower())
+    row = list(range(len(y) + 1))
+    for i, wx in enumerate(x, 1):
+        prev, row[0] = row[0], i
+        for j, wy in enumerate(y, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (wx != wy))
+    return row[-1]
+
+
+def keyword_questions(keywords: Sequence[str], held_out: Sequence[str]) -> tuple[str, ...]:
+    """The frames with each keyword, leaving out anything within one word of a held-out
+    question (those measure paraphrases the model never saw)."""
+    out = []
+    for frame in KEYWORD_FRAMES:
+        for k in keywords:
+            q = frame.format(k=k, K=k.capitalize())
+            if all(_word_distance(q, h) > 1 for h in held_out):
+                out.append(q)
+    return tuple(out)
+
+
 DESCRIBE_SHAPE_QUESTIONS_TRAIN = (
     "Describe the shape and its colour.",
     "What coloured shape is this?",
@@ -145,6 +184,21 @@ COLOUR_QUESTIONS_HELD_OUT = (
     "Which color is shown?",
 )
 FOLLOW_UP_COLOUR_QUESTION = "What colour is it?"
+
+SHAPE_QUESTIONS_TRAIN = tuple(
+    dict.fromkeys(
+        SHAPE_QUESTIONS_TRAIN
+        + keyword_questions(["shape"], SHAPE_QUESTIONS_HELD_OUT + COLOUR_QUESTIONS_HELD_OUT)
+    )
+)
+COLOUR_QUESTIONS_TRAIN = tuple(
+    dict.fromkeys(
+        COLOUR_QUESTIONS_TRAIN
+        + keyword_questions(
+            ["colour", "color"], SHAPE_QUESTIONS_HELD_OUT + COLOUR_QUESTIONS_HELD_OUT
+        )
+    )
+)
 
 # --- labels ---------------------------------------------------------------------------------
 
