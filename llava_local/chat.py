@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from . import images as _images
 from . import structured
 from .backends import Backend, Finish, Turn, create
+from .demo import DEMO_NAME, is_demo
 from .errors import BackendError, InvalidRequestError, LlavaLocalError
 from .types import Message, Options, PreparedImage, Reply
 
@@ -243,14 +244,18 @@ class VisionChat:
         from . import persist
 
         with self._lock:
-            model = getattr(self._backend, "model_path", None) or self.model
+            model = getattr(self._backend, "model_path", None)
+            mmproj = getattr(self._backend, "mmproj_path", None)
+            if model is not None and is_demo(Path(model)):
+                model, mmproj = DEMO_NAME, None
             return persist.save(
                 Path(path),
                 history=self._history,
                 system=self.system,
                 options=self.options,
                 backend=self.backend,
-                model=str(model),
+                model=str(model or self.model),
+                mmproj=str(mmproj) if mmproj else None,
             )
 
     def restore(self, path: str | os.PathLike[str]) -> None:
@@ -274,13 +279,16 @@ class VisionChat:
         model: str | None = None,
         **kwargs: Any,
     ) -> VisionChat:
-        """A chat that continues a saved conversation, on the engine and model it used
-        unless told otherwise; the saved options apply unless overridden in ``kwargs``."""
+        """A chat that continues a saved conversation, on the engine, model and projector
+        it used unless told otherwise; the saved options apply unless overridden in
+        ``kwargs``."""
         from . import persist
 
         saved = persist.load(Path(path))  # before any model is loaded
         options = {**saved.options.model_dump(exclude_none=True), **kwargs}
         options.setdefault("system", saved.system)
+        if saved.mmproj and model is None and (backend or saved.backend) == saved.backend:
+            options.setdefault("mmproj", saved.mmproj)
         chat = cls(backend or saved.backend, model or saved.model, **options)
         chat._history = saved.history()
         return chat

@@ -16,9 +16,13 @@ from .errors import ModelNotFoundError
 DEMO_NAME = "demo"
 
 
+def _demo_dir() -> Path:
+    return Path(str(resources.files("llava_local") / "data" / "demo"))
+
+
 def demo_paths() -> tuple[Path, Path]:
     """The demo's language model and projector files inside the installed package."""
-    base = Path(str(resources.files("llava_local") / "data" / "demo"))
+    base = _demo_dir()
     model, mmproj = base / "demo-lm.gguf", base / "demo-mmproj.gguf"
     if not (model.is_file() and mmproj.is_file()):
         raise ModelNotFoundError(
@@ -26,3 +30,9 @@ def demo_paths() -> tuple[Path, Path]:
             "or pass model= and mmproj= paths of a GGUF pair"
         )
     return model, mmproj
+
+
+def is_demo(model: Path) -> bool:
+    """Whether ``model`` is the bundled demo's language model (saved as ``"demo"``, so
+    a conversation outlives the install it was made in)."""
+    return model == _demo_dir() / "demo-lm.gguf"

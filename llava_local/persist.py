@@ -10,10 +10,11 @@ half of one. Reading checks everything before returning: a damaged, truncated,
 tampered or foreign file raises :class:`~llava_local.errors.ConversationFileError`
 and nothing is loaded, never a partial conversation.
 
-Layout (``version`` 1)::
+Layout (``version`` 2; version 1 had no ``mmproj``)::
 
-    {"format": "llava-local.conversation", "version": 1, "saved_at": "...",
-     "backend": "llama_cpp", "model": "...", "system": null, "options": {...},
+    {"format": "llava-local.conversation", "version": 2, "saved_at": "...",
+     "backend": "llama_cpp", "model": "...", "mmproj": "...", "system": null,
+     "options": {...},
      "messages": [{"role": "user", "content": "...", "images": ["<sha256>", ...]}, ...],
      "pictures": {"<sha256>": {"mime": "image/png", "width": 336, "height": 336,
                                "source": "cat.jpg", "changes": [...], "data": "<base64>"}}}
@@ -52,7 +53,7 @@ from .errors import ConversationFileError, InvalidRequestError
 from .types import Message, Options, PreparedImage, Role
 
 FORMAT: Final = "llava-local.conversation"
-VERSION: Final = 1
+VERSION: Final = 2
 
 Mime = Literal["image/png", "image/jpeg"]
 _HEX = frozenset("0123456789abcdef")
@@ -130,6 +131,7 @@ class SavedConversation(BaseModel):
     saved_at: datetime
     backend: str
     model: str
+    mmproj: str | None = None  # the llama.cpp projector the conversation used
     system: str | None = None
     options: Options = Field(default_factory=Options)
     messages: list[SavedMessage] = Field(default_factory=list)
@@ -198,6 +200,7 @@ def to_document(
     options: Options,
     backend: str,
     model: str,
+    mmproj: str | None = None,
     saved_at: datetime | None = None,
 ) -> SavedConversation:
     """The conversation as a :class:`SavedConversation`, each picture stored once."""
@@ -225,6 +228,7 @@ def to_document(
         saved_at=saved_at or datetime.now(timezone.utc),
         backend=backend,
         model=model,
+        mmproj=mmproj,
         system=system,
         options=options,
         messages=messages,
@@ -240,6 +244,7 @@ def save(
     options: Options,
     backend: str,
     model: str,
+    mmproj: str | None = None,
 ) -> Path:
     """Write the conversation to ``path`` atomically and return the path.
 
@@ -249,7 +254,12 @@ def save(
     """
     target = Path(path).expanduser()
     document = to_document(
-        history=history, system=system, options=options, backend=backend, model=model
+        history=history,
+        system=system,
+        options=options,
+        backend=backend,
+        model=model,
+        mmproj=mmproj,
     )
     data = document.model_dump(mode="json")
     try:

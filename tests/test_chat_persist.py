@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,35 @@ def test_save_and_load_continue_the_same_conversation(tiny_pair: GgufPair, tmp_p
         assert again.system == "Be short."
         assert again.backend == "llama_cpp"
         assert again.ask("And now?", **GREEDY).text == expected
+
+
+def test_load_finds_the_projector_it_was_saved_with(tiny_pair_q4: GgufPair, tmp_path: Path) -> None:
+    """The projector is saved with the conversation: a pair in two folders (no mmproj
+    beside the model to find) loads again without naming it."""
+    assert tiny_pair_q4.lm.parent != tiny_pair_q4.mmproj.parent
+    path = tmp_path / "talk.json"
+    with VisionChat.llama_cpp(tiny_pair_q4.lm, mmproj=tiny_pair_q4.mmproj) as chat:
+        chat.ask("What is it?", image=png_bytes(seed=62), **GREEDY)
+        chat.save(path)
+    assert json.loads(path.read_text())["mmproj"] == str(tiny_pair_q4.mmproj)
+    with VisionChat.load(path) as again:
+        assert again.model == tiny_pair_q4.lm.name
+        again.ask("More?", **GREEDY)
+        assert len(again.history) == 4
+
+
+def test_demo_conversation_is_saved_by_name(tmp_path: Path) -> None:
+    """A conversation with the bundled demo names it "demo", not a path inside this
+    install, and loads back on it."""
+    path = tmp_path / "demo.json"
+    with VisionChat.llama_cpp() as chat:
+        chat.ask("What shape is this?", image=png_bytes(seed=63), **GREEDY)
+        chat.save(path)
+    document = json.loads(path.read_text())
+    assert (document["model"], document["mmproj"]) == ("demo", None)
+    with VisionChat.load(path) as again:
+        assert again.model == "demo-lm.gguf"
+        assert again.history == chat.history
 
 
 def test_restore_replaces_the_conversation_or_nothing(
