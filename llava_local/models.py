@@ -57,6 +57,7 @@ __all__ = [
     "ollama_version",
     "pair_memory",
     "pull",
+    "pulled_pair",
 ]
 
 Source = Literal["ollama", "hf-cache", "env", "demo"]
@@ -231,6 +232,33 @@ def cached_pairs(cache_dir: str | os.PathLike[str] | None = None) -> list[Instal
             found.append(_cached_model(entry, lm, mm))
             break
     return found
+
+
+def pulled_pair(
+    name: str, cache_dir: str | os.PathLike[str] | None = None
+) -> tuple[CatalogEntry, Path, Path] | None:
+    """A catalogue model's GGUF pair in the Hugging Face cache, found by its name, so
+    that ``model="smolvlm2-2.2b"`` works after ``llava-local pull smolvlm2-2.2b``.
+
+    None when ``name`` is not the name of a catalogue entry with GGUF files; a
+    :class:`ModelNotFoundError` saying how to get it when the pair is not (all) there.
+    Only the cache is read, never the network.
+    """
+    found = catalog.match(name)
+    if found is None or found[1] != "name" or not found[0].has_gguf:
+        return None
+    entry, hub = found[0], _hf()
+    paths = []
+    for filename in (str(entry.gguf), str(entry.mmproj)):
+        path = hub.try_to_load_from_cache(str(entry.hf_repo), filename, cache_dir=cache_dir)
+        if not isinstance(path, str):
+            size = f" ({entry.download_bytes / 1e9:.1f} GB)" if entry.download_bytes else ""
+            raise ModelNotFoundError(
+                f"{entry.name} is not downloaded ({filename} is not in the Hugging Face "
+                f"cache {hf_cache_dir(cache_dir)}): run `llava-local pull {entry.name}`{size}"
+            )
+        paths.append(Path(path))
+    return entry, paths[0], paths[1]
 
 
 def pair_memory(model: Path, mmproj: Path, image_tokens: int, fallback: int) -> int:

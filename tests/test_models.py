@@ -23,7 +23,7 @@ from llava_local.errors import (
     ModelNotFoundError,
 )
 
-from .gguf_fixtures import GgufPair
+from .gguf_fixtures import GgufPair, png_bytes
 from .hub_server import HubServer
 from .ollama_server import OllamaServer
 
@@ -468,3 +468,54 @@ def test_cli_models_json_and_table(ollama_server: OllamaServer, cache: Path) -> 
     assert table.returncode == 0, table.stderr
     assert "llava-phi3-mini" in table.stdout
     assert "Installed" in table.stdout
+
+
+# --- using a pulled pair by its name -------------------------------------------------
+
+
+def test_pulled_pair_is_used_by_its_catalogue_name(
+    tiny_pair: GgufPair, cache: Path, tmp_path: Path
+) -> None:
+    """After a pull, `-m NAME` runs the cached pair on llama.cpp: no paths to copy."""
+    prefill(
+        cache,
+        SMOL,
+        {
+            str(SMOL.gguf): tiny_pair.lm.read_bytes(),
+            str(SMOL.mmproj): tiny_pair.mmproj.read_bytes(),
+        },
+    )
+    picture = tmp_path / "picture.png"
+    picture.write_bytes(png_bytes(seed=70))
+    args = [str(picture), "What is it?", "--backend", "llama_cpp", "-m", SMOL.name]
+    result = run_cli(
+        "ask",
+        "ask",
+        [*args, "--max-tokens", "3", "--temperature", "0", "--json"],
+        HF_HUB_CACHE=str(cache),
+        HF_HUB_OFFLINE="1",
+    )
+    assert result.returncode == 0, result.stderr
+    reply = json.loads(result.stdout)
+    assert reply["backend"] == "llama_cpp"
+    assert reply["model"] == SMOL.gguf
+    assert reply["stats"]["completion_tokens"] == 3
+
+
+def test_catalogue_name_not_pulled_says_how_to_pull_it(cache: Path, closed_port: int) -> None:
+    """A catalogue name that is not in the cache names the pull command, on either route."""
+    with pytest.raises(
+        ModelNotFoundError, match=f"run `llava-local pull {SMOL.name}` \\(0.3 GB\\)"
+    ):
+        models.pulled_pair(SMOL.name, cache_dir=cache)
+    assert models.pulled_pair("not-in-the-catalogue", cache_dir=cache) is None
+    result = run_cli(
+        "ask",
+        "ask",
+        ["picture.png", "What?", "-m", SMOL.name, "--host", f"127.0.0.1:{closed_port}"],
+        HF_HUB_CACHE=str(cache),
+        HF_HUB_OFFLINE="1",
+    )
+    assert result.returncode == 1
+    assert "ollama serve" in result.stderr
+    assert f"llava-local pull {SMOL.name}" in result.stderr

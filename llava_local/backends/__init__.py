@@ -2,7 +2,9 @@
 
 ``backend="auto"`` takes, in order: a running Ollama daemon that has a vision
 model; a GGUF pair named by ``LLAVA_LOCAL_MODEL`` / ``LLAVA_LOCAL_MMPROJ``; the
-bundled demo model, with a one-line notice on stderr.
+bundled demo model, with a one-line notice on stderr. For llama.cpp, ``model`` is
+the path of a GGUF file or the name of a catalogue model pulled into the Hugging
+Face cache (``llava-local pull NAME``).
 """
 
 from __future__ import annotations
@@ -10,11 +12,14 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..demo import DEMO_NAME, demo_paths
 from ..errors import InvalidRequestError, ModelNotFoundError
 from .base import Backend, Finish, Turn
+
+if TYPE_CHECKING:
+    from ..catalog import CatalogEntry
 
 __all__ = ["LLAMA_ARGS", "OLLAMA_ARGS", "Backend", "BackendName", "Finish", "Turn", "create"]
 
@@ -61,11 +66,24 @@ def _llama_cpp(model: str | None, kwargs: dict[str, Any]) -> Backend:
         if mmproj is not None:
             raise InvalidRequestError("the demo model comes with its own projector; drop mmproj=")
         model_path, mmproj_path = demo_paths()
+    elif (pulled := None if mmproj else _pulled(str(model))) is not None:
+        entry, model_path, mmproj_path = pulled
+        if entry.chat_format:
+            kwargs.setdefault("chat_format", entry.chat_format)
     else:
         model_path = Path(str(model)).expanduser()
         mmproj_path = Path(mmproj).expanduser() if mmproj else _find_mmproj(model_path)
     kwargs["mmproj"] = mmproj_path
     return _construct(LlamaCppBackend, model_path, kwargs)
+
+
+def _pulled(model: str) -> tuple[CatalogEntry, Path, Path] | None:
+    """The pulled pair of a catalogue name; never for something that is a path."""
+    if _looks_like_path(model) or Path(model).expanduser().exists():
+        return None
+    from ..models import pulled_pair
+
+    return pulled_pair(model)
 
 
 def _find_mmproj(model: Path) -> Path:
@@ -99,9 +117,15 @@ def _auto(model: str | None, kwargs: dict[str, Any]) -> Backend:
     if model and model != DEMO_NAME:
         if _looks_like_path(model) or Path(model).expanduser().is_file():
             return _llama_cpp(model, kwargs)
+        try:
+            if _pulled(model):
+                return _llama_cpp(model, kwargs)
+            not_pulled = ""
+        except ModelNotFoundError as exc:
+            not_pulled = f"; for llama.cpp, {exc}"
         raise ModelNotFoundError(
             f"model {model!r}: no Ollama daemon with it answered (run `ollama serve`, then "
-            f"`ollama pull {model}`), and it is not the path of a GGUF file"
+            f"`ollama pull {model}`), and it is not the path of a GGUF file{not_pulled}"
         )
     if env_model and model is None:
         kwargs.setdefault("mmproj", env_mmproj)

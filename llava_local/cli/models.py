@@ -142,10 +142,7 @@ def _print_pulled(result: PullResult) -> None:
     click.echo(f"{result.name}:")
     click.echo(f"  model:  {result.model_path}")
     click.echo(f"  mmproj: {result.mmproj_path}")
-    click.echo(
-        "use it: llava-local ask PICTURE QUESTION --backend llama_cpp "
-        f"-m {result.model_path} --mmproj {result.mmproj_path}"
-    )
+    click.echo(f"use it: llava-local ask PICTURE QUESTION --backend llama_cpp -m {result.name}")
 
 
 __all__ = ["models", "pull_command"]
