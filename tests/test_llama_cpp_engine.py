@@ -230,6 +230,9 @@ def test_missing_files_name_the_path(tiny_pair: GgufPair, tmp_path: Path) -> Non
         VisionChat.llama_cpp(model=missing, mmproj=tiny_pair.mmproj)
     with pytest.raises(ModelNotFoundError, match="projector"):
         VisionChat.llama_cpp(model=tiny_pair.lm, mmproj=missing)
+    # without mmproj=, the missing model is what is reported, not the projector search
+    with pytest.raises(ModelNotFoundError, match=r"no language model file at .*nope\.gguf"):
+        VisionChat.llama_cpp(model=missing)
 
 
 def test_swapped_or_wrong_files_are_caught_before_llama_cpp(

@@ -88,6 +88,11 @@ def _pulled(model: str) -> tuple[CatalogEntry, Path, Path] | None:
 
 def _find_mmproj(model: Path) -> Path:
     """The one projector file beside the model, when the caller named none."""
+    if not model.is_file():  # say what is wrong first: the model itself is missing
+        raise ModelNotFoundError(
+            f"no language model file at {model}; check the path, or pull a catalogue "
+            "model (`llava-local models` lists them) and pass its name"
+        )
     found = sorted(model.parent.glob("*mmproj*.gguf")) if model.parent.is_dir() else []
     if len(found) == 1:
         return found[0]
