@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -468,6 +469,20 @@ def test_cli_models_json_and_table(ollama_server: OllamaServer, cache: Path) -> 
     assert table.returncode == 0, table.stderr
     assert "llava-phi3-mini" in table.stdout
     assert "Installed" in table.stdout
+    assert "evidence" in table.stdout
+
+
+def test_cli_models_table_fits_80_columns(ollama_server: OllamaServer, cache: Path) -> None:
+    """In an 80-column terminal every catalogue name and size is shown whole."""
+    env = {"OLLAMA_HOST": ollama_server.host, "HF_HUB_CACHE": str(cache), "COLUMNS": "80"}
+    table = run_cli("models", "models", [], **env)
+    assert table.returncode == 0, table.stderr
+    assert max(len(line) for line in table.stdout.splitlines()) <= 80
+    rows = {line.split("│")[1].strip(): line for line in table.stdout.splitlines() if "│" in line}
+    for entry in CATALOG:
+        if entry.download_bytes:
+            figures = re.findall(r"│ \d+(?:\.\d\d)? [GM]B +(?=│)", rows[entry.name])
+            assert len(figures) == 2, rows[entry.name]  # download and memory, whole
 
 
 # --- using a pulled pair by its name -------------------------------------------------

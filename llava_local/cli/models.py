@@ -53,8 +53,9 @@ def _print_report(report: ModelsReport, console: Console) -> None:
     console.print(f"Memory available: {_size(memory)}; Hugging Face cache: {report.hf_cache}")
 
     installed = Table(title="Installed", title_justify="left")
-    for column in ("name", "from", "vision", "size", "needs", "fits"):
-        installed.add_column(column, no_wrap=True)
+    for column, width in (("name", 4), ("from", 7), ("vision", 6), ("size", 8), ("needs", 8)):
+        installed.add_column(column, no_wrap=True, min_width=width)
+    installed.add_column("fits", no_wrap=True, min_width=4)
     installed.add_column("where", overflow="fold")
     for model in report.installed:
         where = str(model.model_path or "")
@@ -76,10 +77,16 @@ def _print_report(report: ModelsReport, console: Console) -> None:
         console.print("Installed: nothing yet (try `llava-local pull smolvlm-500m`)")
 
     available = Table(title="Catalogue (llava-local pull NAME)", title_justify="left")
-    for column in ("name", "ollama", "download", "needs", "fits"):
-        available.add_column(column, no_wrap=True)
-    for column in ("installed", "evidence"):
-        available.add_column(column, overflow="fold")
+    # Names and figures are never cut; in 80 columns Ollama tags are shortened and the
+    # evidence column left out (`--json` has everything).
+    wide = console.width >= 120
+    available.add_column("name", no_wrap=True, min_width=20)
+    available.add_column("ollama", overflow="ellipsis")
+    for column, width in (("download", 8), ("needs", 8), ("fits", 4)):
+        available.add_column(column, no_wrap=True, min_width=width)
+    available.add_column("installed", overflow="fold", min_width=9)
+    if wide:
+        available.add_column("evidence", overflow="fold")
     for item in report.available:
         entry = item.entry
         available.add_row(
@@ -89,7 +96,7 @@ def _print_report(report: ModelsReport, console: Console) -> None:
             _size(entry.memory_bytes) if entry.memory_bytes else "?",
             _yes(item.fits),
             ", ".join(item.installed),
-            entry.evidence,
+            *([entry.evidence] if wide else []),
         )
     console.print(available)
 
