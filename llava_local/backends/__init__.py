@@ -68,8 +68,8 @@ def _llama_cpp(model: str | None, kwargs: dict[str, Any]) -> Backend:
         model_path, mmproj_path = demo_paths()
     elif (pulled := None if mmproj else _pulled(str(model))) is not None:
         entry, model_path, mmproj_path = pulled
-        if entry.chat_format:
-            kwargs.setdefault("chat_format", entry.chat_format)
+        if kwargs.get("chat_format") is None:
+            kwargs["chat_format"] = entry.chat_format
     else:
         model_path = Path(str(model)).expanduser()
         mmproj_path = Path(mmproj).expanduser() if mmproj else _find_mmproj(model_path)
