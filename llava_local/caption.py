@@ -51,19 +51,7 @@ from types import TracebackType
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
+from rich.progress import TaskID
 
 from . import images as _images
 from . import structured
@@ -76,6 +64,7 @@ from .errors import (
     LlavaLocalError,
     SchemaError,
 )
+from .progress import picture_progress
 from .structured import Schema
 from .types import Options, PreparedImage, Reply
 
@@ -578,17 +567,6 @@ class _Run:
 # --- the progress bar ----------------------------------------------------------------
 
 
-class _RateColumn(ProgressColumn):
-    """Pictures per second, or seconds per picture when that reads better (CPUs)."""
-
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        if not speed:
-            return Text("-- s/pic", style="progress.data.speed")
-        text = f"{speed:.2f} pic/s" if speed >= 1 else f"{1 / speed:.1f} s/pic"
-        return Text(text, style="progress.data.speed")
-
-
 class _Bar:
     """A rich progress bar on stderr whose total counts only the pictures to ask about,
     so that the rate and ETA are not flattered by skipped ones."""
@@ -596,18 +574,7 @@ class _Bar:
     def __init__(self, summary: CaptionSummary, limit: int | None, *, enabled: bool) -> None:
         self._summary = summary
         self._limit = limit
-        self._progress = Progress(
-            TextColumn("[progress.description]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            _RateColumn(),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            disable=not enabled,
-            speed_estimate_period=3600,  # one picture may take a minute on a CPU
-        )
+        self._progress = picture_progress(enabled=enabled)
         self._task = TaskID(0)
 
     def __enter__(self) -> _Bar:

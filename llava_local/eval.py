@@ -31,23 +31,15 @@ from types import TracebackType
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
-from rich.console import Console, Group, RenderableType
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
 from . import images as _images
-from .caption import _RateColumn
 from .chat import VisionChat
 from .datasets import LabelledPicture, default_prompts, load_set
 from .errors import ImageError, InvalidRequestError
+from .progress import picture_progress
 from .types import PreparedImage
 
 __all__ = [
@@ -502,17 +494,7 @@ class _Bar:
     def __init__(self, total: int, name: str, *, enabled: bool) -> None:
         self._name = name
         self._done = self._right = 0
-        self._progress = Progress(
-            TextColumn("[progress.description]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            _RateColumn(),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            disable=not enabled,
-        )
+        self._progress = picture_progress(enabled=enabled)
         self._task = self._progress.add_task(name, total=total)
 
     def __enter__(self) -> _Bar:
