@@ -16,17 +16,18 @@ from .errors import ModelNotFoundError
 DEMO_NAME = "demo"
 
 
-def _demo_dir() -> Path:
-    return Path(str(resources.files("llava_local") / "data" / "demo"))
+def _demo_lm() -> Path:
+    """Where the demo's language model sits in this install (the projector is beside it)."""
+    return Path(str(resources.files("llava_local") / "data" / "demo" / "demo-lm.gguf"))
 
 
 def demo_paths() -> tuple[Path, Path]:
     """The demo's language model and projector files inside the installed package."""
-    base = _demo_dir()
-    model, mmproj = base / "demo-lm.gguf", base / "demo-mmproj.gguf"
+    model = _demo_lm()
+    mmproj = model.with_name("demo-mmproj.gguf")
     if not (model.is_file() and mmproj.is_file()):
         raise ModelNotFoundError(
-            f"the bundled demo model is missing from {base}; reinstall llava-local, "
+            f"the bundled demo model is missing from {model.parent}; reinstall llava-local, "
             "or pass model= and mmproj= paths of a GGUF pair"
         )
     return model, mmproj
@@ -35,4 +36,4 @@ def demo_paths() -> tuple[Path, Path]:
 def is_demo(model: Path) -> bool:
     """Whether ``model`` is the bundled demo's language model (saved as ``"demo"``, so
     a conversation outlives the install it was made in)."""
-    return model == _demo_dir() / "demo-lm.gguf"
+    return model == _demo_lm()

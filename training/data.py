@@ -185,19 +185,12 @@ COLOUR_QUESTIONS_HELD_OUT = (
 )
 FOLLOW_UP_COLOUR_QUESTION = "What colour is it?"
 
+_HELD_OUT = SHAPE_QUESTIONS_HELD_OUT + COLOUR_QUESTIONS_HELD_OUT
 SHAPE_QUESTIONS_TRAIN = tuple(
-    dict.fromkeys(
-        SHAPE_QUESTIONS_TRAIN
-        + keyword_questions(["shape"], SHAPE_QUESTIONS_HELD_OUT + COLOUR_QUESTIONS_HELD_OUT)
-    )
+    dict.fromkeys(SHAPE_QUESTIONS_TRAIN + keyword_questions(["shape"], _HELD_OUT))
 )
 COLOUR_QUESTIONS_TRAIN = tuple(
-    dict.fromkeys(
-        COLOUR_QUESTIONS_TRAIN
-        + keyword_questions(
-            ["colour", "color"], SHAPE_QUESTIONS_HELD_OUT + COLOUR_QUESTIONS_HELD_OUT
-        )
-    )
+    dict.fromkeys(COLOUR_QUESTIONS_TRAIN + keyword_questions(["colour", "color"], _HELD_OUT))
 )
 
 # --- labels ---------------------------------------------------------------------------------

@@ -53,9 +53,9 @@ def _print_report(report: ModelsReport, console: Console) -> None:
     console.print(f"Memory available: {_size(memory)}; Hugging Face cache: {report.hf_cache}")
 
     installed = Table(title="Installed", title_justify="left")
-    for column, width in (("name", 4), ("from", 7), ("vision", 6), ("size", 8), ("needs", 8)):
+    widths = (("name", 4), ("from", 7), ("vision", 6), ("size", 8), ("needs", 8), ("fits", 4))
+    for column, width in widths:
         installed.add_column(column, no_wrap=True, min_width=width)
-    installed.add_column("fits", no_wrap=True, min_width=4)
     installed.add_column("where", overflow="fold")
     for model in report.installed:
         where = str(model.model_path or "")
