@@ -532,5 +532,6 @@ def test_catalogue_name_not_pulled_says_how_to_pull_it(cache: Path, closed_port:
         HF_HUB_OFFLINE="1",
     )
     assert result.returncode == 1
-    assert "ollama serve" in result.stderr
+    assert "no Ollama daemon had it" in result.stderr
     assert f"llava-local pull {SMOL.name}" in result.stderr
+    assert f"ollama pull {SMOL.name}" not in result.stderr  # it has no Ollama tag

@@ -125,12 +125,11 @@ def _auto(model: str | None, kwargs: dict[str, Any]) -> Backend:
         try:
             if _pulled(model):
                 return _llama_cpp(model, kwargs)
-            not_pulled = ""
-        except ModelNotFoundError as exc:
-            not_pulled = f"; for llama.cpp, {exc}"
+        except ModelNotFoundError as exc:  # a catalogue name: `ollama pull NAME` is no advice
+            raise ModelNotFoundError(f"{exc} (no Ollama daemon had it either)") from None
         raise ModelNotFoundError(
             f"model {model!r}: no Ollama daemon with it answered (run `ollama serve`, then "
-            f"`ollama pull {model}`), and it is not the path of a GGUF file{not_pulled}"
+            f"`ollama pull {model}`), and it is not the path of a GGUF file"
         )
     if env_model and model is None:
         kwargs.setdefault("mmproj", env_mmproj)
