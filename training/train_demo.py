@@ -578,6 +578,20 @@ def check_against_numpy(model: TinyLlava, lm_path: Path, mm_path: Path) -> dict[
 # ------------------------------------------------------------------------------ main
 
 
+def _span(indices: range) -> str:
+    return f"{indices.start}-{indices.stop - 1}"
+
+
+def _parse_span(text: str) -> range:
+    """``"0-199"`` as range(0, 200), checked to lie inside the training digits."""
+    start, _, end = text.partition("-")
+    span = range(int(start), int(end) + 1)
+    inside = data.TRAIN_INDICES.start <= span.start and span.stop <= data.TRAIN_INDICES.stop
+    if not (span and inside):
+        raise SystemExit(f"--hold-out {text}: give START-END within {_span(data.TRAIN_INDICES)}")
+    return span
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Train, export, check and describe the demo model."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -588,10 +602,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, help="also save the PyTorch weights here")
     parser.add_argument("--smoke", action="store_true", help="tiny pools, for a quick try")
     parser.add_argument(
-        "--hold-out", action="store_true",
-        help=f"keep digits {data.VALIDATION_INDICES.start}-{data.VALIDATION_INDICES.stop - 1} "
-        "out of training and validate on them (for choosing a recipe; the shipped model "
-        "trains on all of 0-1399)",
+        "--hold-out", nargs="?", const=_span(data.VALIDATION_INDICES), metavar="START-END",
+        help=f"keep these training digits (default {_span(data.VALIDATION_INDICES)}) out of "
+        "training and validate on them (for choosing a recipe; the shipped model trains on "
+        "all of 0-1399)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     recipe = Recipe(seed=args.seed, steps=args.steps)
@@ -601,7 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)
-    held_out = data.VALIDATION_INDICES if args.hold_out else range(0)
+    held_out = _parse_span(args.hold_out) if args.hold_out else range(0)
     train_indices = [i for i in data.TRAIN_INDICES if i not in held_out]
 
     t0 = time.monotonic()
@@ -614,7 +628,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.checkpoint:
         torch.save(model.state_dict(), args.checkpoint)
     # without a hold-out this re-reads training digits: a check of the export, not a score
-    val = validate(model, recipe.seed, data.VALIDATION_INDICES)
+    val = validate(model, recipe.seed, held_out or data.VALIDATION_INDICES)
     print("validation (PyTorch, greedy):", json.dumps(val), flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -662,8 +676,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "source": "sklearn.datasets.load_digits()",
                 "train_indices": f"{train_indices[0]}-{train_indices[-1]}"
                 if not args.hold_out
-                else "0-1249",
-                "validation_indices": "1250-1399, held out"
+                else f"0-1399 except {args.hold_out}",
+                "validation_indices": f"{args.hold_out}, held out"
                 if args.hold_out
                 else "none held out (recipe chosen on held-out runs)",
                 "test_indices": "1400-1796 (never used in training or choices)",
