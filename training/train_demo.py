@@ -61,7 +61,7 @@ class Recipe:
     pretrain_steps: int = 3000  # vision tower alone on the auxiliary classes first
     pretrain_batch: int = 128
     pretrain_p_digit: float = 0.45
-    vision_lr_scale: float = 0.03  # stage 2: the encoder learns slowly (0.1: 0.93 on 0-199)
+    vision_lr_scale: float = 0.1  # stage 2: the encoder learns slowly (see training/README.md)
     digit_renders: int = 40  # augmented pictures per training digit (16: 0.945 on fold 0-199)
     shape_renders: int = 24000
     p_digit: float = 0.55
