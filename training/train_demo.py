@@ -462,10 +462,15 @@ def validate(model: TinyLlava, seed: int, digit_indices: Sequence[int]) -> dict[
     shape_px = np.stack(
         [data.clip_resize(data.random_shape_picture(s, rng), VISION.image_size) for s in specs]
     )
-    for kind, question in (("shape", "What shape is this?"), ("colour", "What colour is it?")):
+    asked = [("shape", "What shape is this?"), ("colour", "What colour is it?")]
+    # run 10 answered "What shape can you see here?" with the colour: watch the worst one
+    asked += [(f"shape_held_out_{i}", q) for i, q in enumerate(data.SHAPE_QUESTIONS_HELD_OUT)]
+    for kind, question in asked:
         got = greedy_answers(model, shape_px, question)
-        want = [f" {data.shape_answer(kind, s.shape, s.colour)}" for s in specs]
+        want = [f" {data.shape_answer(kind.split('_')[0], s.shape, s.colour)}" for s in specs]
         result[f"shapes_{kind}"] = float(np.mean([g == w for g, w in zip(got, want, strict=True)]))
+    held = [v for k, v in result.items() if k.startswith("shapes_shape_held_out_")]
+    result["shapes_shape_held_out_worst"] = min(held)
     with torch.no_grad():
         probe = model.aux_logits(model.vision.features(torch.from_numpy(data.normalize(shape_px))))
     shape_t = np.array([data.SHAPES.index(s.shape) for s in specs])
