@@ -462,13 +462,15 @@ def validate(model: TinyLlava, seed: int, digit_indices: Sequence[int]) -> dict[
     shape_px = np.stack(
         [data.clip_resize(data.random_shape_picture(s, rng), VISION.image_size) for s in specs]
     )
-    asked = [("shape", "What shape is this?"), ("colour", "What colour is it?")]
+    asked = [("shape", "shape", "What shape is this?"), ("colour", "colour", "What colour is it?")]
     # run 10 answered "What shape can you see here?" with the colour: watch the worst one
-    asked += [(f"shape_held_out_{i}", q) for i, q in enumerate(data.SHAPE_QUESTIONS_HELD_OUT)]
-    for kind, question in asked:
+    asked += [
+        (f"shape_held_out_{i}", "shape", q) for i, q in enumerate(data.SHAPE_QUESTIONS_HELD_OUT)
+    ]
+    for name, kind, question in asked:
         got = greedy_answers(model, shape_px, question)
-        want = [f" {data.shape_answer(kind.split('_')[0], s.shape, s.colour)}" for s in specs]
-        result[f"shapes_{kind}"] = float(np.mean([g == w for g, w in zip(got, want, strict=True)]))
+        want = [f" {data.shape_answer(kind, s.shape, s.colour)}" for s in specs]
+        result[f"shapes_{name}"] = float(np.mean([g == w for g, w in zip(got, want, strict=True)]))
     held = [v for k, v in result.items() if k.startswith("shapes_shape_held_out_")]
     result["shapes_shape_held_out_worst"] = min(held)
     with torch.no_grad():
@@ -590,10 +592,15 @@ def _span(indices: range) -> str:
 def _parse_span(text: str) -> range:
     """``"0-199"`` as range(0, 200), checked to lie inside the training digits."""
     start, _, end = text.partition("-")
-    span = range(int(start), int(end) + 1)
+    try:
+        span = range(int(start), int(end) + 1)
+    except ValueError:
+        span = range(0)
     inside = data.TRAIN_INDICES.start <= span.start and span.stop <= data.TRAIN_INDICES.stop
     if not (span and inside):
-        raise SystemExit(f"--hold-out {text}: give START-END within {_span(data.TRAIN_INDICES)}")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give START-END within {_span(data.TRAIN_INDICES)}, e.g. 0-199"
+        )
     return span
 
 
@@ -607,7 +614,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, help="also save the PyTorch weights here")
     parser.add_argument("--smoke", action="store_true", help="tiny pools, for a quick try")
     parser.add_argument(
-        "--hold-out", nargs="?", const=_span(data.VALIDATION_INDICES), metavar="START-END",
+        "--hold-out", nargs="?", const=data.VALIDATION_INDICES, type=_parse_span,
+        metavar="START-END",
         help=f"keep these training digits (default {_span(data.VALIDATION_INDICES)}) out of "
         "training and validate on them (for choosing a recipe; the shipped model trains on "
         "all of 0-1399)",
@@ -620,7 +628,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)
-    held_out = _parse_span(args.hold_out) if args.hold_out else range(0)
+    held_out: range = args.hold_out or range(0)
     train_indices = [i for i in data.TRAIN_INDICES if i not in held_out]
 
     t0 = time.monotonic()
@@ -681,8 +689,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "source": "sklearn.datasets.load_digits()",
                 "train_indices": f"{train_indices[0]}-{train_indices[-1]}"
                 if not args.hold_out
-                else f"0-1399 except {args.hold_out}",
-                "validation_indices": f"{args.hold_out}, held out"
+                else f"{_span(data.TRAIN_INDICES)} except {_span(held_out)}",
+                "validation_indices": f"{_span(held_out)}, held out"
                 if args.hold_out
                 else "none held out (recipe chosen on held-out runs)",
                 "test_indices": "1400-1796 (never used in training or choices)",
