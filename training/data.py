@@ -293,13 +293,20 @@ WARP_TO_GRID = 0.5  # share of warped digits averaged back to the dataset's 8x8 
 
 
 def augment_digit(
-    pixels: np.ndarray, rng: np.random.Generator, *, warp_to_grid: float = WARP_TO_GRID
+    pixels: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    warp_to_grid: float = WARP_TO_GRID,
+    whole_blocks: float = 0.0,
 ) -> Image.Image:
     """A random rendering of a digit: size 8..512, any filter, contrast, JPEG.
 
     Most renders show the whole 8x8 digit edge to edge, as the task's pictures do; the rest
     are shifted, zoomed, widened and distorted views, for pictures people crop themselves.
     Elastic warps (Simard et al., 2003) stand in for more writers than the 1,400 we have.
+    ``whole_blocks`` of the framed 8x8 renders are scaled by a whole factor with nearest
+    neighbour: crisp square blocks, as the task's own 64 px pictures are, which a random
+    size and filter almost never make (an experiment, see training/README.md).
     """
     if rng.random() < PURE_INK:  # black on white, as most digits people show it
         paper, ink = 255, 0
@@ -311,7 +318,10 @@ def augment_digit(
     grey = paper + (ink - paper) * np.clip(source / 16.0, 0.0, 1.0)
     size = round(math.exp(rng.uniform(math.log(8), math.log(512))))
     resample = RESAMPLES[int(rng.integers(len(RESAMPLES)))]
-    if rng.random() < FRAMED:
+    framed = rng.random() < FRAMED
+    if framed and k == 1 and whole_blocks and rng.random() < whole_blocks:
+        size, resample = 8 * max(1, size // 8), Image.Resampling.NEAREST
+    if framed:
         small = Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8), mode="L")
         image = small.resize((size, size), resample)
     else:

@@ -63,6 +63,7 @@ class Recipe:
     pretrain_p_digit: float = 0.45
     vision_lr_scale: float = 0.1  # stage 2: the encoder learns slowly (see training/README.md)
     digit_renders: int = 40  # augmented pictures per training digit (16: 0.945 on fold 0-199)
+    whole_blocks: float = 0.0  # share of crisp whole-factor renders (0.25: run 11, README)
     shape_renders: int = 24000
     p_digit: float = 0.55
     p_default_system: float = 0.7
@@ -184,7 +185,7 @@ def render_pools(recipe: Recipe, train_indices: Sequence[int], rng: np.random.Ge
     digit_pixels, digit_labels = [], []
     for _ in range(recipe.digit_renders):
         for i in train_indices:
-            picture = data.augment_digit(images[i], rng)
+            picture = data.augment_digit(images[i], rng, whole_blocks=recipe.whole_blocks)
             digit_pixels.append(data.clip_resize(picture, size))
             digit_labels.append(labels[i])
     shape_pixels, specs = [], []
