@@ -291,3 +291,24 @@ def test_a_labelled_picture_checks_its_labels() -> None:
     assert picture.label_for(None) == "cat"
     with pytest.raises(InvalidRequestError, match="no 'colour' label"):
         picture.label_for("colour")
+
+
+def test_training_pairs_draw_one_digit_twice() -> None:
+    """The blocky/smooth training pairs show the same 8x8 grid (the feature loss that
+    pulls one to the other would teach nonsense otherwise)."""
+    data = pytest.importorskip("training.data")
+    values, _ = ds._digits_data()[:2]
+    rng = np.random.default_rng(0)
+
+    def grid(image: Image.Image) -> np.ndarray:
+        return np.asarray(image.convert("L").resize((8, 8), Image.Resampling.BOX), float)
+
+    same, other = [], []
+    for i in range(40):  # whole-factor blocky pictures: box-averaging gives the grid back
+        blocky, smooth = data.paired_renders(values[i].astype(np.float32), rng, p_any=0.0)
+        same.append(np.corrcoef(grid(blocky).ravel(), grid(smooth).ravel())[0, 1])
+        _, unrelated = data.paired_renders(values[i + 1].astype(np.float32), rng)
+        other.append(np.corrcoef(grid(blocky).ravel(), grid(unrelated).ravel())[0, 1])
+    assert min(same) > 0.95 > max(other)
+    sizes = {data.paired_renders(values[0], rng)[0].size[0] for _ in range(40)}
+    assert len(sizes) > 10  # by default blocky pictures also come at any size and filter

@@ -332,6 +332,38 @@ def augment_digit(
     return image
 
 
+def paired_renders(
+    pixels: np.ndarray, rng: np.random.Generator, *, p_any: float = 0.5
+) -> tuple[Image.Image, Image.Image]:
+    """One 8x8 grid (the digit, or half the time a warp of it averaged back to the grid)
+    in one ink, drawn twice: blocky and smooth.
+
+    The blocky picture is the grid scaled by a whole factor with nearest neighbour (the
+    task's own format) or, ``p_any`` of the time, at any size with any filter; the smooth
+    one is the grid as is (clip.cpp's bicubic upscales it) or bicubic at 32-256 px. The
+    tower reads smooth pictures better; training it to give the blocky one the smooth
+    one's features carries that over (see training/README.md).
+    """
+    grid = pixels.astype(np.float64)
+    if rng.random() < 0.5:
+        grid = elastic_warp(pixels, rng).reshape(8, 3, 8, 3).mean(axis=(1, 3))
+    if rng.random() < PURE_INK:
+        paper, ink = 255, 0
+    else:
+        paper, ink = int(rng.integers(185, 256)), int(rng.integers(0, 90))
+    grey = paper + (ink - paper) * np.clip(grid / 16.0, 0.0, 1.0)
+    small = Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8), mode="L")
+    if rng.random() < p_any:
+        size = round(math.exp(rng.uniform(math.log(8), math.log(512))))
+        resample = RESAMPLES[int(rng.integers(len(RESAMPLES)))]
+    else:
+        size, resample = 8 * int(rng.integers(1, 17)), Image.Resampling.NEAREST
+    blocky = png_round_trip(small.resize((size, size), resample))
+    side = 8 if rng.random() < 0.5 else int(rng.integers(32, 257))
+    smooth = small.resize((side, side), Image.Resampling.BICUBIC).convert("RGB")
+    return blocky, smooth
+
+
 def elastic_warp(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """The 8x8 digit at 3x resolution (24x24, values 0..16), smoothly and randomly warped,
     slightly rotated, scaled and shifted."""
