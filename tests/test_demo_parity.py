@@ -7,9 +7,11 @@ below, adjacent-pair RoPE) and is compared with libmtmd's projected image embedd
 llama.cpp's next-token logits. training/train_demo.py also checks PyTorch against these
 functions when it exports.
 
-Tolerances: the projector output within 2e-3 absolute (ggml rounds the patch im2col and
-both GELUs through f16 tables, which the reference copies; what remains is float32
-summation order); logits within 2e-3 absolute, on logits of magnitude ~10.
+Tolerances: the projector output within 1e-3 of its largest magnitude (ggml rounds the
+patch im2col and both GELUs through f16 tables, which the reference copies; float32
+summation order then sometimes tips a value to the neighbouring f16 step, an error that
+grows with the activations: 2e-4 of the scale for the shipped model, whose embeddings reach
+~300); logits within 2e-3 absolute, on logits of magnitude ~10.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
-EMBD_ATOL = 2e-3
+EMBD_RTOL = 1e-3  # of the largest embedding magnitude
 LOGITS_ATOL = 2e-3
 
 
@@ -196,7 +198,7 @@ def test_projected_image_embeddings_match_numpy(
     got = demo_runner.image_embeddings(png)
     want = numpy_image_embeddings(demo_pair, pixels)
     assert got.shape == (demo_pair.vision.n_image_tokens, demo_pair.text.n_embd)
-    np.testing.assert_allclose(got, want, atol=EMBD_ATOL)
+    np.testing.assert_allclose(got, want, atol=EMBD_RTOL * np.abs(want).max())
     assert np.abs(want).max() > 0.1  # the comparison is not between two near-zero arrays
 
 

@@ -50,7 +50,7 @@ class Recipe:
     """Everything that decides the training run (recorded in demo.json)."""
 
     seed: int = 0
-    steps: int = 1000
+    steps: int = 900
     batch_size: int = 48
     lr: float = 2e-3
     min_lr: float = 1e-4
@@ -58,13 +58,13 @@ class Recipe:
     weight_decay: float = 0.05
     aux_weight: float = 0.5
     key_weight: float = 4.0  # loss weight of the digit / shape / colour words
-    pretrain_steps: int = 3000  # vision tower alone on the auxiliary classes first
+    pretrain_steps: int = 2500  # vision tower alone on the auxiliary classes first
     pretrain_batch: int = 128
     pretrain_p_digit: float = 0.45
     vision_lr_scale: float = 0.1  # stage 2: the encoder learns slowly (see training/README.md)
     digit_renders: int = 40  # augmented pictures per training digit (16: 0.945 on fold 0-199)
     whole_blocks: float = 0.0  # share of crisp whole-factor renders (0.25: run 11, README)
-    consistency: float = 0.0  # weight of the blocky-to-smooth feature loss (README)
+    consistency: float = 1.0  # weight of the blocky-to-smooth feature loss (README)
     consistency_pairs: int = 8  # blocky/smooth pairs per training digit
     consistency_batch: int = 32  # pairs per step, both stages
     shape_renders: int = 24000
