@@ -282,8 +282,7 @@ def render_digit(
 ) -> Image.Image:
     """The canonical picture of a digit: dark ink on light paper, ``size`` pixels square."""
     grey = paper + (ink - paper) * (pixels / 16.0)
-    small = Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8), mode="L")
-    return small.resize((size, size), resample).convert("RGB")
+    return _grey_image(grey).resize((size, size), resample).convert("RGB")
 
 
 PURE_INK = 0.4  # share of digit renders in pure black on white
@@ -308,22 +307,17 @@ def augment_digit(
     neighbour: crisp square blocks, as the task's own 64 px pictures are, which a random
     size and filter almost never make (an experiment, see training/README.md).
     """
-    if rng.random() < PURE_INK:  # black on white, as most digits people show it
-        paper, ink = 255, 0
-    else:
-        paper, ink = int(rng.integers(185, 256)), int(rng.integers(0, 90))
+    paper, ink = _random_ink(rng)
     source, k = (elastic_warp(pixels, rng), 3) if rng.random() < WARPED else (pixels, 1)
     if k == 3 and rng.random() < warp_to_grid:  # new handwriting in the 8x8 format
-        source, k = source.reshape(8, 3, 8, 3).mean(axis=(1, 3)), 1
+        source, k = _to_grid(source), 1
     grey = paper + (ink - paper) * np.clip(source / 16.0, 0.0, 1.0)
-    size = round(math.exp(rng.uniform(math.log(8), math.log(512))))
-    resample = RESAMPLES[int(rng.integers(len(RESAMPLES)))]
+    size, resample = _random_size_and_filter(rng)
     framed = rng.random() < FRAMED
     if framed and k == 1 and whole_blocks and rng.random() < whole_blocks:
         size, resample = 8 * max(1, size // 8), Image.Resampling.NEAREST
     if framed:
-        small = Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8), mode="L")
-        image = small.resize((size, size), resample)
+        image = _grey_image(grey).resize((size, size), resample)
     else:
         image = _loose_view(grey, k, paper, size, resample=resample, rng=rng)
     image = image.convert("RGB")
@@ -346,22 +340,41 @@ def paired_renders(
     """
     grid = pixels.astype(np.float64)
     if rng.random() < 0.5:
-        grid = elastic_warp(pixels, rng).reshape(8, 3, 8, 3).mean(axis=(1, 3))
-    if rng.random() < PURE_INK:
-        paper, ink = 255, 0
-    else:
-        paper, ink = int(rng.integers(185, 256)), int(rng.integers(0, 90))
-    grey = paper + (ink - paper) * np.clip(grid / 16.0, 0.0, 1.0)
-    small = Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8), mode="L")
+        grid = _to_grid(elastic_warp(pixels, rng))
+    paper, ink = _random_ink(rng)
+    small = _grey_image(paper + (ink - paper) * np.clip(grid / 16.0, 0.0, 1.0))
     if rng.random() < p_any:
-        size = round(math.exp(rng.uniform(math.log(8), math.log(512))))
-        resample = RESAMPLES[int(rng.integers(len(RESAMPLES)))]
+        size, resample = _random_size_and_filter(rng)
     else:
         size, resample = 8 * int(rng.integers(1, 17)), Image.Resampling.NEAREST
     blocky = png_round_trip(small.resize((size, size), resample))
     side = 8 if rng.random() < 0.5 else int(rng.integers(32, 257))
     smooth = small.resize((side, side), Image.Resampling.BICUBIC).convert("RGB")
     return blocky, smooth
+
+
+def _random_ink(rng: np.random.Generator) -> tuple[int, int]:
+    """Paper and ink grey levels: pure black on white, as most digits people show it, or
+    any dark ink on any light paper."""
+    if rng.random() < PURE_INK:
+        return 255, 0
+    return int(rng.integers(185, 256)), int(rng.integers(0, 90))
+
+
+def _random_size_and_filter(rng: np.random.Generator) -> tuple[int, Image.Resampling]:
+    """A side of 8-512 px (uniform in log) and any Pillow filter."""
+    size = round(math.exp(rng.uniform(math.log(8), math.log(512))))
+    return size, RESAMPLES[int(rng.integers(len(RESAMPLES)))]
+
+
+def _to_grid(warped: np.ndarray) -> np.ndarray:
+    """A 24x24 warp averaged back to the dataset's 8x8 grid."""
+    return warped.reshape(8, 3, 8, 3).mean(axis=(1, 3))
+
+
+def _grey_image(grey: np.ndarray) -> Image.Image:
+    """Grey levels (floats) as an 8-bit greyscale picture."""
+    return Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8), mode="L")
 
 
 def elastic_warp(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -394,7 +407,7 @@ def _loose_view(
     side_px = 8 * k
     canvas = np.full((side_px + 2 * pad, side_px + 2 * pad), float(paper), dtype=np.float32)
     canvas[pad:-pad, pad:-pad] = grey
-    small = Image.fromarray(np.clip(np.round(canvas), 0, 255).astype(np.uint8), mode="L")
+    small = _grey_image(canvas)
     aspect = 1.0 if rng.random() < 0.6 else float(rng.uniform(0.75, 1.33))
     width, height = size, max(8, round(size * aspect))
     side = side_px * float(rng.uniform(0.9, 1.2))

@@ -183,7 +183,7 @@ class Pools:
     pair_blocky: np.ndarray
     pair_smooth: np.ndarray
     pair_labels: np.ndarray
-    pair_rng_state: dict[str, Any]  # where the pairs' stream goes on in training
+    pair_rng: np.random.Generator  # drew the pairs; goes on to pick each step's pairs
 
 
 def render_pools(recipe: Recipe, train_indices: Sequence[int], rng: np.random.Generator) -> Pools:
@@ -202,7 +202,7 @@ def render_pools(recipe: Recipe, train_indices: Sequence[int], rng: np.random.Ge
         shape_pixels.append(data.clip_resize(data.random_shape_picture(spec, rng), size))
         specs.append(spec)
     blocky, smooth, pair_labels = [], [], []
-    pair_rng = pair_generator(recipe)  # its own stream: the other pictures stay as they were
+    pair_rng = np.random.default_rng(recipe.seed + 7)  # its own: the rest stays as it was
     if recipe.consistency:
         for _ in range(recipe.consistency_pairs):
             for i in train_indices:
@@ -219,13 +219,8 @@ def render_pools(recipe: Recipe, train_indices: Sequence[int], rng: np.random.Ge
         np.stack(blocky) if blocky else empty,
         np.stack(smooth) if smooth else empty,
         np.asarray(pair_labels, dtype=np.int64),
-        pair_rng.bit_generator.state,
+        pair_rng,
     )
-
-
-def pair_generator(recipe: Recipe) -> np.random.Generator:
-    """The random stream of the blocky/smooth pairs, apart from everything else."""
-    return np.random.default_rng(recipe.seed + 7)
 
 
 # -------------------------------------------------------------------------- training
@@ -287,16 +282,14 @@ def aux_loss(
     return torch.stack(losses).mean(), torch.cat(hits).float().mean().item()
 
 
-def consistency_loss(
-    model: TinyLlava, pools: Pools, rng: np.random.Generator, recipe: Recipe
-) -> tuple[torch.Tensor, float]:
+def consistency_loss(model: TinyLlava, pools: Pools, recipe: Recipe) -> tuple[torch.Tensor, float]:
     """Blocky pictures pulled to the tower features of the same digit drawn smooth.
 
     The tower reads smooth renders of held-out digits better than the task's blocky ones
     (fold 0-199: 0.97 and 0.93); the smooth side is the fixed target. Plus the probe's
     cross-entropy on the blocky side. Returns the loss and the feature term alone.
     """
-    j = rng.integers(len(pools.pair_labels), size=recipe.consistency_batch)
+    j = pools.pair_rng.integers(len(pools.pair_labels), size=recipe.consistency_batch)
     blocky = model.vision.features(torch.from_numpy(data.normalize(pools.pair_blocky[j])))
     with torch.no_grad():
         smooth = model.vision.features(torch.from_numpy(data.normalize(pools.pair_smooth[j])))
@@ -405,15 +398,13 @@ def train(recipe: Recipe, pools: Pools, rng: np.random.Generator, log_every: int
         p_digit=recipe.pretrain_p_digit,
         p_second_turn=0.0,
     )
-    pair_rng = pair_generator(recipe)
-    pair_rng.bit_generator.state = pools.pair_rng_state
     for step in range(recipe.pretrain_steps):
         _set_lr(opt, lr_at(step, recipe.pretrain_steps, recipe))
         _, samples = make_batch(pretrain, pools, rng)
         loss, acc = aux_loss(model, pools, samples, model.vision.features(_pixels(pools, samples)))
         stats = {"aux": loss.item(), "probe_acc": acc}
         if recipe.consistency:
-            extra, stats["consistency"] = consistency_loss(model, pools, pair_rng, recipe)
+            extra, stats["consistency"] = consistency_loss(model, pools, recipe)
             loss = loss + extra
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -437,7 +428,7 @@ def train(recipe: Recipe, pools: Pools, rng: np.random.Generator, log_every: int
             key_weight=recipe.key_weight,
         )
         if recipe.consistency:
-            extra, stats["consistency"] = consistency_loss(model, pools, pair_rng, recipe)
+            extra, stats["consistency"] = consistency_loss(model, pools, recipe)
             loss = loss + extra
         opt.zero_grad(set_to_none=True)
         loss.backward()
