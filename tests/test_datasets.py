@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -312,3 +313,29 @@ def test_training_pairs_draw_one_digit_twice() -> None:
     assert min(same) > 0.95 > max(other)
     sizes = {data.paired_renders(values[0], rng)[0].size[0] for _ in range(40)}
     assert len(sizes) > 10  # by default blocky pictures also come at any size and filter
+
+
+def test_held_out_questions_stay_unseen() -> None:
+    """No training question is a held-out one or within one word of a held-out shape or
+    colour question, and no shape question names a colour."""
+    data = pytest.importorskip("training.data")
+    trained = (
+        data.DIGIT_QUESTIONS_TRAIN
+        + data.GENERIC_QUESTIONS_TRAIN
+        + data.SHAPE_QUESTIONS_TRAIN
+        + data.COLOUR_QUESTIONS_TRAIN
+        + data.DESCRIBE_SHAPE_QUESTIONS_TRAIN
+    )
+    held_out = (
+        data.DIGIT_QUESTIONS_HELD_OUT
+        + data.SHAPE_QUESTIONS_HELD_OUT
+        + data.COLOUR_QUESTIONS_HELD_OUT
+    )
+    assert not set(trained) & set(held_out)
+    for question in data.SHAPE_QUESTIONS_TRAIN + data.COLOUR_QUESTIONS_TRAIN:
+        for unseen in data.SHAPE_QUESTIONS_HELD_OUT + data.COLOUR_QUESTIONS_HELD_OUT:
+            assert data._word_distance(question, unseen) > 1, (question, unseen)
+    assert data._word_distance("What colour is the shape?", "What color is the shape?") == 1
+    colour_word = re.compile(r"colou?r", re.IGNORECASE)
+    assert not any(colour_word.search(q) for q in data.SHAPE_QUESTIONS_TRAIN)
+    assert all(colour_word.search(q) for q in data.COLOUR_QUESTIONS_TRAIN)
