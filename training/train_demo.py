@@ -61,7 +61,7 @@ class Recipe:
     pretrain_steps: int = 2500  # vision tower alone on the auxiliary classes first
     pretrain_batch: int = 128
     pretrain_p_digit: float = 0.45
-    pretrain_ema: float = 0.0  # stage 2 from the tower's moving average (0.998: README)
+    pretrain_ema: float = 0.998  # stage 2 starts from the tower's moving average (README)
     vision_lr_scale: float = 0.1  # stage 2: the encoder learns slowly (see training/README.md)
     digit_renders: int = 40  # augmented pictures per training digit (16: 0.945 on fold 0-199)
     whole_blocks: float = 0.0  # share of crisp whole-factor renders (0.25: run 11, README)
@@ -709,7 +709,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.smoke:
         recipe = replace(
-            recipe, digit_renders=1, shape_renders=500, pretrain_steps=20, consistency_pairs=1
+            recipe,
+            digit_renders=1,
+            shape_renders=500,
+            pretrain_steps=20,
+            steps=20,
+            consistency_pairs=1,
         )
 
     torch.set_num_threads(recipe.threads)
