@@ -382,16 +382,19 @@ def _log(step: int, running: dict[str, float], stats: dict[str, float], start: f
     print(f"step {step:5d}  {shown}  {time.monotonic() - start:6.0f}s", flush=True)
 
 
+EMA_START = 200  # stage-1 steps before the average starts (until then it copies)
+
+
 @torch.no_grad()
 def _update_average(
-    average: Sequence[torch.Tensor], params: Sequence[tuple[str, torch.Tensor]], decay: float
+    average: Sequence[torch.Tensor], params: Sequence[torch.Tensor], decay: float
 ) -> None:
     """``average = decay * average + (1 - decay) * params``, in place (0: a copy).
 
     The average of the last few hundred stage-1 steps gives held-out digits a lower loss
     than the last step's weights (fold 0-199, every rendering, four runs; the accuracy
     moved within noise, training/README.md)."""
-    for a, (_, p) in zip(average, params, strict=True):
+    for a, p in zip(average, params, strict=True):
         a.mul_(decay).add_(p, alpha=1.0 - decay)
 
 
@@ -412,7 +415,8 @@ def train(recipe: Recipe, pools: Pools, rng: np.random.Generator, log_every: int
         p_digit=recipe.pretrain_p_digit,
         p_second_turn=0.0,
     )
-    average = [p.detach().clone() for _, p in vision_params] if recipe.pretrain_ema else []
+    tower = [p for _, p in vision_params]
+    average = [p.detach().clone() for p in tower] if recipe.pretrain_ema else []
     for step in range(recipe.pretrain_steps):
         _set_lr(opt, lr_at(step, recipe.pretrain_steps, recipe))
         _, samples = make_batch(pretrain, pools, rng)
@@ -426,14 +430,13 @@ def train(recipe: Recipe, pools: Pools, rng: np.random.Generator, log_every: int
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if recipe.pretrain_ema:
-            _update_average(average, vision_params, recipe.pretrain_ema if step > 200 else 0.0)
+            decay = recipe.pretrain_ema if step > EMA_START else 0.0
+            _update_average(average, tower, decay)
         running = {k: 0.9 * running.get(k, v) + 0.1 * v for k, v in stats.items()}
         if step % log_every == 0 or step == recipe.pretrain_steps - 1:
             _log(step, running, {}, start)
     if recipe.pretrain_ema:
-        with torch.no_grad():
-            for (_, p), a in zip(vision_params, average, strict=True):
-                p.copy_(a)
+        _update_average(tower, average, 0.0)  # stage 2 starts from the average
 
     opt = _optimizer(list(model.named_parameters()), recipe, slow=recipe.vision_lr_scale)
     running = {}
@@ -534,18 +537,15 @@ def validate(model: TinyLlava, seed: int, digit_indices: Sequence[int]) -> dict[
     )
     asked = [("shape", "shape", "What shape is this?"), ("colour", "colour", "What colour is it?")]
     # run 10 answered "What shape can you see here?" with the colour: watch the worst one
-    asked += [
-        (f"shape_held_out_{i}", "shape", q) for i, q in enumerate(data.SHAPE_QUESTIONS_HELD_OUT)
-    ]
     # run 12 answered "What colour does the shape have?" with the shape
-    asked += [
-        (f"colour_held_out_{i}", "colour", q) for i, q in enumerate(data.COLOUR_QUESTIONS_HELD_OUT)
-    ]
+    held_out = {"shape": data.SHAPE_QUESTIONS_HELD_OUT, "colour": data.COLOUR_QUESTIONS_HELD_OUT}
+    for kind, questions in held_out.items():
+        asked += [(f"{kind}_held_out_{i}", kind, q) for i, q in enumerate(questions)]
     for name, kind, question in asked:
         got = greedy_answers(model, shape_px, question)
         want = [f" {data.shape_answer(kind, s.shape, s.colour)}" for s in specs]
         result[f"shapes_{name}"] = float(np.mean([g == w for g, w in zip(got, want, strict=True)]))
-    for kind in ("shape", "colour"):
+    for kind in held_out:
         held = [v for k, v in result.items() if k.startswith(f"shapes_{kind}_held_out_")]
         result[f"shapes_{kind}_held_out_worst"] = min(held)
     with torch.no_grad():
@@ -704,6 +704,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "all of 0-1399)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    if not 0.0 <= args.ema < 1.0:
+        parser.error(f"--ema {args.ema}: give a decay from 0 (off) up to, not including, 1")
     recipe = Recipe(
         seed=args.seed, steps=args.steps, consistency=args.consistency, pretrain_ema=args.ema
     )
