@@ -16,12 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import platform
 import re
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,7 @@ class Recipe:
     min_lr: float = 1e-4
     warmup: int = 60
     weight_decay: float = 0.05
+    pretrain_weight_decay: float = 0.3  # stage 1 (0.05: higher held-out loss, README)
     aux_weight: float = 0.5
     key_weight: float = 4.0  # loss weight of the digit / shape / colour words
     pretrain_steps: int = 2500  # vision tower alone on the auxiliary classes first
@@ -187,39 +190,66 @@ class Pools:
     pair_rng: np.random.Generator  # drew the pairs; goes on to pick each step's pairs
 
 
-def render_pools(recipe: Recipe, train_indices: Sequence[int], rng: np.random.Generator) -> Pools:
-    """Augmented renderings of the training digits and random shapes."""
-    images, labels = data.load_digits_arrays()
+SHAPE_CHUNK = 1000  # shape pictures per rendering job
+
+
+def _render_job(recipe: Recipe, grids: np.ndarray, job: tuple[str, int, int]) -> tuple[Any, ...]:
+    """One rendering job with its own seed, so the pools do not depend on the worker count.
+
+    ``("digit", seed, _)``: one augmented picture of each 8x8 digit in ``grids``;
+    ``("pair", seed, _)``: one blocky/smooth pair of each; ``("shape", seed, n)``: ``n``
+    random shapes.
+    """
+    kind, seed, n = job
+    rng = np.random.default_rng(seed)
     size = VISION.image_size
-    digit_pixels, digit_labels = [], []
-    for _ in range(recipe.digit_renders):
-        for i in train_indices:
-            picture = data.augment_digit(images[i], rng, whole_blocks=recipe.whole_blocks)
-            digit_pixels.append(data.clip_resize(picture, size))
-            digit_labels.append(labels[i])
-    shape_pixels, specs = [], []
-    for _ in range(recipe.shape_renders):
-        spec = data.ShapeSpec(_pick(rng, data.SHAPES), _pick(rng, data.COLOUR_NAMES))
-        shape_pixels.append(data.clip_resize(data.random_shape_picture(spec, rng), size))
-        specs.append(spec)
-    blocky, smooth, pair_labels = [], [], []
-    pair_rng = np.random.default_rng(recipe.seed + 7)  # its own: the rest stays as it was
+    if kind == "shape":
+        specs = [
+            data.ShapeSpec(_pick(rng, data.SHAPES), _pick(rng, data.COLOUR_NAMES)) for _ in range(n)
+        ]
+        pixels = [data.clip_resize(data.random_shape_picture(spec, rng), size) for spec in specs]
+        return np.stack(pixels), specs
+    if kind == "digit":
+        renders = [data.augment_digit(g, rng, whole_blocks=recipe.whole_blocks) for g in grids]
+        return (np.stack([data.clip_resize(r, size) for r in renders]),)
+    pairs = [data.paired_renders(g, rng) for g in grids]
+    blocky = np.stack([data.clip_resize(b, size) for b, _ in pairs])
+    return blocky, np.stack([data.clip_resize(s, size) for _, s in pairs])
+
+
+def render_pools(recipe: Recipe, train_indices: Sequence[int], rng: np.random.Generator) -> Pools:
+    """Augmented renderings of the training digits and random shapes.
+
+    The pictures are drawn in jobs on ``recipe.threads`` processes (rendering is Python and
+    Pillow, one core each), each job seeded from ``rng``.
+    """
+    images, labels = data.load_digits_arrays()
+    indices = list(train_indices)
+    n_shape_jobs = math.ceil(recipe.shape_renders / SHAPE_CHUNK)
+    seeds = rng.integers(2**63, size=recipe.digit_renders + n_shape_jobs)
+    jobs = [("digit", int(seed), 0) for seed in seeds[: recipe.digit_renders]]
+    for j, seed in enumerate(seeds[recipe.digit_renders :]):
+        n = min(SHAPE_CHUNK, recipe.shape_renders - j * SHAPE_CHUNK)
+        jobs.append(("shape", int(seed), n))
+    pair_rng = np.random.default_rng(recipe.seed + 7)  # its own; goes on to pick the pairs
     if recipe.consistency:
-        for _ in range(recipe.consistency_pairs):
-            for i in train_indices:
-                b, s = data.paired_renders(images[i], pair_rng)
-                blocky.append(data.clip_resize(b, size))
-                smooth.append(data.clip_resize(s, size))
-                pair_labels.append(labels[i])
+        pair_seeds = pair_rng.integers(2**63, size=recipe.consistency_pairs)
+        jobs += [("pair", int(seed), 0) for seed in pair_seeds]
+    with multiprocessing.get_context("fork").Pool(recipe.threads) as pool:
+        results = pool.map(partial(_render_job, recipe, images[indices]), jobs, chunksize=1)
+    digits = [r[0] for job, r in zip(jobs, results, strict=True) if job[0] == "digit"]
+    shapes = [r for job, r in zip(jobs, results, strict=True) if job[0] == "shape"]
+    pairs = [r for job, r in zip(jobs, results, strict=True) if job[0] == "pair"]
+    size = VISION.image_size
     empty = np.zeros((0, size, size, 3), dtype=np.uint8)
     return Pools(
-        np.stack(digit_pixels),
-        np.asarray(digit_labels),
-        np.stack(shape_pixels),
-        specs,
-        np.stack(blocky) if blocky else empty,
-        np.stack(smooth) if smooth else empty,
-        np.asarray(pair_labels, dtype=np.int64),
+        np.concatenate(digits),
+        np.tile(labels[indices], recipe.digit_renders),
+        np.concatenate([px for px, _ in shapes]),
+        [spec for _, specs in shapes for spec in specs],
+        np.concatenate([b for b, _ in pairs]) if pairs else empty,
+        np.concatenate([s for _, s in pairs]) if pairs else empty,
+        np.tile(labels[indices], len(pairs)).astype(np.int64),
         pair_rng,
     )
 
@@ -308,33 +338,51 @@ def batch_loss(
     *,
     aux_weight: float,
     key_weight: float,
+    group_rows: int = 16,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted answer-token cross-entropy plus the auxiliary picture-class loss."""
+    """Weighted answer-token cross-entropy plus the auxiliary picture-class loss.
+
+    The LM reads the conversations in groups of ``group_rows`` sorted by length, each
+    padded to its own longest: one padded batch spent 40% of its positions on padding
+    (a quarter of the conversations have a second turn).
+    """
     features = model.vision.features(_pixels(pools, samples))
     image = model.vision.project(features)
-
-    encoded = [encode_suffix(s.turns, key_weight) for s in samples]
-    t_max = max(len(ids) for ids, _ in encoded)
-    ids = torch.zeros(len(samples), t_max, dtype=torch.long)
-    weight = torch.zeros(len(samples), t_max)
-    for row, (tok, w) in enumerate(encoded):
-        ids[row, : len(tok)] = torch.tensor(tok)
-        weight[row, : len(w)] = torch.tensor(w)
-    suffix = torch.cat([image, model.lm.token_embd(ids)], dim=1)
-    logits = model.lm.forward_shared_prefix(torch.tensor(prefix_ids(system)), suffix)
     n_img = image.shape[1]
-    pred = logits[:, n_img - 1 : n_img - 1 + t_max]
-    ce = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), ids.reshape(-1), reduction="none")
-    lm_loss = (ce * weight.reshape(-1)).sum() / weight.sum()
+    prefix = torch.tensor(prefix_ids(system))
+    encoded = [encode_suffix(s.turns, key_weight) for s in samples]
+    order = sorted(range(len(samples)), key=lambda row: len(encoded[row][0]))
+    ce_sum = torch.zeros(())
+    weight_sum = 0.0
+    hit_parts: list[torch.Tensor] = []
+    key_parts: list[torch.Tensor] = []
+    for start in range(0, len(order), group_rows):
+        rows = order[start : start + group_rows]
+        t_max = max(len(encoded[row][0]) for row in rows)
+        ids = torch.zeros(len(rows), t_max, dtype=torch.long)
+        weight = torch.zeros(len(rows), t_max)
+        for i, row in enumerate(rows):
+            tok, w = encoded[row]
+            ids[i, : len(tok)] = torch.tensor(tok)
+            weight[i, : len(w)] = torch.tensor(w)
+        suffix = torch.cat([image[rows], model.lm.token_embd(ids)], dim=1)
+        logits = model.lm.forward_shared_prefix(prefix, suffix)
+        pred = logits[:, n_img - 1 : n_img - 1 + t_max]
+        ce = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), ids.reshape(-1), reduction="none")
+        ce_sum = ce_sum + (ce * weight.reshape(-1)).sum()
+        weight_sum += float(weight.sum())
+        hits = pred.argmax(-1) == ids
+        hit_parts.append(hits[weight > 0])
+        key_parts.append(hits[weight > 1])
+    lm_loss = ce_sum / weight_sum
     probe_loss, probe_acc = aux_loss(model, pools, samples, features)
-    hits = pred.argmax(-1) == ids
-    key = weight > 1
+    key_hits = torch.cat(key_parts)
     stats = {
         "lm": lm_loss.item(),
         "aux": probe_loss.item(),
         "probe_acc": probe_acc,
-        "token_acc": hits[weight > 0].float().mean().item(),
-        "key_acc": hits[key].float().mean().item() if bool(key.any()) else 1.0,
+        "token_acc": torch.cat(hit_parts).float().mean().item(),
+        "key_acc": key_hits.float().mean().item() if len(key_hits) else 1.0,
     }
     return lm_loss + aux_weight * probe_loss, stats
 
@@ -348,7 +396,11 @@ def lr_at(step: int, steps: int, recipe: Recipe) -> float:
 
 
 def _optimizer(
-    params: Sequence[tuple[str, torch.nn.Parameter]], recipe: Recipe, slow: float = 1.0
+    params: Sequence[tuple[str, torch.nn.Parameter]],
+    recipe: Recipe,
+    *,
+    weight_decay: float,
+    slow: float = 1.0,
 ) -> Any:
     """AdamW; the vision encoder (not the projector) runs at ``slow`` times the rate."""
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
@@ -360,7 +412,7 @@ def _optimizer(
         [
             {
                 "params": ps,
-                "weight_decay": recipe.weight_decay if decays else 0.0,
+                "weight_decay": weight_decay if decays else 0.0,
                 "lr_scale": slow if is_slow else 1.0,
             }
             for (is_slow, decays), ps in groups.items()
@@ -407,7 +459,7 @@ def train(recipe: Recipe, pools: Pools, rng: np.random.Generator, log_every: int
     vision_params = [
         (n, p) for n, p in model.named_parameters() if n.startswith(("vision.", "aux_head."))
     ]
-    opt = _optimizer(vision_params, recipe)
+    opt = _optimizer(vision_params, recipe, weight_decay=recipe.pretrain_weight_decay)
     running: dict[str, float] = {}
     pretrain = replace(
         recipe,
@@ -438,7 +490,12 @@ def train(recipe: Recipe, pools: Pools, rng: np.random.Generator, log_every: int
     if recipe.pretrain_ema:
         _update_average(tower, average, 0.0)  # stage 2 starts from the average
 
-    opt = _optimizer(list(model.named_parameters()), recipe, slow=recipe.vision_lr_scale)
+    opt = _optimizer(
+        list(model.named_parameters()),
+        recipe,
+        weight_decay=recipe.weight_decay,
+        slow=recipe.vision_lr_scale,
+    )
     running = {}
     for step in range(recipe.steps):
         _set_lr(opt, lr_at(step, recipe.steps, recipe))
