@@ -120,7 +120,7 @@ def demo() -> Iterator[MtmdRunner]:
 def test_demo_reads_test_split_digits(demo: MtmdRunner) -> None:
     """At least 18 of 20 held-out digits get exactly "This digit is N." (greedy).
 
-    The shipped model reads 0.965 of the whole test split (README); chance is 0.1."""
+    The shipped model reads 0.972 of the whole test split (README); chance is 0.1."""
     answers = [
         greedy(demo, prompt(demo.marker, "What digit is this?"), digit_png(values))
         for _, _, values in TEST_DIGITS
@@ -145,7 +145,7 @@ def test_demo_follows_a_paraphrase_it_never_saw(demo: MtmdRunner) -> None:
 def test_demo_answers_without_a_system_prompt(demo: MtmdRunner) -> None:
     """With an empty system prompt ("USER: ..." first) the digits are still read.
 
-    0.972 of the whole test split (demo.json); 0.965 with LLaVA's system prompt."""
+    0.972 of the whole test split (demo.json), as with LLaVA's system prompt."""
     answers = [
         greedy(demo, prompt(demo.marker, "What digit is this?", system=""), digit_png(values))
         for _, _, values in TEST_DIGITS
