@@ -62,6 +62,7 @@ __all__ = [
     "default_prompts",
     "draw_shape",
     "load_set",
+    "random_shape",
     "render_digit",
 ]
 
@@ -301,7 +302,7 @@ def draw_shape(
     angle: float = 0.0,
 ) -> Image.Image:
     """A filled shape on a plain background, drawn supersampled then box-filtered down
-    (smooth edges, as in training/data.py's ``draw_shape``)."""
+    (smooth edges)."""
     width, height = size, height or size
     scale = max(1, min(4, 512 // max(width, height)))
     image = Image.new("RGB", (width * scale, height * scale), background)
@@ -317,10 +318,12 @@ def draw_shape(
     return image.resize((width, height), Image.Resampling.BOX)
 
 
-def _random_shape(shape: str, colour: str, rng: np.random.Generator) -> Image.Image:
-    """A random rendering, drawing from ``rng`` exactly as training/data.py's
-    ``random_shape_picture`` does: size 24-384 px, some not square, light or dark
-    background, size, position, rotation, jittered colour, some JPEG."""
+def random_shape(shape: str, colour: str, rng: np.random.Generator) -> Image.Image:
+    """A random rendering: size 24-384 px, some not square, light or dark background,
+    size, position, rotation, jittered colour, some JPEG.
+
+    The demo model's training draws its shapes with this too (training/data.py), from
+    other seeds than the built-in set's."""
     size = round(math.exp(rng.uniform(math.log(24), math.log(384))))
     height = size if rng.random() < 0.8 else max(16, round(size * rng.uniform(0.75, 1.33)))
     light = rng.random() < 0.75
@@ -360,7 +363,7 @@ def _shapes(seed: int, count: int) -> list[LabelledPicture]:
         pictures.append(
             LabelledPicture(
                 name=f"shapes/{i:03d}",
-                source=_random_shape(shape, colour, rng),
+                source=random_shape(shape, colour, rng),
                 label=shape,
                 labels={"shape": shape, "colour": colour},
             )

@@ -126,7 +126,8 @@ def test_shapes_refuse_digit_rendering_options() -> None:
 
 
 def test_built_in_sets_match_the_training_code() -> None:
-    """The vocabulary, the held-out prompts and the pixels equal training/data.py's."""
+    """The vocabulary, the held-out prompts and the pixels equal training/data.py's (its
+    shapes come from the same drawing function; the set must also keep its seed and order)."""
     data = pytest.importorskip("training.data")
     assert data.SHAPES == ds.SHAPES
     assert data.COLOURS == ds.COLOURS

@@ -4,7 +4,8 @@ Everything the demo model sees is generated in this module:
 
 * handwritten digits from ``sklearn.datasets.load_digits()`` drawn as dark ink on light
   paper at any size (indices 0-1399 for training, 1400-1796 are the test split);
-* coloured shapes drawn with Pillow;
+* coloured shapes drawn with Pillow (by ``llava_local.datasets.random_shape``, which also
+  draws the library's built-in ``shapes`` set);
 * the LLaVA-1.5 (vicuna_v1) conversation text around them.
 
 ``clip_preprocess`` is what llama.cpp's clip.cpp does to a picture before the vision
@@ -22,7 +23,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
+
+from llava_local import datasets
 
 # --- constants shared with the exported model --------------------------------------------
 
@@ -195,15 +198,8 @@ COLOUR_QUESTIONS_TRAIN = tuple(
 
 # --- labels ---------------------------------------------------------------------------------
 
-SHAPES = ("circle", "square", "triangle", "star", "cross")
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 160, 50),
-    "blue": (30, 70, 220),
-    "yellow": (240, 210, 20),
-    "orange": (245, 130, 20),
-    "purple": (140, 40, 170),
-}
+SHAPES = datasets.SHAPES  # circle, square, triangle, star, cross
+COLOURS = datasets.COLOURS  # six colour names and their RGB
 COLOUR_NAMES = tuple(COLOURS)
 
 
@@ -458,95 +454,13 @@ class ShapeSpec:
     colour: str
 
 
-def _shape_polygon(
-    shape: str, cx: float, cy: float, radius: float, angle: float
-) -> list[tuple[float, float]]:
-    def rotated(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-        c, s = math.cos(angle), math.sin(angle)
-        return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in points]
-
-    if shape == "square":
-        r = radius * 0.8
-        return rotated([(-r, -r), (r, -r), (r, r), (-r, r)])
-    if shape == "triangle":
-        return rotated(
-            [
-                (radius * math.cos(a), radius * math.sin(a) + radius * 0.12)
-                for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
-            ]
-        )
-    if shape == "star":
-        points = []
-        for i in range(10):
-            r = radius if i % 2 == 0 else radius * 0.42
-            a = -math.pi / 2 + i * math.pi / 5
-            points.append((r * math.cos(a), r * math.sin(a)))
-        return rotated(points)
-    if shape == "cross":
-        a, b = radius * 0.85, radius * 0.3
-        return rotated(
-            [(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a), (-b, b),
-             (-a, b), (-a, -b), (-b, -b)]
-        )  # fmt: skip
-    raise ValueError(shape)
-
-
-def draw_shape(
-    spec: ShapeSpec,
-    *,
-    size: int = 64,
-    background: tuple[int, int, int] = (255, 255, 255),
-    rel_radius: float = 0.38,
-    centre: tuple[float, float] = (0.5, 0.5),
-    angle: float = 0.0,
-    colour_rgb: tuple[int, int, int] | None = None,
-    height: int | None = None,
-) -> Image.Image:
-    """A shape of ``spec`` on a plain background (drawn supersampled, then downsampled)."""
-    width, height = size, height or size
-    scale = max(1, min(4, 512 // max(width, height)))
-    image = Image.new("RGB", (width * scale, height * scale), background)
-    draw = ImageDraw.Draw(image)
-    side = min(width, height) * scale
-    radius = rel_radius * side
-    cx, cy = centre[0] * width * scale, centre[1] * height * scale
-    fill = colour_rgb or COLOURS[spec.colour]
-    if spec.shape == "circle":
-        r = radius * 0.9
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    else:
-        draw.polygon(_shape_polygon(spec.shape, cx, cy, radius, angle), fill=fill)
-    return image.resize((width, height), Image.Resampling.BOX)
-
-
 def random_shape_picture(spec: ShapeSpec, rng: np.random.Generator) -> Image.Image:
-    """A random rendering of ``spec``: size, position, rotation, background, JPEG."""
-    size = round(math.exp(rng.uniform(math.log(24), math.log(384))))
-    height = size if rng.random() < 0.8 else max(16, round(size * rng.uniform(0.75, 1.33)))
-    light = rng.random() < 0.75
-    level = int(rng.integers(200, 256)) if light else int(rng.integers(0, 60))
-    background = tuple(int(np.clip(level + rng.integers(-12, 13), 0, 255)) for _ in range(3))
-    rel_radius = float(rng.uniform(0.22, 0.45))
-    margin = rel_radius * 1.05
-    side = min(size, height)
-    mx, my = margin * side / size, margin * side / height
-    centre = (float(rng.uniform(mx, 1 - mx)), float(rng.uniform(my, 1 - my)))
-    angle = float(rng.uniform(-0.26, 0.26))
-    base = np.array(COLOURS[spec.colour])
-    colour_rgb = tuple(int(v) for v in np.clip(base + rng.integers(-20, 21, 3), 0, 255))
-    image = draw_shape(
-        spec,
-        size=size,
-        background=background,  # type: ignore[arg-type]
-        rel_radius=rel_radius,
-        centre=centre,
-        angle=angle,
-        colour_rgb=colour_rgb,  # type: ignore[arg-type]
-        height=height,
-    )
-    if rng.random() < 0.2:
-        image = _jpeg_round_trip(image, int(rng.integers(50, 95)))
-    return image
+    """A random rendering of ``spec``: size, position, rotation, background, JPEG.
+
+    The library's own drawing (``llava_local.datasets.random_shape``), so that its built-in
+    ``shapes`` set is drawn as training draws, from another seed.
+    """
+    return datasets.random_shape(spec.shape, spec.colour, rng)
 
 
 # --- what clip.cpp does to a picture -------------------------------------------------------
