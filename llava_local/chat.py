@@ -240,7 +240,12 @@ class VisionChat:
     # -- keeping conversations ------------------------------------------------------
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the conversation, pictures included (each once), atomically as JSON."""
+        """Write the conversation, pictures included (each once), atomically as JSON.
+
+        The model is recorded by its name when it came by one (``"demo"``, a pulled
+        catalogue entry), so the file also loads where the cache lives elsewhere; a model
+        given as a path is recorded with its paths.
+        """
         from . import persist
 
         with self._lock:
@@ -248,6 +253,8 @@ class VisionChat:
             mmproj = getattr(self._backend, "mmproj_path", None)
             if model is not None and is_demo(Path(model)):
                 model, mmproj = DEMO_NAME, None
+            elif self._backend.catalog_name:  # a pulled pair: its name, not cache paths
+                model, mmproj = self._backend.catalog_name, None
             return persist.save(
                 Path(path),
                 history=self._history,

@@ -42,14 +42,35 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Literal
 
 import pytest
+
+from llava_local.catalog import CatalogEntry
 
 Role = Literal["hub", "cdn"]
 _RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
 _BLOB = re.compile(r"^/blobs/(?P<sha>[0-9a-f]{64})$")
 _RANGE = re.compile(r"^bytes=(?P<start>\d+)-(?P<end>\d*)$")
+
+
+def prefill(cache: Path, entry: CatalogEntry, files: dict[str, bytes]) -> str:
+    """Write files into ``cache`` the way huggingface_hub lays them out; returns the commit."""
+    org, name = str(entry.hf_repo).split("/")
+    repo = cache / f"models--{org}--{name}"
+    commit = hashlib.sha1(name.encode()).hexdigest()
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    for filename, data in files.items():
+        sha = hashlib.sha256(data).hexdigest()
+        blob = repo / "blobs" / sha
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        pointer = repo / "snapshots" / commit / filename
+        pointer.parent.mkdir(parents=True, exist_ok=True)
+        pointer.symlink_to(Path("..", "..", "blobs", sha))
+    return commit
 
 
 def git_blob_sha1(data: bytes) -> str:

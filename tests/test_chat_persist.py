@@ -6,13 +6,16 @@ import json
 from pathlib import Path
 
 import pytest
+from huggingface_hub import constants as hf_constants
 
-from llava_local import ConversationFileError, VisionChat
+from llava_local import ConversationFileError, ModelNotFoundError, VisionChat, catalog
 
 from .gguf_fixtures import GgufPair, png_bytes
+from .hub_server import prefill
 from .ollama_server import OllamaServer, Script
 
 GREEDY = {"temperature": 0, "max_tokens": 6}
+SMOL = catalog.find("smolvlm-256m")
 
 
 def test_save_and_load_continue_the_same_conversation(tiny_pair: GgufPair, tmp_path: Path) -> None:
@@ -59,6 +62,34 @@ def test_demo_conversation_is_saved_by_name(tmp_path: Path) -> None:
     with VisionChat.load(path) as again:
         assert again.model == "demo-lm.gguf"
         assert again.history == chat.history
+
+
+def test_pulled_conversation_is_saved_by_its_catalogue_name(
+    tiny_pair: GgufPair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pulled catalogue model is recorded by its name, not by Hugging Face cache paths
+    (another machine's differ); it loads back on this cache's pair, and where it is not
+    pulled, the error says how to pull it."""
+    cache = tmp_path / "hf-cache"
+    files = {
+        str(SMOL.gguf): tiny_pair.lm.read_bytes(),
+        str(SMOL.mmproj): tiny_pair.mmproj.read_bytes(),
+    }
+    prefill(cache, SMOL, files)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    path = tmp_path / "talk.json"
+    with VisionChat.llama_cpp(SMOL.name) as chat:
+        chat.ask("What is it?", image=png_bytes(seed=64), **GREEDY)
+        chat.save(path)
+    document = json.loads(path.read_text())
+    assert (document["model"], document["mmproj"]) == (SMOL.name, None)
+    with VisionChat.load(path) as again:
+        assert again.model == Path(str(SMOL.gguf)).name
+        assert again.history == chat.history
+        again.ask("More?", **GREEDY)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(ModelNotFoundError, match=f"run `llava-local pull {SMOL.name}`"):
+        VisionChat.load(path)
 
 
 def test_restore_replaces_the_conversation_or_nothing(

@@ -25,7 +25,7 @@ from llava_local.errors import (
 )
 
 from .gguf_fixtures import GgufPair, png_bytes
-from .hub_server import HubServer
+from .hub_server import HubServer, prefill
 from .ollama_server import OllamaServer
 
 SMOL = catalog.find("smolvlm-256m")
@@ -56,24 +56,6 @@ def publish(hub: HubServer, entry: CatalogEntry, lm_size: int = 4000) -> tuple[b
     hub.add_file(str(entry.hf_repo), str(entry.gguf), lm)
     hub.add_file(str(entry.hf_repo), str(entry.mmproj), mm)
     return lm, mm
-
-
-def prefill(cache: Path, entry: CatalogEntry, files: dict[str, bytes]) -> str:
-    """Write files into ``cache`` the way huggingface_hub lays them out; returns the commit."""
-    org, name = str(entry.hf_repo).split("/")
-    repo = cache / f"models--{org}--{name}"
-    commit = hashlib.sha1(name.encode()).hexdigest()
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    for filename, data in files.items():
-        sha = hashlib.sha256(data).hexdigest()
-        blob = repo / "blobs" / sha
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        pointer = repo / "snapshots" / commit / filename
-        pointer.parent.mkdir(parents=True, exist_ok=True)
-        pointer.symlink_to(Path("..", "..", "blobs", sha))
-    return commit
 
 
 def run_cli(

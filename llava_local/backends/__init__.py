@@ -62,19 +62,24 @@ def _llama_cpp(model: str | None, kwargs: dict[str, Any]) -> Backend:
     from .llama_cpp import LlamaCppBackend
 
     mmproj = kwargs.pop("mmproj", None)
+    catalog_name = None
     if model in (None, DEMO_NAME):
         if mmproj is not None:
             raise InvalidRequestError("the demo model comes with its own projector; drop mmproj=")
         model_path, mmproj_path = demo_paths()
+        catalog_name = DEMO_NAME
     elif (pulled := None if mmproj else _pulled(str(model))) is not None:
         entry, model_path, mmproj_path = pulled
+        catalog_name = entry.name
         if kwargs.get("chat_format") is None:
             kwargs["chat_format"] = entry.chat_format
     else:
         model_path = Path(str(model)).expanduser()
         mmproj_path = Path(mmproj).expanduser() if mmproj else _find_mmproj(model_path)
     kwargs["mmproj"] = mmproj_path
-    return _construct(LlamaCppBackend, model_path, kwargs)
+    backend = _construct(LlamaCppBackend, model_path, kwargs)
+    backend.catalog_name = catalog_name
+    return backend
 
 
 def _pulled(model: str) -> tuple[CatalogEntry, Path, Path] | None:

@@ -42,6 +42,9 @@ class Backend(ABC):
     default_max_image_side: ClassVar[int] = 1344
 
     model: str
+    #: The catalogue name the files were found by (``"demo"``, a pulled entry), if any:
+    #: what a saved conversation records, as cache paths differ between machines.
+    catalog_name: str | None = None
 
     @property
     def max_image_side(self) -> int:
