@@ -20,7 +20,6 @@ from pydantic import ValidationError
 from . import images as _images
 from . import structured
 from .backends import Backend, Finish, Turn, create
-from .demo import DEMO_NAME, is_demo
 from .errors import BackendError, InvalidRequestError, LlavaLocalError
 from .types import Message, Options, PreparedImage, Reply
 
@@ -242,18 +241,16 @@ class VisionChat:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the conversation, pictures included (each once), atomically as JSON.
 
-        The model is recorded by its name when it came by one (``"demo"``, a pulled
-        catalogue entry), so the file also loads where the cache lives elsewhere; a model
-        given as a path is recorded with its paths.
+        The model is recorded by its catalogue name when it has one (the bundled demo,
+        even given by its path, or a pulled entry), so the file also loads where the
+        install or the cache lives elsewhere; any other model is recorded by its paths.
         """
         from . import persist
 
         with self._lock:
             model = getattr(self._backend, "model_path", None)
             mmproj = getattr(self._backend, "mmproj_path", None)
-            if model is not None and is_demo(Path(model)):
-                model, mmproj = DEMO_NAME, None
-            elif self._backend.catalog_name:  # a pulled pair: its name, not cache paths
+            if self._backend.catalog_name:  # the demo or a pulled pair: its name, not paths
                 model, mmproj = self._backend.catalog_name, None
             return persist.save(
                 Path(path),

@@ -9,6 +9,7 @@ import pytest
 from huggingface_hub import constants as hf_constants
 
 from llava_local import ConversationFileError, ModelNotFoundError, VisionChat, catalog
+from llava_local.demo import demo_paths
 
 from .gguf_fixtures import GgufPair, png_bytes
 from .hub_server import prefill
@@ -62,6 +63,11 @@ def test_demo_conversation_is_saved_by_name(tmp_path: Path) -> None:
     with VisionChat.load(path) as again:
         assert again.model == "demo-lm.gguf"
         assert again.history == chat.history
+    lm, mmproj = demo_paths()  # the same files given by their paths: still "demo"
+    with VisionChat.llama_cpp(lm, mmproj=mmproj) as by_path:
+        by_path.save(path)
+    document = json.loads(path.read_text())
+    assert (document["model"], document["mmproj"]) == ("demo", None)
 
 
 def test_pulled_conversation_is_saved_by_its_catalogue_name(

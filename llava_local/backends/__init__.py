@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..demo import DEMO_NAME, demo_paths
+from ..demo import DEMO_NAME, demo_paths, is_demo
 from ..errors import InvalidRequestError, ModelNotFoundError
 from .base import Backend, Finish, Turn
 
@@ -67,7 +67,6 @@ def _llama_cpp(model: str | None, kwargs: dict[str, Any]) -> Backend:
         if mmproj is not None:
             raise InvalidRequestError("the demo model comes with its own projector; drop mmproj=")
         model_path, mmproj_path = demo_paths()
-        catalog_name = DEMO_NAME
     elif (pulled := None if mmproj else _pulled(str(model))) is not None:
         entry, model_path, mmproj_path = pulled
         catalog_name = entry.name
@@ -78,7 +77,7 @@ def _llama_cpp(model: str | None, kwargs: dict[str, Any]) -> Backend:
         mmproj_path = Path(mmproj).expanduser() if mmproj else _find_mmproj(model_path)
     kwargs["mmproj"] = mmproj_path
     backend = _construct(LlamaCppBackend, model_path, kwargs)
-    backend.catalog_name = catalog_name
+    backend.catalog_name = DEMO_NAME if is_demo(model_path) else catalog_name
     return backend
 
 

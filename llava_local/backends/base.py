@@ -42,8 +42,8 @@ class Backend(ABC):
     default_max_image_side: ClassVar[int] = 1344
 
     model: str
-    #: The catalogue name the files were found by (``"demo"``, a pulled entry), if any:
-    #: what a saved conversation records, as cache paths differ between machines.
+    #: The catalogue name of the files (``"demo"``, a pulled entry), if any: what a saved
+    #: conversation records, as install and cache paths differ between machines.
     catalog_name: str | None = None
 
     @property
