@@ -193,28 +193,40 @@ class Pools:
 SHAPE_CHUNK = 1000  # shape pictures per rendering job
 
 
+def random_shapes(n: int, rng: np.random.Generator) -> tuple[np.ndarray, list[data.ShapeSpec]]:
+    """``n`` random shapes as clip.cpp's squares, and what each shows."""
+    specs = [
+        data.ShapeSpec(_pick(rng, data.SHAPES), _pick(rng, data.COLOUR_NAMES)) for _ in range(n)
+    ]
+    size = VISION.image_size
+    pixels = [data.clip_resize(data.random_shape_picture(s, rng), size) for s in specs]
+    return np.stack(pixels), specs
+
+
 def _render_job(recipe: Recipe, grids: np.ndarray, job: tuple[str, int, int]) -> tuple[Any, ...]:
     """One rendering job with its own seed, so the pools do not depend on the worker count.
 
     ``("digit", seed, _)``: one augmented picture of each 8x8 digit in ``grids``;
     ``("pair", seed, _)``: one blocky/smooth pair of each; ``("shape", seed, n)``: ``n``
-    random shapes.
+    random shapes. Each picture is shrunk as it is drawn (a render can be 512 px).
     """
     kind, seed, n = job
     rng = np.random.default_rng(seed)
     size = VISION.image_size
     if kind == "shape":
-        specs = [
-            data.ShapeSpec(_pick(rng, data.SHAPES), _pick(rng, data.COLOUR_NAMES)) for _ in range(n)
-        ]
-        pixels = [data.clip_resize(data.random_shape_picture(spec, rng), size) for spec in specs]
-        return np.stack(pixels), specs
+        return random_shapes(n, rng)
     if kind == "digit":
-        renders = [data.augment_digit(g, rng, whole_blocks=recipe.whole_blocks) for g in grids]
-        return (np.stack([data.clip_resize(r, size) for r in renders]),)
-    pairs = [data.paired_renders(g, rng) for g in grids]
-    blocky = np.stack([data.clip_resize(b, size) for b, _ in pairs])
-    return blocky, np.stack([data.clip_resize(s, size) for _, s in pairs])
+        digits = [
+            data.clip_resize(data.augment_digit(g, rng, whole_blocks=recipe.whole_blocks), size)
+            for g in grids
+        ]
+        return (np.stack(digits),)
+    blocky, smooth = [], []
+    for g in grids:
+        b, s = data.paired_renders(g, rng)
+        blocky.append(data.clip_resize(b, size))
+        smooth.append(data.clip_resize(s, size))
+    return np.stack(blocky), np.stack(smooth)
 
 
 def render_pools(recipe: Recipe, train_indices: Sequence[int], rng: np.random.Generator) -> Pools:
@@ -585,13 +597,7 @@ def validate(model: TinyLlava, seed: int, digit_indices: Sequence[int]) -> dict[
     with torch.no_grad():
         probe = model.aux_logits(model.vision.features(torch.from_numpy(data.normalize(pixels))))
     result["digits_probe"] = float((probe[:, :10].argmax(-1).numpy() == labels).mean())
-    rng = np.random.default_rng(seed + 1000)
-    specs = [
-        data.ShapeSpec(_pick(rng, data.SHAPES), _pick(rng, data.COLOUR_NAMES)) for _ in range(300)
-    ]
-    shape_px = np.stack(
-        [data.clip_resize(data.random_shape_picture(s, rng), VISION.image_size) for s in specs]
-    )
+    shape_px, specs = random_shapes(300, np.random.default_rng(seed + 1000))
     asked = [("shape", "shape", "What shape is this?"), ("colour", "colour", "What colour is it?")]
     # run 10 answered "What shape can you see here?" with the colour: watch the worst one
     # run 12 answered "What colour does the shape have?" with the shape
