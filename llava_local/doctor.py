@@ -5,10 +5,12 @@ the fix). A check that itself breaks becomes a ``fail`` naming the error, so the
 report always completes.
 
 The llama.cpp build is judged by running it: a subprocess loads a tiny Q4_0 model
-(written with :mod:`llava_local.gguf_writer`) and evaluates a few tokens. A build
-compiled with ``-march=native`` on a CPU that reports AMX but forbids it dies there
-with SIGSEGV, which would kill this process too, hence the subprocess. Without the
-``gguf`` package the check falls back to reading ``llama_print_system_info()``.
+that ships with the package (``data/probe-q4_0.gguf``, 56 kB, written once by
+``scripts/make_probe_model.py``) and evaluates a few tokens. A build compiled with
+``-march=native`` on a CPU that reports AMX but forbids it dies there with SIGSEGV,
+which would kill this process too, hence the subprocess. Only with ``--no-probe`` (or
+the model file missing from a broken install) does the check fall back to reading
+``llama_print_system_info()``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -37,6 +38,8 @@ Status = Literal["ok", "warn", "fail"]
 MIN_LLAMA_CPP = (0, 3, 36)
 #: How long the build probe may take (importing llama_cpp and a few tokens: ~1 s).
 PROBE_TIMEOUT_S = 120.0
+#: The probe's model: one Q4_0 llama block (see scripts/make_probe_model.py).
+PROBE_MODEL = Path(__file__).with_name("data") / "probe-q4_0.gguf"
 _GB = 1e9
 
 # Runs in a fresh interpreter: load the model at argv[1], evaluate a prompt, then one
@@ -184,13 +187,18 @@ def _llama_checks(probe: bool) -> list[Check]:
 
 
 def llama_cpp_build(
-    *, probe: bool = True, python: str = sys.executable, script: str = _PROBE
+    *,
+    probe: bool = True,
+    python: str = sys.executable,
+    script: str = _PROBE,
+    model: Path = PROBE_MODEL,
 ) -> Check:
     """Whether the installed llama.cpp build runs quantized models here.
 
     Reads the build's CPU features, then (with ``probe``) runs ``script`` in ``python``
-    on a tiny Q4_0 model; a death by signal is reported as the AMX trap (SIGSEGV) or a
-    foreign build (SIGILL), with the reinstall command that avoids it.
+    on ``model``, the tiny Q4_0 model shipped with the package; a death by signal is
+    reported as the AMX trap (SIGSEGV) or a foreign build (SIGILL), with the reinstall
+    command that avoids it.
     """
     features = _system_info()
     built_amx = features.get("AMX_INT8") == "1"
@@ -205,36 +213,25 @@ def llama_cpp_build(
             "the probe was skipped",
             "run `llava-local doctor` without --no-probe to test the build",
         )
-    try:
-        from . import gguf_writer
-
-        gguf_writer._gguf()
-    except (ImportError, LlavaLocalError):
-        why = "the gguf package is missing, so no probe model could be written"
-        fix = "pip install gguf, then run `llava-local doctor` again to test the build"
+    if not model.is_file():
+        why = f"the probe model {model} is missing from this install"
+        fix = "reinstall llava-local, then run `llava-local doctor` again to test the build"
         return _static_verdict(summary, built_amx, cpu_amx, why, fix)
-    with tempfile.TemporaryDirectory(prefix="llava-local-probe-") as tmp:
-        model = gguf_writer.write_language_model(
-            Path(tmp) / "probe-q4_0.gguf",
-            gguf_writer.TextConfig(n_embd=256, n_layer=1, n_ff=512, n_head=4, context_length=128),
-            dtype="q4_0",
-            name="llava-local build probe",
+    try:
+        done = subprocess.run(
+            [python, "-c", script, str(model)],
+            capture_output=True,
+            text=True,
+            timeout=PROBE_TIMEOUT_S,
+            check=False,
         )
-        try:
-            done = subprocess.run(
-                [python, "-c", script, str(model)],
-                capture_output=True,
-                text=True,
-                timeout=PROBE_TIMEOUT_S,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            return Check(
-                name="llama.cpp build",
-                status="warn",
-                detail=f"{summary}; the probe did not finish in {PROBE_TIMEOUT_S:.0f} s",
-                fix="run `llava-local doctor` again on an idle machine",
-            )
+    except subprocess.TimeoutExpired:
+        return Check(
+            name="llama.cpp build",
+            status="warn",
+            detail=f"{summary}; the probe did not finish in {PROBE_TIMEOUT_S:.0f} s",
+            fix="run `llava-local doctor` again on an idle machine",
+        )
     return _probe_verdict(summary, done)
 
 

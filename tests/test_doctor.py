@@ -12,9 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from llava_local import doctor, gguf_writer, models
+from llava_local import doctor, models
 from llava_local.doctor import Check, llama_cpp_build, safe_cmake_args
-from llava_local.errors import MissingDependencyError
 
 from .ollama_server import OllamaServer
 
@@ -26,9 +25,12 @@ def by_name(checks: list[Check]) -> dict[str, Check]:
     return named
 
 
-def run_doctor_cli(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
-    """The doctor command in a fresh interpreter, with ``env`` added."""
-    code = "from llava_local.cli.doctor import doctor; doctor(prog_name='llava-local')"
+def run_doctor_cli(
+    args: list[str], prefix: str = "", **env: str
+) -> subprocess.CompletedProcess[str]:
+    """The doctor command in a fresh interpreter, with ``env`` added (``prefix`` is Python
+    run first)."""
+    code = prefix + "from llava_local.cli.doctor import doctor; doctor(prog_name='llava-local')"
     return subprocess.run(
         [sys.executable, "-c", code, *args],
         env={**os.environ, **env},
@@ -95,16 +97,34 @@ def test_without_running_amx_in_the_build_but_not_the_cpu_fails(
     assert "AMX is compiled in" in check.detail
 
 
-def test_without_gguf_the_probe_is_skipped_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without the gguf package no probe model can be written: a warning names the package."""
+def test_the_probe_runs_without_the_gguf_package(tmp_path: Path, no_daemon: str) -> None:
+    """In an install without the dev-only gguf package (`make demo`'s), the probe still runs."""
+    block_gguf = "import sys; sys.modules['gguf'] = None; "  # any import of gguf now fails
+    env = {"OLLAMA_HOST": no_daemon, "HF_HUB_CACHE": str(tmp_path)}
+    result = run_doctor_cli(["--json"], prefix=block_gguf, **env)
+    checks = {c["name"]: c for c in json.loads(result.stdout)}
+    build = checks["llama.cpp build"]
+    assert build["status"] == "ok", build["detail"]
+    assert "Q4_0 model ran" in build["detail"]
 
-    def missing() -> None:
-        raise MissingDependencyError("no gguf")
 
-    monkeypatch.setattr(gguf_writer, "_gguf", missing)
-    check = llama_cpp_build()
+def test_the_shipped_probe_model_is_what_the_script_writes(tmp_path: Path) -> None:
+    """The probe model in the package is byte for byte what scripts/make_probe_model.py makes."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_probe_model.py"
+    out = tmp_path / "probe.gguf"
+    subprocess.run([sys.executable, str(script), str(out)], check=True, capture_output=True)
+    assert doctor.PROBE_MODEL.is_file()
+    assert doctor.PROBE_MODEL.read_bytes() == out.read_bytes()
+    assert doctor.PROBE_MODEL.stat().st_size < 100_000
+
+
+def test_a_missing_probe_model_skips_the_probe_and_says_why(tmp_path: Path) -> None:
+    """Without its model file (a broken install) the probe is skipped with a warning saying so."""
+    gone = tmp_path / "probe-q4_0.gguf"
+    check = llama_cpp_build(model=gone)
     assert check.status == "warn"
-    assert "gguf package is missing" in check.detail
+    assert str(gone) in check.detail
+    assert "reinstall llava-local" in (check.fix or "")
 
 
 def test_safe_cmake_args_follow_the_cpu_and_leave_out_amx() -> None:
