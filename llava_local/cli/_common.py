@@ -2,22 +2,46 @@
 
 Errors from the library are printed as one line saying what to do, with exit
 status 1; a usage mistake exits with 2 (click's convention) and Ctrl-C with 130.
+
+Library messages are worded for Python callers (``mmproj=``, ``reset()``);
+:func:`cli_message` is the one place that says them in the command line's terms.
+Text from the library is never read as rich markup: ``pip install
+'llava-local[ui]'`` must keep its ``[ui]``.
 """
 
 from __future__ import annotations
 
+import math
+import re
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.text import Text
 
 from ..chat import VisionChat
-from ..errors import LlavaLocalError
+from ..errors import ContextOverflowError, LlavaLocalError
 
 F = TypeVar("F", bound=Callable[..., Any])
-err_console = Console(stderr=True, highlight=False)
+#: Messages on stderr: printed as they are (no markup, no line breaks added).
+err_console = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
+
+#: Python argument names in library messages, and the flags that set them here.
+_FLAGS = {
+    "backend": "--backend",
+    "model": "--model",
+    "mmproj": "--mmproj",
+    "n_ctx": "--n-ctx",
+    "n_threads": "--threads",
+    "chat_format": "--chat-format",
+    "host": "--host",
+    "timeout": "--timeout",
+    "max_tokens": "--max-tokens",
+}
+#: ``mmproj='path'`` or a bare ``mmproj=``, as a word of its own (never inside a path).
+_ARGUMENT = re.compile(rf"(?<![\w./\\-])({'|'.join(_FLAGS)})=(?:'([^'\s]*)'|(?=[\s,;:)]|$))")
 
 
 def engine_options(func: F) -> F:
@@ -68,12 +92,44 @@ def open_chat(
     return VisionChat(backend, model, **kwargs)
 
 
-def run_safely(action: Callable[[], None]) -> None:
-    """Run a command body, turning library errors and Ctrl-C into clean exits."""
+def cli_message(exc: LlavaLocalError, *, one_shot: bool = False) -> str:
+    """``exc``'s message in the command line's terms: flags instead of Python arguments.
+
+    ``one_shot`` is for commands without a conversation (``ask``): there a turn that
+    does not fit the context is the prompt's own length, not earlier turns.
+    """
+    if one_shot and isinstance(exc, ContextOverflowError):
+        suggest = 2 ** math.ceil(math.log2(exc.needed + 256))
+        return (
+            f"this question needs {exc.needed} tokens (prompt, pictures and room to answer) "
+            f"but the context window holds {exc.available}: shorten the prompt, or raise "
+            f"--n-ctx above {exc.needed} (e.g. --n-ctx {suggest})"
+        )
+
+    def flag(match: re.Match[str]) -> str:
+        value = match.group(2)
+        return _FLAGS[match.group(1)] + (f" {value}" if value else "")
+
+    return _ARGUMENT.sub(flag, str(exc))
+
+
+def print_error(
+    exc: LlavaLocalError, console: Console | None = None, *, one_shot: bool = False
+) -> None:
+    """Print ``error: MESSAGE`` with the message exactly as :func:`cli_message` says it."""
+    line = Text.assemble(("error:", "bold red"), " ", cli_message(exc, one_shot=one_shot))
+    (console or err_console).print(line, soft_wrap=True)
+
+
+def run_safely(action: Callable[[], None], *, one_shot: bool = False) -> None:
+    """Run a command body, turning library errors and Ctrl-C into clean exits.
+
+    ``one_shot``: the command asks one question with no conversation before it.
+    """
     try:
         action()
     except LlavaLocalError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+        print_error(exc, one_shot=one_shot)
         sys.exit(1)
     except KeyboardInterrupt:
         err_console.print("interrupted")

@@ -47,4 +47,4 @@ def ask(
                 click.echo(piece, nl=False)
             click.echo()
 
-    run_safely(body)
+    run_safely(body, one_shot=True)
