@@ -21,6 +21,7 @@ from llava_local import (
     SchemaError,
     VisionChat,
 )
+from llava_local.backends import ollama as ollama_engine
 
 from .ollama_server import OllamaServer, Script
 
@@ -211,7 +212,9 @@ def test_auto_falls_back_to_the_gguf_pair_in_the_environment(
     closed_port: int, tiny_pair: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With no daemon, backend="auto" loads LLAVA_LOCAL_MODEL / LLAVA_LOCAL_MMPROJ."""
-    monkeypatch.setenv("OLLAMA_HOST", f"127.0.0.1:{closed_port}")
+    # No daemon at the default address (a named one, OLLAMA_HOST, would be required).
+    monkeypatch.delenv("OLLAMA_HOST", raising=False)
+    monkeypatch.setattr(ollama_engine, "DEFAULT_HOST", f"http://127.0.0.1:{closed_port}")
     monkeypatch.setenv("LLAVA_LOCAL_MODEL", str(tiny_pair.lm))  # type: ignore[attr-defined]
     monkeypatch.setenv("LLAVA_LOCAL_MMPROJ", str(tiny_pair.mmproj))  # type: ignore[attr-defined]
     with VisionChat(backend="auto") as chat:

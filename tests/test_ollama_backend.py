@@ -9,6 +9,7 @@ import base64
 import hashlib
 import io
 import json
+import re
 from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
@@ -20,6 +21,7 @@ from PIL import Image
 from llava_local.backends import ollama as ollama_backend
 from llava_local.backends.base import Finish, Turn
 from llava_local.backends.ollama import OllamaBackend, find_vision_model, resolve_host
+from llava_local.chat import VisionChat
 from llava_local.errors import (
     BackendError,
     BackendTimeoutError,
@@ -512,3 +514,22 @@ def test_find_vision_model_prefers_the_preferred(ollama_server: OllamaServer) ->
     ollama_server.add_model("moondream:1.8b")
     assert find_vision_model(ollama_server.url, preferred="llava") == "llava"
     assert find_vision_model(ollama_server.url, preferred="moondream:1.8b") == "moondream:1.8b"
+
+
+def test_find_vision_model_required_names_the_host(closed_port: int) -> None:
+    """A daemon the caller named that does not answer raises the Ollama error naming it."""
+    with pytest.raises(
+        BackendUnavailableError, match=f"no Ollama daemon answers at .*:{closed_port}"
+    ):
+        find_vision_model(f"127.0.0.1:{closed_port}", timeout=0.5, required=True)
+
+
+def test_auto_with_a_named_daemon_without_vision_models(ollama_server: OllamaServer) -> None:
+    """backend="auto" with a named daemon that has no vision model says to pull one there,
+    instead of answering with the demo model."""
+    ollama_server.remove_model("llava")
+    ollama_server.add_model("llama3.2", capabilities=["completion"])
+    with pytest.raises(
+        ModelNotFoundError, match=f"Ollama at {re.escape(ollama_server.url)} has no vision"
+    ):
+        VisionChat(backend="auto", host=ollama_server.url)

@@ -2,7 +2,10 @@
 
 ``backend="auto"`` takes, in order: a running Ollama daemon that has a vision
 model; a GGUF pair named by ``LLAVA_LOCAL_MODEL`` / ``LLAVA_LOCAL_MMPROJ``; the
-bundled demo model, with a one-line notice on stderr. For llama.cpp, ``model`` is
+bundled demo model, with a one-line notice on stderr. A daemon the caller named
+(``host=`` or ``OLLAMA_HOST``) means Ollama: if it does not answer, or has no vision
+model, that is the error, unless the call names llama.cpp itself (a GGUF file, the
+demo, a pulled catalogue model, llama.cpp-only arguments). For llama.cpp, ``model`` is
 the path of a GGUF file or the name of a catalogue model pulled into the Hugging
 Face cache (``llava-local pull NAME``).
 """
@@ -15,8 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..demo import DEMO_NAME, demo_paths, is_demo
-from ..errors import InvalidRequestError, ModelNotFoundError
+from ..errors import BackendUnavailableError, InvalidRequestError, ModelNotFoundError
 from .base import Backend, Finish, Turn
+from .gguf_meta import check_magic
 
 if TYPE_CHECKING:
     from ..catalog import CatalogEntry
@@ -97,6 +101,7 @@ def _find_mmproj(model: Path) -> Path:
             f"no language model file at {model}; check the path, or pull a catalogue "
             "model (`llava-local models` lists them) and pass its name"
         )
+    check_magic(model)  # a picture given as the model is not a missing projector
     found = sorted(model.parent.glob("*mmproj*.gguf")) if model.parent.is_dir() else []
     if len(found) == 1:
         return found[0]
@@ -108,14 +113,31 @@ def _find_mmproj(model: Path) -> Path:
 
 
 def _auto(model: str | None, kwargs: dict[str, Any]) -> Backend:
-    from .ollama import find_vision_model
+    from .ollama import find_vision_model, resolve_host
 
-    llama_only = {k for k in kwargs if k in LLAMA_ARGS}
-    if not llama_only and not _looks_like_path(model):
-        found = find_vision_model(kwargs.get("host"), preferred=model)
+    host = kwargs.get("host")
+    # A daemon the caller named (host=, --host, OLLAMA_HOST) means Ollama: when it does
+    # not answer, that is the error to report, not a reason to answer with the demo.
+    named = host is not None or bool(os.environ.get("OLLAMA_HOST", "").strip())
+    unreachable = ""  # the named daemon that did not answer, while a catalogue name is tried
+    asked = not _for_llama_cpp(model, kwargs)
+    if asked:
+        try:
+            found = find_vision_model(
+                host, preferred=model, timeout=3.0 if named else 1.0, required=named
+            )
+        except BackendUnavailableError:
+            if not (model and _in_catalogue(model)):  # a pulled pair is still that model
+                raise
+            found, unreachable = None, f"; none answered at {resolve_host(host)}"
         # A model the caller named must be that model, not another vision model.
         if found is not None and (model is None or found == model):
             return _ollama(found, kwargs)
+        if named and model is None:
+            raise ModelNotFoundError(
+                f"Ollama at {resolve_host(host)} has no vision model: run `ollama pull llava` "
+                "(or another vision model), or choose another engine with backend="
+            )
     ollama_only = {k for k in kwargs if k in OLLAMA_ARGS}
     for key in ollama_only:
         kwargs.pop(key)
@@ -130,7 +152,14 @@ def _auto(model: str | None, kwargs: dict[str, Any]) -> Backend:
             if _pulled(model):
                 return _llama_cpp(model, kwargs)
         except ModelNotFoundError as exc:  # a catalogue name: `ollama pull NAME` is no advice
-            raise ModelNotFoundError(f"{exc} (no Ollama daemon had it either)") from None
+            raise ModelNotFoundError(
+                f"{exc} (no Ollama daemon had it either{unreachable})"
+            ) from None
+        if named:
+            raise ModelNotFoundError(
+                f"Ollama at {resolve_host(host)} has no vision model {model!r} (run "
+                f"`ollama pull {model}`), and it is not the path of a GGUF file"
+            )
         raise ModelNotFoundError(
             f"model {model!r}: no Ollama daemon with it answered (run `ollama serve`, then "
             f"`ollama pull {model}`), and it is not the path of a GGUF file"
@@ -147,12 +176,31 @@ def _auto(model: str | None, kwargs: dict[str, Any]) -> Backend:
             "run `ollama serve` and `ollama pull llava`, or pass model= and mmproj="
         ) from exc
     if model is None:
+        daemon = f"no Ollama vision model at {resolve_host()} and " if asked else ""
         print(
-            "llava-local: no Ollama vision model or LLAVA_LOCAL_MODEL found; "
+            f"llava-local: {daemon}no LLAVA_LOCAL_MODEL; "
             "using the bundled demo model (digits and shapes only)",
             file=sys.stderr,
         )
     return backend
+
+
+def _for_llama_cpp(model: str | None, kwargs: dict[str, Any]) -> bool:
+    """Whether the call itself names the in-process engine: a GGUF file, the demo,
+    or arguments only llama.cpp takes (then no daemon is asked, named or not)."""
+    if any(k in LLAMA_ARGS for k in kwargs):
+        return True
+    return bool(model) and (
+        model == DEMO_NAME or _looks_like_path(model) or Path(str(model)).expanduser().is_file()
+    )
+
+
+def _in_catalogue(model: str) -> bool:
+    """Whether ``model`` is the name of a catalogue model with GGUF files."""
+    from ..catalog import match
+
+    found = match(model)
+    return found is not None and found[1] == "name" and found[0].has_gguf
 
 
 def _looks_like_path(model: str | None) -> bool:

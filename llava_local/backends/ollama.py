@@ -81,8 +81,6 @@ _LOW_LEVEL: tuple[type[BaseException], ...] = (
     OSError,
 )
 
-_ANY_ERROR: tuple[type[BaseException], ...] = (LlavaLocalError, *_LOW_LEVEL)
-
 _T = TypeVar("_T")
 _Stream = Generator[ollama.ChatResponse, None, None]
 
@@ -114,18 +112,34 @@ def resolve_host(host: str | None = None) -> str:
 
 
 def find_vision_model(
-    host: str | None = None, *, timeout: float = 1.0, preferred: str | None = None
+    host: str | None = None,
+    *,
+    timeout: float = 1.0,
+    preferred: str | None = None,
+    required: bool = False,
 ) -> str | None:
     """A vision model the daemon has, for ``backend="auto"``; None if no daemon answers
-    within ``timeout`` or it has no vision model. ``preferred`` wins when it qualifies."""
+    within ``timeout`` or it has no vision model. ``preferred`` wins when it qualifies.
+
+    ``required`` is for a daemon the caller named: one that does not answer, or does
+    not answer as Ollama, raises the engine's error (naming the address) instead.
+    """
     try:
         url = resolve_host(host)
         with ollama.Client(host=url, timeout=httpx.Timeout(timeout)) as client:
+            if required:
+                _ping(url, httpx.Timeout(timeout))
             names = [model.model for model in client.list().models if model.model]
             for name in _candidates(names, preferred):
                 if _sees(client, name):
                     return preferred if preferred and _same(name, preferred) else _short(name)
-    except _ANY_ERROR:
+    except LlavaLocalError:
+        if required:
+            raise
+        return None
+    except _LOW_LEVEL as exc:
+        if required:
+            raise _translate(exc, url, preferred or "llava") from exc
         return None
     return None
 
