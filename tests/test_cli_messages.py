@@ -144,3 +144,15 @@ def test_auto_with_a_named_host_is_ollama_or_an_error(
     assert f"no Ollama daemon answers at http://{host}" in result.stderr
     assert "demo model" not in result.stderr
     assert result.stdout == ""
+
+
+def test_bench_table_shows_names_exactly(
+    tiny_pair: GgufPair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`bench` prints the picture's name as it is, even when it looks like rich markup."""
+    monkeypatch.chdir(tmp_path)
+    Path("p[red].png").write_bytes(png_bytes(seed=7))
+    args = ["bench", "p[red].png", "-m", str(tiny_pair.lm), "--mmproj", str(tiny_pair.mmproj)]
+    result = CliRunner(env={"COLUMNS": "160"}).invoke(main, [*args, "--turns", "1"])
+    assert result.exit_code == 0, result.output
+    assert "Picture: p[red].png;" in result.stdout

@@ -53,6 +53,6 @@ def bench(*, image: str | None, turns: int, max_tokens: int, as_json: bool, **en
         if as_json:
             click.echo(result.model_dump_json(indent=2))
         else:
-            _bench.render(result, Console(file=sys.stdout))
+            _bench.render(result, Console(file=sys.stdout, markup=False))
 
     run_safely(body)
