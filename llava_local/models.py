@@ -52,6 +52,7 @@ __all__ = [
     "download_gguf",
     "env_pair",
     "hf_cache_dir",
+    "hub_unreachable",
     "list_models",
     "ollama_models",
     "ollama_version",
@@ -469,15 +470,22 @@ def download_gguf(
 ) -> tuple[Path, Path]:
     """Both files of ``entry`` into the Hugging Face cache; their local paths.
 
-    Files already cached are not fetched again; without a network, cached files are
-    returned as they are. Errors say what to do: a missing repository or file is a
-    :class:`ModelNotFoundError`, an unreachable Hub with nothing cached a
-    :class:`BackendUnavailableError`.
+    Files already cached are not fetched again. The Hub is asked once, quietly, whether
+    it answers (:func:`hub_unreachable`); if not, cached files are returned as they are.
+    Errors say what to do: a missing repository or file is a :class:`ModelNotFoundError`,
+    an unreachable Hub with nothing cached a :class:`BackendUnavailableError` naming
+    the address and why it failed.
     """
     if not entry.has_gguf:
         raise InvalidRequestError(f"{entry.name} has no GGUF files to download")
     hub = _hf()
     quiet = None if progress else _quiet_bar()
+    # One quiet look first: huggingface_hub retries an unreachable Hub five times with
+    # backoff (24 s of "Retrying in 1s [Retry 1/5]" lines) before failing. Unreachable,
+    # only the cache is read, and the error names the address that did not answer.
+    unreachable = None
+    if not hub.constants.HF_HUB_OFFLINE:
+        unreachable = hub_unreachable(endpoint or hub.constants.ENDPOINT)
     paths = []
     for filename in (str(entry.gguf), str(entry.mmproj)):
         try:
@@ -488,13 +496,46 @@ def download_gguf(
                 cache_dir=cache_dir,
                 endpoint=endpoint,
                 tqdm_class=quiet,
+                local_files_only=unreachable is not None,
             )
         except LlavaLocalError:
             raise
         except Exception as exc:
+            if unreachable is not None and isinstance(exc, hub.errors.LocalEntryNotFoundError):
+                where = endpoint or hub.constants.ENDPOINT
+                raise BackendUnavailableError(
+                    f"cannot reach the Hugging Face Hub at {where} ({unreachable}), and "
+                    f"{filename} of {entry.hf_repo} is not in the cache "
+                    f"{hf_cache_dir(cache_dir)}: check the network (or HF_ENDPOINT), "
+                    "then pull again"
+                ) from None
             raise _hub_error(exc, entry, filename, endpoint, cache_dir) from exc
         paths.append(Path(cast(str, path)))
     return paths[0], paths[1]
+
+
+def hub_unreachable(endpoint: str, *, timeout: float = 10.0) -> str | None:
+    """Why the Hub at ``endpoint`` cannot be reached (one ``HEAD``, no retries, quiet),
+    or None when it answers at all: any HTTP status counts as reachable."""
+    try:
+        with httpx.Client(timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0))) as http:
+            http.head(endpoint)
+    except httpx.TransportError as exc:
+        return _transport_reason(exc)
+    except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+        return f"not a valid address: {exc}"
+    return None
+
+
+def _transport_reason(exc: httpx.TransportError) -> str:
+    """A short reason for a failed connection: the innermost error's own words."""
+    cause: BaseException = exc
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+    text = str(cause) or str(exc) or type(exc).__name__
+    if isinstance(exc, httpx.TimeoutException):
+        return f"no answer in time: {text}"
+    return text
 
 
 def _hub_error(

@@ -163,7 +163,9 @@ def test_pull_downloads_the_pair_into_the_cache(hub: HubServer, cache: Path) -> 
     assert result.model_path.read_bytes() == lm
     assert result.mmproj_path.read_bytes() == mm
     assert cache in result.model_path.parents
-    assert len(hub.requests_for("hub", "HEAD")) == 2
+    heads = [r.path for r in hub.requests_for("hub", "HEAD")]
+    assert heads[0] == "/"  # the one reachability check
+    assert len([path for path in heads if "/resolve/" in path]) == 2
     assert len(hub.requests_for("cdn", "GET")) == 2
 
 
@@ -227,6 +229,22 @@ def test_offline_without_cached_files_says_what_to_do(cache: Path, closed_port: 
     assert result.returncode == 1
     assert "HF_HUB_OFFLINE is set" in result.stderr
     assert str(cache) in result.stderr.replace("\n", "")
+
+
+def test_unreachable_hub_fails_at_once_without_retry_lines(cache: Path, closed_port: int) -> None:
+    """`pull` with the Hub's address refusing connections prints no retry lines, only one
+    error naming the address (huggingface_hub alone retries for 24 s, printing each try)."""
+    endpoint = f"http://127.0.0.1:{closed_port}"
+    result = run_cli(
+        "models", "pull_command", [SMOL.name], HF_HUB_CACHE=str(cache), HF_ENDPOINT=endpoint
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Retry" not in result.stderr
+    assert "thrown while requesting" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: cannot reach the Hugging Face Hub at " + endpoint)
+    assert "Connection refused" in line
+    assert str(cache) in line
 
 
 def test_hub_errors_become_library_errors(cache: Path) -> None:
