@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import codecs
 import ctypes
-import json
 import os
 import sys
 import time
@@ -28,7 +27,6 @@ from ..errors import (
     BackendError,
     ContextOverflowError,
     ImageError,
-    InvalidRequestError,
     MissingDependencyError,
     ModelLoadError,
     ModelNotFoundError,
@@ -519,14 +517,9 @@ def _sampling(opts: Options) -> dict[str, Any]:
 def _grammar(schema: dict[str, Any] | None) -> Any:
     if schema is None:
         return None
-    from llama_cpp.llama_grammar import LlamaGrammar
+    from .grammar import llama_grammar  # bounds the converter drops; checked it parses
 
-    try:
-        return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
-    except (ValueError, RuntimeError, KeyError, TypeError) as exc:
-        raise InvalidRequestError(
-            f"llama.cpp cannot turn this JSON schema into a grammar: {exc}"
-        ) from exc
+    return llama_grammar(schema)
 
 
 class _StopScanner:
