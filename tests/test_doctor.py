@@ -275,3 +275,15 @@ def test_cli_doctor_exits_1_on_a_failure(tmp_path: Path, no_daemon: str) -> None
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAIL" in result.stdout
     assert "unset them" in result.stdout
+
+
+def test_cli_doctor_takes_a_timeout_for_ollama(tmp_path: Path, no_daemon: str) -> None:
+    """`doctor --timeout` is accepted, like `models --timeout`, and the report completes."""
+    result = run_doctor_cli(
+        ["--no-probe", "--json", "--timeout", "0.5", "--host", no_daemon],
+        HF_HUB_CACHE=str(tmp_path),
+    )
+    assert result.returncode in (0, 1), result.stderr
+    checks = {c["name"]: c for c in json.loads(result.stdout)}
+    assert checks["Ollama daemon"]["status"] == "warn"
+    assert no_daemon in checks["Ollama daemon"]["detail"]

@@ -473,16 +473,43 @@ def test_cli_models_json_and_table(ollama_server: OllamaServer, cache: Path) -> 
 
 
 def test_cli_models_table_fits_80_columns(ollama_server: OllamaServer, cache: Path) -> None:
-    """In an 80-column terminal every catalogue name and size is shown whole."""
+    """In an 80-column terminal every catalogue name, Ollama tag (installed ones too) and
+    size is shown whole, on one line."""
+    long_tag = "llava:7b-v1.6-mistral-q4_k_m"  # as the stand-in daemon spells it
+    ollama_server.add_model(long_tag, size=4_400_000_000)
     env = {"OLLAMA_HOST": ollama_server.host, "HF_HUB_CACHE": str(cache), "COLUMNS": "80"}
     table = run_cli("models", "models", [], **env)
     assert table.returncode == 0, table.stderr
-    assert max(len(line) for line in table.stdout.splitlines()) <= 80
-    rows = {line.split("│")[1].strip(): line for line in table.stdout.splitlines() if "│" in line}
+    lines = table.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert any(line.split()[:2] == [long_tag, "ollama"] for line in lines if line.strip())
+    rows = {line.split()[0]: line for line in lines if line.strip()}
     for entry in CATALOG:
+        cells = rows[entry.name].split()
+        if entry.ollama:
+            assert cells[1] == entry.ollama, rows[entry.name]
         if entry.download_bytes:
-            figures = re.findall(r"│ \d+(?:\.\d\d)? [GM]B +(?=│)", rows[entry.name])
+            figures = re.findall(r"(?<= )\d+(?:\.\d\d)? [GM]B(?= )", rows[entry.name])
             assert len(figures) == 2, rows[entry.name]  # download and memory, whole
+
+
+def test_commands_take_the_options_the_readme_says() -> None:
+    """The engine options are on every command that opens a chat; `models`, `pull` and
+    `doctor` take --host, `models` and `doctor` --timeout (the README's sentence)."""
+    from llava_local.cli import main
+
+    engine = {"--backend", "--model", "-m", "--mmproj", "--host", "--timeout", "--n-ctx"}
+    engine |= {"--threads", "--chat-format"}
+    wanted = {name: engine for name in ("ask", "chat", "caption", "eval", "bench", "ui")}
+    wanted |= {"models": {"--host", "--timeout"}, "doctor": {"--host", "--timeout"}}
+    wanted |= {"pull": {"--host", "--backend"}}
+    for name, options in wanted.items():
+        command = main.commands[name]
+        taken = {opt for param in command.params for opt in param.opts}
+        assert options <= taken, (name, options - taken)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "Every command takes" not in readme
+    assert "`models`, `pull` and `doctor` take `--host`" in readme
 
 
 # --- using a pulled pair by its name -------------------------------------------------

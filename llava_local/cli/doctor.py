@@ -16,17 +16,20 @@ _MARKS = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[bold red]FA
 @click.command()
 @click.option("--host", help="Ollama address (default: OLLAMA_HOST or 127.0.0.1:11434).")
 @click.option(
+    "--timeout", type=float, default=1.0, show_default=True, help="Seconds to wait for Ollama."
+)
+@click.option(
     "--no-probe",
     is_flag=True,
     help="Do not test the llama.cpp build in a subprocess (read its features only).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
-def doctor(*, host: str | None, no_probe: bool, as_json: bool) -> None:
+def doctor(*, host: str | None, timeout: float, no_probe: bool, as_json: bool) -> None:
     """Check Ollama, llama.cpp (and the AMX trap), models, threads, memory and disk."""
     failed: list[bool] = []
 
     def body() -> None:
-        checks = run_doctor(host=host, probe=not no_probe)
+        checks = run_doctor(host=host, probe=not no_probe, timeout=timeout)
         failed.append(any(check.status == "fail" for check in checks))
         if as_json:
             click.echo("[" + ",\n".join(c.model_dump_json(indent=2) for c in checks) + "]")

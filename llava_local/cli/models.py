@@ -5,8 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import click
+from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from ..models import ModelsReport, PullResult, list_models, pull
 from ._common import run_safely
@@ -43,6 +46,28 @@ def models(*, host: str | None, timeout: float, as_json: bool) -> None:
     run_safely(body)
 
 
+#: Below this width the tables drop their borders and the columns they can spare, so
+#: that names and Ollama tags, what users copy, are never cut.
+_WIDE = 100
+#: From this width the catalogue also shows where each entry's figures come from.
+_WIDEST = 120
+
+
+def _table(title: str, compact: bool) -> Table:
+    """A table with borders, or in a narrow terminal a compact one: a rule under the
+    header, two spaces between columns."""
+    if not compact:
+        return Table(title=title, title_justify="left")
+    return Table(
+        title=title,
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+
+
 def _print_report(report: ModelsReport, console: Console) -> None:
     status = report.ollama
     if status.reachable:
@@ -50,42 +75,61 @@ def _print_report(report: ModelsReport, console: Console) -> None:
     else:
         console.print(f"Ollama: no daemon at {status.host}", markup=False)
     memory = report.available_memory_bytes
-    console.print(f"Memory available: {_size(memory)}; Hugging Face cache: {report.hf_cache}")
+    console.print(
+        f"Memory available: {_size(memory)}; Hugging Face cache: {report.hf_cache}", markup=False
+    )
+    # Names and Ollama tags are never cut: in a narrow terminal the files of the
+    # installed models go below their table and the catalogue leaves out where an entry
+    # is installed (the first table says it); `--json` has everything.
+    compact = console.width < _WIDE
+    _print_installed(report, console, compact)
+    _print_catalogue(report, console, compact, evidence=console.width >= _WIDEST)
 
-    installed = Table(title="Installed", title_justify="left")
+
+def _print_installed(report: ModelsReport, console: Console, compact: bool) -> None:
+    if not report.installed:
+        console.print("Installed: nothing yet (try `llava-local pull smolvlm-500m`)")
+        return
+    installed = _table("Installed", compact)
     widths = (("name", 4), ("from", 7), ("vision", 6), ("size", 8), ("needs", 8), ("fits", 4))
     for column, width in widths:
         installed.add_column(column, no_wrap=True, min_width=width)
-    installed.add_column("where", overflow="fold")
+    if not compact:
+        installed.add_column("where", overflow="fold")
+    places = []
     for model in report.installed:
         where = str(model.model_path or "")
         if model.note:
             where = f"{where} ({model.note})" if where else model.note
         vision = {True: "yes", False: "[red]no[/]", None: "?"}[model.vision]
         installed.add_row(
-            model.name,
+            escape(model.name),
             model.source,
             vision,
             _size(model.size_bytes),
             _size(model.memory_bytes),
             _yes(model.fits),
-            where,
+            *([] if compact else [escape(where)]),
         )
-    if report.installed:
-        console.print(installed)
-    else:
-        console.print("Installed: nothing yet (try `llava-local pull smolvlm-500m`)")
+        if where:
+            places.append(Text(f"  {model.name}: {where}", overflow="fold"))
+    console.print(installed)
+    if compact:
+        for place in places:
+            console.print(place)
 
-    available = Table(title="Catalogue (llava-local pull NAME)", title_justify="left")
-    # Names and figures are never cut; in 80 columns Ollama tags are shortened and the
-    # evidence column left out (`--json` has everything).
-    wide = console.width >= 120
-    available.add_column("name", no_wrap=True, min_width=20)
-    available.add_column("ollama", overflow="ellipsis")
+
+def _print_catalogue(
+    report: ModelsReport, console: Console, compact: bool, *, evidence: bool
+) -> None:
+    available = _table("Catalogue (llava-local pull NAME)", compact)
+    available.add_column("name", no_wrap=True)
+    available.add_column("ollama", no_wrap=True)
     for column, width in (("download", 8), ("needs", 8), ("fits", 4)):
         available.add_column(column, no_wrap=True, min_width=width)
-    available.add_column("installed", overflow="fold", min_width=9)
-    if wide:
+    if not compact:
+        available.add_column("installed", overflow="fold", min_width=9)
+    if evidence:
         available.add_column("evidence", overflow="fold")
     for item in report.available:
         entry = item.entry
@@ -95,8 +139,8 @@ def _print_report(report: ModelsReport, console: Console) -> None:
             _size(entry.download_bytes) if entry.has_gguf else "bundled",
             _size(entry.memory_bytes) if entry.memory_bytes else "?",
             _yes(item.fits),
-            ", ".join(item.installed),
-            *([entry.evidence] if wide else []),
+            *([] if compact else [", ".join(item.installed)]),
+            *([escape(entry.evidence)] if evidence else []),
         )
     console.print(available)
 
