@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test lint clean chromium
 
-$(RUN): pyproject.toml scripts/install-llama-cpp.sh
+$(RUN): pyproject.toml scripts/install-llama-cpp.sh scripts/build_progress.py
 	python3 -m venv $(VENV)
 	scripts/install-llama-cpp.sh $(PY)
 	$(PY) -m pip install -e ".[llama-cpp]"

@@ -1,0 +1,220 @@
+"""scripts/install-llama-cpp.sh and its progress filter, scripts/build_progress.py: the
+llama.cpp build says how long it takes, shows progress, and where the cached wheel is.
+
+Nothing is compiled here: the filter reads build output shaped like pip's ``-v`` output
+of a llama-cpp-python build (scikit-build-core's ``***`` lines, then ninja's ``[i/N]`` or
+make's ``[ p%]`` compile steps), and the script runs with a stand-in Python whose
+``-m pip`` prints such output and writes an empty wheel.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+INSTALL = SCRIPTS / "install-llama-cpp.sh"
+FILTER = SCRIPTS / "build_progress.py"
+SRC = "/tmp/pip-install-x1/llama-cpp-python_71ad/vendor/llama.cpp"
+
+
+def ninja_output(steps: int = 143) -> str:
+    """What ``pip wheel -v llama-cpp-python`` prints when cmake drives ninja."""
+    head = [
+        "Using pip 25.3 from /venv/lib/python3.11/site-packages/pip (python 3.11)",
+        "Collecting llama-cpp-python==0.3.36",
+        "  Downloading llama_cpp_python-0.3.36.tar.gz (77.6 MB)",
+        "  Running command pip subprocess to install build dependencies",
+        "  Running command Building wheel for llama-cpp-python (pyproject.toml)",
+        "  *** scikit-build-core 0.11.6 using CMake 3.31.6 (wheel)",
+        "  *** Configuring CMake...",
+        "  -- The C compiler identification is GNU 12.2.0",
+        "  -- Build files have been written to: /tmp/tmpabc/build",
+        "  *** Building project with Ninja...",
+    ]
+    compile_lines = [
+        f"  [{i}/{steps}] /usr/bin/gcc -DGGML_BUILD -O3 -DNDEBUG -fPIC -MD -MT "
+        f"vendor/llama.cpp/ggml/src/CMakeFiles/ggml-base.dir/f{i}.c.o -c {SRC}/ggml/src/f{i}.c"
+        for i in range(1, steps + 1)
+    ]
+    tail = [
+        "  *** Installing project into wheel...",
+        "  -- Install configuration: Release",
+        "  *** Making wheel...",
+        "  *** Created llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl",
+        "  Building wheel for llama-cpp-python (pyproject.toml) ... done",
+    ]
+    return "\n".join(head + compile_lines + tail) + "\n"
+
+
+def make_output() -> str:
+    """The compile steps as cmake's Makefile generator prints them."""
+    steps = [
+        f"  [{p:3d}%] Building CXX object vendor/llama.cpp/src/CMakeFiles/llama.dir/f{p}.cpp.o"
+        for p in range(0, 100, 3)
+    ]
+    steps.append("  [100%] Built target llama")
+    return "\n".join(["  *** Building project with Unix Makefiles...", *steps]) + "\n"
+
+
+def run_filter(text: str) -> list[str]:
+    """The filter's output lines for ``text`` on its stdin."""
+    done = subprocess.run(
+        [sys.executable, str(FILTER)],
+        input=text,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return done.stdout.splitlines()
+
+
+def percents(lines: list[str]) -> list[int]:
+    """The percentages of the ``compiling llama.cpp: NN%`` lines."""
+    return [int(m[1]) for line in lines if (m := re.search(r"compiling llama\.cpp: +(\d+)%", line))]
+
+
+def load_filter() -> ModuleType:
+    """scripts/build_progress.py as a module."""
+    spec = importlib.util.spec_from_file_location("build_progress", FILTER)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- the filter ----------------------------------------------------------------------
+
+
+def test_ninja_steps_become_a_line_per_tenth() -> None:
+    """143 ninja steps become one line per tenth done (ending at 100%), no compiler lines."""
+    lines = run_filter(ninja_output())
+    shown = percents(lines)
+    assert [p // 10 for p in shown] == list(range(11))
+    assert shown[-1] == 100
+    assert all(re.search(r"\(\d+:\d\d\)$", line) for line in lines if "%" in line)
+    assert not any("gcc" in line or "-DGGML" in line for line in lines)
+    assert lines[0] == "  downloading llama_cpp_python-0.3.36.tar.gz (77.6 MB)"
+    assert any(line.startswith("  configuring the build (cmake)") for line in lines)
+    assert lines[-1].startswith("  packing the wheel")
+    assert len(lines) <= 16
+
+
+def test_make_percentages_are_read_as_they_are() -> None:
+    """Make's ``[ 42%]`` steps are reported by tenths too, with their own percentages."""
+    shown = percents(run_filter(make_output()))
+    assert shown == [0, 12, 21, 30, 42, 51, 60, 72, 81, 90, 100]
+
+
+def test_a_quiet_minute_still_gets_a_line() -> None:
+    """A minute without output during the compile prints a 'still compiling' line."""
+    build = load_filter()
+    now = [0.0]
+
+    def timed(events: list[tuple[float, str | None]]) -> Iterator[str | None]:
+        for at, item in events:
+            now[0] = at
+            yield item
+
+    # None is a tick: a moment when the filter woke up without new output.
+    events = [(1.0, "  [1/10] gcc a.c"), (30.0, None), (95.0, None), (96.0, "  [2/10] gcc b.c")]
+    assert list(build.progress(timed(events), clock=lambda: now[0])) == [
+        "  compiling llama.cpp:  10% (0:01)",
+        "  still compiling llama.cpp:  10% (1:35)",
+        "  compiling llama.cpp:  20% (1:36)",
+    ]
+
+
+# --- the script, with a stand-in Python ----------------------------------------------
+
+
+@pytest.fixture
+def fake_python(tmp_path: Path) -> Path:
+    """A Python whose ``-m pip wheel`` prints a recorded-style build and writes a wheel
+    (or fails when FAIL is set), whose other ``-m pip`` calls do nothing, and which is
+    the real interpreter otherwise; every pip call is appended to $CALLS."""
+    (tmp_path / "build.txt").write_text(ninja_output(40))
+    script = tmp_path / "python"
+    script.write_text(
+        "#!/usr/bin/env bash\n"
+        'if [ "$1" = -m ] && [ "$2" = pip ]; then\n'
+        '  echo "$*" >> "$CALLS"\n'
+        '  if [ "$3" = wheel ]; then\n'
+        '    if [ -n "${FAIL:-}" ]; then\n'
+        '      echo "  [3/40] gcc x.c"; echo "error: cc1 died"; exit 1\n'
+        "    fi\n"
+        f'    cat "{tmp_path / "build.txt"}"\n'
+        '    while [ $# -gt 0 ]; do [ "$1" = -w ] && dir=$2; shift; done\n'
+        '    touch "$dir/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl"\n'
+        "  fi\n"
+        "  exit 0\n"
+        "fi\n"
+        f'exec "{sys.executable}" "$@"\n'
+    )
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return script
+
+
+def run_install(python: Path, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """scripts/install-llama-cpp.sh with ``python``, its wheel cache under ``tmp_path``."""
+    return subprocess.run(
+        [str(INSTALL), str(python)],
+        env={
+            **os.environ,
+            "LLAVA_LOCAL_WHEEL_CACHE": str(tmp_path / "wheels"),
+            "CALLS": str(tmp_path / "calls"),
+            "CMAKE_ARGS": "-DGGML_NATIVE=OFF -DGGML_AVX2=ON",
+            **env,
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_the_build_says_how_long_shows_progress_and_where_the_wheel_is(
+    fake_python: Path, tmp_path: Path
+) -> None:
+    """A first install announces the minutes it takes, shows compile percentages, and names
+    the cached wheel; a second one builds nothing and names the same wheel."""
+    first = run_install(fake_python, tmp_path)
+    assert first.returncode == 0, first.stderr
+    err = first.stderr
+    assert "3 to 10 minutes" in err
+    assert percents(err.splitlines())[-1] == 100
+    assert "gcc" not in err  # the compiler lines go to the log only
+    (wheel,) = (tmp_path / "wheels").glob("*/llama_cpp_python-0.3.36-*.whl")
+    assert f"cached at {wheel}" in err
+    assert "takes seconds" in err
+    log = wheel.with_name("build.log")
+    assert "gcc" in log.read_text()
+
+    again = run_install(fake_python, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "minutes" not in again.stderr
+    assert f"cached at {wheel}" in again.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert [call.split()[2] for call in calls] == ["wheel", "install", "install"]
+    assert "-v" in calls[0].split()
+
+
+def test_a_failed_build_shows_the_end_of_its_log(fake_python: Path, tmp_path: Path) -> None:
+    """When the compile fails, the script exits 1 and prints the end of the build log."""
+    result = run_install(fake_python, tmp_path, FAIL="1")
+    assert result.returncode == 1
+    assert "building llama-cpp-python failed" in result.stderr
+    assert "error: cc1 died" in result.stderr
+    assert "build.log" in result.stderr
+    assert not list((tmp_path / "wheels").glob("*/*.whl"))
