@@ -1,25 +1,23 @@
 """Get an answer as a validated pydantic object.
 
 python examples/structured_answer.py examples/digit.png
+
+The field's type says what a digit is: an int from 0 to 9. llama.cpp's grammar then
+allows only those ten answers, and the answer is validated against the model as well.
 """
 
 import sys
+from typing import Annotated
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from llava_local import VisionChat
 
 
 class Digit(BaseModel):
-    digit: int
+    digit: Annotated[int, Field(ge=0, le=9)]
 
 
-with VisionChat.llama_cpp() as chat:
-    reply = chat.ask(
-        "What digit is this? Answer in JSON.",
-        image=sys.argv[1],
-        schema=Digit,
-        temperature=0,
-        max_tokens=32,
-    )
-    print(repr(reply.parsed))
+with VisionChat.llama_cpp() as chat:  # the bundled demo model
+    reply = chat.ask("What digit is this?", image=sys.argv[1], schema=Digit, temperature=0)
+    print(repr(reply.parsed))  # Digit(digit=7)

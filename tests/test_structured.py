@@ -1,0 +1,236 @@
+"""schema=: schemas checked before the turn, answers checked after it, and llama.cpp's
+grammar carrying the bounds it can (the demo model, the stand-in Ollama daemon)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import pytest
+from pydantic import BaseModel, Field
+
+from llava_local import InvalidRequestError, SchemaError, VisionChat, structured
+
+from .ollama_server import OllamaServer, Script
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+DIGIT = EXAMPLES / "digit.png"  # the demo model reads it as a 7
+
+
+def digit_schema(**bounds: Any) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {"digit": {"type": "integer", **bounds}},
+        "required": ["digit"],
+    }
+
+
+@pytest.fixture(scope="module")
+def demo() -> Iterator[VisionChat]:
+    with VisionChat.llama_cpp(temperature=0) as chat:
+        yield chat
+
+
+@pytest.fixture
+def chat(demo: VisionChat) -> VisionChat:
+    demo.reset()
+    return demo
+
+
+# -- invalid schemas --------------------------------------------------------------------
+
+INVALID = [
+    ({"type": "objekt"}, "'type'", "'objekt' is not one of"),
+    ({"properties": 5}, "'properties'", "not of type 'object'"),
+    ({"type": "object", "properties": {"a": {"type": "strin"}}}, "'properties.a.type'", "strin"),
+    ({"type": "integer", "maximum": "9"}, "'maximum'", "not of type 'number'"),
+    ({"required": "digit"}, "'required'", "not of type 'array'"),
+    ({"$ref": "#/$defs/Missing"}, "'$ref'", "nothing there"),
+    ({"$ref": "https://example.com/digit.json"}, "'$ref'", "only references inside"),
+    ({"$schema": "https://example.com/my-draft", "type": "object"}, "'$schema'", "no JSON"),
+    ({"$schema": "http://json-schema.org/draft-07/schema#", "type": "objekt"}, "'type'", ""),
+    ({"type": "string", "default": {1, 2}}, "not JSON", ""),
+]
+
+
+@pytest.mark.parametrize(("schema", "key", "reason"), INVALID)
+def test_an_invalid_schema_is_refused_naming_the_key(
+    schema: dict[str, Any], key: str, reason: str
+) -> None:
+    """A dict schema that breaks the JSON Schema rules raises InvalidRequestError that
+    names the bad key and says what is wrong with it."""
+    with pytest.raises(InvalidRequestError) as info:
+        structured.json_schema(schema)
+    assert key in str(info.value)
+    assert reason in str(info.value)
+
+
+@pytest.mark.parametrize(("schema", "key", "reason"), INVALID[:2])
+def test_an_invalid_schema_fails_before_the_llama_cpp_turn(
+    chat: VisionChat, schema: dict[str, Any], key: str, reason: str
+) -> None:
+    """On llama.cpp a bad schema is refused when the turn is asked for, before the
+    engine sees it (not a BackendError from the grammar converter half-way through)."""
+    with pytest.raises(InvalidRequestError, match=re.escape(key)):
+        chat.stream("What digit is this?", image=DIGIT, schema=schema)  # not even iterated
+    assert chat.history == []
+    assert chat.ask("What digit is this?", image=DIGIT).text == "This digit is 7."
+
+
+@pytest.mark.parametrize(("schema", "key", "reason"), INVALID[:2])
+def test_an_invalid_schema_is_never_sent_to_ollama(
+    ollama_server: OllamaServer, schema: dict[str, Any], key: str, reason: str
+) -> None:
+    """On Ollama the same check refuses the schema with the same error, and nothing of
+    the turn reaches the daemon."""
+    with VisionChat.ollama(host=ollama_server.url) as chat:
+        sent = len(ollama_server.requests)
+        with pytest.raises(InvalidRequestError, match=re.escape(key)) as info:
+            chat.ask("What digit is this?", image=DIGIT, schema=schema)
+        assert reason in str(info.value)
+        assert len(ollama_server.requests) == sent
+        assert ollama_server.requests_to("/api/chat") == []
+        assert chat.history == []
+
+
+# -- answers are checked --------------------------------------------------------------
+
+
+def test_a_dict_schema_answer_is_validated() -> None:
+    """An answer outside a dict schema's bounds is a SchemaError naming the field and
+    the bound, as it is for a pydantic model; one inside comes back as plain data."""
+    schema = digit_schema(minimum=0, maximum=9)
+    with pytest.raises(SchemaError, match=r"'digit'.*maximum of 9") as info:
+        structured.parse('{"digit": 60707010009}', schema)
+    assert info.value.text == '{"digit": 60707010009}'
+    with pytest.raises(SchemaError, match="'digit' is a required property"):
+        structured.parse("{}", schema)
+    assert structured.parse('{"digit": 7}', schema) == {"digit": 7}
+
+
+def test_ollama_answer_outside_the_schema_is_refused(ollama_server: OllamaServer) -> None:
+    """An engine whose answer breaks the dict schema's maximum raises SchemaError and
+    the turn is not kept (Ollama's grammar is the daemon's; the check is ours)."""
+    ollama_server.script(Script(pieces=['{"digit": ', "60707010009}"]))
+    with VisionChat.ollama(host=ollama_server.url) as chat:
+        with pytest.raises(SchemaError, match="maximum of 9"):
+            chat.ask("What digit is this?", image=DIGIT, schema=digit_schema(maximum=9))
+        assert chat.history == []
+
+
+def test_broken_json_is_described_once() -> None:
+    """A cut-off answer's error says where the JSON broke, without doubled words."""
+    with pytest.raises(SchemaError) as info:
+        structured.parse('{"digit": "7', digit_schema())
+    message = str(info.value)
+    assert "at at" not in message
+    assert "Unterminated string starting at: line 1 column 11 (char 10)" in message
+
+
+# -- llama.cpp's grammar carries what it can -------------------------------------------
+
+
+def test_the_grammar_bounds_an_integer_range(chat: VisionChat) -> None:
+    """With minimum 0 and maximum 9 the demo model can only write one digit (it wrote
+    7000000000000000 when the grammar ignored the bounds)."""
+    reply = chat.ask("What digit is this?", image=DIGIT, schema=digit_schema(minimum=0, maximum=9))
+    assert reply.parsed == {"digit": 7}
+    chat.reset()
+    nullable = digit_schema(minimum=0, maximum=9)
+    nullable["properties"]["digit"]["type"] = ["integer", "null"]
+    assert chat.ask("What digit is this?", image=DIGIT, schema=nullable).parsed == {"digit": 7}
+
+
+def test_a_pydantic_field_range_reaches_the_grammar(chat: VisionChat) -> None:
+    """A pydantic int field with ge/le is bounded by the grammar as well."""
+
+    class Digit(BaseModel):
+        digit: Annotated[int, Field(ge=0, le=9)]
+
+    assert chat.ask("What digit is this?", image=DIGIT, schema=Digit).parsed == Digit(digit=7)
+
+
+def test_patterns_with_escapes_reach_the_grammar(chat: VisionChat) -> None:
+    """Patterns with regular-expression escapes (\\d, \\.) are written as grammar that
+    llama.cpp accepts (a refused grammar used to crash the process)."""
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "string", "pattern": r"^This digit is \d\.$"}},
+        "required": ["answer"],
+    }
+    reply = chat.ask("What digit is this?", image=DIGIT, schema=schema, max_tokens=48)
+    assert reply.parsed == {"answer": "This digit is 7."}
+
+
+def test_grammar_schema_rewrites_only_what_the_converter_drops() -> None:
+    """Integer ranges become enums (up to MAX_ENUM_RANGE values, multipleOf kept), type
+    lists become anyOf, unanchored patterns are left out, and the input is not changed."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "small": {"type": "integer", "exclusiveMinimum": 0, "maximum": 10, "multipleOf": 5},
+            "wide": {"type": "integer", "minimum": 0, "maximum": structured.MAX_ENUM_RANGE},
+            "either": {"type": ["integer", "null"], "minimum": 1, "maximum": 2},
+            "word": {"type": "string", "pattern": "cat"},
+            "code": {"type": "string", "pattern": r"^\d[.]\w$", "maxLength": 3},
+        },
+    }
+    before = repr(schema)
+    props = structured.grammar_schema(schema)["properties"]
+    assert repr(schema) == before
+    assert props["small"]["enum"] == [5, 10]
+    assert "enum" not in props["wide"]  # 257 values: left to the check of the answer
+    assert [alt.get("enum") for alt in props["either"]["anyOf"]] == [[1, 2], None]
+    assert "pattern" not in props["word"]
+    assert props["code"]["pattern"] == "^[0-9][.][a-zA-Z0-9_]$"
+    assert "pattern" not in structured.grammar_schema(schema, patterns=False)["properties"]["code"]
+
+
+# -- the shipped examples ------------------------------------------------------------------
+
+
+def test_structured_answer_example_prints_a_digit() -> None:
+    """examples/structured_answer.py prints a Digit whose field is one digit, 0-9."""
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "structured_answer.py"), str(DIGIT)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert re.fullmatch(r"Digit\(digit=[0-9]\)\n", result.stdout)
+
+
+def test_shape_schema_example_fits_the_demo(chat: VisionChat) -> None:
+    """examples/shape.schema.json is a valid schema the demo model fills in correctly
+    for the example shape (a red triangle)."""
+    schema = json.loads((EXAMPLES / "shape.schema.json").read_text(encoding="utf-8"))
+    reply = chat.ask("What shape is this?", image=EXAMPLES / "shape.png", schema=schema)
+    assert reply.parsed == {"shape": "triangle"}
+
+
+def test_the_readme_tour_runs_as_shown(tmp_path: Path) -> None:
+    """The README's demo tour is examples/tour.py, and it prints the answers its
+    comments promise."""
+    code = (EXAMPLES / "tour.py").read_text(encoding="utf-8").split('"""', 2)[2].strip()
+    assert code in (ROOT / "README.md").read_text(encoding="utf-8")
+    shutil.copytree(EXAMPLES, tmp_path / "examples")
+    result = subprocess.run(
+        [sys.executable, "examples/tour.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    lines = result.stdout.splitlines()
+    assert re.fullmatch(r"It is a triangle\. \(\d+\.\d\d s\)", lines[0])
+    assert lines[1:] == ["It is red.", "This digit is 7."]
+    assert (tmp_path / "talk.json").is_file()
