@@ -5,29 +5,45 @@ a crash half-way leaves a torn last line that breaks every later reader, a re-ru
 the model again about pictures already done, and one unreadable file stops the whole run.
 :func:`caption` writes one JSON object per picture::
 
-    {"path": "photos/cat.jpg", "sha256": "<of the file's bytes>", "text": "A cat ...",
+    {"path": "photos/cat.jpg", "sha256": "<of the file's bytes>", "prompt": "Describe it.",
+     "text": "A cat ...",
      "parsed": {...},  # only with a schema
      "model": "llava:latest", "backend": "ollama", "done_reason": "stop",
      "stats": {...Stats fields...}, "attempts": 1, "elapsed_s": 12.3,
      "image": {"width": 672, "height": 504, "changes": ["rotated upright ..."]}}
 
 or, where a picture failed, ``error`` (one line, starting with the error type) and
-``error_type`` instead of ``text``; ``sha256`` is null when the file could not be read.
+``error_type`` instead of ``text``; ``sha256`` is null when the file's bytes could not be
+had (missing, unreadable, empty or over the size limit).
 
-Resuming: pictures whose ``sha256`` already has a line without ``error`` are skipped, so
-renamed or copied files are not asked about again. Failed pictures are tried again on
-the next run, which appends a new line: the last line for a ``sha256`` is the one that
-counts. Each line is written whole with one ``write``, flushed and fsynced; on start, a
-torn last line left by a crash is cut off (a last line that is whole JSON and only lacks
-its newline is kept). A file that is not a caption file is refused, never modified,
-and only one run at a time may write to a file (an advisory lock, where the OS has one).
+Resuming: a line is about one picture and one prompt. The picture is identified by the
+sha256 of its bytes, so renamed or copied files are not asked about again; where there
+are no bytes to hash (``sha256`` null), by its ``path`` as written in the line (the path
+as given to the run, so spell it the same way to resume). A picture and prompt that
+already have a line of any kind, an error included, are skipped: a broken file is
+recorded once, not again on every run. ``retry_errors=True`` asks again about those whose
+line is an error. Two exceptions: a line marked ``"retry": true`` records a failure of
+the run rather than of the picture (the engine could not be reached or timed out, the
+model is gone, the turn was cancelled: what stops a run), and is asked about again by
+the next run anyway; and a line without ``prompt`` (written by an older version) stands
+for any prompt. The newest line of a picture and prompt is the one that counts (a retry
+appends; nothing is rewritten); :func:`read_captions` reads a file that way.
+
+Each line is written whole with one ``write``, flushed and fsynced; on start, a torn
+last line left by a crash is cut off (a last line that is whole JSON and only lacks its
+newline is kept). A file that is not a caption file is refused, never modified, and
+only one run at a time may write to a file (an advisory lock, where the OS has one).
 
 Failures: an unreadable picture, an answer that does not fit the schema (after one
 retry), a too-long turn or an engine error on one picture is recorded and the run goes
-on. What fails for every picture alike stops the run after its line is written: the
-engine cannot be reached or timed out (a dead or stuck daemon), the model is gone,
-cannot see pictures or cannot load, and also ``max_failures_in_a_row`` engine failures
-in a row (unreadable pictures do not count). The error is raised; a re-run continues.
+on. What fails for every picture alike stops the run after its line (marked
+``"retry": true``) is written: the engine cannot be reached or timed out (a dead or
+stuck daemon), the model is gone, cannot see pictures or cannot load. So do
+``max_failures_in_a_row`` engine failures in a row (unreadable pictures do not count);
+their lines are the pictures' own. The error is raised; a re-run continues.
+
+The progress bar's rate and ETA count the pictures the model answered, and the time
+it took on them: failed and skipped pictures move the count, not the rate.
 
 Pictures are read, hashed and prepared in a background thread a few pictures ahead, so
 the model never waits on the disk; the thread is stopped and joined before
@@ -44,14 +60,13 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
-from rich.progress import TaskID
 
 from . import images as _images
 from . import structured
@@ -64,7 +79,7 @@ from .errors import (
     LlavaLocalError,
     SchemaError,
 )
-from .progress import picture_progress
+from .progress import RunProgress
 from .structured import Schema
 from .types import Options, PreparedImage, Reply
 
@@ -73,7 +88,7 @@ try:  # POSIX; elsewhere two runs on one file are not prevented
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["PICTURE_EXTENSIONS", "CaptionSummary", "caption", "find_pictures"]
+__all__ = ["PICTURE_EXTENSIONS", "CaptionSummary", "caption", "find_pictures", "read_captions"]
 
 #: File name extensions (lower case, no dot) that directories and globs are searched for.
 PICTURE_EXTENSIONS = frozenset(
@@ -89,24 +104,43 @@ _LINE_START = b'{"path": '
 #: Failures that belong to one picture; any other library error stops the run.
 _PER_PICTURE = (ImageError, SchemaError, ContextOverflowError, BackendError)
 
+#: A picture as resuming knows it: ``("sha256", hex digest)``, or ``("path", path)`` for
+#: a file whose bytes could not be read.
+_Identity = tuple[Literal["sha256", "path"], str]
+#: What the newest line of a picture and prompt says: answered; failed (kept unless
+#: retry_errors); or the run failed on it (asked about again).
+_Status = Literal["done", "failed", "retry"]
+
 
 class CaptionSummary(BaseModel):
     """What a :func:`caption` run did. ``found - done - skipped - failed`` were not
-    reached (``limit``)."""
+    reached (``limit``).
+
+    ``skipped``: pictures not asked about because the file already has their line
+    (``skipped_errors`` of them an error line), or because the same content came earlier
+    in this run. ``retried``: pictures whose line was an error and that were asked about
+    again; they are counted in ``done`` or ``failed`` too.
+    """
 
     out: Path
     found: int
     done: int = 0
     skipped: int = 0
     failed: int = 0
+    retried: int = 0
+    skipped_errors: int = 0
     elapsed_s: float = 0.0
     repaired_bytes: int = 0
 
     def __str__(self) -> str:
+        errors = f" ({self.skipped_errors} of them errors)" if self.skipped_errors else ""
         text = (
-            f"{self.done} captioned, {self.skipped} already done, {self.failed} failed "
-            f"of {self.found} pictures in {self.elapsed_s:.1f} s -> {self.out}"
+            f"{self.done} captioned, {self.skipped} already recorded{errors}, "
+            f"{self.failed} failed of {self.found} pictures in {self.elapsed_s:.1f} s "
+            f"-> {self.out}"
         )
+        if self.retried:
+            text += f"; {self.retried} retried after an earlier error"
         if self.repaired_bytes:
             text += f" (cut a torn last line of {self.repaired_bytes} bytes)"
         return text
@@ -123,15 +157,18 @@ def caption(
     recursive: bool = False,
     progress: bool = True,
     max_failures_in_a_row: int = 5,
+    retry_errors: bool = False,
     **options: Any,
 ) -> CaptionSummary:
     """Ask ``prompt`` about every picture of ``inputs`` and append the answers to ``out``.
 
     ``inputs`` is a directory, a glob pattern, a picture, or a list of these (see
     :func:`find_pictures`). ``limit`` bounds the pictures recorded in this run, done or
-    failed (skipped ones do not count), so a big folder can be done in chunks. ``options`` are
-    generation options (``temperature=0``...). See the module docstring for the line
-    format and what resuming, failures and Ctrl-C do.
+    failed (skipped ones do not count), so a big folder can be done in chunks. A picture
+    that already has a line for ``prompt`` in ``out`` is skipped, an error line included,
+    unless ``retry_errors`` asks again about those whose newest line is an error.
+    ``options`` are generation options (``temperature=0``...). See the module docstring
+    for the line format and what resuming, failures and Ctrl-C do.
     """
     _check_call(prompt, schema, limit, max_failures_in_a_row, options)
     started = time.monotonic()
@@ -148,11 +185,15 @@ def caption(
             schema=schema,
             options=options,
             max_failures_in_a_row=max_failures_in_a_row,
+            retry_errors=retry_errors,
         )
+        settled = output.settled(prompt, retry_errors=retry_errors)
         try:
             with (
-                _Prefetch(pictures, output.done, chat.max_image_side) as items,
-                _Bar(summary, limit, enabled=progress) as bar,
+                _Prefetch(pictures, settled, chat.max_image_side) as items,
+                RunProgress(
+                    "captioning", total=run.to_ask(limit), unit="picture", enabled=progress
+                ) as bar,
             ):
                 run.process(items, bar, limit)
         finally:
@@ -178,6 +219,41 @@ def find_pictures(
         for path in _expand(os.fspath(item), recursive):
             found.setdefault(os.path.normpath(path), path)
     return sorted(found.values(), key=str)
+
+
+def read_captions(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The lines of a caption file that count: the newest for each picture and prompt.
+
+    Lines are returned as dicts, in the order they were written (a retried picture
+    takes the place of its retry). A picture is identified as resuming identifies it
+    (see the module docstring): by ``sha256``, or by ``path`` where that is null; a
+    line without ``prompt`` (an older version's) is replaced by any newer line of its
+    picture. A torn last line (a run writing, or a crash) is left out; a file that is
+    not a caption file is an :class:`InvalidRequestError`.
+    """
+    path = Path(path)
+    rows: dict[tuple[_Identity, str | None], dict[str, Any]] = {}
+    try:
+        with path.open("rb") as file:
+            for number, line in enumerate(file, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = _parse(line)
+                except ValueError:
+                    ours = line.startswith(_LINE_START) or _LINE_START.startswith(line)
+                    if line.endswith(b"\n") or not ours:
+                        raise _foreign(path, number, "give a file written by caption") from None
+                    break  # the torn last line
+                identity, prompt = _key(record)
+                rows.pop((identity, prompt), None)
+                rows.pop((identity, None), None)
+                rows[identity, prompt] = record
+    except OSError as exc:
+        raise InvalidRequestError(
+            f"cannot read the caption file {path}: {exc.strerror or exc}"
+        ) from None
+    return list(rows.values())
 
 
 # --- finding the pictures ------------------------------------------------------------
@@ -247,9 +323,11 @@ class _Output:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.done: set[str] = set()
         self.repaired_bytes = 0
         self._fd = -1
+        #: the newest line of each picture and prompt: its position and what it says
+        self._rows: dict[tuple[_Identity, str | None], tuple[int, _Status]] = {}
+        self._lines = 0
 
     def __enter__(self) -> _Output:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -270,6 +348,20 @@ class _Output:
     ) -> None:
         os.close(self._fd)  # closing also releases the lock
 
+    def earlier(self, identity: _Identity, prompt: str) -> _Status | None:
+        """What the newest line about this picture and prompt says, or None (no line)."""
+        lines = [self._rows.get((identity, prompt)), self._rows.get((identity, None))]
+        newest = max((line for line in lines if line is not None), default=None)
+        return None if newest is None else newest[1]
+
+    def settled(self, prompt: str, *, retry_errors: bool) -> frozenset[_Identity]:
+        """The pictures that a run asking ``prompt`` will not ask about again."""
+        return frozenset(
+            identity
+            for identity, _ in self._rows
+            if _settled(self.earlier(identity, prompt), retry_errors)
+        )
+
     def append(self, record: dict[str, Any]) -> None:
         """Write one whole line and make it durable before the next picture."""
         try:
@@ -280,6 +372,7 @@ class _Output:
         while view:
             view = view[os.write(self._fd, view) :]
         os.fsync(self._fd)
+        self._remember(record)
 
     def _lock(self) -> None:
         if fcntl is None:  # pragma: no cover - Windows
@@ -319,22 +412,49 @@ class _Output:
 
     def _record(self, line: bytes, number: int) -> dict[str, Any]:
         try:
-            record = json.loads(line)
+            return _parse(line)
         except ValueError:
-            record = None
-        if not isinstance(record, dict) or "sha256" not in record:
-            raise self._foreign(number)
-        return record
+            raise self._foreign(number) from None
 
     def _foreign(self, number: int) -> InvalidRequestError:
-        return InvalidRequestError(
-            f"{self.path} is not a caption file (line {number} is not a caption record); "
-            "choose another output file"
-        )
+        return _foreign(self.path, number)
 
     def _remember(self, record: dict[str, Any]) -> None:
-        if "error" not in record and isinstance(record["sha256"], str):
-            self.done.add(record["sha256"])
+        status: _Status = (
+            "done" if "error" not in record else "retry" if record.get("retry") else "failed"
+        )
+        self._lines += 1
+        self._rows[_key(record)] = (self._lines, status)
+
+
+def _parse(line: bytes) -> dict[str, Any]:
+    """One caption line, or ValueError when it is not one (torn, or another file's)."""
+    record = json.loads(line)
+    if not isinstance(record, dict) or "sha256" not in record or "path" not in record:
+        raise ValueError("not a caption record")
+    return record
+
+
+def _foreign(
+    path: Path, number: int, advice: str = "choose another output file"
+) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"{path} is not a caption file (line {number} is not a caption record); {advice}"
+    )
+
+
+def _identity(sha256: object, path: object) -> _Identity:
+    return ("sha256", sha256) if isinstance(sha256, str) else ("path", str(path))
+
+
+def _key(record: dict[str, Any]) -> tuple[_Identity, str | None]:
+    prompt = record.get("prompt")
+    return _identity(record["sha256"], record["path"]), prompt if isinstance(prompt, str) else None
+
+
+def _settled(status: _Status | None, retry_errors: bool) -> bool:
+    """Whether a picture whose newest line says ``status`` is left alone."""
+    return status == "done" or (status == "failed" and not retry_errors)
 
 
 # --- reading pictures ahead ----------------------------------------------------------
@@ -348,6 +468,10 @@ class _Item:
     sha256: str | None
     image: PreparedImage | None = None
     error: ImageError | None = None
+
+    @property
+    def identity(self) -> _Identity:
+        return _identity(self.sha256, self.path)
 
 
 @dataclass(frozen=True)
@@ -367,9 +491,10 @@ class _Prefetch:
     so no thread outlives :func:`caption` whatever way it ends.
     """
 
-    def __init__(self, paths: Sequence[Path], done: set[str], max_side: int) -> None:
+    def __init__(self, paths: Sequence[Path], settled: Iterable[_Identity], max_side: int) -> None:
         self._paths = list(paths)
-        self._done = frozenset(done)  # a snapshot: skipping is decided again by the caller
+        # not decoded, as they will be skipped; the caller decides again with what it knows
+        self._settled = frozenset(settled)
         self._max_side = max_side
         self._queue: queue.Queue[object] = queue.Queue(maxsize=PREFETCH_AHEAD)
         self._stop = threading.Event()
@@ -420,7 +545,7 @@ class _Prefetch:
         except ImageError as exc:
             return _Item(path, None, error=exc)
         sha256 = hashlib.sha256(data).hexdigest()
-        if sha256 in self._done:
+        if ("sha256", sha256) in self._settled:
             return _Item(path, sha256)  # no need to decode it
         try:
             image = _images.prepare(data, max_side=self._max_side, cache=None)
@@ -461,6 +586,7 @@ class _Run:
         schema: Schema | None,
         options: dict[str, Any],
         max_failures_in_a_row: int,
+        retry_errors: bool,
     ) -> None:
         self.chat = chat
         self.output = output
@@ -469,31 +595,49 @@ class _Run:
         self.schema = schema
         self.options = options
         self.max_failures_in_a_row = max_failures_in_a_row
+        self.retry_errors = retry_errors
         self.failures_in_a_row = 0
+        self.asked: set[_Identity] = set()  # in this run, so a copy is not retried again
 
-    def process(self, items: Iterator[_Item], bar: _Bar, limit: int | None) -> None:
+    def to_ask(self, limit: int | None) -> int:
+        """How many pictures this run still expects to record, as far as it knows."""
+        left = self.summary.found - self.summary.skipped
+        return left if limit is None else min(limit, left)
+
+    def process(self, items: Iterator[_Item], bar: RunProgress, limit: int | None) -> None:
         for item in items:
-            if item.sha256 is not None and item.sha256 in self.output.done:
+            earlier = self.output.earlier(item.identity, self.prompt)
+            if item.identity in self.asked or _settled(earlier, self.retry_errors):
                 self.summary.skipped += 1
-                bar.skipped()
+                self.summary.skipped_errors += earlier != "done"
+                bar.set_total(self.to_ask(limit))
                 continue
             if limit is not None and self.summary.done + self.summary.failed >= limit:
                 return
-            self.one(item)
-            bar.advanced()
+            self.asked.add(item.identity)
+            self.summary.retried += earlier is not None
+            seconds = self.one(item)
+            if seconds is None:
+                bar.failed()
+                failed = self.summary.failed
+                bar.describe(f"captioning ({failed} failed)")
+            else:
+                bar.answered(seconds)
 
-    def one(self, item: _Item) -> None:
+    def one(self, item: _Item) -> float | None:
+        """Ask about ``item`` and write its line; the seconds the answer took, or None
+        when it failed."""
         started = time.monotonic()
         try:
             reply, attempts = self._ask(item)
         except LlavaLocalError as exc:
             self._failed(item, exc, time.monotonic() - started)
-            return
-        self.output.append(self._success(item, reply, attempts, time.monotonic() - started))
+            return None
+        elapsed = time.monotonic() - started
+        self.output.append(self._success(item, reply, attempts, elapsed))
         self.summary.done += 1
         self.failures_in_a_row = 0
-        if item.sha256 is not None:
-            self.output.done.add(item.sha256)
+        return elapsed
 
     def _ask(self, item: _Item) -> tuple[Reply, int]:
         """The reply, in a fresh conversation; a misfit answer is asked once more, with
@@ -524,7 +668,7 @@ class _Run:
 
     def _success(self, item: _Item, reply: Reply, attempts: int, elapsed: float) -> dict[str, Any]:
         record: dict[str, Any] = {"path": str(item.path), "sha256": item.sha256}
-        record["text"] = reply.text
+        record |= {"prompt": self.prompt, "text": reply.text}
         if self.schema is not None:
             parsed = reply.parsed
             record["parsed"] = (
@@ -546,13 +690,17 @@ class _Run:
         """Record the failure; raise when the run should stop rather than go on failing."""
         message = " ".join(f"{type(exc).__name__}: {exc}".split())
         record: dict[str, Any] = {"path": str(item.path), "sha256": item.sha256}
-        record |= {"error": message, "error_type": type(exc).__name__}
+        record |= {"prompt": self.prompt, "error": message, "error_type": type(exc).__name__}
         if isinstance(exc, SchemaError):
             record["rejected_text"] = exc.text
         record |= {"model": self.chat.model, "backend": self.chat.backend}
-        self.output.append(record | {"elapsed_s": round(elapsed, 3)})
+        record["elapsed_s"] = round(elapsed, 3)
+        the_runs = not isinstance(exc, _PER_PICTURE)
+        if the_runs:  # it says nothing about the picture: the next run asks again
+            record["retry"] = True
+        self.output.append(record)
         self.summary.failed += 1
-        if not isinstance(exc, _PER_PICTURE):
+        if the_runs:
             raise exc
         if isinstance(exc, ImageError):
             return
@@ -562,42 +710,3 @@ class _Run:
                 f"stopped: the last {self.failures_in_a_row} pictures all failed in the engine "
                 f"(the last with {message}); the results so far are in {self.output.path}"
             ) from exc
-
-
-# --- the progress bar ----------------------------------------------------------------
-
-
-class _Bar:
-    """A rich progress bar on stderr whose total counts only the pictures to ask about,
-    so that the rate and ETA are not flattered by skipped ones."""
-
-    def __init__(self, summary: CaptionSummary, limit: int | None, *, enabled: bool) -> None:
-        self._summary = summary
-        self._limit = limit
-        self._progress = picture_progress(enabled=enabled)
-        self._task = TaskID(0)
-
-    def __enter__(self) -> _Bar:
-        self._progress.start()
-        self._task = self._progress.add_task("captioning", total=self._total())
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._progress.stop()
-
-    def _total(self) -> int:
-        left = self._summary.found - self._summary.skipped
-        return left if self._limit is None else min(self._limit, left)
-
-    def skipped(self) -> None:
-        self._progress.update(self._task, total=self._total())
-
-    def advanced(self) -> None:
-        failed = self._summary.failed
-        label = f"captioning ({failed} failed)" if failed else "captioning"
-        self._progress.update(self._task, advance=1, description=label)

@@ -17,6 +17,10 @@ mapping of prompt to kind.
 
 A picture that cannot be read is recorded as an error (counted wrong, in an ``error``
 column) and the run goes on; an engine failure stops it.
+
+The progress bar counts answers (one per picture and prompt), and its rate and ETA
+come from the answers the model gave and the time they took: an unreadable picture's
+error answers move the count, not the rate.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from types import TracebackType
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -39,7 +42,7 @@ from . import images as _images
 from .chat import VisionChat
 from .datasets import LabelledPicture, default_prompts, load_set
 from .errors import ImageError, InvalidRequestError
-from .progress import picture_progress
+from .progress import RunProgress
 from .types import PreparedImage
 
 __all__ = [
@@ -488,29 +491,18 @@ def _report(
     )
 
 
-class _Bar:
-    """A rich progress bar on stderr with the running accuracy in its description."""
+class _Bar(RunProgress):
+    """The run's progress over answers, with the running accuracy in its description."""
 
     def __init__(self, total: int, name: str, *, enabled: bool) -> None:
+        super().__init__(name, total=total, unit="answer", enabled=enabled)
         self._name = name
-        self._done = self._right = 0
-        self._progress = picture_progress(enabled=enabled)
-        self._task = self._progress.add_task(name, total=total)
-
-    def __enter__(self) -> _Bar:
-        self._progress.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._progress.stop()
+        self._right = 0
 
     def advance(self, answer: Answer) -> None:
-        self._done += 1
+        if answer.error is None:
+            self.answered(answer.seconds)
+        else:
+            self.failed()
         self._right += answer.correct
-        label = f"{self._name} (accuracy {self._right / self._done:.3f})"
-        self._progress.update(self._task, advance=1, description=label)
+        self.describe(f"{self._name} (accuracy {self._right / self.completed:.3f})")

@@ -29,7 +29,7 @@ from llava_local import (
 )
 from llava_local import images as images_module
 from llava_local.backends import Backend, Finish, Turn
-from llava_local.caption import CaptionSummary, caption, find_pictures
+from llava_local.caption import CaptionSummary, caption, find_pictures, read_captions
 from llava_local.cli.caption import caption as caption_command
 
 from .gguf_fixtures import GgufPair, png_bytes
@@ -177,6 +177,8 @@ def test_llama_cpp_writes_one_line_per_picture_and_records_bad_ones(
         "done": 3,
         "skipped": 0,
         "failed": 3,
+        "retried": 0,
+        "skipped_errors": 0,
         "elapsed_s": summary.elapsed_s,
         "repaired_bytes": 0,
     }
@@ -259,7 +261,7 @@ def test_resume_skips_done_pictures_renamed_copies_too(
     ollama_server: OllamaServer, ollama_chat: VisionChat, folder: Path, tmp_path: Path
 ) -> None:
     """A second run asks only about new content; renamed and copied pictures are skipped,
-    broken ones are tried again."""
+    and so are broken ones, which already have their error line."""
     out = tmp_path / "out.jsonl"
     caption(ollama_chat, folder, out, prompt="Caption.", progress=False)
     asked = len(chat_bodies(ollama_server))
@@ -267,10 +269,11 @@ def test_resume_skips_done_pictures_renamed_copies_too(
     shutil.copy(folder / "c.jpg", folder / "copy.jpg")
     (folder / "new.png").write_bytes(png_bytes(seed=77))
     summary = caption(ollama_chat, folder, out, prompt="Caption.", progress=False)
-    assert (summary.found, summary.done, summary.skipped, summary.failed) == (8, 1, 4, 3)
+    assert (summary.found, summary.done, summary.skipped, summary.failed) == (8, 1, 7, 0)
+    assert summary.skipped_errors == 3
     assert len(chat_bodies(ollama_server)) == asked + 1
     second_run = lines(out)[6:]
-    assert names(second_run) == ["empty.jpg", "new.png", "noise.png", "page.jpg"]
+    assert names(second_run) == ["new.png"]
 
 
 def test_duplicates_in_one_run_are_asked_about_once(
@@ -286,7 +289,8 @@ def test_duplicates_in_one_run_are_asked_about_once(
 def test_an_engine_error_on_one_picture_is_recorded_and_the_run_goes_on(
     ollama_server: OllamaServer, ollama_chat: VisionChat, good_folder: Path, tmp_path: Path
 ) -> None:
-    """A daemon error on one picture is a line with the error; the next run retries it."""
+    """A daemon error on one picture is a line with the error; the next run keeps it,
+    and retry_errors=True asks about it again."""
     out = tmp_path / "out.jsonl"
     ollama_server.script(Script(), Script(fault="error_line", after=1), Script())
     summary = caption(ollama_chat, good_folder, out, prompt="C.", progress=False)
@@ -295,22 +299,27 @@ def test_an_engine_error_on_one_picture_is_recorded_and_the_run_goes_on(
     assert failed["error"].startswith("ResponseError: Ollama at ")
     assert "unexpected EOF" in failed["error"]
     again = caption(ollama_chat, good_folder, out, prompt="C.", progress=False)
-    assert (again.done, again.skipped, again.failed) == (1, 4, 0)
+    assert (again.done, again.skipped, again.skipped_errors, again.failed) == (0, 5, 1, 0)
+    assert len(lines(out)) == 5
+    retried = caption(ollama_chat, good_folder, out, prompt="C.", retry_errors=True, progress=False)
+    assert (retried.done, retried.skipped, retried.retried, retried.failed) == (1, 4, 1, 0)
     assert names(lines(out)[5:]) == ["p1.png"]
 
 
 def test_a_dead_daemon_stops_the_run_after_recording_it(
     ollama_server: OllamaServer, ollama_chat: VisionChat, good_folder: Path, tmp_path: Path
 ) -> None:
-    """A dropped connection stops the run with its error; a re-run completes the file."""
+    """A dropped connection stops the run with its error, in a line marked for retry;
+    a re-run completes the file."""
     out = tmp_path / "out.jsonl"
     ollama_server.script(Script(), Script(fault="drop", after=1), Script())
     with pytest.raises(BackendUnavailableError, match="dropped"):
         caption(ollama_chat, good_folder, out, prompt="C.", progress=False)
     assert no_prefetch_thread()
     assert [("error" in r) for r in lines(out)] == [False, True]
+    assert lines(out)[1]["retry"] is True
     summary = caption(ollama_chat, good_folder, out, prompt="C.", progress=False)
-    assert (summary.done, summary.skipped) == (4, 1)
+    assert (summary.done, summary.skipped, summary.retried) == (4, 1, 1)
 
 
 def test_a_vanished_model_stops_the_run(
@@ -554,8 +563,121 @@ def test_the_progress_bar_goes_to_stderr(
         caption(chat, good_folder, tmp_path / "o.jsonl", prompt="C.")
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert "5/5" in captured.err
-    assert "pic/s" in captured.err or "s/pic" in captured.err
+    assert "5/5 pictures" in captured.err
+    assert "pictures/s" in captured.err or "s/picture" in captured.err
+
+
+# --- resuming: one line per picture and prompt, broken ones included -----------------
+
+
+@pytest.fixture(scope="module")
+def demo_chat() -> Iterator[VisionChat]:
+    """The bundled demo model, loaded once for the resuming tests."""
+    with VisionChat.llama_cpp() as chat:
+        yield chat
+
+
+@pytest.fixture
+def broken_folder(folder: Path) -> Path:
+    """The folder's three good and three broken pictures, plus a PNG cut in half."""
+    whole = png_bytes((40, 40), seed=8)
+    (folder / "cut.png").write_bytes(whole[: len(whole) // 2])
+    return folder
+
+
+BROKEN_TOO = (*BROKEN, "cut.png")
+
+
+def test_a_rerun_over_broken_files_appends_no_line(
+    demo_chat: VisionChat, broken_folder: Path, tmp_path: Path
+) -> None:
+    """Broken files are recorded once: a second run skips them, so the file keeps one
+    line per picture (an empty file, known by its path, included)."""
+    out = tmp_path / "out.jsonl"
+    first = caption(
+        demo_chat, broken_folder, out, prompt="What is it?", max_tokens=4, progress=False
+    )
+    assert (first.found, first.done, first.failed) == (7, 3, 4)
+    second = caption(
+        demo_chat, broken_folder, out, prompt="What is it?", max_tokens=4, progress=False
+    )
+    assert (second.done, second.failed, second.retried) == (0, 0, 0)
+    assert (second.skipped, second.skipped_errors) == (7, 4)
+    records = lines(out)
+    assert len(records) == 7
+    assert sorted(names(records)) == sorted([*GOOD, *BROKEN_TOO])
+    assert {r["prompt"] for r in records} == {"What is it?"}
+    assert next(r for r in records if r["path"].endswith("empty.jpg"))["sha256"] is None
+
+
+def test_retry_errors_asks_again_and_the_newest_line_counts(
+    demo_chat: VisionChat, broken_folder: Path, tmp_path: Path
+) -> None:
+    """retry_errors=True asks again about every picture whose line is an error, the
+    summary counts them, and read_captions returns each picture's newest line."""
+    out = tmp_path / "out.jsonl"
+
+    def ask(max_tokens: int, retry_errors: bool = False) -> CaptionSummary:
+        return caption(
+            demo_chat,
+            broken_folder,
+            out,
+            prompt="What colour is it?",
+            schema=Colour,
+            temperature=0,
+            max_tokens=max_tokens,
+            retry_errors=retry_errors,
+            progress=False,
+        )
+
+    cut_short = ask(max_tokens=3)
+    assert (cut_short.done, cut_short.failed) == (0, 7)  # 3 tokens cannot hold the JSON
+    again = ask(max_tokens=40, retry_errors=True)
+    assert (again.retried, again.done, again.failed, again.skipped) == (7, 3, 4, 0)
+    assert "7 retried after an earlier error" in str(again)
+    assert len(lines(out)) == 14
+    newest = {Path(r["path"]).name: r for r in read_captions(out)}
+    assert sorted(newest) == sorted([*GOOD, *BROKEN_TOO])
+    for name in GOOD:
+        assert "error" not in newest[name]
+        assert newest[name]["parsed"]["colour"] in ("red", "green", "blue")
+    for name in BROKEN_TOO:
+        assert newest[name]["error_type"] == "ImageError"
+    settled = ask(max_tokens=40)
+    assert (settled.skipped, settled.skipped_errors, settled.retried) == (7, 4, 0)
+
+
+def test_resuming_is_per_prompt_and_old_lines_stand_for_any_prompt(
+    ollama_server: OllamaServer, ollama_chat: VisionChat, good_folder: Path, tmp_path: Path
+) -> None:
+    """Another prompt asks about every picture again; a line written before lines named
+    their prompt still counts as done."""
+    out = tmp_path / "out.jsonl"
+    caption(ollama_chat, good_folder, out, prompt="Caption.", limit=2, progress=False)
+    other = caption(ollama_chat, good_folder, out, prompt="Tag it.", progress=False)
+    assert (other.done, other.skipped) == (5, 0)
+    assert len(chat_bodies(ollama_server)) == 7
+    legacy = [{k: v for k, v in r.items() if k != "prompt"} for r in lines(out)[:2]]
+    out.write_text("".join(json.dumps(r) + "\n" for r in legacy))
+    resumed = caption(ollama_chat, good_folder, out, prompt="Caption.", progress=False)
+    assert (resumed.done, resumed.skipped) == (3, 2)
+    assert len(read_captions(out)) == 5
+
+
+def test_a_run_over_broken_files_shows_no_rate(
+    demo_chat: VisionChat, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Pictures that failed at once are counted but make no rate and no ETA: nothing
+    was answered."""
+    pics = tmp_path / "broken"
+    pics.mkdir()
+    (pics / "empty.jpg").write_bytes(b"")
+    (pics / "page.png").write_bytes(b"<html>gone</html>")
+    caption(demo_chat, pics, tmp_path / "o.jsonl", prompt="What is it?", max_tokens=4)
+    err = capsys.readouterr().err
+    assert "2/2 pictures" in err
+    assert "-- s/picture" in err
+    assert "pic/s" not in err
 
 
 # --- the command line ----------------------------------------------------------------
@@ -578,7 +700,36 @@ def test_cli_captions_a_folder_and_prints_the_summary(
     assert len(lines(out)) == 7
     again = CliRunner().invoke(caption_command, [*args, *ollama_args(ollama_server)])
     assert again.exit_code == 0, again.output
-    assert again.stdout.startswith("0 captioned, 4 already done, 3 failed of 7 pictures")
+    assert again.stdout.startswith(
+        "0 captioned, 7 already recorded (3 of them errors), 0 failed of 7 pictures"
+    )
+    assert "3 pictures kept the error of an earlier run; --retry-errors" in again.stderr
+    assert len(lines(out)) == 7
+
+
+def test_cli_retry_errors_asks_about_failed_pictures_again(
+    broken_folder: Path, tmp_path: Path
+) -> None:
+    """--retry-errors on the demo model asks again about the broken pictures and the
+    summary says how many were retried."""
+    out = tmp_path / "res.jsonl"
+    args = [str(broken_folder), "-p", "What is it?", "-o", str(out), "--max-tokens", "4"]
+    args += ["--backend", "llama_cpp", "--no-progress"]
+    first = CliRunner().invoke(caption_command, args)
+    assert first.exit_code == 0, first.output
+    assert len(lines(out)) == 7
+    again = CliRunner().invoke(caption_command, [*args, "--retry-errors", "--json"])
+    assert again.exit_code == 0, again.output
+    summary = CaptionSummary.model_validate_json(again.stdout)
+    assert (summary.retried, summary.failed, summary.skipped, summary.skipped_errors) == (
+        4,
+        4,
+        3,
+        0,
+    )
+    assert len(lines(out)) == 11
+    text = CliRunner().invoke(caption_command, [*args, "--retry-errors"])
+    assert "4 retried after an earlier error" in text.stdout
 
 
 def test_cli_schema_file_and_limit(

@@ -25,7 +25,15 @@ from llava_local import BackendError, InvalidRequestError, VisionChat
 from llava_local import images as images_module
 from llava_local.cli.eval import eval_command
 from llava_local.datasets import DIGIT_PROMPT, DIGIT_PROMPTS_HELD_OUT, LabelledPicture, load_set
-from llava_local.eval import EvalReport, _kind_of, evaluate, first_digit, match_class
+from llava_local.eval import (
+    Answer,
+    EvalReport,
+    _Bar,
+    _kind_of,
+    evaluate,
+    first_digit,
+    match_class,
+)
 
 from .gguf_fixtures import GgufPair, png_bytes
 from .ollama_server import OllamaServer, RecordedRequest, Script
@@ -308,6 +316,31 @@ def test_an_engine_failure_stops_the_run(ollama_server: OllamaServer, chat: Visi
     with pytest.raises(BackendError, match="runner died"):
         evaluate(chat, "digits", [DIGIT_PROMPT], limit=3, progress=False)
     assert chat.history == []
+
+
+def test_the_progress_bar_counts_answers_and_rates_only_the_given_ones() -> None:
+    """Eval's bar counts answers, and an unreadable picture's error answers stay out of
+    its rate and ETA."""
+    bar = _Bar(6, "pets", enabled=False)
+    broken = Answer(picture="broken.png", prompt="?", label="dog", error="ImageError: ...")
+    bar.advance(broken)
+    bar.advance(broken)
+    assert (bar.rate, bar.eta_s, bar.rate_text()) == (None, None, "-- s/answer")
+    bar.advance(Answer(picture="0.png", prompt="?", label="cat", correct=True, seconds=2.0))
+    assert (bar.rate, bar.eta_s) == (0.5, 6.0)
+    assert (bar.count_text(), bar.rate_text()) == ("3/6 answers", "2.0 s/answer")
+
+
+def test_the_progress_bar_says_it_counts_answers(
+    ollama_server: OllamaServer, chat: VisionChat, pets: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two prompts about seven pictures are fourteen answers, and the bar says so."""
+    ollama_server.script(pieces=["It is a cat."])
+    evaluate(chat, pets, ["What animal is this?", "Which animal?"], progress=True)
+    err = capsys.readouterr().err
+    assert "14/14 answers" in err
+    assert "answers/s" in err or "s/answer" in err
+    assert "pic" not in err
 
 
 MISTAKES = [

@@ -2,7 +2,7 @@
 
 A thin layer over :func:`llava_local.caption.caption`, which documents the line format
 and how a run resumes. Run the same command again after a crash, Ctrl-C or a stop: the
-pictures already captioned are skipped.
+pictures already recorded are skipped, those that failed too unless --retry-errors.
 """
 
 from __future__ import annotations
@@ -51,6 +51,11 @@ def _load_schema(
 )
 @click.option("--limit", type=click.IntRange(min=1), help="Caption at most N new pictures.")
 @click.option("--recursive", "-r", is_flag=True, help="Descend into subdirectories.")
+@click.option(
+    "--retry-errors",
+    is_flag=True,
+    help="Ask again about pictures whose line in --out is an error (else they are skipped).",
+)
 @engine_options
 @click.option("--system", help="System prompt.")
 @click.option("--temperature", type=float, help="Sampling temperature (0 = greedy).")
@@ -66,6 +71,7 @@ def caption(
     schema: dict[str, Any] | None,
     limit: int | None,
     recursive: bool,
+    retry_errors: bool,
     system: str | None,
     temperature: float | None,
     max_tokens: int | None,
@@ -76,8 +82,9 @@ def caption(
 ) -> None:
     """Ask PROMPT about every picture of DIR, GLOB or IMAGE, one JSON line each in --out.
 
-    Pictures already captioned in --out (same content, any name) are skipped, so the
-    same command continues an interrupted run.
+    Pictures already recorded in --out for this prompt (same content, any name) are
+    skipped, failed ones too unless --retry-errors, so the same command continues an
+    interrupted run.
     """
     given = {"temperature": temperature, "max_tokens": max_tokens, "seed": seed}
     options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
@@ -93,19 +100,28 @@ def caption(
                     schema=schema,
                     limit=limit,
                     recursive=recursive,
+                    retry_errors=retry_errors,
                     progress=not no_progress,
                     **options,
                 )
             except (LlavaLocalError, KeyboardInterrupt) as exc:
                 if not isinstance(exc, InvalidRequestError):
                     err_console.print(
-                        f"the results so far are in {out}; run again to continue", soft_wrap=True
+                        f"the results so far are in {out}; run again to continue "
+                        "(--retry-errors also asks again about pictures that failed)",
+                        soft_wrap=True,
                     )
                 raise
         if as_json:
             click.echo(summary.model_dump_json(indent=2))
         else:
             click.echo(str(summary))
+        if summary.skipped_errors:
+            err_console.print(
+                f"{summary.skipped_errors} pictures kept the error of an earlier run; "
+                "--retry-errors asks about them again",
+                soft_wrap=True,
+            )
         if not summary.found:
             err_console.print(f"no pictures found in {' '.join(inputs)}", soft_wrap=True)
 
