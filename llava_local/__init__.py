@@ -28,9 +28,12 @@ from .errors import (
     MissingDependencyError,
     ModelLoadError,
     ModelNotFoundError,
+    NoPictureWarning,
     NotAVisionModelError,
+    OutputFileError,
     ResponseError,
     SchemaError,
+    TurnCancelledError,
 )
 from .types import Message, Options, PreparedImage, Reply, Stats
 
@@ -55,14 +58,17 @@ __all__ = [
     "MissingDependencyError",
     "ModelLoadError",
     "ModelNotFoundError",
+    "NoPictureWarning",
     "NotAVisionModelError",
     "Options",
+    "OutputFileError",
     "PreparedImage",
     "Reply",
     "ReplyStream",
     "ResponseError",
     "SchemaError",
     "Stats",
+    "TurnCancelledError",
     "VisionChat",
     "__version__",
 ]

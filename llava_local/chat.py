@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Generator, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -20,7 +21,8 @@ from pydantic import ValidationError
 from . import images as _images
 from . import structured
 from .backends import Backend, Finish, Turn, create
-from .errors import BackendError, InvalidRequestError, LlavaLocalError
+from .control import STATUS_PREPARING, TurnControl
+from .errors import BackendError, InvalidRequestError, LlavaLocalError, NoPictureWarning
 from .types import Message, Options, PreparedImage, Reply
 
 _OPTION_NAMES = frozenset(Options.model_fields)
@@ -53,6 +55,8 @@ class VisionChat:
         system: str | None = None,
         max_image_side: int | None = None,
         on_overflow: Literal["error", "drop_oldest"] = "error",
+        allow_text_only: bool = False,
+        on_status: Callable[[str], None] | None = None,
         **kwargs: Any,
     ) -> None:
         options = {k: kwargs.pop(k) for k in list(kwargs) if k in _OPTION_NAMES}
@@ -73,6 +77,14 @@ class VisionChat:
         #: or leave out the oldest turns (the system prompt and pictures still talked
         #: about are kept). The history itself is never changed.
         self.on_overflow = on_overflow
+        #: Questions with no picture anywhere in the conversation are answered from the
+        #: text alone; unless this is True, each such turn issues a NoPictureWarning,
+        #: because vision models then tend to describe a picture they never saw.
+        self.allow_text_only = allow_text_only
+        #: Called with what a turn is doing before its answer starts ("preparing
+        #: pictures", "encoding picture", "reading prompt", ...; see control.py), for
+        #: a spinner or a status line on slow machines.
+        self.on_status = on_status
         self._history: list[Message] = []
         self._lock = threading.RLock()
         self._closed = False
@@ -148,7 +160,9 @@ class VisionChat:
         **options: Any,
     ) -> Reply:
         """Ask about ``image`` (or the pictures already in the conversation) and wait."""
-        with self.stream(prompt, image, images=images, schema=schema, **options) as stream:
+        with self._start(
+            prompt, image=image, images=images, schema=schema, options=options, stacklevel=3
+        ) as stream:
             for _ in stream:
                 pass
         return stream.reply
@@ -167,16 +181,47 @@ class VisionChat:
         Pictures and options are checked now, before anything is sent; the turn is
         kept in the history when the iteration ends.
         """
+        return self._start(
+            prompt, image=image, images=images, schema=schema, options=options, stacklevel=3
+        )
+
+    def _start(
+        self,
+        prompt: str,
+        *,
+        image: _images.ImageSource | None,
+        images: Sequence[_images.ImageSource] | None,
+        schema: structured.Schema | None,
+        options: dict[str, Any],
+        stacklevel: int,
+    ) -> ReplyStream:
         if self._closed:
             raise InvalidRequestError("this VisionChat is closed; create a new one")
         if not isinstance(prompt, str) or not prompt.strip():
             raise InvalidRequestError("the prompt must be a non-empty string")
         opts = self.options.overlay(_options(options))
-        sources = ([] if image is None else [image]) + list(images or [])
+        json_schema = None if schema is None else structured.json_schema(schema)
+        sources = ([] if image is None else [image]) + _picture_list(images)
+        control = TurnControl(self.on_status)
+        if sources:
+            control.report(STATUS_PREPARING)
         prepared = tuple(_images.prepare(s, max_side=self.max_image_side) for s in sources)
         message = Message(role="user", content=prompt, images=prepared)
-        json_schema = None if schema is None else structured.json_schema(schema)
-        return ReplyStream(self, message, opts, schema, json_schema)
+        if not prepared and not self.allow_text_only and not self.has_pictures:
+            warnings.warn(
+                NoPictureWarning(
+                    "no picture in this conversation: the model answers from the text "
+                    "alone, and may describe a picture it never saw; pass image=, or "
+                    "allow_text_only=True for text-only questions"
+                ),
+                stacklevel=stacklevel,
+            )
+        return ReplyStream(self, message, opts, schema, json_schema, control=control)
+
+    @property
+    def has_pictures(self) -> bool:
+        """True when a turn of the conversation so far brought a picture."""
+        return any(m.images for m in self._history)
 
     def _run(
         self,
@@ -187,7 +232,8 @@ class VisionChat:
         out: ReplyStream,
     ) -> Generator[str, None, None]:
         with self._lock:
-            turn, dropped = self._fit(message, options, json_schema)
+            out.control.check()  # cancelled while waiting for the chat
+            turn, dropped = self._fit(message, options, json_schema, out.control)
             pieces: list[str] = []
             finish: Finish | None = None
             generator = self._backend.generate(turn)
@@ -221,13 +267,17 @@ class VisionChat:
             self.last_reply = out.reply = reply
 
     def _fit(
-        self, message: Message, options: Options, json_schema: dict[str, Any] | None
+        self,
+        message: Message,
+        options: Options,
+        json_schema: dict[str, Any] | None,
+        control: TurnControl,
     ) -> tuple[Turn, int]:
         """The turn to send, with the oldest turns left out if it would not fit."""
         system = [Message(role="system", content=self.system)] if self.system else []
         history, dropped = list(self._history), 0
         while True:
-            turn = Turn([*system, *history, message], options, json_schema)
+            turn = Turn([*system, *history, message], options, json_schema, control)
             if self.on_overflow == "error" or not history:
                 return turn, dropped
             need = self._backend.context_needed(turn)
@@ -324,6 +374,30 @@ class VisionChat:
         )
 
 
+def _picture_list(images: Any) -> list[_images.ImageSource]:
+    """``images=`` as a list; a single picture there is refused, as it would otherwise
+    be read item by item (a path character by character)."""
+    if images is None:
+        return []
+    single = (str, bytes, bytearray, memoryview, os.PathLike, dict)
+    if (
+        isinstance(images, single)
+        or hasattr(images, "read")
+        or hasattr(images, "shape")
+        or (type(images).__module__.startswith("PIL."))
+    ):
+        raise InvalidRequestError(
+            f"images= takes a list of pictures, not one {type(images).__name__}; "
+            "for one picture pass image=..., or images=[...]"
+        )
+    try:
+        return list(images)
+    except TypeError:
+        raise InvalidRequestError(
+            f"images= takes a list of pictures, not {type(images).__name__}"
+        ) from None
+
+
 def _drop_oldest_turn(history: list[Message], message: Message) -> tuple[list[Message], Message]:
     """History without its oldest question and answer.
 
@@ -355,8 +429,12 @@ class ReplyStream(Iterator[str]):
         options: Options,
         schema: structured.Schema | None,
         json_schema: dict[str, Any] | None,
+        *,
+        control: TurnControl | None = None,
     ) -> None:
         self.message = message
+        #: The turn's stop flag and status (see :mod:`llava_local.control`).
+        self.control = control or TurnControl(chat.on_status)
         self._reply: Reply | None = None
         self._pieces = chat._run(message, options, schema, json_schema, self)
 
@@ -381,6 +459,18 @@ class ReplyStream(Iterator[str]):
 
     def __next__(self) -> str:
         return next(self._pieces)
+
+    @property
+    def status(self) -> str:
+        """What the turn is doing now: "", "preparing pictures", "encoding picture", ..."""
+        return self.control.status
+
+    def cancel(self) -> None:
+        """Stop the turn from any thread, even in the middle of a picture's encoding:
+        the thread reading the stream gets :class:`TurnCancelledError` within a moment,
+        and the turn is not kept. Ctrl-C in the reading thread does the same with
+        ``KeyboardInterrupt``."""
+        self.control.cancel()
 
     def close(self) -> None:
         """Stop the answer now; the turn is not kept."""

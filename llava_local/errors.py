@@ -15,10 +15,16 @@ this library::
     ├── MissingDependencyError(ImportError)    an optional engine is not installed
     ├── InsufficientMemoryError(MemoryError)   the model would not fit in free memory
     ├── ConversationFileError(ValueError)      a saved conversation is damaged or not ours
+    ├── OutputFileError(OSError)               a file could not be written (conversation)
+    ├── TurnCancelledError(RuntimeError)       the turn was stopped by ``cancel()``
     ├── BackendUnavailableError(ConnectionError)  the engine cannot be reached
     │   └── BackendTimeoutError(TimeoutError)  it did not answer in time
     └── BackendError(RuntimeError)             the engine failed during a turn
         └── ResponseError                      the daemon answered with an error status
+
+A warning, issued with :mod:`warnings` and never raised by the library:
+:class:`NoPictureWarning(UserWarning)`, a question asked with no picture
+anywhere in the conversation.
 
 Low-level exceptions (httpx, ollama, json, llama_cpp) are translated where they
 happen, ``raise ... from exc``, so the cause stays visible in tracebacks.
@@ -88,6 +94,20 @@ class InsufficientMemoryError(LlavaLocalError, MemoryError):
 
 class ConversationFileError(LlavaLocalError, ValueError):
     """A saved conversation file is damaged, half-written or of another kind."""
+
+
+class OutputFileError(LlavaLocalError, OSError):
+    """A file could not be written (a saved conversation); the message names the path."""
+
+
+class TurnCancelledError(LlavaLocalError, RuntimeError):
+    """The turn was stopped by ``cancel()`` (another thread, asyncio, a Stop button);
+    the conversation is as it was before it."""
+
+
+class NoPictureWarning(LlavaLocalError, UserWarning):
+    """A question was asked with no picture anywhere in the conversation: the model
+    answers from the text alone, and vision models then often make a picture up."""
 
 
 class BackendUnavailableError(LlavaLocalError, ConnectionError):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -49,7 +50,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ConversationFileError, InvalidRequestError
+from .errors import ConversationFileError, InvalidRequestError, OutputFileError
 from .types import Message, Options, PreparedImage, Role
 
 FORMAT: Final = "llava-local.conversation"
@@ -248,9 +249,10 @@ def save(
 ) -> Path:
     """Write the conversation to ``path`` atomically and return the path.
 
-    An existing file is replaced only once the new one is complete on disk. Errors
-    of the file system itself (no such directory, no permission) are raised as the
-    ``OSError`` they are; the old file, if any, is left untouched.
+    An existing file is replaced only once the new one is complete on disk. Missing
+    folders are created, as ``caption --out`` does. A file system error (no
+    permission, a folder in the way, a full disk) raises :class:`OutputFileError`
+    naming the path; the old file, if any, is left untouched.
     """
     target = Path(path).expanduser()
     document = to_document(
@@ -266,7 +268,17 @@ def save(
         raw = json.dumps(data, indent=1, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:  # unpaired surrogates (e.g. from file names): escape them
         raw = json.dumps(data, indent=1).encode("ascii")
-    _atomic_write(target, raw)
+    try:
+        if target.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "it is a folder", str(target))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(target, raw)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise OutputFileError(
+            f"cannot save the conversation to {target}: {reason}; choose a file path "
+            "you can write to (missing folders are created)"
+        ) from exc
     return target
 
 

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from llava_local import persist
-from llava_local.errors import ConversationFileError, InvalidRequestError
+from llava_local.errors import ConversationFileError, InvalidRequestError, OutputFileError
 from llava_local.images import prepare
 from llava_local.types import Message, Options, PreparedImage
 
@@ -258,9 +258,9 @@ def test_readers_never_see_a_half_written_file(tmp_path: Path) -> None:
 
 
 def test_failed_save_leaves_no_temporary_file(tmp_path: Path) -> None:
-    """Saving onto a directory fails with the OSError and leaves nothing behind."""
+    """Saving onto a directory fails with an OutputFileError naming it, and leaves nothing."""
     (tmp_path / "taken").mkdir()
-    with pytest.raises(IsADirectoryError):
+    with pytest.raises(OutputFileError, match="taken: it is a folder"):
         save(tmp_path / "taken", conversation())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 

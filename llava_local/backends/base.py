@@ -10,20 +10,24 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ..control import TurnControl
 from ..types import DoneReason, Message, Options, Stats
 
 
 @dataclass(frozen=True)
 class Turn:
     """What the core asks of an engine: the whole conversation, ending with the new
-    user message, plus options and an optional JSON schema the answer must fit."""
+    user message, plus options, an optional JSON schema the answer must fit, and the
+    turn's control (its stop flag, polled by engines whose work is in C, and the
+    status they report)."""
 
     messages: Sequence[Message]
     options: Options
     json_schema: dict[str, Any] | None = None
+    control: TurnControl = field(default_factory=TurnControl, compare=False)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 from .. import memory
 from ..chat_formats import ChatFormat, choose_format
+from ..control import (
+    STATUS_ANSWERING,
+    STATUS_ENCODING,
+    STATUS_READING_PICTURE,
+    STATUS_READING_PROMPT,
+    TurnControl,
+)
 from ..errors import (
     BackendError,
     ContextOverflowError,
@@ -44,6 +51,14 @@ Key = int | tuple[str, int]
 
 # Text budget added to the pictures' tokens when n_ctx is not given.
 TEXT_BUDGET = 2048
+
+# CLIP's graph is computed in pieces of this many nodes, so that a stop request is seen
+# between pieces (a ViT-L at 336 px has about 700 nodes: ~45 pieces, no measurable cost).
+CLIP_NODES_PER_CHECK = 16
+
+
+class _Stopped(Exception):
+    """C code stopped at the turn's request; TurnControl turns it into the right error."""
 
 
 def _import_llama_cpp() -> Any:
@@ -129,6 +144,13 @@ class LlamaCppBackend(Backend):
         force: bool = False,
     ) -> None:
         self._llama_cpp = _import_llama_cpp()
+        # The running turn's control, polled by the C callbacks below (kept alive here:
+        # C holds only the pointers).
+        self._control: TurnControl | None = None
+        self._clip_nodes = 0
+        self._abort_cb = self._llama_cpp.ggml_abort_callback(self._abort_requested)
+        self._no_abort = ctypes.cast(0, self._llama_cpp.ggml_abort_callback)
+        self._clip_cb = self._llama_cpp.ggml_backend_sched_eval_callback(self._clip_eval)
         #: Projected embeddings of pictures seen before, by content hash.
         self.embeddings = EmbeddingCache(int(embedding_cache_mb * 2**20))
         self._mtmd = self._llama_cpp.mtmd_cpp
@@ -196,6 +218,8 @@ class LlamaCppBackend(Backend):
         params.print_timings = verbose
         params.n_threads = self.n_threads
         params.warmup = False
+        params.cb_eval = self._clip_cb  # lets a stop request end a picture's encoding
+        params.cb_eval_user_data = None
         ctx = self._mtmd.mtmd_init_from_file(
             str(self.mmproj_path).encode(), self._llama.model, params
         )
@@ -236,8 +260,44 @@ class LlamaCppBackend(Backend):
 
     def generate(self, turn: Turn) -> Generator[str | Finish, None, None]:
         started = time.perf_counter()
-        stats = self._read_prompt(turn)
-        yield from self._decode(turn, stats, started)
+        control = turn.control
+        self._control = control
+        try:
+            with control.c_calls():
+                self._set_abort(True)
+                try:
+                    stats = self._read_prompt(turn)
+                finally:
+                    self._set_abort(False)
+            yield from self._decode(turn, stats, started)
+        finally:
+            self._control = None
+
+    # -- stopping a turn whose work is in C ----------------------------------------
+
+    def _abort_requested(self, _data: Any = None) -> bool:
+        control = self._control
+        return control is not None and control.cancelled
+
+    def _clip_eval(self, _tensor: Any, ask: bool, _data: Any) -> bool:
+        """ggml's scheduler asks, node by node, whether we want to look at a result
+        (then it computes up to there and calls again); saying yes every few nodes
+        gives us a moment to say stop, returning False on the second call."""
+        if ask:
+            self._clip_nodes += 1
+            return self._clip_nodes % CLIP_NODES_PER_CHECK == 0 or self._abort_requested()
+        return not self._abort_requested()
+
+    def _set_abort(self, on: bool) -> None:
+        """llama.cpp calls the abort callback after every graph node: on while the
+        prompt is read (seconds of work), off while decoding (one token at a time, and
+        Python runs between tokens)."""
+        callback = self._abort_cb if on else self._no_abort
+        self._llama_cpp.llama_set_abort_callback(self._llama.ctx, callback, None)
+
+    def _stop_point(self) -> None:
+        if self._abort_requested():
+            raise _Stopped
 
     def next_token_logits(self, turn: Turn) -> Any:
         """Read the conversation and return the logits of the answer's first token.
@@ -277,20 +337,22 @@ class LlamaCppBackend(Backend):
         started = time.perf_counter()
         prompt = self._prompt_for(turn)
         try:
-            budget = turn.options.max_tokens or 1
-            needed = len(prompt.keys) + budget
+            # A max_tokens that does not fit is capped (the answer ends with
+            # done_reason "length"); only a prompt with no room to answer is refused.
+            needed = len(prompt.keys) + 1
             if needed > self.n_ctx:
                 raise ContextOverflowError(
-                    f"this turn needs {needed} tokens ({len(prompt.keys)} of prompt, "
-                    f"{budget} to answer) but the context window holds {self.n_ctx}; "
-                    "start a new conversation with reset(), send fewer or smaller "
-                    "pictures, or load the model with a larger n_ctx",
+                    f"this turn's prompt is {len(prompt.keys)} tokens and the context "
+                    f"window holds {self.n_ctx}, leaving no room for an answer; shorten "
+                    "the prompt, send fewer or smaller pictures, start a new conversation "
+                    "with reset(), or load the model with a larger n_ctx "
+                    f"(at least {needed})",
                     needed=needed,
                     available=self.n_ctx,
                 )
             stats = Stats(load_s=self._load_s)
             self._load_s = 0.0
-            self._evaluate(prompt, stats)
+            self._evaluate(prompt, stats, turn.control)
         finally:
             self._forget_prompt()
         stats.prompt_s = time.perf_counter() - started
@@ -361,7 +423,7 @@ class LlamaCppBackend(Backend):
             p -= 1  # never keep half a picture
         return max(p, 0)
 
-    def _evaluate(self, prompt: _Prompt, stats: Stats) -> None:
+    def _evaluate(self, prompt: _Prompt, stats: Stats, control: TurnControl) -> None:
         llama = self._llama
         keep = self._reusable_prefix(prompt.keys)
         llama._ctx.kv_cache_seq_rm(-1, keep, -1)
@@ -374,10 +436,11 @@ class LlamaCppBackend(Backend):
             if end <= keep:
                 continue
             if kind == "text":
+                control.report(STATUS_READING_PROMPT)
                 tokens = prompt.keys[max(start, keep) : end]
                 self._eval_text([int(t) for t in tokens if isinstance(t, int)])
             else:
-                took = self._eval_image(chunk)
+                took = self._eval_image(chunk, control)
                 if took is not None:
                     encode_s += took
                     encoded += 1
@@ -398,9 +461,10 @@ class LlamaCppBackend(Backend):
         try:
             self._llama.eval(tokens)
         except RuntimeError as exc:
+            self._stop_point()  # llama_decode returns 2 when aborted
             raise BackendError(f"llama.cpp failed to evaluate the prompt: {exc}") from exc
 
-    def _eval_image(self, chunk: Any) -> float | None:
+    def _eval_image(self, chunk: Any, control: TurnControl) -> float | None:
         """Read a picture's embeddings into the KV cache, encoding it with CLIP if needed.
 
         Returns the encode time, or None when the embeddings came from the cache: the
@@ -413,8 +477,12 @@ class LlamaCppBackend(Backend):
         embd = self.embeddings.get(key) if key else None
         encode_s = None
         if embd is None:
+            control.report(STATUS_ENCODING)
             t0 = time.perf_counter()
-            if mtmd.mtmd_encode_chunk(self._ctx, chunk) != 0:
+            self._clip_nodes = 0
+            code = mtmd.mtmd_encode_chunk(self._ctx, chunk)
+            self._stop_point()  # a stopped encode returns half-computed embeddings
+            if code != 0:
                 raise BackendError("libmtmd failed to encode a picture")
             size = int(mtmd.mtmd_input_chunk_get_n_tokens(chunk)) * int(llama.n_embd())
             out = mtmd.mtmd_get_output_embd(self._ctx)
@@ -422,6 +490,7 @@ class LlamaCppBackend(Backend):
             encode_s = time.perf_counter() - t0
             if key:
                 self.embeddings.put(key, embd)
+        control.report(STATUS_READING_PICTURE)
         new_n_past = lib.llama_pos(0)
         code = mtmd.mtmd_helper_decode_image_chunk(
             self._ctx,
@@ -436,6 +505,7 @@ class LlamaCppBackend(Backend):
             None,
         )
         if code != 0:
+            self._stop_point()
             raise BackendError(f"llama.cpp failed to read a picture's embeddings (code {code})")
         llama.n_tokens = int(new_n_past.value)
         return encode_s
@@ -452,13 +522,15 @@ class LlamaCppBackend(Backend):
         count = 0
         t_decode = time.perf_counter()
         leading = True
+        control = turn.control
+        control.report(STATUS_ANSWERING)
+        tokens = llama.generate([], reset=False, **_sampling(opts), grammar=grammar)
         try:
-            for token in llama.generate(
-                [],
-                reset=False,
-                **_sampling(opts),
-                grammar=grammar,
-            ):
+            while True:
+                with control.c_calls():  # one token: Ctrl-C lands after it, never inside
+                    token = next(tokens, None)
+                if token is None:
+                    break
                 if self._llama_cpp.llama_vocab_is_eog(llama._model.vocab, token):
                     break
                 count += 1
@@ -480,6 +552,7 @@ class LlamaCppBackend(Backend):
             if tail:
                 yield tail
         finally:
+            tokens.close()
             # Whatever was decoded into the KV cache is recorded, even on Ctrl-C.
             ids = llama.input_ids[first_pos : llama.n_tokens]
             self._keys = self._keys[:first_pos] + [int(t) for t in ids]
