@@ -42,6 +42,7 @@ import urllib.parse
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 import httpx
@@ -58,6 +59,7 @@ __all__ = [
     "ImageCache",
     "ImageSource",
     "fetch_url",
+    "looks_like_picture_path",
     "prepare",
 ]
 
@@ -191,6 +193,27 @@ def prepare(
     data, desc = _read_source(source)
     key = f"{hashlib.sha256(data).hexdigest()}/{max_side}"
     return _cached(cache, key, desc, lambda: _prepare_bytes(data, desc, max_side))
+
+
+PICTURE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".avif"}
+)
+
+
+def looks_like_picture_path(text: str) -> bool:
+    """True for a string that names a picture: an existing file, an http(s) URL, a data
+    URI, or a path with a picture suffix. For telling a swapped picture and question
+    apart on the command line, not for reading."""
+    if text.startswith(("http://", "https://", "data:image/")) or text == "-":
+        return True
+    if "\n" in text or len(text) > 4096:
+        return False
+    try:
+        if Path(text).expanduser().is_file():
+            return True
+    except (OSError, ValueError):
+        return False
+    return Path(text).suffix.lower() in PICTURE_SUFFIXES and " " not in Path(text).name
 
 
 def fetch_url(url: str, *, max_bytes: int = 20 * 2**20, timeout: float = 15.0) -> bytes:

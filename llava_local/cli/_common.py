@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.status import Status
 from rich.text import Text
 
 from ..chat import VisionChat
@@ -79,7 +80,13 @@ def open_chat(
     chat_format: str | None,
     **options: Any,
 ) -> VisionChat:
-    """A :class:`VisionChat` from the command-line engine options (unset ones left out)."""
+    """A :class:`VisionChat` from the command-line engine options (unset ones left out).
+
+    An ``on_status`` callable in ``options`` is told "loading model" first.
+    """
+    on_status = options.get("on_status")
+    if on_status is not None:
+        on_status("loading model")
     engine: dict[str, Any] = {
         "mmproj": mmproj,
         "host": host,
@@ -90,6 +97,40 @@ def open_chat(
     }
     kwargs = {k: v for k, v in {**engine, **options}.items() if v is not None}
     return VisionChat(backend, model, **kwargs)
+
+
+class StatusLine:
+    """What a turn does before its first token ("loading model", "encoding picture"),
+    as a spinner on stderr; on a CPU that can take a minute, and silence looks like a
+    hang. Off when stderr is not a terminal or with ``--quiet``."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and err_console.is_terminal
+        self._status: Status | None = None
+
+    def __call__(self, text: str) -> None:
+        """Show ``text`` (a chat's ``on_status``); "answering" ends the line."""
+        if not self.enabled:
+            return
+        if text == "answering":
+            self.stop()
+        elif self._status is None:
+            self._status = err_console.status(Text(f"{text}..."), spinner="dots")
+            self._status.start()
+        else:
+            self._status.update(Text(f"{text}..."))
+
+    def stop(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+
+
+def quiet_option(func: F) -> F:
+    """``--quiet``: no status line on stderr while the model loads and reads."""
+    return click.option(
+        "--quiet", "-q", is_flag=True, help="No status line while loading and reading."
+    )(func)
 
 
 def cli_message(exc: LlavaLocalError, *, one_shot: bool = False) -> str:

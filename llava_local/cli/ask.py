@@ -7,7 +7,8 @@ from typing import Any
 
 import click
 
-from ._common import engine_options, open_chat, run_safely
+from ..images import looks_like_picture_path
+from ._common import StatusLine, engine_options, open_chat, quiet_option, run_safely
 
 
 @click.command()
@@ -20,6 +21,7 @@ from ._common import engine_options, open_chat, run_safely
 @click.option("--seed", type=int, help="Random seed, for repeatable sampling.")
 @click.option("--no-stream", is_flag=True, help="Print the answer only when it is complete.")
 @click.option("--json", "as_json", is_flag=True, help="Print the reply with its stats as JSON.")
+@quiet_option
 def ask(
     *,
     image: str,
@@ -30,21 +32,37 @@ def ask(
     seed: int | None,
     no_stream: bool,
     as_json: bool,
+    quiet: bool,
     **engine: Any,
 ) -> None:
     """Ask PROMPT about IMAGE (a path, an http(s) URL, or - for standard input)."""
+    if looks_like_picture_path(prompt) and not looks_like_picture_path(image):
+        raise click.UsageError(
+            f"{prompt!r} looks like the picture and {image!r} like the question: "
+            "the picture comes first (llava-local ask IMAGE PROMPT)"
+        )
     source: Any = sys.stdin.buffer.read() if image == "-" else image
+    status = StatusLine(not quiet)
 
     def body() -> None:
-        with open_chat(
-            **engine, system=system, temperature=temperature, max_tokens=max_tokens, seed=seed
-        ) as chat:
-            if as_json or no_stream:
-                reply = chat.ask(prompt, image=source)
-                click.echo(reply.model_dump_json(indent=2) if as_json else reply.text)
-                return
-            for piece in chat.stream(prompt, image=source):
-                click.echo(piece, nl=False)
-            click.echo()
+        try:
+            with open_chat(
+                **engine,
+                system=system,
+                temperature=temperature,
+                max_tokens=max_tokens,
+                seed=seed,
+                on_status=status,
+            ) as chat:
+                if as_json or no_stream:
+                    reply = chat.ask(prompt, image=source)
+                    status.stop()
+                    click.echo(reply.model_dump_json(indent=2) if as_json else reply.text)
+                    return
+                for piece in chat.stream(prompt, image=source):
+                    click.echo(piece, nl=False)
+                click.echo()
+        finally:
+            status.stop()
 
     run_safely(body, one_shot=True)

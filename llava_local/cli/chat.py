@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import shlex
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,26 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ..chat import VisionChat
-from ..errors import LlavaLocalError
+from ..errors import LlavaLocalError, NoPictureWarning
 from ..images import ImageSource, prepare
 from ..types import PreparedImage
-from ._common import engine_options, open_chat, run_safely
+from ._common import (
+    StatusLine,
+    engine_options,
+    err_console,
+    open_chat,
+    print_error,
+    quiet_option,
+    run_safely,
+)
+
+NO_PICTURE = (
+    "(no picture in this conversation: the model answers from the text alone and may "
+    "make one up; /image PATH adds a picture)"
+)
 
 HELP = """\
 /image PATH   add a picture to the next question (several are fine)
@@ -45,8 +60,10 @@ class Repl:
         read: Callable[[str], str] = input,
         console: Console | None = None,
         options: dict[str, Any] | None = None,
+        status: StatusLine | None = None,
     ) -> None:
         self.chat = chat
+        self.status = status or StatusLine(False)
         self.read = read
         self.out = console or Console(highlight=False)
         self.options = options or {}
@@ -82,7 +99,7 @@ class Repl:
         try:
             name, *args = shlex.split(line)
         except ValueError as exc:
-            self.out.print(f"[red]{exc}[/]")
+            self.out.print(Text(str(exc), style="red"))
             return None
         arg = " ".join(args)
         try:
@@ -98,15 +115,17 @@ class Repl:
                 self.out.print("new conversation")
             elif name == "/save" and arg:
                 path = self.chat.save(arg)
-                self.out.print(f"saved to {path}")
+                self.out.print(f"saved to {path}", markup=False)
             elif name == "/load" and arg:
                 self.load(arg)
             elif name == "/stats":
                 self.stats()
             else:
-                self.out.print(f"unknown or incomplete command {name!r}; /help lists them")
+                self.out.print(
+                    f"unknown or incomplete command {name!r}; /help lists them", markup=False
+                )
         except LlavaLocalError as exc:
-            self.out.print(f"[red]error:[/] {exc}")
+            print_error(exc, self.out)
         return None
 
     def add_image(self, source: ImageSource) -> None:
@@ -114,32 +133,43 @@ class Repl:
         picture = prepare(source, max_side=self.chat.max_image_side)
         self.pending.append(picture)
         note = f" ({'; '.join(picture.changes)})" if picture.changes else ""
-        self.out.print(f"picture added: {picture.source}, {picture.width}x{picture.height}{note}")
+        self.out.print(
+            f"picture added: {picture.source}, {picture.width}x{picture.height}{note}",
+            markup=False,
+        )
 
     def load(self, path: str) -> None:
         """Replace the conversation with a saved one, on the same engine."""
         self.chat.restore(Path(path))
         self.pending = []
         turns = len(self.chat.history) // 2
-        self.out.print(f"loaded {turns} turn{'s' if turns != 1 else ''} from {path}")
+        self.out.print(f"loaded {turns} turn{'s' if turns != 1 else ''} from {path}", markup=False)
 
     def answer(self, prompt: str) -> None:
         """Stream one answer; Ctrl-C stops it and the turn is not kept."""
+        if not self.pending and not self.chat.has_pictures and not self.chat.allow_text_only:
+            err_console.print(Text(NO_PICTURE, style="yellow"))
         try:
-            stream = self.chat.stream(prompt, images=self.pending, **self.options)
+            with warnings.catch_warnings():  # said above, in the terminal's words
+                warnings.simplefilter("ignore", NoPictureWarning)
+                stream = self.chat.stream(prompt, images=self.pending, **self.options)
         except LlavaLocalError as exc:
-            self.out.print(f"[red]error:[/] {exc}")
+            print_error(exc, self.out)
             return
         try:
             with stream:
                 for piece in stream:
+                    self.status.stop()
                     self.out.print(piece, end="", markup=False, soft_wrap=True)
             self.pending = []
             self.out.print()
         except KeyboardInterrupt:
+            self.status.stop()
             self.out.print("\n[yellow](stopped; this turn was not kept)[/]")
         except LlavaLocalError as exc:
-            self.out.print(f"\n[red]error:[/] {exc}")
+            self.status.stop()
+            self.out.print()
+            print_error(exc, self.out)
 
     def stats(self) -> None:
         reply = self.chat.last_reply
@@ -159,12 +189,16 @@ class Repl:
 @click.option("--system", help="System prompt.")
 @click.option("--temperature", type=float, help="Sampling temperature (0 = greedy).")
 @click.option("--max-tokens", type=int, help="Longest answer, in tokens.")
+@click.option("--text-only", is_flag=True, help="Questions without a picture are fine: no notice.")
+@quiet_option
 def chat(
     *,
     image: str | None,
     system: str | None,
     temperature: float | None,
     max_tokens: int | None,
+    text_only: bool,
+    quiet: bool,
     **engine: Any,
 ) -> None:
     """Talk about pictures in the terminal; IMAGE starts the conversation with a picture."""
@@ -176,9 +210,18 @@ def chat(
         if v is not None
     }
 
+    status = StatusLine(not quiet)
+
     def body() -> None:
-        with open_chat(**engine, system=system, on_overflow="drop_oldest") as session:
-            Repl(session, options=options).run(image)
+        with open_chat(
+            **engine,
+            system=system,
+            on_overflow="drop_oldest",
+            allow_text_only=text_only,
+            on_status=status,
+        ) as session:
+            status.stop()
+            Repl(session, options=options, status=status).run(image)
 
     run_safely(body)
     sys.exit(0)
