@@ -27,6 +27,7 @@ import queue
 import signal
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,8 +35,14 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .backends import LLAMA_ARGS, OLLAMA_ARGS
-from .chat import VisionChat
-from .errors import BackendError, LlavaLocalError, MissingDependencyError
+from .chat import ReplyStream, VisionChat
+from .errors import (
+    BackendError,
+    LlavaLocalError,
+    MissingDependencyError,
+    NoPictureWarning,
+    TurnCancelledError,
+)
 from .types import Reply
 
 if TYPE_CHECKING:
@@ -82,6 +89,9 @@ def _gradio() -> ModuleType:
 # -- one tab's conversation ----------------------------------------------------------
 
 
+NO_PICTURE = "no picture yet: the answer comes from the question alone (add a picture)"
+
+
 class _Session:
     """One browser tab: its engine settings, its chat (opened on first use), and what
     the chat window shows, which changes only when a turn finishes, like the history."""
@@ -93,6 +103,7 @@ class _Session:
         self.seen_picture: str | None = None  # sha256 of the picture the model has
         self.lock = threading.Lock()  # held by the turn running now
         self.stop = threading.Event()  # asks the running turn to stop
+        self.stream: ReplyStream | None = None  # the running turn, to cancel mid-encoding
         self.closed = False
 
     def open(self) -> VisionChat:
@@ -103,9 +114,16 @@ class _Session:
             self.chat = VisionChat(**self.engine)
         return self.chat
 
+    def cancel_turn(self) -> None:
+        """Ask the running turn to stop now, even in the middle of a picture's encoding."""
+        self.stop.set()
+        stream = self.stream
+        if stream is not None:
+            stream.cancel()
+
     def interrupt(self) -> None:
         """Stop the running turn, if any, and wait until it has let go of the chat."""
-        self.stop.set()
+        self.cancel_turn()
         self.lock.acquire()
         self.lock.release()
 
@@ -149,53 +167,76 @@ class _Session:
         """The picture to send with the next question: None when the model has it."""
         return picture if picture and _sha256(picture) != self.seen_picture else None
 
-    def turn(self, prompt: str, image: str | None) -> Iterator[str]:
-        """The answer so far, each time it grows. The engine runs in a thread of its
-        own; leaving this iterator early stops it at the next piece."""
+    def turn(self, prompt: str, image: str | None) -> Iterator[tuple[str, str]]:
+        """``(answer so far, what the turn is doing)``, each time one changes. The engine
+        runs in a thread of its own; leaving this iterator early stops it at once."""
         pieces: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.interrupt()
-        self.stop = stop = threading.Event()
-
-        def work() -> None:
-            try:
-                with self.lock:
-                    if stop.is_set():  # stopped before it could start
-                        pieces.put(("stopped", None))
-                        return
-                    chat = self.open()
-                    with chat.stream(prompt, image) as stream:
-                        for piece in stream:
-                            if stop.is_set():
-                                pieces.put(("stopped", None))
-                                return
-                            pieces.put(("piece", piece))
-                    reply = stream.reply
-                    self.messages += [
-                        *_user_messages(prompt, image),
-                        _text("assistant", reply.text),
-                    ]
-                    if image is not None:
-                        self.seen_picture = _sha256(image)
-                pieces.put(("done", reply))
-            except LlavaLocalError as exc:
-                pieces.put(("error", exc))
-            except Exception as exc:  # a bug must reach the page as text, not kill the turn
-                pieces.put(("error", BackendError(f"unexpected failure: {exc!r}")))
-
-        threading.Thread(target=work, name="llava-local-ui-turn", daemon=True).start()
-        text = ""
+        self.stop = threading.Event()
+        threading.Thread(
+            target=self._work,
+            args=(prompt, image, pieces, self.stop),
+            name="llava-local-ui-turn",
+            daemon=True,
+        ).start()
+        text, status, note = "", "", ""
         try:
             while True:
                 kind, value = pieces.get()
                 if kind == "piece":
                     text += value
-                    yield text
+                elif kind == "status":
+                    status = "" if value == "answering" else value
+                elif kind == "note":
+                    note = value
                 elif kind == "error":
                     raise value
                 else:
                     return
+                yield text, " · ".join(filter(None, [status, note]))
         finally:
-            stop.set()
+            self.cancel_turn()
+
+    def _work(
+        self,
+        prompt: str,
+        image: str | None,
+        pieces: queue.Queue[tuple[str, Any]],
+        stop: threading.Event,
+    ) -> None:
+        """The turn itself, in its own thread; what happens goes into ``pieces``."""
+        try:
+            with self.lock:
+                if stop.is_set():  # stopped before it could start
+                    pieces.put(("stopped", None))
+                    return
+                chat = self.open()
+                chat.on_status = lambda status: pieces.put(("status", status))
+                if image is None and not chat.has_pictures:
+                    pieces.put(("note", NO_PICTURE))
+                with warnings.catch_warnings():  # said on the page instead
+                    warnings.simplefilter("ignore", NoPictureWarning)
+                    stream = chat.stream(prompt, image)
+                self.stream = stream
+                with stream:
+                    for piece in stream:
+                        if stop.is_set():
+                            pieces.put(("stopped", None))
+                            return
+                        pieces.put(("piece", piece))
+                reply = stream.reply
+                self.messages += [*_user_messages(prompt, image), _text("assistant", reply.text)]
+                if image is not None:
+                    self.seen_picture = _sha256(image)
+            pieces.put(("done", reply))
+        except TurnCancelledError:
+            pieces.put(("stopped", None))
+        except LlavaLocalError as exc:
+            pieces.put(("error", exc))
+        except Exception as exc:  # a bug must reach the page as text, not kill the turn
+            pieces.put(("error", BackendError(f"unexpected failure: {exc!r}")))
+        finally:
+            self.stream = None
 
     @property
     def last_reply(self) -> Reply | None:
@@ -301,8 +342,10 @@ def _handlers(gr: Any, sessions: _Sessions, start: dict[str, Any]) -> _Handlers:
         asked = [*session.messages, *_user_messages(prompt, image)]
         yield asked, "", gr.skip(), f"{_engine_line(session)} · answering…"
         try:
-            for answer in session.turn(prompt, image):
-                yield [*asked, _text("assistant", answer)], gr.skip(), gr.skip(), gr.skip()
+            for answer, doing in session.turn(prompt, image):
+                # "answering" stays on the line until the turn ends: the page's own cue.
+                line = f"{_engine_line(session)} · answering… ({doing})" if doing else gr.skip()
+                yield [*asked, _text("assistant", answer)], gr.skip(), gr.skip(), line
         except LlavaLocalError as exc:
             error = f"**Error:** {_escape(str(exc))}"
             yield [*asked, _text("assistant", error)], text, gr.skip(), error
@@ -319,7 +362,7 @@ def _handlers(gr: Any, sessions: _Sessions, start: dict[str, Any]) -> _Handlers:
         session = sessions.get(request.session_hash)
         if not session.lock.locked():
             return gr.skip(), gr.skip()
-        session.stop.set()
+        session.cancel_turn()
         shown = list(session.messages)
         return shown, f"{_engine_line(session)} · stopped; that answer was not kept"
 
