@@ -10,8 +10,10 @@ Use the fixture (it starts with one vision model, ``llava:latest``)::
 
     def test_caption(ollama_server):
         ollama_server.add_model("moondream")                      # vision by default
+        ollama_server.add_model("gemma3", family="gemma3")        # vision, no clip family
         ollama_server.add_model("llama3.2", capabilities=["completion"])
         ollama_server.add_model("bakllava", pullable=True)        # only via /api/pull
+        ollama_server.add_model("qwen2.5vl", pullable=True, pull_error=PULL_EOF)  # fails
         ollama_server.script(pieces=["A ", "cat."], eval_count=2)  # every chat from now on
         ollama_server.script(Script(fault="drop", after=1), Script())  # one fault, then normal
         ollama_server.script(lambda request: Script(pieces=[request.json["model"]]))
@@ -24,12 +26,26 @@ What a test can read: ``url`` / ``host`` / ``port``; ``requests`` (every
 ``/api/ps``); ``client_gone`` (an Event set when the client hung up mid-answer);
 ``errors`` (the server's own failures; the fixture fails the test on any).
 
+Models as the real daemon keeps them: ``families`` is what was recorded when the model
+was made (``clip`` for a separate projector file, as llava's), independent of
+``capabilities``, which the daemon works out from the files (a gemma3 reports
+``vision`` with families ``["gemma3"]``). Pictures sent to a model that cannot see are
+ignored by a plain text model, and refused with the runner's 500 by one whose
+architecture has a vision tower it lacks (gemma3:1b); more than one picture in a
+message to an ``mllama`` model is refused, as Ollama's chat prompt does. An invalid
+``format`` gets the 500 the runner's completion gives (after the model was looked up),
+as does a schema llama.cpp's grammar converter refuses (an unanchored ``pattern``).
+``RecordedRequest.pictures()`` gives the decoded pictures of each message, in order.
+
 Fault modes (``Script.fault``): ``http_error`` (``status`` + ``{"error": ...}`` body),
 ``error_line`` (an ``{"error": ...}`` line after ``after`` pieces), ``bad_line`` (a
 non-JSON line after ``after`` pieces), ``drop`` (socket closed after ``after``
 pieces, no terminating chunk), ``stall`` (nothing sent for ``stall_s`` seconds,
 capped at 5 s and cut short when the server stops), ``model_gone`` (the model
-vanishes: 404 on this chat). ``piece_delay_s`` makes an answer trickle.
+vanishes: 404 on this chat). ``piece_delay_s`` makes an answer trickle;
+``final_content`` puts text into the final chunk, as the daemon does when a parser
+held the answer's tail back. A pullable model with ``pull_error`` streams its first
+blob's progress, then that error line, and is not installed.
 
 Endpoints: ``GET|HEAD /``, ``GET|HEAD /api/version``, ``GET|HEAD /api/tags``,
 ``GET /api/ps``, ``POST /api/show``, ``POST /api/chat``, ``POST /api/pull``; anything
@@ -59,7 +75,12 @@ Fault = Literal["http_error", "error_line", "bad_line", "drop", "stall", "model_
 
 #: The longest a scripted stall may last, so a forgotten stall never hangs a test run.
 MAX_STALL_S = 5.0
+#: Families that mean a separate projector file (llava-style models).
 VISION_FAMILIES = ("clip",)
+#: Architectures whose vision tower sits in the model file itself (Ollama's own engine):
+#: a vision model of these reports ``vision`` without a ``clip`` family, and a text-only
+#: one (gemma3:1b) makes the runner refuse pictures.
+BUILT_IN_VISION = frozenset({"gemma3", "mistral3", "llama4", "qwen25vl", "mllama"})
 
 # The typed fields of Go's api.Options; FromMap refuses a value of the wrong type.
 _INT_OPTIONS = frozenset(
@@ -76,6 +97,15 @@ _BOOL_OPTIONS = frozenset(
 )
 _JSON = "application/json; charset=utf-8"
 _NO_MANIFEST = "pull model manifest: file does not exist"
+#: server/download.go when a blob's download keeps failing.
+PULL_EOF = "max retries exceeded: unexpected EOF"
+#: runner/ollamarunner: a picture for a model of a vision architecture without the tower.
+NO_VISION_RUNNER = (
+    "Failed to create new sequence: failed to process inputs: "
+    "this model is missing data required for image input"
+)
+#: server/prompt.go: mllama takes one picture per message.
+MLLAMA_ONE_IMAGE = "this model only supports one image while more than one image requested"
 
 
 # --- what the Go server writes -------------------------------------------------------
@@ -121,6 +151,40 @@ def _base64_error(text: str) -> str | None:
     return None
 
 
+def _go_quote(text: str) -> str:
+    """Go's ``%q`` of a short ASCII-ish text: double quotes, backslash escapes."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + escaped.replace("\n", "\\n").replace("\t", "\\t") + '"'
+
+
+def _format_error(fmt: Any) -> str | None:
+    """The error the runner's completion gives for ``format``, else None: anything but
+    ``"json"`` or an object, and an object llama.cpp cannot turn into a grammar."""
+    if fmt in (None, "", "json"):  # a tuple: fmt may be an (unhashable) dict
+        return None
+    if not isinstance(fmt, dict):
+        raw = json.dumps(fmt, ensure_ascii=False, separators=(",", ":"))
+        return f'invalid format: {_go_quote(raw)}; expected "json" or a valid JSON Schema object'
+    if _unanchored_pattern(fmt):
+        return "invalid JSON schema in format"
+    return None
+
+
+def _unanchored_pattern(node: Any) -> bool:
+    """Whether a string schema somewhere has a ``pattern`` without ``^`` and ``$`` (llama.cpp's
+    json-schema-to-grammar refuses it, and Ollama then has no grammar)."""
+    if isinstance(node, list):
+        return any(_unanchored_pattern(item) for item in node)
+    if not isinstance(node, dict):
+        return False
+    pattern = node.get("pattern")
+    if isinstance(pattern, str) and node.get("type") in (None, "string"):
+        return not (pattern.startswith("^") and pattern.endswith("$")) or any(
+            _unanchored_pattern(value) for value in node.values()
+        )
+    return any(_unanchored_pattern(value) for value in node.values())
+
+
 def _option_error(options: dict[str, Any]) -> str | None:
     """The error ``api.Options.FromMap`` gives for a wrongly typed option, else None."""
     for key, value in options.items():
@@ -145,28 +209,43 @@ def _option_error(options: dict[str, Any]) -> str | None:
 
 @dataclass
 class ModelSpec:
-    """One model the daemon has (or can pull). ``capabilities=None`` mimics an old server."""
+    """One model the daemon has (or can pull). ``capabilities=None`` mimics an old server.
+
+    ``capabilities`` is what ``/api/show`` reports; ``families`` what the model was
+    recorded with (default: ``family``, plus ``clip`` when it has a ``projector`` file);
+    ``projector`` defaults to "a vision model of an architecture without a built-in
+    vision tower" (llava, moondream), so ``family="gemma3"`` gives families ``["gemma3"]``.
+    """
 
     name: str
     capabilities: list[str] | None = field(default_factory=lambda: ["completion", "vision"])
     family: str = "llama"
     families: list[str] | None = None
+    projector: bool | None = None
     parameter_size: str = "7B"
     quantization_level: str = "Q4_0"
     size: int = 4_733_363_377
     context_length: int = 4096
     modified_at: str = field(default_factory=rfc3339_nano)
+    #: A pull of this model fails with this error after its first blob started.
+    pull_error: str | None = None
 
     def __post_init__(self) -> None:
         self.name = canonical_name(self.name)
+        if self.projector is None:
+            sees = self.capabilities is None or "vision" in self.capabilities
+            self.projector = sees and self.family not in BUILT_IN_VISION
         if self.families is None:
-            vision = self.capabilities is None or "vision" in self.capabilities
-            self.families = [self.family, *VISION_FAMILIES] if vision else [self.family]
+            self.families = [self.family, *VISION_FAMILIES] if self.projector else [self.family]
 
     @property
     def vision(self) -> bool:
-        """Whether this model has a projector (an image encoder)."""
-        return any(family in VISION_FAMILIES for family in self.families or [])
+        """Whether this model has an image encoder: a projector file, or the vision tower
+        of its own architecture (which the daemon then reports as a capability)."""
+        if self.projector:
+            return True
+        caps = self.capabilities
+        return self.family in BUILT_IN_VISION and caps is not None and "vision" in caps
 
     @property
     def digest(self) -> str:
@@ -210,7 +289,7 @@ class ModelSpec:
                 f"{self.family}.embedding_length": 4096,
             },
         }
-        if self.vision:
+        if self.projector:
             body["projector_info"] = {
                 "clip.has_llava_projector": True,
                 "clip.vision.image_size": 336,
@@ -224,7 +303,7 @@ class ModelSpec:
     def layers(self) -> list[tuple[str, int]]:
         """(digest, size) of the blobs a pull downloads."""
         layers = [(_digest(self.name + "/model"), self.size)]
-        if self.vision:
+        if self.projector:
             layers.append((_digest(self.name + "/projector"), 624_434_336))
         return layers
 
@@ -252,6 +331,7 @@ class Script:
     bad_line: bytes = b"this is not json\n"
     stall_s: float = MAX_STALL_S
     piece_delay_s: float = 0.0
+    final_content: str = ""
 
     def metrics(self) -> dict[str, int]:
         """The metric fields of the final chunk, zero ones left out."""
@@ -278,6 +358,11 @@ class RecordedRequest:
     headers: dict[str, str]
     body: bytes
     json: Any = None
+
+    def pictures(self) -> list[list[bytes]]:
+        """The pictures of each message of a chat, decoded from base64, in order."""
+        messages = (self.json or {}).get("messages") or []
+        return [[base64.b64decode(image) for image in m.get("images") or []] for m in messages]
 
 
 # --- the server ----------------------------------------------------------------------
@@ -442,6 +527,8 @@ class _Handler(BaseHTTPRequestHandler):
     # routing
     def _dispatch(self) -> None:
         path = self.path.split("?", 1)[0]
+        if "://" in path:  # absolute form, as a client sends it to a proxy; Go routes on the path
+            path = "/" + path.split("://", 1)[1].partition("/")[2]
         body = self._read_body()
         try:
             parsed = json.loads(body) if body else None
@@ -595,10 +682,35 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(script.status, script.error)
             return
         self.fake.loaded.add(model.name)
-        if body.get("stream", True) is False:
-            self._chat_whole(name, script)
-        else:
+        stream = body.get("stream", True) is not False
+        if error := self._prompt_error(model, body["messages"]):
+            self._send_error(500, error)
+            return
+        if error := self._runner_error(model, body):
+            # The runner's completion fails before any chunk: streamResponse answers the
+            # status with a bare application/json; a whole answer goes through c.JSON.
+            self._send_error(500, error, "application/json" if stream else None)
+            return
+        if stream:
             self._chat_stream(name, script)
+        else:
+            self._chat_whole(name, script)
+
+    def _prompt_error(self, model: ModelSpec, messages: list[dict[str, Any]]) -> str | None:
+        """What server/prompt.go refuses while it builds the prompt."""
+        for message in messages:
+            if "mllama" in (model.families or []) and len(message.get("images") or []) > 1:
+                return MLLAMA_ONE_IMAGE
+        return None
+
+    def _runner_error(self, model: ModelSpec, body: dict[str, Any]) -> str | None:
+        """What the runner's completion refuses: the format, then the pictures."""
+        if error := _format_error(body.get("format")):
+            return error
+        pictures = any(message.get("images") for message in body["messages"])
+        if pictures and not model.vision and model.family in BUILT_IN_VISION:
+            return NO_VISION_RUNNER
+        return None  # a plain text model just ignores the pictures
 
     def _chat_request_ok(self, body: dict[str, Any]) -> bool:
         """Refuse what the real server refuses before it looks at the model."""
@@ -610,10 +722,6 @@ class _Handler(BaseHTTPRequestHandler):
                 if error := _base64_error(str(image)):
                     self._send_error(400, error)
                     return False
-        fmt = body.get("format")
-        if fmt not in (None, "", "json") and not isinstance(fmt, dict):
-            self._send_error(400, 'invalid format: expected "json" or a valid JSON schema')
-            return False
         return True
 
     def _chat_chunk(self, name: str, content: str, *, done: bool) -> dict[str, Any]:
@@ -646,7 +754,8 @@ class _Handler(BaseHTTPRequestHandler):
         if midstream:
             self._midstream_fault(script, first=not sent)
             return
-        self._chunk(go_json(self._final_chunk(name, script)) + b"\n", first=not sent)
+        final = self._final_chunk(name, script, script.final_content)
+        self._chunk(go_json(final) + b"\n", first=not sent)
         self._end_chunks()
 
     def _midstream_fault(self, script: Script, *, first: bool) -> None:
@@ -668,7 +777,8 @@ class _Handler(BaseHTTPRequestHandler):
         if script.fault == "bad_line":
             self._send_bytes(200, _JSON, script.bad_line)
             return
-        data = go_json(self._final_chunk(name, script, "".join(script.pieces)))
+        content = "".join(script.pieces) + script.final_content
+        data = go_json(self._final_chunk(name, script, content))
         if script.fault == "drop":
             self.wfile.write(self._head(200, _JSON, len(data)))
             self.wfile.write(data[: len(data) // 2])
@@ -686,20 +796,24 @@ class _Handler(BaseHTTPRequestHandler):
             return
         spec = self.fake.registry.get(canonical_name(name)) or self.fake.find_model(name)
         updates: list[dict[str, Any]] = [{"status": "pulling manifest"}]
+        error = _NO_MANIFEST if spec is None else spec.pull_error
         if spec is not None:
-            updates += _pull_progress(spec)
+            progress = list(_pull_progress(spec))
+            # A failing download stops after its first blob's first two lines.
+            updates += progress[:2] if spec.pull_error else progress
         if body.get("stream", True) is False:
-            if spec is None:
-                self._send_error(500, _NO_MANIFEST, "application/json")
+            if error is not None:
+                self._send_error(500, error, "application/json")
             else:
+                assert spec is not None
                 self.fake.models[spec.name] = spec
                 self._send_json(200, updates[-1], "application/json")
             return
         for index, update in enumerate(updates):
             self._chunk(go_json(update) + b"\n", first=index == 0)
-        if spec is None:
-            self._chunk(go_json({"error": _NO_MANIFEST}) + b"\n")
-        else:
+        if error is not None:
+            self._chunk(go_json({"error": error}) + b"\n")
+        elif spec is not None:
             self.fake.models[spec.name] = spec
         self._end_chunks()
 

@@ -9,6 +9,7 @@ import base64
 import hashlib
 import io
 import json
+import logging
 import re
 from collections.abc import Callable, Generator, Iterator
 from typing import Any
@@ -20,7 +21,11 @@ from PIL import Image
 
 from llava_local.backends import ollama as ollama_backend
 from llava_local.backends.base import Finish, Turn
-from llava_local.backends.ollama import OllamaBackend, find_vision_model, resolve_host
+from llava_local.backends.ollama import (
+    OllamaBackend,
+    find_vision_model,
+    resolve_host,
+)
 from llava_local.chat import VisionChat
 from llava_local.errors import (
     BackendError,
@@ -45,10 +50,12 @@ MakeBackend = Callable[..., OllamaBackend]
 
 
 @pytest.fixture(autouse=True)
-def _no_env_no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep the machine's OLLAMA_HOST out and make connection retries instant."""
+def _no_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the machine's OLLAMA_HOST and proxy settings out."""
     monkeypatch.delenv("OLLAMA_HOST", raising=False)
-    monkeypatch.setattr(ollama_backend, "RETRY_DELAYS", (0.0, 0.0))
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
 
 
 @pytest.fixture
@@ -244,23 +251,47 @@ def test_no_daemon_says_run_ollama_serve(closed_port: int) -> None:
     assert not isinstance(caught.value, BackendTimeoutError)
 
 
-def test_refused_connection_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A refused connection is tried again after a pause; here the daemon starts meanwhile."""
+class _StartOnRetry(logging.Handler):
+    """Starts the stand-in daemon when httpcore is about to retry a refused connection."""
+
+    def __init__(self, server: OllamaServer) -> None:
+        super().__init__(logging.DEBUG)
+        self.server = server
+        self.retries = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("retry.started"):
+            self.retries += 1
+            self.server.start()
+
+
+@pytest.fixture
+def connection_log() -> Iterator[logging.Logger]:
+    """httpcore's connection logger at DEBUG level, where it says each retry, restored after."""
+    logger = logging.getLogger("httpcore.connection")
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield logger
+    finally:
+        logger.setLevel(level)
+
+
+def test_refused_connection_is_retried(connection_log: logging.Logger) -> None:
+    """A refused connection is tried again by the transport; here the daemon starts meanwhile."""
     with OllamaServer(listen=False) as server:
         server.add_model("llava")
-        pauses: list[float] = []
-
-        def pause(seconds: float) -> None:
-            pauses.append(seconds)
-            server.start()
-
-        monkeypatch.setattr(ollama_backend, "_pause", pause)
+        handler = _StartOnRetry(server)
+        connection_log.addHandler(handler)
         backend = OllamaBackend(host=server.url, timeout=5.0)
         try:
             backend.check()
+            assert ask(backend, turn(user()))[0] == "A cat on a mat."
         finally:
             backend.close()
-    assert len(pauses) == 1
+            connection_log.removeHandler(handler)
+    assert handler.retries == 1
+    assert [r.path for r in server.requests] == ["/api/version", "/api/show", "/api/chat"]
 
 
 def test_pull_shows_progress_then_answers(
@@ -533,3 +564,135 @@ def test_auto_with_a_named_daemon_without_vision_models(ollama_server: OllamaSer
         ModelNotFoundError, match=f"Ollama at {re.escape(ollama_server.url)} has no vision"
     ):
         VisionChat(backend="auto", host=ollama_server.url)
+
+
+# --- the HTTP layer: injected transport or client, the transport's retries -----------
+
+
+class RecordingTransport(httpx.BaseTransport):
+    """A real HTTP transport that notes each request's path and whether it was closed."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.inner = httpx.HTTPTransport(**kwargs)
+        self.paths: list[str] = []
+        self.closed = False
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.paths.append(request.url.path)
+        return self.inner.handle_request(request)
+
+    def close(self) -> None:
+        self.closed = True
+        self.inner.close()
+
+
+def test_injected_transport_carries_every_request(ollama_server: OllamaServer) -> None:
+    """transport= carries the check and the turn, and is closed with the engine."""
+    transport = RecordingTransport()
+    backend = OllamaBackend(host=ollama_server.url, timeout=5.0, transport=transport)
+    try:
+        assert ask(backend, turn(user("x", picture())))[0] == "A cat on a mat."
+    finally:
+        backend.close()
+    assert transport.paths == ["/api/version", "/api/show", "/api/chat"]
+    assert transport.closed
+
+
+def test_mock_transport_needs_no_socket() -> None:
+    """httpx.MockTransport stands in for the daemon with no server at all."""
+    seen: list[str] = []
+
+    def daemon(request: httpx.Request) -> httpx.Response:
+        seen.append(f"{request.method} {request.url}")
+        if request.url.path == "/api/version":
+            return httpx.Response(200, json={"version": "0.12.6"})
+        if request.url.path == "/api/show":
+            return httpx.Response(200, json={"model_info": {}, "capabilities": ["vision"]})
+        final = {"model": "llava", "created_at": "2025-01-01T00:00:00Z", "done": True}
+        lines = [
+            {**final, "message": {"role": "assistant", "content": "Mocked."}, "done": False},
+            {**final, "message": {"role": "assistant", "content": ""}, "eval_count": 1},
+        ]
+        return httpx.Response(200, content=b"".join(json.dumps(x).encode() + b"\n" for x in lines))
+
+    backend = OllamaBackend(host="ollama.invalid", transport=httpx.MockTransport(daemon))
+    try:
+        text, finish = ask(backend, turn(user("x", picture())))
+    finally:
+        backend.close()
+    assert (text, finish.stats.completion_tokens) == ("Mocked.", 1)
+    assert seen == [
+        "GET http://ollama.invalid:11434/api/version",
+        "POST http://ollama.invalid:11434/api/show",
+        "POST http://ollama.invalid:11434/api/chat",
+    ]
+
+
+def test_ready_client_is_used_as_it_is_and_left_open(ollama_server: OllamaServer) -> None:
+    """client= sends everything with the client's own address and headers, errors name
+    that address, and closing the engine leaves the caller's client open."""
+    with ollama.Client(host=ollama_server.url, headers={"X-Team": "vision"}) as client:
+        backend = OllamaBackend(client=client, timeout=5.0)
+        assert backend.host == ollama_server.url
+        assert ask(backend, turn(user("x", picture())))[0] == "A cat on a mat."
+        backend.close()
+        assert {r.headers.get("x-team") for r in ollama_server.requests} == {"vision"}
+        missing = OllamaBackend("bakllava", client=client)
+        with pytest.raises(ModelNotFoundError, match=re.escape(ollama_server.url)):
+            missing.check()
+        assert [m.model for m in client.list().models] == ["llava:latest"]  # still open
+
+
+HTTP_LAYER_MISTAKES: dict[str, Callable[[], dict[str, Any]]] = {
+    "bad-client": lambda: {"client": "not a client"},
+    "async-transport": lambda: {"transport": httpx.AsyncHTTPTransport()},
+    "client-and-host": lambda: {"client": ollama.Client(), "host": "127.0.0.1:5"},
+    "client-and-transport": lambda: {
+        "client": ollama.Client(),
+        "transport": httpx.HTTPTransport(),
+    },
+}
+
+
+@pytest.mark.parametrize("mistake", list(HTTP_LAYER_MISTAKES))
+def test_http_layer_arguments_are_checked(mistake: str) -> None:
+    """A client or transport of the wrong kind, or a client with a host or transport, is refused."""
+    with pytest.raises(InvalidRequestError, match=r"client=|transport="):
+        OllamaBackend(**HTTP_LAYER_MISTAKES[mistake]())
+
+
+def test_the_callers_transport_decides_the_retries(
+    closed_port: int, connection_log: logging.Logger
+) -> None:
+    """The retries are the transport's: the default one retries a refused connection
+    twice, one the caller built without retries tries once."""
+    events: dict[str, list[str]] = {"default": [], "own": []}
+    for name, transport in (("default", None), ("own", httpx.HTTPTransport(retries=0))):
+        handler = logging.Handler(logging.DEBUG)
+        handler.emit = lambda record, seen=events[name]: seen.append(record.getMessage().split()[0])  # type: ignore[method-assign,misc]
+        connection_log.addHandler(handler)
+        backend = OllamaBackend(host=f"127.0.0.1:{closed_port}", transport=transport)
+        try:
+            with pytest.raises(BackendUnavailableError, match="ollama serve"):
+                backend.check()
+        finally:
+            backend.close()
+            connection_log.removeHandler(handler)
+    assert events["default"].count("retry.started") == ollama_backend.CONNECT_RETRIES == 2
+    assert events["default"].count("connect_tcp.started") == 3
+    assert events["own"].count("retry.started") == 0
+    assert events["own"].count("connect_tcp.started") == 1
+
+
+def test_default_transport_follows_http_proxy(
+    ollama_server: OllamaServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Like httpx's own default, the engine's transport sends through HTTP_PROXY."""
+    monkeypatch.setenv("HTTP_PROXY", ollama_server.url)  # the stand-in routes proxy requests
+    backend = OllamaBackend(host="http://ollama.invalid:11434", timeout=5.0)
+    try:
+        assert ask(backend, turn(user("x", picture())))[0] == "A cat on a mat."
+    finally:
+        backend.close()
+    assert [r.path for r in ollama_server.requests] == ["/api/version", "/api/show", "/api/chat"]
+    assert {r.headers["host"] for r in ollama_server.requests} == {"ollama.invalid:11434"}

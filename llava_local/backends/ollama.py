@@ -9,6 +9,18 @@ and the same :class:`~llava_local.types.Stats` as the in-process engine.
 
 Choices worth knowing:
 
+- The HTTP layer can be injected. ``transport=`` takes an ``httpx`` transport
+  (``httpx.HTTPTransport(proxy=..., retries=...)``, ``httpx.MockTransport(handler)``
+  in tests); the engine's client uses it for every request and closes it with the
+  engine. ``client=`` takes a ready ``ollama.Client``, used as it is (its own address,
+  headers, timeouts and retries) and left open: the caller owns it.
+- Retries are the transport's own: the default one is
+  ``httpx.HTTPTransport(retries=CONNECT_RETRIES)``. httpcore retries only while it
+  opens the connection (refused, unreachable, or not accepted within
+  ``connect_timeout``), before any byte of the request is sent, so a request the
+  daemon may have seen is never repeated. It honours ``HTTP_PROXY`` / ``NO_PROXY``
+  and friends as httpx's default does.
+
 - Extra keyword arguments are Ollama ``options`` sent with every turn
   (``num_thread=4``, ``num_gpu=0``, ``mirostat=2``...). A name Ollama does not know
   raises :class:`InvalidRequestError`, because the daemon would silently ignore it.
@@ -28,8 +40,9 @@ import json
 import os
 import time
 import urllib.parse
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
-from typing import Any, TypeVar, cast
+import urllib.request
+from collections.abc import Generator, Iterator, Mapping, Sequence
+from typing import Any, cast
 
 import httpx
 import ollama
@@ -53,8 +66,9 @@ __all__ = ["OllamaBackend", "find_vision_model", "pull_model", "resolve_host"]
 DEFAULT_HOST = "http://127.0.0.1:11434"
 #: The read timeout when the caller gives none: long enough for a CPU, never forever.
 DEFAULT_READ_TIMEOUT = 600.0
-#: Pauses between attempts when the daemon refuses the connection (nothing was sent).
-RETRY_DELAYS: tuple[float, ...] = (0.25, 0.75)
+#: Extra attempts to open a connection the daemon refused (nothing was sent yet); httpcore
+#: pauses 0 s, then 0.5 s, between them.
+CONNECT_RETRIES = 2
 #: Option names the daemon understands: the client's list plus newer ones.
 OLLAMA_OPTIONS = frozenset(ollama.Options.model_fields) | {"min_p"}
 #: Families that meant "has an image encoder" before Ollama reported capabilities.
@@ -81,7 +95,6 @@ _LOW_LEVEL: tuple[type[BaseException], ...] = (
     OSError,
 )
 
-_T = TypeVar("_T")
 _Stream = Generator[ollama.ChatResponse, None, None]
 
 
@@ -126,9 +139,11 @@ def find_vision_model(
     """
     try:
         url = resolve_host(host)
-        with ollama.Client(host=url, timeout=httpx.Timeout(timeout)) as client:
+        # Only a daemon the caller named is worth waiting for while it starts.
+        transport = _transport(url, retries=CONNECT_RETRIES if required else 0)
+        with ollama.Client(host=url, timeout=httpx.Timeout(timeout), transport=transport) as client:
             if required:
-                _ping(url, httpx.Timeout(timeout))
+                _ping(client, url)
             names = [model.model for model in client.list().models if model.model]
             for name in _candidates(names, preferred):
                 if _sees(client, name):
@@ -158,7 +173,7 @@ def pull_model(
     url = resolve_host(host)
     timeouts = httpx.Timeout(DEFAULT_READ_TIMEOUT, connect=connect_timeout)
     try:
-        with ollama.Client(host=url, timeout=timeouts) as client:
+        with ollama.Client(host=url, timeout=timeouts, transport=_transport(url)) as client:
             _pull(client, url, model, progress=progress)
     except LlavaLocalError:
         raise
@@ -167,7 +182,12 @@ def pull_model(
 
 
 class OllamaBackend(Backend):
-    """Talks to a running Ollama daemon; see the module doc for the choices it makes."""
+    """Talks to a running Ollama daemon; see the module doc for the choices it makes.
+
+    ``transport`` (an ``httpx.BaseTransport``) or ``client`` (a ready ``ollama.Client``,
+    which brings its own address, so no ``host``) replace the HTTP layer the engine
+    would build itself.
+    """
 
     name = "ollama"
     default_max_image_side = 1344
@@ -182,21 +202,44 @@ class OllamaBackend(Backend):
         keep_alive: str | float | None = None,
         connect_timeout: float = 3.0,
         num_ctx: int | None = None,
+        transport: httpx.BaseTransport | None = None,
+        client: ollama.Client | None = None,
         **engine_options: Any,
     ) -> None:
         if not model.strip():
             raise InvalidRequestError("the Ollama model name is empty")
         if (timeout is not None and timeout <= 0) or connect_timeout <= 0:
             raise InvalidRequestError("timeouts must be positive numbers of seconds")
+        if client is not None and (transport is not None or host is not None):
+            given = "transport=" if transport is not None else "host="
+            raise InvalidRequestError(
+                f"a ready Ollama client= brings its own address and transport: drop {given}"
+            )
+        if transport is not None and not isinstance(transport, httpx.BaseTransport):
+            raise InvalidRequestError(
+                f"transport= must be an httpx.BaseTransport (such as httpx.HTTPTransport), "
+                f"not {type(transport).__name__}"
+            )
+        if client is not None and not isinstance(client, ollama.Client):
+            raise InvalidRequestError(
+                f"client= must be an ollama.Client, not {type(client).__name__}"
+            )
         self.model = model
-        self.host = resolve_host(host)
         self.timeout = timeout
         self.pull = pull
         self.keep_alive = keep_alive
         self._options = _engine_options(engine_options, num_ctx)
         read = timeout if timeout is not None else DEFAULT_READ_TIMEOUT
         self._timeouts = httpx.Timeout(read, connect=connect_timeout)
-        self._client = ollama.Client(host=self.host, timeout=self._timeouts)
+        self._owns_client = client is None
+        if client is None:
+            self.host = resolve_host(host)
+            client = ollama.Client(
+                host=self.host, timeout=self._timeouts, transport=transport or _transport(self.host)
+            )
+        else:
+            self.host = str(_http(client).base_url).rstrip("/")
+        self._client = client
         self._checked = False
         self._closed = False
 
@@ -205,7 +248,7 @@ class OllamaBackend(Backend):
         model can see pictures. Raises the library error that says what to do."""
         self._ensure_open()
         try:
-            _ping(self.host, self._timeouts)
+            _ping(self._client, self.host)
             show = self._show()
         except LlavaLocalError:
             raise
@@ -237,23 +280,27 @@ class OllamaBackend(Backend):
             raise error from exc
 
     def close(self) -> None:
-        """Close the HTTP connections. Later turns raise :class:`BackendError`."""
+        """Close the HTTP connections (not those of a ``client=`` the caller gave).
+        Later turns raise :class:`BackendError`."""
         if not self._closed:
             self._closed = True
-            self._client.close()  # type: ignore[no-untyped-call]  # unannotated in ollama
+            if self._owns_client:
+                self._client.close()  # type: ignore[no-untyped-call]  # unannotated in ollama
 
     # the turn
     def _answer(self, turn: Turn) -> Generator[str | Finish, None, None]:
         started = time.monotonic()
         deadline = None if self.timeout is None else started + self.timeout
-        stream, first = _retrying(lambda: self._open(turn))
+        stream, first = self._open(turn)
         first_token_s: float | None = None
         try:
             chunks = stream if first is None else itertools.chain([first], stream)
             for chunk in chunks:
                 piece = chunk.message.content or ""
                 if chunk.done:
-                    if piece:
+                    if piece:  # a final chunk may carry text (a parser's held-back tail)
+                        if first_token_s is None:
+                            first_token_s = time.monotonic() - started
                         yield piece
                     yield Finish(_done_reason(chunk.done_reason), _stats(chunk, first_token_s))
                     return
@@ -300,7 +347,7 @@ class OllamaBackend(Backend):
     # the pre-flight
     def _show(self) -> ollama.ShowResponse:
         try:
-            return _retrying(lambda: self._client.show(self.model))
+            return self._client.show(self.model)
         except ollama.ResponseError as exc:
             if exc.status_code != 404 or not self.pull:
                 raise
@@ -327,7 +374,13 @@ def _translate(
             )
         status = None if exc.status_code < 0 else exc.status_code
         where = "while answering" if status is None else f"with status {status}"
-        return ResponseError(f"Ollama at {host} failed {where}: {exc.error}", status)
+        hint = ""
+        if "invalid JSON schema in format" in exc.error:  # llama.cpp's converter refused it
+            hint = (
+                "; Ollama cannot turn this schema= into a grammar (a pattern must start "
+                "with ^ and end with $): simplify the schema"
+            )
+        return ResponseError(f"Ollama at {host} failed {where}: {exc.error}{hint}", status)
     if isinstance(exc, httpx.TimeoutException):
         if isinstance(exc, httpx.ConnectTimeout):
             return BackendTimeoutError(
@@ -354,27 +407,34 @@ def _translate(
     return BackendError(f"Ollama at {host} failed: {exc}")
 
 
-def _retrying(action: Callable[[], _T]) -> _T:
-    """Run ``action``, again after a pause while the connection is refused (the request
-    never left, so repeating it is safe). Never used once an answer has started."""
-    for delay in RETRY_DELAYS:
-        try:
-            return action()
-        except (httpx.ConnectError, ConnectionError) as exc:
-            if isinstance(exc, LlavaLocalError):
-                raise
-            _pause(delay)
-    return action()
+def _transport(url: str, *, retries: int = CONNECT_RETRIES) -> httpx.HTTPTransport:
+    """The engine's own transport: connection retries (see the module doc), and the
+    proxy the environment names for ``url``, as httpx does without a transport."""
+    return httpx.HTTPTransport(retries=retries, proxy=_environment_proxy(url))
 
 
-def _pause(seconds: float) -> None:
-    time.sleep(seconds)
+def _environment_proxy(url: str) -> str | None:
+    """``HTTP_PROXY`` / ``HTTPS_PROXY`` / ``ALL_PROXY`` for ``url``, unless ``NO_PROXY``
+    exempts it. (httpx reads them itself only when it builds the transport.)"""
+    proxies = urllib.request.getproxies_environment()
+    parts = urllib.parse.urlsplit(url)
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass(parts.netloc):
+        return None
+    return proxy if "://" in proxy else f"http://{proxy}"
 
 
-def _ping(host: str, timeouts: httpx.Timeout) -> None:
+def _http(client: ollama.Client) -> httpx.Client:
+    """The ``httpx.Client`` inside an ``ollama.Client`` (``BaseClient._client`` in every
+    release this package allows): the one way to send a request the ollama client has no
+    method for, through the same transport, headers and timeouts."""
+    http: httpx.Client = client._client
+    return http
+
+
+def _ping(client: ollama.Client, host: str) -> None:
     """``GET /api/version``, the cheapest question; make sure it is Ollama answering."""
-    with httpx.Client(base_url=host, timeout=timeouts) as client:
-        response = _retrying(lambda: client.get("/api/version"))
+    response = _http(client).get("/api/version")
     try:
         version = response.json().get("version") if response.status_code == 200 else None
     except (ValueError, AttributeError):
