@@ -5,11 +5,13 @@ from __future__ import annotations
 import base64
 import io
 import json
+from typing import Annotated, Any
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from llava_local import (
     BackendTimeoutError,
@@ -23,7 +25,7 @@ from llava_local import (
 )
 from llava_local.backends import ollama as ollama_engine
 
-from .ollama_server import OllamaServer, Script
+from .ollama_server import OllamaServer, RecordedRequest, Script
 
 
 def jpeg_photo(size: tuple[int, int] = (2400, 1600)) -> bytes:
@@ -38,7 +40,7 @@ def jpeg_photo(size: tuple[int, int] = (2400, 1600)) -> bytes:
     return buf.getvalue()
 
 
-def chat_bodies(server: OllamaServer) -> list[dict]:
+def chat_bodies(server: OllamaServer) -> list[dict[str, Any]]:
     return [r.json for r in server.requests_to("/api/chat")]
 
 
@@ -236,3 +238,85 @@ def test_reply_serialises_to_json(ollama_server: OllamaServer) -> None:
         data = json.loads(chat.ask("Hi").model_dump_json())
     assert data["backend"] == "ollama"
     assert "prompt_tokens" in data["stats"]
+
+
+COLOURS = {
+    "red": (220, 20, 20),
+    "green": (20, 200, 20),
+    "blue": (20, 20, 220),
+    "yellow": (240, 220, 0),
+}
+
+
+def flat(colour: str) -> bytes:
+    """A small flat PNG of one of COLOURS."""
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 24), COLOURS[colour]).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def name_the_pictures(request: RecordedRequest) -> Script:
+    """The stand-in's answer: the colours of the last message's pictures, in order."""
+    names = []
+    for data in request.pictures()[-1]:
+        r, g, b = Image.open(io.BytesIO(data)).convert("RGB").getpixel((0, 0))  # type: ignore[misc]
+        names.append(
+            min(
+                COLOURS,
+                key=lambda c: sum(abs(x - y) for x, y in zip(COLOURS[c], (r, g, b), strict=True)),
+            )
+        )
+    return Script(pieces=[" ".join(names) or "none"])
+
+
+def test_several_pictures_in_one_turn_arrive_in_order(ollama_server: OllamaServer) -> None:
+    """images=[...] reaches the daemon in that order in that turn's message; a follow-up
+    brings its own picture while the earlier ones stay in their message."""
+    ollama_server.script(name_the_pictures)
+    with VisionChat.ollama(host=ollama_server.url) as chat:
+        first = chat.ask("Which colours?", images=[flat("blue"), flat("red"), flat("green")])
+        second = chat.ask("And now?", image=flat("yellow"))
+        third = chat.ask("Anything new?")
+    assert (first.text, second.text, third.text) == ("blue red green", "yellow", "none")
+    last = ollama_server.requests_to("/api/chat")[-1].pictures()
+    assert [len(pictures) for pictures in last] == [3, 0, 1, 0, 0]
+
+
+def test_auto_takes_a_vision_model_without_a_clip_family(
+    ollama_server: OllamaServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """backend="auto" takes a daemon whose only vision model is a gemma3 (no clip family)."""
+    monkeypatch.setenv("OLLAMA_HOST", ollama_server.url)
+    ollama_server.remove_model("llava")
+    ollama_server.add_model("gemma3", family="gemma3")
+    with VisionChat() as chat:
+        assert (chat.backend, chat.model) == ("ollama", "gemma3")
+        assert chat.ask("Hi", image=flat("red")).text == "A cat on a mat."
+
+
+class Tagged(BaseModel):
+    tag: Annotated[str, Field(pattern="[a-z]+")]
+
+
+def test_a_schema_ollama_cannot_use_fails_the_turn(ollama_server: OllamaServer) -> None:
+    """A schema whose pattern Ollama's grammar converter refuses gets the daemon's 500 as
+    ResponseError, and the conversation stays as it was."""
+    with VisionChat.ollama(host=ollama_server.url) as chat:
+        with pytest.raises(ResponseError, match="invalid JSON schema in format") as caught:
+            chat.ask("Tag it", image=flat("red"), schema=Tagged)
+        assert chat.history == []
+    assert caught.value.status_code == 500
+
+
+def test_a_transport_given_to_the_chat_carries_its_turns(ollama_server: OllamaServer) -> None:
+    """VisionChat.ollama(transport=...) sends every request through that transport."""
+    paths: list[str] = []
+
+    class Noting(httpx.HTTPTransport):
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            paths.append(request.url.path)
+            return super().handle_request(request)
+
+    with VisionChat.ollama(host=ollama_server.url, transport=Noting()) as chat:
+        assert chat.ask("Hi", image=flat("red")).text == "A cat on a mat."
+    assert paths == ["/api/version", "/api/show", "/api/chat"]

@@ -24,6 +24,7 @@ from llava_local.backends.base import Finish, Turn
 from llava_local.backends.ollama import (
     OllamaBackend,
     find_vision_model,
+    pull_model,
     resolve_host,
 )
 from llava_local.chat import VisionChat
@@ -40,6 +41,8 @@ from llava_local.errors import (
 from llava_local.types import Message, Options, PreparedImage
 
 from .ollama_server import (  # noqa: F401 - the fixtures are used by name
+    NO_VISION_RUNNER,
+    PULL_EOF,
     OllamaServer,
     Script,
     closed_port,
@@ -696,3 +699,143 @@ def test_default_transport_follows_http_proxy(
         backend.close()
     assert [r.path for r in ollama_server.requests] == ["/api/version", "/api/show", "/api/chat"]
     assert {r.headers["host"] for r in ollama_server.requests} == {"ollama.invalid:11434"}
+
+
+# --- the look-alike stays true to the daemon -----------------------------------------
+
+
+def post_chat(server: OllamaServer, model: str, **body: Any) -> httpx.Response:
+    """One raw /api/chat with a picture, as the real daemon would receive it."""
+    message = {"role": "user", "content": "What is it?", "images": [picture().b64()]}
+    with httpx.Client(base_url=server.url) as client:
+        return client.post("/api/chat", json={"model": model, "messages": [message], **body})
+
+
+def test_gemma3_sees_without_a_clip_family(ollama_server: OllamaServer) -> None:
+    """A vision model of Ollama's own engine reports "vision" with no clip family, and the
+    engine (which reads capabilities first) and backend="auto" both take it."""
+    ollama_server.remove_model("llava")
+    ollama_server.add_model("gemma3:4b", family="gemma3")
+    with ollama.Client(host=ollama_server.url) as client:
+        show = client.show("gemma3:4b")
+    assert show.details is not None
+    assert show.details.families == ["gemma3"]
+    assert show.capabilities is not None
+    assert "vision" in show.capabilities
+    backend = OllamaBackend("gemma3:4b", host=ollama_server.url, timeout=5.0)
+    try:
+        assert ask(backend, turn(user("x", picture())))[0] == "A cat on a mat."
+    finally:
+        backend.close()
+    assert find_vision_model(ollama_server.url) == "gemma3:4b"
+
+
+def test_pictures_sent_to_text_models(ollama_server: OllamaServer) -> None:
+    """A text model of a vision architecture makes the runner refuse a picture with 500;
+    a plain text model ignores it; the engine refuses both before any chat."""
+    ollama_server.add_model("gemma3:1b", capabilities=["completion"], family="gemma3")
+    ollama_server.add_model("llama3.2", capabilities=["completion"])
+    refused = post_chat(ollama_server, "gemma3:1b")
+    assert refused.status_code == 500
+    assert refused.headers["content-type"] == "application/json"
+    assert refused.json() == {"error": NO_VISION_RUNNER}
+    assert post_chat(ollama_server, "llama3.2").status_code == 200
+    for name in ("gemma3:1b", "llama3.2"):
+        backend = OllamaBackend(name, host=ollama_server.url, timeout=5.0)
+        try:
+            with pytest.raises(NotAVisionModelError):
+                backend.check()
+        finally:
+            backend.close()
+    assert len(ollama_server.requests_to("/api/chat")) == 2  # only the two raw ones
+
+
+def test_invalid_format_gets_the_daemons_500(ollama_server: OllamaServer) -> None:
+    """A format that is neither "json" nor an object gets the runner's 500 and text, after
+    the model was looked up; a whole answer carries it with the charset."""
+    bad = post_chat(ollama_server, "llava", format="xml")
+    assert bad.status_code == 500
+    assert bad.headers["content-type"] == "application/json"
+    assert bad.json() == {
+        "error": 'invalid format: "\\"xml\\""; expected "json" or a valid JSON Schema object'
+    }
+    assert post_chat(ollama_server, "nothing", format="xml").status_code == 404
+    whole = post_chat(ollama_server, "llava", format=[1], stream=False)
+    assert (whole.status_code, whole.headers["content-type"]) == (
+        500,
+        "application/json; charset=utf-8",
+    )
+    assert whole.json()["error"].startswith('invalid format: "[1]"')
+    assert post_chat(ollama_server, "llava", format="json").status_code == 200
+
+
+def test_schema_the_grammar_converter_refuses(
+    ollama_server: OllamaServer, make_backend: MakeBackend
+) -> None:
+    """A schema with an unanchored pattern gets Ollama's 500, raised as ResponseError with
+    the daemon's text and what to change."""
+    schema = {"type": "object", "properties": {"name": {"type": "string", "pattern": "[a-z]+"}}}
+    with pytest.raises(ResponseError) as caught:
+        list(make_backend().generate(turn(user("x", picture()), json_schema=schema)))
+    assert caught.value.status_code == 500
+    assert "invalid JSON schema in format" in str(caught.value)
+    assert "^" in str(caught.value)
+    anchored = {"type": "string", "pattern": "^[a-z]+$"}
+    assert ask(make_backend(), turn(user("x", picture()), json_schema=anchored))[0]
+
+
+def test_pull_failing_part_way(
+    ollama_server: OllamaServer, make_backend: MakeBackend, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pull that fails after its download started is a BackendError that says to pull
+    again (not a missing model), and the model is not installed."""
+    spec = ollama_server.add_model("qwen2.5vl", pullable=True, pull_error=PULL_EOF)
+    with pytest.raises(BackendError) as caught:
+        make_backend("qwen2.5vl", pull=True).check()
+    assert type(caught.value) is BackendError
+    assert PULL_EOF in str(caught.value)
+    assert "run the pull again" in str(caught.value)
+    assert f"pulling {spec.layers()[0][0][7:19]}" in capsys.readouterr().err
+    assert ollama_server.find_model("qwen2.5vl") is None
+    with pytest.raises(BackendError, match="run the pull again"):
+        pull_model("qwen2.5vl", host=ollama_server.url, progress=False)
+
+
+def test_final_chunk_that_carries_content(
+    ollama_server: OllamaServer, make_backend: MakeBackend
+) -> None:
+    """Text in the final chunk is part of the answer, and counts as its first token when
+    nothing came before."""
+    ollama_server.script(
+        Script(pieces=["A", " cat"], final_content=" on a mat."),
+        Script(pieces=(), final_content="Only this."),
+    )
+    backend = make_backend()
+    text, _ = ask(backend, turn(user("x", picture())))
+    assert text == "A cat on a mat."
+    assert replay_final_chunk(ollama_server)["message"]["content"] == "Only this."
+    text, finish = ask(backend, turn(user("x", picture())))
+    assert text == "Only this."
+    assert finish.stats.first_token_s is not None
+
+
+def test_several_pictures_arrive_in_order_in_their_message(
+    ollama_server: OllamaServer, make_backend: MakeBackend
+) -> None:
+    """Several pictures of one turn go in that message, in order; earlier turns keep theirs."""
+    red, green, blue = picture((255, 0, 0)), picture((0, 255, 0)), picture((0, 0, 255))
+    first = user("Compare these.", red, green)
+    history = (first, Message(role="assistant", content="A cat on a mat."))
+    ask(make_backend(), turn(*history, user("And this?", blue, red)))
+    sent = ollama_server.requests_to("/api/chat")[-1].pictures()
+    assert sent == [[red.data, green.data], [], [blue.data, red.data]]
+
+
+def test_mllama_takes_one_picture_per_message(
+    ollama_server: OllamaServer, make_backend: MakeBackend
+) -> None:
+    """Two pictures in one message to an mllama model get the daemon's 500 and text."""
+    ollama_server.add_model("llama3.2-vision", family="mllama")
+    with pytest.raises(ResponseError, match="only supports one image") as caught:
+        list(make_backend("llama3.2-vision").generate(turn(user("x", picture(), picture()))))
+    assert caught.value.status_code == 500
