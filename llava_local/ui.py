@@ -34,7 +34,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .backends import LLAMA_ARGS, OLLAMA_ARGS
+from .backends import engine_names, settings_only_for
 from .chat import ReplyStream, VisionChat
 from .errors import (
     BackendError,
@@ -50,7 +50,6 @@ if TYPE_CHECKING:
 
 __all__ = ["build_app", "launch"]
 
-BACKENDS = ("auto", "ollama", "llama_cpp")
 _TITLE = "llava-local"
 _CSS = """
 #llava-status p { margin: 0; }
@@ -414,7 +413,7 @@ def _layout(gr: Any, start: dict[str, Any]) -> _Widgets:
             )
             with gr.Accordion("Engine and model", open=False, elem_id="llava-engine"):
                 backend = gr.Dropdown(
-                    list(BACKENDS), value=start["backend"], label="Engine", elem_id="llava-backend"
+                    engine_names(), value=start["backend"], label="Engine", elem_id="llava-backend"
                 )
                 model = gr.Textbox(
                     value=str(start["model"] or ""),
@@ -553,7 +552,12 @@ def _engine_choice(
         "mmproj": mmproj.strip() or None,
         "host": host.strip() or None,
     }
-    refused = {"ollama": LLAMA_ARGS, "llama_cpp": OLLAMA_ARGS}.get(str(fields["backend"]), set())
+    chosen = str(fields["backend"])
+    refused: set[str] = set()
+    if chosen != "auto":  # what only other engines take
+        for other in engine_names()[1:]:
+            if other != chosen:
+                refused |= settings_only_for(other)
     return {
         key: value
         for key, value in {**start, **fields}.items()

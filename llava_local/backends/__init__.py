@@ -15,101 +15,67 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from ..demo import DEMO_NAME, demo_paths, is_demo
-from ..errors import BackendUnavailableError, InvalidRequestError, ModelNotFoundError
+from ..demo import DEMO_NAME
+from ..errors import BackendUnavailableError, ModelNotFoundError
+from . import registry
 from .base import Backend, Finish, Turn
-from .gguf_meta import check_magic
+from .llama_cpp import looks_like_path, pulled_pair
 
-if TYPE_CHECKING:
-    from ..catalog import CatalogEntry
-
-__all__ = ["LLAMA_ARGS", "OLLAMA_ARGS", "Backend", "BackendName", "Finish", "Turn", "create"]
+__all__ = [
+    "Backend",
+    "BackendName",
+    "Finish",
+    "Turn",
+    "create",
+    "engine_names",
+    "settings_only_for",
+]
 
 BackendName = Literal["auto", "ollama", "llama_cpp"]
-#: Keyword arguments only one engine takes (the other engine refuses them by name).
-OLLAMA_ARGS = {"host", "timeout", "pull", "keep_alive", "connect_timeout", "num_ctx"}
-LLAMA_ARGS = {
-    "mmproj",
-    "n_ctx",
-    "n_threads",
-    "chat_format",
-    "n_gpu_layers",
-    "n_batch",
-    "use_mmap",
-    "verbose",
-    "embedding_cache_mb",
-    "force",
-}
+
+
+def engine_names() -> list[str]:
+    """What ``backend=`` (and ``--backend``, the web page) accepts: auto, then every
+    registered engine."""
+    return ["auto", *registry.names()]
+
+
+def settings_only_for(name: str) -> frozenset[str]:
+    """The settings engine ``name`` takes and no other registered engine does: naming
+    one of them picks that engine for ``auto``, and other engines refuse it."""
+    spec = registry.get(name)
+    others = {
+        setting
+        for other in registry.names()
+        if other != spec.name
+        for setting in registry.get(other).config.setting_names()
+    }
+    return frozenset(spec.config.setting_names()) - others - {"model"}
 
 
 def create(backend: str = "auto", model: str | None = None, **kwargs: Any) -> Backend:
     """Build the engine ``backend`` names (see the module docstring for ``auto``)."""
-    name = backend.replace("-", "_").lower()
-    if name == "ollama":
-        return _ollama(model, kwargs)
-    if name in ("llama_cpp", "llamacpp", "llama"):
-        return _llama_cpp(model, kwargs)
-    if name == "auto":
+    if backend.strip().replace("-", "_").lower() == "auto":
         return _auto(model, kwargs)
-    raise InvalidRequestError(f"unknown backend {backend!r}; choose auto, ollama or llama_cpp")
+    return _open(backend, model, kwargs)
+
+
+def _open(backend: str, model: str | None, kwargs: dict[str, Any]) -> Backend:
+    """Engine ``backend`` for ``model`` and its settings, checked by its config class."""
+    spec = registry.get(backend)
+    settings = {**kwargs, **({} if model is None else {"model": model})}
+    engine: Backend = spec.open(registry.make_config(spec.name, settings))
+    return engine
 
 
 def _ollama(model: str | None, kwargs: dict[str, Any]) -> Backend:
-    from .ollama import OllamaBackend
-
-    return _construct(OllamaBackend, model or "llava", kwargs)
+    return _open("ollama", model or "llava", kwargs)
 
 
 def _llama_cpp(model: str | None, kwargs: dict[str, Any]) -> Backend:
-    from .llama_cpp import LlamaCppBackend
-
-    mmproj = kwargs.pop("mmproj", None)
-    catalog_name = None
-    if model in (None, DEMO_NAME):
-        if mmproj is not None:
-            raise InvalidRequestError("the demo model comes with its own projector; drop mmproj=")
-        model_path, mmproj_path = demo_paths()
-    elif (pulled := None if mmproj else _pulled(str(model))) is not None:
-        entry, model_path, mmproj_path = pulled
-        catalog_name = entry.name
-        if kwargs.get("chat_format") is None:
-            kwargs["chat_format"] = entry.chat_format
-    else:
-        model_path = Path(str(model)).expanduser()
-        mmproj_path = Path(mmproj).expanduser() if mmproj else _find_mmproj(model_path)
-    kwargs["mmproj"] = mmproj_path
-    backend = _construct(LlamaCppBackend, model_path, kwargs)
-    backend.catalog_name = DEMO_NAME if is_demo(model_path) else catalog_name
-    return backend
-
-
-def _pulled(model: str) -> tuple[CatalogEntry, Path, Path] | None:
-    """The pulled pair of a catalogue name; never for something that is a path."""
-    if _looks_like_path(model) or Path(model).expanduser().exists():
-        return None
-    from ..models import pulled_pair
-
-    return pulled_pair(model)
-
-
-def _find_mmproj(model: Path) -> Path:
-    """The one projector file beside the model, when the caller named none."""
-    if not model.is_file():  # say what is wrong first: the model itself is missing
-        raise ModelNotFoundError(
-            f"no language model file at {model}; check the path, or pull a catalogue "
-            "model (`llava-local models` lists them) and pass its name"
-        )
-    check_magic(model)  # a picture given as the model is not a missing projector
-    found = sorted(model.parent.glob("*mmproj*.gguf")) if model.parent.is_dir() else []
-    if len(found) == 1:
-        return found[0]
-    hint = f" (found {len(found)} beside the model)" if found else ""
-    raise InvalidRequestError(
-        "the llama.cpp engine needs the projector file too: "
-        f"pass mmproj='path/to/mmproj.gguf'{hint}"
-    )
+    return _open("llama_cpp", model, kwargs)
 
 
 def _auto(model: str | None, kwargs: dict[str, Any]) -> Backend:
@@ -138,7 +104,7 @@ def _auto(model: str | None, kwargs: dict[str, Any]) -> Backend:
                 f"Ollama at {resolve_host(host)} has no vision model: run `ollama pull llava` "
                 "(or another vision model), or choose another engine with backend="
             )
-    ollama_only = {k for k in kwargs if k in OLLAMA_ARGS}
+    ollama_only = {k for k in kwargs if k in settings_only_for("ollama")}
     for key in ollama_only:
         kwargs.pop(key)
     env_model, env_mmproj = (
@@ -146,10 +112,10 @@ def _auto(model: str | None, kwargs: dict[str, Any]) -> Backend:
         os.environ.get("LLAVA_LOCAL_MMPROJ"),
     )
     if model and model != DEMO_NAME:
-        if _looks_like_path(model) or Path(model).expanduser().is_file():
+        if looks_like_path(model) or Path(model).expanduser().is_file():
             return _llama_cpp(model, kwargs)
         try:
-            if _pulled(model):
+            if pulled_pair(model):
                 return _llama_cpp(model, kwargs)
         except ModelNotFoundError as exc:  # a catalogue name: `ollama pull NAME` is no advice
             raise ModelNotFoundError(
@@ -188,10 +154,10 @@ def _auto(model: str | None, kwargs: dict[str, Any]) -> Backend:
 def _for_llama_cpp(model: str | None, kwargs: dict[str, Any]) -> bool:
     """Whether the call itself names the in-process engine: a GGUF file, the demo,
     or arguments only llama.cpp takes (then no daemon is asked, named or not)."""
-    if any(k in LLAMA_ARGS for k in kwargs):
+    if any(k in settings_only_for("llama_cpp") for k in kwargs):
         return True
     return bool(model) and (
-        model == DEMO_NAME or _looks_like_path(model) or Path(str(model)).expanduser().is_file()
+        model == DEMO_NAME or looks_like_path(model) or Path(str(model)).expanduser().is_file()
     )
 
 
@@ -201,16 +167,3 @@ def _in_catalogue(model: str) -> bool:
 
     found = match(model)
     return found is not None and found[1] == "name" and found[0].has_gguf
-
-
-def _looks_like_path(model: str | None) -> bool:
-    return bool(model) and (str(model).endswith(".gguf") or os.sep in str(model))
-
-
-def _construct(cls: type[Backend], model: Any, kwargs: dict[str, Any]) -> Backend:
-    try:
-        return cls(model, **kwargs)  # type: ignore[call-arg]
-    except TypeError as exc:
-        if "unexpected keyword argument" in str(exc):
-            raise InvalidRequestError(f"{cls.name} engine: {exc}") from exc
-        raise

@@ -30,10 +30,12 @@ from ..control import (
     STATUS_READING_PROMPT,
     TurnControl,
 )
+from ..demo import DEMO_NAME, demo_paths, is_demo
 from ..errors import (
     BackendError,
     ContextOverflowError,
     ImageError,
+    InvalidRequestError,
     MissingDependencyError,
     ModelLoadError,
     ModelNotFoundError,
@@ -42,6 +44,7 @@ from ..types import Options, Stats
 from . import gguf_meta
 from .base import Backend, Finish, Turn
 from .embedding_cache import EmbeddingCache
+from .registry import Capabilities, EngineConfig, EngineSpec, register
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -123,6 +126,23 @@ class _Prompt:
     parts: list[tuple[str, Any, int]] = field(default_factory=list)
 
 
+class LlamaCppConfig(EngineConfig):
+    """Settings of the in-process engine. ``model`` is a GGUF path, the name of a pulled
+    catalogue model, or ``"demo"``/None for the bundled demo; catalogue models and the
+    demo are recorded by name, so a config also works where paths differ."""
+
+    mmproj: str | None = None
+    n_ctx: int | None = None
+    n_threads: int | None = None
+    chat_format: str | None = None
+    n_gpu_layers: int = 0
+    n_batch: int = 512
+    use_mmap: bool = True
+    verbose: bool = False
+    embedding_cache_mb: float = 256
+    force: bool = False
+
+
 class LlamaCppBackend(Backend):
     """llama.cpp in this process, CPU by default, model memory-mapped."""
 
@@ -142,6 +162,7 @@ class LlamaCppBackend(Backend):
         verbose: bool = False,
         embedding_cache_mb: float = 256,
         force: bool = False,
+        catalog_name: str | None = None,
     ) -> None:
         self._llama_cpp = _import_llama_cpp()
         # The running turn's control, polled by the C callbacks below (kept alive here:
@@ -157,6 +178,22 @@ class LlamaCppBackend(Backend):
         self.model_path = _existing_file(model, "language model")
         self.mmproj_path = _existing_file(mmproj, "projector (mmproj)")
         self.model = self.model_path.name
+        self.catalog_name = DEMO_NAME if is_demo(self.model_path) else catalog_name
+        by_name = self.catalog_name is not None
+        #: These settings, as :meth:`VisionChat.from_config` rebuilds them.
+        self.config = LlamaCppConfig(
+            model=self.catalog_name if by_name else str(self.model_path.resolve()),
+            mmproj=None if by_name else str(self.mmproj_path.resolve()),
+            n_ctx=n_ctx,
+            n_threads=n_threads,
+            chat_format=chat_format,
+            n_gpu_layers=n_gpu_layers,
+            n_batch=n_batch,
+            use_mmap=use_mmap,
+            verbose=verbose,
+            embedding_cache_mb=embedding_cache_mb,
+            force=force,
+        )
         lm_meta, mm_meta = gguf_meta.check_pair(self.model_path, self.mmproj_path)
         self._image_tokens = gguf_meta.image_tokens(mm_meta)
         self._image_size = gguf_meta.image_size(mm_meta)
@@ -561,6 +598,72 @@ class LlamaCppBackend(Backend):
         stats.decode_s = now - t_decode
         stats.total_s = now - started
         yield Finish("length" if reason == "length" else "stop", stats)
+
+
+def open_engine(config: LlamaCppConfig) -> LlamaCppBackend:
+    """The engine for ``config``: the demo, a pulled catalogue model (with its prompt
+    format), or a GGUF path with its projector (found beside it when there is one)."""
+    settings = config.model_dump(exclude={"model", "mmproj"})
+    model, mmproj = config.model, config.mmproj
+    catalog_name = None
+    if model in (None, DEMO_NAME):
+        if mmproj is not None:
+            raise InvalidRequestError("the demo model comes with its own projector; drop mmproj=")
+        model_path, mmproj_path = demo_paths()
+    elif (pulled := None if mmproj else pulled_pair(str(model))) is not None:
+        entry, model_path, mmproj_path = pulled
+        catalog_name = entry.name
+        if settings["chat_format"] is None:
+            settings["chat_format"] = entry.chat_format
+    else:
+        model_path = Path(str(model)).expanduser()
+        mmproj_path = Path(mmproj).expanduser() if mmproj else find_mmproj(model_path)
+    return LlamaCppBackend(model_path, mmproj_path, catalog_name=catalog_name, **settings)
+
+
+def looks_like_path(model: str | None) -> bool:
+    """A model string that names a file rather than a catalogue entry."""
+    return bool(model) and (str(model).endswith(".gguf") or os.sep in str(model))
+
+
+def pulled_pair(model: str) -> Any:
+    """``(entry, model path, projector path)`` of a pulled catalogue name, or None; never
+    for something that is a path."""
+    if looks_like_path(model) or Path(model).expanduser().exists():
+        return None
+    from ..models import pulled_pair as find  # the Hugging Face cache, read on demand
+
+    return find(model)
+
+
+def find_mmproj(model: Path) -> Path:
+    """The one projector file beside the model, when the caller named none."""
+    if not model.is_file():  # say what is wrong first: the model itself is missing
+        raise ModelNotFoundError(
+            f"no language model file at {model}; check the path, or pull a catalogue "
+            "model (`llava-local models` lists them) and pass its name"
+        )
+    gguf_meta.check_magic(model)  # a picture given as the model is not a missing projector
+    found = sorted(model.parent.glob("*mmproj*.gguf")) if model.parent.is_dir() else []
+    if len(found) == 1:
+        return found[0]
+    hint = f" (found {len(found)} beside the model)" if found else ""
+    raise InvalidRequestError(
+        "the llama.cpp engine needs the projector file too: "
+        f"pass mmproj='path/to/mmproj.gguf'{hint}"
+    )
+
+
+register(
+    EngineSpec(
+        name="llama_cpp",
+        aliases=("llamacpp", "llama", "llama.cpp"),
+        config=LlamaCppConfig,
+        open=open_engine,
+        capabilities=Capabilities(reuses_turns=True, pulls_models=True),
+        description="llama.cpp in this process (a GGUF model and its mmproj)",
+    )
+)
 
 
 def _inside_picture(key: Key) -> bool:

@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.status import Status
 from rich.text import Text
 
+from ..backends import engine_names, registry
 from ..chat import VisionChat
 from ..errors import ContextOverflowError, LlavaLocalError
 
@@ -45,12 +46,38 @@ _FLAGS = {
 _ARGUMENT = re.compile(rf"(?<![\w./\\-])({'|'.join(_FLAGS)})=(?:'([^'\s]*)'|(?=[\s,;:)]|$))")
 
 
+# click 8.5 made ParamType generic, older releases (still allowed) are not.
+_ParamType: Any = click.ParamType
+
+
+class EngineName(_ParamType):  # type: ignore[misc]
+    """``--backend``: auto or any registered engine, read from the registry when used,
+    so an engine registered by a plugin is accepted like the built-in ones."""
+
+    name = "engine"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context) -> str:
+        return "[" + "|".join(engine_names()) + "]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        names = engine_names()
+        key = str(value).strip().replace("-", "_").lower()
+        if key == "auto":
+            return "auto"
+        try:
+            return registry.get(key).name
+        except LlavaLocalError:
+            raise click.BadParameter(
+                f"{value!r} is not one of {', '.join(names)}", ctx=ctx, param=param
+            ) from None
+
+
 def engine_options(func: F) -> F:
     """The options that choose and configure an engine, shared by every command."""
     decorators = [
         click.option(
             "--backend",
-            type=click.Choice(["auto", "ollama", "llama_cpp"]),
+            type=EngineName(),
             default="auto",
             show_default=True,
             help="Engine: the Ollama daemon, llama.cpp in-process, or the first that works.",
