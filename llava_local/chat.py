@@ -8,10 +8,13 @@ a failed or interrupted turn leaves the conversation exactly as it was.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -26,6 +29,8 @@ from .errors import BackendError, InvalidRequestError, LlavaLocalError, NoPictur
 from .types import Message, Options, PreparedImage, Reply
 
 _OPTION_NAMES = frozenset(Options.model_fields)
+#: How often a turn waiting for another thread's turn looks at its own stop flag.
+_WAIT_POLL_S = 0.05
 
 
 def _options(values: dict[str, Any]) -> Options:
@@ -86,7 +91,14 @@ class VisionChat:
         #: a spinner or a status line on slow machines.
         self.on_status = on_status
         self._history: list[Message] = []
-        self._lock = threading.RLock()
+        # One turn at a time: held by a ReplyStream from its first piece to its end (by
+        # whichever threads read it) and by reset/restore/close. Not re-entrant, so that
+        # the thread reading a turn cannot start a second one on the same KV cache;
+        # _turn_thread says who holds it, to refuse that with a clear error.
+        self._turn = threading.Lock()
+        self._turn_thread: threading.Thread | None = None
+        self._active: weakref.ref[ReplyStream] | None = None  # the stream holding it
+        self._state = threading.Lock()  # history, system, last_reply: read or set together
         self._closed = False
         self.last_reply: Reply | None = None
 
@@ -145,8 +157,14 @@ class VisionChat:
         return list(self._history)
 
     def reset(self) -> None:
-        """Start a new conversation. The system prompt and options stay."""
-        with self._lock:
+        """Start a new conversation. The system prompt and options stay.
+
+        Waits for a turn another thread is reading; in the thread reading one, finish
+        or close that stream first."""
+        self._clear(wait=True)
+
+    def _clear(self, *, wait: bool) -> None:
+        with self._exclusive("reset the conversation", wait=wait), self._state:
             self._history = []
             self.last_reply = None
 
@@ -160,9 +178,10 @@ class VisionChat:
         **options: Any,
     ) -> Reply:
         """Ask about ``image`` (or the pictures already in the conversation) and wait."""
-        with self._start(
+        request = self._request(
             prompt, image=image, images=images, schema=schema, options=options, stacklevel=3
-        ) as stream:
+        )
+        with self._open(request) as stream:
             for _ in stream:
                 pass
         return stream.reply
@@ -179,13 +198,16 @@ class VisionChat:
         """Like :meth:`ask`, but iterate the answer as it is written.
 
         Pictures and options are checked now, before anything is sent; the turn is
-        kept in the history when the iteration ends.
+        kept in the history when the iteration ends. The turn starts at the first
+        piece; one thread reads one turn of a chat at a time (starting another before
+        this one is read to the end or closed raises :class:`InvalidRequestError`).
         """
-        return self._start(
+        request = self._request(
             prompt, image=image, images=images, schema=schema, options=options, stacklevel=3
         )
+        return self._open(request)
 
-    def _start(
+    def _request(
         self,
         prompt: str,
         *,
@@ -194,20 +216,17 @@ class VisionChat:
         schema: structured.Schema | None,
         options: dict[str, Any],
         stacklevel: int,
-    ) -> ReplyStream:
+    ) -> _Request:
+        """Everything about a question that is quick to check (no picture is read yet)."""
         if self._closed:
             raise InvalidRequestError("this VisionChat is closed; create a new one")
+        self._refuse_reentry("start another turn")
         if not isinstance(prompt, str) or not prompt.strip():
             raise InvalidRequestError("the prompt must be a non-empty string")
         opts = self.options.overlay(_options(options))
         json_schema = None if schema is None else structured.json_schema(schema)
         sources = ([] if image is None else [image]) + _picture_list(images)
-        control = TurnControl(self.on_status)
-        if sources:
-            control.report(STATUS_PREPARING)
-        prepared = tuple(_images.prepare(s, max_side=self.max_image_side) for s in sources)
-        message = Message(role="user", content=prompt, images=prepared)
-        if not prepared and not self.allow_text_only and not self.has_pictures:
+        if not sources and not self.allow_text_only and not self.has_pictures:
             warnings.warn(
                 NoPictureWarning(
                     "no picture in this conversation: the model answers from the text "
@@ -216,55 +235,77 @@ class VisionChat:
                 ),
                 stacklevel=stacklevel,
             )
-        return ReplyStream(self, message, opts, schema, json_schema, control=control)
+        return _Request(prompt, sources, opts, schema, json_schema, TurnControl(self.on_status))
+
+    def _open(self, request: _Request) -> ReplyStream:
+        """The turn's stream, once its pictures are prepared (read, downloaded, encoded)."""
+        if request.sources:
+            request.control.report(STATUS_PREPARING)
+        prepared = tuple(_images.prepare(s, max_side=self.max_image_side) for s in request.sources)
+        message = Message(role="user", content=request.prompt, images=prepared)
+        return ReplyStream(
+            self,
+            message,
+            request.options,
+            request.schema,
+            request.json_schema,
+            control=request.control,
+        )
 
     @property
     def has_pictures(self) -> bool:
         """True when a turn of the conversation so far brought a picture."""
         return any(m.images for m in self._history)
 
-    def _run(
-        self,
-        message: Message,
-        options: Options,
-        schema: structured.Schema | None,
-        json_schema: dict[str, Any] | None,
-        out: ReplyStream,
-    ) -> Generator[str, None, None]:
-        with self._lock:
-            out.control.check()  # cancelled while waiting for the chat
-            turn, dropped = self._fit(message, options, json_schema, out.control)
-            pieces: list[str] = []
-            finish: Finish | None = None
-            generator = self._backend.generate(turn)
-            try:
-                for item in generator:
-                    if isinstance(item, Finish):
-                        finish = item
-                    elif item:
-                        pieces.append(item)
-                        yield item
-            except LlavaLocalError:
-                raise
-            except Exception as exc:  # an engine bug must still surface as our error
-                raise BackendError(f"the {self.backend} engine failed: {exc!r}") from exc
-            finally:
-                generator.close()
-            if finish is None:
-                raise BackendError(f"the {self.backend} engine ended the answer without finishing")
-            finish.stats.dropped_turns = dropped
-            text = "".join(pieces)
-            parsed = structured.parse(text, schema) if schema is not None else None
-            reply = Reply(
-                text=text,
-                model=self.model,
-                backend=self.backend,
-                done_reason=finish.done_reason,
-                stats=finish.stats,
-                parsed=parsed,
+    # -- turn bookkeeping (the stream drives the turn; the chat only lends itself) ----
+
+    def _refuse_reentry(self, action: str) -> None:
+        if self._turn_thread is threading.current_thread():
+            raise InvalidRequestError(
+                f"cannot {action}: this thread is still reading a turn of this chat; "
+                "finish that stream (read it to the end) or close() it first, e.g. "
+                "with `with chat.stream(...) as stream:`"
             )
-            self._history += [message, Message(role="assistant", content=text)]
-            self.last_reply = out.reply = reply
+
+    def _begin_turn(self, stream: ReplyStream) -> None:
+        """Hold the chat for ``stream``'s turn, waiting for another thread's turn."""
+        self._refuse_reentry("start another turn")
+        while not self._turn.acquire(timeout=_WAIT_POLL_S):
+            stream.control.check()  # cancelled while waiting for the chat
+        self._turn_thread = threading.current_thread()
+        self._active = weakref.ref(stream)
+        if self._closed:
+            self._end_turn()
+            raise InvalidRequestError("this VisionChat is closed; create a new one")
+
+    def _keep_turn(self, message: Message, reply: Reply) -> None:
+        """Add a finished turn to the history (called by its stream, still holding it)."""
+        with self._state:
+            answer = Message(role="assistant", content=reply.text)
+            self._history = [*self._history, message, answer]
+            self.last_reply = reply
+
+    def _end_turn(self) -> None:
+        """Let go of the chat (a plain lock: any thread that read the turn may)."""
+        self._turn_thread = None
+        self._active = None
+        self._turn.release()
+
+    @contextlib.contextmanager
+    def _exclusive(self, action: str, *, wait: bool = True) -> Iterator[None]:
+        """Hold the chat between turns (``wait=False``: refuse if a turn is running)."""
+        self._refuse_reentry(action)
+        if not self._turn.acquire(blocking=wait):
+            raise InvalidRequestError(
+                f"cannot {action} while a turn of this chat is running; "
+                "wait for it to end, or close its stream"
+            )
+        self._turn_thread = threading.current_thread()
+        try:
+            yield
+        finally:
+            self._turn_thread = None
+            self._turn.release()
 
     def _fit(
         self,
@@ -297,7 +338,7 @@ class VisionChat:
         """
         from . import persist
 
-        with self._lock:
+        with self._state:  # the finished turns; a turn being read is not in them yet
             model = getattr(self._backend, "model_path", None)
             mmproj = getattr(self._backend, "mmproj_path", None)
             if self._backend.catalog_name:  # the demo or a pulled pair: its name, not paths
@@ -320,7 +361,7 @@ class VisionChat:
         from . import persist
 
         saved = persist.load(Path(path))
-        with self._lock:
+        with self._exclusive("restore a conversation"), self._state:
             self._history = saved.history()
             self.system = saved.system
             self.last_reply = None
@@ -350,8 +391,15 @@ class VisionChat:
     # -- lifetime ----------------------------------------------------------------
 
     def close(self) -> None:
-        """Free the model (llama.cpp) or the HTTP client (Ollama). Safe to call twice."""
-        with self._lock:
+        """Free the model (llama.cpp) or the HTTP client (Ollama). Safe to call twice.
+
+        Waits for a turn another thread is reading; a turn this thread left unfinished
+        is closed first (it is not kept)."""
+        if self._turn_thread is threading.current_thread():
+            stream = self._active() if self._active is not None else None
+            if stream is not None:
+                stream.close()
+        with self._exclusive("close the chat"):
             if not self._closed:
                 self._closed = True
                 self._backend.close()
@@ -415,11 +463,25 @@ def _drop_oldest_turn(history: list[Message], message: Message) -> tuple[list[Me
     return rest, message.model_copy(update={"images": pictures})
 
 
+@dataclass(frozen=True)
+class _Request:
+    """A checked question whose pictures are not prepared yet (see ``VisionChat._open``)."""
+
+    prompt: str
+    sources: list[_images.ImageSource]
+    options: Options
+    schema: structured.Schema | None
+    json_schema: dict[str, Any] | None
+    control: TurnControl
+
+
 class ReplyStream(Iterator[str]):
     """The answer as it is written: iterate for text pieces, then read :attr:`reply`.
 
-    Use it as a context manager (or iterate to the end) so that an abandoned
-    stream stops the engine; a stream closed early does not enter the history.
+    The stream owns its turn: from its first piece to its end it holds the chat, drives
+    the engine and builds the reply; the chat only keeps the finished turn. Use it as a
+    context manager (or iterate to the end) so that an abandoned stream stops the
+    engine; a stream closed early does not enter the history.
     """
 
     def __init__(
@@ -435,8 +497,18 @@ class ReplyStream(Iterator[str]):
         self.message = message
         #: The turn's stop flag and status (see :mod:`llava_local.control`).
         self.control = control or TurnControl(chat.on_status)
+        self._chat = chat
+        self._options = options
+        self._schema = schema
+        self._json_schema = json_schema
+        self._stage: Literal["new", "running", "over"] = "new"
+        self._engine: Generator[str | Finish, None, None] | None = None
+        self._dropped = 0
+        self._pieces: list[str] = []
+        self._finish: Finish | None = None
         self._reply: Reply | None = None
-        self._pieces = chat._run(message, options, schema, json_schema, self)
+        self._busy = threading.Lock()  # held by the thread reading the next piece
+        self._reader: threading.Thread | None = None
 
     @property
     def images(self) -> tuple[PreparedImage, ...]:
@@ -450,15 +522,87 @@ class ReplyStream(Iterator[str]):
             raise InvalidRequestError("the reply is ready only after the stream has been read")
         return self._reply
 
-    @reply.setter
-    def reply(self, value: Reply) -> None:
-        self._reply = value
-
     def __iter__(self) -> ReplyStream:
         return self
 
     def __next__(self) -> str:
-        return next(self._pieces)
+        with self._busy:
+            self._reader = threading.current_thread()
+            try:
+                return self._next_piece()
+            finally:
+                self._reader = None
+
+    def _next_piece(self) -> str:
+        if self._stage == "new":
+            self._begin()
+        if self._stage != "running":
+            raise StopIteration
+        assert self._engine is not None
+        try:
+            for item in self._engine:
+                self.control.check()  # cancel() lands here too, with engines that never poll
+                if isinstance(item, Finish):
+                    self._finish = item
+                elif item:
+                    self._pieces.append(item)
+                    return item
+            self._keep()
+        except BaseException as exc:  # Ctrl-C, cancel, errors: the turn is not kept
+            self._end()
+            if isinstance(exc, Exception) and not isinstance(exc, LlavaLocalError):
+                # an engine bug must still surface as our error
+                raise BackendError(f"the {self._chat.backend} engine failed: {exc!r}") from exc
+            raise
+        raise StopIteration
+
+    def _begin(self) -> None:
+        chat = self._chat
+        chat._begin_turn(self)
+        self._stage = "running"
+        try:
+            self.control.check()  # cancelled before it started
+            turn, self._dropped = chat._fit(
+                self.message, self._options, self._json_schema, self.control
+            )
+            self._engine = chat._backend.generate(turn)
+        except BaseException:
+            self._end()
+            raise
+
+    def _keep(self) -> None:
+        """The engine has finished: build the reply, have the chat keep the turn."""
+        chat = self._chat
+        if self._finish is None:
+            raise BackendError(f"the {chat.backend} engine ended the answer without finishing")
+        stats = self._finish.stats
+        stats.dropped_turns = self._dropped
+        text = "".join(self._pieces)
+        parsed = structured.parse(text, self._schema) if self._schema is not None else None
+        reply = Reply(
+            text=text,
+            model=chat.model,
+            backend=chat.backend,
+            done_reason=self._finish.done_reason,
+            stats=stats,
+            parsed=parsed,
+        )
+        chat._keep_turn(self.message, reply)
+        self._reply = reply
+        self._end()
+
+    def _end(self) -> None:
+        """Stop the engine and let go of the chat; the turn is over (once)."""
+        if self._stage != "running":
+            self._stage = "over"
+            return
+        self._stage = "over"
+        engine, self._engine = self._engine, None
+        try:
+            if engine is not None:
+                engine.close()
+        finally:
+            self._chat._end_turn()
 
     @property
     def status(self) -> str:
@@ -473,8 +617,21 @@ class ReplyStream(Iterator[str]):
         self.control.cancel()
 
     def close(self) -> None:
-        """Stop the answer now; the turn is not kept."""
-        self._pieces.close()
+        """Stop the answer now; the turn is not kept. From a thread other than the one
+        reading it, this cancels the turn and waits until that thread lets go of it."""
+        if self._reader is threading.current_thread():  # from inside the turn (on_status)
+            self.control.cancel()
+            return
+        if self._reader is not None:
+            self.control.cancel()
+        with self._busy:
+            self._end()
+
+    def __del__(self) -> None:
+        # A stream dropped unfinished (a `break` out of its for loop) lets go of the chat.
+        if getattr(self, "_stage", "over") == "running":
+            with contextlib.suppress(Exception):
+                self._end()
 
     def __enter__(self) -> ReplyStream:
         return self
