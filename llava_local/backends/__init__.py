@@ -66,7 +66,8 @@ def _open(backend: str, model: str | None, kwargs: dict[str, Any]) -> Backend:
     """Engine ``backend`` for ``model`` and its settings, checked by its config class."""
     spec = registry.get(backend)
     settings = {**kwargs, **({} if model is None else {"model": model})}
-    engine: Backend = spec.open(registry.make_config(spec.name, settings))
+    runtime = {k: settings[k] for k in spec.config.runtime_names() if k in settings}
+    engine: Backend = spec.open(registry.make_config(spec.name, settings), **runtime)
     return engine
 
 

@@ -11,10 +11,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..control import TurnControl
 from ..types import DoneReason, Message, Options, Stats
+
+if TYPE_CHECKING:
+    from .registry import EngineConfig
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,9 @@ class Backend(ABC):
     #: The catalogue name of the files (``"demo"``, a pulled entry), if any: what a saved
     #: conversation records, as install and cache paths differ between machines.
     catalog_name: str | None = None
+    #: The engine's settings as a JSON-serialisable config (see :mod:`.registry`), from
+    #: which the same engine can be opened again; None for engines built by hand.
+    config: EngineConfig | None = None
 
     @property
     def max_image_side(self) -> int:

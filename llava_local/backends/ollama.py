@@ -60,6 +60,7 @@ from ..errors import (
 )
 from ..types import DoneReason, Message, Options, Stats
 from .base import Backend, Finish, Turn
+from .registry import Capabilities, EngineConfig, EngineSpec, register
 
 __all__ = ["OllamaBackend", "find_vision_model", "pull_model", "resolve_host"]
 
@@ -229,6 +230,17 @@ class OllamaBackend(Backend):
         self.pull = pull
         self.keep_alive = keep_alive
         self._options = _engine_options(engine_options, num_ctx)
+        #: These settings, as :meth:`VisionChat.from_config` rebuilds them.
+        self.config = OllamaConfig(
+            model=model,
+            host=host,
+            timeout=timeout,
+            pull=pull,
+            keep_alive=keep_alive,
+            connect_timeout=connect_timeout,
+            num_ctx=num_ctx,
+            options=dict(engine_options),
+        )
         read = timeout if timeout is not None else DEFAULT_READ_TIMEOUT
         self._timeouts = httpx.Timeout(read, connect=connect_timeout)
         self._owns_client = client is None
@@ -577,3 +589,56 @@ def _stats(final: ollama.ChatResponse, first_token_s: float | None) -> Stats:
         first_token_s=first_token_s,
         image_encode_s=None,
     )
+
+
+class OllamaConfig(EngineConfig):
+    """Settings of the Ollama engine; Ollama's own runner options (``num_thread``,
+    ``num_gpu``, ...) go into ``options`` and may also be given by name."""
+
+    model: str | None = "llava"
+    host: str | None = None
+    timeout: float | None = None
+    pull: bool = False
+    keep_alive: str | float | None = None
+    connect_timeout: float = 3.0
+    num_ctx: int | None = None
+    options: dict[str, Any] = pydantic.Field(default_factory=dict)
+
+    @classmethod
+    def setting_names(cls) -> list[str]:
+        return [*cls.model_fields, *sorted(OLLAMA_OPTIONS - set(cls.model_fields))]
+
+    @classmethod
+    def runtime_names(cls) -> frozenset[str]:
+        # The HTTP layer a caller brings (see OllamaBackend): objects of this process,
+        # handed to the engine as it opens and never part of the JSON description.
+        return frozenset({"transport", "client"})
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _runner_options(cls, data: Any) -> Any:
+        """Ollama's runner options given by name join ``options``."""
+        if not isinstance(data, dict):
+            return data
+        named = {k: data[k] for k in data if k in OLLAMA_OPTIONS and k not in cls.model_fields}
+        if not named:
+            return data
+        rest = {k: v for k, v in data.items() if k not in named}
+        return {**rest, "options": {**dict(rest.get("options") or {}), **named}}
+
+
+def open_engine(config: OllamaConfig, **runtime: Any) -> OllamaBackend:
+    """The Ollama engine for ``config`` (``runtime``: an injected transport or client)."""
+    settings = config.model_dump(exclude={"model", "options"})
+    return OllamaBackend(config.model or "llava", **settings, **runtime, **config.options)
+
+
+register(
+    EngineSpec(
+        name="ollama",
+        config=OllamaConfig,
+        open=open_engine,
+        capabilities=Capabilities(pulls_models=True),
+        description="the Ollama daemon (ollama serve)",
+    )
+)

@@ -39,6 +39,12 @@ class EngineConfig(BaseModel):
         """The names this engine takes as settings (its fields, unless it says more)."""
         return list(cls.model_fields)
 
+    @classmethod
+    def runtime_names(cls) -> frozenset[str]:
+        """Settings that are live objects (an HTTP transport, a client): handed to the
+        engine when it opens, never part of the config, so a rebuilt chat lacks them."""
+        return frozenset()
+
     @field_validator("*", mode="before")
     @classmethod
     def _paths_as_text(cls, value: Any) -> Any:
@@ -66,8 +72,9 @@ class EngineSpec:
 
     name: str
     config: type[EngineConfig]
-    #: Opens the engine for a config (imports heavy dependencies only when called).
-    open: Callable[[Any], Backend]
+    #: Opens the engine for a config and its runtime objects (see
+    #: :meth:`EngineConfig.runtime_names`); imports heavy dependencies only when called.
+    open: Callable[..., Backend]
     capabilities: Capabilities = field(default_factory=Capabilities)
     aliases: tuple[str, ...] = ()
     #: One line for lists (``--help``, the web page).
@@ -113,7 +120,7 @@ def make_config(name: str, settings: Mapping[str, Any]) -> EngineConfig:
     refused with what the engine takes."""
     spec = get(name)
     cls = spec.config
-    valid = cls.setting_names()
+    valid = [*cls.setting_names(), *sorted(cls.runtime_names())]
     unknown = sorted(set(settings) - set(valid))
     if unknown:
         close = difflib.get_close_matches(unknown[0], valid, n=1)
@@ -123,7 +130,7 @@ def make_config(name: str, settings: Mapping[str, Any]) -> EngineConfig:
             + ", ".join(valid)
         )
     try:
-        return cls(**settings)
+        return cls(**{k: v for k, v in settings.items() if k not in cls.runtime_names()})
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise InvalidRequestError(f"invalid {spec.name} engine settings ({problems})") from None
