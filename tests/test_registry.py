@@ -1,0 +1,94 @@
+"""Engines by name: the built-in ones register with typed configs, a misspelt setting is
+refused with the valid names, and an engine written outside the package is usable by
+name everywhere after one register() call."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Generator, Iterator
+
+import pytest
+from click.testing import CliRunner
+
+from llava_local import InvalidRequestError, VisionChat
+from llava_local.backends import Backend, Finish, Turn, engine_names, registry
+from llava_local.backends.llama_cpp import LlamaCppConfig
+from llava_local.backends.ollama import OllamaConfig
+from llava_local.cli import main
+from llava_local.types import Stats
+from llava_local.ui import _engine_choice
+
+
+class EchoConfig(registry.EngineConfig):
+    """The test engine's settings."""
+
+    model: str | None = "echo-1"
+    shout: bool = False
+
+
+class EchoBackend(Backend):
+    """Answers with the question, to show an outside engine needs nothing else."""
+
+    name = "echo"
+
+    def __init__(self, config: EchoConfig) -> None:
+        self.config = config
+        self.model = config.model or "echo-1"
+
+    def generate(self, turn: Turn) -> Generator[str | Finish, None, None]:
+        text = turn.messages[-1].content
+        yield text.upper() if isinstance(self.config, EchoConfig) and self.config.shout else text
+        yield Finish("stop", Stats(completion_tokens=1))
+
+
+@pytest.fixture
+def echo() -> Iterator[None]:
+    registry.register(registry.EngineSpec("echo", EchoConfig, EchoBackend, aliases=("parrot",)))
+    yield
+    registry._ENGINES.pop("echo")
+    registry._ALIASES.pop("parrot")
+
+
+def test_built_in_engines_have_typed_json_configs() -> None:
+    """ollama and llama_cpp are registered with frozen configs that round-trip as JSON."""
+    assert {"ollama", "llama_cpp"} <= set(registry.names())
+    assert engine_names()[0] == "auto"
+    config = registry.make_config("ollama", {"model": "llava", "num_thread": 2})
+    assert isinstance(config, OllamaConfig)
+    assert config.options == {"num_thread": 2}
+    again = OllamaConfig.model_validate(json.loads(json.dumps(config.model_dump(mode="json"))))
+    assert again == config
+    with pytest.raises(Exception, match="frozen"):
+        config.host = "elsewhere"  # type: ignore[misc]
+    assert registry.get("llama.cpp").config is LlamaCppConfig
+
+
+def test_a_misspelt_setting_is_refused_with_the_valid_names() -> None:
+    """VisionChat.llama_cpp(n_cxt=...) fails before loading, naming n_ctx and the rest."""
+    with pytest.raises(InvalidRequestError, match=r"no setting 'n_cxt' \(did you mean 'n_ctx'\?\)"):
+        VisionChat("llama_cpp", None, n_cxt=512)
+    with pytest.raises(InvalidRequestError, match="embedding_cache_mb"):
+        VisionChat("llama_cpp", None, n_cxt=512)
+    with pytest.raises(InvalidRequestError, match="n_batch"):
+        VisionChat("llama_cpp", None, n_batch="many")
+
+
+@pytest.mark.usefixtures("echo")
+def test_an_outside_engine_is_usable_by_name_everywhere() -> None:
+    """After one register() call, the engine answers through VisionChat (by name and
+    alias), the CLI's --backend and the web page's engine list."""
+    with VisionChat("echo", shout=True) as chat:
+        reply = chat.ask("hello")
+    assert reply.text == "HELLO"
+    assert reply.backend == "echo"
+    with VisionChat("parrot") as chat:
+        assert chat.ask("hi").text == "hi"
+    with pytest.raises(InvalidRequestError, match="shout"):
+        VisionChat("echo", shou=True)
+    assert "echo" in engine_names()
+    assert _engine_choice({"backend": "auto"}, "echo", "", "", "")["backend"] == "echo"
+    result = CliRunner().invoke(
+        main, ["ask", "examples/digit.png", "Say it", "--backend", "echo", "--no-stream"]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "Say it"
