@@ -13,7 +13,7 @@ import os
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -329,6 +329,52 @@ class VisionChat:
 
     # -- keeping conversations ------------------------------------------------------
 
+    @property
+    def config(self) -> dict[str, Any]:
+        """This chat as JSON data: its engine with that engine's settings (catalogue
+        models and the demo by name), the default options and the chat's own settings;
+        not the conversation (``save`` keeps that). :meth:`from_config` makes an
+        equivalent chat from it, in this process or another."""
+        settings = self._backend.config
+        if settings is None:
+            raise InvalidRequestError(
+                f"the {self.backend} engine was built by hand and has no config to describe "
+                "it; open it by name (VisionChat(backend, model, ...)) to get one"
+            )
+        return {
+            "backend": self.backend,
+            "engine": settings.model_dump(mode="json", exclude_defaults=True),
+            "options": self.options.model_dump(mode="json", exclude_none=True),
+            "system": self.system,
+            "max_image_side": self.max_image_side,
+            "on_overflow": self.on_overflow,
+            "allow_text_only": self.allow_text_only,
+        }
+
+    @classmethod
+    def from_config(cls, data: Mapping[str, Any]) -> VisionChat:
+        """A chat like the one whose :attr:`config` is ``data`` (JSON data is fine)."""
+        known = {"backend", "engine", "options", "system", "max_image_side", "on_overflow"}
+        unknown = sorted(set(data) - known - {"allow_text_only"})
+        if unknown or not isinstance(data.get("backend"), str):
+            raise InvalidRequestError(
+                "not a chat config: it needs 'backend' and may have "
+                + ", ".join(sorted(known | {"allow_text_only"}))
+                + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+            )
+        engine = dict(data.get("engine") or {})
+        model = engine.pop("model", None)
+        return cls(
+            data["backend"],
+            model,
+            system=data.get("system"),
+            max_image_side=data.get("max_image_side"),
+            on_overflow=data.get("on_overflow", "error"),
+            allow_text_only=bool(data.get("allow_text_only", False)),
+            **engine,
+            **dict(data.get("options") or {}),
+        )
+
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the conversation, pictures included (each once), atomically as JSON.
 
@@ -339,10 +385,9 @@ class VisionChat:
         from . import persist
 
         with self._state:  # the finished turns; a turn being read is not in them yet
-            model = getattr(self._backend, "model_path", None)
-            mmproj = getattr(self._backend, "mmproj_path", None)
-            if self._backend.catalog_name:  # the demo or a pulled pair: its name, not paths
-                model, mmproj = self._backend.catalog_name, None
+            settings = self._backend.config  # the demo or a pulled pair by name, not paths
+            model = getattr(settings, "model", None)
+            mmproj = getattr(settings, "mmproj", None)
             return persist.save(
                 Path(path),
                 history=self._history,

@@ -5,7 +5,10 @@ name everywhere after one register() call."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Generator, Iterator
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -17,6 +20,8 @@ from llava_local.backends.ollama import OllamaConfig
 from llava_local.cli import main
 from llava_local.types import Stats
 from llava_local.ui import _engine_choice
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class EchoConfig(registry.EngineConfig):
@@ -92,3 +97,46 @@ def test_an_outside_engine_is_usable_by_name_everywhere() -> None:
     )
     assert result.exit_code == 0, result.output
     assert result.output.strip() == "Say it"
+
+
+def test_a_chat_described_as_json_is_rebuilt_in_another_process() -> None:
+    """json.dumps(chat.config) in a fresh process rebuilds a chat that reads the example
+    digit exactly as the original does; the demo is recorded by name, not by path."""
+    with VisionChat.llama_cpp(n_ctx=1024, temperature=0, system="Answer briefly.") as chat:
+        original = chat.ask("What digit is this?", image="examples/digit.png").text
+        data = json.dumps(chat.config)
+    config = json.loads(data)
+    assert config["engine"]["model"] == "demo"
+    assert "mmproj" not in config["engine"]
+    assert config["options"] == {"temperature": 0.0}
+    script = (
+        "import json, sys\n"
+        "from llava_local import VisionChat\n"
+        "chat = VisionChat.from_config(json.loads(sys.argv[1]))\n"
+        "print(chat.ask('What digit is this?', image='examples/digit.png').text)\n"
+    )
+    rebuilt = subprocess.run(
+        [sys.executable, "-c", script, data],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert rebuilt.stdout.strip() == original
+    assert original == "This digit is 7."
+
+
+def test_an_ollama_chat_config_keeps_the_key_settings_and_no_objects() -> None:
+    """An Ollama chat's config holds its host and runner options, not its transport."""
+    import httpx
+
+    chat = VisionChat.ollama(
+        "llava", host="http://127.0.0.1:9", num_thread=2, transport=httpx.HTTPTransport()
+    )
+    with chat:
+        config = chat.config
+    assert config["engine"] == {"host": "http://127.0.0.1:9", "options": {"num_thread": 2}}
+    assert json.loads(json.dumps(config)) == config
+    with pytest.raises(InvalidRequestError, match="not a chat config"):
+        VisionChat.from_config({"engine": {}})
