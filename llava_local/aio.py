@@ -19,7 +19,7 @@ import concurrent.futures
 import contextlib
 import os
 import weakref
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -75,6 +75,17 @@ class AsyncVisionChat:
         """A chat that continues a saved conversation; arguments as :meth:`VisionChat.load`
         (it loads the model: in a running event loop, call it through ``asyncio.to_thread``)."""
         return cls(VisionChat.load(path, backend, model, **kwargs))
+
+    @classmethod
+    def from_config(cls, data: Mapping[str, Any]) -> AsyncVisionChat:
+        """A chat rebuilt from :attr:`config` data; as :meth:`VisionChat.from_config`
+        (it loads the model: in a running event loop, call it through ``asyncio.to_thread``)."""
+        return cls(VisionChat.from_config(data))
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """This chat as JSON data, as :attr:`VisionChat.config`."""
+        return self.sync.config
 
     # -- what the sync chat has ------------------------------------------------------
 

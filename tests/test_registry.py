@@ -140,3 +140,16 @@ def test_an_ollama_chat_config_keeps_the_key_settings_and_no_objects() -> None:
     assert json.loads(json.dumps(config)) == config
     with pytest.raises(InvalidRequestError, match="not a chat config"):
         VisionChat.from_config({"engine": {}})
+
+
+def test_the_async_chat_has_the_config_too() -> None:
+    """AsyncVisionChat.config and from_config match the sync ones."""
+    from llava_local import AsyncVisionChat
+
+    chat = AsyncVisionChat.llama_cpp(temperature=0)
+    try:
+        again = AsyncVisionChat.from_config(json.loads(json.dumps(chat.config)))
+        assert again.config == chat.config
+        again.sync.close()
+    finally:
+        chat.sync.close()
