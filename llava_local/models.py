@@ -39,6 +39,7 @@ from .errors import (
     MissingDependencyError,
     ModelNotFoundError,
 )
+from .resolve import hf_cache_dir, huggingface_hub, pulled_pair
 
 __all__ = [
     "AvailableModel",
@@ -201,19 +202,10 @@ def _ollama_model(name: str, size: int | None, vision: bool | None) -> Installed
     )
 
 
-def hf_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The Hugging Face cache in use: ``cache_dir``, else ``huggingface_hub``'s
-    (``HF_HUB_CACHE``, ``HF_HOME/hub``, ``~/.cache/huggingface/hub``)."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    constants = _hf().constants
-    return Path(constants.HF_HUB_CACHE)
-
-
 def cached_pairs(cache_dir: str | os.PathLike[str] | None = None) -> list[InstalledModel]:
     """Catalogue GGUF pairs in the Hugging Face cache (``scan_cache_dir``), newest
     revision first; a pair missing one file is listed with a note saying which."""
-    hub = _hf()
+    hub = huggingface_hub()
     try:
         info = hub.scan_cache_dir(hf_cache_dir(cache_dir))
     except hub.CacheNotFound:
@@ -233,33 +225,6 @@ def cached_pairs(cache_dir: str | os.PathLike[str] | None = None) -> list[Instal
             found.append(_cached_model(entry, lm, mm))
             break
     return found
-
-
-def pulled_pair(
-    name: str, cache_dir: str | os.PathLike[str] | None = None
-) -> tuple[CatalogEntry, Path, Path] | None:
-    """A catalogue model's GGUF pair in the Hugging Face cache, found by its name, so
-    that ``model="smolvlm2-2.2b"`` works after ``llava-local pull smolvlm2-2.2b``.
-
-    None when ``name`` is not the name of a catalogue entry with GGUF files; a
-    :class:`ModelNotFoundError` saying how to get it when the pair is not (all) there.
-    Only the cache is read, never the network.
-    """
-    found = catalog.match(name)
-    if found is None or found[1] != "name" or not found[0].has_gguf:
-        return None
-    entry, hub = found[0], _hf()
-    paths = []
-    for filename in (str(entry.gguf), str(entry.mmproj)):
-        path = hub.try_to_load_from_cache(str(entry.hf_repo), filename, cache_dir=cache_dir)
-        if not isinstance(path, str):
-            size = f" ({entry.download_bytes / 1e9:.1f} GB)" if entry.download_bytes else ""
-            raise ModelNotFoundError(
-                f"{entry.name} is not downloaded ({filename} is not in the Hugging Face "
-                f"cache {hf_cache_dir(cache_dir)}): run `llava-local pull {entry.name}`{size}"
-            )
-        paths.append(Path(path))
-    return entry, paths[0], paths[1]
 
 
 def pair_memory(model: Path, mmproj: Path, image_tokens: int, fallback: int) -> int:
@@ -478,7 +443,7 @@ def download_gguf(
     """
     if not entry.has_gguf:
         raise InvalidRequestError(f"{entry.name} has no GGUF files to download")
-    hub = _hf()
+    hub = huggingface_hub()
     quiet = None if progress else _quiet_bar()
     # One quiet look first: huggingface_hub retries an unreachable Hub five times with
     # backoff (24 s of "Retrying in 1s [Retry 1/5]" lines) before failing. Unreachable,
@@ -547,7 +512,7 @@ def _hub_error(
 ) -> Exception:
     """The library error for one ``huggingface_hub`` failure: the single place they are
     mapped. Anything unknown is returned as it is, and re-raised."""
-    hub = _hf()
+    hub = huggingface_hub()
     errors = hub.errors
     where = endpoint or hub.constants.ENDPOINT
     repo = entry.hf_repo
@@ -588,20 +553,6 @@ def _hub_error(
             f"disk space in {hf_cache_dir(cache_dir)})"
         )
     return exc
-
-
-def _hf() -> Any:
-    """``huggingface_hub``, imported when first needed (it is optional)."""
-    try:
-        import huggingface_hub
-        import huggingface_hub.constants
-        import huggingface_hub.errors
-    except ImportError as exc:  # pragma: no cover - installed with the llama-cpp extra
-        raise MissingDependencyError(
-            "downloading and finding GGUF files needs huggingface_hub: "
-            "pip install 'llava-local[llama-cpp]'"
-        ) from exc
-    return huggingface_hub
 
 
 def _quiet_bar() -> Callable[..., Any]:

@@ -19,9 +19,9 @@ from typing import Any, Literal
 
 from ..demo import DEMO_NAME
 from ..errors import BackendUnavailableError, ModelNotFoundError
+from ..resolve import looks_like_path, pulled_pair
 from . import registry
 from .base import Backend, Finish, Turn
-from .llama_cpp import looks_like_path, pulled_pair
 
 __all__ = [
     "Backend",

@@ -40,6 +40,7 @@ from ..errors import (
     ModelLoadError,
     ModelNotFoundError,
 )
+from ..resolve import find_mmproj, pulled_pair
 from ..types import Options, Stats
 from . import gguf_meta
 from .base import Backend, Finish, Turn
@@ -619,39 +620,6 @@ def open_engine(config: LlamaCppConfig) -> LlamaCppBackend:
         model_path = Path(str(model)).expanduser()
         mmproj_path = Path(mmproj).expanduser() if mmproj else find_mmproj(model_path)
     return LlamaCppBackend(model_path, mmproj_path, catalog_name=catalog_name, **settings)
-
-
-def looks_like_path(model: str | None) -> bool:
-    """A model string that names a file rather than a catalogue entry."""
-    return bool(model) and (str(model).endswith(".gguf") or os.sep in str(model))
-
-
-def pulled_pair(model: str) -> Any:
-    """``(entry, model path, projector path)`` of a pulled catalogue name, or None; never
-    for something that is a path."""
-    if looks_like_path(model) or Path(model).expanduser().exists():
-        return None
-    from ..models import pulled_pair as find  # the Hugging Face cache, read on demand
-
-    return find(model)
-
-
-def find_mmproj(model: Path) -> Path:
-    """The one projector file beside the model, when the caller named none."""
-    if not model.is_file():  # say what is wrong first: the model itself is missing
-        raise ModelNotFoundError(
-            f"no language model file at {model}; check the path, or pull a catalogue "
-            "model (`llava-local models` lists them) and pass its name"
-        )
-    gguf_meta.check_magic(model)  # a picture given as the model is not a missing projector
-    found = sorted(model.parent.glob("*mmproj*.gguf")) if model.parent.is_dir() else []
-    if len(found) == 1:
-        return found[0]
-    hint = f" (found {len(found)} beside the model)" if found else ""
-    raise InvalidRequestError(
-        "the llama.cpp engine needs the projector file too: "
-        f"pass mmproj='path/to/mmproj.gguf'{hint}"
-    )
 
 
 register(
