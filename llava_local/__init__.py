@@ -14,7 +14,9 @@ process with the same code::
 from importlib.metadata import PackageNotFoundError, version
 
 from .aio import AsyncReplyStream, AsyncVisionChat
+from .backends import Backend, Finish, Turn
 from .chat import ReplyStream, VisionChat
+from .control import TurnControl
 from .errors import (
     BackendError,
     BackendTimeoutError,
@@ -35,6 +37,7 @@ from .errors import (
     SchemaError,
     TurnCancelledError,
 )
+from .images import ImageSource
 from .types import Message, Options, PreparedImage, Reply, Stats
 
 try:
@@ -45,12 +48,15 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 __all__ = [
     "AsyncReplyStream",
     "AsyncVisionChat",
+    "Backend",
     "BackendError",
     "BackendTimeoutError",
     "BackendUnavailableError",
     "ContextOverflowError",
     "ConversationFileError",
+    "Finish",
     "ImageError",
+    "ImageSource",
     "InsufficientMemoryError",
     "InvalidRequestError",
     "LlavaLocalError",
@@ -68,7 +74,9 @@ __all__ = [
     "ResponseError",
     "SchemaError",
     "Stats",
+    "Turn",
     "TurnCancelledError",
+    "TurnControl",
     "VisionChat",
     "__version__",
 ]
