@@ -1,6 +1,6 @@
 # The two commands of the README: `make demo` (ask the demo model about a picture)
 # and `make test` (the test-suite). Both set up .venv on first use; `make demo`
-# installs only what running needs, `make test` adds the test tools.
+# installs only what running needs, `make test` adds the test tools and dev/.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN := $(VENV)/.installed-run
@@ -15,8 +15,11 @@ $(RUN): pyproject.toml scripts/install-llama-cpp.sh scripts/build_progress.py
 	$(PY) -m pip install -e ".[llama-cpp]"
 	touch $(RUN)
 
-$(DEV): $(RUN)
+# The development package (dev/: GGUF writer, numpy reference, libmtmd runner) is
+# installed beside the library, never inside its wheel.
+$(DEV): $(RUN) dev/pyproject.toml
 	$(PY) -m pip install -e ".[llama-cpp,ui,dev]"
+	$(PY) -m pip install -e ./dev
 	touch $(DEV)
 
 demo: $(RUN)

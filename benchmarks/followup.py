@@ -12,7 +12,7 @@ files, threads, context size, batch size and number of new tokens, greedy decodi
 - ``handler``: ``Llama(..., chat_handler=Llava15ChatHandler(...))`` and
   ``create_chat_completion(stream=True)`` with the whole history resent each turn, the
   picture as a data URI of the file: what users of llama-cpp-python write;
-- ``raw``: a minimal libmtmd script (what tests/gguf_fixtures.MtmdRunner does) with our
+- ``raw``: a minimal libmtmd script (``llava_local_dev.mtmd.MtmdRunner``) with our
   prompt text. Its turn 1 is the floor for a first turn. Its follow-ups evaluate only
   the new question's tokens (plus the previous answer's last token, which sampling never
   evaluates) on the warm KV cache: the floor for a follow-up turn.
@@ -49,12 +49,13 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from llava_local_dev.mtmd import MtmdRunner
+from llava_local_dev.twins import ascii_answers, word_answers
 from pydantic import BaseModel
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from llava_local import bench
 
-from llava_local import bench  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 ENGINES = ("ours", "handler", "raw")
 DEFAULT_TWINS = Path("/tmp/twins")
@@ -395,17 +396,25 @@ def work_handler(config: Config) -> EngineRun:
 def work_raw(config: Config) -> EngineRun:
     """A minimal libmtmd script: the floor for turn 1 and for a follow-up's new tokens."""
     import llama_cpp
-    from llama_cpp import mtmd_cpp as m
 
     from llava_local.chat_formats import get_format
     from llava_local.types import Message
 
     start = time.perf_counter()
-    llama, ctx = _raw_load(config)
+    runner = MtmdRunner(
+        config.model,
+        config.mmproj,
+        n_ctx=config.n_ctx,
+        n_batch=config.n_batch,
+        exact_clip=False,  # llama.cpp's default CLIP attention, as our engine uses
+        n_threads=config.threads,
+        n_threads_batch=config.threads,
+    )
+    llama = runner.llama
     load_s = time.perf_counter() - start
     rss_loaded = _peak()
     probe = Probe(llama)
-    marker = m.mtmd_default_marker().decode()
+    marker = runner.marker
     fmt = get_format("vicuna")
     photo = _photo(config)
     sampling: dict[str, Any] = {"temp": 0.0, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
@@ -433,7 +442,7 @@ def work_raw(config: Config) -> EngineRun:
         t0 = time.perf_counter()
         if index == 0:
             text = fmt.prompt([user.model_copy(update={"images": (_fake_image(),)})], marker)
-            encode_s = _raw_first_turn(llama, ctx, text, photo)
+            encode_s = runner.evaluate(text, [photo])
             encoded, reused, evaluated, question_tokens = 1, 0, llama.n_tokens, None
             answer = generate([])
         else:
@@ -463,7 +472,7 @@ def work_raw(config: Config) -> EngineRun:
                 answer=answer,
             )
         )
-    m.mtmd_free(ctx)
+    runner.close()
     llama.close()
     return EngineRun(
         engine="raw",
@@ -484,89 +493,11 @@ def _quiet_mtmd() -> None:
     m.mtmd_helper_log_set(_logger.llama_log_callback, None)
 
 
-def _raw_load(config: Config) -> tuple[Any, Any]:
-    """The Llama object and the mtmd context, set up as our engine sets them up."""
-    from llama_cpp import Llama
-    from llama_cpp import mtmd_cpp as m
-
-    llama = Llama(
-        model_path=config.model,
-        n_ctx=config.n_ctx,
-        n_batch=config.n_batch,
-        n_ubatch=config.n_batch,
-        n_threads=config.threads,
-        n_threads_batch=config.threads,
-        n_gpu_layers=0,
-        verbose=False,
-    )
-    _quiet_mtmd()
-    params = m.mtmd_context_params_default()
-    params.use_gpu, params.print_timings, params.warmup = False, False, False
-    params.n_threads = config.threads
-    ctx = m.mtmd_init_from_file(config.mmproj.encode(), llama.model, params)
-    if not ctx:
-        raise SystemExit(f"libmtmd refused {config.mmproj}")
-    return llama, ctx
-
-
 def _fake_image() -> Any:
     """A stand-in picture for rendering the prompt text only (the format adds a marker)."""
     from llava_local.types import PreparedImage
 
     return PreparedImage(data=b"", mime="image/png", width=1, height=1, sha256="", source="")
-
-
-def _raw_first_turn(llama: Any, ctx: Any, text: str, photo: bytes) -> float:
-    """Tokenize text + picture with libmtmd and evaluate every chunk; return the encode time."""
-    import ctypes
-
-    import llama_cpp
-    from llama_cpp import mtmd_cpp as m
-
-    buf = (ctypes.c_uint8 * len(photo)).from_buffer_copy(photo)
-    bitmap = m.mtmd_helper_bitmap_init_from_buf(ctx, buf, len(photo), False)
-    chunks = m.mtmd_input_chunks_init()
-    encode_s = 0.0
-    try:
-        inp = m.mtmd_input_text()
-        data = text.encode()
-        inp.text, inp.text_len, inp.add_special, inp.parse_special = data, len(data), True, True
-        array = (m.mtmd_bitmap_p_ctypes * 1)(bitmap)
-        if m.mtmd_tokenize(ctx, chunks, ctypes.byref(inp), array, 1) != 0:
-            raise SystemExit("mtmd_tokenize failed")
-        llama.reset()
-        for i in range(m.mtmd_input_chunks_size(chunks)):
-            chunk = m.mtmd_input_chunks_get(chunks, i)
-            if m.mtmd_input_chunk_get_type(chunk) == m.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                n = ctypes.c_size_t()
-                ptr = m.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
-                llama.eval([ptr[j] for j in range(n.value)])
-                continue
-            t0 = time.perf_counter()
-            if m.mtmd_encode_chunk(ctx, chunk) != 0:
-                raise SystemExit("mtmd_encode_chunk failed")
-            embd = m.mtmd_get_output_embd(ctx)
-            encode_s += time.perf_counter() - t0
-            new_n_past = llama_cpp.llama_pos(0)
-            code = m.mtmd_helper_decode_image_chunk(
-                ctx,
-                llama._ctx.ctx,
-                chunk,
-                embd,
-                llama_cpp.llama_pos(llama.n_tokens),
-                llama_cpp.llama_seq_id(0),
-                llama.n_batch,
-                ctypes.byref(new_n_past),
-                m.mtmd_helper_post_decode_callback(),
-                None,
-            )
-            if code != 0:
-                raise SystemExit(f"mtmd_helper_decode_image_chunk failed ({code})")
-            llama.n_tokens = int(new_n_past.value)
-    finally:
-        m.mtmd_input_chunks_free(chunks)
-        m.mtmd_bitmap_free(bitmap)
-    return encode_s
 
 
 WORKERS: dict[str, Callable[[Config], EngineRun]] = {
@@ -768,133 +699,6 @@ def print_tables(runs: dict[str, EngineRun]) -> None:
     for target, measured, met in targets(runs):
         verdict = "n/a" if met is None else ("met" if met else "NOT met")
         console.print(f"{target}: {measured} -> {verdict}")
-
-
-def ascii_answers(lm: Path) -> Path:
-    """A copy of a twin whose answers are printable ASCII: same cost, text that round-trips.
-
-    A twin's byte vocabulary is padded with ``<unusedN>`` tokens to the real size. Random
-    weights make the model write those, and their text (``"<unused334>"``) tokenizes
-    back into 11 byte tokens, so every answer in the history is 11x longer than it was
-    to write, for every engine: nothing like a real tokenizer, where an answer comes back
-    as about the tokens it was written with. Zeroing the output-matrix rows of every token
-    except the printable ASCII bytes (0x20-0x7e) makes the model write only those, which
-    come back token for token. The matrix keeps its shape and type, so every matrix
-    multiply costs the same; end-of-sequence becomes impossible too.
-    """
-    import shutil
-
-    import numpy as np
-    from gguf import GGUFReader
-
-    out = lm.with_name(lm.stem + ".ascii-answers.gguf")
-    if out.exists():
-        return out
-    tmp = out.with_suffix(".tmp")
-    shutil.copyfile(lm, tmp)
-    reader = GGUFReader(tmp, "r+")
-    (output,) = [t for t in reader.tensors if t.name == "output.weight"]
-    rows = output.data  # (n_vocab, bytes per row), a writable memory map
-    drop = np.ones(rows.shape[0], dtype=bool)
-    drop[0x20:0x7F] = False  # the byte vocabulary: token id i is byte i
-    rows[drop] = 0  # a zero block is zero in every GGUF block type (scale 0)
-    reader.data.flush()
-    del reader, rows
-    tmp.rename(out)
-    return out
-
-
-WORD_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-
-
-def prompt_words() -> list[str]:
-    """The words (letters only) of the benchmark's prompts, in order of first use."""
-    from llava_local.chat_formats import LLAVA_SYSTEM_PROMPT
-
-    text = " ".join([LLAVA_SYSTEM_PROMPT, *bench.QUESTIONS, "USER ASSISTANT"])
-    return list(dict.fromkeys(re.findall(r"[A-Za-z]+", text)))
-
-
-def word_answers(lm: Path, whole_words: bool = True) -> Path:
-    """A copy of a twin that answers in space-led word tokens, as a trained model does.
-
-    A real LLaMA tokenizer has word-initial tokens (``"▁The"``), and a model trained on
-    LLaVA's ``"ASSISTANT: {answer}"`` starts its answer with one, so the answer written
-    back into the next prompt tokenizes to the tokens it was written with and a KV cache
-    can reuse it. A random twin with a plain byte vocabulary writes ``"CCCC"`` straight
-    after the colon; re-rendered as ``"ASSISTANT: CCCC"`` the answer differs from the cache
-    at its first byte, which no trained model would cause. This copy turns 52 of the
-    ``<unusedN>`` padding tokens into GPT-2 style word tokens (``"ĠA"`` .. ``"Ġz"``, a space
-    and one letter) with the merges that build them, and zeroes every output-matrix row but
-    theirs: the model writes " C x Q ...", which round-trips token for token. Prompts
-    tokenize a little shorter too (a word's space and first letter become one token), the
-    same for every engine. Matrix shapes and types are unchanged, so every step costs the
-    same; end-of-sequence becomes impossible.
-
-    With ``whole_words`` the vocabulary also gets every word of the prompts (LLaVA's
-    system prompt, the benchmark's questions, ``USER``, ``ASSISTANT``) as one token with
-    its leading space, built by BPE merges one letter at a time, as LLaMA's
-    32000-token vocabulary has them: a byte vocabulary makes a question 2-3x more tokens
-    than a real tokenizer does, and the question is all a cached follow-up evaluates.
-    """
-    import numpy as np
-    from gguf import GGUFReader, GGUFValueType, GGUFWriter
-
-    from llava_local import gguf_writer as gw
-
-    out = lm.with_name(lm.stem + (".word-answers.gguf" if whole_words else ".letter-answers.gguf"))
-    if out.exists():
-        return out
-    reader = GGUFReader(lm)
-    tokens = list(reader.get_field("tokenizer.ggml.tokens").contents())
-    merges = list(reader.get_field("tokenizer.ggml.merges").contents())
-    space = "\u0120"  # GPT-2's symbol for the byte 0x20
-    ids = range(gw.FIRST_EXTRA_ID, gw.FIRST_EXTRA_ID + len(WORD_LETTERS))
-    if not all(tokens[i].startswith("<unused") for i in ids):
-        raise SystemExit(f"{lm} has no <unusedN> padding to turn into word tokens")
-    for i, letter in zip(ids, WORD_LETTERS, strict=True):
-        tokens[i] = space + letter
-    merges += [f"{space} {letter}" for letter in WORD_LETTERS]
-    if whole_words:
-        free = iter(range(ids.stop, len(tokens)))
-        known = set(tokens)
-        # after a space, as the prompts use them; "USER" also starts a turn after "</s>"
-        for text in [space + w for w in prompt_words()] + ["USER"]:
-            for end in range(2, len(text) + 1):
-                if text[:end] in known:
-                    continue
-                i = next(free)
-                if not tokens[i].startswith("<unused"):
-                    raise SystemExit(f"{lm}: not enough <unusedN> padding for words")
-                tokens[i] = text[:end]
-                known.add(text[:end])
-                merges.append(f"{text[: end - 1]} {text[end - 1]}")
-    arch = reader.get_field("general.architecture").contents()
-    tmp = out.with_suffix(".tmp")
-    writer = GGUFWriter(tmp, arch)
-    new = {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": merges}
-    for field in reader.fields.values():
-        if field.name == "general.architecture" or field.name.startswith("GGUF."):
-            continue
-        kind = field.types[0]
-        sub = field.types[-1] if kind == GGUFValueType.ARRAY else None
-        value = new.get(field.name, field.contents())
-        writer.add_key_value(field.name, value, kind, sub_type=sub)
-    keep = np.zeros(len(tokens), dtype=bool)
-    keep[list(ids)] = True
-    for t in reader.tensors:
-        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for t in reader.tensors:
-        data = t.data
-        if t.name == "output.weight":  # (n_vocab, bytes per row); zero blocks are zero
-            data = np.where(keep[:, None], data, np.zeros_like(data))
-        writer.write_tensor_data(data, tensor_endianess=reader.endianess)
-    writer.close()
-    tmp.rename(out)
-    return out
 
 
 def _pair(args: argparse.Namespace) -> tuple[Path, Path, str]:

@@ -13,16 +13,13 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from llava_local.gguf_writer import PRESETS, write_preset  # noqa: E402
+from llava_local_dev.gguf_writer import PRESETS, write_preset
+from llava_local_dev.mtmd import MtmdRunner
+from llava_local_dev.pictures import png_bytes
 
 
 def _peak_rss_mib() -> float:
@@ -30,8 +27,6 @@ def _peak_rss_mib() -> float:
 
 
 def _check(lm: Path, mmproj: Path, image_size: int) -> None:
-    from tests.gguf_fixtures import MtmdRunner, png_bytes
-
     start = time.perf_counter()
     threads = os.cpu_count() or 1
     with MtmdRunner(lm, mmproj, n_ctx=2048, n_threads=threads, n_threads_batch=threads) as runner:

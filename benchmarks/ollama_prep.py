@@ -29,11 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from llava_local import bench, images  # noqa: E402
-from llava_local.backends.ollama import OllamaBackend  # noqa: E402
+from llava_local import bench, images
+from llava_local.backends.ollama import OllamaBackend
 
 SIDE = OllamaBackend.default_max_image_side
 EXIF = {

@@ -11,47 +11,88 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from .errors import ModelLoadError
 
-# ggml type id -> (elements per block, bytes per block), as in ggml.c.
+
+class GgmlType(IntEnum):
+    """ggml tensor type ids (``enum ggml_type`` in ggml.h): the library's one type table."""
+
+    F32 = 0
+    F16 = 1
+    Q4_0 = 2
+    Q4_1 = 3
+    Q5_0 = 6
+    Q5_1 = 7
+    Q8_0 = 8
+    Q8_1 = 9
+    Q2_K = 10
+    Q3_K = 11
+    Q4_K = 12
+    Q5_K = 13
+    Q6_K = 14
+    Q8_K = 15
+    IQ2_XXS = 16
+    IQ2_XS = 17
+    IQ3_XXS = 18
+    IQ1_S = 19
+    IQ4_NL = 20
+    IQ3_S = 21
+    IQ2_S = 22
+    IQ4_XS = 23
+    I8 = 24
+    I16 = 25
+    I32 = 26
+    I64 = 27
+    F64 = 28
+    IQ1_M = 29
+    BF16 = 30
+    TQ1_0 = 34
+    TQ2_0 = 35
+    MXFP4 = 39
+    NVFP4 = 40
+    Q1_0 = 41
+
+
+# ggml type -> (elements per block, bytes per block), as in ggml.c.
 GGML_BLOCKS: dict[int, tuple[int, int]] = {
-    0: (1, 4),  # F32
-    1: (1, 2),  # F16
-    2: (32, 18),  # Q4_0
-    3: (32, 20),  # Q4_1
-    6: (32, 22),  # Q5_0
-    7: (32, 24),  # Q5_1
-    8: (32, 34),  # Q8_0
-    9: (32, 36),  # Q8_1
-    10: (256, 84),  # Q2_K
-    11: (256, 110),  # Q3_K
-    12: (256, 144),  # Q4_K
-    13: (256, 176),  # Q5_K
-    14: (256, 210),  # Q6_K
-    15: (256, 292),  # Q8_K
-    16: (256, 66),  # IQ2_XXS
-    17: (256, 74),  # IQ2_XS
-    18: (256, 98),  # IQ3_XXS
-    19: (256, 50),  # IQ1_S
-    20: (32, 18),  # IQ4_NL
-    21: (256, 110),  # IQ3_S
-    22: (256, 82),  # IQ2_S
-    23: (256, 136),  # IQ4_XS
-    24: (1, 1),  # I8
-    25: (1, 2),  # I16
-    26: (1, 4),  # I32
-    27: (1, 8),  # I64
-    28: (1, 8),  # F64
-    29: (256, 56),  # IQ1_M
-    30: (1, 2),  # BF16
-    34: (256, 54),  # TQ1_0
-    35: (256, 66),  # TQ2_0
-    39: (32, 17),  # MXFP4
-    40: (64, 36),  # NVFP4
-    41: (128, 18),  # Q1_0
+    GgmlType.F32: (1, 4),
+    GgmlType.F16: (1, 2),
+    GgmlType.Q4_0: (32, 18),
+    GgmlType.Q4_1: (32, 20),
+    GgmlType.Q5_0: (32, 22),
+    GgmlType.Q5_1: (32, 24),
+    GgmlType.Q8_0: (32, 34),
+    GgmlType.Q8_1: (32, 36),
+    GgmlType.Q2_K: (256, 84),
+    GgmlType.Q3_K: (256, 110),
+    GgmlType.Q4_K: (256, 144),
+    GgmlType.Q5_K: (256, 176),
+    GgmlType.Q6_K: (256, 210),
+    GgmlType.Q8_K: (256, 292),
+    GgmlType.IQ2_XXS: (256, 66),
+    GgmlType.IQ2_XS: (256, 74),
+    GgmlType.IQ3_XXS: (256, 98),
+    GgmlType.IQ1_S: (256, 50),
+    GgmlType.IQ4_NL: (32, 18),
+    GgmlType.IQ3_S: (256, 110),
+    GgmlType.IQ2_S: (256, 82),
+    GgmlType.IQ4_XS: (256, 136),
+    GgmlType.I8: (1, 1),
+    GgmlType.I16: (1, 2),
+    GgmlType.I32: (1, 4),
+    GgmlType.I64: (1, 8),
+    GgmlType.F64: (1, 8),
+    GgmlType.IQ1_M: (256, 56),
+    GgmlType.BF16: (1, 2),
+    GgmlType.TQ1_0: (256, 54),
+    GgmlType.TQ2_0: (256, 66),
+    GgmlType.MXFP4: (32, 17),
+    GgmlType.NVFP4: (64, 36),
+    GgmlType.Q1_0: (128, 18),
 }
 
 

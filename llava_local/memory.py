@@ -47,7 +47,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, computed_field
 
 from .errors import InsufficientMemoryError, ModelLoadError
-from .gguf_header import GgufTensor, align, read_gguf
+from .gguf_header import GgmlType, GgufTensor, align, read_gguf
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -64,8 +64,17 @@ OVERHEAD_PER_THREAD = 1 * MiB
 MARGIN_FRACTION = 0.10
 MARGIN_MIN = 256 * MiB
 
-Q4_0, Q4_1, Q8_0, Q2_K, Q4_K, Q5_K, Q6_K = 2, 3, 8, 10, 12, 13, 14
-IQ4_NL, IQ4_XS, MXFP4 = 20, 23, 39
+# The ggml types the repack rule names, from gguf_header's type table.
+Q4_0, Q4_1, Q8_0, Q2_K, Q4_K, Q5_K, Q6_K = (
+    GgmlType.Q4_0,
+    GgmlType.Q4_1,
+    GgmlType.Q8_0,
+    GgmlType.Q2_K,
+    GgmlType.Q4_K,
+    GgmlType.Q5_K,
+    GgmlType.Q6_K,
+)
+IQ4_NL, IQ4_XS, MXFP4 = GgmlType.IQ4_NL, GgmlType.IQ4_XS, GgmlType.MXFP4
 
 # Tensors read by row lookup (GET_ROWS), never by a matrix product: never repacked.
 _LOOKUP_TENSORS = ("token_embd.weight", "token_types.weight", "position_embd.weight")

@@ -4,12 +4,12 @@
 in a subprocess and evaluating a few tokens: a build compiled with ``-march=native`` on a
 CPU that reports AMX but forbids it dies there with SIGSEGV. The model ships with the
 package, so the check runs in a runtime install, which has no ``gguf`` package to write
-one. Run once from the repository root (needs the ``dev`` extra, for ``gguf``)::
+one. Run once from the repository root (needs the development package, ``dev/``)::
 
     python scripts/make_probe_model.py [OUT]
 
 One llama block, 64 wide (two heads of 32), FFN 128, the byte vocabulary; its matrices
-are Q4_0 (``output.weight`` Q8_0, llava_local.gguf_writer's rule for Q4_0 files whose
+are Q4_0 (``output.weight`` Q8_0, llava_local_dev.gguf_writer's rule for Q4_0 files whose
 rows are not a multiple of 256). Every width is a multiple of 32, as ggml's quantized
 matrix products need, and the prompt the doctor evaluates is a batch of ~40 tokens,
 so both the batched and the single-token products run. The weights are drawn from a
@@ -22,7 +22,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from llava_local import gguf_writer
+from llava_local_dev import gguf_writer
 
 OUT = Path(__file__).resolve().parents[1] / "llava_local" / "data" / "probe-q4_0.gguf"
 CONFIG = gguf_writer.TextConfig(n_embd=64, n_layer=1, n_ff=128, n_head=2, context_length=128)

@@ -1,29 +1,23 @@
 """The benchmark's word-answer twins behave as a trained model with a real tokenizer does.
 
-``benchmarks/followup.py`` measures the KV cache on copies of random twins whose answers
-are space-led word tokens and whose vocabulary knows the prompts' words. These tests
-check, with llama.cpp's own tokenizer, the two properties the benchmark relies on: an
-answer written back into the next prompt tokenizes to the tokens the model wrote, and
-the prompts' words are one token each.
+``benchmarks/followup.py`` measures the KV cache on copies of random twins
+(``llava_local_dev.twins``) whose answers are space-led word tokens and whose vocabulary
+knows the prompts' words. These tests check, with llama.cpp's own tokenizer, the two
+properties the benchmark relies on: an answer written back into the next prompt tokenizes
+to the tokens the model wrote, and the prompts' words are one token each.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from llava_local_dev import gguf_writer, twins
 
-from llava_local import gguf_writer
 from llava_local.chat_formats import LLAVA_SYSTEM_PROMPT
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import followup  # noqa: E402
 
 PROMPT = f"{LLAVA_SYSTEM_PROMPT} USER: What is in this picture? ASSISTANT:"
 
@@ -40,7 +34,7 @@ def twin(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def words_llama(twin: Path) -> Iterator[Any]:
     from llama_cpp import Llama
 
-    llama = Llama(str(followup.word_answers(twin)), n_ctx=512, n_threads=1, verbose=False)
+    llama = Llama(str(twins.word_answers(twin)), n_ctx=512, n_threads=1, verbose=False)
     yield llama
     llama.close()
 
@@ -67,7 +61,7 @@ def test_answers_round_trip_through_the_template(words_llama: Any) -> None:
 
 
 def test_prompt_words_are_one_token_each(words_llama: Any) -> None:
-    for word in followup.prompt_words():
+    for word in twins.prompt_words():
         assert len(words_llama.tokenize(f" {word}".encode(), add_bos=False)) == 1, word
     question = " What colours stand out in it?"
     assert len(words_llama.tokenize(question.encode(), add_bos=False)) == 7  # 6 words + "?"
@@ -76,7 +70,7 @@ def test_prompt_words_are_one_token_each(words_llama: Any) -> None:
 def test_letters_only_copy_has_no_whole_words(twin: Path) -> None:
     from llama_cpp import Llama
 
-    path = followup.word_answers(twin, whole_words=False)
+    path = twins.word_answers(twin, whole_words=False)
     llama = Llama(str(path), n_ctx=128, n_threads=1, vocab_only=True, verbose=False)
     try:
         pieces = [bytes(llama.detokenize([t])) for t in llama.tokenize(b" What", add_bos=False)]
@@ -91,10 +85,10 @@ def test_only_word_tokens_can_be_written(twin: Path) -> None:
 
     before = next(t for t in GGUFReader(twin).tensors if t.name == "output.weight")
     after = next(
-        t for t in GGUFReader(followup.word_answers(twin)).tensors if t.name == "output.weight"
+        t for t in GGUFReader(twins.word_answers(twin)).tensors if t.name == "output.weight"
     )
     assert after.data.shape == before.data.shape
     assert after.tensor_type == before.tensor_type
     live = np.flatnonzero(np.abs(np.asarray(after.data)).sum(axis=1))
     first = gguf_writer.FIRST_EXTRA_ID
-    assert live.tolist() == list(range(first, first + len(followup.WORD_LETTERS)))
+    assert live.tolist() == list(range(first, first + len(twins.WORD_LETTERS)))

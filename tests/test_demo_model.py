@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from llava_local_dev.mtmd import MtmdRunner
 from PIL import Image, ImageDraw
 
-from tests.gguf_fixtures import MtmdRunner
 from tests.test_demo_parity import DEMO_DIR, SYSTEM
 
 EOS_ID = 257

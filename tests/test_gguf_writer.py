@@ -1,4 +1,4 @@
-"""GGUF pairs written by llava_local.gguf_writer, checked with llama.cpp itself.
+"""GGUF pairs written by llava_local_dev.gguf_writer, checked with llama.cpp itself.
 
 The fixtures (``tiny_pair``, ``tiny_pair_q4``, ``tiny_mtmd``) live in tests/gguf_fixtures.py.
 The reference tests pin down, with numbers from this llama.cpp build, the facts the
@@ -9,7 +9,6 @@ preprocessing).
 from __future__ import annotations
 
 import io
-import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -17,11 +16,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from llava_local_dev import gguf_writer as gw
+from llava_local_dev.mtmd import MtmdRunner
 from PIL import Image
 
-from llava_local import gguf_writer as gw
-from llava_local.errors import MissingDependencyError
-from tests.gguf_fixtures import GgufPair, MtmdRunner, png_bytes
+from tests.gguf_fixtures import GgufPair, png_bytes
 
 GGML_TYPE_F32 = 0
 PROMPT = "USER: {m}\nWhat is this?\nASSISTANT:"
@@ -412,15 +411,6 @@ def test_write_pair_refuses_mismatched_projection(tmp_path: Path) -> None:
     preset = gw.PRESETS["tiny"]
     with pytest.raises(ValueError, match="projection_dim"):
         gw.write_pair(tmp_path, preset.text, replace(preset.vision, projection_dim=32))
-
-
-def test_missing_gguf_package_names_the_extra(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Without the dev-only gguf package the error says which extra to install."""
-    monkeypatch.setitem(sys.modules, "gguf", None)
-    with pytest.raises(MissingDependencyError, match=r"llava-local\[dev\]"):
-        gw.write_projector(tmp_path / "p.gguf", gw.PRESETS["tiny"].vision)
 
 
 # --------------------------------------------------------------------------- twins

@@ -20,9 +20,10 @@ from typing import IO, Any
 
 import numpy as np
 import pytest
+from llava_local_dev import gguf_writer
 from PIL import Image
 
-from llava_local import TurnCancelledError, VisionChat, gguf_writer
+from llava_local import TurnCancelledError, VisionChat
 from llava_local.control import STATUS_ENCODING
 
 from .gguf_fixtures import png_bytes

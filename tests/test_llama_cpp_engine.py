@@ -11,6 +11,7 @@ from typing import Literal
 
 import numpy as np
 import pytest
+from llava_local_dev import gguf_writer
 from pydantic import BaseModel
 
 from llava_local import (
@@ -21,7 +22,6 @@ from llava_local import (
     ModelLoadError,
     ModelNotFoundError,
     VisionChat,
-    gguf_writer,
 )
 from llava_local.backends import Turn
 from llava_local.backends.llama_cpp import LlamaCppBackend

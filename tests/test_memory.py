@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from llava_local_dev import gguf_writer
+from llava_local_dev.gguf_writer import TextConfig
 
-from llava_local import gguf_header, gguf_writer, memory
+from llava_local import gguf_header, memory
 from llava_local.backends.llama_cpp import physical_cores
 from llava_local.errors import InsufficientMemoryError, ModelLoadError
-from llava_local.gguf_writer import TextConfig
 
 from .gguf_fixtures import GgufPair
 

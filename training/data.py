@@ -469,10 +469,10 @@ def random_shape_picture(spec: ShapeSpec, rng: np.random.Generator) -> Image.Ima
 def clip_resize(image: Image.Image, image_size: int) -> np.ndarray:
     """clip.cpp's resize for llava-1.5 (aspect kept, bicubic, centred on the pad colour).
 
-    Delegates to ``llava_local.gguf_writer.clip_square`` (byte-identical to clip.cpp,
+    Delegates to ``llava_local_dev.gguf_writer.clip_square`` (byte-identical to clip.cpp,
     tested there). Returns (image_size, image_size, 3) uint8.
     """
-    from llava_local.gguf_writer import clip_square
+    from llava_local_dev.gguf_writer import clip_square
 
     return np.asarray(clip_square(image, image_size), dtype=np.uint8).copy()
 

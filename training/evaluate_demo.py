@@ -16,65 +16,36 @@ for digits the first digit in the reply is also scored, as the Llava-mnist evalu
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import os
 import re
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import data  # training/data.py: the script's directory is first on sys.path
 import numpy as np
+from llava_local_dev.mtmd import MtmdRunner
 from PIL import Image
 
+from llava_local.images import prepare
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "training"))
-
-import data  # noqa: E402
-
-from llava_local.images import prepare  # noqa: E402
-
 DEMO_DIR = REPO / "llava_local" / "data" / "demo"
-EOS_ID = 257
 SHAPE_SEED = 20_251_122  # the shape "test set"; training draws from seed 0 and 1000
 
 
 class DemoEngine:
-    """llama.cpp + libmtmd on a GGUF pair, with a greedy decoder that reuses the KV cache."""
+    """llama.cpp + libmtmd on a GGUF pair (``llava_local_dev.mtmd``), decoding greedily."""
 
     def __init__(self, lm: Path, mmproj: Path, n_ctx: int = 1024, n_threads: int = 1) -> None:
-        import llama_cpp
-        from llama_cpp import _logger, mtmd_cpp
-
-        self.lc, self.m = llama_cpp, mtmd_cpp
-        self.llama = llama_cpp.Llama(
-            str(lm),
-            n_ctx=n_ctx,
-            n_batch=n_ctx,
-            n_ubatch=n_ctx,
-            n_threads=n_threads,
-            n_gpu_layers=0,
-            verbose=False,
-        )
-        mtmd_cpp.mtmd_helper_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
-        params = mtmd_cpp.mtmd_context_params_default()
-        params.use_gpu = False
-        params.print_timings = False
-        params.n_threads = n_threads
-        self.ctx = mtmd_cpp.mtmd_init_from_file(os.fsencode(mmproj), self.llama.model, params)
-        if not self.ctx:
-            raise RuntimeError(f"mtmd_init_from_file refused {mmproj}")
-        self.marker = mtmd_cpp.mtmd_default_marker().decode()
+        # llama.cpp's default CLIP attention, as the library's engine runs it
+        self.runner = MtmdRunner(lm, mmproj, n_ctx=n_ctx, exact_clip=False, n_threads=n_threads)
 
     def close(self) -> None:
         """Free the mtmd context."""
-        if self.ctx:
-            self.m.mtmd_free(self.ctx)
-            self.ctx = None
+        self.runner.close()
 
     def __enter__(self) -> DemoEngine:
         return self
@@ -82,94 +53,10 @@ class DemoEngine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _last_logits(self) -> np.ndarray:
-        ptr = self.lc.llama_get_logits_ith(self.llama.ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.llama.n_vocab(),))
-
-    def chunks(self, prompt: str, images: Sequence[bytes]) -> list[tuple[str, list[int] | int]]:
-        """The tokenized prompt: ("text", token ids) and ("image", n_tokens) chunks."""
-        out: list[tuple[str, list[int] | int]] = []
-
-        def body(chunks: Any) -> None:
-            m = self.m
-            for i in range(m.mtmd_input_chunks_size(chunks)):
-                chunk = m.mtmd_input_chunks_get(chunks, i)
-                if m.mtmd_input_chunk_get_type(chunk) == m.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                    n = ctypes.c_size_t()
-                    ptr = m.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
-                    out.append(("text", [int(ptr[j]) for j in range(n.value)]))
-                else:
-                    out.append(("image", int(m.mtmd_input_chunk_get_n_tokens(chunk))))
-
-        self._tokenized(prompt, images, body)
-        return out
-
-    def _tokenized(self, prompt: str, images: Sequence[bytes], body: Callable[[Any], Any]) -> Any:
-        m = self.m
-        bitmaps: list[Any] = []
-        chunks = None
-        try:
-            for image in images:
-                buf = (ctypes.c_uint8 * len(image)).from_buffer_copy(image)
-                bitmap = m.mtmd_helper_bitmap_init_from_buf(self.ctx, buf, len(image), False)
-                if not bitmap:
-                    raise ValueError("libmtmd could not decode the picture")
-                bitmaps.append(bitmap)
-            text = m.mtmd_input_text()
-            encoded = prompt.encode()
-            text.text = encoded
-            text.text_len = len(encoded)
-            text.add_special = True  # BOS at the very start
-            text.parse_special = True  # "</s>" in the history is EOS
-            chunks = m.mtmd_input_chunks_init()
-            array = (m.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
-            if m.mtmd_tokenize(self.ctx, chunks, ctypes.byref(text), array, len(bitmaps)) != 0:
-                raise ValueError("mtmd_tokenize failed")
-            return body(chunks)
-        finally:
-            if chunks:
-                m.mtmd_input_chunks_free(chunks)
-            for bitmap in bitmaps:
-                m.mtmd_bitmap_free(bitmap)
-
     def generate(self, prompt: str, images: Sequence[bytes], max_tokens: int = 32) -> str:
         """Greedy continuation of ``prompt`` from an empty context, up to EOS."""
-        m, lc, llama = self.m, self.lc, self.llama
-
-        def body(chunks: Any) -> None:
-            llama.reset()
-            llama._ctx.kv_cache_clear()
-            for i in range(m.mtmd_input_chunks_size(chunks)):
-                chunk = m.mtmd_input_chunks_get(chunks, i)
-                if m.mtmd_input_chunk_get_type(chunk) == m.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                    n = ctypes.c_size_t()
-                    ptr = m.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
-                    llama.eval([ptr[j] for j in range(n.value)])
-                else:
-                    new_n_past = lc.llama_pos(0)
-                    status = m.mtmd_helper_eval_chunk_single(
-                        self.ctx,
-                        llama.ctx,
-                        chunk,
-                        lc.llama_pos(llama.n_tokens),
-                        lc.llama_seq_id(0),
-                        llama.n_batch,
-                        False,
-                        ctypes.byref(new_n_past),
-                    )
-                    if status != 0:
-                        raise RuntimeError(f"mtmd_helper_eval_chunk_single failed: {status}")
-                    llama.n_tokens = new_n_past.value
-
-        self._tokenized(prompt, images, body)
-        out: list[int] = []
-        for _ in range(max_tokens):
-            token = int(np.argmax(self._last_logits()))
-            if token == EOS_ID:
-                break
-            out.append(token)
-            llama.eval([token])
-        return bytes(t for t in out if t < 256).decode(errors="replace")
+        tokens = self.runner.greedy(prompt, images, max_tokens)
+        return bytes(t for t in tokens if t < 256).decode(errors="replace")
 
     def ask(
         self,
@@ -178,7 +65,7 @@ class DemoEngine:
         system: str = data.DEFAULT_SYSTEM,
     ) -> str:
         """The model's answer to the last turn (whose answer is None)."""
-        return self.generate(data.render_prompt(system, turns, self.marker), [png])
+        return self.generate(data.render_prompt(system, turns, self.runner.marker), [png])
 
 
 # ------------------------------------------------------------------------ test sets

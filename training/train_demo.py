@@ -6,8 +6,9 @@ Run from the repository root (needs torch and scikit-learn, see training/README.
 
 It renders its own data (sklearn digits 0-1399 and Pillow shapes), trains a LLaVA-1.5
 architecture model from scratch on the CPU, checks the PyTorch graph against the numpy
-reference of tests/test_demo_parity.py on the exported files, and writes
-``demo-lm.gguf``, ``demo-mmproj.gguf`` and ``demo.json``. Then run
+reference (``llava_local_dev.reference``, which tests/test_demo_parity.py checks against
+llama.cpp) on the exported files, and writes ``demo-lm.gguf``, ``demo-mmproj.gguf`` and
+``demo.json``. Then run
 ``python training/evaluate_demo.py --write`` to measure it through llama.cpp.
 """
 
@@ -19,7 +20,6 @@ import math
 import multiprocessing
 import platform
 import re
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -27,18 +27,15 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import data  # training/data.py: the script's directory is first on sys.path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from llava_local_dev import gguf_writer as gw
+from llava_local_dev import reference
+from model import TextShape, TinyLlava, VisionShape, scale_residual_outputs
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "training"))
-
-import data  # noqa: E402
-from model import TextShape, TinyLlava, VisionShape, scale_residual_outputs  # noqa: E402
-
-from llava_local import gguf_writer as gw  # noqa: E402
 
 OUT_DIR = REPO / "llava_local" / "data" / "demo"
 
@@ -692,9 +689,7 @@ def export_weights(model: TinyLlava) -> tuple[dict[str, np.ndarray], dict[str, n
 
 
 def check_against_numpy(model: TinyLlava, lm_path: Path, mm_path: Path) -> dict[str, float]:
-    """PyTorch vs the numpy reference of tests/test_demo_parity.py on the written files."""
-    from tests import test_demo_parity as ref
-
+    """PyTorch vs the numpy reference (llava_local_dev.reference) on the written files."""
     model.eval()
     images, _ = data.load_digits_arrays()
     picture = data.render_digit(images[3], size=VISION.image_size)
@@ -705,9 +700,9 @@ def check_against_numpy(model: TinyLlava, lm_path: Path, mm_path: Path) -> dict[
         suffix_ids = list(data.first_turn_after_image(data.PRIMARY_DIGIT_QUESTION).encode())
         suffix = torch.cat([torch_img[None], model.lm.token_embd(torch.tensor([suffix_ids]))], 1)
         torch_logits = model.lm.forward_shared_prefix(torch.tensor(prompt), suffix)[0, -1]
-    pair = ref.read_demo_pair(lm_path, mm_path)
-    np_img = ref.numpy_image_embeddings(pair, pixels)
-    np_logits = ref.numpy_next_logits(pair, prompt, np_img, suffix_ids)
+    pair = reference.read_pair(lm_path, mm_path)
+    np_img = reference.image_embeddings(pair, pixels)
+    np_logits = reference.next_logits(pair, prompt, np_img, suffix_ids)
     model.train()
     img_diff = float(np.abs(np_img - torch_img.numpy()).max())
     logit_diff = float(np.abs(np_logits - torch_logits.numpy()).max())

@@ -8,6 +8,9 @@ against the llama.cpp vendored by llama-cpp-python 0.3.36 (``src/models/llama.cp
 ``tools/mtmd/clip.cpp``, ``tools/mtmd/models/llava.cpp``, ``tools/mtmd/mtmd-image.cpp``)
 and, where marked *tested*, against that build's numbers in ``tests/test_gguf_writer.py``.
 
+Part of the development package (``pip install -e ./dev``): it needs the ``gguf`` package,
+which the installed library never imports.
+
 Weights
 =======
 ``weights`` maps GGUF tensor names to arrays in **PyTorch layout**: ``nn.Linear.weight`` is
@@ -120,11 +123,12 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal
 
+import gguf
 import numpy as np
 import numpy.typing as npt
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
 from llava_local.errors import MissingDependencyError, ModelLoadError
 
@@ -433,21 +437,31 @@ def _checked(weights: Mapping[str, Any] | None, specs: Sequence[_Spec]) -> dict[
 
 # ---------------------------------------------------------------------- ggml encoding
 
-# ggml type ids and their (block size, bytes per block).
-F32, F16, Q4_0, Q8_0, Q6_K = 0, 1, 2, 8, 14
-_BLOCK = {F32: (1, 4), F16: (1, 2), Q4_0: (32, 18), Q8_0: (32, 34), Q6_K: (256, 210)}
-_FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7}  # llama_ftype
+# The ggml types written here; their (block size, bytes per block) is gguf's GGML_QUANT_SIZES.
+F32, F16, Q4_0, Q8_0, Q6_K = (
+    GGMLQuantizationType.F32,
+    GGMLQuantizationType.F16,
+    GGMLQuantizationType.Q4_0,
+    GGMLQuantizationType.Q8_0,
+    GGMLQuantizationType.Q6_K,
+)
+_FILE_TYPE = {
+    "f32": LlamaFileType.ALL_F32,
+    "f16": LlamaFileType.MOSTLY_F16,
+    "q4_0": LlamaFileType.MOSTLY_Q4_0,
+    "q8_0": LlamaFileType.MOSTLY_Q8_0,
+}
 
 
-def _nbytes(shape: tuple[int, ...], ggml_type: int) -> int:
-    block, size = _BLOCK[ggml_type]
+def _nbytes(shape: tuple[int, ...], ggml_type: GGMLQuantizationType) -> int:
+    block, size = GGML_QUANT_SIZES[ggml_type]
     if shape[-1] % block:
         raise ValueError(f"rows of {shape[-1]} values do not split into blocks of {block}")
     return math.prod(shape[:-1]) * (shape[-1] // block) * size
 
 
 def _random_blocks(
-    shape: tuple[int, ...], ggml_type: int, std: float, seed: int, name: str
+    shape: tuple[int, ...], ggml_type: GGMLQuantizationType, std: float, seed: int, name: str
 ) -> npt.NDArray[np.uint8]:
     """Random quantized blocks with roughly the given std, straight from random bits.
 
@@ -456,7 +470,7 @@ def _random_blocks(
     ``d * q``, q uniform int8 (std 73.9 d); Q6_K: ``d * scale * (q - 32)``, q uniform
     in 0..63 (std 18.5), every sub-block scale 16.
     """
-    block, size = _BLOCK[ggml_type]
+    block, size = GGML_QUANT_SIZES[ggml_type]
     n_blocks = math.prod(shape) // block
     n_words = (n_blocks * size + 7) // 8
     bits = np.random.SFC64(np.random.SeedSequence([seed, zlib.crc32(name.encode())]))
@@ -479,12 +493,12 @@ class _Planned:
 
     name: str
     shape: tuple[int, ...]
-    ggml_type: int
+    ggml_type: GGMLQuantizationType
     make: Callable[[], np.ndarray[Any, Any]] = field(repr=False)
 
 
 def _encoder(
-    gguf: ModuleType, ggml_type: int, values: Callable[[], F32Array]
+    ggml_type: GGMLQuantizationType, values: Callable[[], F32Array]
 ) -> Callable[[], np.ndarray[Any, Any]]:
     def make() -> np.ndarray[Any, Any]:
         array = values()
@@ -492,8 +506,7 @@ def _encoder(
             return array
         if ggml_type == F16:
             return array.astype(np.float16)
-        qtype = gguf.GGMLQuantizationType(ggml_type)
-        return np.asarray(gguf.quants.quantize(array, qtype))
+        return np.asarray(gguf.quants.quantize(array, ggml_type))
 
     return make
 
@@ -506,17 +519,7 @@ def _drawer(spec: _Spec, seed: int) -> Callable[[], F32Array]:
     return lambda: _draw(spec, seed)
 
 
-def _gguf() -> ModuleType:
-    try:
-        import gguf
-    except ImportError as exc:
-        raise MissingDependencyError(
-            "writing GGUF files needs the 'gguf' package: pip install 'llava-local[dev]'"
-        ) from exc
-    return gguf
-
-
-def _write(path: Path, writer: Any, plan: Sequence[_Planned], gguf: ModuleType) -> Path:
+def _write(path: Path, writer: gguf.GGUFWriter, plan: Sequence[_Planned]) -> Path:
     """Stream the planned tensors into ``path``, one at a time, through a temporary file."""
     for t in plan:
         nbytes = _nbytes(t.shape, t.ggml_type)
@@ -524,9 +527,8 @@ def _write(path: Path, writer: Any, plan: Sequence[_Planned], gguf: ModuleType) 
             dtype = np.dtype(np.float32 if t.ggml_type == F32 else np.float16)
             writer.add_tensor_info(t.name, t.shape, dtype, nbytes)
         else:
-            qtype = gguf.GGMLQuantizationType(t.ggml_type)
-            byte_shape = gguf.quant_shape_to_byte_shape(t.shape, qtype)
-            writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), nbytes, qtype)
+            byte_shape = gguf.quant_shape_to_byte_shape(t.shape, t.ggml_type)
+            writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), nbytes, t.ggml_type)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     try:
@@ -571,7 +573,6 @@ def write_language_model(
     ``q4_0`` keeps ``output.weight`` finer: Q6_K when random (rows multiple of 256),
     else Q8_0 (gguf has no Q6_K quantizer).
     """
-    gguf = _gguf()
     vocab = vocab or byte_vocab()
     specs = _text_specs(cfg, len(vocab.tokens))
     given = _checked(weights, specs)
@@ -586,11 +587,11 @@ def write_language_model(
         else:
             gtype = {"f32": F32, "f16": F16, "q8_0": Q8_0, "q4_0": Q4_0}[dtype]
         if spec.name in given:
-            make = _encoder(gguf, gtype, _constant(given[spec.name]))
+            make = _encoder(gtype, _constant(given[spec.name]))
         elif quantized and gtype not in (F32, F16):
             make = _random_maker(spec, gtype, seed)
         else:
-            make = _encoder(gguf, gtype, _drawer(spec, seed))
+            make = _encoder(gtype, _drawer(spec, seed))
         plan.append(_Planned(spec.name, spec.shape, gtype, make))
 
     w = gguf.GGUFWriter(None, "llama")
@@ -619,10 +620,12 @@ def write_language_model(
     w.add_bool("tokenizer.ggml.add_eos_token", False)
     if chat_template:
         w.add_string("tokenizer.chat_template", chat_template)
-    return _write(Path(path), w, plan, gguf)
+    return _write(Path(path), w, plan)
 
 
-def _random_maker(spec: _Spec, gtype: int, seed: int) -> Callable[[], np.ndarray[Any, Any]]:
+def _random_maker(
+    spec: _Spec, gtype: GGMLQuantizationType, seed: int
+) -> Callable[[], np.ndarray[Any, Any]]:
     return lambda: _random_blocks(spec.shape, gtype, spec.std, seed, spec.name)
 
 
@@ -643,16 +646,15 @@ def write_projector(
     With ``f16``, 2-D and 4-D weights (position embedding included) are float16 and
     biases, norms and the class embedding float32, as llama.cpp's converter writes them.
     """
-    gguf = _gguf()
     specs = _vision_specs(cfg)
     given = _checked(weights, specs)
     plan: list[_Planned] = []
     for spec in specs:
         gtype = F16 if dtype == "f16" and len(spec.shape) >= 2 else F32
         if spec.name in given:
-            make = _encoder(gguf, gtype, _constant(given[spec.name]))
+            make = _encoder(gtype, _constant(given[spec.name]))
         else:
-            make = _encoder(gguf, gtype, _drawer(spec, seed))
+            make = _encoder(gtype, _drawer(spec, seed))
         plan.append(_Planned(spec.name, spec.shape, gtype, make))
 
     w = gguf.GGUFWriter(None, "clip")
@@ -674,7 +676,7 @@ def write_projector(
     w.add_uint32("clip.vision.block_count", cfg.n_layer)
     w.add_array("clip.vision.image_mean", [float(x) for x in cfg.image_mean])
     w.add_array("clip.vision.image_std", [float(x) for x in cfg.image_std])
-    return _write(Path(path), w, plan, gguf)
+    return _write(Path(path), w, plan)
 
 
 # ----------------------------------------------------------------------------- pairs
