@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
@@ -85,8 +86,8 @@ def word_answers(lm: Path, whole_words: bool = True) -> Path:
     if out.exists():
         return out
     reader = GGUFReader(lm)
-    tokens = list(reader.get_field("tokenizer.ggml.tokens").contents())
-    merges = list(reader.get_field("tokenizer.ggml.merges").contents())
+    tokens = list(_contents(reader, "tokenizer.ggml.tokens"))
+    merges = list(_contents(reader, "tokenizer.ggml.merges"))
     space = "\u0120"  # GPT-2's symbol for the byte 0x20
     ids = range(FIRST_EXTRA_ID, FIRST_EXTRA_ID + len(WORD_LETTERS))
     if not all(tokens[i].startswith("<unused") for i in ids):
@@ -108,7 +109,7 @@ def word_answers(lm: Path, whole_words: bool = True) -> Path:
                 tokens[i] = text[:end]
                 known.add(text[:end])
                 merges.append(f"{text[: end - 1]} {text[end - 1]}")
-    arch = reader.get_field("general.architecture").contents()
+    arch = str(_contents(reader, "general.architecture"))
     tmp = out.with_suffix(".tmp")
     writer = GGUFWriter(tmp, arch)
     new = {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": merges}
@@ -134,3 +135,10 @@ def word_answers(lm: Path, whole_words: bool = True) -> Path:
     writer.close()
     tmp.rename(out)
     return out
+
+
+def _contents(reader: GGUFReader, name: str) -> Any:
+    field = reader.get_field(name)
+    if field is None:
+        raise ValueError(f"the GGUF file has no {name}")
+    return field.contents()
