@@ -25,12 +25,12 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel, Field
 
+from . import host
 from .types import Stats
 
 if TYPE_CHECKING:
@@ -118,24 +118,6 @@ def peak_rss_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes vs KiB
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "Model", "Hardware") and value.strip():
-                return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _ram_gib() -> float | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def machine() -> Machine:
     """Describe this machine (CPU, cores, RAM, OS, Python, llama-cpp-python, load)."""
     try:
@@ -149,9 +131,9 @@ def machine() -> Machine:
     except OSError:
         load = None
     return Machine(
-        cpu=_cpu_model(),
+        cpu=host.cpu_model(),
         cores=os.cpu_count() or 1,
-        ram_gib=_ram_gib(),
+        ram_gib=None if (total := host.total_bytes()) is None else total / 2**30,
         os=platform.platform(),
         python=platform.python_version(),
         llama_cpp_python=llama_version,

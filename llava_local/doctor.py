@@ -27,7 +27,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from . import catalog, models
+from . import catalog, host, models
 from .errors import LlavaLocalError
 
 __all__ = ["Check", "doctor", "llama_cpp_build", "safe_cmake_args"]
@@ -202,7 +202,7 @@ def llama_cpp_build(
     """
     features = _system_info()
     built_amx = features.get("AMX_INT8") == "1"
-    cpu_amx = "amx_tile" in _cpu_flags()
+    cpu_amx = "amx_tile" in set(host.cpu_flags())
     listed = ", ".join(k for k, v in features.items() if v == "1") or "none reported"
     summary = f"built for: {listed}"
     if not probe:
@@ -304,20 +304,10 @@ def _system_info() -> dict[str, str]:
     return features
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return set(line.partition(":")[2].split())
-    except OSError:
-        pass
-    return set()
-
-
 def safe_cmake_args(flags: set[str] | None = None) -> str:
     """CMAKE_ARGS for a build without ``-march=native`` and without AMX, switching on
     what /proc/cpuinfo lists (the same rule as scripts/install-llama-cpp.sh)."""
-    flags = _cpu_flags() if flags is None else flags
+    flags = set(host.cpu_flags()) if flags is None else flags
     wanted = [
         ("avx", "AVX"),
         ("avx2", "AVX2"),
@@ -415,9 +405,8 @@ def _local_models_check(cache_dir: str | os.PathLike[str] | None) -> Check:
 
 
 def _threads_check() -> Check:
-    from .backends.llama_cpp import physical_cores
 
-    cores = physical_cores()
+    cores = host.physical_cores()
     logical = os.cpu_count() or cores
     return Check(
         name="CPU threads",

@@ -39,13 +39,13 @@ peak over a long conversation, so one short turn measures somewhat below it.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, computed_field
 
+from . import host
 from .errors import InsufficientMemoryError, ModelLoadError
 from .gguf_header import GgmlType, GgufTensor, align, read_gguf
 
@@ -104,15 +104,7 @@ def cpu_features() -> frozenset[str]:
 
 
 def _cpuinfo_features() -> frozenset[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    flags: set[str] = set()
-    for line in text.splitlines():
-        key, _, val = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            flags.update(val.split())
+    flags = host.cpu_flags()
     names = {"avx2": "AVX2", "avx512f": "AVX512", "asimd": "NEON", "asimddp": "DOTPROD"}
     names["i8mm"] = "MATMUL_INT8"
     out = {names[f] for f in flags if f in names}
@@ -359,174 +351,6 @@ def projector_compute_bytes(meta: dict[str, Any]) -> int:
     return graph + embeddings
 
 
-# ------------------------------------------------------------------------ available
-
-
-def available_bytes() -> int:
-    """Memory this process can still use, in bytes.
-
-    Linux: ``MemAvailable`` from ``/proc/meminfo``, capped by the cgroup's limit
-    (v2 ``memory.max``, v1 ``memory.limit_in_bytes``, the tightest up the tree)
-    less its usage (page cache the cgroup could drop, ``inactive_file``, counts as
-    free). Elsewhere: psutil when installed, ``GlobalMemoryStatusEx`` on Windows,
-    ``sysconf`` on other Unixes; when nothing can tell, no limit is assumed.
-    """
-    avail = _meminfo_available()
-    if avail is not None:
-        limit = _cgroup_available()
-        return min(avail, limit) if limit is not None else avail
-    for probe in (_psutil_available, _windows_available, _sysconf_available):
-        found = probe()
-        if found is not None:
-            return found
-    return sys.maxsize
-
-
-def _meminfo_available(path: Path = Path("/proc/meminfo")) -> int | None:
-    try:
-        for line in path.read_text().splitlines():
-            key, _, rest = line.partition(":")
-            if key == "MemAvailable":
-                return int(rest.split()[0]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def _cgroup_available(root: Path = Path("/")) -> int | None:
-    """Room left under this process's cgroup memory limits, if any is set.
-
-    ``root`` is the file system root, so tests can hand in a made-up one.
-    """
-    proc = root / "proc/self"
-    try:
-        membership = (proc / "cgroup").read_text().splitlines()
-        mounts = (proc / "mountinfo").read_text().splitlines()
-    except OSError:
-        return None
-    best: int | None = None
-    for directory, mount, names in _cgroup_dirs(membership, mounts, root):
-        level = directory
-        while True:  # a parent's limit applies too: keep the tightest
-            room = _cgroup_room(level, *names)
-            if room is not None:
-                best = room if best is None else min(best, room)
-            if level in (mount, level.parent):
-                break
-            level = level.parent
-    return best
-
-
-def _cgroup_room(directory: Path, limit_file: str, usage_file: str, inactive: str) -> int | None:
-    limit = _read_int(directory / limit_file)
-    if limit is None or limit >= 1 << 60:  # no file, "max", or v1's "unlimited"
-        return None
-    usage = _read_int(directory / usage_file) or 0
-    droppable = _stat_value(directory / "memory.stat", inactive)
-    return max(0, limit - max(0, usage - droppable))
-
-
-def _cgroup_dirs(
-    membership: list[str], mounts: list[str], root: Path
-) -> list[tuple[Path, Path, tuple[str, str, str]]]:
-    """(cgroup directory, its mount point, (limit file, usage file, memory.stat key))."""
-    paths: dict[str, str] = {}
-    for line in membership:
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        if parts[0] == "0" and parts[1] == "":
-            paths["v2"] = parts[2]
-        elif "memory" in parts[1].split(","):
-            paths["v1"] = parts[2]
-    found = []
-    for line in mounts:
-        left, _, right = line.partition(" - ")
-        fields, extra = left.split(), right.split()
-        if len(fields) < 5 or len(extra) < 3:
-            continue
-        mount_root, mount_point, fstype, options = fields[3], fields[4], extra[0], extra[2]
-        if fstype == "cgroup2" and "v2" in paths:
-            version, names = "v2", ("memory.max", "memory.current", "inactive_file")
-        elif fstype == "cgroup" and "memory" in options.split(",") and "v1" in paths:
-            version = "v1"
-            names = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
-        else:
-            continue
-        mount = root / mount_point.lstrip("/")
-        relative = os.path.relpath(paths[version], mount_root)
-        directory = mount if relative.startswith("..") else mount / relative
-        if not directory.is_dir():
-            directory = mount  # a container that shows its own cgroup as the root
-        found.append((directory, mount, names))
-    return found
-
-
-def _read_int(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    if text == "max":
-        return 1 << 62
-    try:
-        return int(text)
-    except ValueError:
-        return None
-
-
-def _stat_value(path: Path, key: str) -> int:
-    try:
-        for line in path.read_text().splitlines():
-            name, _, value = line.partition(" ")
-            if name == key:
-                return int(value)
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
-def _psutil_available() -> int | None:
-    try:
-        import psutil  # type: ignore[import-untyped]
-    except ImportError:
-        return None
-    return int(psutil.virtual_memory().available)
-
-
-def _windows_available() -> int | None:
-    if sys.platform != "win32":
-        return None
-    import ctypes
-
-    class _Status(ctypes.Structure):
-        _fields_ = [
-            ("dwLength", ctypes.c_ulong),
-            ("dwMemoryLoad", ctypes.c_ulong),
-            ("ullTotalPhys", ctypes.c_ulonglong),
-            ("ullAvailPhys", ctypes.c_ulonglong),
-            ("ullTotalPageFile", ctypes.c_ulonglong),
-            ("ullAvailPageFile", ctypes.c_ulonglong),
-            ("ullTotalVirtual", ctypes.c_ulonglong),
-            ("ullAvailVirtual", ctypes.c_ulonglong),
-            ("ullAvailExtendedVirtual", ctypes.c_ulonglong),
-        ]
-
-    status = _Status()
-    status.dwLength = ctypes.sizeof(_Status)
-    kernel32 = getattr(ctypes, "windll").kernel32  # noqa: B009 - only on Windows
-    if not kernel32.GlobalMemoryStatusEx(ctypes.byref(status)):
-        return None
-    return int(status.ullAvailPhys)
-
-
-def _sysconf_available() -> int | None:
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
 # --------------------------------------------------------------------------- check
 
 
@@ -538,12 +362,12 @@ def margin(est: MemoryEstimate) -> int:
 def check(est: MemoryEstimate, *, force: bool = False, available: int | None = None) -> None:
     """Raise :class:`InsufficientMemoryError` unless ``est`` fits with a safety margin.
 
-    ``available`` defaults to :func:`available_bytes`; ``force=True`` skips the check
-    (the caller accepts the risk of the kernel's out-of-memory killer).
+    ``available`` defaults to :func:`llava_local.host.available_bytes`; ``force=True``
+    skips the check (the caller accepts the risk of the kernel's out-of-memory killer).
     """
     if force:
         return
-    free = available_bytes() if available is None else available
+    free = host.available_bytes() if available is None else available
     needed = est.needed_bytes + margin(est)
     if needed <= free:
         return

@@ -28,7 +28,7 @@ import httpx
 import ollama
 from pydantic import BaseModel
 
-from . import catalog
+from . import catalog, host
 from .catalog import CatalogEntry, estimate_memory
 from .demo import DEMO_NAME, demo_paths
 from .errors import (
@@ -122,10 +122,8 @@ class PullResult(BaseModel):
 
 
 def available_memory() -> int | None:
-    """Bytes of memory available now (:func:`llava_local.memory.available_bytes`)."""
-    from .memory import available_bytes
-
-    return available_bytes()
+    """Bytes of memory available now (:func:`llava_local.host.available_bytes`)."""
+    return host.available_bytes()
 
 
 def _fits(needed: int | None, available: int | None) -> bool | None:

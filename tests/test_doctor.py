@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from llava_local import doctor, models
+from llava_local import doctor, host, models
 from llava_local.doctor import Check, llama_cpp_build, safe_cmake_args
 
 from .ollama_server import OllamaServer
@@ -91,7 +91,7 @@ def test_without_running_amx_in_the_build_but_not_the_cpu_fails(
 ) -> None:
     """Without the probe, AMX compiled in but hidden by the kernel is the trap's signature."""
     monkeypatch.setattr(doctor, "_system_info", lambda: {"AVX2": "1", "AMX_INT8": "1"})
-    monkeypatch.setattr(doctor, "_cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(host, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
     check = llama_cpp_build(probe=False)
     assert check.status == "fail"
     assert "AMX is compiled in" in check.detail
@@ -244,7 +244,7 @@ def test_a_check_that_breaks_is_reported_not_raised(
 
 def test_threads_are_the_physical_cores() -> None:
     """The thread check reports the physical cores llama.cpp will use."""
-    from llava_local.backends.llama_cpp import physical_cores
+    from llava_local.host import physical_cores
 
     check = doctor._threads_check()
     assert check.status == "ok"

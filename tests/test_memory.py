@@ -21,9 +21,9 @@ import pytest
 from llava_local_dev import gguf_writer
 from llava_local_dev.gguf_writer import TextConfig
 
-from llava_local import gguf_header, memory
-from llava_local.backends.llama_cpp import physical_cores
+from llava_local import gguf_header, host, memory
 from llava_local.errors import InsufficientMemoryError, ModelLoadError
+from llava_local.host import physical_cores
 
 from .gguf_fixtures import GgufPair
 
@@ -411,16 +411,16 @@ def test_available_bytes_is_within_physical_memory() -> None:
     if not meminfo.exists():
         pytest.skip("not Linux")
     total = int(meminfo.read_text().split("MemTotal:")[1].split()[0]) * 1024
-    assert 0 < memory.available_bytes() <= total
+    assert 0 < host.available_bytes() <= total
 
 
 def test_meminfo_parsing(tmp_path: Path) -> None:
     """MemAvailable is read in kB and returned in bytes; a file without it gives None."""
     path = tmp_path / "meminfo"
     path.write_text("MemTotal:  8000000 kB\nMemFree:  100 kB\nMemAvailable:  5000000 kB\n")
-    assert memory._meminfo_available(path) == 5000000 * 1024
+    assert host._meminfo_available(path) == 5000000 * 1024
     path.write_text("MemTotal:  8000000 kB\n")
-    assert memory._meminfo_available(path) is None
+    assert host._meminfo_available(path) is None
 
 
 def fake_root(tmp_path: Path, cgroup: str, mountinfo: str, files: dict[str, str]) -> Path:
@@ -452,11 +452,11 @@ def test_cgroup_v2_limit_less_usage_with_page_cache_counted_free(tmp_path: Path)
             "/sys/fs/cgroup/user.slice/memory.max": "max\n",
         },
     )
-    assert memory._cgroup_available(root) == (1024 - (600 - 100)) * MiB
+    assert host._cgroup_available(root) == (1024 - (600 - 100)) * MiB
     # A parent with less room wins.
     (root / "sys/fs/cgroup/user.slice/memory.max").write_text(f"{700 * MiB}\n")
     (root / "sys/fs/cgroup/user.slice/memory.current").write_text(f"{650 * MiB}\n")
-    assert memory._cgroup_available(root) == 50 * MiB
+    assert host._cgroup_available(root) == 50 * MiB
 
 
 def test_cgroup_v2_without_limit_is_none(tmp_path: Path) -> None:
@@ -467,7 +467,7 @@ def test_cgroup_v2_without_limit_is_none(tmp_path: Path) -> None:
         V2_MOUNT,
         {"/sys/fs/cgroup/app/memory.max": "max\n", "/sys/fs/cgroup/app/memory.current": "5\n"},
     )
-    assert memory._cgroup_available(root) is None
+    assert host._cgroup_available(root) is None
 
 
 def test_cgroup_v1_in_a_container(tmp_path: Path) -> None:
@@ -483,7 +483,7 @@ def test_cgroup_v1_in_a_container(tmp_path: Path) -> None:
             "/sys/fs/cgroup/memory/memory.stat": f"cache 9\ntotal_inactive_file {512 * MiB}\n",
         },
     )
-    assert memory._cgroup_available(root) == 1024 * MiB
+    assert host._cgroup_available(root) == 1024 * MiB
 
 
 def test_cgroup_v1_unlimited_is_none(tmp_path: Path) -> None:
@@ -498,7 +498,7 @@ def test_cgroup_v1_unlimited_is_none(tmp_path: Path) -> None:
             "/sys/fs/cgroup/memory/process_api/x/memory.usage_in_bytes": "4976640\n",
         },
     )
-    assert memory._cgroup_available(root) is None
+    assert host._cgroup_available(root) is None
 
 
 def test_estimate_is_a_plain_record(tiny_estimate: memory.MemoryEstimate) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import memory
+from .. import host, memory
 from ..chat_formats import ChatFormat, choose_format
 from ..control import (
     STATUS_ANSWERING,
@@ -93,28 +93,6 @@ def _quiet_mtmd(lib: Any, verbose: bool) -> None:
         _log_state["callback"] = callback  # keep it alive: C holds only the pointer
         lib.mtmd_cpp.mtmd_log_set(callback, None)
         lib.mtmd_cpp.mtmd_helper_log_set(callback, None)
-
-
-def physical_cores() -> int:
-    """Physical cores this process may use: llama.cpp slows down on hyper-threads."""
-    try:
-        allowed = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        allowed = os.cpu_count() or 1
-    cores: set[tuple[str, str]] = set()
-    try:
-        physical = core = ""
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key, value = key.strip(), value.strip()
-            if key == "physical id":
-                physical = value
-            elif key == "core id":
-                core = value
-                cores.add((physical, core))
-    except OSError:
-        pass
-    return max(1, min(allowed, len(cores) or allowed))
 
 
 @dataclass
@@ -198,7 +176,7 @@ class LlamaCppBackend(Backend):
         lm_meta, mm_meta = gguf_meta.check_pair(self.model_path, self.mmproj_path)
         self._image_tokens = gguf_meta.image_tokens(mm_meta)
         self._image_size = gguf_meta.image_size(mm_meta)
-        self.n_threads = n_threads or physical_cores()
+        self.n_threads = n_threads or host.physical_cores()
         if n_ctx is None:
             trained = int(lm_meta.get("context_length") or 4096)
             n_ctx = min(trained, (self._image_tokens or 576) + TEXT_BUDGET)
