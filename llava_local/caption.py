@@ -79,6 +79,7 @@ from .errors import (
     LlavaLocalError,
     SchemaError,
 )
+from .images import PICTURE_EXTENSIONS
 from .progress import RunProgress
 from .structured import Schema
 from .types import Options, PreparedImage, Reply
@@ -90,10 +91,6 @@ except ImportError:  # pragma: no cover - Windows
 
 __all__ = ["PICTURE_EXTENSIONS", "CaptionSummary", "caption", "find_pictures", "read_captions"]
 
-#: File name extensions (lower case, no dot) that directories and globs are searched for.
-PICTURE_EXTENSIONS = frozenset(
-    {"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ico", "heic", "heif", "avif"}
-)
 #: Pictures prepared ahead of the model: enough to hide disk and decoding time, few
 #: enough to bound memory.
 PREFETCH_AHEAD = 3

@@ -56,6 +56,7 @@ __all__ = [
     "DEFAULT_CACHE",
     "MAX_FILE_BYTES",
     "MAX_PIXELS",
+    "PICTURE_EXTENSIONS",
     "ImageCache",
     "ImageSource",
     "fetch_url",
@@ -195,8 +196,10 @@ def prepare(
     return _cached(cache, key, desc, lambda: _prepare_bytes(data, desc, max_side))
 
 
-PICTURE_SUFFIXES = frozenset(
-    {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".avif"}
+#: File name extensions (lower case, no dot) of pictures: what folders and globs are
+#: searched for, and what names a picture on the command line.
+PICTURE_EXTENSIONS = frozenset(
+    {"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ico", "heic", "heif", "avif"}
 )
 
 
@@ -213,7 +216,8 @@ def looks_like_picture_path(text: str) -> bool:
             return True
     except (OSError, ValueError):
         return False
-    return Path(text).suffix.lower() in PICTURE_SUFFIXES and " " not in Path(text).name
+    name = Path(text).name
+    return Path(name).suffix[1:].lower() in PICTURE_EXTENSIONS and " " not in name
 
 
 def fetch_url(url: str, *, max_bytes: int = 20 * 2**20, timeout: float = 15.0) -> bytes:
