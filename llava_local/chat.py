@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from . import images as _images
 from . import structured
 from .backends import Backend, Finish, Turn, create
-from .control import STATUS_PREPARING, TurnControl
+from .control import STATUS_ANSWERING, STATUS_PREPARING, TurnControl
 from .errors import BackendError, InvalidRequestError, LlavaLocalError, NoPictureWarning
 from .types import Message, Options, PreparedImage, Reply
 
@@ -590,6 +590,8 @@ class ReplyStream(Iterator[str]):
                 if isinstance(item, Finish):
                     self._finish = item
                 elif item:
+                    # Said here, for every engine: the ones that report no phases too.
+                    self.control.report(STATUS_ANSWERING)
                     self._pieces.append(item)
                     return item
             self._keep()

@@ -153,3 +153,13 @@ def test_the_async_chat_has_the_config_too() -> None:
         again.sync.close()
     finally:
         chat.sync.close()
+
+
+@pytest.mark.usefixtures("echo")
+def test_an_engine_that_reports_no_phases_still_says_it_is_answering() -> None:
+    """The core reports "answering" at the first piece, so a status line (the CLI's
+    spinner) ends even with an engine that reports nothing itself."""
+    seen: list[str] = []
+    with VisionChat("echo", on_status=seen.append) as chat:
+        chat.ask("hello", image="examples/digit.png")
+    assert seen == ["preparing pictures", "answering"]

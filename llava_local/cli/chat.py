@@ -159,7 +159,6 @@ class Repl:
         try:
             with stream:
                 for piece in stream:
-                    self.status.stop()
                     self.out.print(piece, end="", markup=False, soft_wrap=True)
             self.pending = []
             self.out.print()
