@@ -105,8 +105,7 @@ def _auto(model: str | None, kwargs: dict[str, Any]) -> Backend:
                 f"Ollama at {resolve_host(host)} has no vision model: run `ollama pull llava` "
                 "(or another vision model), or choose another engine with backend="
             )
-    ollama_only = {k for k in kwargs if k in settings_only_for("ollama")}
-    for key in ollama_only:
+    for key in settings_only_for("ollama") & set(kwargs):
         kwargs.pop(key)
     env_model, env_mmproj = (
         os.environ.get("LLAVA_LOCAL_MODEL"),
@@ -155,7 +154,7 @@ def _auto(model: str | None, kwargs: dict[str, Any]) -> Backend:
 def _for_llama_cpp(model: str | None, kwargs: dict[str, Any]) -> bool:
     """Whether the call itself names the in-process engine: a GGUF file, the demo,
     or arguments only llama.cpp takes (then no daemon is asked, named or not)."""
-    if any(k in settings_only_for("llama_cpp") for k in kwargs):
+    if settings_only_for("llama_cpp") & set(kwargs):
         return True
     return bool(model) and (
         model == DEMO_NAME or looks_like_path(model) or Path(str(model)).expanduser().is_file()

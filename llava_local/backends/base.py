@@ -49,11 +49,9 @@ class Backend(ABC):
     default_max_image_side: ClassVar[int] = 1344
 
     model: str
-    #: The catalogue name of the files (``"demo"``, a pulled entry), if any: what a saved
-    #: conversation records, as install and cache paths differ between machines.
-    catalog_name: str | None = None
     #: The engine's settings as a JSON-serialisable config (see :mod:`.registry`), from
-    #: which the same engine can be opened again; None for engines built by hand.
+    #: which the same engine can be opened again (catalogue models and the demo by name,
+    #: as install and cache paths differ between machines); None for engines built by hand.
     config: EngineConfig | None = None
 
     @property

@@ -157,12 +157,13 @@ class LlamaCppBackend(Backend):
         self.model_path = _existing_file(model, "language model")
         self.mmproj_path = _existing_file(mmproj, "projector (mmproj)")
         self.model = self.model_path.name
-        self.catalog_name = DEMO_NAME if is_demo(self.model_path) else catalog_name
-        by_name = self.catalog_name is not None
-        #: These settings, as :meth:`VisionChat.from_config` rebuilds them.
+        if is_demo(self.model_path):
+            catalog_name = DEMO_NAME
+        #: These settings, as :meth:`VisionChat.from_config` rebuilds them; the demo and
+        #: pulled catalogue models (``catalog_name``) by name, other files by path.
         self.config = LlamaCppConfig(
-            model=self.catalog_name if by_name else str(self.model_path.resolve()),
-            mmproj=None if by_name else str(self.mmproj_path.resolve()),
+            model=catalog_name or str(self.model_path.resolve()),
+            mmproj=None if catalog_name else str(self.mmproj_path.resolve()),
             n_ctx=n_ctx,
             n_threads=n_threads,
             chat_format=chat_format,
