@@ -25,7 +25,13 @@ from . import images as _images
 from . import structured
 from .backends import Backend, Finish, Turn, create
 from .control import STATUS_ANSWERING, STATUS_PREPARING, TurnControl
-from .errors import BackendError, InvalidRequestError, LlavaLocalError, NoPictureWarning
+from .errors import (
+    BackendError,
+    InvalidRequestError,
+    LlavaLocalError,
+    NoPictureWarning,
+    problems,
+)
 from .types import Message, Options, PreparedImage, Reply
 
 _OPTION_NAMES = frozenset(Options.model_fields)
@@ -37,9 +43,8 @@ def _options(values: dict[str, Any]) -> Options:
     try:
         return Options(**values)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise InvalidRequestError(
-            f"invalid generation options ({problems}); valid options: "
+            f"invalid generation options ({problems(exc)}); valid options: "
             + ", ".join(sorted(_OPTION_NAMES))
         ) from None
 

@@ -32,6 +32,11 @@ happen, ``raise ... from exc``, so the cause stays visible in tracebacks.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 
 class LlavaLocalError(Exception):
     """Root of every error raised by llava-local."""
@@ -128,3 +133,8 @@ class ResponseError(BackendError):
     def __init__(self, message: str, status_code: int | None = None) -> None:
         self.status_code = status_code
         super().__init__(message)
+
+
+def problems(exc: ValidationError) -> str:
+    """A pydantic validation failure as one line: ``field: what is wrong; ...``."""
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())

@@ -28,7 +28,7 @@ import jsonschema  # type: ignore[import-untyped]  # no type information shipped
 from jsonschema.exceptions import best_match  # type: ignore[import-untyped]
 from pydantic import BaseModel, ValidationError
 
-from .errors import InvalidRequestError, SchemaError
+from .errors import InvalidRequestError, SchemaError, problems
 
 Schema = type[BaseModel] | dict[str, Any]
 
@@ -80,7 +80,7 @@ def parse(text: str, schema: Schema) -> Any:
     except ValidationError as exc:
         raise SchemaError(
             f"the answer does not fit {schema.__name__}: {exc.error_count()} error(s): "
-            + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()),
+            + problems(exc),
             text,
         ) from exc
 

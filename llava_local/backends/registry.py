@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, problems
 from .base import Backend
 
 
@@ -132,8 +132,9 @@ def make_config(name: str, settings: Mapping[str, Any]) -> EngineConfig:
     try:
         return cls(**{k: v for k, v in settings.items() if k not in cls.runtime_names()})
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise InvalidRequestError(f"invalid {spec.name} engine settings ({problems})") from None
+        raise InvalidRequestError(
+            f"invalid {spec.name} engine settings ({problems(exc)})"
+        ) from None
 
 
 def engine_of(config: EngineConfig) -> EngineSpec:
