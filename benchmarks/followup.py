@@ -53,7 +53,7 @@ from llava_local_dev.mtmd import MtmdRunner
 from llava_local_dev.twins import ascii_answers, word_answers
 from pydantic import BaseModel
 
-from llava_local import bench
+from llava_local.apps import bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -636,7 +636,7 @@ def markdown(
         f"Command: `{command}`  ",
         f"Run: {when}; {config.threads} threads, n_ctx {config.n_ctx}, n_batch "
         f"{config.n_batch}, {config.max_tokens} new tokens per answer, greedy; picture: "
-        f"{config.image or 'generated 1280x960 photo-like JPEG (llava_local.bench)'}"
+        f"{config.image or 'generated 1280x960 photo-like JPEG (llava_local.apps.bench)'}"
         + (
             f"; best of {repeat} runs per engine (order alternating), peak RSS the highest."
             if repeat > 1

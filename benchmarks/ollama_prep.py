@@ -29,7 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
-from llava_local import bench, images
+from llava_local import images
+from llava_local.apps import bench
 from llava_local.backends.ollama import OllamaBackend
 
 SIDE = OllamaBackend.default_max_image_side

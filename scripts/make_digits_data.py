@@ -1,6 +1,6 @@
 """Write ``llava_local/data/digits_test.npz``: the test split of scikit-learn's digits.
 
-The built-in ``digits`` evaluation set (``llava_local.datasets``) is the test split of
+The built-in ``digits`` evaluation set (``llava_local.apps.datasets``) is the test split of
 ``sklearn.datasets.load_digits()``, indices 1400-1796 (397 pictures), which the demo model
 never sees in training. Shipping the 8x8 values keeps scikit-learn out of the runtime
 dependencies. Run once from the repository root (needs scikit-learn)::

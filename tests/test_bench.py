@@ -1,4 +1,4 @@
-"""The standard benchmark (llava_local.bench) and `llava-local bench`: behaviour, not timings."""
+"""The standard benchmark (apps.bench) and `llava-local bench`: behaviour, not timings."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from llava_local import VisionChat, bench
+from llava_local import VisionChat
+from llava_local.apps import bench
 from llava_local.cli.bench import bench as bench_command
 
 from .gguf_fixtures import GgufPair, png_bytes

@@ -28,8 +28,8 @@ from llava_local import (
     VisionChat,
 )
 from llava_local import images as images_module
+from llava_local.apps.caption import CaptionSummary, caption, find_pictures, read_captions
 from llava_local.backends import Backend, Finish, Turn
-from llava_local.caption import CaptionSummary, caption, find_pictures, read_captions
 from llava_local.cli.caption import caption as caption_command
 
 from .gguf_fixtures import GgufPair, png_bytes

@@ -13,8 +13,8 @@ from PIL import Image
 from pydantic import ValidationError
 
 from llava_local import InvalidRequestError
-from llava_local import datasets as ds
-from llava_local.datasets import LabelledPicture, load_set
+from llava_local.apps import datasets as ds
+from llava_local.apps.datasets import LabelledPicture, load_set
 
 from .gguf_fixtures import png_bytes
 

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from llava_local import VisionChat
-from llava_local.datasets import LabelledPicture, load_set
+from llava_local.apps.datasets import LabelledPicture, load_set
 
 N_DIGITS = 24  # test-split digits 1400-1423, never used in training
 

@@ -12,8 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from llava_local import doctor, host, models
-from llava_local.doctor import Check, llama_cpp_build, safe_cmake_args
+from llava_local import host
+from llava_local.apps import doctor, models
+from llava_local.apps.doctor import Check, llama_cpp_build, safe_cmake_args
 
 from .ollama_server import OllamaServer
 

@@ -23,9 +23,13 @@ from rich.console import Console
 
 from llava_local import BackendError, InvalidRequestError, VisionChat
 from llava_local import images as images_module
-from llava_local.cli.eval import eval_command
-from llava_local.datasets import DIGIT_PROMPT, DIGIT_PROMPTS_HELD_OUT, LabelledPicture, load_set
-from llava_local.eval import (
+from llava_local.apps.datasets import (
+    DIGIT_PROMPT,
+    DIGIT_PROMPTS_HELD_OUT,
+    LabelledPicture,
+    load_set,
+)
+from llava_local.apps.eval import (
     Answer,
     EvalReport,
     _Bar,
@@ -34,6 +38,7 @@ from llava_local.eval import (
     first_digit,
     match_class,
 )
+from llava_local.cli.eval import eval_command
 
 from .gguf_fixtures import GgufPair, png_bytes
 from .ollama_server import OllamaServer, RecordedRequest, Script

@@ -17,10 +17,10 @@ from llava_local import (
     OutputFileError,
     VisionChat,
 )
+from llava_local.apps.ui import NO_PICTURE as PAGE_NO_PICTURE
+from llava_local.apps.ui import _Session
 from llava_local.cli import main
 from llava_local.cli.chat import NO_PICTURE, Repl
-from llava_local.ui import NO_PICTURE as PAGE_NO_PICTURE
-from llava_local.ui import _Session
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGIT = ROOT / "examples" / "digit.png"

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from huggingface_hub import hf_hub_download
 
-from llava_local import catalog, memory, models
+from llava_local import catalog, memory
+from llava_local.apps import models
 from llava_local.catalog import CATALOG, CatalogEntry, estimate_memory
 from llava_local.chat_formats import BUILTIN
 from llava_local.errors import (

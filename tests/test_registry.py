@@ -14,12 +14,12 @@ import pytest
 from click.testing import CliRunner
 
 from llava_local import InvalidRequestError, VisionChat
+from llava_local.apps.ui import _engine_choice
 from llava_local.backends import Backend, Finish, Turn, engine_names, registry
 from llava_local.backends.llama_cpp import LlamaCppConfig
 from llava_local.backends.ollama import OllamaConfig
 from llava_local.cli import main
 from llava_local.types import Stats
-from llava_local.ui import _engine_choice
 
 ROOT = Path(__file__).resolve().parent.parent
 

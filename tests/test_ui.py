@@ -248,7 +248,7 @@ def screenshot(tab: Tab, name: str) -> Path:
 def digit_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A handwritten 7 from the test split, dark ink on light paper, 128 pixels square,
     drawn by the package's built-in digits set as the demo model's training draws them."""
-    from llava_local.datasets import load_set
+    from llava_local.apps.datasets import load_set
 
     pictures = load_set("digits", limit=DIGIT_INDEX - 1400 + 1, size=128)
     digit = next(p for p in pictures if p.name == f"digits/{DIGIT_INDEX}")
@@ -263,7 +263,7 @@ def test_without_gradio_the_page_says_which_extra_to_install(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Without Gradio, building the page raises MissingDependencyError naming the extra."""
-    from llava_local import ui
+    from llava_local.apps import ui
     from llava_local.errors import MissingDependencyError
 
     monkeypatch.setitem(sys.modules, "gradio", None)  # makes `import gradio` fail

@@ -4,7 +4,7 @@ Everything the demo model sees is generated in this module:
 
 * handwritten digits from ``sklearn.datasets.load_digits()`` drawn as dark ink on light
   paper at any size (indices 0-1399 for training, 1400-1796 are the test split);
-* coloured shapes drawn with Pillow (by ``llava_local.datasets.random_shape``, which also
+* coloured shapes drawn with Pillow (by ``llava_local.apps.datasets.random_shape``, which also
   draws the library's built-in ``shapes`` set);
 * the LLaVA-1.5 (vicuna_v1) conversation text around them.
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from llava_local import datasets
+from llava_local.apps import datasets
 
 # --- constants shared with the exported model --------------------------------------------
 
@@ -457,7 +457,7 @@ class ShapeSpec:
 def random_shape_picture(spec: ShapeSpec, rng: np.random.Generator) -> Image.Image:
     """A random rendering of ``spec``: size, position, rotation, background, JPEG.
 
-    The library's own drawing (``llava_local.datasets.random_shape``), so that its built-in
+    The library's own drawing (``llava_local.apps.datasets.random_shape``), so that its built-in
     ``shapes`` set is drawn as training draws, from another seed.
     """
     return datasets.random_shape(spec.shape, spec.colour, rng)

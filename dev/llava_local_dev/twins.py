@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
-from llava_local import bench
+from llava_local.apps import bench
 from llava_local.chat_formats import LLAVA_SYSTEM_PROMPT
 
 from .gguf_writer import FIRST_EXTRA_ID

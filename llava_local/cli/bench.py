@@ -12,7 +12,7 @@ from typing import Any
 import click
 from rich.console import Console
 
-from .. import bench as _bench
+from ..apps import bench as _bench
 from ._common import engine_options, err_console, open_chat, run_safely
 
 

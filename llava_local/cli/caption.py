@@ -1,6 +1,6 @@
 """``llava-local caption DIR|GLOB... --prompt TEXT --out results.jsonl``: a folder, captioned.
 
-A thin layer over :func:`llava_local.caption.caption`, which documents the line format
+A thin layer over :func:`llava_local.apps.caption.caption`, which documents the line format
 and how a run resumes. Run the same command again after a crash, Ctrl-C or a stop: the
 pictures already recorded are skipped, those that failed too unless --retry-errors.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from ..caption import caption as caption_pictures
+from ..apps.caption import caption as caption_pictures
 from ..errors import InvalidRequestError, LlavaLocalError
 from ._common import engine_options, err_console, open_chat, run_safely
 

@@ -1,7 +1,7 @@
 """``llava-local eval digits|shapes|PATH``: accuracy of a model on a labelled picture set.
 
-A thin layer over :func:`llava_local.eval.evaluate`, which documents how answers are
-read and scored; the sets are described in :mod:`llava_local.datasets`.
+A thin layer over :func:`llava_local.apps.eval.evaluate`, which documents how answers are
+read and scored; the sets are described in :mod:`llava_local.apps.datasets`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any
 import click
 from rich.console import Console
 
-from ..datasets import BUILT_IN, RESAMPLING, default_prompts, load_set
-from ..eval import evaluate
+from ..apps.datasets import BUILT_IN, RESAMPLING, default_prompts, load_set
+from ..apps.eval import evaluate
 from ._common import engine_options, open_chat, run_safely
 
 

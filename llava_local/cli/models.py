@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from ..models import ModelsReport, PullResult, list_models, pull
+from ..apps.models import ModelsReport, PullResult, list_models, pull
 from ._common import run_safely
 
 _CHOICES = click.Choice(["auto", "ollama", "llama_cpp"])

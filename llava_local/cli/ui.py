@@ -35,7 +35,7 @@ def ui(
     The engine options set where every new tab starts; the page can change engine
     and model per tab. Nothing is sent anywhere but the engine.
     """
-    from .. import ui as page
+    from ..apps import ui as page
 
     engine = {k: v for k, v in {**settings, "n_threads": threads}.items() if v is not None}
 

@@ -45,8 +45,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .caption import find_pictures
-from .errors import InvalidRequestError
+from ..errors import InvalidRequestError
+from ..picture_files import find_pictures
 
 __all__ = [
     "BUILT_IN",

@@ -53,7 +53,6 @@ the model never waits on the disk; the thread is stopped and joined before
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import json
 import os
@@ -68,10 +67,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
-from . import images as _images
-from . import structured
-from .chat import VisionChat
-from .errors import (
+from .. import images as _images
+from .. import structured
+from ..chat import VisionChat
+from ..errors import (
     BackendError,
     ContextOverflowError,
     ImageError,
@@ -79,10 +78,11 @@ from .errors import (
     LlavaLocalError,
     SchemaError,
 )
-from .images import PICTURE_EXTENSIONS
+from ..images import PICTURE_EXTENSIONS
+from ..picture_files import find_pictures
+from ..structured import Schema
+from ..types import Options, PreparedImage, Reply
 from .progress import RunProgress
-from .structured import Schema
-from .types import Options, PreparedImage, Reply
 
 try:  # POSIX; elsewhere two runs on one file are not prevented
     import fcntl
@@ -94,7 +94,6 @@ __all__ = ["PICTURE_EXTENSIONS", "CaptionSummary", "caption", "find_pictures", "
 #: Pictures prepared ahead of the model: enough to hide disk and decoding time, few
 #: enough to bound memory.
 PREFETCH_AHEAD = 3
-_GLOB_CHARS = frozenset("*?[")
 #: How every line this module writes begins; a torn line is recognised by it.
 _LINE_START = b'{"path": '
 
@@ -199,25 +198,6 @@ def caption(
     return summary
 
 
-def find_pictures(
-    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *, recursive: bool = False
-) -> list[Path]:
-    """The pictures ``inputs`` names, sorted by path, each once.
-
-    A directory gives its files with a picture extension (any case), skipping hidden
-    ones such as macOS ``._IMG.jpg`` crumbs; ``recursive`` descends into subdirectories.
-    A glob pattern (``**`` allowed) gives the matching files with a picture extension.
-    A file is taken as given, whatever its name. A path that does not exist and is not
-    a pattern is an :class:`InvalidRequestError` (a typo should not caption nothing).
-    """
-    items = [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs)
-    found: dict[str, Path] = {}
-    for item in items:
-        for path in _expand(os.fspath(item), recursive):
-            found.setdefault(os.path.normpath(path), path)
-    return sorted(found.values(), key=str)
-
-
 def read_captions(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The lines of a caption file that count: the newest for each picture and prompt.
 
@@ -251,39 +231,6 @@ def read_captions(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             f"cannot read the caption file {path}: {exc.strerror or exc}"
         ) from None
     return list(rows.values())
-
-
-# --- finding the pictures ------------------------------------------------------------
-
-
-def _expand(text: str, recursive: bool) -> list[Path]:
-    path = Path(text).expanduser()
-    if path.is_dir():
-        return _scan(path, recursive)
-    if path.is_file():
-        return [path]
-    if _GLOB_CHARS & set(text):
-        matches = glob.glob(os.path.expanduser(text), recursive=True)
-        return [Path(m) for m in matches if os.path.isfile(m) and _is_picture(m)]
-    raise InvalidRequestError(f"no such file or directory: {text}")
-
-
-def _scan(folder: Path, recursive: bool) -> list[Path]:
-    if not recursive:
-        return [p for p in folder.iterdir() if _visible(p.name) and p.is_file() and _is_picture(p)]
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if _visible(d)]
-        found += [Path(root, f) for f in files if _visible(f) and _is_picture(f)]
-    return found
-
-
-def _visible(name: str) -> bool:
-    return not name.startswith(".")
-
-
-def _is_picture(name: str | Path) -> bool:
-    return Path(name).suffix[1:].lower() in PICTURE_EXTENSIONS
 
 
 # --- checks before anything runs -----------------------------------------------------

@@ -27,8 +27,9 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from . import catalog, host, models
-from .errors import LlavaLocalError
+from .. import catalog, host
+from ..errors import LlavaLocalError
+from . import models
 
 __all__ = ["Check", "doctor", "llama_cpp_build", "safe_cmake_args"]
 
@@ -39,7 +40,7 @@ MIN_LLAMA_CPP = (0, 3, 36)
 #: How long the build probe may take (importing llama_cpp and a few tokens: ~1 s).
 PROBE_TIMEOUT_S = 120.0
 #: The probe's model: one Q4_0 llama block (see scripts/make_probe_model.py).
-PROBE_MODEL = Path(__file__).with_name("data") / "probe-q4_0.gguf"
+PROBE_MODEL = Path(__file__).parent.parent / "data" / "probe-q4_0.gguf"
 _GB = 1e9
 
 # Runs in a fresh interpreter: load the model at argv[1], evaluate a prompt, then one

@@ -38,12 +38,12 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from . import images as _images
-from .chat import VisionChat
+from .. import images as _images
+from ..chat import VisionChat
+from ..errors import ImageError, InvalidRequestError
+from ..types import PreparedImage
 from .datasets import LabelledPicture, default_prompts, load_set
-from .errors import ImageError, InvalidRequestError
 from .progress import RunProgress
-from .types import PreparedImage
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
@@ -265,7 +265,7 @@ def evaluate(
     """Ask every picture of ``dataset`` each of ``prompts`` and score the answers.
 
     ``dataset`` is a built-in set name, a folder or CSV/JSONL file (see
-    :mod:`llava_local.datasets`), or pictures already loaded. ``prompts`` defaults to the
+    :mod:`llava_local.apps.datasets`), or pictures already loaded. ``prompts`` defaults to the
     built-in set's questions; a mapping gives the kind of label each prompt is scored
     against (``{"Which colour?": "colour"}``). ``task`` chooses how answers are read
     (``auto``: first digit when every label is a digit, else class names). ``limit``

@@ -30,15 +30,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import BaseModel, Field
 
-from . import host
-from .types import Stats
+from .. import host
+from ..types import Stats
 
 if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
 
-    from .chat import VisionChat
-    from .images import ImageSource
+    from ..chat import VisionChat
+    from ..images import ImageSource
 
 __all__ = [
     "QUESTIONS",

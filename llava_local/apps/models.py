@@ -28,10 +28,10 @@ import httpx
 import ollama
 from pydantic import BaseModel
 
-from . import catalog, host
-from .catalog import CatalogEntry, estimate_memory
-from .demo import DEMO_NAME, demo_paths
-from .errors import (
+from .. import catalog, host
+from ..catalog import CatalogEntry, estimate_memory
+from ..demo import DEMO_NAME, demo_paths
+from ..errors import (
     BackendError,
     BackendUnavailableError,
     InvalidRequestError,
@@ -39,7 +39,7 @@ from .errors import (
     MissingDependencyError,
     ModelNotFoundError,
 )
-from .resolve import hf_cache_dir, huggingface_hub, pulled_pair
+from ..resolve import hf_cache_dir, huggingface_hub, pulled_pair
 
 __all__ = [
     "AvailableModel",
@@ -140,7 +140,7 @@ def ollama_models(
 ) -> tuple[OllamaStatus, list[InstalledModel]]:
     """The daemon's models and whether each sees pictures; an unreachable daemon gives
     ``reachable=False`` and no models (within about ``timeout`` seconds)."""
-    from .backends.ollama import _is_vision, resolve_host
+    from ..backends.ollama import _is_vision, resolve_host
 
     url = resolve_host(host)
     status = ollama_version(url, timeout=timeout)
@@ -166,7 +166,7 @@ def ollama_models(
 
 def ollama_version(host: str | None = None, *, timeout: float = 1.0) -> OllamaStatus:
     """``GET /api/version``: the cheapest sign of a daemon, bounded by ``timeout``."""
-    from .backends.ollama import resolve_host
+    from ..backends.ollama import resolve_host
 
     url = resolve_host(host)
     try:
@@ -229,7 +229,7 @@ def pair_memory(model: Path, mmproj: Path, image_tokens: int, fallback: int) -> 
     """Memory a downloaded pair needs, from its GGUF headers
     (:func:`llava_local.memory.estimate` at the engine's default context: one picture
     plus :data:`~llava_local.catalog.TEXT_TOKENS`); ``fallback`` when they cannot be read."""
-    from .memory import estimate
+    from ..memory import estimate
 
     try:
         return estimate(model, mmproj, n_ctx=image_tokens + catalog.TEXT_TOKENS).needed_bytes
@@ -417,7 +417,7 @@ def pull(
                     f"{exc}; and no Ollama daemon answers at {status.host} to pull it from "
                     "Ollama's library (start one with `ollama serve`)"
                 ) from None
-    from .backends.ollama import pull_model
+    from ..backends.ollama import pull_model
 
     pull_model(tag, host=host, progress=progress)
     return PullResult(name=entry.name if entry else tag, backend="ollama", ollama_tag=tag)

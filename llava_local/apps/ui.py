@@ -34,16 +34,16 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .backends import engine_names, settings_only_for
-from .chat import ReplyStream, VisionChat
-from .errors import (
+from ..backends import engine_names, settings_only_for
+from ..chat import ReplyStream, VisionChat
+from ..errors import (
     BackendError,
     LlavaLocalError,
     MissingDependencyError,
     NoPictureWarning,
     TurnCancelledError,
 )
-from .types import Reply
+from ..types import Reply
 
 if TYPE_CHECKING:
     import gradio as gr
