@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from llava_local import InvalidRequestError, VisionChat
+from llava_local.apps.models import pull, pull_engines
 from llava_local.apps.ui import _engine_choice
 from llava_local.backends import Backend, Finish, Turn, engine_names, registry
 from llava_local.backends.llama_cpp import LlamaCppConfig
@@ -97,6 +98,20 @@ def test_an_outside_engine_is_usable_by_name_everywhere() -> None:
     )
     assert result.exit_code == 0, result.output
     assert result.output.strip() == "Say it"
+
+
+@pytest.mark.usefixtures("echo")
+def test_pull_offers_only_the_engines_that_pull_models() -> None:
+    """`pull --backend` and models.pull take the registry's pulling engines: a registered
+    engine without pulls_models is refused by name, before any download."""
+    assert set(pull_engines()) == {"ollama", "llama_cpp"}
+    choices = ", ".join(["auto", *pull_engines()])
+    with pytest.raises(InvalidRequestError, match="the echo engine has no models to pull"):
+        pull("llava", backend="parrot")
+    result = CliRunner().invoke(main, ["pull", "llava", "--backend", "echo"])
+    assert result.exit_code == 2
+    assert f"'echo' is not one of {choices}" in result.output
+    assert "echo" not in CliRunner().invoke(main, ["pull", "--help"]).output
 
 
 def test_a_chat_described_as_json_is_rebuilt_in_another_process() -> None:

@@ -29,6 +29,7 @@ import ollama
 from pydantic import BaseModel
 
 from .. import catalog, host
+from ..backends import registry
 from ..catalog import CatalogEntry, estimate_memory
 from ..demo import DEMO_NAME, demo_paths
 from ..errors import (
@@ -59,11 +60,11 @@ __all__ = [
     "ollama_version",
     "pair_memory",
     "pull",
+    "pull_engines",
     "pulled_pair",
 ]
 
 Source = Literal["ollama", "hf-cache", "env", "demo"]
-BackendChoice = Literal["auto", "ollama", "llama_cpp"]
 
 
 class OllamaStatus(BaseModel):
@@ -140,7 +141,7 @@ def ollama_models(
 ) -> tuple[OllamaStatus, list[InstalledModel]]:
     """The daemon's models and whether each sees pictures; an unreachable daemon gives
     ``reachable=False`` and no models (within about ``timeout`` seconds)."""
-    from ..backends.ollama import _is_vision, resolve_host
+    from ..backends.ollama import is_vision, resolve_host
 
     url = resolve_host(host)
     status = ollama_version(url, timeout=timeout)
@@ -154,7 +155,7 @@ def ollama_models(
             for item in listed:
                 name = str(item.model or "")
                 try:
-                    vision = _is_vision(client.show(name))
+                    vision = is_vision(client.show(name))
                 except ollama.ResponseError:
                     vision = None
                 models.append(_ollama_model(name, item.size, vision))
@@ -165,18 +166,17 @@ def ollama_models(
 
 
 def ollama_version(host: str | None = None, *, timeout: float = 1.0) -> OllamaStatus:
-    """``GET /api/version``: the cheapest sign of a daemon, bounded by ``timeout``."""
-    from ..backends.ollama import resolve_host
+    """Whether a daemon answers at ``host`` (within ``timeout``), and its version."""
+    from ..backends.ollama import daemon_version, resolve_host
 
     url = resolve_host(host)
     try:
         with httpx.Client(base_url=url, timeout=httpx.Timeout(timeout)) as http:
-            response = http.get("/api/version")
-        version = response.json().get("version") if response.status_code == 200 else None
-    except (httpx.HTTPError, ValueError, AttributeError, OSError) as exc:
+            version, status = daemon_version(http)
+    except (httpx.HTTPError, OSError) as exc:
         return OllamaStatus(host=url, reachable=False, error=str(exc) or type(exc).__name__)
-    if not isinstance(version, str):
-        error = f"{url} answers GET /api/version with {response.status_code}, not as Ollama"
+    if version is None:
+        error = f"{url} answers GET /api/version with {status}, not as Ollama"
         return OllamaStatus(host=url, reachable=False, error=error)
     return OllamaStatus(host=url, reachable=True, version=version)
 
@@ -368,7 +368,7 @@ def pull(
     *,
     host: str | None = None,
     progress: bool = True,
-    backend: BackendChoice = "auto",
+    backend: str = "auto",
     cache_dir: str | os.PathLike[str] | None = None,
     endpoint: str | None = None,
     revision: str | None = None,
@@ -382,8 +382,7 @@ def pull(
     ``"llama_cpp"`` force one engine. ``cache_dir`` / ``endpoint`` / ``revision`` go to
     ``huggingface_hub`` (defaults: its cache, ``HF_ENDPOINT``, ``main``).
     """
-    if backend not in ("auto", "ollama", "llama_cpp"):
-        raise InvalidRequestError(f"unknown backend {backend!r}; choose auto, ollama or llama_cpp")
+    backend = _pulling_engine(backend)
     found = catalog.match(name)
     entry, via = found if found else (None, None)
     if entry is not None and entry.name == DEMO_NAME:
@@ -421,6 +420,24 @@ def pull(
 
     pull_model(tag, host=host, progress=progress)
     return PullResult(name=entry.name if entry else tag, backend="ollama", ollama_tag=tag)
+
+
+def pull_engines() -> list[str]:
+    """The registered engines whose models :func:`pull` can fetch."""
+    return [name for name in registry.names() if registry.get(name).capabilities.pulls_models]
+
+
+def _pulling_engine(backend: str) -> str:
+    """``backend`` by its registered name, refused unless the engine pulls models."""
+    if backend.strip().lower() == "auto":
+        return "auto"
+    name = registry.get(backend).name
+    if name not in pull_engines():
+        raise InvalidRequestError(
+            f"the {name} engine has no models to pull; pull works for auto, "
+            + ", ".join(pull_engines())
+        )
+    return name
 
 
 def download_gguf(

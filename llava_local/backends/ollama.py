@@ -62,7 +62,15 @@ from ..types import DoneReason, Message, Options, Stats
 from .base import Backend, Finish, Turn
 from .registry import Capabilities, EngineConfig, EngineSpec, register
 
-__all__ = ["OllamaBackend", "find_vision_model", "pull_model", "resolve_host"]
+__all__ = [
+    "OllamaBackend",
+    "OllamaConfig",
+    "daemon_version",
+    "find_vision_model",
+    "is_vision",
+    "pull_model",
+    "resolve_host",
+]
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
 #: The read timeout when the caller gives none: long enough for a CPU, never forever.
@@ -266,7 +274,7 @@ class OllamaBackend(Backend):
             raise
         except _LOW_LEVEL as exc:
             raise _translate(exc, self.host, self.model) from exc
-        if _is_vision(show) is False:
+        if is_vision(show) is False:
             caps = ", ".join(show.capabilities or []) or "none"
             raise NotAVisionModelError(
                 f"Ollama model {self.model!r} cannot see pictures (its capabilities: {caps}); "
@@ -444,17 +452,25 @@ def _http(client: ollama.Client) -> httpx.Client:
     return http
 
 
-def _ping(client: ollama.Client, host: str) -> None:
-    """``GET /api/version``, the cheapest question; make sure it is Ollama answering."""
-    response = _http(client).get("/api/version")
+def daemon_version(http: httpx.Client) -> tuple[str | None, int]:
+    """``GET /api/version``, the cheapest question, and the one probe of a daemon (the
+    engine's check, ``auto``, ``models`` and ``doctor`` all ask it): the version Ollama
+    reports, or None when something else answers; and the HTTP status."""
+    response = http.get("/api/version")
     try:
         version = response.json().get("version") if response.status_code == 200 else None
     except (ValueError, AttributeError):
         version = None
-    if not isinstance(version, str):
+    return (version if isinstance(version, str) else None), response.status_code
+
+
+def _ping(client: ollama.Client, host: str) -> None:
+    """Make sure it is Ollama answering at ``host``."""
+    version, status = daemon_version(_http(client))
+    if version is None:
         raise BackendUnavailableError(
-            f"{host} answers, but not as Ollama does (GET /api/version: "
-            f"{response.status_code}); check OLLAMA_HOST"
+            f"{host} answers, but not as Ollama does (GET /api/version: {status}); "
+            "check OLLAMA_HOST"
         )
 
 
@@ -535,7 +551,7 @@ def _wire_message(message: Message) -> dict[str, Any]:
     return wire
 
 
-def _is_vision(show: ollama.ShowResponse) -> bool | None:
+def is_vision(show: ollama.ShowResponse) -> bool | None:
     """Whether the model sees pictures; None when the daemon does not say."""
     if show.capabilities is not None:
         return "vision" in show.capabilities
@@ -547,7 +563,7 @@ def _is_vision(show: ollama.ShowResponse) -> bool | None:
 
 def _sees(client: ollama.Client, name: str) -> bool:
     try:
-        return _is_vision(client.show(name)) is True
+        return is_vision(client.show(name)) is True
     except (ollama.ResponseError, pydantic.ValidationError):
         return False
 

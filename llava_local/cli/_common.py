@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.status import Status
 from rich.text import Text
 
+from ..apps.models import pull_engines
 from ..backends import engine_names, registry
 from ..chat import VisionChat
 from ..errors import ContextOverflowError, LlavaLocalError
@@ -52,24 +53,34 @@ _ParamType: Any = click.ParamType
 
 class EngineName(_ParamType):  # type: ignore[misc]
     """``--backend``: auto or any registered engine, read from the registry when used,
-    so an engine registered by a plugin is accepted like the built-in ones."""
+    so an engine registered by a plugin is accepted like the built-in ones.
+    ``pulls_models`` keeps only the engines whose models ``pull`` fetches."""
 
     name = "engine"
 
+    def __init__(self, *, pulls_models: bool = False) -> None:
+        self.pulls_models = pulls_models
+
+    def choices(self) -> list[str]:
+        if self.pulls_models:
+            return ["auto", *pull_engines()]
+        return engine_names()
+
     def get_metavar(self, param: click.Parameter, ctx: click.Context) -> str:
-        return "[" + "|".join(engine_names()) + "]"
+        return "[" + "|".join(self.choices()) + "]"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        names = engine_names()
+        names = self.choices()
         key = str(value).strip().replace("-", "_").lower()
-        if key == "auto":
-            return "auto"
         try:
-            return registry.get(key).name
+            name = "auto" if key == "auto" else registry.get(key).name
         except LlavaLocalError:
+            name = None
+        if name not in names:
             raise click.BadParameter(
                 f"{value!r} is not one of {', '.join(names)}", ctx=ctx, param=param
             ) from None
+        return name
 
 
 def engine_options(func: F) -> F:

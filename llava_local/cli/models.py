@@ -12,9 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..apps.models import ModelsReport, PullResult, list_models, pull
-from ._common import run_safely
-
-_CHOICES = click.Choice(["auto", "ollama", "llama_cpp"])
+from ._common import EngineName, run_safely
 
 
 def _size(n: int | None) -> str:
@@ -149,7 +147,7 @@ def _print_catalogue(
 @click.argument("name")
 @click.option(
     "--backend",
-    type=_CHOICES,
+    type=EngineName(pulls_models=True),
     default="auto",
     show_default=True,
     help="ollama: pull through the daemon; llama_cpp: download the GGUF pair; auto: by name.",
