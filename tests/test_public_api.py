@@ -26,6 +26,8 @@ from llava_local import errors as errors_module
 from llava_local.chat import _options
 from llava_local.structured import json_schema, parse
 
+from .option_args import OptionArgs
+
 
 def test_all_is_exactly_the_public_surface() -> None:
     """`__all__` lists every public name the package exports, and each one exists."""
@@ -116,8 +118,13 @@ def test_out_of_range_options_are_refused(bad: dict[str, float]) -> None:
 def test_options_overlay_keeps_unset_fields() -> None:
     """Per-call options override chat defaults only where they are set."""
     base = Options(temperature=0.5, max_tokens=10)
-    merged = base.overlay(Options(max_tokens=3, stop="END"))
+    merged = base.overlay(Options.model_validate({"max_tokens": 3, "stop": "END"}))
     assert merged == Options(temperature=0.5, max_tokens=3, stop=("END",))
+
+
+def test_typed_option_arguments_are_the_options_fields() -> None:
+    """The tests' typed keyword arguments (tests/option_args.py) name exactly Options' fields."""
+    assert set(OptionArgs.__annotations__) == set(Options.model_fields)
 
 
 def test_reply_str_is_its_text() -> None:
