@@ -798,7 +798,7 @@ def test_pull_failing_part_way(
     assert f"pulling {spec.layers()[0][0][7:19]}" in capsys.readouterr().err
     assert ollama_server.find_model("qwen2.5vl") is None
     with pytest.raises(BackendError, match="run the pull again"):
-        pull_model("qwen2.5vl", host=ollama_server.url, progress=False)
+        pull_model("qwen2.5vl", host=ollama_server.url)
 
 
 def test_final_chunk_that_carries_content(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llava_local.apps.progress import RunProgress
+from llava_local.progress import RunProgress
 
 
 def test_failed_and_skipped_items_count_but_make_no_rate() -> None:

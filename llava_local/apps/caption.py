@@ -80,9 +80,9 @@ from ..errors import (
 )
 from ..images import PICTURE_EXTENSIONS
 from ..picture_files import find_pictures
+from ..progress import RunProgress
 from ..structured import Schema
 from ..types import Options, PreparedImage, Reply
-from .progress import RunProgress
 
 try:  # POSIX; elsewhere two runs on one file are not prevented
     import fcntl

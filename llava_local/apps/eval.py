@@ -41,9 +41,9 @@ from rich.text import Text
 from .. import images as _images
 from ..chat import VisionChat
 from ..errors import ImageError, InvalidRequestError
+from ..progress import RunProgress
 from ..types import PreparedImage
 from .datasets import LabelledPicture, default_prompts, load_set
-from .progress import RunProgress
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",

@@ -40,6 +40,7 @@ from ..errors import (
     MissingDependencyError,
     ModelNotFoundError,
 )
+from ..progress import DownloadProgress
 from ..resolve import hf_cache_dir, huggingface_hub, pulled_pair
 
 __all__ = [
@@ -418,7 +419,8 @@ def pull(
                 ) from None
     from ..backends.ollama import pull_model
 
-    pull_model(tag, host=host, progress=progress)
+    with DownloadProgress(tag, enabled=progress) as bars:
+        pull_model(tag, host=host, on_update=bars)
     return PullResult(name=entry.name if entry else tag, backend="ollama", ollama_tag=tag)
 
 

@@ -41,7 +41,7 @@ import os
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Any, cast
 
 import httpx
@@ -58,6 +58,7 @@ from ..errors import (
     NotAVisionModelError,
     ResponseError,
 )
+from ..progress import DownloadProgress
 from ..types import DoneReason, Message, Options, Stats
 from .base import Backend, Finish, Turn
 from .registry import Capabilities, EngineConfig, EngineSpec, register
@@ -169,9 +170,15 @@ def find_vision_model(
 
 
 def pull_model(
-    model: str, *, host: str | None = None, progress: bool = True, connect_timeout: float = 3.0
+    model: str,
+    *,
+    host: str | None = None,
+    on_update: Callable[[ollama.ProgressResponse], None] | None = None,
+    connect_timeout: float = 3.0,
 ) -> None:
-    """``ollama pull MODEL`` through the daemon, with a progress bar per blob on stderr.
+    """``ollama pull MODEL`` through the daemon; ``on_update`` sees each progress line
+    (status, blob digest, bytes done and total), e.g. to draw bars
+    (:class:`llava_local.progress.DownloadProgress`).
 
     Raises :class:`ModelNotFoundError` when the registry has no such model,
     :class:`BackendUnavailableError` when no daemon answers, and :class:`BackendError`
@@ -183,7 +190,7 @@ def pull_model(
     timeouts = httpx.Timeout(DEFAULT_READ_TIMEOUT, connect=connect_timeout)
     try:
         with ollama.Client(host=url, timeout=timeouts, transport=_transport(url)) as client:
-            _pull(client, url, model, progress=progress)
+            _pull(client, url, model, on_update)
     except LlavaLocalError:
         raise
     except _LOW_LEVEL as exc:
@@ -371,7 +378,8 @@ class OllamaBackend(Backend):
         except ollama.ResponseError as exc:
             if exc.status_code != 404 or not self.pull:
                 raise
-        _pull(self._client, self.host, self.model, progress=True)
+        with DownloadProgress(self.model) as bars:
+            _pull(self._client, self.host, self.model, bars)
         return self._client.show(self.model)
 
     def _ensure_open(self) -> None:
@@ -474,23 +482,20 @@ def _ping(client: ollama.Client, host: str) -> None:
         )
 
 
-def _pull(client: ollama.Client, host: str, model: str, *, progress: bool) -> None:
+def _pull(
+    client: ollama.Client,
+    host: str,
+    model: str,
+    on_update: Callable[[ollama.ProgressResponse], None] | None,
+) -> None:
     """Stream one pull. An error before any blob arrives means the registry has no such
     model; one after it means the download itself failed."""
-    started: list[bool] = []
-
-    def updates() -> Iterator[ollama.ProgressResponse]:
-        for update in client.pull(model, stream=True):
-            if update.digest:
-                started.append(True)
-            yield update
-
+    started = False
     try:
-        if progress:
-            _show_progress(model, updates())
-        else:
-            for _ in updates():
-                pass
+        for update in client.pull(model, stream=True):
+            started = started or bool(update.digest)
+            if on_update is not None:
+                on_update(update)
     except ollama.ResponseError as exc:
         if started:
             raise BackendError(
@@ -500,33 +505,6 @@ def _pull(client: ollama.Client, host: str, model: str, *, progress: bool) -> No
         raise ModelNotFoundError(
             f"Ollama at {host} has no model {model!r} and could not pull it: {exc.error}"
         ) from exc
-
-
-def _show_progress(model: str, updates: Iterator[ollama.ProgressResponse]) -> None:
-    """Draw a pull's progress on stderr: one bar per blob, status lines as they come."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TaskID,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn())
-    bars: dict[str, TaskID] = {}
-    console = Console(stderr=True)
-    with Progress(*columns, TransferSpeedColumn(), TimeRemainingColumn(), console=console) as bar:
-        for update in updates:
-            if update.digest and update.total:
-                if update.digest not in bars:
-                    label = update.status or update.digest
-                    bars[update.digest] = bar.add_task(label, total=update.total)
-                bar.update(bars[update.digest], completed=update.completed or 0)
-            elif update.status:
-                bar.console.print(f"{model}: {update.status}", markup=False, highlight=False)
 
 
 def _engine_options(extra: Mapping[str, Any], num_ctx: int | None) -> dict[str, Any]:

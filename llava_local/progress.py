@@ -1,4 +1,5 @@
-"""The progress bar of long runs (captioning a folder, evaluating a labelled set).
+"""Progress bars: long runs (captioning a folder, evaluating a labelled set) and
+downloads (pulling a model through Ollama).
 
 One look for both: the count of what is counted (pictures, answers), its rate, elapsed
 time and ETA, on stderr so that stdout stays clean for ``--json`` and pipes.
@@ -14,23 +15,36 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import timedelta
 from types import TracebackType
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from rich.console import Console
 from rich.progress import (
     BarColumn,
+    DownloadColumn,
     Progress,
     ProgressColumn,
     Task,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
 )
 from rich.table import Column
 from rich.text import Text
 
-__all__ = ["RunProgress"]
+__all__ = ["DownloadProgress", "RunProgress"]
 
 _P = TypeVar("_P", bound="RunProgress")
+
+
+class _PullUpdate(Protocol):
+    """One progress line of a pull (``ollama.ProgressResponse`` has these)."""
+
+    status: str | None
+    digest: str | None
+    total: int | None
+    completed: int | None
 
 
 class _Figure(ProgressColumn):
@@ -148,3 +162,46 @@ class RunProgress:
     def eta_text(self) -> str:
         eta = self.eta_s
         return "ETA -:--:--" if eta is None else f"ETA {timedelta(seconds=round(eta))}"
+
+
+class DownloadProgress:
+    """A pull's progress on stderr: one bar per blob, status lines as they come.
+
+    Call it with each update of ``ollama.Client.pull`` (anything with ``status``,
+    ``digest``, ``total`` and ``completed``), as ``pull_model(on_update=...)`` does.
+    """
+
+    def __init__(self, model: str, *, enabled: bool = True) -> None:
+        self.model = model
+        self._bars: dict[str, TaskID] = {}
+        self._progress = Progress(
+            TextColumn("{task.description}", markup=False),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            disable=not enabled,
+        )
+
+    def __enter__(self) -> DownloadProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._progress.stop()
+
+    def __call__(self, update: _PullUpdate) -> None:
+        if update.digest and update.total:
+            if update.digest not in self._bars:
+                label = update.status or update.digest
+                self._bars[update.digest] = self._progress.add_task(label, total=update.total)
+            self._progress.update(self._bars[update.digest], completed=update.completed or 0)
+        elif update.status and not self._progress.disable:
+            line = f"{self.model}: {update.status}"
+            self._progress.console.print(line, markup=False, highlight=False)
