@@ -40,7 +40,6 @@ import threading
 import time
 import urllib.parse
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -50,6 +49,7 @@ import numpy as np
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from llava_local.errors import ImageError, InvalidRequestError
+from llava_local.lru import ByteLRU
 from llava_local.types import PreparedImage
 
 __all__ = [
@@ -112,53 +112,15 @@ _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b
 _PILLOW_LOCK = threading.Lock()
 
 
-class ImageCache:
+def _data_size(image: PreparedImage) -> int:
+    return len(image.data)
+
+
+class ImageCache(ByteLRU[str, PreparedImage]):
     """A thread-safe LRU of prepared pictures, bounded by the total size of their data."""
 
     def __init__(self, max_bytes: int = 64 * 2**20) -> None:
-        if max_bytes < 0:
-            raise ValueError(f"max_bytes must be >= 0, not {max_bytes}")
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[str, PreparedImage] = OrderedDict()
-        self._nbytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: str) -> PreparedImage | None:
-        """The picture stored under ``key`` (now the most recently used), or None."""
-        with self._lock:
-            image = self._items.get(key)
-            if image is not None:
-                self._items.move_to_end(key)
-            return image
-
-    def put(self, key: str, image: PreparedImage) -> None:
-        """Store ``image``, evicting the least recently used until the total fits."""
-        size = len(image.data)
-        with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._nbytes -= len(old.data)
-            if size > self.max_bytes:
-                return
-            self._items[key] = image
-            self._nbytes += size
-            while self._nbytes > self.max_bytes:
-                _, evicted = self._items.popitem(last=False)
-                self._nbytes -= len(evicted.data)
-
-    def clear(self) -> None:
-        """Forget every picture."""
-        with self._lock:
-            self._items.clear()
-            self._nbytes = 0
-
-    @property
-    def nbytes(self) -> int:
-        """Total size of the stored pictures' data."""
-        return self._nbytes
-
-    def __len__(self) -> int:
-        return len(self._items)
+        super().__init__(max_bytes, _data_size)
 
 
 DEFAULT_CACHE = ImageCache()

@@ -7,49 +7,23 @@ spares a picture that comes back in another conversation, at another position.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-
 import numpy as np
 import numpy.typing as npt
+
+from ..lru import ByteLRU
 
 Embeddings = npt.NDArray[np.float32]
 
 
-class EmbeddingCache:
-    """Least-recently-used embeddings by picture hash, at most ``max_bytes`` in all."""
+def _nbytes(value: Embeddings) -> int:
+    return int(value.nbytes)
+
+
+class EmbeddingCache(ByteLRU[str, Embeddings]):
+    """Least-recently-used embeddings by picture hash, at most ``max_bytes`` in all.
+
+    Values are kept as given: the caller hands over a copy it no longer changes.
+    """
 
     def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max(0, int(max_bytes))
-        self._items: OrderedDict[str, Embeddings] = OrderedDict()
-        self._lock = threading.Lock()
-        self.nbytes = 0
-
-    def get(self, key: str) -> Embeddings | None:
-        with self._lock:
-            value = self._items.get(key)
-            if value is not None:
-                self._items.move_to_end(key)
-            return value
-
-    def put(self, key: str, value: Embeddings) -> None:
-        """Keep ``value`` (a copy the caller no longer changes); too large ones are skipped."""
-        if value.nbytes > self.max_bytes:
-            return
-        with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self.nbytes -= old.nbytes
-            self._items[key] = value
-            self.nbytes += value.nbytes
-            while self.nbytes > self.max_bytes:
-                _, evicted = self._items.popitem(last=False)
-                self.nbytes -= evicted.nbytes
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self.nbytes = 0
+        super().__init__(max(0, int(max_bytes)), _nbytes)
