@@ -212,6 +212,64 @@ class VisionChat:
         )
         return self._open(request)
 
+    def answer(
+        self,
+        messages: Sequence[Message],
+        *,
+        schema: structured.Schema | None = None,
+        **options: Any,
+    ) -> ReplyStream:
+        """A reply to the last message of ``messages``, a whole conversation given at once,
+        as stateless HTTP APIs send it (``llava-local serve`` answers with this).
+
+        The earlier messages stand in for the history and their system messages for the
+        system prompt (the chat's own applies when they bring none); the conversation
+        must end with a user message. Pictures are :class:`PreparedImage` objects
+        (:func:`llava_local.images.prepare`). The chat's history is left as it is and
+        the turn is not kept in it; an engine that keeps its KV cache (llama.cpp) still
+        reads only what differs from the turn before, so a client that resends the
+        conversation with a new question pays for the question alone. Iterate the
+        stream as :meth:`stream`'s.
+        """
+        if self._closed:
+            raise InvalidRequestError("this VisionChat is closed; create a new one")
+        self._refuse_reentry("start another turn")
+        given = list(messages)
+        if not all(isinstance(m, Message) for m in given):
+            raise InvalidRequestError("answer() takes a list of llava_local.Message objects")
+        if not given or given[-1].role != "user":
+            raise InvalidRequestError("the conversation must end with a user message")
+        if not given[-1].content.strip() and not given[-1].images:
+            raise InvalidRequestError("the last message has neither text nor a picture")
+        side = self.max_image_side
+        given = [
+            m.model_copy(
+                update={"images": tuple(_images.prepare(i, max_side=side) for i in m.images)}
+            )
+            if m.images
+            else m
+            for m in given
+        ]
+        if not self.allow_text_only and not any(m.images for m in given):
+            warnings.warn(
+                NoPictureWarning(
+                    "no picture in this conversation: the model answers from the text "
+                    "alone, and may describe a picture it never saw"
+                ),
+                stacklevel=2,
+            )
+        opts = self.options.overlay(_options(options))
+        json_schema = None if schema is None else structured.json_schema(schema)
+        return ReplyStream(
+            self,
+            given[-1],
+            opts,
+            schema,
+            json_schema,
+            control=TurnControl(self.on_status),
+            earlier=tuple(given[:-1]),
+        )
+
     def _request(
         self,
         prompt: str,
@@ -318,10 +376,17 @@ class VisionChat:
         options: Options,
         json_schema: dict[str, Any] | None,
         control: TurnControl,
+        earlier: Sequence[Message] | None = None,
     ) -> tuple[Turn, int]:
-        """The turn to send, with the oldest turns left out if it would not fit."""
-        system = [Message(role="system", content=self.system)] if self.system else []
-        history, dropped = list(self._history), 0
+        """The turn to send, with the oldest turns left out if it would not fit;
+        ``earlier`` is a conversation given instead of the history (see :meth:`answer`)."""
+        own = [Message(role="system", content=self.system)] if self.system else []
+        if earlier is None:
+            system, history = own, list(self._history)
+        else:
+            system = [m for m in earlier if m.role == "system"] or own
+            history = [m for m in earlier if m.role != "system"]
+        dropped = 0
         while True:
             turn = Turn([*system, *history, message], options, json_schema, control)
             if self.on_overflow == "error" or not history:
@@ -543,8 +608,12 @@ class ReplyStream(Iterator[str]):
         json_schema: dict[str, Any] | None,
         *,
         control: TurnControl | None = None,
+        earlier: tuple[Message, ...] | None = None,
     ) -> None:
         self.message = message
+        # A conversation given whole (VisionChat.answer): used instead of the history,
+        # and the turn is not kept.
+        self._earlier = earlier
         #: The turn's stop flag and status (see :mod:`llava_local.control`).
         self.control = control or TurnControl(chat.on_status)
         self._chat = chat
@@ -615,7 +684,7 @@ class ReplyStream(Iterator[str]):
         try:
             self.control.check()  # cancelled before it started
             turn, self._dropped = chat._fit(
-                self.message, self._options, self._json_schema, self.control
+                self.message, self._options, self._json_schema, self.control, self._earlier
             )
             self._engine = chat._backend.generate(turn)
         except BaseException:
@@ -639,7 +708,8 @@ class ReplyStream(Iterator[str]):
             stats=stats,
             parsed=parsed,
         )
-        chat._keep_turn(self.message, reply)
+        if self._earlier is None:
+            chat._keep_turn(self.message, reply)
         self._reply = reply
         self._end()
 
