@@ -18,8 +18,10 @@ from llava_local.backends import Turn
 from llava_local.backends.llama_cpp import LlamaCppBackend
 from llava_local.types import Options
 
+from .option_args import OptionArgs
+
 LONG_PROMPT = "Describe every part of this picture in great detail, please. " * 20
-GREEDY = {"temperature": 0}
+GREEDY: OptionArgs = {"temperature": 0}
 
 
 def say(**data: Any) -> None:

@@ -14,8 +14,9 @@ from llava_local.demo import demo_paths
 from .gguf_fixtures import GgufPair, png_bytes
 from .hub_server import prefill
 from .ollama_server import OllamaServer, Script
+from .option_args import OptionArgs
 
-GREEDY = {"temperature": 0, "max_tokens": 6}
+GREEDY: OptionArgs = {"temperature": 0, "max_tokens": 6}
 SMOL = catalog.find("smolvlm-256m")
 
 

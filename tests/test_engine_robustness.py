@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from typing import Any
 
 import pytest
 
@@ -15,8 +14,9 @@ from llava_local.backends.llama_cpp import LlamaCppBackend
 from llava_local.types import Message, Options
 
 from .gguf_fixtures import GgufPair, png_bytes
+from .option_args import OptionArgs
 
-GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 6}
+GREEDY: OptionArgs = {"temperature": 0, "max_tokens": 6}
 
 
 def cold_answer(pair: GgufPair, history: list[Message], question: str) -> str:

@@ -6,6 +6,7 @@ is doing before its first token."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,15 +23,18 @@ from llava_local.apps.ui import _Session
 from llava_local.cli import main
 from llava_local.cli.chat import NO_PICTURE, Repl
 
+from .option_args import OptionArgs
+
 ROOT = Path(__file__).resolve().parent.parent
 DIGIT = ROOT / "examples" / "digit.png"
-GREEDY = {"temperature": 0}
+GREEDY: OptionArgs = {"temperature": 0}
 
 
 @pytest.fixture(scope="module")
-def demo() -> VisionChat:
+def demo() -> Iterator[VisionChat]:
+    """The demo model's chat, shared by the module's tests."""
     chat = VisionChat.llama_cpp()
-    yield chat  # type: ignore[misc]
+    yield chat
     chat.close()
 
 
@@ -70,7 +74,7 @@ def test_images_given_one_picture_is_refused(demo: VisionChat) -> None:
     """images="x.png" is refused with a message naming image= instead of being read
     character by character."""
     with pytest.raises(InvalidRequestError, match=r"image=") as info:
-        demo.ask("What digit is this?", images=str(DIGIT))  # type: ignore[arg-type]
+        demo.ask("What digit is this?", images=str(DIGIT))  # typed as a Sequence[str]
     assert "cannot use picture" not in str(info.value)
     with pytest.raises(InvalidRequestError, match="list of pictures"):
         demo.ask("What digit is this?", images=DIGIT.read_bytes())  # type: ignore[arg-type]

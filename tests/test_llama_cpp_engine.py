@@ -29,8 +29,9 @@ from llava_local.images import prepare
 from llava_local.types import Message, Options
 
 from .gguf_fixtures import GgufPair, png_bytes
+from .option_args import OptionArgs
 
-GREEDY = {"temperature": 0, "max_tokens": 6}
+GREEDY: OptionArgs = {"temperature": 0, "max_tokens": 6}
 
 
 class Colour(BaseModel):
@@ -150,6 +151,7 @@ def test_several_pictures_in_one_turn(tiny_pair: GgufPair) -> None:
         chat.reset()
         two = chat.ask("Compare.", images=[png_bytes(seed=7), png_bytes(seed=8)], **GREEDY)
     assert two.stats.images_encoded == 1  # the first picture is still in the cache
+    assert two.stats.cached_tokens is not None  # the engine reports what it reused
     n = tiny_pair.vision.n_image_tokens  # plus the "\n" the format writes after each picture
     assert two.stats.prompt_tokens + two.stats.cached_tokens == one.stats.prompt_tokens + n + 1
 
