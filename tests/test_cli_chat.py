@@ -12,6 +12,7 @@ import subprocess
 import sys
 import termios
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -73,7 +74,8 @@ class Terminal:
 
 
 @pytest.fixture
-def terminal(tiny_pair: GgufPair, tmp_path: Path) -> Terminal:
+def terminal(tiny_pair: GgufPair, tmp_path: Path) -> Iterator[Terminal]:
+    """The chat command on the tiny pair, in a terminal; killed if a test left it running."""
     picture = tmp_path / "pic.png"
     picture.write_bytes(png_bytes(seed=50))
     args = [

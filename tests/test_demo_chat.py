@@ -9,13 +9,13 @@ ones, with answers that are right or wrong, not merely produced.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from llava_local import VisionChat
+from llava_local import ImageSource, VisionChat
 from llava_local.apps.datasets import LabelledPicture, load_set
 
 N_DIGITS = 24  # test-split digits 1400-1423, never used in training
@@ -59,7 +59,7 @@ def transparent_png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def read_all(chat: VisionChat, pictures: list[object]) -> list[str]:
+def read_all(chat: VisionChat, pictures: Sequence[ImageSource]) -> list[str]:
     """The digit the model names for each picture (a fresh conversation each)."""
     answers = []
     for picture in pictures:

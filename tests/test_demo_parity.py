@@ -49,8 +49,8 @@ def demo_pair() -> PairWeights:
 @pytest.fixture(scope="module")
 def demo_runner() -> Iterator[MtmdRunner]:
     """llama.cpp (through libmtmd) on the shipped demo pair, with an f32 KV cache."""
-    kv32 = {"type_k": 0, "type_v": 0}  # GGML_TYPE_F32
-    with MtmdRunner(DEMO_DIR / "demo-lm.gguf", DEMO_DIR / "demo-mmproj.gguf", **kv32) as r:
+    lm, mmproj = DEMO_DIR / "demo-lm.gguf", DEMO_DIR / "demo-mmproj.gguf"
+    with MtmdRunner(lm, mmproj, type_k=0, type_v=0) as r:  # 0: GGML_TYPE_F32
         yield r
 
 

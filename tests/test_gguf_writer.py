@@ -36,7 +36,7 @@ def _llama(path: Path, **kw: Any) -> Any:
 
 
 def _rms(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+    return np.asarray(x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w)
 
 
 def _rope(x: np.ndarray, theta: float, pairing: str) -> np.ndarray:
@@ -85,7 +85,7 @@ def _last_logits(llama: Any) -> np.ndarray:
     import llama_cpp
 
     ptr = llama_cpp.llama_get_logits_ith(llama.ctx, -1)
-    return np.ctypeslib.as_array(ptr, shape=(llama.n_vocab(),)).copy()
+    return np.array(np.ctypeslib.as_array(ptr, shape=(llama.n_vocab(),)), dtype=np.float32)
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -102,8 +102,7 @@ def f32_runner(
     weights = gw.random_vision_weights(tiny_pair.vision, VISION_SEED)
     mmproj = tmp_path_factory.mktemp("f32_projector") / "mmproj-f32.gguf"
     gw.write_projector(mmproj, tiny_pair.vision, weights=weights, dtype="f32")
-    kv32 = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32}
-    with MtmdRunner(tiny_pair.lm, mmproj, **kv32) as runner:
+    with MtmdRunner(tiny_pair.lm, mmproj, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32) as runner:
         yield runner
 
 

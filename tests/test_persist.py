@@ -21,7 +21,9 @@ from PIL import Image
 from llava_local import persist
 from llava_local.errors import ConversationFileError, InvalidRequestError, OutputFileError
 from llava_local.images import prepare
-from llava_local.types import Message, Options, PreparedImage
+from llava_local.types import Message, Options, PreparedImage, Role
+
+ROLES: tuple[Role, ...] = ("system", "user", "assistant")
 
 
 def picture(data: bytes, source: str = "cat.png", **fields: Any) -> PreparedImage:
@@ -173,7 +175,7 @@ def histories(draw: st.DrawFn) -> list[Message]:
         images: tuple[PreparedImage, ...] = ()
         if pool:
             images = tuple(draw(st.lists(st.sampled_from(pool), max_size=3)))
-        role = draw(st.sampled_from(["system", "user", "assistant"]))
+        role = draw(st.sampled_from(ROLES))
         messages.append(Message(role=role, content=draw(_text), images=images))
     return messages
 

@@ -65,7 +65,7 @@ def test_built_in_engines_have_typed_json_configs() -> None:
     again = OllamaConfig.model_validate(json.loads(json.dumps(config.model_dump(mode="json"))))
     assert again == config
     with pytest.raises(Exception, match="frozen"):
-        config.host = "elsewhere"  # type: ignore[misc]
+        config.host = "elsewhere"
     assert registry.get("llama.cpp").config is LlamaCppConfig
 
 
