@@ -451,6 +451,8 @@ class VisionChat:
         The model is recorded by its catalogue name when it has one (the bundled demo,
         even given by its path, or a pulled entry), so the file also loads where the
         install or the cache lives elsewhere; any other model is recorded by its paths.
+        The in-process engine also writes its KV state beside it (``path`` + ``.kv``),
+        so :meth:`load` goes on without reading the pictures and turns again.
         """
         from . import persist
 
@@ -458,14 +460,60 @@ class VisionChat:
             settings = self._backend.config  # the demo or a pulled pair by name, not paths
             model = getattr(settings, "model", None)
             mmproj = getattr(settings, "mmproj", None)
-            return persist.save(
+            history, system = list(self._history), self.system
+            target = persist.save(
                 Path(path),
-                history=self._history,
-                system=self.system,
+                history=history,
+                system=system,
                 options=self.options,
                 backend=self.backend,
                 model=str(model or self.model),
                 mmproj=str(mmproj) if mmproj else None,
+            )
+        self._save_engine_state(target, history, system)
+        return target
+
+    def _save_engine_state(self, target: Path, history: list[Message], system: str | None) -> None:
+        """The engine's KV state of the conversation, beside the JSON (engines that
+        keep one); an old state file there is removed when there is nothing to write."""
+        from . import persist
+
+        kv_path = persist.state_path(target)
+        save_state = getattr(self._backend, "save_state", None)
+        if save_state is None:
+            with contextlib.suppress(OSError):
+                kv_path.unlink()
+            return
+        messages = [*([Message(role="system", content=system)] if system else []), *history]
+        try:
+            save_state(messages, kv_path)
+        except OSError as exc:
+            warnings.warn(
+                persist.ColdResumeWarning(
+                    f"the conversation was saved to {target}, but not its KV state "
+                    f"({kv_path}: {exc.strerror or exc}); loading it will read the "
+                    "conversation again"
+                ),
+                stacklevel=3,
+            )
+
+    def _load_engine_state(self, path: Path) -> None:
+        """Restore the KV state saved beside the conversation at ``path``, if the engine
+        keeps one and it was made with this model, projector and settings."""
+        from . import persist
+
+        kv_path = persist.state_path(path)
+        load_state = getattr(self._backend, "load_state", None)
+        if load_state is None or not kv_path.is_file():
+            return  # the JSON alone, or an engine that keeps nothing (Ollama): cold
+        if not load_state(kv_path):
+            warnings.warn(
+                persist.ColdResumeWarning(
+                    f"the KV state saved with {path} ({kv_path.name}) was made with another "
+                    "model, projector or engine settings, or is damaged; the conversation "
+                    "is read again on the next turn"
+                ),
+                stacklevel=3,
             )
 
     def restore(self, path: str | os.PathLike[str]) -> None:
@@ -476,10 +524,12 @@ class VisionChat:
         from . import persist
 
         saved = persist.load(Path(path))
-        with self._exclusive("restore a conversation"), self._state:
-            self._history = saved.history()
-            self.system = saved.system
-            self.last_reply = None
+        with self._exclusive("restore a conversation"):
+            with self._state:
+                self._history = saved.history()
+                self.system = saved.system
+                self.last_reply = None
+            self._load_engine_state(Path(path).expanduser())
 
     @classmethod
     def load(
@@ -491,7 +541,10 @@ class VisionChat:
     ) -> VisionChat:
         """A chat that continues a saved conversation, on the engine, model and projector
         it used unless told otherwise; the saved options apply unless overridden in
-        ``kwargs``."""
+        ``kwargs``. The engine's KV state saved beside it is restored when it was made
+        with the same model, projector and settings (else a
+        :class:`~llava_local.persist.ColdResumeWarning`
+        says the conversation will be read again)."""
         from . import persist
 
         saved = persist.load(Path(path))  # before any model is loaded
@@ -501,6 +554,11 @@ class VisionChat:
             options.setdefault("mmproj", saved.mmproj)
         chat = cls(backend or saved.backend, model or saved.model, **options)
         chat._history = saved.history()
+        try:
+            chat._load_engine_state(Path(path).expanduser())
+        except BaseException:
+            chat.close()
+            raise
         return chat
 
     # -- lifetime ----------------------------------------------------------------

@@ -22,6 +22,12 @@ Layout (``version`` 2; version 1 had no ``mmproj``)::
 A message's picture is the hash alone when its details (source, changes, ...) are
 the stored ones; when the same bytes came from another source, it is an object with
 the hash and the details that differ, so a reload is identical.
+
+Beside the JSON, the in-process engine also writes its KV state (:func:`state_path`,
+``talk.json.kv``), so a loaded conversation goes on without reading its pictures and
+turns again. That file is an optimisation, not part of the conversation: the JSON alone
+loads (cold), and a state made for another model, projector or settings is never used
+(:class:`ColdResumeWarning` says so).
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ConversationFileError, InvalidRequestError, OutputFileError
+from .errors import ConversationFileError, InvalidRequestError, LlavaLocalError, OutputFileError
 from .types import Message, Options, PreparedImage, Role
 
 FORMAT: Final = "llava-local.conversation"
@@ -58,6 +64,18 @@ VERSION: Final = 2
 
 Mime = Literal["image/png", "image/jpeg"]
 _HEX = frozenset("0123456789abcdef")
+
+
+class ColdResumeWarning(LlavaLocalError, UserWarning):
+    """A saved conversation's KV state could not be used (another model, projector or
+    settings; a damaged file) or written: the conversation is read again on its next
+    turn, which on a CPU takes as long as its first reading did."""
+
+
+def state_path(path: str | os.PathLike[str]) -> Path:
+    """Where the engine's KV state of the conversation saved at ``path`` goes."""
+    target = Path(path).expanduser()
+    return target.with_name(target.name + ".kv")
 
 
 def _newer(version: int) -> str:

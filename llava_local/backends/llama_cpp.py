@@ -6,15 +6,19 @@ follow-up question costs as much as the first (llama-cpp-python issue 2222).
 This backend remembers what its KV cache holds, position by position (text
 tokens, and picture positions named by the picture's content hash), and each
 turn evaluates only what differs from it: a picture is encoded once per
-conversation.
+conversation. Copies of earlier KV states (:mod:`.kv_cache`, in memory and
+optionally on disk) let another conversation, a loaded one or a new process
+restore the longest prefix they share instead of reading it again.
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 import os
 import sys
+import threading
 import time
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -42,19 +46,26 @@ from ..errors import (
 )
 from ..resolve import find_mmproj, pulled_pair
 from ..types import Options, Stats
-from . import gguf_meta
+from . import gguf_meta, kv_cache
 from .base import Backend, Finish, Turn
 from .embedding_cache import EmbeddingCache
+from .kv_cache import Key, KVState
 from .registry import Capabilities, EngineConfig, EngineSpec, register
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
 
-# One KV position: a text token id, or (picture hash, index within the picture).
-Key = int | tuple[str, int]
-
 # Text budget added to the pictures' tokens when n_ctx is not given.
 TEXT_BUDGET = 2048
+
+# A live KV state about to be overwritten is kept (see _stash) when what is lost holds a
+# picture or at least this many tokens; a follow-up that re-tokenizes the last answer
+# loses a token or two, which is not worth copying the whole state for.
+STASH_MIN_TOKENS = 64
+
+# How often a turn waiting for another conversation's turn on this engine looks at its
+# own stop flag.
+_WAIT_POLL_S = 0.05
 
 # CLIP's graph is computed in pieces of this many nodes, so that a stop request is seen
 # between pieces (a ViT-L at 336 px has about 700 nodes: ~45 pieces, no measurable cost).
@@ -119,6 +130,12 @@ class LlamaCppConfig(EngineConfig):
     use_mmap: bool = True
     verbose: bool = False
     embedding_cache_mb: float = 256
+    #: KV states kept in memory, in MB: None sizes it from the memory available after
+    #: loading (half of what the memory preflight's margin leaves); 0 keeps none.
+    kv_cache_mb: float | None = None
+    #: A folder for KV states on disk (shared by processes), and its size bound in GB.
+    kv_cache_dir: str | None = None
+    kv_cache_dir_gb: float = 8.0
     force: bool = False
 
 
@@ -140,6 +157,9 @@ class LlamaCppBackend(Backend):
         use_mmap: bool = True,
         verbose: bool = False,
         embedding_cache_mb: float = 256,
+        kv_cache_mb: float | None = None,
+        kv_cache_dir: str | os.PathLike[str] | None = None,
+        kv_cache_dir_gb: float = 8.0,
         force: bool = False,
         catalog_name: str | None = None,
     ) -> None:
@@ -172,6 +192,9 @@ class LlamaCppBackend(Backend):
             use_mmap=use_mmap,
             verbose=verbose,
             embedding_cache_mb=embedding_cache_mb,
+            kv_cache_mb=kv_cache_mb,
+            kv_cache_dir=None if kv_cache_dir is None else str(Path(kv_cache_dir).expanduser()),
+            kv_cache_dir_gb=kv_cache_dir_gb,
             force=force,
         )
         lm_meta, mm_meta = gguf_meta.check_pair(self.model_path, self.mmproj_path)
@@ -205,8 +228,57 @@ class LlamaCppBackend(Backend):
         )
         self._keys: list[Key] = []  # what the KV cache holds, one entry per position
         self._memo: tuple[tuple[str, tuple[str, ...]], _Prompt] | None = None
+        # One turn at a time on this engine, whichever chat asks (chats sharing an
+        # engine, as a server's do); a thread in a turn owns it.
+        # A plain lock: a turn may be read piece by piece by several threads, and the
+        # last one lets go of it.
+        self._lock = threading.Lock()
+        self._n_gpu_layers = n_gpu_layers
+        self._owner: threading.Thread | None = None
+        #: What a KV state is valid for; states made for anything else are never used.
+        self.identity = kv_cache.identity(
+            self.model_path,
+            self.mmproj_path,
+            settings=self._state_settings(),
+            llama_cpp_version=str(getattr(self._llama_cpp, "__version__", "?")),
+        )
+        #: Earlier KV states, restored when a prompt shares a longer prefix with one of
+        #: them than with the live KV cache (see :mod:`.kv_cache`).
+        self.kv_cache = self._open_kv_cache(kv_cache_mb, kv_cache_dir, kv_cache_dir_gb)
 
     # -- loading ---------------------------------------------------------------
+
+    def _state_settings(self) -> dict[str, Any]:
+        """The settings a KV state depends on besides the two files."""
+        params = self._llama.context_params
+        fields = ["n_ctx", "n_batch", "n_ubatch", "type_k", "type_v", "flash_attn_type"]
+        fields += ["rope_freq_base", "rope_freq_scale", "swa_full"]
+        settings = {name: getattr(params, name, None) for name in fields}
+        settings["n_gpu_layers"] = self._n_gpu_layers
+        settings["chat_format"] = self.chat_format.name
+        settings["image_tokens"] = self._image_tokens
+        return settings
+
+    def _open_kv_cache(
+        self,
+        memory_mb: float | None,
+        directory: str | os.PathLike[str] | None,
+        directory_gb: float,
+    ) -> kv_cache.PrefixCache | None:
+        reserve = memory.margin(self.memory_estimate)
+        if memory_mb is None:
+            budget = kv_cache.default_memory_bytes(reserve)
+        else:
+            budget = max(0, int(memory_mb * 2**20))
+        tier = kv_cache.MemoryTier(budget, reserve) if budget > 0 else None
+        disk = None
+        if directory is not None:
+            disk = kv_cache.DiskTier(
+                Path(directory).expanduser(), self.identity, int(directory_gb * 2**30)
+            )
+        if tier is None and disk is None:
+            return None
+        return kv_cache.PrefixCache(tier, disk)
 
     def _load_llama(
         self, n_ctx: int, n_gpu_layers: int, n_batch: int, use_mmap: bool, verbose: bool
@@ -266,6 +338,10 @@ class LlamaCppBackend(Backend):
         return int(self._llama.n_ctx())
 
     def close(self) -> None:
+        with self._lock:
+            if self.kv_cache is not None and self.kv_cache.disk is not None and self._ctx:
+                # the live state is what a later process most likely asks about
+                self._stash(memory_tier=False)
         self._forget_prompt()
         if self._ctx:
             self._mtmd.mtmd_free(self._ctx)
@@ -278,17 +354,35 @@ class LlamaCppBackend(Backend):
     def generate(self, turn: Turn) -> Generator[str | Finish, None, None]:
         started = time.perf_counter()
         control = turn.control
-        self._control = control
+        with self._turn(control):
+            self._control = control
+            try:
+                with control.c_calls():
+                    self._set_abort(True)
+                    try:
+                        stats = self._read_prompt(turn)
+                    finally:
+                        self._set_abort(False)
+                yield from self._decode(turn, stats, started)
+            finally:
+                self._control = None
+
+    @contextlib.contextmanager
+    def _turn(self, control: TurnControl) -> Iterator[None]:
+        """Hold the engine for one turn, waiting (stoppably) for another chat's turn."""
+        if self._owner is threading.current_thread():
+            raise InvalidRequestError(
+                "this thread is already reading a turn on this engine (through another "
+                "chat sharing it); finish or close that stream first"
+            )
+        while not self._lock.acquire(timeout=_WAIT_POLL_S):
+            control.check()
+        self._owner = threading.current_thread()
         try:
-            with control.c_calls():
-                self._set_abort(True)
-                try:
-                    stats = self._read_prompt(turn)
-                finally:
-                    self._set_abort(False)
-            yield from self._decode(turn, stats, started)
+            yield
         finally:
-            self._control = None
+            self._owner = None
+            self._lock.release()
 
     # -- stopping a turn whose work is in C ----------------------------------------
 
@@ -324,7 +418,8 @@ class LlamaCppBackend(Backend):
         """
         import numpy as np
 
-        self._read_prompt(turn)
+        with self._turn(turn.control):
+            self._read_prompt(turn)
         ptr = self._llama_cpp.llama_get_logits_ith(self._llama.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self._llama.n_vocab(),)).copy()
 
@@ -429,20 +524,13 @@ class LlamaCppBackend(Backend):
 
     def _reusable_prefix(self, keys: Sequence[Key]) -> int:
         """How many leading positions of ``keys`` the KV cache already holds."""
-        p = 0
-        for old, new in zip(self._keys, keys, strict=False):
-            if old != new:
-                break
-            p += 1
-        if p == len(keys):  # all cached: step back so the last position yields logits
-            p -= 1
-        while 0 < p < len(keys) and _inside_picture(keys[p]):
-            p -= 1  # never keep half a picture
-        return max(p, 0)
+        return _usable(keys, kv_cache.common_prefix(self._keys, keys))
 
     def _evaluate(self, prompt: _Prompt, stats: Stats, control: TurnControl) -> None:
         llama = self._llama
         keep = self._reusable_prefix(prompt.keys)
+        if self.kv_cache is not None:
+            keep = self._restore_prefix(prompt.keys, keep)
         llama._ctx.kv_cache_seq_rm(-1, keep, -1)
         llama.n_tokens = keep
         self._keys = self._keys[:keep]
@@ -465,6 +553,122 @@ class LlamaCppBackend(Backend):
         stats.prompt_tokens = len(prompt.keys) - keep
         stats.images_encoded = encoded
         stats.image_encode_s = encode_s
+
+    # -- kept KV states ------------------------------------------------------------
+
+    def _restore_prefix(self, keys: Sequence[Key], live: int) -> int:
+        """Restore the kept state that shares more of ``keys`` than the live KV cache,
+        if there is one; keep the live state first when it would be lost. Returns how
+        many positions of ``keys`` the KV cache now holds."""
+        assert self.kv_cache is not None
+        found = self.kv_cache.best(keys)
+        shared = _usable(keys, found.shared) if found is not None else 0
+        if found is None or shared <= live:
+            lost = self._keys[live:]
+            if len(lost) >= STASH_MIN_TOKENS or any(isinstance(k, tuple) for k in lost):
+                self._stash()
+            return live
+        self._stash()
+        state = found.load()
+        if state is None or not self._set_state(state):
+            return self._reusable_prefix(keys)  # a damaged file: read it again
+        return shared
+
+    def _stash(self, *, memory_tier: bool = True) -> None:
+        """Keep a copy of the live KV state, unless a kept state already holds it."""
+        assert self.kv_cache is not None
+        keys = tuple(self._keys)
+        if not keys:
+            return
+        to_memory, to_disk = self.kv_cache.wants(keys)
+        if not (to_memory and memory_tier) and not to_disk:
+            return
+        state = self._get_state()
+        if state is not None:
+            self.kv_cache.keep(state, memory=memory_tier, disk=True)
+
+    def _get_state(self) -> KVState | None:
+        """The live KV state of sequence 0 with the key of each position it holds."""
+        lib, ctx = self._llama_cpp, self._llama.ctx
+        # positions past what _keys records (a turn stopped mid-batch) are not kept
+        self._llama._ctx.kv_cache_seq_rm(0, len(self._keys), -1)
+        size = int(lib.llama_state_seq_get_size(ctx, 0))
+        if size <= 0:
+            return None
+        try:
+            data = (ctypes.c_uint8 * size)()
+        except MemoryError:
+            return None
+        written = int(lib.llama_state_seq_get_data(ctx, data, size, 0))
+        if written != size:
+            return None
+        return KVState(tuple(self._keys), data)
+
+    def _set_state(self, state: KVState) -> bool:
+        """Make ``state`` the live KV cache. On failure the KV cache is emptied (never
+        half a state) and False returned: the prompt is then read from the start."""
+        lib, llama = self._llama_cpp, self._llama
+        llama._ctx.kv_cache_seq_rm(0, 0, -1)
+        read = int(lib.llama_state_seq_set_data(llama.ctx, state.data, len(state.data), 0))
+        n = len(state.keys)
+        mem = lib.llama_get_memory(llama.ctx)
+        if read != len(state.data) or int(lib.llama_memory_seq_pos_max(mem, 0)) != n - 1:
+            llama._ctx.kv_cache_seq_rm(0, 0, -1)
+            self._keys = []
+            llama.n_tokens = 0
+            return False
+        self._keys = list(state.keys)
+        llama.n_tokens = n
+        for i, key in enumerate(state.keys):  # as llama.eval would have left them
+            if isinstance(key, int):
+                llama.input_ids[i] = key
+        return True
+
+    def save_state(self, messages: Sequence[Any], path: str | os.PathLike[str]) -> int:
+        """Write the KV state that holds most of the conversation ``messages`` to
+        ``path`` (atomically); returns how many of its positions it holds, 0 when no
+        state holds any (then no file is written and an old one is removed)."""
+        target = Path(path)
+        if self._owner is threading.current_thread():
+            return 0  # asked from inside a turn: the live state is half-written
+        with self._lock:
+            text = self.chat_format.prompt(messages, self._marker)
+            images = [image for m in messages for image in m.images]
+            prompt = self._tokenize(text, images)
+            try:
+                keys = list(prompt.keys)
+            finally:
+                self._mtmd.mtmd_input_chunks_free(prompt.chunks)
+            live = kv_cache.common_prefix(self._keys, keys)
+            found = self.kv_cache.best(keys) if self.kv_cache is not None else None
+            state = None
+            if found is not None and found.shared > live:
+                state = found.load()
+            elif live > 0:
+                state = self._get_state()
+            if state is None:
+                with contextlib.suppress(OSError):
+                    target.unlink()
+                return 0
+            kv_cache.write_state(target, self.identity, state)
+            return kv_cache.common_prefix(state.keys, keys)
+
+    def load_state(self, path: str | os.PathLike[str]) -> int:
+        """Make the KV state in ``path`` (written by :meth:`save_state`) the live one;
+        the live state before it is kept in the prefix cache. Returns the positions
+        restored, or 0 when the file is missing, damaged, or made for another model,
+        projector or settings (then nothing changes)."""
+        state = kv_cache.read_state(Path(path), self.identity)
+        if state is None or len(state.keys) >= self.n_ctx:
+            return 0
+        if self._owner is threading.current_thread():
+            return 0
+        with self._lock:
+            if self.kv_cache is not None:
+                self._stash()
+            if not self._set_state(state):
+                return 0
+            return len(state.keys)
 
     def _chunk_len(self, kind: str, chunk: Any) -> int:
         mtmd = self._mtmd
@@ -615,6 +819,18 @@ register(
 
 def _inside_picture(key: Key) -> bool:
     return isinstance(key, tuple) and key[1] != 0
+
+
+def _usable(keys: Sequence[Key], shared: int) -> int:
+    """Of ``shared`` leading positions held for ``keys``, how many a turn may keep:
+    never all (the last position must be read again to yield logits) and never half
+    a picture."""
+    p = min(shared, len(keys))
+    if p == len(keys):
+        p -= 1
+    while 0 < p < len(keys) and _inside_picture(keys[p]):
+        p -= 1
+    return max(p, 0)
 
 
 def _existing_file(path: str | os.PathLike[str], what: str) -> Path:
