@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 from pydantic import ValidationError
+from sklearn.datasets import load_digits
 
 from llava_local import InvalidRequestError
 from llava_local.apps import datasets as ds
 from llava_local.apps.datasets import LabelledPicture, load_set
+from training import data
 
 from .gguf_fixtures import png_bytes
 
@@ -51,8 +53,7 @@ def test_digits_are_dark_ink_on_light_paper_at_64_px() -> None:
 
 def test_the_data_file_holds_sklearns_test_split() -> None:
     """The shipped 8x8 values and labels equal load_digits() at indices 1400-1796."""
-    datasets = pytest.importorskip("sklearn.datasets")
-    reference = datasets.load_digits()
+    reference = load_digits()
     images, labels, indices = ds._digits_data()
     assert indices.tolist() == list(range(1400, 1797))
     assert np.array_equal(images, reference.images[1400:].astype(np.uint8))
@@ -128,7 +129,6 @@ def test_shapes_refuse_digit_rendering_options() -> None:
 def test_built_in_sets_match_the_training_code() -> None:
     """The vocabulary, the held-out prompts and the pixels equal training/data.py's (its
     shapes come from the same drawing function; the set must also keep its seed and order)."""
-    data = pytest.importorskip("training.data")
     assert data.SHAPES == ds.SHAPES
     assert data.COLOURS == ds.COLOURS
     assert data.DIGIT_QUESTIONS_HELD_OUT == ds.DIGIT_PROMPTS_HELD_OUT
@@ -298,7 +298,6 @@ def test_a_labelled_picture_checks_its_labels() -> None:
 def test_training_pairs_draw_one_digit_twice() -> None:
     """The blocky/smooth training pairs show the same 8x8 grid (the feature loss that
     pulls one to the other would teach nonsense otherwise)."""
-    data = pytest.importorskip("training.data")
     values, _ = ds._digits_data()[:2]
     rng = np.random.default_rng(0)
 
@@ -319,7 +318,6 @@ def test_training_pairs_draw_one_digit_twice() -> None:
 def test_held_out_questions_stay_unseen() -> None:
     """No training question is a held-out one or within one word of a held-out shape or
     colour question, and no shape question names a colour."""
-    data = pytest.importorskip("training.data")
     trained = (
         data.DIGIT_QUESTIONS_TRAIN
         + data.GENERIC_QUESTIONS_TRAIN

@@ -6,8 +6,9 @@ way a person does (upload, type, Enter, read the screen) through Playwright, wit
 Debian's Chromium and its background networking switched off. Every request the page
 makes is recorded: none may leave 127.0.0.1, because the page must work offline.
 
-Needs Debian's ``chromium`` and the ``ui`` and ``dev`` extras (gradio, playwright);
-without them these tests fail and say what to install. Never ``playwright install``:
+Needs Debian's ``chromium`` (``make chromium``) and the ``ui`` and ``dev`` extras (gradio,
+playwright): without them these tests fail (playwright is imported plainly; a missing
+Chromium is named with what to install), never skip. Never ``playwright install``:
 it downloads a browser of its own. Screenshots land in ``test-artifacts/``.
 """
 
@@ -25,11 +26,11 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 from PIL import Image
+from playwright.sync_api import Browser, Error, Page, sync_playwright
 
 from .ollama_server import OllamaServer, Script, free_port
 
@@ -132,7 +133,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 class Tab:
     """One browser tab on the page, with every address it asked for."""
 
-    page: Any
+    page: Page
     requested: list[str] = field(default_factory=list)
 
     def foreign_requests(self, served: Served) -> list[str]:
@@ -146,13 +147,9 @@ class Tab:
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    """Headless Debian Chromium through Playwright; fails, saying what to install, if
-    either is missing."""
-    try:
-        from playwright.sync_api import Error, sync_playwright
-    except ImportError:
-        pytest.fail(f"the Python package playwright is missing: {INSTALL}")
+def browser() -> Iterator[Browser]:
+    """Headless Debian Chromium through Playwright; fails, saying what to install, if it is
+    missing."""
     if not os.access(CHROMIUM, os.X_OK):
         pytest.fail(f"no Chromium at {CHROMIUM}: {INSTALL}")
     with sync_playwright() as playwright:
@@ -169,7 +166,7 @@ def browser() -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def open_tab(browser: Any, served: Served) -> Iterator[Tab]:
+def open_tab(browser: Browser, served: Served) -> Iterator[Tab]:
     """A fresh browser context (so a fresh page session) on the served page."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     context.set_default_timeout(STEP_TIMEOUT_MS)
@@ -298,7 +295,7 @@ def ollama_page(daemon: OllamaServer, tmp_path_factory: pytest.TempPathFactory) 
 
 
 def test_answers_stream_with_timings_and_a_new_conversation_starts_clean(
-    browser: Any, ollama_page: Served, daemon: OllamaServer, digit_png: Path
+    browser: Browser, ollama_page: Served, daemon: OllamaServer, digit_png: Path
 ) -> None:
     """An answer streams onto the page with its timings, a follow-up keeps the picture
     in the conversation without sending it again, and New conversation starts over."""
@@ -349,7 +346,7 @@ def test_answers_stream_with_timings_and_a_new_conversation_starts_clean(
 
 
 def test_stop_ends_the_answer_and_leaves_it_out(
-    browser: Any, ollama_page: Served, daemon: OllamaServer
+    browser: Browser, ollama_page: Served, daemon: OllamaServer
 ) -> None:
     """Stop hangs up on the engine mid-answer and takes the unfinished answer off the
     page, since the conversation does not keep it either."""
@@ -367,7 +364,7 @@ def test_stop_ends_the_answer_and_leaves_it_out(
 
 
 def test_engine_failure_is_shown_on_the_page(
-    browser: Any, ollama_page: Served, digit_png: Path
+    browser: Browser, ollama_page: Served, digit_png: Path
 ) -> None:
     """Pointing the page at an Ollama address where nothing listens shows the error
     text on the page, not a traceback, and the question stays in the text box."""
@@ -394,7 +391,7 @@ def test_engine_failure_is_shown_on_the_page(
 
 
 def test_demo_model_reads_the_digit_on_the_page(
-    browser: Any, digit_png: Path, tmp_path_factory: pytest.TempPathFactory
+    browser: Browser, digit_png: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """The bundled demo model, asked on the page about a handwritten digit it never
     saw in training, answers with the right digit on screen."""

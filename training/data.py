@@ -93,7 +93,7 @@ GENERIC_QUESTIONS_TRAIN = (
     "Tell me what is in the image.",
 )
 
-SHAPE_QUESTIONS_TRAIN = (
+SHAPE_QUESTIONS_TRAIN: tuple[str, ...] = (
     "What shape is this?",
     "What shape is it?",
     "What shape is shown?",
@@ -106,7 +106,7 @@ SHAPE_QUESTIONS_TRAIN = (
     "Tell me the shape.",
 )
 
-COLOUR_QUESTIONS_TRAIN = (
+COLOUR_QUESTIONS_TRAIN: tuple[str, ...] = (
     "What colour is it?",
     "What color is it?",
     "What colour is the shape?",
@@ -365,7 +365,7 @@ def _random_size_and_filter(rng: np.random.Generator) -> tuple[int, Image.Resamp
 
 def _to_grid(warped: np.ndarray) -> np.ndarray:
     """A 24x24 warp averaged back to the dataset's 8x8 grid."""
-    return warped.reshape(8, 3, 8, 3).mean(axis=(1, 3))
+    return np.asarray(warped.reshape(8, 3, 8, 3).mean(axis=(1, 3)))
 
 
 def _grey_image(grey: np.ndarray) -> Image.Image:
@@ -474,12 +474,12 @@ def clip_resize(image: Image.Image, image_size: int) -> np.ndarray:
     """
     from llava_local_dev.gguf_writer import clip_square
 
-    return np.asarray(clip_square(image, image_size), dtype=np.uint8).copy()
+    return np.array(clip_square(image, image_size), dtype=np.uint8)
 
 
 def normalize(pixels: np.ndarray) -> np.ndarray:
     """(..., H, W, 3) uint8 to (..., 3, H, W) float32, as clip.cpp normalises."""
-    x = pixels.astype(np.float32) / np.float32(255.0)
+    x: np.ndarray = pixels.astype(np.float32) / np.float32(255.0)
     x = (x - np.asarray(IMAGE_MEAN, dtype=np.float32)) / np.asarray(IMAGE_STD, dtype=np.float32)
     return np.moveaxis(x, -1, -3).astype(np.float32)
 
