@@ -15,6 +15,7 @@ from .chat import chat
 from .doctor import doctor
 from .eval import eval_command
 from .models import models, pull_command
+from .serve import serve
 from .ui import ui
 
 
@@ -24,7 +25,7 @@ def main() -> None:
     """Ask vision-language models about pictures, on the CPU, through Ollama or llama.cpp."""
 
 
-for command in (ask, chat, caption, eval_command, models, pull_command, doctor, bench, ui):
+for command in (ask, chat, caption, eval_command, models, pull_command, doctor, bench, ui, serve):
     main.add_command(command)
 
 __all__ = ["main"]

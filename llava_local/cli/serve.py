@@ -1,0 +1,113 @@
+"""``llava-local serve``: the engine behind HTTP, for programs that speak the OpenAI or
+Ollama protocol (needs the ``[serve]`` extra)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from ._common import engine_options, err_console, open_chat, run_safely
+
+
+@click.command()
+@click.option(
+    "--bind",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to serve on (0.0.0.0: every network; --host is Ollama's).",
+)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@engine_options
+@click.option("--name", help="Model name clients use (default: the model's own name).")
+@click.option(
+    "--api-key",
+    envvar="LLAVA_LOCAL_API_KEY",
+    help="Require 'Authorization: Bearer KEY' on every route but /health "
+    "(or set LLAVA_LOCAL_API_KEY).",
+)
+@click.option(
+    "--cors",
+    multiple=True,
+    metavar="ORIGIN",
+    help="Let web pages from ORIGIN call the server (repeatable; '*' for any). Off by default.",
+)
+@click.option(
+    "--queue",
+    type=click.IntRange(0, 10_000),
+    default=8,
+    show_default=True,
+    help="Requests that may wait for the model; more get 503 with Retry-After.",
+)
+@click.option(
+    "--max-body-mb",
+    type=click.FloatRange(0.001),
+    default=64.0,
+    show_default=True,
+    help="Largest request body (pictures are inside it).",
+)
+@click.option(
+    "--max-picture-mb",
+    type=click.FloatRange(0.001),
+    default=20.0,
+    show_default=True,
+    help="Largest picture, decoded or downloaded.",
+)
+def serve(
+    *,
+    bind: str,
+    port: int,
+    backend: str,
+    name: str | None,
+    api_key: str | None,
+    cors: tuple[str, ...],
+    queue: int,
+    max_body_mb: float,
+    max_picture_mb: float,
+    **engine: Any,
+) -> None:
+    """Serve the model over HTTP until Ctrl-C: OpenAI-compatible (/v1/chat/completions,
+    /v1/models) and Ollama-compatible (/api/chat, /api/tags, /api/show, ...) routes.
+
+    One engine answers every request, one at a time; with llama.cpp (the default here)
+    a client that resends a conversation with a new question pays only for the
+    question. Without -m, the bundled demo model.
+    """
+    from ..apps import serve as server
+
+    limits = server.Limits(
+        max_body_bytes=int(max_body_mb * server.MB),
+        max_picture_bytes=int(max_picture_mb * server.MB),
+        queue=queue,
+    )
+
+    def ready(url: str) -> None:
+        key = "  (API key required)" if api_key else ""
+        err_console.print(
+            f"llava-local serve: {url}/v1 (OpenAI) and {url} (Ollama){key}; Ctrl-C stops it",
+            highlight=False,
+        )
+
+    def body() -> None:
+        server.check_installed()
+        chat = open_chat(backend="llama_cpp" if backend == "auto" else backend, **engine)
+        try:
+            server.serve(
+                chat,
+                bind,
+                port,
+                name=name,
+                limits=limits,
+                api_key=api_key,
+                cors=cors,
+                on_ready=ready,
+            )
+        except OSError as exc:
+            raise click.ClickException(
+                f"cannot serve on {bind}:{port}: the port is taken or the address is not "
+                "this computer's; choose another --port or --bind"
+            ) from exc
+        finally:
+            chat.close()
+
+    run_safely(body)
