@@ -39,6 +39,7 @@ _FLAGS = {
     "n_ctx": "--n-ctx",
     "n_threads": "--threads",
     "chat_format": "--chat-format",
+    "kv_cache_dir": "--kv-cache",
     "host": "--host",
     "timeout": "--timeout",
     "max_tokens": "--max-tokens",
@@ -100,6 +101,13 @@ def engine_options(func: F) -> F:
         click.option("--n-ctx", type=int, help="Context window in tokens (llama.cpp engine)."),
         click.option("--threads", type=int, help="CPU threads (llama.cpp engine)."),
         click.option("--chat-format", help="Prompt format (llama.cpp engine), e.g. vicuna."),
+        click.option(
+            "--kv-cache",
+            "kv_cache_dir",
+            metavar="DIR",
+            help="Keep KV states in DIR (llama.cpp engine): a picture read by an earlier "
+            "run is restored, not read again.",
+        ),
     ]
     for decorator in reversed(decorators):
         func = decorator(func)
