@@ -58,6 +58,12 @@ class AsyncVisionChat:
         return cls(VisionChat.ollama(model, **kwargs))
 
     @classmethod
+    def openai(cls, base_url: str | None = None, **kwargs: Any) -> AsyncVisionChat:
+        """An async chat through an OpenAI-compatible server; arguments as
+        :meth:`VisionChat.openai`."""
+        return cls(VisionChat.openai(base_url, **kwargs))
+
+    @classmethod
     def llama_cpp(
         cls, model: str | os.PathLike[str] | None = None, **kwargs: Any
     ) -> AsyncVisionChat:

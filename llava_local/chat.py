@@ -120,6 +120,20 @@ class VisionChat:
         return cls("ollama", model, host=host, timeout=timeout, pull=pull, **options)
 
     @classmethod
+    def openai(
+        cls,
+        base_url: str | None = None,
+        model: str | None = None,
+        api_key: str | None = None,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> VisionChat:
+        """A chat through a server speaking the OpenAI protocol (llamafile, llama-server,
+        LM Studio, vLLM, Ollama's ``/v1``); no model means the only one it lists. The key
+        (``api_key`` or ``OPENAI_API_KEY``) is never part of :attr:`config` nor saved."""
+        return cls("openai", model, base_url=base_url, api_key=api_key, timeout=timeout, **options)
+
+    @classmethod
     def llama_cpp(
         cls,
         model: str | os.PathLike[str] | None = None,

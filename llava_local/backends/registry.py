@@ -158,4 +158,5 @@ def _load_builtins() -> None:
         from . import (
             llama_cpp,  # noqa: F401
             ollama,  # noqa: F401 - imported for its register() call
+            openai,  # noqa: F401
         )

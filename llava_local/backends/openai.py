@@ -1,0 +1,602 @@
+"""The OpenAI engine: answers through any server that speaks the OpenAI chat-completions
+protocol (llamafile, llama.cpp's ``llama-server``, LM Studio, vLLM, Ollama's ``/v1``,
+``python -m llama_cpp.server``), via the official ``openai`` client.
+
+What this module adds to the client:
+
+- A pre-flight (``GET /models``): the server answers as an OpenAI-compatible one and
+  lists the model. ``model=None`` takes the only model listed; a server listing several
+  is asked to name one (the error lists them). Several servers answer with whatever model
+  they loaded whatever name a request gives, so a misspelt name would otherwise go
+  unnoticed.
+- Pictures are sent as ``data:`` URIs of the prepared bytes: the same bytes every turn, so
+  a server that caches by content (llama-server) recognises them.
+- ``schema=`` is sent as ``response_format`` ``{"type": "json_schema", ...}``; a server
+  that refuses that form (llama-cpp-python's own server knows only ``json_object`` with
+  a ``schema``) is asked once more in its form, which is then kept for the engine.
+- ``top_k`` and ``repeat_penalty``, which the protocol lacks, are sent as extra body
+  fields under those names (llama-server, llamafile, llama-cpp-python and LM Studio read
+  them; servers that do not know them ignore them). ``extra_body`` adds more fields to
+  every request (``{"cache_prompt": True}``, ``{"min_p": 0.05}``...).
+- ``timeout`` bounds the whole turn, from the request to the last piece, not each read:
+  the answer is read in a worker thread while the turn waits at most until its deadline.
+  The same wait notices ``cancel()`` at once, even before the first piece.
+- :class:`~llava_local.types.Stats` come from what the server reports: ``usage``
+  (``prompt_tokens_details.cached_tokens`` where given) and llama-server's ``timings``.
+  Token counts the server does not report stay 0, timings it does not report stay 0.0
+  (``cached_tokens`` None); ``first_token_s`` and ``total_s`` are measured here.
+- Every low-level error becomes a :mod:`llava_local.errors` type in one function,
+  :func:`_translate`.
+
+The API key comes from ``api_key=``, else ``OPENAI_API_KEY``; a server without keys gets
+a placeholder. It lives only inside the client: never in the engine's config (so never
+in ``chat.config`` or a saved conversation) and never in a message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import socket
+import threading
+import time
+import urllib.parse
+from collections.abc import Generator, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import pydantic
+
+from ..control import STATUS_READING_PROMPT
+from ..errors import (
+    BackendError,
+    BackendTimeoutError,
+    BackendUnavailableError,
+    ContextOverflowError,
+    InvalidRequestError,
+    LlavaLocalError,
+    MissingDependencyError,
+    ModelNotFoundError,
+    NotAVisionModelError,
+    ResponseError,
+)
+from ..types import DoneReason, Message, Options, Stats
+from .base import Backend, Finish, Turn
+from .registry import Capabilities, EngineConfig, EngineSpec, register
+
+if TYPE_CHECKING:
+    from openai import Stream
+    from openai.types.chat import ChatCompletionChunk
+
+__all__ = ["OpenAIBackend", "OpenAIConfig", "resolve_base_url"]
+
+#: The read timeout when the caller gives none: long enough for a CPU, never forever.
+DEFAULT_READ_TIMEOUT = 600.0
+#: Sent as the key to servers that need none (the client refuses to start without one).
+NO_KEY = "no-key"
+#: How often a turn waiting for the server looks at its stop flag and its deadline.
+_POLL_S = 0.05
+#: Our option names the protocol has (``max_tokens`` as local servers spell it) ...
+_STANDARD_OPTIONS = ("temperature", "top_p", "max_tokens", "seed", "stop")
+#: ... and the ones it lacks, sent as extra body fields that llama.cpp-based servers read.
+_EXTRA_OPTIONS = ("top_k", "repeat_penalty")
+#: What servers say when a turn does not fit: (pattern, group of "needed", of "available").
+_OVERFLOW_PATTERNS = (
+    # OpenAI, vLLM, llama-cpp-python's server for text prompts
+    (re.compile(r"maximum context length is (\d+) tokens.*?(\d+) tokens", re.S), 2, 1),
+    # llama-cpp-python (Llama.create_completion)
+    (re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)"), 1, 2),
+    # llama-cpp-python's LLaVA chat handlers
+    (re.compile(r"Prompt exceeds n_ctx: (\d+) > (\d+)"), 1, 2),
+)
+#: Words of a context-length rejection that gives no numbers (llama-server, LM Studio).
+_OVERFLOW_WORDS = re.compile(
+    r"context_length_exceeded|exceed_context_size|exceeds the available context size"
+    r"|context length of only|context (?:window|length|size) (?:is )?exceeded",
+    re.I,
+)
+#: What servers say when the loaded model has no image encoder.
+_NO_VISION_WORDS = re.compile(
+    r"image input is not supported|does not support image|not a multimodal model"
+    r"|vision is not supported|no mmproj",
+    re.I,
+)
+_END = object()  # the worker's last item: the stream ended
+
+
+def resolve_base_url(base_url: str | None = None) -> str:
+    """The server's API root: ``base_url``, else ``OPENAI_BASE_URL``.
+
+    ``host:port`` gets ``http://``; an address without a path gets ``/v1`` (where every
+    OpenAI-compatible server has its routes), so ``http://127.0.0.1:8080`` and
+    ``http://127.0.0.1:8080/v1`` mean the same server.
+    """
+    raw = (base_url if base_url is not None else os.environ.get("OPENAI_BASE_URL", "")).strip()
+    if not raw:
+        raise InvalidRequestError(
+            "the openai engine needs the server's address: base_url='http://127.0.0.1:8080/v1' "
+            "(or OPENAI_BASE_URL)"
+        )
+    url = raw if "://" in raw else f"http://{raw}"
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise InvalidRequestError(
+            f"base_url={raw!r} is not an http:// or https:// address of a server"
+        )
+    try:
+        parts.port  # noqa: B018 - urlsplit checks the port only when it is read
+    except ValueError:
+        raise InvalidRequestError(f"base_url={raw!r} has a bad port") from None
+    path = parts.path.rstrip("/") or "/v1"
+    return urllib.parse.urlunsplit((parts.scheme.lower(), parts.netloc, path, parts.query, ""))
+
+
+class OpenAIConfig(EngineConfig):
+    """Settings of the OpenAI engine. The API key is not one of them: it is handed to the
+    engine as it opens (``api_key=`` or ``OPENAI_API_KEY``) and never recorded."""
+
+    base_url: str | None = None
+    timeout: float | None = pydantic.Field(default=None, gt=0)
+    connect_timeout: float = pydantic.Field(default=3.0, gt=0)
+    #: The client's retries of refused connections, 429 and 5xx answers, before any piece.
+    max_retries: int = pydantic.Field(default=2, ge=0)
+    #: Fields added to every request body, for a server's own settings.
+    extra_body: dict[str, Any] = pydantic.Field(default_factory=dict)
+
+    @classmethod
+    def runtime_names(cls) -> frozenset[str]:
+        # A secret: handed to the engine as it opens, never part of the JSON description.
+        return frozenset({"api_key"})
+
+
+class OpenAIBackend(Backend):
+    """A server speaking the OpenAI chat-completions protocol."""
+
+    name = "openai"
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        model: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float | None = None,
+        connect_timeout: float = 3.0,
+        max_retries: int = 2,
+        extra_body: Mapping[str, Any] | None = None,
+    ) -> None:
+        _import_openai()
+        import openai
+
+        #: These settings, as :meth:`VisionChat.from_config` rebuilds them (no key).
+        self.config = OpenAIConfig(
+            model=model,
+            base_url=base_url,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            max_retries=max_retries,
+            extra_body=dict(extra_body or {}),
+        )
+        self.base_url = resolve_base_url(base_url)
+        self.timeout = timeout
+        self._extra_body = dict(extra_body or {})
+        read = timeout if timeout is not None else DEFAULT_READ_TIMEOUT
+        self._client = openai.OpenAI(
+            base_url=self.base_url,
+            api_key=api_key or os.environ.get("OPENAI_API_KEY") or NO_KEY,
+            timeout=openai.Timeout(read, connect=connect_timeout),
+            max_retries=max_retries,
+        )
+        #: The ``response_format`` form this server takes for ``schema=``.
+        self._schema_form = "json_schema"
+        self._closed = False
+        self._checked = False
+        if model is None:  # the model's name is needed now (replies carry it)
+            self.model = ""
+            self.check()
+        else:
+            self.model = model
+
+    def check(self) -> None:
+        """Pre-flight: the server answers as an OpenAI-compatible one and lists the model
+        (``model=None``: takes the only one). Raises the library error that says what to do."""
+        self._ensure_open()
+        listed = self._models()
+        if not self.model:
+            if len(listed) != 1:
+                have = "no model" if not listed else "several models: " + ", ".join(listed)
+                raise ModelNotFoundError(
+                    f"the server at {self.base_url} lists {have}; name the one to use with model="
+                )
+            self.model = listed[0]
+        elif not any(_same(name, self.model) for name in listed):
+            raise ModelNotFoundError(
+                f"the server at {self.base_url} has no model {self.model!r}; it lists: "
+                + (", ".join(listed) or "none")
+            )
+        self._checked = True
+
+    def generate(self, turn: Turn) -> Generator[str | Finish, None, None]:
+        """Stream the answer to ``turn``: text pieces, then one :class:`Finish`."""
+        self._ensure_open()
+        if not self._checked:
+            self.check()
+        try:
+            yield from self._answer(turn)
+        except ModelNotFoundError:
+            self._checked = False  # unloaded since the check: look again next turn
+            raise
+
+    def close(self) -> None:
+        """Close the HTTP connections. Later turns raise :class:`BackendError`."""
+        if not self._closed:
+            self._closed = True
+            self._client.close()
+
+    # the turn
+    def _answer(self, turn: Turn) -> Generator[str | Finish, None, None]:
+        started = time.monotonic()
+        deadline = None if self.timeout is None else started + self.timeout
+        body = self._body(turn)
+        items: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        stop = threading.Event()
+        worker = threading.Thread(
+            target=self._read, args=(body, items, stop), name="llava-local openai", daemon=True
+        )
+        turn.control.report(STATUS_READING_PROMPT)
+        worker.start()
+        first_token_s: float | None = None
+        finish: str | None = None
+        usage: Mapping[str, Any] | None = None
+        timings: Mapping[str, Any] | None = None
+        try:
+            for chunk in self._chunks(items, turn, deadline):
+                for choice in _list(chunk.get("choices")):
+                    if not isinstance(choice, Mapping) or choice.get("index", 0) != 0:
+                        continue
+                    delta = choice.get("delta")
+                    piece = delta.get("content") if isinstance(delta, Mapping) else None
+                    if isinstance(piece, str) and piece:
+                        if first_token_s is None:
+                            first_token_s = time.monotonic() - started
+                        yield piece
+                    finish = choice.get("finish_reason") or finish
+                # usage comes with the last chunk (or one of its own, after it)
+                usage = _mapping(chunk.get("usage")) or usage
+                timings = _mapping(chunk.get("timings")) or timings
+        finally:
+            stop.set()  # the worker closes the stream at its next chunk
+        if finish is None:
+            raise BackendError(
+                f"the server at {self.base_url} ended the answer without finishing it "
+                "(it failed or dropped the connection mid-answer; its log says why)"
+            )
+        total_s = time.monotonic() - started
+        yield Finish(_done_reason(finish), _stats(usage, timings, first_token_s, total_s))
+
+    def _chunks(
+        self, items: queue.SimpleQueue[Any], turn: Turn, deadline: float | None
+    ) -> Iterator[Mapping[str, Any]]:
+        """The worker's chunks as they come, while watching the stop flag and the deadline."""
+        while True:
+            if turn.control.cancelled:
+                turn.control.check()
+            wait = _POLL_S
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BackendTimeoutError(
+                        f"the server at {self.base_url} did not finish the answer within "
+                        f"{self.timeout} s"
+                    )
+                wait = min(wait, left)
+            try:
+                item = items.get(timeout=wait)
+            except queue.Empty:
+                continue
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                if isinstance(item, LlavaLocalError):
+                    raise item
+                raise _translate(item, self.base_url, self.model, answering=True) from item
+            yield item
+
+    def _read(
+        self, body: dict[str, Any], items: queue.SimpleQueue[Any], stop: threading.Event
+    ) -> None:
+        """The worker: send the request, put each chunk (as a dict) on ``items``, then
+        ``_END``, or the exception that stopped it. Closes the stream when ``stop`` is set."""
+        try:
+            stream = self._send(body)
+            try:
+                for chunk in stream:
+                    if stop.is_set():
+                        return
+                    items.put(chunk.to_dict())
+            finally:
+                stream.close()
+            items.put(_END)
+        except BaseException as exc:  # handed to the turn's thread, which raises it
+            items.put(exc)
+
+    def _send(self, body: dict[str, Any]) -> Stream[ChatCompletionChunk]:
+        """Open the stream; a server refusing the ``json_schema`` form of ``schema=`` is
+        asked once more with ``json_object`` and a ``schema`` (llama-cpp-python's form)."""
+        import openai
+
+        schema = body.pop("_schema", None)
+        if schema is not None:
+            body["response_format"] = _response_format(schema, self._schema_form)
+        stream: Stream[ChatCompletionChunk]
+        try:
+            stream = self._client.chat.completions.create(**body)
+        except openai.APIStatusError as exc:
+            if schema is None or self._schema_form != "json_schema":
+                raise
+            if "response_format" not in _error_text(exc) and exc.status_code not in (400, 422):
+                raise
+            body["response_format"] = _response_format(schema, "json_object")
+            stream = self._client.chat.completions.create(**body)
+            self._schema_form = "json_object"
+        return stream
+
+    def _body(self, turn: Turn) -> dict[str, Any]:
+        """The request's arguments for the client (``_schema``: the JSON schema, if any)."""
+        extra = dict(self._extra_body)
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": [_wire_message(message) for message in turn.messages],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        body.update(_options(turn.options, _STANDARD_OPTIONS))
+        extra.update(_options(turn.options, _EXTRA_OPTIONS))
+        if extra:
+            body["extra_body"] = extra
+        if turn.json_schema is not None:
+            body["_schema"] = turn.json_schema
+        return body
+
+    # the pre-flight
+    def _models(self) -> list[str]:
+        """The model names ``GET /models`` lists."""
+        import openai
+
+        try:
+            response = self._client.models.with_raw_response.list()
+            data = json.loads(response.http_response.text)
+        except openai.NotFoundError:
+            raise BackendUnavailableError(
+                f"{self.base_url} answers, but has no GET /models as OpenAI-compatible servers "
+                "do; check base_url (it usually ends in /v1)"
+            ) from None
+        except ValueError:
+            data = None
+        except openai.OpenAIError as exc:
+            raise _translate(exc, self.base_url, self.model) from exc
+        models = data.get("data") if isinstance(data, Mapping) else None
+        if not isinstance(models, list):
+            raise BackendUnavailableError(
+                f"{self.base_url} answers GET /models, but not with an OpenAI-compatible model "
+                "list; check base_url (it usually ends in /v1)"
+            )
+        return [str(m["id"]) for m in models if isinstance(m, Mapping) and m.get("id")]
+
+    def _ensure_open(self) -> None:
+        if self._closed:
+            raise BackendError("this OpenAI backend is closed")
+
+
+# --- helpers -------------------------------------------------------------------------
+
+
+def _import_openai() -> None:
+    """Make sure the client is installed, or say which extra brings it."""
+    try:
+        import openai  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError(
+            "the openai engine needs the openai package: pip install 'llava-local[openai]'"
+        ) from None
+
+
+def _translate(
+    exc: BaseException, url: str, model: str, *, answering: bool = False
+) -> LlavaLocalError:
+    """The library error for a low-level one: the single place errors are mapped."""
+    import openai
+
+    if isinstance(exc, openai.APITimeoutError) or "Timeout" in type(exc).__name__:
+        return BackendTimeoutError(f"the server at {url} did not answer in time")
+    if isinstance(exc, openai.APIConnectionError):
+        if _refused(exc) or not answering:
+            return BackendUnavailableError(
+                f"no OpenAI-compatible server answers at {url}: start it, or check base_url"
+            )
+        return BackendError(f"the connection to the server at {url} dropped mid-answer")
+    if isinstance(exc, openai.APIError):  # a status, or an error event in the stream
+        status: int | None = getattr(exc, "status_code", None)
+        text = _error_text(exc)
+        overflow = _overflow(text)
+        if overflow is not None:
+            needed, available = overflow
+            sizes = f" ({needed} tokens needed, {available} in the context)" if needed else ""
+            return ContextOverflowError(
+                f"the conversation does not fit the context window of the server at {url}"
+                f"{sizes}: start a new conversation (reset()) or give the server a larger "
+                f"context; it said: {text}",
+                needed=needed,
+                available=available,
+            )
+        if _NO_VISION_WORDS.search(text):
+            return NotAVisionModelError(
+                f"the model {model!r} at {url} cannot see pictures (the server says: {text}); "
+                "load a vision model with its projector (mmproj) there"
+            )
+        if status == 404:
+            if "model" in text.lower():
+                return ModelNotFoundError(f"the server at {url} has no model {model!r}: {text}")
+            return BackendUnavailableError(
+                f"{url} has no OpenAI chat-completions route (404); check base_url "
+                "(it usually ends in /v1)"
+            )
+        if status in (401, 403):
+            return ResponseError(
+                f"the server at {url} refused the request ({status}: {text}); "
+                "pass its key with api_key= or set OPENAI_API_KEY",
+                status,
+            )
+        where = "while answering" if status is None else f"with status {status}"
+        return ResponseError(f"the server at {url} failed {where}: {text}", status)
+    if type(exc).__name__ in ("RemoteProtocolError", "ReadError", "StreamError"):
+        return BackendError(f"the connection to the server at {url} dropped mid-answer ({exc})")
+    if isinstance(exc, ValueError):  # json.JSONDecodeError: a line that is not JSON
+        return BackendError(f"the server at {url} sent something that is not JSON: {exc}")
+    return BackendError(f"the server at {url} failed: {exc!r}")
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether the connection was never made (refused, no such host, unreachable), as
+    opposed to one that dropped after the request went out."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError | socket.gaierror):
+            return True
+        if type(seen).__name__ in ("ConnectError", "ConnectTimeout"):  # httpx's and httpcore's
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _error_text(exc: BaseException) -> str:
+    """What the server said: the ``error.message`` of its body, else the body, else the
+    exception's own words."""
+    body = getattr(exc, "body", None)
+    if isinstance(body, Mapping):
+        error = body.get("error", body)
+        if isinstance(error, Mapping):
+            parts = [str(error.get(k)) for k in ("message", "detail", "code", "type")]
+            text = " ".join(p for p in parts if p and p != "None")
+            if text:
+                return text
+        return json.dumps(body)[:500]
+    if isinstance(body, str) and body:
+        return body[:500]
+    return str(getattr(exc, "message", exc))
+
+
+def _overflow(text: str) -> tuple[int, int] | None:
+    """``(tokens needed, tokens available)`` if ``text`` is a context-length rejection
+    (0, 0 where the server gives no numbers); None otherwise."""
+    for pattern, needed, available in _OVERFLOW_PATTERNS:
+        found = pattern.search(text)
+        if found:
+            return int(found.group(needed)), int(found.group(available))
+    return (0, 0) if _OVERFLOW_WORDS.search(text) else None
+
+
+def _same(name: str, other: str) -> bool:
+    """The same model: exactly, or as Ollama names it (``llava`` is ``llava:latest``)."""
+    return name == other or name.removesuffix(":latest") == other.removesuffix(":latest")
+
+
+def _options(options: Options, names: tuple[str, ...]) -> dict[str, Any]:
+    values = {name: getattr(options, name) for name in names}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items() if v is not None}
+
+
+def _response_format(schema: dict[str, Any], form: str) -> dict[str, Any]:
+    if form == "json_object":
+        return {"type": "json_object", "schema": schema}
+    return {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
+
+
+def _wire_message(message: Message) -> dict[str, Any]:
+    """A message as the protocol wants it: pictures as ``data:`` URIs of the prepared
+    bytes, before the text."""
+    if not message.images:
+        return {"role": message.role, "content": message.content}
+    parts: list[dict[str, Any]] = [
+        {"type": "image_url", "image_url": {"url": f"data:{image.mime};base64,{image.b64()}"}}
+        for image in message.images
+    ]
+    parts.append({"type": "text", "text": message.content})
+    return {"role": message.role, "content": parts}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _mapping(value: Any) -> Mapping[str, Any] | None:
+    return value if isinstance(value, Mapping) and value else None
+
+
+def _count(source: Mapping[str, Any] | None, key: str) -> int | None:
+    value = source.get(key) if source is not None else None
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _done_reason(reason: str) -> DoneReason:
+    """``length`` when the token limit cut the answer; anything else counts as ``stop``."""
+    return "length" if reason == "length" else "stop"
+
+
+def _stats(
+    usage: Mapping[str, Any] | None,
+    timings: Mapping[str, Any] | None,
+    first_token_s: float | None,
+    total_s: float,
+) -> Stats:
+    """What the server reported: llama-server's ``timings`` first (tokens it evaluated,
+    reused and generated, and their milliseconds), else ``usage``."""
+    details = _mapping(usage.get("prompt_tokens_details")) if usage is not None else None
+    cached = _count(details, "cached_tokens")
+    prompt = _count(usage, "prompt_tokens")
+    if prompt is not None and cached is not None:
+        prompt -= cached  # usage counts the whole prompt; ours, only what was read
+    completion = _count(usage, "completion_tokens")
+    prompt_ms = decode_ms = None
+    if timings is not None:
+        prompt = _count(timings, "prompt_n") if "prompt_n" in timings else prompt
+        cached = _count(timings, "cache_n") if "cache_n" in timings else cached
+        completion = _count(timings, "predicted_n") if "predicted_n" in timings else completion
+        prompt_ms, decode_ms = _count(timings, "prompt_ms"), _count(timings, "predicted_ms")
+    return Stats(
+        prompt_tokens=prompt or 0,
+        completion_tokens=completion or 0,
+        cached_tokens=cached,
+        prompt_s=(prompt_ms or 0) / 1000,
+        decode_s=(decode_ms or 0) / 1000,
+        total_s=total_s,
+        first_token_s=first_token_s,
+    )
+
+
+def open_engine(config: OpenAIConfig, api_key: str | None = None) -> OpenAIBackend:
+    """The OpenAI engine for ``config`` (``api_key``: given now, never recorded)."""
+    return OpenAIBackend(
+        config.base_url,
+        config.model,
+        api_key=api_key,
+        timeout=config.timeout,
+        connect_timeout=config.connect_timeout,
+        max_retries=config.max_retries,
+        extra_body=config.extra_body,
+    )
+
+
+register(
+    EngineSpec(
+        name="openai",
+        config=OpenAIConfig,
+        open=open_engine,
+        # Whether a follow-up reuses earlier turns is the server's affair (llama-server
+        # does, llama-cpp-python's LLaVA handler does not): not promised here.
+        capabilities=Capabilities(reuses_turns=False, pulls_models=False),
+        aliases=("openai_compatible",),
+        description="an OpenAI-compatible server (llamafile, llama-server, LM Studio, vLLM)",
+    )
+)
