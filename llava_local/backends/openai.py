@@ -370,7 +370,7 @@ class OpenAIBackend(Backend):
         except openai.NotFoundError:
             raise BackendUnavailableError(
                 f"{self.base_url} answers, but has no GET /models as OpenAI-compatible servers "
-                "do; check base_url (it usually ends in /v1)"
+                "do; check base_url= (it usually ends in /v1)"
             ) from None
         except ValueError:
             data = None
@@ -380,7 +380,7 @@ class OpenAIBackend(Backend):
         if not isinstance(models, list):
             raise BackendUnavailableError(
                 f"{self.base_url} answers GET /models, but not with an OpenAI-compatible model "
-                "list; check base_url (it usually ends in /v1)"
+                "list; check base_url= (it usually ends in /v1)"
             )
         return [str(m["id"]) for m in models if isinstance(m, Mapping) and m.get("id")]
 
@@ -413,7 +413,7 @@ def _translate(
     if isinstance(exc, openai.APIConnectionError):
         if _refused(exc) or not answering:
             return BackendUnavailableError(
-                f"no OpenAI-compatible server answers at {url}: start it, or check base_url"
+                f"no OpenAI-compatible server answers at {url}: start it, or check base_url="
             )
         return BackendError(f"the connection to the server at {url} dropped mid-answer")
     if isinstance(exc, openai.APIError):  # a status, or an error event in the stream
@@ -439,7 +439,7 @@ def _translate(
             if "model" in text.lower():
                 return ModelNotFoundError(f"the server at {url} has no model {model!r}: {text}")
             return BackendUnavailableError(
-                f"{url} has no OpenAI chat-completions route (404); check base_url "
+                f"{url} has no OpenAI chat-completions route (404); check base_url= "
                 "(it usually ends in /v1)"
             )
         if status in (401, 403):

@@ -41,6 +41,7 @@ _FLAGS = {
     "chat_format": "--chat-format",
     "kv_cache_dir": "--kv-cache",
     "host": "--host",
+    "base_url": "--host",
     "timeout": "--timeout",
     "max_tokens": "--max-tokens",
 }
@@ -92,12 +93,21 @@ def engine_options(func: F) -> F:
             type=EngineName(),
             default="auto",
             show_default=True,
-            help="Engine: the Ollama daemon, llama.cpp in-process, or the first that works.",
+            help="Engine: the Ollama daemon, llama.cpp in-process, an OpenAI-compatible "
+            "server (openai), or the first that works.",
         ),
-        click.option("--model", "-m", help="Ollama model name, or path of a GGUF model."),
+        click.option(
+            "--model", "-m", help="Model name (Ollama, OpenAI server), or path of a GGUF model."
+        ),
         click.option("--mmproj", help="Path of the GGUF projector (llama.cpp engine)."),
-        click.option("--host", help="Ollama address (default: OLLAMA_HOST or 127.0.0.1:11434)."),
-        click.option("--timeout", type=float, help="Seconds a turn may take (Ollama engine)."),
+        click.option(
+            "--host",
+            help="Ollama address (default: OLLAMA_HOST or 127.0.0.1:11434), or the "
+            "OpenAI-compatible server's with --backend openai (its key: OPENAI_API_KEY).",
+        ),
+        click.option(
+            "--timeout", type=float, help="Seconds a turn may take (Ollama, openai engines)."
+        ),
         click.option("--n-ctx", type=int, help="Context window in tokens (llama.cpp engine)."),
         click.option("--threads", type=int, help="CPU threads (llama.cpp engine)."),
         click.option("--chat-format", help="Prompt format (llama.cpp engine), e.g. vicuna."),
@@ -141,6 +151,8 @@ def open_chat(
         "n_threads": threads,
         "chat_format": chat_format,
     }
+    if backend != "auto" and registry.get(backend).name == "openai":
+        engine["base_url"] = engine.pop("host")  # the server's address, as for Ollama
     kwargs = {k: v for k, v in {**engine, **options}.items() if v is not None}
     return VisionChat(backend, model, **kwargs)
 
