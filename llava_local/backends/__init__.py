@@ -105,7 +105,10 @@ def _auto(model: str | None, kwargs: dict[str, Any]) -> Backend:
                 f"Ollama at {resolve_host(host)} has no vision model: run `ollama pull llava` "
                 "(or another vision model), or choose another engine with backend="
             )
-    for key in settings_only_for("ollama") & set(kwargs):
+    # What the daemon takes and llama.cpp does not (not settings_only_for: the openai
+    # engine shares timeout with Ollama, and llama.cpp would refuse it).
+    llama_takes = set(registry.get("llama_cpp").config.setting_names())
+    for key in (set(registry.get("ollama").config.setting_names()) - llama_takes) & set(kwargs):
         kwargs.pop(key)
     env_model, env_mmproj = (
         os.environ.get("LLAVA_LOCAL_MODEL"),
