@@ -142,6 +142,7 @@ def test_a_turn_reports_what_it_is_doing_in_order(demo: VisionChat) -> None:
     """on_status hears the picture prepared, encoded and read, then the answer."""
     demo.reset()
     demo.engine.embeddings.clear()  # type: ignore[attr-defined]
+    demo.engine.kv_cache.clear()  # type: ignore[attr-defined]  # no kept KV state of it
     seen: list[str] = []
     demo.on_status = seen.append
     try:
