@@ -424,8 +424,9 @@ class LlamaCppBackend(Backend):
         return np.ctypeslib.as_array(ptr, shape=(self._llama.n_vocab(),)).copy()
 
     def context_needed(self, turn: Turn) -> tuple[int, int]:
-        prompt = self._prompt_for(turn)
-        return len(prompt.keys) + (turn.options.max_tokens or 1), self.n_ctx
+        with self._turn(turn.control):  # the tokenized prompt is shared with the turn
+            prompt = self._prompt_for(turn)
+            return len(prompt.keys) + (turn.options.max_tokens or 1), self.n_ctx
 
     def _prompt_for(self, turn: Turn) -> _Prompt:
         """The tokenized turn; the last one is kept, as the core often asks twice."""
