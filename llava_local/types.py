@@ -80,9 +80,9 @@ class Stats(BaseModel):
     Named as Ollama names them, converted to seconds. ``prompt_tokens`` counts the
     prompt tokens the engine evaluated for this turn; ``cached_tokens`` those it did
     not have to: reused from the previous turn, or restored from a kept KV state
-    (another conversation's, a saved conversation's, or one on disk). ``image_encode_s`` is None where the
-    engine cannot tell. ``dropped_turns`` counts old turns left out to make room
-    (``on_overflow="drop_oldest"``).
+    (another conversation's, a saved conversation's, or one on disk).
+    ``image_encode_s`` is None where the engine cannot tell. ``dropped_turns`` counts
+    old turns left out to make room (``on_overflow="drop_oldest"``).
     """
 
     prompt_tokens: int = 0
