@@ -16,6 +16,14 @@ or, where a picture failed, ``error`` (one line, starting with the error type) a
 ``error_type`` instead of ``text``; ``sha256`` is null when the file's bytes could not be
 had (missing, unreadable, empty or over the size limit).
 
+Several prompts: ``prompt=["Describe it.", "Tag it.", "What text is in it?"]`` (CLI
+``-p A -p B`` or ``--prompts FILE``, one a line: :func:`read_prompts`) asks every prompt
+about each picture, one line per picture and prompt. The picture is read from disk and
+prepared once, and each prompt is a fresh conversation that begins with the same
+picture, so the in-process engine keeps that prefix of its KV cache and reads only the
+new prompt's tokens (``stats.cached_tokens`` shows it; the Ollama daemon keeps its own
+cache). Counts (``found``, ``done``...) are then of pictures times prompts.
+
 Resuming: a line is about one picture and one prompt. The picture is identified by the
 sha256 of its bytes, so renamed or copied files are not asked about again; where there
 are no bytes to hash (``sha256`` null), by its ``path`` as written in the line (the path
@@ -65,7 +73,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, PrivateAttr, ValidationError
 
 from .. import images as _images
 from .. import structured
@@ -89,7 +97,14 @@ try:  # POSIX; elsewhere two runs on one file are not prevented
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["PICTURE_EXTENSIONS", "CaptionSummary", "caption", "find_pictures", "read_captions"]
+__all__ = [
+    "PICTURE_EXTENSIONS",
+    "CaptionSummary",
+    "caption",
+    "find_pictures",
+    "read_captions",
+    "read_prompts",
+]
 
 #: Pictures prepared ahead of the model: enough to hide disk and decoding time, few
 #: enough to bound memory.
@@ -103,14 +118,16 @@ _PER_PICTURE = (ImageError, SchemaError, ContextOverflowError, BackendError)
 #: A picture as resuming knows it: ``("sha256", hex digest)``, or ``("path", path)`` for
 #: a file whose bytes could not be read.
 _Identity = tuple[Literal["sha256", "path"], str]
+#: One line's subject: a picture and a prompt.
+_Pair = tuple[_Identity, str]
 #: What the newest line of a picture and prompt says: answered; failed (kept unless
 #: retry_errors); or the run failed on it (asked about again).
 _Status = Literal["done", "failed", "retry"]
 
 
 class CaptionSummary(BaseModel):
-    """What a :func:`caption` run did. ``found - done - skipped - failed`` were not
-    reached (``limit``).
+    """What a :func:`caption` run did, counted in lines: pictures times prompts (with one
+    prompt, pictures). ``found - done - skipped - failed`` were not reached (``limit``).
 
     ``skipped``: pictures not asked about because the file already has their line
     (``skipped_errors`` of them an error line), or because the same content came earlier
@@ -127,13 +144,18 @@ class CaptionSummary(BaseModel):
     skipped_errors: int = 0
     elapsed_s: float = 0.0
     repaired_bytes: int = 0
+    #: prompts per picture, for the text (the counts above already include them)
+    _prompts: int = PrivateAttr(default=1)
 
     def __str__(self) -> str:
         errors = f" ({self.skipped_errors} of them errors)" if self.skipped_errors else ""
+        found = f"{self.found} pictures"
+        if self._prompts > 1:
+            found = f"{self.found} answers ({self.found // self._prompts} pictures x "
+            found += f"{self._prompts} prompts)"
         text = (
             f"{self.done} captioned, {self.skipped} already recorded{errors}, "
-            f"{self.failed} failed of {self.found} pictures in {self.elapsed_s:.1f} s "
-            f"-> {self.out}"
+            f"{self.failed} failed of {found} in {self.elapsed_s:.1f} s -> {self.out}"
         )
         if self.retried:
             text += f"; {self.retried} retried after an earlier error"
@@ -147,7 +169,7 @@ def caption(
     inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     out: str | os.PathLike[str],
     *,
-    prompt: str,
+    prompt: str | Sequence[str],
     schema: Schema | None = None,
     limit: int | None = None,
     recursive: bool = False,
@@ -159,43 +181,62 @@ def caption(
     """Ask ``prompt`` about every picture of ``inputs`` and append the answers to ``out``.
 
     ``inputs`` is a directory, a glob pattern, a picture, or a list of these (see
-    :func:`find_pictures`). ``limit`` bounds the pictures recorded in this run, done or
-    failed (skipped ones do not count), so a big folder can be done in chunks. A picture
-    that already has a line for ``prompt`` in ``out`` is skipped, an error line included,
-    unless ``retry_errors`` asks again about those whose newest line is an error.
-    ``options`` are generation options (``temperature=0``...). See the module docstring
-    for the line format and what resuming, failures and Ctrl-C do.
+    :func:`find_pictures`). ``prompt`` is one prompt or a list of them (each picture is
+    read once and asked every prompt, one line each). ``limit`` bounds the pictures
+    recorded in this run, done or failed (skipped ones do not count), so a big folder
+    can be done in chunks. A picture that already has a line for a prompt in ``out`` is
+    not asked that prompt again, an error line included, unless ``retry_errors`` asks
+    again about those whose newest line is an error. ``options`` are generation options
+    (``temperature=0``...). See the module docstring for the line format and what
+    resuming, failures and Ctrl-C do.
     """
-    _check_call(prompt, schema, limit, max_failures_in_a_row, options)
+    prompts = _check_call(prompt, schema, limit, max_failures_in_a_row, options)
     started = time.monotonic()
     pictures = find_pictures(inputs, recursive=recursive)
     with _Output(Path(out)) as output:
-        summary = CaptionSummary(
-            out=output.path, found=len(pictures), repaired_bytes=output.repaired_bytes
-        )
-        run = _Run(
-            chat,
+        summary = _summary(output, len(pictures), prompts)
+        ledger = _Ledger(
             output,
             summary,
-            prompt=prompt,
-            schema=schema,
-            options=options,
-            max_failures_in_a_row=max_failures_in_a_row,
+            prompts=len(prompts),
+            limit=limit,
             retry_errors=retry_errors,
+            max_failures_in_a_row=max_failures_in_a_row,
         )
-        settled = output.settled(prompt, retry_errors=retry_errors)
+        run = _Run(_Asker(chat, schema=schema, options=options), ledger, prompts)
         try:
             with (
-                _Prefetch(pictures, settled, chat.max_image_side) as items,
+                _Prefetch(
+                    pictures, output.settled_all(prompts, retry_errors), chat.max_image_side
+                ) as items,
                 RunProgress(
-                    "captioning", total=run.to_ask(limit), unit="picture", enabled=progress
+                    "captioning",
+                    total=ledger.to_ask(),
+                    unit=_unit(prompts),
+                    enabled=progress,
                 ) as bar,
             ):
-                run.process(items, bar, limit)
+                ledger.bar = bar
+                run.process(items, limit)
         finally:
             chat.reset()
             summary.elapsed_s = time.monotonic() - started
     return summary
+
+
+def read_prompts(path: str | os.PathLike[str]) -> list[str]:
+    """The prompts in a text file, one a line (``--prompts FILE``); blank lines are left
+    out. A prompt that spans lines cannot be given this way: pass a list to
+    :func:`caption`."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise InvalidRequestError(f"cannot read prompts from {path}: {reason}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise InvalidRequestError(f"{path} holds no prompt; write one prompt a line")
+    return prompts
 
 
 def read_captions(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -237,15 +278,15 @@ def read_captions(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def _check_call(
-    prompt: str,
+    prompt: str | Sequence[str],
     schema: Schema | None,
     limit: int | None,
     max_failures_in_a_row: int,
     options: dict[str, Any],
-) -> None:
-    """Refuse a mistake before the output file is touched, not once per picture."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InvalidRequestError("the prompt must be a non-empty string")
+) -> tuple[str, ...]:
+    """Refuse a mistake before the output file is touched, not once per picture; the
+    prompts, each once, in the order given."""
+    prompts = _prompt_list(prompt)
     if limit is not None and (isinstance(limit, bool) or limit < 0):
         raise InvalidRequestError(f"limit must be a non-negative integer, not {limit!r}")
     if max_failures_in_a_row < 1:
@@ -257,6 +298,30 @@ def _check_call(
     except ValidationError as exc:
         names = ", ".join(str(e["loc"][0]) for e in exc.errors() if e["loc"])
         raise InvalidRequestError(f"invalid generation options: {names}") from None
+    return prompts
+
+
+def _prompt_list(prompt: str | Sequence[str]) -> tuple[str, ...]:
+    given = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(given, Sequence) or not given:
+        raise InvalidRequestError("give a prompt, or a list of prompts")
+    for one in given:
+        if not isinstance(one, str) or not one.strip():
+            raise InvalidRequestError("each prompt must be a non-empty string")
+    return tuple(dict.fromkeys(given))  # a prompt given twice is asked once
+
+
+def _summary(output: _Output, pictures: int, prompts: Sequence[str]) -> CaptionSummary:
+    summary = CaptionSummary(
+        out=output.path, found=pictures * len(prompts), repaired_bytes=output.repaired_bytes
+    )
+    summary._prompts = len(prompts)
+    return summary
+
+
+def _unit(prompts: Sequence[str]) -> str:
+    """What the progress bar counts: pictures, or answers with several prompts."""
+    return "picture" if len(prompts) == 1 else "answer"
 
 
 # --- the output file -----------------------------------------------------------------
@@ -298,12 +363,23 @@ class _Output:
         newest = max((line for line in lines if line is not None), default=None)
         return None if newest is None else newest[1]
 
-    def settled(self, prompt: str, *, retry_errors: bool) -> frozenset[_Identity]:
-        """The pictures that a run asking ``prompt`` will not ask about again."""
+    def settled(self, prompts: Sequence[str], retry_errors: bool) -> frozenset[_Pair]:
+        """The pictures and prompts that a run will not ask about again."""
+        identities = {identity for identity, _ in self._rows}
+        return frozenset(
+            (identity, prompt)
+            for identity in identities
+            for prompt in prompts
+            if _settled(self.earlier(identity, prompt), retry_errors)
+        )
+
+    def settled_all(self, prompts: Sequence[str], retry_errors: bool) -> frozenset[_Identity]:
+        """The pictures that a run will ask no prompt about: no need to prepare them."""
+        pairs = self.settled(prompts, retry_errors)
         return frozenset(
             identity
-            for identity, _ in self._rows
-            if _settled(self.earlier(identity, prompt), retry_errors)
+            for identity, _ in pairs
+            if all((identity, prompt) in pairs for prompt in prompts)
         )
 
     def append(self, record: dict[str, Any]) -> None:
@@ -484,18 +560,29 @@ class _Prefetch:
         return False
 
     def _load(self, path: Path) -> _Item:
+        return _load_item(path, self._settled, self._max_side)
+
+
+def _load_item(
+    path: Path, settled: frozenset[_Identity], max_side: int, data: bytes | None = None
+) -> _Item:
+    """Read (unless ``data`` is given), hash and prepare one picture; failures are kept
+    in the item. A picture in ``settled`` is hashed but not decoded: it will be skipped."""
+    if data is None:
         try:
             data = _read(path)
         except ImageError as exc:
             return _Item(path, None, error=exc)
-        sha256 = hashlib.sha256(data).hexdigest()
-        if ("sha256", sha256) in self._settled:
-            return _Item(path, sha256)  # no need to decode it
-        try:
-            image = _images.prepare(data, max_side=self._max_side, cache=None)
-        except ImageError as exc:
-            return _Item(path, sha256, error=ImageError(str(path), exc.reason))
-        return _Item(path, sha256, image=image)
+    elif not data:
+        return _Item(path, None, error=ImageError(str(path), "empty file"))
+    sha256 = hashlib.sha256(data).hexdigest()
+    if ("sha256", sha256) in settled:
+        return _Item(path, sha256)  # no need to decode it
+    try:
+        image = _images.prepare(data, max_side=max_side, cache=None)
+    except ImageError as exc:
+        return _Item(path, sha256, error=ImageError(str(path), exc.reason))
+    return _Item(path, sha256, image=image)
 
 
 def _read(path: Path) -> bytes:
@@ -517,102 +604,71 @@ def _read(path: Path) -> bytes:
 # --- asking --------------------------------------------------------------------------
 
 
-class _Run:
-    """The loop over the pictures: ask, record, count, and decide when to stop."""
+@dataclass(frozen=True)
+class _Answer:
+    """One picture and prompt's line, and what the engine raised when it is an error
+    (None where only the line travelled, from a Ray worker)."""
 
-    def __init__(
-        self,
-        chat: VisionChat,
-        output: _Output,
-        summary: CaptionSummary,
-        *,
-        prompt: str,
-        schema: Schema | None,
-        options: dict[str, Any],
-        max_failures_in_a_row: int,
-        retry_errors: bool,
-    ) -> None:
+    record: dict[str, Any]
+    seconds: float
+    error: LlavaLocalError | None = None
+
+
+class _Asker:
+    """Asks the engine and writes the lines (not to a file): the part of a run that
+    needs the model. A Ray worker holds one too, so the two runs' lines are the same."""
+
+    def __init__(self, chat: VisionChat, *, schema: Schema | None, options: dict[str, Any]) -> None:
         self.chat = chat
-        self.output = output
-        self.summary = summary
-        self.prompt = prompt
         self.schema = schema
         self.options = options
-        self.max_failures_in_a_row = max_failures_in_a_row
-        self.retry_errors = retry_errors
-        self.failures_in_a_row = 0
-        self.asked: set[_Identity] = set()  # in this run, so a copy is not retried again
 
-    def to_ask(self, limit: int | None) -> int:
-        """How many pictures this run still expects to record, as far as it knows."""
-        left = self.summary.found - self.summary.skipped
-        return left if limit is None else min(limit, left)
-
-    def process(self, items: Iterator[_Item], bar: RunProgress, limit: int | None) -> None:
-        for item in items:
-            earlier = self.output.earlier(item.identity, self.prompt)
-            if item.identity in self.asked or _settled(earlier, self.retry_errors):
-                self.summary.skipped += 1
-                self.summary.skipped_errors += earlier != "done"
-                bar.set_total(self.to_ask(limit))
-                continue
-            if limit is not None and self.summary.done + self.summary.failed >= limit:
-                return
-            self.asked.add(item.identity)
-            self.summary.retried += earlier is not None
-            seconds = self.one(item)
-            if seconds is None:
-                bar.failed()
-                failed = self.summary.failed
-                bar.describe(f"captioning ({failed} failed)")
-            else:
-                bar.answered(seconds)
-
-    def one(self, item: _Item) -> float | None:
-        """Ask about ``item`` and write its line; the seconds the answer took, or None
-        when it failed."""
+    def answer(self, item: _Item, prompt: str) -> _Answer:
+        """Ask ``prompt`` about ``item`` in a fresh conversation; its line either way."""
         started = time.monotonic()
         try:
-            reply, attempts = self._ask(item)
+            reply, attempts = self._ask(item, prompt)
         except LlavaLocalError as exc:
-            self._failed(item, exc, time.monotonic() - started)
-            return None
+            elapsed = time.monotonic() - started
+            return _Answer(self._failure(item, prompt, exc, elapsed), elapsed, exc)
         elapsed = time.monotonic() - started
-        self.output.append(self._success(item, reply, attempts, elapsed))
-        self.summary.done += 1
-        self.failures_in_a_row = 0
-        return elapsed
+        return _Answer(self._success(item, prompt, reply, attempts, elapsed), elapsed)
 
-    def _ask(self, item: _Item) -> tuple[Reply, int]:
+    def _ask(self, item: _Item, prompt: str) -> tuple[Reply, int]:
         """The reply, in a fresh conversation; a misfit answer is asked once more, with
         the schema spelt out in the prompt: a different prompt is what changes a greedy
-        (temperature 0) answer, where asking the same again would repeat it."""
+        (temperature 0) answer, where asking the same again would repeat it.
+
+        Every conversation begins with the picture, so the in-process engine's KV cache
+        keeps it from one prompt (or attempt) to the next and reads only the new text."""
         if item.error is not None:
             raise item.error
-        prompts = [self.prompt] if self.schema is None else [self.prompt, self._firmer()]
-        for attempt, prompt in enumerate(prompts, 1):
+        asked = [prompt] if self.schema is None else [prompt, self._firmer(prompt)]
+        for attempt, text in enumerate(asked, 1):
             self.chat.reset()
             try:
-                return self._reply(prompt, item), attempt
+                return self._reply(text, item), attempt
             except SchemaError:
-                if attempt == len(prompts):
+                if attempt == len(asked):
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _reply(self, prompt: str, item: _Item) -> Reply:
         return self.chat.ask(prompt, image=item.image, schema=self.schema, **self.options)
 
-    def _firmer(self) -> str:
+    def _firmer(self, prompt: str) -> str:
         assert self.schema is not None
         spelt = json.dumps(structured.json_schema(self.schema), separators=(",", ":"))
         return (
-            f"{self.prompt}\n\nAnswer with one JSON object and nothing else. "
+            f"{prompt}\n\nAnswer with one JSON object and nothing else. "
             f"It must follow this JSON schema: {spelt}"
         )
 
-    def _success(self, item: _Item, reply: Reply, attempts: int, elapsed: float) -> dict[str, Any]:
+    def _success(
+        self, item: _Item, prompt: str, reply: Reply, attempts: int, elapsed: float
+    ) -> dict[str, Any]:
         record: dict[str, Any] = {"path": str(item.path), "sha256": item.sha256}
-        record |= {"prompt": self.prompt, "text": reply.text}
+        record |= {"prompt": prompt, "text": reply.text}
         if self.schema is not None:
             parsed = reply.parsed
             record["parsed"] = (
@@ -630,27 +686,118 @@ class _Run:
             "image": {"width": image.width, "height": image.height, "changes": image.changes},
         }
 
-    def _failed(self, item: _Item, exc: LlavaLocalError, elapsed: float) -> None:
-        """Record the failure; raise when the run should stop rather than go on failing."""
+    def _failure(
+        self, item: _Item, prompt: str, exc: LlavaLocalError, elapsed: float
+    ) -> dict[str, Any]:
         message = " ".join(f"{type(exc).__name__}: {exc}".split())
         record: dict[str, Any] = {"path": str(item.path), "sha256": item.sha256}
-        record |= {"prompt": self.prompt, "error": message, "error_type": type(exc).__name__}
+        record |= {"prompt": prompt, "error": message, "error_type": type(exc).__name__}
         if isinstance(exc, SchemaError):
             record["rejected_text"] = exc.text
         record |= {"model": self.chat.model, "backend": self.chat.backend}
         record["elapsed_s"] = round(elapsed, 3)
-        the_runs = not isinstance(exc, _PER_PICTURE)
-        if the_runs:  # it says nothing about the picture: the next run asks again
-            record["retry"] = True
+        if not isinstance(exc, _PER_PICTURE):  # it says nothing about the picture:
+            record["retry"] = True  # the next run asks again
+        return record
+
+
+class _Ledger:
+    """The output file's side of a run: which picture and prompt to leave alone, each
+    line written and counted, and when to stop. The one-machine run and the Ray driver
+    share it, so both skip, count and stop alike."""
+
+    def __init__(
+        self,
+        output: _Output,
+        summary: CaptionSummary,
+        *,
+        prompts: int,
+        limit: int | None,
+        retry_errors: bool,
+        max_failures_in_a_row: int,
+    ) -> None:
+        self.output = output
+        self.summary = summary
+        self.prompts = prompts
+        self.limit = limit
+        self.retry_errors = retry_errors
+        self.max_failures_in_a_row = max_failures_in_a_row
+        self.failures_in_a_row = 0
+        self.bar: RunProgress | None = None  # set once the bar is drawn
+        self.asked: set[_Pair] = set()  # in this run, so a copy is not asked again
+
+    def to_ask(self) -> int:
+        """How many lines this run still expects to write, as far as it knows."""
+        left = self.summary.found - self.summary.skipped
+        return left if self.limit is None else min(self.limit * self.prompts, left)
+
+    def claim(self, identity: _Identity, prompt: str) -> bool:
+        """Whether this picture and prompt is to be asked (and written); when not, it is
+        counted as skipped: the file already has it, or this run has asked it."""
+        earlier = self.output.earlier(identity, prompt)
+        if self.leaves(identity, prompt):
+            self.summary.skipped += 1
+            self.summary.skipped_errors += earlier not in (None, "done")
+            if self.bar is not None:
+                self.bar.set_total(self.to_ask())
+            return False
+        self.asked.add((identity, prompt))
+        self.summary.retried += earlier is not None
+        return True
+
+    def leaves(self, identity: _Identity, prompt: str) -> bool:
+        """Whether this picture and prompt is not to be asked: the file already has its
+        line (an error too, unless retry_errors), or this run has asked it."""
+        earlier = self.output.earlier(identity, prompt)
+        return (identity, prompt) in self.asked or _settled(earlier, self.retry_errors)
+
+    def write(self, answer: _Answer) -> None:
+        """Append the line, count it; raise when the run should stop rather than go on
+        failing (after the line is written)."""
+        record = answer.record
         self.output.append(record)
+        if "error" not in record:
+            self.summary.done += 1
+            self.failures_in_a_row = 0
+            if self.bar is not None:
+                self.bar.answered(answer.seconds)
+            return
         self.summary.failed += 1
-        if the_runs:
-            raise exc
-        if isinstance(exc, ImageError):
+        if self.bar is not None:
+            self.bar.failed()
+            self.bar.describe(f"captioning ({self.summary.failed} failed)")
+        if record.get("retry"):
+            raise answer.error or BackendError(
+                f"stopped: {record['error']} (on {record['path']}); the results so far are "
+                f"in {self.output.path}"
+            )
+        if record.get("error_type") == ImageError.__name__:
             return
         self.failures_in_a_row += 1
         if self.failures_in_a_row >= self.max_failures_in_a_row:
             raise BackendError(
                 f"stopped: the last {self.failures_in_a_row} pictures all failed in the engine "
-                f"(the last with {message}); the results so far are in {self.output.path}"
-            ) from exc
+                f"(the last with {record['error']}); the results so far are in "
+                f"{self.output.path}"
+            ) from answer.error
+
+
+class _Run:
+    """The loop over the pictures of one machine: each picture's prompts asked in turn."""
+
+    def __init__(self, asker: _Asker, ledger: _Ledger, prompts: Sequence[str]) -> None:
+        self.asker = asker
+        self.ledger = ledger
+        self.prompts = prompts
+        self.pictures = 0  # asked about in this run, for the limit
+
+    def process(self, items: Iterator[_Item], limit: int | None) -> None:
+        ledger = self.ledger
+        for item in items:
+            wanted = [p for p in self.prompts if not ledger.leaves(item.identity, p)]
+            if wanted and limit is not None and self.pictures >= limit:
+                return
+            self.pictures += bool(wanted)
+            for prompt in self.prompts:
+                if ledger.claim(item.identity, prompt):  # counts the skipped ones
+                    ledger.write(self.asker.answer(item, prompt))

@@ -1,4 +1,5 @@
-"""``llava-local caption DIR|GLOB... --prompt TEXT --out results.jsonl``: a folder, captioned.
+"""``llava-local caption DIR|GLOB... -p TEXT [-p TEXT...] --out results.jsonl``: a folder,
+captioned (several prompts: each picture is read once and asked each).
 
 A thin layer over :func:`llava_local.apps.caption.caption`, which documents the line format
 and how a run resumes. Run the same command again after a crash, Ctrl-C or a stop: the
@@ -14,6 +15,7 @@ from typing import Any
 import click
 
 from ..apps.caption import caption as caption_pictures
+from ..apps.caption import read_prompts
 from ..errors import InvalidRequestError, LlavaLocalError
 from ._common import engine_options, err_console, open_chat, run_safely
 
@@ -35,7 +37,19 @@ def _load_schema(
 
 @click.command()
 @click.argument("inputs", nargs=-1, required=True, metavar="DIR|GLOB|IMAGE...")
-@click.option("--prompt", "-p", required=True, help="What to ask about each picture.")
+@click.option(
+    "--prompt",
+    "-p",
+    "prompt",
+    multiple=True,
+    help="What to ask about each picture; give it several times to ask several things.",
+)
+@click.option(
+    "--prompts",
+    "prompts_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A text file of prompts, one a line, asked after any -p.",
+)
 @click.option(
     "--out",
     "-o",
@@ -66,7 +80,8 @@ def _load_schema(
 def caption(
     *,
     inputs: tuple[str, ...],
-    prompt: str,
+    prompt: tuple[str, ...],
+    prompts_file: Path | None,
     out: Path,
     schema: dict[str, Any] | None,
     limit: int | None,
@@ -82,21 +97,25 @@ def caption(
 ) -> None:
     """Ask PROMPT about every picture of DIR, GLOB or IMAGE, one JSON line each in --out.
 
-    Pictures already recorded in --out for this prompt (same content, any name) are
-    skipped, failed ones too unless --retry-errors, so the same command continues an
-    interrupted run.
+    With several prompts (-p A -p B, or --prompts FILE) each picture is read once and
+    asked each, one line per picture and prompt. Pictures already recorded in --out for
+    a prompt (same content, any name) are not asked it again, failed ones too unless
+    --retry-errors, so the same command continues an interrupted run.
     """
     given = {"temperature": temperature, "max_tokens": max_tokens, "seed": seed}
     options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    if not prompt and prompts_file is None:
+        raise click.UsageError("give what to ask: --prompt/-p TEXT, or --prompts FILE")
 
     def body() -> None:
+        prompts = [*prompt, *(read_prompts(prompts_file) if prompts_file else [])]
         with open_chat(**engine, system=system) as chat:
             try:
                 summary = caption_pictures(
                     chat,
                     list(inputs),
                     out,
-                    prompt=prompt,
+                    prompt=prompts,
                     schema=schema,
                     limit=limit,
                     recursive=recursive,
