@@ -7,6 +7,7 @@ scripted server (tests/openai_server.py).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import threading
@@ -17,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 from pydantic import BaseModel
 
-from llava_local import VisionChat
+from llava_local import AsyncVisionChat, VisionChat
 from llava_local.apps.datasets import load_set
 from llava_local.backends.openai import resolve_base_url
 from llava_local.cli import main
@@ -201,6 +202,17 @@ def test_options_and_schema_are_sent_in_the_protocols_names(
     assert body["stream"] is True
     assert body["response_format"]["type"] == "json_schema"
     assert body["response_format"]["json_schema"]["schema"]["required"] == ["digit"]
+
+
+def test_the_async_chat_has_the_same_factory(scripted_openai: ScriptedServer) -> None:
+    """AsyncVisionChat.openai opens the same engine and answers with await."""
+
+    async def main() -> str:
+        async with AsyncVisionChat.openai(scripted_openai.url, max_retries=0) as chat:
+            reply = await chat.ask(QUESTION, image=DIGIT)
+            return f"{reply.backend}: {reply.text}"
+
+    assert asyncio.run(main()) == "openai: This digit is 7."
 
 
 def test_the_key_is_sent_as_a_bearer_token(

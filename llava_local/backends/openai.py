@@ -139,7 +139,7 @@ class OpenAIConfig(EngineConfig):
     base_url: str | None = None
     timeout: float | None = pydantic.Field(default=None, gt=0)
     connect_timeout: float = pydantic.Field(default=3.0, gt=0)
-    #: The client's retries of refused connections, 429 and 5xx answers, before any piece.
+    #: The client's retries of refused connections, timeouts, 429 and 5xx, before any piece.
     max_retries: int = pydantic.Field(default=2, ge=0)
     #: Fields added to every request body, for a server's own settings.
     extra_body: dict[str, Any] = pydantic.Field(default_factory=dict)
@@ -419,7 +419,7 @@ def _translate(
     if isinstance(exc, openai.APIError):  # a status, or an error event in the stream
         status: int | None = getattr(exc, "status_code", None)
         text = _error_text(exc)
-        overflow = _overflow(text)
+        overflow = _overflow(text, getattr(exc, "body", None))
         if overflow is not None:
             needed, available = overflow
             sizes = f" ({needed} tokens needed, {available} in the context)" if needed else ""
@@ -487,14 +487,18 @@ def _error_text(exc: BaseException) -> str:
     return str(getattr(exc, "message", exc))
 
 
-def _overflow(text: str) -> tuple[int, int] | None:
+def _overflow(text: str, body: Any) -> tuple[int, int] | None:
     """``(tokens needed, tokens available)`` if ``text`` is a context-length rejection
     (0, 0 where the server gives no numbers); None otherwise."""
     for pattern, needed, available in _OVERFLOW_PATTERNS:
         found = pattern.search(text)
         if found:
             return int(found.group(needed)), int(found.group(available))
-    return (0, 0) if _OVERFLOW_WORDS.search(text) else None
+    if not _OVERFLOW_WORDS.search(text):
+        return None
+    # llama-server puts the numbers beside its message
+    error = _mapping(body.get("error", body)) if isinstance(body, Mapping) else None
+    return _count(error, "n_prompt_tokens") or 0, _count(error, "n_ctx") or 0
 
 
 def _same(name: str, other: str) -> bool:
