@@ -360,3 +360,17 @@ def test_base_url_forms() -> None:
     assert resolve_base_url("https://example.org/api/v1/") == "https://example.org/api/v1"
     with pytest.raises(InvalidRequestError, match="http"):
         resolve_base_url("ftp://example.org")
+
+
+def test_auto_still_falls_back_with_a_timeout(
+    closed_port: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """timeout= (which the openai engine shares with Ollama) is dropped, not refused, when
+    auto finds no daemon and opens the demo."""
+    monkeypatch.delenv("OLLAMA_HOST", raising=False)
+    monkeypatch.setattr(
+        "llava_local.backends.ollama.DEFAULT_HOST", f"http://127.0.0.1:{closed_port}"
+    )
+    with VisionChat("auto", timeout=5, connect_timeout=1) as chat:
+        assert chat.backend == "llama_cpp"
+    assert "using the bundled demo model" in capsys.readouterr().err
