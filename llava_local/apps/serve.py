@@ -46,7 +46,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from types import ModuleType
+from types import FrameType, ModuleType
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -198,12 +198,14 @@ class _Engine:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     admitted: int = 0  # requests running or waiting for the model
     busy: bool = False
+    stopping: bool = False  # the server is shutting down: no new turns
     served: int = 0
     cancelled: int = 0
     started: float = field(default_factory=time.time)
     streams: set[AsyncReplyStream] = field(default_factory=set)
 
     def admit(self) -> None:
+        self.refuse_if_stopping()
         if self.admitted >= 1 + self.limits.queue:
             raise ApiError(
                 503,
@@ -214,6 +216,18 @@ class _Engine:
                 headers={"Retry-After": str(self.limits.retry_after_s)},
             )
         self.admitted += 1
+
+    def refuse_if_stopping(self) -> None:
+        if self.stopping:
+            raise ApiError(
+                503, "the server is shutting down", kind="server_error", code="shutting_down"
+            )
+
+    def stop(self) -> None:
+        """No new turns, and the running ones stop now (safe from a signal handler)."""
+        self.stopping = True
+        for stream in list(self.streams):
+            stream.cancel()
 
     def names(self) -> set[str]:
         return {self.name, f"{self.name}:latest"}
@@ -260,6 +274,7 @@ class _Turn:
             await self._watched(acquiring)
         finally:
             self._locked = acquiring.done() and not acquiring.cancelled()
+        engine.refuse_if_stopping()
         engine.busy = True
         try:
             stream = engine.chat.answer(messages, schema=schema, **options)
@@ -774,9 +789,9 @@ class _Api:
             self._engine = _Engine(self.chat, self.name, self.limits)
         return self._engine
 
-    def cancel_all(self) -> None:
-        for stream in list(self.engine.streams):
-            stream.cancel()
+    def stop(self) -> None:
+        """Refuse new turns and stop the running ones (the server is shutting down)."""
+        self.engine.stop()
 
     # -- errors ------------------------------------------------------------------------
 
@@ -1083,7 +1098,7 @@ def create_app(
     async def lifespan(app: Any) -> AsyncIterator[None]:
         api.engine  # noqa: B018 - made here, in the server's event loop
         yield
-        api.cancel_all()
+        api.stop()
         if close_chat:
             await asyncio.to_thread(chat.close)
 
@@ -1095,6 +1110,7 @@ def create_app(
         redoc_url=None,
         openapi_url=None,
     )
+    app.state.api = api
     app.add_exception_handler(ApiError, api.on_api_error)
     app.add_exception_handler(HTTPException, api.on_http_error)
     app.add_exception_handler(Exception, api.on_bug)
@@ -1137,7 +1153,8 @@ async def _streaming(turn: _Turn) -> AsyncIterator[None]:
         turn.error = exc
         turn.request.state.note = f"error mid-stream: {exc.message[:120]}"
     except _ClientGone:
-        turn.request.state.note = "client gone mid-stream"
+        stopping = turn.engine.stopping
+        turn.request.state.note = "stopped: shutting down" if stopping else "client gone mid-stream"
     except BaseException:  # the connection closed under us (Starlette cancels the body)
         turn.request.state.note = "client gone mid-stream"
         raise
@@ -1282,7 +1299,14 @@ def serve(
         access_log=False,
         timeout_graceful_shutdown=3,
     )
-    server = uvicorn.Server(config)
+    api: _Api = app.state.api
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            api.stop()  # answers being written end now, so the shutdown need not wait
+            super().handle_exit(sig, frame)
+
+    server = Server(config)
     if on_ready is not None:
         startup = server.startup
 
