@@ -100,6 +100,24 @@ def test_an_outside_engine_is_usable_by_name_everywhere() -> None:
     assert result.output.strip() == "Say it"
 
 
+def test_the_address_field_fills_each_engines_own_setting() -> None:
+    """The page's address field (and --host) becomes the chosen engine's address setting:
+    base_url for openai, host for Ollama; llama.cpp, which has none, gets neither."""
+    page = {"backend": "auto", "model": None, "n_ctx": 512}
+    url = "http://127.0.0.1:9/v1"
+    assert _engine_choice(page, "openai", "m", "x.gguf", url) == {
+        "backend": "openai",
+        "model": "m",
+        "base_url": url,
+    }
+    ollama = _engine_choice(page, "ollama", "llava", "", "box:11434")
+    assert ollama == {"backend": "ollama", "model": "llava", "host": "box:11434"}
+    local = _engine_choice(page, "llama_cpp", "", "p.gguf", "box:11434")
+    assert local == {"backend": "llama_cpp", "model": None, "n_ctx": 512, "mmproj": "p.gguf"}
+    assert registry.address_settings("openai", {"host": url}) == {"base_url": url}
+    assert registry.address_settings("auto", {"host": url}) == {"host": url}
+
+
 @pytest.mark.usefixtures("echo")
 def test_pull_offers_only_the_engines_that_pull_models() -> None:
     """`pull --backend` and models.pull take the registry's pulling engines: a registered

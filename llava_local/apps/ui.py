@@ -34,7 +34,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ..backends import engine_names, settings_only_for
+from ..backends import engine_names, registry
 from ..chat import ReplyStream, VisionChat
 from ..errors import (
     BackendError,
@@ -553,16 +553,22 @@ def _engine_choice(
         "host": host.strip() or None,
     }
     chosen = str(fields["backend"])
-    refused: set[str] = set()
-    if chosen != "auto":  # what only other engines take
-        for other in engine_names()[1:]:
-            if other != chosen:
-                refused |= settings_only_for(other)
-    return {
+    given = {
         key: value
         for key, value in {**start, **fields}.items()
-        if key in ("backend", "model") or (value is not None and key not in refused)
+        if key in ("backend", "model") or value is not None
     }
+    if chosen == "auto":
+        return given
+    given = registry.address_settings(chosen, given)
+    takes = _settings_of(chosen)
+    others = {s for other in registry.names() if other != chosen for s in _settings_of(other)}
+    return {key: value for key, value in given.items() if key in takes or key not in others}
+
+
+def _settings_of(engine: str) -> set[str]:
+    config = registry.get(engine).config
+    return {*config.setting_names(), *config.runtime_names()}
 
 
 def _describe(engine: dict[str, Any]) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from ..demo import DEMO_NAME
 from ..errors import BackendUnavailableError, ModelNotFoundError
@@ -25,15 +25,12 @@ from .base import Backend, Finish, Turn
 
 __all__ = [
     "Backend",
-    "BackendName",
     "Finish",
     "Turn",
     "create",
     "engine_names",
     "settings_only_for",
 ]
-
-BackendName = Literal["auto", "ollama", "llama_cpp"]
 
 
 def engine_names() -> list[str]:

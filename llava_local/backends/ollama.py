@@ -634,5 +634,6 @@ register(
         open=open_engine,
         capabilities=Capabilities(pulls_models=True),
         description="the Ollama daemon (ollama serve)",
+        address="host",
     )
 )

@@ -601,6 +601,7 @@ register(
         # does, llama-cpp-python's LLaVA handler does not): not promised here.
         capabilities=Capabilities(reuses_turns=False, pulls_models=False),
         aliases=("openai_compatible",),
+        address="base_url",
         description="an OpenAI-compatible server (llamafile, llama-server, LM Studio, vLLM)",
     )
 )

@@ -79,6 +79,9 @@ class EngineSpec:
     aliases: tuple[str, ...] = ()
     #: One line for lists (``--help``, the web page).
     description: str = ""
+    #: The setting that holds a server's address, which the command line's ``--host``
+    #: and the web page's address field fill (None: the engine runs in this process).
+    address: str | None = None
 
 
 _ENGINES: dict[str, EngineSpec] = {}
@@ -144,6 +147,20 @@ def engine_of(config: EngineConfig) -> EngineSpec:
         if type(config) is spec.config:
             return spec
     raise InvalidRequestError(f"no registered engine takes a {type(config).__name__}")
+
+
+def address_settings(backend: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` with a server address given as ``host`` (the command line's
+    ``--host``, the web page's field) under the name engine ``backend`` gives it;
+    for ``auto``, and an engine that takes no address, they are returned as given."""
+    if _key(backend) == "auto" or "host" not in settings:
+        return dict(settings)
+    address = get(backend).address
+    if address is None or address == "host":
+        return dict(settings)
+    moved = {key: value for key, value in settings.items() if key != "host"}
+    moved.setdefault(address, settings["host"])
+    return moved
 
 
 def _key(name: str) -> str:

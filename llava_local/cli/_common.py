@@ -151,9 +151,8 @@ def open_chat(
         "n_threads": threads,
         "chat_format": chat_format,
     }
-    if backend != "auto" and registry.get(backend).name == "openai":
-        engine["base_url"] = engine.pop("host")  # the server's address, as for Ollama
-    kwargs = {k: v for k, v in {**engine, **options}.items() if v is not None}
+    given = {k: v for k, v in {**engine, **options}.items() if v is not None}
+    kwargs = registry.address_settings(backend, given)
     return VisionChat(backend, model, **kwargs)
 
 
