@@ -2,8 +2,8 @@
 
 Run from the repository root (needs llama-cpp-python and scikit-learn; not torch)::
 
-    python training/evaluate_demo.py            # print the table
-    python training/evaluate_demo.py --write    # also record it in demo.json
+    python -m training.evaluate_demo            # print the table
+    python -m training.evaluate_demo --write    # also record it in demo.json
 
 Pictures go the way the library sends them: ``llava_local.images.prepare`` (RGB, at most
 1344 px, PNG or JPEG), then libmtmd decodes and preprocesses them itself. Prompts are the
@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import data  # training/data.py: the script's directory is first on sys.path
 import numpy as np
 from llava_local_dev.mtmd import MtmdRunner
 from PIL import Image
 
 from llava_local.images import prepare
+from training import data
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DIR = REPO / "llava_local" / "data" / "demo"

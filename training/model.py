@@ -88,7 +88,8 @@ class VisionBlock(nn.Module):
         x = x + self.attn_out(att.transpose(1, 2).reshape(b, n, e))
         h = self.ffn_up(self.ln2(x))
         h = h * torch.sigmoid(1.702 * h)  # quick GELU (clip.use_gelu = false)
-        return x + self.ffn_down(h)
+        down: torch.Tensor = self.ffn_down(h)
+        return x + down
 
 
 class VisionTower(nn.Module):
@@ -107,7 +108,8 @@ class VisionTower(nn.Module):
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) normalised pixels to the (B, N, E) rows the projector receives."""
-        x = self.patch_embd(pixels).flatten(2).transpose(1, 2)  # (B, N, E), raster order
+        x: torch.Tensor = self.patch_embd(pixels)
+        x = x.flatten(2).transpose(1, 2)  # (B, N, E), raster order
         cls = self.class_embd.expand(x.shape[0], 1, -1)
         x = torch.cat([x, cls], dim=1) + self.position_embd  # class token LAST
         x = self.pre_ln(x)
@@ -117,7 +119,8 @@ class VisionTower(nn.Module):
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """The LLaVA-1.5 MLP projector: linear, tanh-GELU, linear."""
-        return self.mm2(F.gelu(self.mm0(features), approximate="tanh"))
+        projected: torch.Tensor = self.mm2(F.gelu(self.mm0(features), approximate="tanh"))
+        return projected
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.project(self.features(pixels))
@@ -187,7 +190,8 @@ class LlamaBlock(nn.Module):
         b, _, t, _ = att.shape
         x = x + self.attn_output(att.transpose(1, 2).reshape(b, t, self.s.n_embd))
         h = self.ffn_norm(x)
-        return x + self.ffn_down(F.silu(self.ffn_gate(h)) * self.ffn_up(h))
+        down: torch.Tensor = self.ffn_down(F.silu(self.ffn_gate(h)) * self.ffn_up(h))
+        return x + down
 
 
 class LlamaLM(nn.Module):
@@ -216,6 +220,7 @@ class LlamaLM(nn.Module):
         causal = torch.ones(s_len, s_len, dtype=torch.bool).tril()
         mask = torch.cat([torch.ones(s_len, p_len, dtype=torch.bool), causal], dim=1)
         for block in self.blocks:
+            assert isinstance(block, LlamaBlock)
             qs, ks, vs = block.qkv(xs, pos_s)
             if xp is not None:
                 qp, kp, vp = block.qkv(xp, pos_p)
@@ -225,7 +230,8 @@ class LlamaLM(nn.Module):
                 xp = block.finish(xp, att_p)
             att_s = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
             xs = block.finish(xs, att_s)
-        return self.output(self.output_norm(xs))
+        logits: torch.Tensor = self.output(self.output_norm(xs))
+        return logits
 
 
 class TinyLlava(nn.Module):
@@ -241,7 +247,8 @@ class TinyLlava(nn.Module):
 
     def aux_logits(self, features: torch.Tensor) -> torch.Tensor:
         """Auxiliary class logits from the class token's row (the last image token)."""
-        return self.aux_head(features[:, -1])
+        logits: torch.Tensor = self.aux_head(features[:, -1])
+        return logits
 
 
 def _init(module: nn.Module) -> None:

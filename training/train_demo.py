@@ -2,14 +2,14 @@
 
 Run from the repository root (needs torch and scikit-learn, see training/README.md)::
 
-    python training/train_demo.py
+    python -m training.train_demo
 
 It renders its own data (sklearn digits 0-1399 and Pillow shapes), trains a LLaVA-1.5
 architecture model from scratch on the CPU, checks the PyTorch graph against the numpy
 reference (``llava_local_dev.reference``, which tests/test_demo_parity.py checks against
 llama.cpp) on the exported files, and writes ``demo-lm.gguf``, ``demo-mmproj.gguf`` and
 ``demo.json``. Then run
-``python training/evaluate_demo.py --write`` to measure it through llama.cpp.
+``python -m training.evaluate_demo --write`` to measure it through llama.cpp.
 """
 
 from __future__ import annotations
@@ -27,13 +27,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import data  # training/data.py: the script's directory is first on sys.path
 import numpy as np
 import torch
 import torch.nn.functional as F
 from llava_local_dev import gguf_writer as gw
 from llava_local_dev import reference
-from model import TextShape, TinyLlava, VisionShape, scale_residual_outputs
+
+from training import data
+from training.model import LlamaBlock, TextShape, TinyLlava, VisionShape, scale_residual_outputs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -446,7 +447,6 @@ def _log(step: int, running: dict[str, float], stats: dict[str, float], start: f
 EMA_START = 200  # stage-1 steps before the average starts (until then it copies)
 
 
-@torch.no_grad()
 def _update_average(
     average: Sequence[torch.Tensor], params: Sequence[torch.Tensor], decay: float
 ) -> None:
@@ -455,8 +455,9 @@ def _update_average(
     The average of the last few hundred stage-1 steps gives held-out digits a lower loss
     than the last step's weights (fold 0-199, every rendering, four runs; the accuracy
     moved within noise, training/README.md)."""
-    for a, p in zip(average, params, strict=True):
-        a.mul_(decay).add_(p, alpha=1.0 - decay)
+    with torch.no_grad():
+        for a, p in zip(average, params, strict=True):
+            a.mul_(decay).add_(p, alpha=1.0 - decay)
 
 
 def train(recipe: Recipe, pools: Pools, rng: np.random.Generator, log_every: int = 50) -> TinyLlava:
@@ -534,7 +535,6 @@ def train(recipe: Recipe, pools: Pools, rng: np.random.Generator, log_every: int
 # ------------------------------------------------------------------------ validation
 
 
-@torch.no_grad()
 def greedy_answers(
     model: TinyLlava,
     pixels: np.ndarray,
@@ -545,27 +545,28 @@ def greedy_answers(
     batch: int = 128,
 ) -> list[str]:
     """Greedy first-turn answers in PyTorch (no KV cache; fine for short answers)."""
-    answers: list[str] = []
-    prefix = torch.tensor(prefix_ids(system))
-    for start in range(0, len(pixels), batch):
-        x = torch.from_numpy(data.normalize(pixels[start : start + batch]))
-        image = model.vision(x)
-        ids = torch.tensor([list(data.first_turn_after_image(question).encode())] * len(x))
-        done = torch.zeros(len(x), dtype=torch.bool)
-        out: list[list[int]] = [[] for _ in range(len(x))]
-        for _ in range(max_tokens):
-            suffix = torch.cat([image, model.lm.token_embd(ids)], dim=1)
-            nxt = model.lm.forward_shared_prefix(prefix, suffix)[:, -1].argmax(-1)
-            for row in range(len(x)):
-                if not done[row]:
-                    if int(nxt[row]) == gw.EOS_ID:
-                        done[row] = True
-                    else:
-                        out[row].append(int(nxt[row]))
-            if bool(done.all()):
-                break
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-        answers += [bytes(b for b in o if b < 256).decode(errors="replace") for o in out]
+    with torch.no_grad():
+        answers: list[str] = []
+        prefix = torch.tensor(prefix_ids(system))
+        for start in range(0, len(pixels), batch):
+            x = torch.from_numpy(data.normalize(pixels[start : start + batch]))
+            image = model.vision(x)
+            ids = torch.tensor([list(data.first_turn_after_image(question).encode())] * len(x))
+            done = torch.zeros(len(x), dtype=torch.bool)
+            out: list[list[int]] = [[] for _ in range(len(x))]
+            for _ in range(max_tokens):
+                suffix = torch.cat([image, model.lm.token_embd(ids)], dim=1)
+                nxt = model.lm.forward_shared_prefix(prefix, suffix)[:, -1].argmax(-1)
+                for row in range(len(x)):
+                    if not done[row]:
+                        if int(nxt[row]) == gw.EOS_ID:
+                            done[row] = True
+                        else:
+                            out[row].append(int(nxt[row]))
+                if bool(done.all()):
+                    break
+                ids = torch.cat([ids, nxt[:, None]], dim=1)
+            answers += [bytes(b for b in o if b < 256).decode(errors="replace") for o in out]
     return answers
 
 
@@ -653,7 +654,7 @@ def export_weights(model: TinyLlava) -> tuple[dict[str, np.ndarray], dict[str, n
     """GGUF tensor names to float32 arrays in PyTorch layout: (LM, projector)."""
 
     def arr(t: torch.Tensor) -> np.ndarray:
-        return t.detach().to(torch.float32).numpy().copy()
+        return np.array(t.detach().to(torch.float32).numpy(), dtype=np.float32)
 
     lm = model.lm
     text = {
@@ -662,6 +663,7 @@ def export_weights(model: TinyLlava) -> tuple[dict[str, np.ndarray], dict[str, n
         "output.weight": arr(lm.output.weight),
     }
     for i, block in enumerate(lm.blocks):
+        assert isinstance(block, LlamaBlock)
         for name in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up"):
             text[f"blk.{i}.{name}.weight"] = arr(getattr(block, name).weight)
         text[f"blk.{i}.ffn_down.weight"] = arr(block.ffn_down.weight)
