@@ -128,7 +128,9 @@ def ollama_client(server: Server) -> Iterator[ollama.Client]:
     opened.close()  # type: ignore[no-untyped-call]
 
 
-def _ask(path: Path = DIGIT, question: str = QUESTION) -> list[dict[str, Any]]:
+def _ask(path: Path = DIGIT, question: str = QUESTION) -> Any:
+    """A user message with a picture, in OpenAI's shape (Any: the client's types are
+    TypedDicts that a plain dict does not match)."""
     return [
         {
             "role": "user",
@@ -144,7 +146,7 @@ def _healthy(server: Server, client: openai.OpenAI) -> None:
     """The server is up, idle, and still reads the digit."""
     health = httpx.get(f"{server.url}/health", timeout=10).json()
     assert health["status"] == "ok"
-    answer = client.chat.completions.create(model="demo", messages=_ask(), temperature=0)  # type: ignore[arg-type]
+    answer = client.chat.completions.create(model="demo", messages=_ask(), temperature=0)
     assert answer.choices[0].message.content == ANSWER
 
 
@@ -169,7 +171,7 @@ def _post(server: Server, path: str, body: bytes | dict[str, Any]) -> httpx.Resp
 
 def test_openai_client_reads_the_digit(client: openai.OpenAI) -> None:
     """The official openai client gets the demo's answer about the example digit."""
-    answer = client.chat.completions.create(model="demo", messages=_ask(), temperature=0)  # type: ignore[arg-type]
+    answer = client.chat.completions.create(model="demo", messages=_ask(), temperature=0)
     assert answer.choices[0].message.content == ANSWER
     assert answer.choices[0].finish_reason == "stop"
     assert answer.usage is not None
@@ -181,7 +183,7 @@ def test_openai_streams_the_answer(client: openai.OpenAI) -> None:
     """stream=True answers as server-sent events, piece by piece, ending with usage."""
     stream = client.chat.completions.create(
         model="demo",
-        messages=_ask(),  # type: ignore[arg-type]
+        messages=_ask(),
         temperature=0,
         stream=True,
         stream_options={"include_usage": True},
@@ -199,14 +201,14 @@ def test_stateless_followup_reuses_the_prefix(client: openai.OpenAI) -> None:
     """A follow-up that resends the conversation reads only its new tokens: the
     reported cached tokens cover the whole earlier conversation, picture included."""
     messages = _ask(SHAPE, "What shape is this?")
-    first = client.chat.completions.create(model="demo", messages=messages, temperature=0)  # type: ignore[arg-type]
+    first = client.chat.completions.create(model="demo", messages=messages, temperature=0)
     assert first.usage is not None
     before = first.usage.prompt_tokens + first.usage.completion_tokens
     messages += [
         {"role": "assistant", "content": first.choices[0].message.content},
         {"role": "user", "content": "What colour is it?"},
     ]
-    second = client.chat.completions.create(model="demo", messages=messages, temperature=0)  # type: ignore[arg-type]
+    second = client.chat.completions.create(model="demo", messages=messages, temperature=0)
     usage = second.usage
     assert usage is not None
     assert usage.prompt_tokens_details is not None
@@ -220,7 +222,7 @@ def test_openai_options_are_applied(client: openai.OpenAI) -> None:
     """max_tokens, stop and seed reach the engine; a JSON schema shapes the answer."""
     capped = client.chat.completions.create(
         model="demo",
-        messages=_ask(),  # type: ignore[arg-type]
+        messages=_ask(),
         temperature=0,
         max_tokens=3,
     )
@@ -229,7 +231,7 @@ def test_openai_options_are_applied(client: openai.OpenAI) -> None:
     assert capped.usage.completion_tokens == 3
     stopped = client.chat.completions.create(
         model="demo",
-        messages=_ask(),  # type: ignore[arg-type]
+        messages=_ask(),
         temperature=0,
         stop=["digit"],
     )
@@ -237,7 +239,7 @@ def test_openai_options_are_applied(client: openai.OpenAI) -> None:
     seeded = [
         client.chat.completions.create(
             model="demo",
-            messages=_ask(),  # type: ignore[arg-type]
+            messages=_ask(),
             temperature=1.5,
             top_p=1.0,
             seed=42,
@@ -248,14 +250,14 @@ def test_openai_options_are_applied(client: openai.OpenAI) -> None:
         for _ in range(2)
     ]
     assert seeded[0] == seeded[1]
-    schema = {
+    schema: Any = {
         "type": "object",
         "properties": {"digit": {"type": "integer", "minimum": 0, "maximum": 9}},
         "required": ["digit"],
     }
     structured = client.chat.completions.create(
         model="demo",
-        messages=_ask(),  # type: ignore[arg-type]
+        messages=_ask(),
         temperature=0,
         response_format={
             "type": "json_schema",
@@ -283,7 +285,7 @@ def test_picture_from_an_http_url(client: openai.OpenAI, tmp_path: Path) -> None
     thread.start()
     try:
         url = f"http://127.0.0.1:{pictures.server_address[1]}/digit.png"
-        messages = [
+        messages: Any = [
             {
                 "role": "user",
                 "content": [
@@ -292,7 +294,7 @@ def test_picture_from_an_http_url(client: openai.OpenAI, tmp_path: Path) -> None
                 ],
             }
         ]
-        answer = client.chat.completions.create(model="demo", messages=messages, temperature=0)  # type: ignore[arg-type]
+        answer = client.chat.completions.create(model="demo", messages=messages, temperature=0)
     finally:
         pictures.shutdown()
         pictures.server_close()
@@ -306,14 +308,14 @@ def test_ollama_client_chats_and_streams(ollama_client: ollama.Client) -> None:
     """The official ollama client gets the answer, whole and streamed, with honest counts:
     a follow-up evaluates only its new tokens."""
     picture = base64.b64encode(SHAPE.read_bytes()).decode()
-    first_message = {"role": "user", "content": "What shape is this?", "images": [picture]}
+    first_message: Any = {"role": "user", "content": "What shape is this?", "images": [picture]}
     whole = ollama_client.chat(
         model="demo", messages=[first_message], options={"temperature": 0}, stream=False
     )
     assert whole.done
     assert whole.done_reason == "stop"
-    assert whole.message.content.startswith("It is")
-    followup = [
+    assert (whole.message.content or "").startswith("It is")
+    followup: Any = [
         first_message,
         {"role": "assistant", "content": whole.message.content},
         {"role": "user", "content": "What colour is it?"},
@@ -323,7 +325,7 @@ def test_ollama_client_chats_and_streams(ollama_client: ollama.Client) -> None:
     )
     assert chunks[-1].done
     assert len(chunks) > 2
-    assert "".join(c.message.content for c in chunks).startswith("It is")
+    assert "".join(c.message.content or "" for c in chunks).startswith("It is")
     assert 0 < (chunks[-1].prompt_eval_count or 0) < 60
     assert (chunks[-1].eval_count or 0) >= len([c for c in chunks if c.message.content])
 
@@ -356,6 +358,19 @@ def test_visionchat_ollama_engine_against_the_server(server: Server) -> None:
     assert second.stats.prompt_tokens < 60
 
 
+def test_visionchat_openai_engine_against_the_server(server: Server) -> None:
+    """VisionChat's own OpenAI engine, pointed at the server, converses and sees the
+    server's cache in its stats."""
+    with VisionChat.openai(base_url=f"{server.url}/v1", api_key=KEY, temperature=0) as chat:
+        assert chat.model == "demo"  # the only model listed
+        first = chat.ask(QUESTION, image=DIGIT)
+        second = chat.ask(QUESTION)
+    assert first.text == ANSWER
+    assert second.text == ANSWER
+    assert (second.stats.cached_tokens or 0) > 200
+    assert second.stats.prompt_tokens < 60
+
+
 # -- many clients, and clients that leave ----------------------------------------------------
 
 
@@ -369,7 +384,7 @@ def test_concurrent_clients_are_all_answered(server: Server) -> None:
             for _turn in range(2):
                 reply = client.chat.completions.create(
                     model="demo",
-                    messages=messages,  # type: ignore[arg-type]
+                    messages=messages,
                     temperature=0,
                 )
                 text = reply.choices[0].message.content or ""
@@ -431,7 +446,7 @@ def test_full_queue_answers_503(server: Server, client: openai.OpenAI) -> None:
                 pool.submit(
                     client.chat.completions.create,
                     model="demo",
-                    messages=_ask(),  # type: ignore[arg-type]
+                    messages=_ask(),
                     temperature=0,
                 )
                 for _ in range(3)
@@ -481,7 +496,7 @@ def test_unknown_model_is_404(
 ) -> None:
     """A model the server does not serve is 404 for both clients."""
     with pytest.raises(openai.NotFoundError) as caught:
-        client.chat.completions.create(model="llava", messages=_ask())  # type: ignore[arg-type]
+        client.chat.completions.create(model="llava", messages=_ask())
     assert caught.value.code == "model_not_found"
     with pytest.raises(ollama.ResponseError) as refused:
         ollama_client.chat(model="llava", messages=[{"role": "user", "content": "hi"}])
@@ -500,7 +515,7 @@ def test_a_picture_that_is_not_a_picture_is_400(
         "data:image/png;base64," + base64.b64encode(b"hello, not a picture").decode(),
         str(DIGIT),  # never read from the server's own disk
     ):
-        messages = [
+        messages: Any = [
             {
                 "role": "user",
                 "content": [
@@ -510,7 +525,7 @@ def test_a_picture_that_is_not_a_picture_is_400(
             }
         ]
         with pytest.raises(openai.BadRequestError) as caught:
-            client.chat.completions.create(model="demo", messages=messages)  # type: ignore[arg-type]
+            client.chat.completions.create(model="demo", messages=messages)
         assert caught.value.code == "invalid_image"
         assert caught.value.param == "messages[0].content[1].image_url"
     with pytest.raises(ollama.ResponseError) as refused:
@@ -528,7 +543,7 @@ def test_oversized_body_and_picture_are_413(server: Server, client: openai.OpenA
     assert big.status_code == 413
     assert big.json()["error"]["code"] == "request_too_large"
     picture = "data:image/png;base64," + base64.b64encode(b"\x89PNG" + bytes(600_000)).decode()
-    messages = [
+    messages: Any = [
         {
             "role": "user",
             "content": [
@@ -538,7 +553,7 @@ def test_oversized_body_and_picture_are_413(server: Server, client: openai.OpenA
         }
     ]
     with pytest.raises(openai.APIStatusError) as caught:
-        client.chat.completions.create(model="demo", messages=messages)  # type: ignore[arg-type]
+        client.chat.completions.create(model="demo", messages=messages)
     assert caught.value.status_code == 413
     _healthy(server, client)
 
@@ -551,7 +566,7 @@ def test_prompt_longer_than_the_context_is_400(
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(
             model="demo",
-            messages=_ask(question=long_question),  # type: ignore[arg-type]
+            messages=_ask(question=long_question),
             stream=True,
         )
     assert caught.value.code == "context_length_exceeded"
@@ -579,7 +594,7 @@ def test_api_key_is_required_but_not_for_health(server: Server) -> None:
 
 def test_one_log_line_per_request(server: Server, client: openai.OpenAI) -> None:
     """Each answer is logged with its method, route, status, tokens and seconds."""
-    client.chat.completions.create(model="demo", messages=_ask(), temperature=0)  # type: ignore[arg-type]
+    client.chat.completions.create(model="demo", messages=_ask(), temperature=0)
     lines = [line for line in server.log_text().splitlines() if "POST /v1/chat/completions" in line]
     assert lines
     last = lines[-1].split()
