@@ -474,6 +474,13 @@ class VisionChat:
             settings = self._backend.config  # the demo or a pulled pair by name, not paths
             model = getattr(settings, "model", None)
             mmproj = getattr(settings, "mmproj", None)
+            engine = (
+                {}
+                if settings is None
+                else settings.model_dump(
+                    mode="json", exclude_defaults=True, exclude={"model", "mmproj"}
+                )
+            )
             history, system = list(self._history), self.system
             target = persist.save(
                 Path(path),
@@ -483,6 +490,7 @@ class VisionChat:
                 backend=self.backend,
                 model=str(model or self.model),
                 mmproj=str(mmproj) if mmproj else None,
+                engine=engine,
             )
         self._save_engine_state(target, history, system)
         return target
@@ -564,8 +572,11 @@ class VisionChat:
         saved = persist.load(Path(path))  # before any model is loaded
         options = {**saved.options.model_dump(exclude_none=True), **kwargs}
         options.setdefault("system", saved.system)
-        if saved.mmproj and model is None and (backend or saved.backend) == saved.backend:
-            options.setdefault("mmproj", saved.mmproj)
+        if (backend or saved.backend) == saved.backend:  # its settings, unless overridden
+            for key, value in saved.engine.items():
+                options.setdefault(key, value)
+            if saved.mmproj and model is None:
+                options.setdefault("mmproj", saved.mmproj)
         chat = cls(backend or saved.backend, model or saved.model, **options)
         chat._history = saved.history()
         try:

@@ -10,11 +10,11 @@ half of one. Reading checks everything before returning: a damaged, truncated,
 tampered or foreign file raises :class:`~llava_local.errors.ConversationFileError`
 and nothing is loaded, never a partial conversation.
 
-Layout (``version`` 2; version 1 had no ``mmproj``)::
+Layout (``version`` 3; version 2 had no ``engine``, version 1 no ``mmproj``)::
 
-    {"format": "llava-local.conversation", "version": 2, "saved_at": "...",
-     "backend": "llama_cpp", "model": "...", "mmproj": "...", "system": null,
-     "options": {...},
+    {"format": "llava-local.conversation", "version": 3, "saved_at": "...",
+     "backend": "llama_cpp", "model": "...", "mmproj": "...",
+     "engine": {"n_ctx": 4096}, "system": null, "options": {...},
      "messages": [{"role": "user", "content": "...", "images": ["<sha256>", ...]}, ...],
      "pictures": {"<sha256>": {"mime": "image/png", "width": 336, "height": 336,
                                "source": "cat.jpg", "changes": [...], "data": "<base64>"}}}
@@ -60,7 +60,7 @@ from .errors import ConversationFileError, InvalidRequestError, LlavaLocalError,
 from .types import Message, Options, PreparedImage, Role
 
 FORMAT: Final = "llava-local.conversation"
-VERSION: Final = 2
+VERSION: Final = 3
 
 Mime = Literal["image/png", "image/jpeg"]
 _HEX = frozenset("0123456789abcdef")
@@ -151,6 +151,9 @@ class SavedConversation(BaseModel):
     backend: str
     model: str
     mmproj: str | None = None  # the llama.cpp projector the conversation used
+    #: The engine's other settings that differ from its defaults (a server's address,
+    #: n_ctx, ...), as its config records them; never a key or a live object.
+    engine: dict[str, Any] = Field(default_factory=dict)
     system: str | None = None
     options: Options = Field(default_factory=Options)
     messages: list[SavedMessage] = Field(default_factory=list)
@@ -220,6 +223,7 @@ def to_document(
     backend: str,
     model: str,
     mmproj: str | None = None,
+    engine: dict[str, Any] | None = None,
     saved_at: datetime | None = None,
 ) -> SavedConversation:
     """The conversation as a :class:`SavedConversation`, each picture stored once."""
@@ -248,6 +252,7 @@ def to_document(
         backend=backend,
         model=model,
         mmproj=mmproj,
+        engine=engine or {},
         system=system,
         options=options,
         messages=messages,
@@ -264,6 +269,7 @@ def save(
     backend: str,
     model: str,
     mmproj: str | None = None,
+    engine: dict[str, Any] | None = None,
 ) -> Path:
     """Write the conversation to ``path`` atomically and return the path.
 
@@ -280,6 +286,7 @@ def save(
         backend=backend,
         model=model,
         mmproj=mmproj,
+        engine=engine,
     )
     data = document.model_dump(mode="json")
     try:

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 from huggingface_hub import constants as hf_constants
 
-from llava_local import ConversationFileError, ModelNotFoundError, VisionChat, catalog
+from llava_local import (
+    BackendUnavailableError,
+    ConversationFileError,
+    ModelNotFoundError,
+    VisionChat,
+    catalog,
+)
 from llava_local.demo import demo_paths
 
 from .gguf_fixtures import GgufPair, png_bytes
@@ -50,6 +56,28 @@ def test_load_finds_the_projector_it_was_saved_with(tiny_pair_q4: GgufPair, tmp_
         assert again.model == tiny_pair_q4.lm.name
         again.ask("More?", **GREEDY)
         assert len(again.history) == 4
+
+
+def test_load_uses_the_engine_settings_it_was_saved_with(
+    ollama_server: OllamaServer, tmp_path: Path
+) -> None:
+    """The engine's settings that differ from its defaults (the daemon's address, its
+    context size) are saved and used again by load, unless the call overrides them."""
+    path = tmp_path / "talk.json"
+    ollama_server.script(Script(pieces=["A", " cat."]), Script(pieces=["Grey."]))
+    with VisionChat.ollama("llava", host=ollama_server.url, num_ctx=2048) as chat:
+        chat.ask("What is it?", image=png_bytes(seed=64))
+        chat.save(path)
+    assert json.loads(path.read_text())["engine"] == {"host": ollama_server.url, "num_ctx": 2048}
+    with VisionChat.load(path) as again:  # no host given: the saved one, not 11434
+        assert again.config["engine"]["host"] == ollama_server.url
+        assert again.ask("Colour?").text == "Grey."
+    assert ollama_server.requests_to("/api/chat")[-1].json["options"]["num_ctx"] == 2048
+    with (
+        pytest.raises(BackendUnavailableError, match=r"127\.0\.0\.1:9"),
+        VisionChat.load(path, host="127.0.0.1:9") as elsewhere,
+    ):
+        elsewhere.ask("Again?")
 
 
 def test_demo_conversation_is_saved_by_name(tmp_path: Path) -> None:

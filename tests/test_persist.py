@@ -131,12 +131,13 @@ def test_file_layout_is_the_documented_one(saved: Path) -> None:
         "backend",
         "model",
         "mmproj",
+        "engine",
         "system",
         "options",
         "messages",
         "pictures",
     }
-    assert (document["format"], document["version"]) == ("llava-local.conversation", 2)
+    assert (document["format"], document["version"]) == ("llava-local.conversation", 3)
     for key, entry in document["pictures"].items():
         data = base64.b64decode(entry["data"], validate=True)
         assert hashlib.sha256(data).hexdigest() == key
@@ -320,15 +321,15 @@ def test_other_json_is_not_a_conversation(tmp_path: Path) -> None:
 
 def test_future_version_asks_for_an_upgrade(saved: Path) -> None:
     """A file from a newer format version is refused with advice to upgrade."""
-    edit(saved, lambda d: d.update(version=3, new_field="whatever"))
+    edit(saved, lambda d: d.update(version=4, new_field="whatever"))
     message = load_error(saved)
     assert "newer llava-local" in message
-    assert "version 3" in message
+    assert "version 4" in message
 
 
 def test_version_1_files_still_load(saved: Path) -> None:
     """A file from before the projector was recorded loads, with no projector."""
-    edit(saved, lambda d: (d.update(version=1), d.pop("mmproj")))
+    edit(saved, lambda d: (d.update(version=1), d.pop("mmproj"), d.pop("engine")))
     loaded = persist.load(saved)
     assert (loaded.version, loaded.mmproj) == (1, None)
     assert loaded.history() == conversation()
