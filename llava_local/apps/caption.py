@@ -394,6 +394,9 @@ class _Output:
         os.fsync(self._fd)
         self._remember(record)
 
+    def flush(self) -> None:
+        """Nothing to do: each line is durable once :meth:`append` returns."""
+
     def _lock(self) -> None:
         if fcntl is None:  # pragma: no cover - Windows
             return
@@ -564,15 +567,22 @@ class _Prefetch:
 
 
 def _load_item(
-    path: Path, settled: frozenset[_Identity], max_side: int, data: bytes | None = None
+    path: Path,
+    settled: frozenset[_Identity],
+    max_side: int,
+    *,
+    data: bytes | None = None,
+    source: Path | None = None,
 ) -> _Item:
     """Read (unless ``data`` is given), hash and prepare one picture; failures are kept
-    in the item. A picture in ``settled`` is hashed but not decoded: it will be skipped."""
+    in the item. A picture in ``settled`` is hashed but not decoded: it will be skipped.
+    ``source`` is where to read it when that is not ``path`` (the path as given, which
+    the line and any error name)."""
     if data is None:
         try:
-            data = _read(path)
+            data = _read(source or path)
         except ImageError as exc:
-            return _Item(path, None, error=exc)
+            return _Item(path, None, error=ImageError(str(path), exc.reason))
     elif not data:
         return _Item(path, None, error=ImageError(str(path), "empty file"))
     sha256 = hashlib.sha256(data).hexdigest()

@@ -16,6 +16,7 @@ import click
 
 from ..apps.caption import caption as caption_pictures
 from ..apps.caption import read_prompts
+from ..apps.caption_ray import caption_ray
 from ..errors import InvalidRequestError, LlavaLocalError
 from ._common import engine_options, err_console, open_chat, run_safely
 
@@ -70,6 +71,28 @@ def _load_schema(
     is_flag=True,
     help="Ask again about pictures whose line in --out is an error (else they are skipped).",
 )
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="local",
+    metavar="[ADDRESS]",
+    help="Run on Ray: alone, a local instance for the run; or join a cluster "
+    "(auto, HOST:PORT, ray://HOST:10001). Needs llava-local[ray].",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="Ray workers, each with its own engine (default: as many as the CPUs allow).",
+)
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["jsonl", "parquet"]),
+    default="jsonl",
+    show_default=True,
+    help="With --ray: JSON Lines, or a Parquet dataset (--out is then a folder).",
+)
 @engine_options
 @click.option("--system", help="System prompt.")
 @click.option("--temperature", type=float, help="Sampling temperature (0 = greedy).")
@@ -87,6 +110,9 @@ def caption(
     limit: int | None,
     recursive: bool,
     retry_errors: bool,
+    ray_address: str | None,
+    workers: int | None,
+    output_format: str,
     system: str | None,
     temperature: float | None,
     max_tokens: int | None,
@@ -106,23 +132,48 @@ def caption(
     options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     if not prompt and prompts_file is None:
         raise click.UsageError("give what to ask: --prompt/-p TEXT, or --prompts FILE")
+    hosts: tuple[str, ...] = engine.pop("host")
+    if ray_address is None and (len(hosts) > 1 or workers or output_format != "jsonl"):
+        raise click.UsageError("several --host, --workers and --format need --ray")
+    engine["host"] = hosts[0] if hosts else None
 
     def body() -> None:
         prompts = [*prompt, *(read_prompts(prompts_file) if prompts_file else [])]
         with open_chat(**engine, system=system) as chat:
             try:
-                summary = caption_pictures(
-                    chat,
-                    list(inputs),
-                    out,
-                    prompt=prompts,
-                    schema=schema,
-                    limit=limit,
-                    recursive=recursive,
-                    retry_errors=retry_errors,
-                    progress=not no_progress,
-                    **options,
-                )
+                if ray_address is None:
+                    summary = caption_pictures(
+                        chat,
+                        list(inputs),
+                        out,
+                        prompt=prompts,
+                        schema=schema,
+                        limit=limit,
+                        recursive=recursive,
+                        retry_errors=retry_errors,
+                        progress=not no_progress,
+                        **options,
+                    )
+                else:
+                    config = chat.config
+                    chat.close()  # the workers load their own engines
+                    summary = caption_ray(
+                        config,
+                        list(inputs),
+                        out,
+                        prompt=prompts,
+                        schema=schema,
+                        limit=limit,
+                        recursive=recursive,
+                        retry_errors=retry_errors,
+                        progress=not no_progress,
+                        address=None if ray_address == "local" else ray_address,
+                        workers=workers,
+                        cpus_per_worker=engine.get("threads"),
+                        hosts=hosts if len(hosts) > 1 else None,
+                        format="parquet" if output_format == "parquet" else "jsonl",
+                        **options,
+                    )
             except (LlavaLocalError, KeyboardInterrupt) as exc:
                 if not isinstance(exc, InvalidRequestError):
                     err_console.print(
@@ -145,3 +196,20 @@ def caption(
             err_console.print(f"no pictures found in {' '.join(inputs)}", soft_wrap=True)
 
     run_safely(body)
+
+
+def _several_hosts(command: click.Command) -> click.Command:
+    """The shared --host, but given several times: Ray workers spread over the hosts."""
+    for index, param in enumerate(command.params):
+        if param.name == "host":
+            command.params[index] = click.Option(
+                ["--host"],
+                multiple=True,
+                help="Ollama address (default: OLLAMA_HOST or 127.0.0.1:11434), or the "
+                "OpenAI-compatible server's with --backend openai; with --ray, give it "
+                "several times to spread the workers over several servers.",
+            )
+    return command
+
+
+caption = _several_hosts(caption)

@@ -1,0 +1,590 @@
+"""Captioning past one machine: :func:`caption_ray` runs :func:`.caption.caption`'s job on
+a Ray cluster (``pip install 'llava-local[ray]'``).
+
+It is Ray Data's batch inference: the pictures are a dataset, and ``map_batches`` hands
+small batches of them to a fixed pool of actors, each of which builds one
+:class:`~llava_local.VisionChat` from the chat's serialisable config
+(:attr:`VisionChat.config`, :meth:`VisionChat.from_config`) and keeps it for its life
+(a llama.cpp model cannot be pickled; llama-cpp-python issue 27). Workers read the
+pictures themselves, so files must be on a path every node sees (or pass a dataset
+that holds the bytes, such as ``ray.data.read_binary_files(..., include_paths=True)``).
+
+The lines are those of the one-machine job, built by the same code (path, sha256, prompt,
+text or error, model, backend, stats, parsed), and the output file is the same too: the
+driver alone writes it, appending each batch's lines as it finishes (JSON Lines; or a
+Parquet dataset, a folder of part files, with ``format="parquet"``), skipping what the
+file already holds, exactly as :func:`.caption.caption` resumes. Each worker also skips
+the pictures and prompts the file held when the run began, so a resumed run asks only
+what is missing.
+
+Faults:
+
+- a bad picture is an error line, never a failed job;
+- a worker that dies (killed, out of memory) is restarted by Ray and its unfinished
+  batch is run again (Ray Data's actor pool sets ``max_restarts`` and
+  ``max_task_retries`` to -1, without limit); the lines of a batch that ran twice, and
+  any copy of a picture already written, are dropped by the driver, which
+  de-duplicates by picture (content hash, or path) and prompt before writing, so each
+  picture and prompt is written once;
+- an error that stops a one-machine run (the engine is unreachable, the model is gone)
+  stops this one too, after its line is written; so do ``max_failures_in_a_row`` engine
+  failures in a row;
+- Ctrl-C on the driver stops the job (its actors are killed when the run's Ray instance
+  is stopped, or when the job's executor shuts down on a cluster) and leaves a file the
+  next run resumes.
+
+Resources: each worker reserves ``cpus_per_worker`` CPUs (default: the llama.cpp
+engine's ``n_threads``, else 1) and llama.cpp runs that many threads. Ray Data's own
+tasks (reading a dataset) need a CPU besides the actors' (two one-CPU actors on a
+two-CPU instance wait forever), so a run needs ``workers x cpus_per_worker + 1``
+logical CPUs; the local instance started for a run is sized so, and joining a cluster
+with fewer is refused before anything starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal
+
+from .. import structured
+from ..chat import VisionChat
+from ..errors import BackendError, InvalidRequestError, LlavaLocalError, MissingDependencyError
+from ..picture_files import find_pictures
+from ..progress import RunProgress
+from ..structured import Schema
+from .caption import (
+    CaptionSummary,
+    _Answer,
+    _Asker,
+    _check_call,
+    _Identity,
+    _identity,
+    _Ledger,
+    _load_item,
+    _Output,
+    _Pair,
+    _summary,
+    _unit,
+)
+
+if TYPE_CHECKING:
+    import ray.data
+
+__all__ = ["caption_ray", "local_cpus_needed"]
+
+#: Pictures per batch handed to a worker: small, so lines reach the file soon after
+#: they are answered and a killed worker loses little.
+BATCH_SIZE = 2
+
+Format = Literal["jsonl", "parquet"]
+
+
+def caption_ray(
+    chat: VisionChat | Mapping[str, Any],
+    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None,
+    out: str | os.PathLike[str],
+    *,
+    prompt: str | Sequence[str],
+    schema: Schema | None = None,
+    limit: int | None = None,
+    recursive: bool = False,
+    progress: bool = True,
+    max_failures_in_a_row: int = 5,
+    retry_errors: bool = False,
+    dataset: ray.data.Dataset | None = None,
+    address: str | None = None,
+    workers: int | None = None,
+    cpus_per_worker: int | None = None,
+    hosts: Sequence[str] | None = None,
+    format: Format = "jsonl",
+    batch_size: int = BATCH_SIZE,
+    **options: Any,
+) -> CaptionSummary:
+    """:func:`.caption.caption` on a Ray cluster: the same arguments, lines and resuming.
+
+    ``chat`` is a :class:`VisionChat` or its :attr:`~VisionChat.config`: each worker
+    builds its own chat from that config (the driver's chat is not used for answers;
+    the CLI closes it before the workers start). ``inputs`` names the pictures as for
+    :func:`.caption.find_pictures`; or pass ``inputs=None`` and ``dataset``, an existing
+    ``ray.data.Dataset`` with a ``path`` column of paths (and a ``bytes`` column, as
+    ``read_binary_files(include_paths=True)`` gives, so workers need not see the files).
+
+    ``address``: None starts a local Ray instance for the run (all the machine's cores,
+    no dashboard) and stops it after, unless this process is connected to Ray already;
+    ``"auto"``, ``"HOST:PORT"`` or ``"ray://HOST:10001"`` joins a running cluster.
+    ``workers``: actors in the pool (default: as many as the CPUs allow, keeping one for
+    Ray Data); ``cpus_per_worker`` CPUs reserved for each, and llama.cpp's threads.
+    ``hosts``: for the Ollama and OpenAI-compatible engines, the servers the workers are
+    spread over (round robin). ``format``: ``"jsonl"`` (``out`` is a file) or
+    ``"parquet"`` (``out`` is a folder of part files). ``limit`` stops the run after that
+    many pictures are written (answers in flight are dropped, and asked again later).
+    """
+    prompts = _check_call(prompt, schema, limit, max_failures_in_a_row, options)
+    if format not in ("jsonl", "parquet"):
+        raise InvalidRequestError(f"format must be 'jsonl' or 'parquet', not {format!r}")
+    if workers is not None and workers < 1:
+        raise InvalidRequestError("workers must be at least 1")
+    if cpus_per_worker is not None and cpus_per_worker < 1:
+        raise InvalidRequestError("cpus_per_worker must be at least 1")
+    if batch_size < 1:
+        raise InvalidRequestError("batch_size must be at least 1")
+    if (inputs is None) == (dataset is None):
+        raise InvalidRequestError("give either inputs (pictures) or a Ray dataset, not both")
+    config = _worker_config(chat, cpus_per_worker, hosts)
+    cpus = cpus_per_worker or int(config["engine"].get("n_threads") or 1)
+    pictures = [] if inputs is None else find_pictures(inputs, recursive=recursive)
+    ray = _import_ray()
+    started = time.monotonic()
+    output_class = _ParquetOutput if format == "parquet" else _Output
+    with output_class(Path(out)) as output:  # a file that is not ours is refused first
+        summary = _summary(output, len(pictures), prompts)
+        opened = _connect(ray, address, workers, cpus)
+        try:
+            workers = _pool_size(ray, workers, cpus)
+            ledger = _Ledger(
+                output,
+                summary,
+                prompts=len(prompts),
+                limit=limit,
+                retry_errors=retry_errors,
+                max_failures_in_a_row=max_failures_in_a_row,
+            )
+            job = _Job(
+                ray,
+                config=config,
+                prompts=prompts,
+                schema=schema,
+                options=options,
+                output=output,
+                retry_errors=retry_errors,
+            )
+            with (
+                _quiet_ray_data(ray),
+                RunProgress(
+                    "captioning", total=ledger.to_ask(), unit=_unit(prompts), enabled=progress
+                ) as bar,
+            ):
+                ledger.bar = bar
+                results = job.results(
+                    pictures,
+                    dataset,
+                    workers=workers,
+                    cpus=cpus,
+                    batch_size=batch_size,
+                    hosts=hosts,
+                )
+                _Driver(ledger, output, limit, counted=inputs is not None).run(results)
+        finally:
+            if opened:
+                ray.shutdown()
+            summary.elapsed_s = time.monotonic() - started
+    return summary
+
+
+def local_cpus_needed(workers: int, cpus_per_worker: int = 1) -> int:
+    """The logical CPUs a Ray instance needs for ``workers`` actors of ``cpus_per_worker``
+    CPUs each: theirs plus one, so Ray Data's own tasks always find a CPU."""
+    return workers * cpus_per_worker + 1
+
+
+# --- before the job ------------------------------------------------------------------
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+        import ray.data  # the extra's Data part, checked here
+    except ImportError:
+        raise MissingDependencyError(
+            "captioning on Ray needs Ray Data: pip install 'llava-local[ray]'"
+        ) from None
+    return ray
+
+
+def _worker_config(
+    chat: VisionChat | Mapping[str, Any], cpus: int | None, hosts: Sequence[str] | None
+) -> dict[str, Any]:
+    """The chat config each worker builds its chat from; llama.cpp runs as many threads
+    as the worker reserves CPUs."""
+    config = dict(chat.config if isinstance(chat, VisionChat) else chat)
+    if not isinstance(config.get("backend"), str):
+        raise InvalidRequestError("chat must be a VisionChat or its config (chat.config)")
+    engine = dict(config.get("engine") or {})
+    if config["backend"] == "llama_cpp":
+        engine["n_threads"] = cpus or engine.get("n_threads") or 1
+    if hosts:
+        key = _host_setting(config["backend"])
+        if key is None:
+            raise InvalidRequestError(
+                f"the {config['backend']} engine has no host to spread workers over; "
+                "hosts apply to the Ollama and OpenAI-compatible engines"
+            )
+        engine[key] = hosts[0]
+    config["engine"] = engine
+    return config
+
+
+def _host_setting(backend: str) -> str | None:
+    """The engine setting that names its server: Ollama's ``host``, OpenAI's ``base_url``."""
+    from ..backends import registry
+
+    names = registry.get(backend).config.setting_names()
+    return next((name for name in ("host", "base_url") if name in names), None)
+
+
+def _connect(ray: Any, address: str | None, workers: int | None, cpus: int) -> bool:
+    """Connect to Ray; True when this run did (and so disconnects, or stops the local
+    instance it started, after)."""
+    if ray.is_initialized():
+        return False
+    if address is None:
+        wanted = local_cpus_needed(workers or 1, cpus)
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, wanted),
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    else:
+        try:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise BackendError(
+                f"cannot join the Ray cluster at {address}: {exc}; start it with "
+                "`ray start --head` (or give its address: HOST:PORT, ray://HOST:10001, auto)"
+            ) from None
+    return True
+
+
+@contextlib.contextmanager
+def _quiet_ray_data(ray: Any) -> Iterator[None]:
+    """Ray Data's progress bars and INFO lines off for the run: the driver draws the
+    one bar (its own log file, in the Ray session folder, still has everything)."""
+    with warnings.catch_warnings():  # Ray Data's own deprecated default, not ours to fix
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context = ray.data.DataContext.get_current()
+    bars = context.enable_progress_bars
+    logger = logging.getLogger("ray.data")
+    level = logger.level
+    context.enable_progress_bars = False
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        context.enable_progress_bars = bars
+        logger.setLevel(level)
+
+
+def _pool_size(ray: Any, workers: int | None, cpus: int) -> int:
+    """The workers to start: as asked, or as many as the cluster's CPUs allow; refused
+    when the cluster could not run them and still read (the job would wait forever)."""
+    total = int(ray.cluster_resources().get("CPU", 0))
+    if workers is None:
+        workers = max(1, (total - 1) // cpus)
+    needed = local_cpus_needed(workers, cpus)
+    if needed > total:
+        raise InvalidRequestError(
+            f"{workers} workers of {cpus} CPUs need {needed} CPUs with the one Ray Data "
+            f"reads with, and the Ray cluster has {total}; ask for fewer workers or threads"
+        )
+    return workers
+
+
+# --- the workers ---------------------------------------------------------------------
+
+
+class _HostPicker:
+    """Hands each worker the next host, round robin (a Ray actor of its own)."""
+
+    def __init__(self, hosts: Sequence[str]) -> None:
+        self._hosts = itertools.cycle(hosts)
+
+    def next(self) -> str:
+        return next(self._hosts)
+
+
+class _Worker:
+    """One Ray Data actor: builds its chat once, then answers batches of pictures with
+    the one-machine job's own code (:class:`.caption._Asker`)."""
+
+    def __init__(
+        self,
+        *,
+        config: dict[str, Any],
+        prompts: tuple[str, ...],
+        schema: dict[str, Any] | None,
+        options: dict[str, Any],
+        settled: frozenset[_Pair],
+        picker: Any = None,
+    ) -> None:
+        if picker is not None:
+            import ray
+
+            key = _host_setting(config["backend"])
+            assert key is not None
+            config = {**config, "engine": {**config["engine"], key: ray.get(picker.next.remote())}}
+        self.chat = VisionChat.from_config(config)
+        self.asker = _Asker(self.chat, schema=schema, options=options)
+        self.prompts = prompts
+        self.settled = settled
+        self.settled_all = frozenset(
+            identity
+            for identity, _ in settled
+            if all((identity, prompt) in settled for prompt in prompts)
+        )
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        rows: list[str] = []
+        contents = batch.get("bytes")
+        files = batch.get("file")
+        for index, given in enumerate(batch["path"]):
+            path = Path(str(given))
+            item = _load_item(
+                path,
+                self.settled_all,
+                self.chat.max_image_side,
+                data=None if contents is None else bytes(contents[index]),
+                source=None if files is None else Path(str(files[index])),
+            )
+            for prompt in self.prompts:
+                if (item.identity, prompt) in self.settled:
+                    skip = {"path": str(path), "sha256": item.sha256, "prompt": prompt}
+                    rows.append(json.dumps({"skip": skip}))
+                    continue
+                answer = self.asker.answer(item, prompt)
+                rows.append(json.dumps({"line": answer.record, "seconds": answer.seconds}))
+        self.chat.reset()
+        return {"row": np.array(rows, dtype=object)}
+
+
+class _Job:
+    """The Ray Data pipeline: pictures in, each one's lines (as JSON text) out."""
+
+    def __init__(
+        self,
+        ray: Any,
+        *,
+        config: dict[str, Any],
+        prompts: tuple[str, ...],
+        schema: Schema | None,
+        options: dict[str, Any],
+        output: _Output,
+        retry_errors: bool,
+    ) -> None:
+        self.ray = ray
+        self.config = config
+        self.prompts = prompts
+        # a pydantic class may not import on a worker; its JSON schema always travels
+        self.schema = None if schema is None else structured.json_schema(schema)
+        self.options = options
+        self.settled = output.settled(prompts, retry_errors)
+
+    def results(
+        self,
+        pictures: Sequence[Path],
+        dataset: ray.data.Dataset | None,
+        *,
+        workers: int,
+        cpus: int,
+        batch_size: int,
+        hosts: Sequence[str] | None,
+    ) -> Iterator[dict[str, Any]]:
+        ray = self.ray
+        if dataset is None:
+            items = [{"path": str(p), "file": str(p.absolute())} for p in pictures]
+            blocks = max(1, math.ceil(len(items) / batch_size))
+            dataset = ray.data.from_items(items, override_num_blocks=blocks)
+        picker = None
+        if hosts:
+            picker = ray.remote(num_cpus=0)(_HostPicker).remote(list(hosts))
+        mapped = dataset.map_batches(
+            _Worker,
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=cpus,
+            fn_constructor_kwargs={
+                "config": self.config,
+                "prompts": self.prompts,
+                "schema": self.schema,
+                "options": self.options,
+                "settled": self.settled,
+                "picker": picker,
+            },
+        )
+        return iter(mapped.iter_batches(batch_size=None, batch_format="numpy"))
+
+
+# --- the driver ----------------------------------------------------------------------
+
+
+class _Driver:
+    """Writes the lines as batches finish: each picture and prompt once, counted, with
+    the one-machine job's rules for skipping and stopping (:class:`.caption._Ledger`)."""
+
+    def __init__(self, ledger: _Ledger, output: _Output, limit: int | None, *, counted: bool):
+        self.ledger = ledger
+        self.output = output
+        self.limit = limit
+        self.counted = counted  # pictures known up front; a dataset's are counted as they come
+        self.pictures: set[_Identity] = set()
+        self.clock = time.monotonic()
+
+    def run(self, results: Iterator[dict[str, Any]]) -> None:
+        try:
+            for batch in results:
+                try:
+                    for text in batch["row"]:
+                        if not self.take(json.loads(str(text))):
+                            return
+                finally:
+                    self.output.flush()
+        except LlavaLocalError:
+            raise
+        except Exception as exc:
+            if type(exc).__module__.split(".")[0] != "ray":
+                raise
+            message = " ".join(str(exc).split())[:2000]
+            raise BackendError(
+                f"the Ray job failed: {message}; the results so far are in "
+                f"{self.output.path}, run again to continue"
+            ) from None
+        finally:
+            with contextlib.suppress(Exception):
+                results.close()  # type: ignore[attr-defined]
+
+    def take(self, row: dict[str, Any]) -> bool:
+        """Count or write one row from a worker; False once the limit is reached."""
+        ledger = self.ledger
+        record = row.get("skip") or row["line"]
+        identity = _identity(record["sha256"], record["path"])
+        prompt = record["prompt"]
+        if not self.counted:
+            ledger.summary.found += 1
+        if "skip" in row:
+            ledger.claim(identity, prompt)  # settled when the run began: counted as skipped
+            return True
+        full = self.limit is not None and len(self.pictures) >= self.limit
+        if full and identity not in self.pictures and not ledger.leaves(identity, prompt):
+            return False
+        if not ledger.claim(identity, prompt):  # a batch run twice, or a copy
+            return True
+        self.pictures.add(identity)
+        now = time.monotonic()
+        seconds, self.clock = now - self.clock, now  # the rate of the whole pool
+        ledger.write(_Answer(record, seconds))
+        if not self.counted and ledger.bar is not None:
+            ledger.bar.set_total(ledger.summary.found)
+        return True
+
+
+class _ParquetOutput(_Output):
+    """The output as a Parquet dataset: a folder of part files, one per batch written
+    (atomically: a temporary name, then a rename), read back on start to resume.
+
+    Columns: the lines' fields, with ``stats``, ``image`` and ``parsed`` as JSON text."""
+
+    COLUMNS = (
+        ("path", "string"),
+        ("sha256", "string"),
+        ("prompt", "string"),
+        ("text", "string"),
+        ("parsed", "json"),
+        ("error", "string"),
+        ("error_type", "string"),
+        ("rejected_text", "string"),
+        ("retry", "bool"),
+        ("model", "string"),
+        ("backend", "string"),
+        ("done_reason", "string"),
+        ("stats", "json"),
+        ("attempts", "int64"),
+        ("elapsed_s", "float64"),
+        ("image", "json"),
+    )
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._pending: list[dict[str, Any]] = []
+        self._parts = 0
+
+    def __enter__(self) -> _ParquetOutput:
+        if self.path.exists() and not self.path.is_dir():
+            raise InvalidRequestError(
+                f"{self.path} is a file; a Parquet output is a folder: choose another name"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self._lock()
+            self._load()
+        except BaseException:
+            os.close(self._fd)
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            self.flush()
+        finally:
+            os.close(self._fd)
+
+    def append(self, record: dict[str, Any]) -> None:
+        self._pending.append(record)
+        self._remember(record)
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        import pyarrow as pa  # type: ignore[import-untyped]
+        import pyarrow.parquet as pq  # type: ignore[import-untyped]
+
+        columns: dict[str, list[Any]] = {name: [] for name, _ in self.COLUMNS}
+        for record in self._pending:
+            for name, kind in self.COLUMNS:
+                value = record.get(name)
+                if kind == "json" and value is not None:
+                    value = json.dumps(value, ensure_ascii=False)
+                columns[name].append(value)
+        types = {"string": pa.string(), "json": pa.string(), "bool": pa.bool_()}
+        types |= {"int64": pa.int64(), "float64": pa.float64()}
+        schema = pa.schema([(name, types[kind]) for name, kind in self.COLUMNS])
+        table = pa.table(columns, schema=schema)
+        self._parts += 1
+        name = f"part-{time.time_ns():020d}-{os.getpid()}-{self._parts:06d}.parquet"
+        temporary = self.path / f".{name}.tmp"
+        pq.write_table(table, temporary)
+        with open(temporary, "rb") as file:
+            os.fsync(file.fileno())
+        os.replace(temporary, self.path / name)
+        self._pending = []
+
+    def _load(self) -> None:
+        import pyarrow.parquet as pq
+
+        for part in sorted(self.path.glob("part-*.parquet")):
+            try:
+                table = pq.read_table(part, columns=["path", "sha256", "prompt", "error", "retry"])
+            except Exception:  # pyarrow raises several kinds for a bad file
+                raise InvalidRequestError(
+                    f"{part} is not a caption part file; choose another output folder"
+                ) from None
+            for record in table.to_pylist():
+                self._remember({k: v for k, v in record.items() if v is not None or k == "sha256"})

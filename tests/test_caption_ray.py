@@ -1,0 +1,257 @@
+"""``caption`` on a real local Ray instance: the demo model in two Ray Data actors, the
+same lines as the one-machine job, each picture once through a killed worker, Ctrl-C and
+a resumed run, and Ollama workers spread over two look-alike daemons."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from llava_local import InvalidRequestError, VisionChat
+from llava_local.apps.caption import caption, read_captions
+from llava_local.apps.caption_ray import caption_ray, local_cpus_needed
+from llava_local.apps.datasets import DIGIT_PROMPT, load_set
+from llava_local.cli.caption import caption as caption_command
+
+from .ollama_server import OllamaServer
+from .option_args import OptionArgs
+
+ray = pytest.importorskip("ray")
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = {"backend": "llama_cpp", "engine": {"model": "demo"}}
+OPTIONS: OptionArgs = {"temperature": 0, "max_tokens": 20}
+WORKER_TITLE = b"MapWorker(MapBatches(_Worker))"
+BROKEN = ("broken-empty.png", "broken-html.png", "broken-cut.png")
+
+
+@pytest.fixture(scope="session")
+def ray_instance() -> Iterator[str]:
+    """One local Ray instance for the session, sized for two one-CPU workers plus the
+    CPU Ray Data reads with; its address, for processes that join it."""
+    context = ray.init(
+        num_cpus=local_cpus_needed(2),
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    try:
+        yield str(context.address_info["address"])
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """40 test digits as PNG files plus three broken files; the digit of each by name."""
+    folder = tmp_path_factory.mktemp("digits")
+    labels = {}
+    for index, picture in enumerate(load_set("digits", limit=40)):
+        assert isinstance(picture.source, Image.Image)
+        name = f"d{index:02d}.png"
+        picture.source.save(folder / name)
+        labels[name] = picture.label
+    (folder / BROKEN[0]).write_bytes(b"")
+    (folder / BROKEN[1]).write_bytes(b"<html>gone</html>")
+    whole = (folder / "d00.png").read_bytes()
+    (folder / BROKEN[2]).write_bytes(whole[: len(whole) // 2])
+    return folder, labels
+
+
+@pytest.fixture(scope="module")
+def one_machine(
+    digits: tuple[Path, dict[str, str]], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
+    """The one-machine job's answer for each picture (greedy), by file name."""
+    out = tmp_path_factory.mktemp("one") / "one.jsonl"
+    with VisionChat.from_config(DEMO) as chat:
+        caption(chat, digits[0], out, prompt=DIGIT_PROMPT, progress=False, **OPTIONS)
+    return {Path(r["path"]).name: r.get("text") or r["error_type"] for r in read_captions(out)}
+
+
+def lines(path: Path) -> list[dict[str, Any]]:
+    data = path.read_bytes()
+    assert not data or data.endswith(b"\n")
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def pairs(records: list[dict[str, Any]]) -> Counter[tuple[str, str]]:
+    return Counter((Path(r["path"]).name, r["prompt"]) for r in records)
+
+
+def worker_pids() -> list[int]:
+    """The processes of this Ray instance's caption workers, found by their title."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if WORKER_TITLE in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_two_workers_write_every_picture_once_with_the_one_machine_answers(
+    ray_instance: str,
+    digits: tuple[Path, dict[str, str]],
+    one_machine: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    """The demo model in two Ray workers answers 40 digits and records 3 broken files:
+    each picture once, each answer equal to the one-machine job's, the digits read."""
+    folder, labels = digits
+    out = tmp_path / "ray.jsonl"
+    summary = caption_ray(
+        DEMO, folder, out, prompt=DIGIT_PROMPT, workers=2, progress=False, **OPTIONS
+    )
+    assert (summary.found, summary.done, summary.failed, summary.skipped) == (43, 40, 3, 0)
+    records = lines(out)
+    assert sorted(pairs(records).values()) == [1] * 43
+    got = {Path(r["path"]).name: r.get("text") or r["error_type"] for r in records}
+    assert got == one_machine
+    for name in BROKEN:
+        assert got[name] == "ImageError"
+    right = sum(labels[name] in got[name] for name in labels)
+    assert right >= 36
+    again = caption_ray(DEMO, folder, out, prompt=DIGIT_PROMPT, workers=2, progress=False)
+    assert (again.done, again.failed, again.skipped, again.skipped_errors) == (0, 0, 43, 3)
+    assert len(lines(out)) == 43
+
+
+def test_a_killed_worker_is_restarted_and_no_picture_is_written_twice(
+    ray_instance: str, digits: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    """SIGKILL to one worker's process mid-run: Ray restarts it, its batch is redone,
+    and the file still holds every picture and prompt exactly once."""
+    folder, _ = digits
+    out = tmp_path / "ray.jsonl"
+    killed: list[int] = []
+
+    def kill_one_worker() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            lines_so_far = out.read_bytes().count(b"\n") if out.exists() else 0
+            pids = worker_pids()
+            if lines_so_far >= 6 and pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_one_worker, daemon=True)
+    killer.start()
+    prompts = [DIGIT_PROMPT, "Identify the handwritten digit."]
+    summary = caption_ray(DEMO, folder, out, prompt=prompts, workers=2, progress=False, **OPTIONS)
+    killer.join(timeout=5)
+    assert killed, "no worker was killed: the run ended first"
+    assert summary.done + summary.failed == 86
+    assert sorted(pairs(lines(out)).values()) == [1] * 86
+
+
+def test_ctrl_c_on_the_driver_then_a_ray_run_completes_without_repeats(
+    ray_instance: str, digits: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    """SIGINT to a `caption --ray ADDRESS` process mid-run exits 130 with whole lines;
+    the same command again (its work stopped, so the CPUs are free) finishes the file
+    with every picture and prompt once."""
+    folder, _ = digits
+    out = tmp_path / "ray.jsonl"
+    args = [str(folder), "-o", str(out), "--no-progress", "--ray", ray_instance]
+    args += ["-p", DIGIT_PROMPT, "-p", "What number is written in this picture?"]
+    args += ["--workers", "2", "--backend", "llama_cpp", "--threads", "1"]
+    args += ["--max-tokens", "20", "--temperature", "0"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "llava_local.cli", "caption", *args]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while not out.exists() or out.read_bytes().count(b"\n") < 8:
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "run again to continue" in stderr
+    first = lines(out)
+    assert len(first) < 86
+    assert max(pairs(first).values()) == 1
+    result = CliRunner().invoke(caption_command, args)
+    assert result.exit_code == 0, result.output
+    assert sorted(pairs(lines(out)).values()) == [1] * 86
+    assert f"{len(first)} already recorded" in result.stdout
+
+
+def test_ollama_workers_spread_over_two_hosts(
+    ray_instance: str,
+    ollama_server: OllamaServer,
+    digits: tuple[Path, dict[str, str]],
+    tmp_path: Path,
+) -> None:
+    """With two --host daemons, the two Ollama workers each talk to one of them: both
+    answer, and each picture is asked once in all."""
+    folder, _ = digits
+    second = OllamaServer()
+    second.add_model("llava")
+    try:
+        out = tmp_path / "ray.jsonl"
+        args = [str(folder), "-p", "Caption.", "-o", str(out), "--ray", "--workers", "2"]
+        args += ["--backend", "ollama", "--host", ollama_server.url, "--host", second.url]
+        result = CliRunner().invoke(caption_command, [*args, "--no-progress"])
+        assert result.exit_code == 0, result.output
+        first = len(ollama_server.requests_to("/api/chat"))
+        other = len(second.requests_to("/api/chat"))
+    finally:
+        second.stop()
+    assert first > 0
+    assert other > 0
+    assert first + other == 40
+    records = lines(out)
+    assert sorted(pairs(records).values()) == [1] * 43
+    assert {r["text"] for r in records if "text" in r} == {"A cat on a mat."}
+
+
+def test_parquet_output_resumes_and_a_full_cluster_is_refused(
+    ray_instance: str, digits: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    """format="parquet" writes a folder of part files with the lines' fields, and a
+    second run adds only the pictures the first (limit=10) left; more workers than the
+    CPUs allow is refused before any work."""
+    import pyarrow.parquet as pq  # type: ignore[import-untyped]
+
+    folder, _ = digits
+    out = tmp_path / "captions.parquet"
+    summary = caption_ray(
+        DEMO,
+        folder,
+        out,
+        prompt=DIGIT_PROMPT,
+        format="parquet",
+        limit=10,
+        progress=False,
+        **OPTIONS,
+    )
+    assert summary.done + summary.failed == 10
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == summary.done + summary.failed
+    assert all(json.loads(r["stats"])["completion_tokens"] > 0 for r in rows if r["text"])
+    rest = caption_ray(
+        DEMO, folder, out, prompt=DIGIT_PROMPT, format="parquet", progress=False, **OPTIONS
+    )
+    assert rest.skipped == len(rows)
+    assert sorted(Counter(r["path"] for r in pq.read_table(out).to_pylist()).values()) == [1] * 43
+    with pytest.raises(InvalidRequestError, match="need 4 CPUs"):
+        caption_ray(DEMO, folder, tmp_path / "x.jsonl", prompt="x", workers=3, progress=False)
