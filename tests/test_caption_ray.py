@@ -255,3 +255,15 @@ def test_parquet_output_resumes_and_a_full_cluster_is_refused(
     assert sorted(Counter(r["path"] for r in pq.read_table(out).to_pylist()).values()) == [1] * 43
     with pytest.raises(InvalidRequestError, match="need 4 CPUs"):
         caption_ray(DEMO, folder, tmp_path / "x.jsonl", prompt="x", workers=3, progress=False)
+
+
+def test_ray_refuses_a_picture_it_took_for_its_address(tmp_path: Path) -> None:
+    """`--ray` given before a picture would swallow it as the cluster's address: the
+    command says so instead of captioning one picture fewer on a cluster that is not."""
+    picture = tmp_path / "b.png"
+    Image.new("RGB", (8, 8)).save(picture)
+    args = [str(picture), "--ray", str(picture), "-p", "What?", "--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(caption_command, args)
+    assert result.exit_code == 2
+    assert f"--ray took '{picture}' as a cluster's address" in result.output
+    assert not (tmp_path / "o").exists()

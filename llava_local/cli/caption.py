@@ -135,6 +135,11 @@ def caption(
     hosts: tuple[str, ...] = engine.pop("host")
     if ray_address is None and (len(hosts) > 1 or workers or output_format != "jsonl"):
         raise click.UsageError("several --host, --workers and --format need --ray")
+    if ray_address is not None and not _ray_address(ray_address):
+        raise click.UsageError(
+            f"--ray took {ray_address!r} as a cluster's address, which it is not (auto, "
+            "HOST:PORT or ray://HOST:PORT); put --ray after the pictures, or give it an address"
+        )
     engine["host"] = hosts[0] if hosts else None
 
     def body() -> None:
@@ -213,3 +218,8 @@ def _several_hosts(command: click.Command) -> click.Command:
 
 
 caption = _several_hosts(caption)
+
+
+def _ray_address(text: str) -> bool:
+    """Whether ``--ray``'s value is an address, not the next argument it swallowed."""
+    return text in ("local", "auto") or text.startswith("ray://") or ":" in text
