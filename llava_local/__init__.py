@@ -38,6 +38,7 @@ from .errors import (
     TurnCancelledError,
 )
 from .images import ImageSource
+from .persist import ColdResumeWarning
 from .types import Message, Options, PreparedImage, Reply, Stats
 
 try:
@@ -52,6 +53,7 @@ __all__ = [
     "BackendError",
     "BackendTimeoutError",
     "BackendUnavailableError",
+    "ColdResumeWarning",
     "ContextOverflowError",
     "ConversationFileError",
     "Finish",

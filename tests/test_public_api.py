@@ -55,6 +55,18 @@ def test_issue_names_are_importable() -> None:
     )
 
 
+def test_warnings_import_from_the_package_beside_the_errors() -> None:
+    """The library's warnings (no picture, a saved conversation resuming cold) import from
+    the top-level package, so `warnings.filterwarnings` and `pytest.warns` can name them."""
+    from llava_local import ColdResumeWarning, NoPictureWarning
+    from llava_local.persist import ColdResumeWarning as defined_in_persist
+
+    assert ColdResumeWarning is defined_in_persist
+    for warning in (ColdResumeWarning, NoPictureWarning):
+        assert issubclass(warning, LlavaLocalError)
+        assert issubclass(warning, UserWarning)
+
+
 def test_every_error_has_one_root_and_a_builtin_parent() -> None:
     """Each library error derives from LlavaLocalError and from a builtin exception."""
     classes = [
