@@ -67,6 +67,7 @@ class VisionChat:
         on_overflow: Literal["error", "drop_oldest"] = "error",
         allow_text_only: bool = False,
         on_status: Callable[[str], None] | None = None,
+        close_engine: bool = True,
         **kwargs: Any,
     ) -> None:
         options = {k: kwargs.pop(k) for k in list(kwargs) if k in _OPTION_NAMES}
@@ -75,8 +76,18 @@ class VisionChat:
             if kwargs or model is not None:
                 raise InvalidRequestError("pass engine arguments to the backend, not the chat")
             self._backend = backend
+        elif not close_engine:
+            raise InvalidRequestError(
+                "close_engine=False is for an engine object shared by several chats; "
+                "a chat that opens its engine by name closes it"
+            )
         else:
             self._backend = create(backend, model, **kwargs)
+        #: Whether :meth:`close` also closes the engine. False for an engine shared by
+        #: several chats (the web page's tabs, each its own conversation over one loaded
+        #: model and its KV states): closing one conversation must leave the engine to
+        #: the others, and whoever opened it closes it when the last one is done.
+        self.close_engine = close_engine
         if max_image_side is not None and max_image_side < 16:
             raise InvalidRequestError("max_image_side must be at least 16 pixels")
         self.max_image_side = max_image_side or self._backend.max_image_side
@@ -592,7 +603,8 @@ class VisionChat:
         """Free the model (llama.cpp) or the HTTP client (Ollama). Safe to call twice.
 
         Waits for a turn another thread is reading; a turn this thread left unfinished
-        is closed first (it is not kept)."""
+        is closed first (it is not kept). With ``close_engine=False`` the chat ends but
+        its engine, shared with other chats, stays open."""
         if self._turn_thread is threading.current_thread():
             stream = self._active() if self._active is not None else None
             if stream is not None:
@@ -600,7 +612,8 @@ class VisionChat:
         with self._exclusive("close the chat"):
             if not self._closed:
                 self._closed = True
-                self._backend.close()
+                if self.close_engine:
+                    self._backend.close()
 
     def __enter__(self) -> VisionChat:
         return self
