@@ -33,7 +33,8 @@ def ui(
     """A web page to chat about pictures, like the LLaVA demo, served until Ctrl-C.
 
     The engine options set where every new tab starts; the page can change engine
-    and model per tab. Nothing is sent anywhere but the engine.
+    and model per tab. Tabs on the same engine share one loaded model. Nothing is
+    sent anywhere but the engine.
     """
     from ..apps import ui as page
 
