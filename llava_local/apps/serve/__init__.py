@@ -51,10 +51,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .. import __version__
-from ..aio import AsyncReplyStream
-from ..chat import VisionChat
-from ..errors import (
+from ... import __version__
+from ...aio import AsyncReplyStream
+from ...chat import VisionChat
+from ...errors import (
     ContextOverflowError,
     ImageError,
     InvalidRequestError,
@@ -63,9 +63,9 @@ from ..errors import (
     SchemaError,
     TurnCancelledError,
 )
-from ..gguf_header import read_gguf
-from ..images import fetch_url, prepare
-from ..types import Message, PreparedImage, Reply
+from ...gguf_header import read_gguf
+from ...images import fetch_url, prepare
+from ...types import Message, PreparedImage, Reply
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
