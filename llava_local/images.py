@@ -59,6 +59,8 @@ __all__ = [
     "PICTURE_EXTENSIONS",
     "ImageCache",
     "ImageSource",
+    "decode_base64",
+    "decode_data_uri",
     "fetch_url",
     "looks_like_picture_path",
     "prepare",
@@ -250,7 +252,7 @@ def _read_text(text: str) -> tuple[bytes, str]:
     if not stripped:
         raise ImageError(repr(text), "an empty string is neither a path nor picture data")
     if stripped[:5].lower() == "data:":
-        return _decode_data_uri(stripped), "<data URI>"
+        return decode_data_uri(stripped), "<data URI>"
     match = _SCHEME.match(stripped)
     if match:
         scheme = match.group(1).lower()
@@ -264,7 +266,7 @@ def _read_text(text: str) -> tuple[bytes, str]:
     path = os.path.expanduser(text)
     if os.path.lexists(path):
         return _read_path(path), text
-    decoded = _b64decode(stripped) if len(stripped) >= 16 else None
+    decoded = decode_base64(stripped) if len(stripped) >= 16 else None
     if decoded is not None and _sniff(decoded) is not None:
         return decoded, "<base64 text>"
     raise ImageError(_shorten(text), "no such file")
@@ -313,13 +315,13 @@ def _read_stream(stream: Any) -> tuple[bytes, str]:
     return bytes(data), desc
 
 
-def _decode_data_uri(uri: str) -> bytes:
+def decode_data_uri(uri: str) -> bytes:
     """The payload of a ``data:`` URI (base64 or percent-encoded)."""
     header, comma, payload = uri.partition(",")
     if not comma:
         raise ImageError("<data URI>", "no comma between the header and the data")
     if header.lower().endswith(";base64"):
-        data = _b64decode(payload)
+        data = decode_base64(payload)
         if data is None:
             raise ImageError("<data URI>", "the payload is not valid base64")
     else:
@@ -329,7 +331,7 @@ def _decode_data_uri(uri: str) -> bytes:
     return data
 
 
-def _b64decode(text: str) -> bytes | None:
+def decode_base64(text: str) -> bytes | None:
     """Decode standard or URL-safe base64, tolerating whitespace and missing padding."""
     compact = "".join(text.split()).replace("-", "+").replace("_", "/")
     compact += "=" * (-len(compact) % 4)
