@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from llava_local import VisionChat
+from llava_local import ImageSource, VisionChat
 from llava_local.backends import Turn
 from llava_local.backends.llama_cpp import LlamaCppBackend
 from llava_local.types import Options
@@ -42,7 +42,7 @@ def main() -> None:
     assert isinstance(engine, LlamaCppBackend)
     for seed, target in enumerate(targets.split(","), start=1):
         chat.reset()
-        source: Any = big if target == "preparing pictures" else picture(seed)
+        source: ImageSource = big if target == "preparing pictures" else picture(seed)
         stream = None
         pieces = 0
         try:

@@ -27,6 +27,7 @@ from PIL import Image
 from llava_local import images
 from llava_local.errors import ImageError, InvalidRequestError
 from llava_local.images import ImageCache, fetch_url, prepare
+from llava_local.types import PreparedImage
 
 RED = (220, 20, 20)
 WHITE = (255, 255, 255)
@@ -55,7 +56,7 @@ def encoded(img: Image.Image, fmt: str, **params: Any) -> bytes:
     return buffer.getvalue()
 
 
-def decoded(prepared: Any) -> Image.Image:
+def decoded(prepared: PreparedImage) -> Image.Image:
     img = Image.open(io.BytesIO(prepared.data))
     img.load()
     return img
@@ -65,7 +66,7 @@ def near(pixel: Any, expected: tuple[int, ...], tolerance: int = 40) -> bool:
     return all(abs(int(a) - b) <= tolerance for a, b in zip(pixel, expected, strict=True))
 
 
-def assert_upright(prepared: Any, width: int = 60, height: int = 40) -> None:
+def assert_upright(prepared: PreparedImage, width: int = 60, height: int = 40) -> None:
     """The red block is back in the top-left corner and the other corners are white."""
     img = decoded(prepared).convert("RGB")
     assert img.size == (width, height)
