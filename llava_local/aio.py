@@ -233,6 +233,22 @@ class AsyncVisionChat:
         self._streams.add(stream)
         return stream
 
+    def answer(
+        self,
+        messages: Sequence[Message],
+        *,
+        schema: structured.Schema | None = None,
+        **options: Any,
+    ) -> AsyncReplyStream:
+        """Like :meth:`VisionChat.answer` (a whole conversation given at once, not kept);
+        its pictures are prepared in the stream's worker thread, off the event loop."""
+        self._refuse_in_reading_task("start another turn")
+        control = TurnControl(self.sync.on_status)
+        start = partial(self.sync.answer, messages, schema=schema, control=control, **options)
+        stream = AsyncReplyStream(start, control=control)
+        self._streams.add(stream)
+        return stream
+
     async def ask(
         self,
         prompt: str,

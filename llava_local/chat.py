@@ -242,6 +242,7 @@ class VisionChat:
         messages: Sequence[Message],
         *,
         schema: structured.Schema | None = None,
+        control: TurnControl | None = None,
         **options: Any,
     ) -> ReplyStream:
         """A reply to the last message of ``messages``, a whole conversation given at once,
@@ -254,7 +255,8 @@ class VisionChat:
         the turn is not kept in it; an engine that keeps its KV cache (llama.cpp) still
         reads only what differs from the turn before, so a client that resends the
         conversation with a new question pays for the question alone. Iterate the
-        stream as :meth:`stream`'s.
+        stream as :meth:`stream`'s; ``control`` is the turn's stop flag when the caller
+        made it first (to cancel a turn whose pictures are still being prepared).
         """
         if self._closed:
             raise InvalidRequestError("this VisionChat is closed; create a new one")
@@ -291,7 +293,7 @@ class VisionChat:
             opts,
             schema,
             json_schema,
-            control=TurnControl(self.on_status),
+            control=control or TurnControl(self.on_status),
             earlier=tuple(given[:-1]),
         )
 

@@ -18,10 +18,12 @@ from llava_local import (
     AsyncVisionChat,
     BackendUnavailableError,
     InvalidRequestError,
+    Message,
     TurnCancelledError,
     VisionChat,
 )
 from llava_local.control import STATUS_ANSWERING, STATUS_ENCODING, STATUS_PREPARING, TurnControl
+from llava_local.images import prepare
 
 from .gguf_fixtures import GgufPair, png_bytes
 from .ollama_server import OllamaServer, Script
@@ -335,3 +337,29 @@ def test_the_async_chat_offers_the_sync_surface(
     assert first["options"]["temperature"] == 0.5
     assert last["messages"][0] == {"role": "system", "content": "Be brief."}
     assert last["options"]["temperature"] == 0.5
+
+
+def test_answer_takes_a_whole_conversation_and_keeps_nothing() -> None:
+    """AsyncVisionChat.answer answers the last message of a conversation given whole (as
+    VisionChat.answer does for the server), runs the turn in its worker thread, and
+    leaves the chat's own history empty."""
+    digit = Message(role="user", content=QUESTION, images=(prepare(DIGIT, max_side=1344),))
+
+    async def main() -> tuple[str, str, list[Message], set[str]]:
+        threads: set[str] = set()
+
+        def status(text: str) -> None:
+            threads.add(threading.current_thread().name)
+
+        async with AsyncVisionChat.llama_cpp(on_status=status) as chat:
+            stream = chat.answer([digit], temperature=0)
+            streamed = "".join([piece async for piece in stream])
+            again = chat.answer([digit, Message(role="assistant", content=streamed), digit])
+            await again.aclose()  # left unread: nothing is kept either
+            return streamed, stream.reply.text, chat.history, threads
+
+    streamed, text, history, threads = asyncio.run(main())
+    assert streamed == text == "This digit is 7."
+    assert history == []
+    assert threads
+    assert all(name.startswith("llava-local-turn") for name in threads)
