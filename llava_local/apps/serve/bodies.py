@@ -1,0 +1,75 @@
+"""Reading a request's body: one JSON object within the size limit, then the protocol's
+pydantic model, each failure a 400 or 413 in the protocol's shape."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import ApiError
+from .limits import Limits
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+else:
+    try:  # FastAPI reads the routes' annotations at run time, from the protocol modules
+        from starlette.requests import Request
+    except ImportError:  # without the [serve] extra; create_app() says what to install
+        Request = None
+
+__all__ = ["Lenient", "Request", "read_json", "read_request"]
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+class Lenient(BaseModel):
+    """Request parts: fields this server does not use are ignored, as OpenAI's are."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+async def read_json(request: Request, limits: Limits) -> dict[str, Any]:
+    """The request's JSON object, refusing bodies over the limit before reading them."""
+    limit = limits.max_body_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise _too_large(len(body), limit)
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(
+            400, f"the request body is not valid JSON ({exc}); send a JSON object"
+        ) from None
+    if not isinstance(data, dict):
+        raise ApiError(400, f"the request body must be a JSON object, not {type(data).__name__}")
+    return data
+
+
+async def read_request(request: Request, limits: Limits, model: type[Model]) -> Model:
+    """The request's body as ``model``, or a 400 naming the first fields that do not fit."""
+    data = await read_json(request, limits)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]
+        )
+        raise ApiError(400, f"invalid request ({problems})", param=where or None) from None
+
+
+def _too_large(size: int, limit: int) -> ApiError:
+    return ApiError(
+        413,
+        f"the request body is {size} bytes, more than this server's limit of {limit} "
+        "(--max-body-mb); send smaller pictures",
+        code="request_too_large",
+    )

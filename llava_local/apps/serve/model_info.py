@@ -1,0 +1,69 @@
+"""The served model as clients see it: its name, and the facts the listing routes give
+(size, digest, family, parameter count, context), read once from its files."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ...chat import VisionChat
+from ...errors import LlavaLocalError
+from ...gguf_header import read_gguf
+
+
+def default_name(chat: VisionChat) -> str:
+    """The engine's catalogue name (the demo's too), else its file name without .gguf."""
+    config = chat.engine.config
+    model = getattr(config, "model", None)
+    if isinstance(model, str) and model and "/" not in model and not model.endswith(".gguf"):
+        return model
+    return Path(chat.model).name.removesuffix(".gguf")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    size: int
+    digest: str
+    family: str
+    parameter_size: str
+    context_length: int | None
+    modified_at: str
+
+    def details(self) -> dict[str, Any]:
+        """Ollama's ``details`` of a model."""
+        return {
+            "parent_model": "",
+            "format": "gguf",
+            "family": self.family,
+            "families": [self.family, "clip"],
+            "parameter_size": self.parameter_size,
+            "quantization_level": "",
+        }
+
+
+def model_facts(chat: VisionChat) -> ModelFacts:
+    """What the files of ``chat``'s engine say about its model (little for a server's)."""
+    engine = chat.engine
+    path = getattr(engine, "model_path", None)
+    mmproj = getattr(engine, "mmproj_path", None)
+    files = [p for p in (path, mmproj) if isinstance(p, Path) and p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+    family, params, context = "unknown", "", None
+    if isinstance(path, Path) and path.is_file():
+        with contextlib.suppress(LlavaLocalError):
+            header = read_gguf(path)
+            family = str(header.meta.get("general.architecture", family))
+            count = sum(math.prod(t.shape) for t in header.tensors)
+            params = f"{count / 1e9:.1f}B" if count >= 1e8 else f"{count / 1e6:.0f}M"
+            context = getattr(engine, "n_ctx", None)
+    modified = max((p.stat().st_mtime for p in files), default=time.time())
+    stamp = datetime.fromtimestamp(modified, timezone.utc).isoformat().replace("+00:00", "Z")
+    names = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    digest = hashlib.sha256(names.encode()).hexdigest()
+    return ModelFacts(size, digest, family, params, context, stamp)

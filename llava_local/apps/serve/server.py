@@ -1,0 +1,70 @@
+"""Running the app under uvicorn until Ctrl-C (or SIGTERM), with the request log on
+stderr."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any
+
+from ...chat import VisionChat
+from .app import create_app, fastapi
+from .limits import Limits
+from .turns import Engine
+
+log = logging.getLogger("llava_local.serve")
+
+
+def serve(
+    chat: VisionChat,
+    bind: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    name: str | None = None,
+    limits: Limits | None = None,
+    api_key: str | None = None,
+    cors: Sequence[str] = (),
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
+    """Serve ``chat`` until Ctrl-C (or SIGTERM); the chat is closed on the way out."""
+    fastapi()
+    import uvicorn
+
+    app = create_app(chat, name=name, limits=limits, api_key=api_key, cors=cors)
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    config = uvicorn.Config(
+        app,
+        host=bind,
+        port=port,
+        log_config=None,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=3,
+    )
+    engine: Engine = app.state.engine
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            engine.stop()  # answers being written end now, so the shutdown need not wait
+            super().handle_exit(sig, frame)
+
+    server = Server(config)
+    if on_ready is not None:
+        startup = server.startup
+
+        async def announced(sockets: Any = None) -> None:
+            await startup(sockets=sockets)
+            if server.started:
+                host = f"[{bind}]" if ":" in bind else bind
+                on_ready(f"http://{host}:{port}")
+
+        server.startup = announced  # type: ignore[method-assign]
+    server.run()
+    if not server.started:
+        raise OSError(f"cannot serve on {bind}:{port}")
