@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import ray
 from click.testing import CliRunner
 from PIL import Image
 
@@ -29,8 +30,6 @@ from llava_local.cli.caption import caption as caption_command
 from .ollama_server import OllamaServer
 from .option_args import OptionArgs
 
-ray = pytest.importorskip("ray")
-
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = {"backend": "llama_cpp", "engine": {"model": "demo"}}
 OPTIONS: OptionArgs = {"temperature": 0, "max_tokens": 20}
@@ -42,14 +41,14 @@ BROKEN = ("broken-empty.png", "broken-html.png", "broken-cut.png")
 def ray_instance() -> Iterator[str]:
     """One local Ray instance for the session, sized for two one-CPU workers plus the
     CPU Ray Data reads with; its address, for processes that join it."""
-    context = ray.init(
+    ray.init(
         num_cpus=local_cpus_needed(2),
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,
     )
     try:
-        yield str(context.address_info["address"])
+        yield str(ray.get_runtime_context().gcs_address)
     finally:
         ray.shutdown()
 
