@@ -4,7 +4,8 @@ One server (the bundled demo model) is started once per session as a subprocess 
 free port of 127.0.0.1, with an API key and small limits so that each limit can be
 hit; the official ``openai`` and ``ollama`` clients, ``VisionChat.ollama`` and plain
 httpx talk to it over real sockets. Every test that sends bad input then checks that
-the server still answers a good question.
+the server still answers a good question. Two tests start a server of their own: one
+with --no-picture-urls, and one that they stop with Ctrl-C.
 """
 
 from __future__ import annotations
@@ -129,17 +130,61 @@ def ollama_client(server: Server) -> Iterator[ollama.Client]:
 
 
 def _ask(path: Path = DIGIT, question: str = QUESTION) -> Any:
-    """A user message with a picture, in OpenAI's shape (Any: the client's types are
-    TypedDicts that a plain dict does not match)."""
+    """A user message with a picture file sent as a data URI, in OpenAI's shape."""
+    return _ask_url(_data_uri(path), question)
+
+
+def _ask_url(url: str, question: str = QUESTION) -> Any:
+    """A user message with a picture at ``url``, in OpenAI's shape (Any: the client's
+    types are TypedDicts that a plain dict does not match)."""
     return [
         {
             "role": "user",
             "content": [
                 {"type": "text", "text": question},
-                {"type": "image_url", "image_url": {"url": _data_uri(path)}},
+                {"type": "image_url", "image_url": {"url": url}},
             ],
         }
     ]
+
+
+def _long_stream() -> dict[str, Any]:
+    """A streamed request that keeps the model busy for a long while (see LONG)."""
+    return {
+        "model": "demo",
+        "messages": _ask(),
+        "stream": True,
+        "temperature": 0,
+        "max_tokens": 1600,
+        "response_format": LONG,
+    }
+
+
+@contextlib.contextmanager
+def _picture_site(folder: Path) -> Iterator[tuple[str, list[str]]]:
+    """An HTTP server on 127.0.0.1 serving ``folder``: its address, and the paths
+    requested from it so far."""
+    requested: list[str] = []
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, directory=str(folder), **kwargs)
+
+        def do_GET(self) -> None:
+            requested.append(self.path)
+            super().do_GET()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=site.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{site.server_address[1]}", requested
+    finally:
+        site.shutdown()
+        site.server_close()
 
 
 def _healthy(server: Server, client: openai.OpenAI) -> None:
@@ -272,32 +317,33 @@ def test_openai_options_are_applied(client: openai.OpenAI) -> None:
 def test_picture_from_an_http_url(client: openai.OpenAI, tmp_path: Path) -> None:
     """An image_url that is an http URL is downloaded and read like a data URI."""
     (tmp_path / "digit.png").write_bytes(DIGIT.read_bytes())
+    with _picture_site(tmp_path) as (site, requested):
+        answer = client.chat.completions.create(
+            model="demo", messages=_ask_url(f"{site}/digit.png"), temperature=0
+        )
+    assert answer.choices[0].message.content == ANSWER
+    assert requested == ["/digit.png"]
 
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, directory=str(tmp_path), **kwargs)
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    pictures = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    thread = threading.Thread(target=pictures.serve_forever, daemon=True)
-    thread.start()
+def test_picture_urls_can_be_refused(tmp_path: Path) -> None:
+    """With --no-picture-urls an http(s) image_url is answered 400 in OpenAI's shape,
+    saying to send a data URI, and never fetched; data URIs are still answered."""
+    running = _start(tmp_path / "server.log", "--n-ctx", "2048", "--no-picture-urls")
+    (tmp_path / "digit.png").write_bytes(DIGIT.read_bytes())
     try:
-        url = f"http://127.0.0.1:{pictures.server_address[1]}/digit.png"
-        messages: Any = [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "text", "text": QUESTION},
-                    {"type": "image_url", "image_url": {"url": url}},
-                ],
-            }
-        ]
-        answer = client.chat.completions.create(model="demo", messages=messages, temperature=0)
+        with (
+            openai.OpenAI(base_url=f"{running.url}/v1", api_key="-", max_retries=0) as client,
+            _picture_site(tmp_path) as (site, requested),
+        ):
+            with pytest.raises(openai.BadRequestError) as caught:
+                client.chat.completions.create(model="demo", messages=_ask_url(f"{site}/digit.png"))
+            answer = client.chat.completions.create(model="demo", messages=_ask(), temperature=0)
     finally:
-        pictures.shutdown()
-        pictures.server_close()
+        _stop(running)
+    assert caught.value.code == "invalid_image_url"
+    assert caught.value.param == "messages[0].content[1].image_url"
+    assert "data URI" in caught.value.message
+    assert requested == []
     assert answer.choices[0].message.content == ANSWER
 
 
@@ -404,14 +450,7 @@ def test_disconnect_mid_stream_frees_the_model(server: Server, client: openai.Op
     """A client that hangs up mid-stream stops its turn at once (it is counted as
     cancelled, not finished), and the next request is answered."""
     before = httpx.get(f"{server.url}/health", timeout=10).json()
-    body = {
-        "model": "demo",
-        "messages": _ask(),
-        "stream": True,
-        "temperature": 0,
-        "max_tokens": 1600,
-        "response_format": LONG,
-    }
+    body = _long_stream()
     headers = {"Authorization": f"Bearer {KEY}"}
     url = f"{server.url}/v1/chat/completions"
     with httpx.stream("POST", url, json=body, headers=headers, timeout=120) as response:
@@ -428,14 +467,7 @@ def test_disconnect_mid_stream_frees_the_model(server: Server, client: openai.Op
 def test_full_queue_answers_503(server: Server, client: openai.OpenAI) -> None:
     """With the model busy and three requests waiting, the next one gets 503 with
     Retry-After at once; the waiting ones are answered."""
-    body = {
-        "model": "demo",
-        "messages": _ask(),
-        "stream": True,
-        "temperature": 0,
-        "max_tokens": 1600,
-        "response_format": LONG,
-    }
+    body = _long_stream()
     headers = {"Authorization": f"Bearer {KEY}"}
     url = f"{server.url}/v1/chat/completions"
     with httpx.stream("POST", url, json=body, headers=headers, timeout=120) as holding:
@@ -515,17 +547,8 @@ def test_a_picture_that_is_not_a_picture_is_400(
         "data:image/png;base64," + base64.b64encode(b"hello, not a picture").decode(),
         str(DIGIT),  # never read from the server's own disk
     ):
-        messages: Any = [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "text", "text": QUESTION},
-                    {"type": "image_url", "image_url": {"url": url}},
-                ],
-            }
-        ]
         with pytest.raises(openai.BadRequestError) as caught:
-            client.chat.completions.create(model="demo", messages=messages)
+            client.chat.completions.create(model="demo", messages=_ask_url(url))
         assert caught.value.code == "invalid_image"
         assert caught.value.param == "messages[0].content[1].image_url"
     with pytest.raises(ollama.ResponseError) as refused:
@@ -543,17 +566,8 @@ def test_oversized_body_and_picture_are_413(server: Server, client: openai.OpenA
     assert big.status_code == 413
     assert big.json()["error"]["code"] == "request_too_large"
     picture = "data:image/png;base64," + base64.b64encode(b"\x89PNG" + bytes(600_000)).decode()
-    messages: Any = [
-        {
-            "role": "user",
-            "content": [
-                {"type": "text", "text": QUESTION},
-                {"type": "image_url", "image_url": {"url": picture}},
-            ],
-        }
-    ]
     with pytest.raises(openai.APIStatusError) as caught:
-        client.chat.completions.create(model="demo", messages=messages)
+        client.chat.completions.create(model="demo", messages=_ask_url(picture))
     assert caught.value.status_code == 413
     _healthy(server, client)
 
@@ -608,14 +622,7 @@ def test_ctrl_c_stops_the_server_cleanly(tmp_path: Path) -> None:
     """SIGINT while an answer streams stops the turn and the server, which exits as
     every command does on Ctrl-C (status 130, no traceback)."""
     running = _start(tmp_path / "server.log", "--n-ctx", "2048")
-    body = {
-        "model": "demo",
-        "messages": _ask(),
-        "stream": True,
-        "temperature": 0,
-        "max_tokens": 1600,
-        "response_format": LONG,
-    }
+    body = _long_stream()
     try:
         url = f"{running.url}/v1/chat/completions"
         with httpx.stream("POST", url, json=body, timeout=120) as response:

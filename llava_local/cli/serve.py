@@ -53,6 +53,13 @@ from ._common import engine_options, err_console, open_chat, run_safely
     show_default=True,
     help="Largest picture, decoded or downloaded.",
 )
+@click.option(
+    "--no-picture-urls",
+    is_flag=True,
+    help="Refuse pictures given as http(s) URLs (400: send a data URI), so the server "
+    "never fetches a URL a client names. Use it when the server is reachable beyond "
+    "127.0.0.1.",
+)
 def serve(
     *,
     bind: str,
@@ -64,6 +71,7 @@ def serve(
     queue: int,
     max_body_mb: float,
     max_picture_mb: float,
+    no_picture_urls: bool,
     **engine: Any,
 ) -> None:
     """Serve the model over HTTP until Ctrl-C: OpenAI-compatible (/v1/chat/completions,
@@ -79,6 +87,7 @@ def serve(
         max_body_bytes=int(max_body_mb * server.MB),
         max_picture_bytes=int(max_picture_mb * server.MB),
         queue=queue,
+        picture_urls=not no_picture_urls,
     )
 
     def ready(url: str) -> None:
