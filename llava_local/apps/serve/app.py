@@ -32,10 +32,10 @@ log = logging.getLogger("llava_local.serve")
 
 def check_installed() -> None:
     """Raise :class:`MissingDependencyError` unless the ``[serve]`` extra is installed."""
-    fastapi()
+    fastapi_module()
 
 
-def fastapi() -> ModuleType:
+def fastapi_module() -> ModuleType:
     """The ``fastapi`` module, or the error that names the extra to install."""
     try:
         import fastapi
@@ -64,7 +64,7 @@ def create_app(
     ``/health`` and ``/`` requires; ``cors`` the origins allowed to call it from a
     browser (none by default). The chat is closed when the app shuts down, unless
     ``close_chat`` is False."""
-    module = fastapi()
+    fastapi = fastapi_module()
     from starlette.exceptions import HTTPException
 
     chat.allow_text_only = True  # a text-only question is the client's choice
@@ -79,7 +79,7 @@ def create_app(
         if close_chat:
             await asyncio.to_thread(chat.close)
 
-    app: FastAPI = module.FastAPI(
+    app: FastAPI = fastapi.FastAPI(
         title="llava-local",
         version=__version__,
         lifespan=lifespan,

@@ -9,7 +9,7 @@ from types import FrameType
 from typing import Any
 
 from ...chat import VisionChat
-from .app import create_app, fastapi
+from .app import create_app, fastapi_module
 from .limits import Limits
 from .turns import Engine
 
@@ -28,7 +28,7 @@ def serve(
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
     """Serve ``chat`` until Ctrl-C (or SIGTERM); the chat is closed on the way out."""
-    fastapi()
+    fastapi_module()
     import uvicorn
 
     app = create_app(chat, name=name, limits=limits, api_key=api_key, cors=cors)
