@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,7 @@ def work_first(args: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+CASES = ("resume", "first", "turns")
 WORKERS = {"save": work_save, "resume": work_resume, "turns": work_turns, "first": work_first}
 
 
@@ -176,16 +178,31 @@ def _x(cold: float | None, warm: float | None) -> str:
     return f"{cold / warm:.1f}x"
 
 
+def _load() -> str:
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def report(label: str, results: dict[str, Any], command: str, settings: str) -> str:
-    warm, cold = results["resume_warm"], results["resume_cold"]
-    warm_cost = (warm["restore_s"] or 0) + warm["turn"]["ttft_s"]
-    first, again = results["first_cold"], results["first_warm"]
-    mib = 2**20
-    per_token = first["state_bytes"] / max(1, first["state_positions"] or first["positions"])
+    """The section: the cases this run measured (``--cases``), each as a table."""
     lines = [
         f"Command: `{command}`  ",
-        f"Run: {time.strftime('%Y-%m-%d %H:%M')}; {settings}; one run, both sides of each "
-        "row under the same conditions (the machine is shared: read the ratios).",
+        f"Run: {results['started']} to {time.strftime('%H:%M', time.gmtime())} UTC; {settings}; "
+        f"load average {results['load_before']} at the start, {_load()} at the end; one run, "
+        "both sides of each row one after the other (the machine is shared: read the ratios).",
+    ]
+    if "resume_warm" in results:
+        lines += _warm_cold(results)
+    if "turns_on" in results:
+        lines += _taking_turns(results)
+    if "first_cold" in results:
+        lines += _state_size(results)
+    return "\n".join(lines) + "\n"
+
+
+def _warm_cold(results: dict[str, Any]) -> list[str]:
+    warm, cold = results["resume_warm"], results["resume_cold"]
+    warm_cost = (warm["restore_s"] or 0) + warm["turn"]["ttft_s"]
+    lines = [
         "",
         "| case | cold | warm | warm is |",
         "|---|---:|---:|---:|",
@@ -193,9 +210,23 @@ def report(label: str, results: dict[str, Any], command: str, settings: str) -> 
         f"{_s(warm['restore_s'])} + {_s(warm['turn']['ttft_s'])}) | "
         f"{_s(cold['turn']['ttft_s'])} | {_s(warm_cost)} | "
         f"**{_x(cold['turn']['ttft_s'], warm_cost)} sooner** |",
-        f"| new process, same photo and question, to first token (disk folder) | "
-        f"{_s(first['turn']['ttft_s'])} | {_s(again['turn']['ttft_s'])} | "
-        f"**{_x(first['turn']['ttft_s'], again['turn']['ttft_s'])} sooner** |",
+    ]
+    if "first_cold" in results:
+        first, again = results["first_cold"], results["first_warm"]
+        lines.append(
+            f"| new process, same photo and question, to first token (disk folder) | "
+            f"{_s(first['turn']['ttft_s'])} | {_s(again['turn']['ttft_s'])} | "
+            f"**{_x(first['turn']['ttft_s'], again['turn']['ttft_s'])} sooner** |"
+        )
+    lines += [
+        f"| prompt tokens read, resume | {cold['turn']['prompt_tokens']} | "
+        f"{warm['turn']['prompt_tokens']} | |",
+    ]
+    return lines
+
+
+def _taking_turns(results: dict[str, Any]) -> list[str]:
+    lines = [
         "",
         "Taking turns: two conversations about two photos on one engine, alternating "
         "(A1 B1 A2 B2 A3 B3); time to first token and prompt tokens read per turn.",
@@ -212,9 +243,18 @@ def report(label: str, results: dict[str, Any], command: str, settings: str) -> 
         )
     follow_off = sum(t["ttft_s"] for t in off if t["turn"] > 1)
     follow_on = sum(t["ttft_s"] for t in on if t["turn"] > 1)
-    lines += [
+    lines.append(
         f"| follow-ups, total | {_s(follow_off)} | | {_s(follow_on)} | | "
-        f"**{_x(follow_off, follow_on)} sooner** |",
+        f"**{_x(follow_off, follow_on)} sooner** |"
+    )
+    return lines
+
+
+def _state_size(results: dict[str, Any]) -> list[str]:
+    first = results["first_cold"]
+    mib = 2**20
+    per_token = first["state_bytes"] / max(1, first["state_positions"] or first["positions"])
+    lines = [
         "",
         "| state on disk | |",
         "|---|---:|",
@@ -223,10 +263,15 @@ def report(label: str, results: dict[str, Any], command: str, settings: str) -> 
         f"| per picture ({first['image_tokens']} tokens x {per_token / 1024:.1f} KiB) | "
         f"{first['image_tokens'] * per_token / mib:.1f} MiB |",
         f"| reading and checking it (sha256) | {_s(first.get('read_s'))} |",
-        f"| restoring a saved conversation (read, check, set) | {_s(warm['restore_s'])} |",
-        f"| saving a conversation with its state (`chat.save`) | {_s(results['save']['save_s'])} |",
     ]
-    return "\n".join(lines) + "\n"
+    if "resume_warm" in results:
+        lines += [
+            "| restoring a saved conversation (read, check, set) | "
+            f"{_s(results['resume_warm']['restore_s'])} |",
+            "| saving a conversation with its state (`chat.save`) | "
+            f"{_s(results['save']['save_s'])} |",
+        ]
+    return lines
 
 
 def update_section(path: Path, name: str, title: str, body: str) -> None:
@@ -242,13 +287,39 @@ def update_section(path: Path, name: str, title: str, body: str) -> None:
     path.write_text(text)
 
 
+def measure(base: dict[str, Any], cases: list[str], keep: Callable[[str, Any], None]) -> None:
+    """Run the cases, each side in a process of its own; ``keep`` gets each result."""
+    with tempfile.TemporaryDirectory(prefix="kv-bench-") as tmp:
+        if "resume" in cases:
+            talk = Path(tmp) / "talk.json"
+            alone = Path(tmp) / "alone" / "talk.json"
+            keep("save", run_worker("save", {**base, "path": str(talk)}))
+            alone.parent.mkdir()
+            shutil.copyfile(talk, alone)
+            keep("resume_cold", run_worker("resume", {**base, "path": str(alone)}))
+            keep("resume_warm", run_worker("resume", {**base, "path": str(talk)}))
+        if "first" in cases:
+            folder = Path(tmp) / "kv"
+            keep("first_cold", run_worker("first", {**base, "dir": str(folder)}))
+            keep("first_warm", run_worker("first", {**base, "dir": str(folder)}))
+        if "turns" in cases:
+            keep("turns_off", run_worker("turns", {**base, "cache": False}))
+            keep("turns_on", run_worker("turns", {**base, "cache": True}))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tinyllava-1.1b", help="twin to use (make_twins)")
     parser.add_argument("--twins", type=Path, default=DEFAULT_TWINS, help="where twins live")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--n-ctx", type=int, default=2048)
-    parser.add_argument("--json", type=Path, help="write all results here")
+    parser.add_argument(
+        "--cases",
+        default=",".join(CASES),
+        help="comma-separated subset of " + ", ".join(CASES) + " (a subset writes a section "
+        "of its own)",
+    )
+    parser.add_argument("--json", type=Path, help="write all results here (after each case)")
     parser.add_argument("--update", type=Path, help="BENCHMARKS.md to update")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--args", help=argparse.SUPPRESS)
@@ -268,33 +339,40 @@ def main(argv: list[str] | None = None) -> int:
         "n_ctx": args.n_ctx,
         "threads": args.threads,
     }
-    results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="kv-bench-") as tmp:
-        talk = Path(tmp) / "talk.json"
-        alone = Path(tmp) / "alone" / "talk.json"
-        results["save"] = run_worker("save", {**base, "path": str(talk)})
-        alone.parent.mkdir()
-        shutil.copyfile(talk, alone)
-        results["resume_cold"] = run_worker("resume", {**base, "path": str(alone)})
-        results["resume_warm"] = run_worker("resume", {**base, "path": str(talk)})
-        folder = Path(tmp) / "kv"
-        results["first_cold"] = run_worker("first", {**base, "dir": str(folder)})
-        results["first_warm"] = run_worker("first", {**base, "dir": str(folder)})
-        results["turns_off"] = run_worker("turns", {**base, "cache": False})
-        results["turns_on"] = run_worker("turns", {**base, "cache": True})
+    results: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "load_before": _load(),
+    }
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    if unknown := sorted(set(cases) - set(CASES)):
+        parser.error(f"--cases: unknown {', '.join(unknown)} (choose from {', '.join(CASES)})")
+
+    def keep(name: str, result: dict[str, Any]) -> None:
+        results[name] = result
+        if args.json:  # after each case, so an interrupted run keeps what it measured
+            args.json.write_text(json.dumps(results, indent=1))
+
+    measure(base, cases, keep)
     command = f"python benchmarks/kv_cache.py --preset {args.preset} --threads {args.threads}"
     command += f" --n-ctx {args.n_ctx}"
+    section = f"kv-cache:{args.preset}-twin"
+    if cases != list(CASES):
+        command += f" --cases {','.join(cases)}"
+        section += ":" + "+".join(cases)
+    command += " --update BENCHMARKS.md"
     settings = (
         f"{args.threads} threads, n_ctx {args.n_ctx}, {MAX_TOKENS} new tokens per answer, "
         "greedy; photos: generated 1280x960 photo-like JPEGs"
     )
-    label = f"{args.preset} twin"
+    label = f"Kept KV states (issue 18): {args.preset} twin"
+    if cases != list(CASES):
+        label += ", " + ", ".join(cases)
     body = report(label, results, command, settings)
     print(f"### {label}\n\n{body}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     if args.update:
-        update_section(args.update, f"kv-cache:{args.preset}-twin", label, body)
+        update_section(args.update, section, label, body)
     return 0
 
 
