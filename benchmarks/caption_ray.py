@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         engine["mmproj"] = args.mmproj
         label = Path(args.model).stem
     prompt = "What digit is this?" if args.model == "demo" and not args.preset else "Describe."
+    before = "/".join(f"{v:.1f}" for v in os.getloadavg())
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         _pictures(folder, args.pictures, "demo" if label == "demo model" else "photo")
@@ -184,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         startup, run = with_ray(
             {"backend": "llama_cpp", "engine": engine}, folder, prompt, args.max_tokens
         )
-    load = "/".join(f"{v:.1f}" for v in os.getloadavg())
+    after = "/".join(f"{v:.1f}" for v in os.getloadavg())
+    load = f"{before} at the start, {after} at the end"
     body = markdown(args.pictures, one, startup, run, load)
     print(body)
     if args.update:

@@ -70,6 +70,8 @@ class Run:
     concurrent_answered: int = 0
     concurrent_asked: int = 0
     peak_rss_mib: float = 0.0
+    load_before: str = ""
+    load_after: str = ""
 
 
 def _free_port() -> int:
@@ -176,7 +178,7 @@ def measure(server: str, lm: Path, mm: Path, args: argparse.Namespace) -> Run:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = Path(args.logs) / f"{server.split(maxsplit=1)[0].replace('.', '_')}.log"
-    run = Run(server)
+    run = Run(server, load_before=_load())
     start = time.perf_counter()
     with _running(_command(server, lm, mm, port, args), url, log) as process:
         run.load_s = time.perf_counter() - start
@@ -199,7 +201,12 @@ def measure(server: str, lm: Path, mm: Path, args: argparse.Namespace) -> Run:
         run.concurrent_answered = len([t for t in results if t.text])
         run.concurrent_asked = args.clients * args.turns
         run.peak_rss_mib = _peak_rss_mib(process.pid)
+    run.load_after = _load()
     return run
+
+
+def _load() -> str:
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def _ratio(a: float, b: float) -> str:
@@ -244,19 +251,27 @@ def markdown(runs: list[Run], label: str, args: argparse.Namespace, command: str
     ]
     for row_name, pick in rows:
         lines.append(f"| {row_name} | {pick(ours)} | {pick(theirs)} |")
+    lines.append(
+        f"| load average, server start / end | {ours.load_before} / {ours.load_after} | "
+        f"{theirs.load_before} / {theirs.load_after} |"
+    )
     follow = [b.ttft_s / a.ttft_s for a, b in zip(ours.turns[1:], theirs.turns[1:], strict=True)]
     first = ours.turns[0].total_s / theirs.turns[0].total_s
     memory = ours.peak_rss_mib / theirs.peak_rss_mib
     lines += [
         "",
-        "| target (issue 17) | measured |",
-        "|---|---|",
+        "| target (issue 17) | measured | |",
+        "|---|---|---|",
         f"| follow-up time to first token at least 20x lower | "
-        f"{', '.join(f'{r:.1f}x' for r in follow)} lower |",
-        f"| first turn within 1.05x | {first:.2f}x |",
-        f"| peak memory within 10% | {memory:.2f}x |",
+        f"{', '.join(f'{r:.1f}x' for r in follow)} lower | {_met(min(follow) >= 20)} |",
+        f"| first turn within 1.05x | {first:.2f}x | {_met(first <= 1.05)} |",
+        f"| peak memory within 10% | {memory:.2f}x | {_met(memory <= 1.10)} |",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "**missed**"
 
 
 def _stat(run: Run, how: Any) -> str:
