@@ -226,7 +226,7 @@ def work_ours(config: Config) -> EngineRun:
                 total_s=total,
                 image_encode_s=stats.image_encode_s,
                 images_encoded=stats.images_encoded or 0,
-                prompt_tokens=stats.prompt_tokens,
+                prompt_tokens=stats.prompt_tokens or 0,
                 reused_tokens=stats.cached_tokens or 0,
                 question_tokens=question_tokens,
                 new_tokens=probe.count,

@@ -81,17 +81,19 @@ class Stats(BaseModel):
     prompt tokens the engine evaluated for this turn; ``cached_tokens`` those it did
     not have to: reused from the previous turn, or restored from a kept KV state
     (another conversation's, a saved conversation's, or one on disk).
-    ``image_encode_s`` is None where the engine cannot tell. ``dropped_turns`` counts
-    old turns left out to make room (``on_overflow="drop_oldest"``).
+    A figure the engine cannot know is None, never a guess: a server behind the openai
+    engine may report no token counts (llama-cpp-python's, while streaming) or no
+    timings; ``image_encode_s`` is None where the engine cannot tell. ``dropped_turns``
+    counts old turns left out to make room (``on_overflow="drop_oldest"``).
     """
 
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    prompt_tokens: int | None = 0
+    completion_tokens: int | None = 0
     cached_tokens: int | None = None
     images_encoded: int | None = None
     load_s: float = 0.0
-    prompt_s: float = 0.0
-    decode_s: float = 0.0
+    prompt_s: float | None = 0.0
+    decode_s: float | None = 0.0
     total_s: float = 0.0
     first_token_s: float | None = None
     image_encode_s: float | None = None
@@ -100,7 +102,7 @@ class Stats(BaseModel):
     @property
     def decode_tokens_per_s(self) -> float | None:
         """Completion tokens per second of decoding, when there was any."""
-        if self.decode_s <= 0 or self.completion_tokens == 0:
+        if not self.decode_s or not self.completion_tokens or self.decode_s <= 0:
             return None
         return self.completion_tokens / self.decode_s
 

@@ -15,6 +15,7 @@ from llava_local.apps import bench
 from llava_local.cli.bench import bench as bench_command
 
 from .gguf_fixtures import GgufPair, png_bytes
+from .known import known
 from .ollama_server import OllamaServer, Script
 
 
@@ -31,14 +32,14 @@ def test_llama_cpp_follow_ups_reuse_the_picture(tiny_pair: GgufPair) -> None:
     assert first.with_image
     assert first.images_encoded == 1
     assert first.image_encode_s is not None
-    assert first.prompt_tokens > 0
+    assert known(first.prompt_tokens) > 0
     for turn in follow_ups:
         assert not turn.with_image
         assert turn.images_encoded == 0
         assert turn.cached_tokens is not None
         assert turn.cached_tokens > 0
-        assert 0 < turn.prompt_tokens < first.prompt_tokens
-    assert all(t.completion_tokens <= 4 for t in result.turns)
+        assert 0 < known(turn.prompt_tokens) < known(first.prompt_tokens)
+    assert all(known(t.completion_tokens) <= 4 for t in result.turns)
     assert result.backend == "llama_cpp"
     assert result.peak_rss_mib > 0
     assert result.load_s > 0

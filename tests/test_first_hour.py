@@ -23,6 +23,7 @@ from llava_local.apps.ui import _Session
 from llava_local.cli import main
 from llava_local.cli.chat import NO_PICTURE, Repl
 
+from .known import known
 from .option_args import OptionArgs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,8 +135,8 @@ def test_max_tokens_beyond_the_context_is_capped(demo: VisionChat) -> None:
         question = "Look closely at this handwritten picture. What digit is this?"
         reply = chat.ask(question, image=DIGIT, max_tokens=5000, temperature=0)
     assert reply.done_reason == "length"
-    assert reply.stats.completion_tokens > 0
-    assert reply.stats.prompt_tokens + reply.stats.completion_tokens <= n_ctx
+    assert known(reply.stats.completion_tokens) > 0
+    assert known(reply.stats.prompt_tokens) + known(reply.stats.completion_tokens) <= n_ctx
 
 
 def test_a_turn_reports_what_it_is_doing_in_order(demo: VisionChat) -> None:

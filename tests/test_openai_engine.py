@@ -230,7 +230,7 @@ def test_the_key_is_sent_as_a_bearer_token(
 
 def test_stats_come_from_usage_and_timings(scripted_openai: ScriptedServer) -> None:
     """Reply.stats take token counts from usage (cached tokens apart) and llama-server's
-    timings where sent; what nobody reports stays unset."""
+    timings where sent; what nobody reports is None, never 0."""
     usage = {
         "prompt_tokens": 30,
         "completion_tokens": 4,
@@ -246,10 +246,12 @@ def test_stats_come_from_usage_and_timings(scripted_openai: ScriptedServer) -> N
         scripted_openai.script = Script()
         unreported = chat.ask("Again?").stats
     assert (from_usage.prompt_tokens, from_usage.cached_tokens) == (10, 20)
-    assert (from_usage.completion_tokens, from_usage.prompt_s) == (4, 0.0)
+    assert (from_usage.completion_tokens, from_usage.prompt_s) == (4, None)
     assert (from_timings.prompt_tokens, from_timings.cached_tokens) == (9, 21)
     assert (from_timings.prompt_s, from_timings.decode_s) == (0.05, 0.04)
-    assert (unreported.prompt_tokens, unreported.cached_tokens) == (0, None)
+    assert (unreported.prompt_tokens, unreported.cached_tokens) == (None, None)
+    assert (unreported.completion_tokens, unreported.decode_s) == (None, None)
+    assert unreported.decode_tokens_per_s is None
 
 
 def test_the_model_is_the_only_one_listed_or_must_be_named(

@@ -20,6 +20,8 @@ from llava_local.backends.llama_cpp import LlamaCppBackend
 from llava_local.demo import demo_paths
 from llava_local.types import Reply
 
+from .known import known
+
 ROOT = Path(__file__).resolve().parent.parent
 DIGIT = ROOT / "examples" / "digit.png"
 SHAPE = ROOT / "examples" / "shape.png"
@@ -63,7 +65,7 @@ def test_two_tabs_share_one_engine_and_keep_their_own_conversations() -> None:
         assert follow_up.text == "This digit is 7."
         assert follow_up.stats.images_encoded == 0
         assert follow_up.stats.cached_tokens is not None
-        assert follow_up.stats.cached_tokens > first.stats.prompt_tokens  # picture + turn
+        assert follow_up.stats.cached_tokens > known(first.stats.prompt_tokens)  # picture + turn
         assert a.chat is not None
         assert b.chat is not None
         assert len(a.chat.history) == 4

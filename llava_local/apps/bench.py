@@ -89,9 +89,9 @@ class TurnResult(BaseModel):
     total_s: float
     image_encode_s: float | None
     images_encoded: int | None
-    prompt_tokens: int
+    prompt_tokens: int | None
     cached_tokens: int | None
-    completion_tokens: int
+    completion_tokens: int | None
     decode_tokens_per_s: float | None
     done_reason: str | None
     answer: str
@@ -300,9 +300,9 @@ def table(result: BenchResult) -> Table:
             _num(t.ttft_s),
             _num(t.total_s),
             _num(t.image_encode_s),
-            str(t.prompt_tokens),
+            _num(t.prompt_tokens, "d"),
             _num(t.cached_tokens, "d"),
-            str(t.completion_tokens),
+            _num(t.completion_tokens, "d"),
             _num(t.decode_tokens_per_s, ".1f"),
         )
     return grid

@@ -719,10 +719,10 @@ def _stats_markdown(reply: Reply | None) -> str:
     s = reply.stats
     rate = s.decode_tokens_per_s
     cells = {
-        "prompt tokens": str(s.prompt_tokens),
+        "prompt tokens": _or_dash(s.prompt_tokens),
         "cached tokens": _or_dash(s.cached_tokens),
         "pictures encoded": _or_dash(s.images_encoded),
-        "answer tokens": str(s.completion_tokens),
+        "answer tokens": _or_dash(s.completion_tokens),
         "first token": _seconds(s.first_token_s),
         "total": _seconds(s.total_s),
         "decode": "-" if rate is None else f"{rate:.1f} tok/s",

@@ -23,8 +23,8 @@ What this module adds to the client:
   The same wait notices ``cancel()`` at once, even before the first piece.
 - :class:`~llava_local.types.Stats` come from what the server reports: ``usage``
   (``prompt_tokens_details.cached_tokens`` where given) and llama-server's ``timings``.
-  Token counts the server does not report stay 0, timings it does not report stay 0.0
-  (``cached_tokens`` None); ``first_token_s`` and ``total_s`` are measured here.
+  Token counts and timings the server does not report are None, never guessed;
+  ``first_token_s`` and ``total_s`` are measured here.
 - Every low-level error becomes a :mod:`llava_local.errors` type in one function,
   :func:`_translate`.
 
@@ -539,8 +539,13 @@ def _mapping(value: Any) -> Mapping[str, Any] | None:
 
 
 def _count(source: Mapping[str, Any] | None, key: str) -> int | None:
+    value = _number(source, key)
+    return None if value is None else int(value)
+
+
+def _number(source: Mapping[str, Any] | None, key: str) -> float | None:
     value = source.get(key) if source is not None else None
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def _done_reason(reason: str) -> DoneReason:
@@ -567,13 +572,13 @@ def _stats(
         prompt = _count(timings, "prompt_n") if "prompt_n" in timings else prompt
         cached = _count(timings, "cache_n") if "cache_n" in timings else cached
         completion = _count(timings, "predicted_n") if "predicted_n" in timings else completion
-        prompt_ms, decode_ms = _count(timings, "prompt_ms"), _count(timings, "predicted_ms")
-    return Stats(
-        prompt_tokens=prompt or 0,
-        completion_tokens=completion or 0,
+        prompt_ms, decode_ms = _number(timings, "prompt_ms"), _number(timings, "predicted_ms")
+    return Stats(  # what the server did not report stays None
+        prompt_tokens=prompt,
+        completion_tokens=completion,
         cached_tokens=cached,
-        prompt_s=(prompt_ms or 0) / 1000,
-        decode_s=(decode_ms or 0) / 1000,
+        prompt_s=None if prompt_ms is None else prompt_ms / 1000,
+        decode_s=None if decode_ms is None else decode_ms / 1000,
         total_s=total_s,
         first_token_s=first_token_s,
     )

@@ -221,11 +221,12 @@ class _OpenAIReply:
 def _usage(reply: Reply) -> dict[str, Any]:
     stats = reply.stats
     cached = stats.cached_tokens or 0
-    prompt = stats.prompt_tokens + cached
+    prompt = (stats.prompt_tokens or 0) + cached  # our engine always counts both
+    completion = stats.completion_tokens or 0
     return {
         "prompt_tokens": prompt,
-        "completion_tokens": stats.completion_tokens,
-        "total_tokens": prompt + stats.completion_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": cached},
     }
 
@@ -236,7 +237,7 @@ def _timings(reply: Reply) -> dict[str, Any]:
     return {
         "cache_n": stats.cached_tokens or 0,
         "prompt_n": stats.prompt_tokens,
-        "prompt_ms": stats.prompt_s * 1000,
+        "prompt_ms": (stats.prompt_s or 0.0) * 1000,
         "predicted_n": stats.completion_tokens,
-        "predicted_ms": stats.decode_s * 1000,
+        "predicted_ms": (stats.decode_s or 0.0) * 1000,
     }
