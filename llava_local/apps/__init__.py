@@ -3,7 +3,8 @@
 Each module is one job a Python user can call too: :mod:`.caption` (a folder of
 pictures to JSON Lines), :mod:`.eval` (accuracy on labelled pictures), :mod:`.bench`
 (timings), :mod:`.doctor` (what this machine can run), :mod:`.ui` (the web page),
-:mod:`.datasets` (labelled picture sets) and :mod:`.models` (listing and pulling
-models). They use the core and the engines;
+:mod:`.caption_ray` (the same job on a Ray cluster), :mod:`.serve` (the engine behind
+OpenAI- and Ollama-compatible HTTP routes), :mod:`.datasets` (labelled picture sets)
+and :mod:`.models` (listing and pulling models). They use the core and the engines;
 the core and the engines never import them (checked by import-linter).
 """
