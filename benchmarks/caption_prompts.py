@@ -36,7 +36,6 @@ import argparse
 import base64
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llava_local_dev.report import update_section
 from llava_local_dev.twins import word_answers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -272,19 +272,6 @@ def report(results: dict[str, Any], command: str, settings: str, pictures: int) 
             "machine's speed changing between runs does not move.",
         ]
     return "\n".join(lines) + "\n"
-
-
-def update_section(path: Path, name: str, title: str, body: str) -> None:
-    """Replace (or append) the part of ``path`` between this section's markers."""
-    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
-    block = f"{begin}\n### {title}\n\n{body}{end}"
-    text = path.read_text()
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from llava_local_dev.report import update_section
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "caption-ray"
@@ -136,19 +137,6 @@ def markdown(count: int, one: float, startup: float, run: float, load: str) -> s
     return "\n".join(lines) + "\n"
 
 
-def update_section(path: Path, title: str, body: str) -> None:
-    begin, end = f"<!-- begin {SECTION} {title} -->", f"<!-- end {SECTION} {title} -->"
-    block = f"{begin}\n### Captioning on Ray: {title}\n\n{body}{end}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
-    text = (
-        pattern.sub(lambda _: block, text)
-        if pattern.search(text)
-        else text.rstrip("\n") + "\n\n" + block + "\n"
-    )
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="demo", help="demo, or a GGUF language model")
@@ -190,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     body = markdown(args.pictures, one, startup, run, load)
     print(body)
     if args.update:
-        update_section(args.update, label, body)
+        update_section(args.update, f"{SECTION} {label}", f"Captioning on Ray: {label}", body)
     return 0
 
 

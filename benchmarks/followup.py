@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_local_dev.mtmd import MtmdRunner
+from llava_local_dev.report import update_section
 from llava_local_dev.twins import ascii_answers, word_answers
 from pydantic import BaseModel
 
@@ -664,19 +665,6 @@ def markdown(
             verdict = "n/a" if met is None else ("yes" if met else "**no**")
             lines.append(f"| {target} | {measured} | {verdict} |")
     return "\n".join(lines) + "\n"
-
-
-def update_section(path: Path, name: str, title: str, body: str) -> None:
-    """Replace (or append) the part of ``path`` between this section's markers."""
-    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
-    block = f"{begin}\n### {title}\n\n{body}{end}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def print_tables(runs: dict[str, EngineRun]) -> None:

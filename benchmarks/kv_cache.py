@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from llava_local_dev.report import update_section
 from llava_local_dev.twins import word_answers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -272,19 +272,6 @@ def _state_size(results: dict[str, Any]) -> list[str]:
             f"{_s(results['save']['save_s'])} |",
         ]
     return lines
-
-
-def update_section(path: Path, name: str, title: str, body: str) -> None:
-    """Replace (or append) the part of ``path`` between this section's markers."""
-    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
-    block = f"{begin}\n### {title}\n\n{body}{end}"
-    text = path.read_text()
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def measure(base: dict[str, Any], cases: list[str], keep: Callable[[str, Any], None]) -> None:

@@ -43,6 +43,7 @@ from typing import Any, cast
 
 import httpx
 import openai
+from llava_local_dev.report import update_section
 from llava_local_dev.twins import word_answers
 from openai.types.chat import ChatCompletionChunk
 
@@ -276,19 +277,6 @@ def _met(ok: bool) -> str:
 
 def _stat(run: Run, how: Any) -> str:
     return f"{how(run.concurrent_latencies):.1f} s" if run.concurrent_latencies else "-"
-
-
-def update_section(path: Path, name: str, title: str, body: str) -> None:
-    """Replace (or append) the part of ``path`` between this section's markers."""
-    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
-    block = f"{begin}\n### {title}\n\n{body}{end}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
