@@ -15,7 +15,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -447,3 +447,31 @@ def test_cli_kv_cache_option_keeps_states_in_the_folder(tmp_path: Path) -> None:
     assert second.exit_code == 0, second.output
     assert '"images_encoded": 0' in second.output
     assert os.path.getsize(states(tmp_path)[0]) > 0
+
+
+def test_cli_kv_cache_mb_option_sizes_the_memory_tier() -> None:
+    """`--kv-cache-mb` reaches the engine from every command's engine options: 0 keeps
+    no state in memory, a number bounds the tier, a negative one is a usage error."""
+    import click
+
+    from llava_local.cli._common import engine_options, open_chat
+
+    seen: list[Any] = []
+
+    @click.command()
+    @engine_options
+    def probe(**options: Any) -> None:
+        with open_chat(**options) as chat:
+            seen.append(cast(LlamaCppBackend, chat.engine).kv_cache)
+
+    base = ["--backend", "llama_cpp", "--n-ctx", "1024"]
+    assert CliRunner().invoke(probe, [*base, "--kv-cache-mb", "0"]).exit_code == 0
+    assert seen == [None]
+    result = CliRunner().invoke(probe, [*base, "--kv-cache-mb", "64"])
+    assert result.exit_code == 0, result.output
+    tier = seen[-1].memory
+    assert tier is not None
+    assert tier.max_bytes == 64 * 2**20
+    refused = CliRunner().invoke(probe, [*base, "--kv-cache-mb", "-1"])
+    assert refused.exit_code == 2
+    assert "--kv-cache-mb" in refused.output

@@ -40,6 +40,7 @@ _FLAGS = {
     "n_threads": "--threads",
     "chat_format": "--chat-format",
     "kv_cache_dir": "--kv-cache",
+    "kv_cache_mb": "--kv-cache-mb",
     "host": "--host",
     "base_url": "--host",
     "timeout": "--timeout",
@@ -117,6 +118,14 @@ def engine_options(func: F) -> F:
             metavar="DIR",
             help="Keep KV states in DIR (llama.cpp engine): a picture read by an earlier "
             "run is restored, not read again.",
+        ),
+        click.option(
+            "--kv-cache-mb",
+            "kv_cache_mb",
+            type=click.FloatRange(0),
+            metavar="MB",
+            help="Memory for KV states kept between conversations (llama.cpp engine; "
+            "default: half of what is free after loading; 0: none).",
         ),
     ]
     for decorator in reversed(decorators):
