@@ -66,9 +66,30 @@ class Terminal:
     def type(self, text: str) -> None:
         os.write(self.master, text.encode())
 
+    def drain(self, seconds: float = 0.0) -> None:
+        """Read what the child prints for ``seconds``, as a terminal does: a pty nobody
+        reads fills up and blocks the child's next write (a progress bar's refresh)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            left = deadline - time.monotonic()
+            if self._ready(max(0.0, left)):
+                try:
+                    data = os.read(self.master, 65536)
+                except OSError:  # the child is gone
+                    return
+                if not data:
+                    return
+                self.screen += data.decode(errors="replace")
+            elif left <= 0:
+                return
+
     def close(self) -> int:
+        """Wait for the child to exit, still reading its output, and return its status."""
+        deadline = time.monotonic() + 30
         try:
-            return self.proc.wait(timeout=30)
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                self.drain(0.1)
+            return self.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         finally:
             os.close(self.master)
 

@@ -234,8 +234,8 @@ def test_ctrl_c_stops_caption_while_a_picture_is_encoded(
     term = Terminal(args)
     while not out.exists() or out.read_text().count("\n") < 1:
         assert term.proc.poll() is None, term.screen
-        time.sleep(0.05)
-    time.sleep(0.5)  # the second picture's encoding (about two seconds) is under way
+        term.drain(0.05)  # the progress bar's output, read as a terminal would
+    term.drain(0.5)  # the second picture's encoding (about two seconds) is under way
     os.kill(term.proc.pid, signal.SIGINT)
     assert term.close() == 130
     assert out.read_text().count("\n") == 1
