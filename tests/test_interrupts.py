@@ -243,3 +243,34 @@ def test_ctrl_c_stops_caption_while_a_picture_is_encoded(
     assert rerun.returncode == 0, rerun.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(Path(r["path"]).name for r in rows) == ["0.png", "1.png", "2.png"]
+
+
+LOAD_CHILD = """
+import sys
+from llava_local import VisionChat
+chat = VisionChat.llama_cpp(sys.argv[1], mmproj=sys.argv[2], verbose=True)
+chat.engine
+print("loaded", flush=True)
+"""
+
+
+def test_ctrl_c_while_the_model_loads_is_not_lost(slow_twin: SlowTwin) -> None:
+    """SIGINT while llama.cpp loads the files (its log lines prove the load is in C)
+    raises KeyboardInterrupt once loading ends, instead of vanishing in a log callback
+    and letting the program go on (a 7B model loads for tens of seconds on a Pi)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LOAD_CHILD, str(slow_twin.lm), str(slow_twin.mmproj)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if line.startswith("llama_model_loader:"):  # llama.cpp is reading the model
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert "KeyboardInterrupt" in err
+    assert proc.returncode == -signal.SIGINT  # Python's exit for an uncaught Ctrl-C
+    assert "loaded" not in out

@@ -217,8 +217,7 @@ class LlamaCppBackend(Backend):
         if n_gpu_layers == 0:  # with GPU offload the host holds less than this
             memory.check(self.memory_estimate, force=force)
         start = time.perf_counter()
-        self._llama = self._load_llama(n_ctx, n_gpu_layers, n_batch, use_mmap, verbose)
-        self._ctx = self._init_mtmd(verbose)
+        self._load(n_ctx, n_gpu_layers, n_batch, use_mmap, verbose)
         self._load_s = time.perf_counter() - start
         self._marker = self._mtmd.mtmd_default_marker().decode()
         bos = self._piece(self._llama.token_bos())
@@ -279,6 +278,27 @@ class LlamaCppBackend(Backend):
         if tier is None and disk is None:
             return None
         return kv_cache.PrefixCache(tier, disk)
+
+    def _load(
+        self, n_ctx: int, n_gpu_layers: int, n_batch: int, use_mmap: bool, verbose: bool
+    ) -> None:
+        """Load the language model and the projector. A Ctrl-C meanwhile would be raised
+        in a C log callback and lost (a 7B model loads for tens of seconds on a small
+        CPU), so it is held until loading ends, then raised with both files let go."""
+        loading = TurnControl()
+        self._ctx = None
+        try:
+            with loading.c_calls():
+                self._llama = self._load_llama(n_ctx, n_gpu_layers, n_batch, use_mmap, verbose)
+                if not loading.cancelled:  # no projector to load for nothing
+                    self._ctx = self._init_mtmd(verbose)
+        except BaseException:
+            if self._ctx:
+                self._mtmd.mtmd_free(self._ctx)
+                self._ctx = None
+            if getattr(self, "_llama", None) is not None:
+                self._llama.close()
+            raise
 
     def _load_llama(
         self, n_ctx: int, n_gpu_layers: int, n_batch: int, use_mmap: bool, verbose: bool
