@@ -4,6 +4,7 @@ a resumed run, and Ollama workers spread over two look-alike daemons."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -23,11 +24,11 @@ from PIL import Image
 
 from llava_local import InvalidRequestError, VisionChat
 from llava_local.apps.caption import caption, read_captions
-from llava_local.apps.caption_ray import caption_ray, local_cpus_needed
+from llava_local.apps.caption_ray import MAX_WORKER_DEATHS, caption_ray, local_cpus_needed
 from llava_local.apps.datasets import DIGIT_PROMPT, load_set
 from llava_local.cli.caption import caption as caption_command
 
-from .ollama_server import OllamaServer
+from .ollama_server import OllamaServer, RecordedRequest, Script
 from .option_args import OptionArgs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -159,6 +160,46 @@ def test_a_killed_worker_is_restarted_and_no_picture_is_written_twice(
     assert killed, "no worker was killed: the run ended first"
     assert summary.done + summary.failed == 86
     assert sorted(pairs(lines(out)).values()) == [1] * 86
+
+
+def test_a_picture_that_kills_every_worker_gets_an_error_line_and_the_run_ends(
+    ray_instance: str, ollama_server: OllamaServer, tmp_path: Path
+) -> None:
+    """A picture whose reading kills the worker every time (the daemon's stand-in
+    SIGKILLs the worker that asks about it, as a crash in the engine would end it) is
+    tried MAX_WORKER_DEATHS times, then written as an ImageError line; Ray would
+    otherwise restart the worker and retry it forever. The other pictures are written
+    once each."""
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for index in range(4):
+        Image.new("RGB", (64, 64), (index * 60, 80, 120)).save(folder / f"ok{index}.png")
+    Image.new("RGB", (37, 23), "red").save(folder / "poison.png")
+    killed: list[int] = []
+
+    def answer(request: RecordedRequest) -> Script:
+        for pictures in request.pictures():
+            for data in pictures:
+                if Image.open(io.BytesIO(data)).size == (37, 23):
+                    for pid in worker_pids():
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+                    return Script(fault="stall", stall_s=5)
+        return Script()
+
+    ollama_server.script(answer)
+    out = tmp_path / "ray.jsonl"
+    args = [str(folder), "-p", "Caption.", "-o", str(out), "--ray", "--workers", "1"]
+    args += ["--backend", "ollama", "--host", ollama_server.url, "--no-progress"]
+    result = CliRunner().invoke(caption_command, args)
+    assert result.exit_code == 0, result.output
+    assert len(killed) == MAX_WORKER_DEATHS
+    records = lines(out)
+    assert sorted(pairs(records).values()) == [1] * 5
+    poison = next(r for r in records if Path(r["path"]).name == "poison.png")
+    assert poison["error_type"] == "ImageError"
+    assert f"killed the worker {MAX_WORKER_DEATHS} times" in poison["error"]
+    assert {r["text"] for r in records if "text" in r} == {"A cat on a mat."}
 
 
 def test_ctrl_c_on_the_driver_then_a_ray_run_completes_without_repeats(

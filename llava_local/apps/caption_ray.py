@@ -26,6 +26,11 @@ Faults:
   any copy of a picture already written, are dropped by the driver, which
   de-duplicates by picture (content hash, or path) and prompt before writing, so each
   picture and prompt is written once;
+- a picture whose reading killed its worker ``MAX_WORKER_DEATHS`` times (a crash in the
+  engine's C code, memory running out on that picture) is not tried again: it gets an
+  ``ImageError`` line, as a broken file does, and the run goes on instead of restarting
+  workers forever (the workers tell a small actor, :class:`_Attempts`, which pictures
+  they begin and finish);
 - an error that stops a one-machine run (the engine is unreachable, the model is gone)
   stops this one too, after its line is written; so do ``max_failures_in_a_row`` engine
   failures in a row;
@@ -44,6 +49,7 @@ with fewer is refused before anything starts.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -58,7 +64,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .. import structured
 from ..chat import VisionChat
-from ..errors import BackendError, InvalidRequestError, LlavaLocalError, MissingDependencyError
+from ..errors import (
+    BackendError,
+    ImageError,
+    InvalidRequestError,
+    LlavaLocalError,
+    MissingDependencyError,
+)
 from ..picture_files import find_pictures
 from ..progress import RunProgress
 from ..structured import Schema
@@ -69,6 +81,7 @@ from .caption import (
     _check_call,
     _Identity,
     _identity,
+    _Item,
     _Ledger,
     _load_item,
     _Output,
@@ -303,6 +316,28 @@ def _pool_size(ray: Any, workers: int | None, cpus: int) -> int:
 # --- the workers ---------------------------------------------------------------------
 
 
+#: How many workers a picture may kill (a worker that dies while reading it) before it
+#: gets an error line instead of another try.
+MAX_WORKER_DEATHS = 2
+
+
+class _Attempts:
+    """The pictures workers have begun and not finished (a Ray actor of its own): a
+    picture begun again after its worker died counts that death."""
+
+    def __init__(self) -> None:
+        self._deaths: dict[str, int] = {}
+
+    def begin(self, key: str) -> int:
+        """Record that a worker begins ``key``; how many workers died reading it before."""
+        deaths = self._deaths.get(key, 0)
+        self._deaths[key] = deaths + 1  # a death, unless end() comes first
+        return deaths
+
+    def end(self, key: str) -> None:
+        self._deaths.pop(key, None)
+
+
 class _HostPicker:
     """Hands each worker the next host, round robin (a Ray actor of its own)."""
 
@@ -326,7 +361,9 @@ class _Worker:
         options: dict[str, Any],
         settled: frozenset[_Pair],
         picker: Any = None,
+        attempts: Any = None,
     ) -> None:
+        self.attempts = attempts
         if picker is not None:
             import ray
 
@@ -358,6 +395,7 @@ class _Worker:
                 data=None if contents is None else bytes(contents[index]),
                 source=None if files is None else Path(str(files[index])),
             )
+            item = self._begin(item)
             for prompt in self.prompts:
                 if (item.identity, prompt) in self.settled:
                     skip = {"path": str(path), "sha256": item.sha256, "prompt": prompt}
@@ -365,8 +403,25 @@ class _Worker:
                     continue
                 answer = self.asker.answer(item, prompt)
                 rows.append(json.dumps({"line": answer.record, "seconds": answer.seconds}))
+            if self.attempts is not None:
+                self.attempts.end.remote(str(item.path))
         self.chat.reset()
         return {"row": np.array(rows, dtype=object)}
+
+    def _begin(self, item: _Item) -> _Item:
+        """``item``, or an error in its place when reading it killed too many workers."""
+        if self.attempts is None or item.error is not None:
+            return item
+        import ray
+
+        deaths = int(ray.get(self.attempts.begin.remote(str(item.path))))
+        if deaths < MAX_WORKER_DEATHS:
+            return item
+        reason = (
+            f"reading it killed the worker {deaths} times (a crash in the engine, or memory "
+            "running out on this picture); it was not tried again"
+        )
+        return dataclasses.replace(item, error=ImageError(str(item.path), reason))
 
 
 class _Job:
@@ -409,6 +464,7 @@ class _Job:
         picker = None
         if hosts:
             picker = ray.remote(num_cpus=0)(_HostPicker).remote(list(hosts))
+        attempts = ray.remote(num_cpus=0)(_Attempts).remote()
         mapped = dataset.map_batches(
             _Worker,
             batch_size=batch_size,
@@ -422,6 +478,7 @@ class _Job:
                 "options": self.options,
                 "settled": self.settled,
                 "picker": picker,
+                "attempts": attempts,
             },
         )
         return iter(mapped.iter_batches(batch_size=None, batch_format="numpy"))
