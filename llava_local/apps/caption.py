@@ -339,8 +339,7 @@ class _Output:
         self._lines = 0
 
     def __enter__(self) -> _Output:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        self._fd = self._open()
         try:
             self._lock()
             self._load()
@@ -355,7 +354,15 @@ class _Output:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        os.close(self._fd)  # closing also releases the lock
+        try:
+            self.flush()
+        finally:
+            os.close(self._fd)  # closing also releases the lock
+
+    def _open(self) -> int:
+        """The descriptor the run's lock is taken on: here the file itself."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
 
     def earlier(self, identity: _Identity, prompt: str) -> _Status | None:
         """What the newest line about this picture and prompt says, or None (no line)."""

@@ -59,7 +59,6 @@ import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 from .. import structured
@@ -577,31 +576,14 @@ class _ParquetOutput(_Output):
         self._pending: list[dict[str, Any]] = []
         self._parts = 0
 
-    def __enter__(self) -> _ParquetOutput:
+    def _open(self) -> int:
+        """The folder's ``.lock`` file, which the run's lock is taken on."""
         if self.path.exists() and not self.path.is_dir():
             raise InvalidRequestError(
                 f"{self.path} is a file; a Parquet output is a folder: choose another name"
             )
         self.path.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            self._lock()
-            self._load()
-        except BaseException:
-            os.close(self._fd)
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:
-            self.flush()
-        finally:
-            os.close(self._fd)
+        return os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
 
     def append(self, record: dict[str, Any]) -> None:
         self._pending.append(record)
