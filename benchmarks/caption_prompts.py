@@ -44,9 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from llava_local_dev.report import update_section
-from llava_local_dev.twins import word_answers
+from llava_local_dev.twins import twin_pair, word_answers
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TWINS = Path("/tmp/twins")
 PROMPTS = (
     "Describe this picture in one sentence.",
@@ -296,11 +295,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from llava_local.apps.bench import synthetic_photo
 
-    directory = args.twins / args.preset
-    lm, mm = directory / "model-q4_0.gguf", directory / "mmproj-f16.gguf"
-    if not (lm.exists() and mm.exists()):
-        maker = [sys.executable, str(ROOT / "benchmarks" / "make_twins.py")]
-        subprocess.run([*maker, "--preset", args.preset, "--out", str(args.twins)], check=True)
+    maker = Path(__file__).with_name("make_twins.py")
+    lm, mm = twin_pair(args.twins, args.preset, maker)
     results: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "load_start": _load(),

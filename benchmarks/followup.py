@@ -51,12 +51,10 @@ from typing import Any
 
 from llava_local_dev.mtmd import MtmdRunner
 from llava_local_dev.report import update_section
-from llava_local_dev.twins import ascii_answers, word_answers
+from llava_local_dev.twins import ascii_answers, twin_pair, word_answers
 from pydantic import BaseModel
 
 from llava_local.apps import bench
-
-ROOT = Path(__file__).resolve().parents[1]
 
 ENGINES = ("ours", "handler", "raw")
 DEFAULT_TWINS = Path("/tmp/twins")
@@ -694,11 +692,8 @@ def _pair(args: argparse.Namespace) -> tuple[Path, Path, str]:
         if not args.mmproj:
             raise SystemExit("--model needs --mmproj")
         return Path(args.model), Path(args.mmproj), args.label or Path(args.model).stem
-    directory = args.twins / args.preset
-    lm, mm = directory / "model-q4_0.gguf", directory / "mmproj-f16.gguf"
-    if not (lm.exists() and mm.exists()):
-        maker = [sys.executable, str(ROOT / "benchmarks" / "make_twins.py")]
-        subprocess.run([*maker, "--preset", args.preset, "--out", str(args.twins)], check=True)
+    maker = Path(__file__).with_name("make_twins.py")
+    lm, mm = twin_pair(args.twins, args.preset, maker)
     if args.answers == "words":
         return word_answers(lm), mm, args.label or f"{args.preset} twin"
     if args.answers == "letters":

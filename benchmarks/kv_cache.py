@@ -41,9 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from llava_local_dev.report import update_section
-from llava_local_dev.twins import word_answers
+from llava_local_dev.twins import twin_pair, word_answers
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TWINS = Path("/tmp/twins")
 MAX_TOKENS = 16
 QUESTIONS = ("What is in this picture?", "What colours are there?", "Is there a person?")
@@ -315,11 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(WORKERS[args.worker](json.loads(args.args))))
         return 0
 
-    directory = args.twins / args.preset
-    lm, mm = directory / "model-q4_0.gguf", directory / "mmproj-f16.gguf"
-    if not (lm.exists() and mm.exists()):
-        maker = [sys.executable, str(ROOT / "benchmarks" / "make_twins.py")]
-        subprocess.run([*maker, "--preset", args.preset, "--out", str(args.twins)], check=True)
+    maker = Path(__file__).with_name("make_twins.py")
+    lm, mm = twin_pair(args.twins, args.preset, maker)
     base = {
         "model": str(word_answers(lm)),
         "mmproj": str(mm),

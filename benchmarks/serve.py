@@ -47,7 +47,7 @@ from typing import Any, cast
 import httpx
 import openai
 from llava_local_dev.report import update_section
-from llava_local_dev.twins import word_answers
+from llava_local_dev.twins import twin_pair, word_answers
 from openai.types.chat import ChatCompletionChunk
 
 from llava_local.apps import bench
@@ -302,11 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update", type=Path, help="BENCHMARKS.md to update")
     args = parser.parse_args(argv)
 
-    directory = args.twins / args.preset
-    lm, mm = directory / "model-q4_0.gguf", directory / "mmproj-f16.gguf"
-    if not (lm.exists() and mm.exists()):
-        maker = [sys.executable, str(ROOT / "benchmarks" / "make_twins.py")]
-        subprocess.run([*maker, "--preset", args.preset, "--out", str(args.twins)], check=True)
+    maker = Path(__file__).with_name("make_twins.py")
+    lm, mm = twin_pair(args.twins, args.preset, maker)
     lm = word_answers(lm)
     for path in (lm, mm):  # the page cache warm for both servers alike
         with path.open("rb") as f:

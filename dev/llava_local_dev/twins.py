@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,17 @@ from llava_local.chat_formats import LLAVA_SYSTEM_PROMPT
 from .gguf_writer import FIRST_EXTRA_ID
 
 __all__ = ["WORD_LETTERS", "ascii_answers", "prompt_words", "word_answers"]
+
+
+def twin_pair(twins: Path, preset: str, maker: Path) -> tuple[Path, Path]:
+    """The language model and projector of twin ``preset`` under ``twins``, written
+    first by the script ``maker`` (``benchmarks/make_twins.py``) when they are not there."""
+    directory = twins / preset
+    lm, mm = directory / "model-q4_0.gguf", directory / "mmproj-f16.gguf"
+    if not (lm.exists() and mm.exists()):
+        command = [sys.executable, str(maker), "--preset", preset, "--out", str(twins)]
+        subprocess.run(command, check=True)
+    return lm, mm
 
 
 def ascii_answers(lm: Path) -> Path:
