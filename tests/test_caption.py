@@ -32,6 +32,7 @@ from llava_local.apps.caption import CaptionSummary, caption, find_pictures, rea
 from llava_local.backends import Backend, Finish, Turn
 from llava_local.cli.caption import caption as caption_command
 
+from .caption_lines import lines
 from .gguf_fixtures import GgufPair, png_bytes
 from .ollama_server import OllamaServer, RecordedRequest, Script
 
@@ -103,13 +104,6 @@ def good_folder(tmp_path: Path) -> Path:
 def ollama_chat(ollama_server: OllamaServer) -> Iterator[VisionChat]:
     with VisionChat.ollama(host=ollama_server.url) as chat:
         yield chat
-
-
-def lines(path: Path) -> list[dict[str, Any]]:
-    """Every line of ``path`` parsed, failing on any line that is not whole JSON."""
-    data = path.read_bytes()
-    assert not data or data.endswith(b"\n")
-    return [json.loads(line) for line in data.splitlines()]
 
 
 def names(records: list[dict[str, Any]]) -> list[str]:

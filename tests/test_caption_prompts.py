@@ -4,7 +4,6 @@ line per picture and prompt, resumable per picture and prompt, with a schema too
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,7 +12,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import pytest
 from click.testing import CliRunner
@@ -25,6 +24,7 @@ from llava_local.apps.caption import caption, read_captions, read_prompts
 from llava_local.apps.datasets import DIGIT_PROMPT, DIGIT_PROMPTS_HELD_OUT, load_set
 from llava_local.cli.caption import caption as caption_command
 
+from .caption_lines import lines, pairs
 from .gguf_fixtures import png_bytes
 from .ollama_server import OllamaServer, RecordedRequest, Script
 
@@ -66,16 +66,6 @@ def pictures(tmp_path: Path) -> Path:
         (folder / f"p{index}.png").write_bytes(png_bytes((40, 40), seed=300 + index))
     (folder / "broken.png").write_bytes(b"<html>not a picture</html>")
     return folder
-
-
-def lines(path: Path) -> list[dict[str, Any]]:
-    data = path.read_bytes()
-    assert not data or data.endswith(b"\n")
-    return [json.loads(line) for line in data.splitlines()]
-
-
-def pairs(records: list[dict[str, Any]]) -> Counter[tuple[str, str]]:
-    return Counter((Path(r["path"]).name, r["prompt"]) for r in records)
 
 
 def asked(server: OllamaServer) -> list[str]:

@@ -15,7 +15,6 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import ray
@@ -28,6 +27,7 @@ from llava_local.apps.caption_ray import MAX_WORKER_DEATHS, caption_ray, local_c
 from llava_local.apps.datasets import DIGIT_PROMPT, load_set
 from llava_local.cli.caption import caption as caption_command
 
+from .caption_lines import lines, pairs
 from .ollama_server import OllamaServer, RecordedRequest, Script
 from .option_args import OptionArgs
 
@@ -80,16 +80,6 @@ def one_machine(
     with VisionChat.from_config(DEMO) as chat:
         caption(chat, digits[0], out, prompt=DIGIT_PROMPT, progress=False, **OPTIONS)
     return {Path(r["path"]).name: r.get("text") or r["error_type"] for r in read_captions(out)}
-
-
-def lines(path: Path) -> list[dict[str, Any]]:
-    data = path.read_bytes()
-    assert not data or data.endswith(b"\n")
-    return [json.loads(line) for line in data.splitlines()]
-
-
-def pairs(records: list[dict[str, Any]]) -> Counter[tuple[str, str]]:
-    return Counter((Path(r["path"]).name, r["prompt"]) for r in records)
 
 
 def worker_pids() -> list[int]:
