@@ -359,8 +359,8 @@ class _Worker:
         schema: dict[str, Any] | None,
         options: dict[str, Any],
         settled: frozenset[_Pair],
+        attempts: Any,
         picker: Any = None,
-        attempts: Any = None,
     ) -> None:
         self.attempts = attempts
         if picker is not None:
@@ -402,14 +402,13 @@ class _Worker:
                     continue
                 answer = self.asker.answer(item, prompt)
                 rows.append(json.dumps({"line": answer.record, "seconds": answer.seconds}))
-            if self.attempts is not None:
-                self.attempts.end.remote(str(item.path))
+            self.attempts.end.remote(str(item.path))
         self.chat.reset()
         return {"row": np.array(rows, dtype=object)}
 
     def _begin(self, item: _Item) -> _Item:
         """``item``, or an error in its place when reading it killed too many workers."""
-        if self.attempts is None or item.error is not None:
+        if item.error is not None:
             return item
         import ray
 
