@@ -146,19 +146,18 @@ def caption(
         prompts = [*prompt, *(read_prompts(prompts_file) if prompts_file else [])]
         with open_chat(**engine, system=system) as chat:
             try:
+                # the one-machine job's settings; --ray adds where and how to spread it
+                job: dict[str, Any] = {
+                    "prompt": prompts,
+                    "schema": schema,
+                    "limit": limit,
+                    "recursive": recursive,
+                    "retry_errors": retry_errors,
+                    "progress": not no_progress,
+                    **options,
+                }
                 if ray_address is None:
-                    summary = caption_pictures(
-                        chat,
-                        list(inputs),
-                        out,
-                        prompt=prompts,
-                        schema=schema,
-                        limit=limit,
-                        recursive=recursive,
-                        retry_errors=retry_errors,
-                        progress=not no_progress,
-                        **options,
-                    )
+                    summary = caption_pictures(chat, list(inputs), out, **job)
                 else:
                     config = chat.config
                     chat.close()  # the workers load their own engines
@@ -166,18 +165,12 @@ def caption(
                         config,
                         list(inputs),
                         out,
-                        prompt=prompts,
-                        schema=schema,
-                        limit=limit,
-                        recursive=recursive,
-                        retry_errors=retry_errors,
-                        progress=not no_progress,
                         address=None if ray_address == "local" else ray_address,
                         workers=workers,
                         cpus_per_worker=engine.get("threads"),
                         hosts=hosts if len(hosts) > 1 else None,
                         format="parquet" if output_format == "parquet" else "jsonl",
-                        **options,
+                        **job,
                     )
             except (LlavaLocalError, KeyboardInterrupt) as exc:
                 if not isinstance(exc, InvalidRequestError):
