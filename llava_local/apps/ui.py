@@ -126,6 +126,13 @@ class _Shared:
         self.users = 0
         self.opening = threading.Lock()  # held while the model loads
 
+    def close(self) -> None:
+        """Close the engine (after a load under way ends); safe to call twice."""
+        with self.opening:
+            engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.close()
+
 
 class _Engines:
     """The page's engines, one per distinct choice, shared by the tabs that chose it.
@@ -180,10 +187,7 @@ class _Engines:
             if shared.users > 0:
                 return
             del self._by_key[key]
-        with shared.opening:
-            engine, shared.engine = shared.engine, None
-        if engine is not None:
-            engine.close()
+        shared.close()
 
     def open_engines(self) -> list[Backend]:
         """The engines open now, each once."""
@@ -195,10 +199,7 @@ class _Engines:
         with self._lock:
             shared, self._by_key, self._of_chat = list(self._by_key.values()), {}, {}
         for entry in shared:
-            with entry.opening:
-                engine, entry.engine = entry.engine, None
-            if engine is not None:
-                engine.close()
+            entry.close()
 
 
 # -- one tab's conversation ----------------------------------------------------------
