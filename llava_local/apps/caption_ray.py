@@ -418,7 +418,8 @@ class _Worker:
         reason = (
             f"reading it killed the worker {deaths} times (a crash in the engine, or memory "
             "running out on this picture); it was not tried again: check the file, give the "
-            "workers more memory, and run again with --retry-errors (retry_errors=True) to ask about it"
+            "workers more memory, and run again with --retry-errors (retry_errors=True) "
+            "to ask about it"
         )
         return dataclasses.replace(item, error=ImageError(str(item.path), reason))
 
