@@ -563,8 +563,13 @@ def write_language_model(
     chat_template: str | None = None,
     name: str = "llava-local test model",
     seed: int = 0,
+    sampling: Mapping[str, float] | None = None,
 ) -> Path:
     """Write a llama-architecture GGUF; see the module docstring for names and layout.
+
+    ``sampling`` declares the model's recommended sampling as ``general.sampling.*``
+    keys (``{"temp": 0.0}``; names as gguf's ``add_sampling_*`` writers: temp, top_k,
+    top_p, min_p, ...), which llama.cpp's tools read as their defaults.
 
     ``dtype`` applies to 2-D tensors; 1-D norms stay float32 (llama.cpp's own rule).
     ``q8_0``/``q4_0`` quantize given weights with ``gguf.quants`` (rows must be multiples
@@ -620,6 +625,11 @@ def write_language_model(
     w.add_bool("tokenizer.ggml.add_eos_token", False)
     if chat_template:
         w.add_string("tokenizer.chat_template", chat_template)
+    for key, value in (sampling or {}).items():
+        add = getattr(w, f"add_sampling_{key}", None)
+        if add is None:
+            raise ValueError(f"gguf has no writer for general.sampling.{key}")
+        add(int(value) if key in ("top_k", "mirostat", "penalty_last_n") else float(value))
     return _write(Path(path), w, plan)
 
 
