@@ -234,6 +234,63 @@ def evaluate(lm: Path, mmproj: Path, n_shapes: int = 300, quick: bool = False) -
     return result
 
 
+def harness_figures(lm: Path, mmproj: Path, quick: bool = False) -> dict[str, Any]:
+    """The 2nd edition's targets, measured with ``llava-local eval``'s harness
+    (``llava_local.apps.eval``) on the test split and the built-in shapes: structured
+    answers (the task's schema, the grammar on, exact values), the engine's default
+    sampling (5 samples a question, seeds 0-4), the held-out client wrappers, and
+    instructor's JSON mode (a trained client, for the issue's failing case)."""
+    from llava_local import VisionChat
+    from llava_local.apps.datasets import COLOUR_PROMPT, DIGIT_PROMPT, SHAPE_PROMPT, load_set
+    from llava_local.apps.eval import evaluate
+    from llava_local.apps.wrappers import HELD_OUT, Wrapper
+
+    digits = load_set("digits", limit=100 if quick else None)
+    shapes = load_set("shapes", limit=60 if quick else None)
+    instructor = Wrapper(
+        name="instructor-json",
+        source="instructor Mode.JSON (trained): its system message, response_format json_object",
+        system="\n        As a genius expert, your task is to understand the content and provide\n"
+        "        the parsed objects in json that match the following json_schema:\n\n\n"
+        "        {schema}\n\n"
+        "        Make sure to return an instance of the JSON, not the schema itself\n",
+        schema_style="python-indent",
+        grammar="object",
+    )
+    runs: dict[str, dict[str, Any]] = {
+        "structured": {"structured": True},
+        "default_sampling": {"samples": 5, "temperature": None, "seed": 0},
+        "wrapped_held_out": {"wrappers": list(HELD_OUT)},
+        "instructor_json_mode": {"wrappers": [instructor]},
+    }
+    out: dict[str, Any] = {
+        "how": "llava_local.apps.eval.evaluate (llava-local eval), llama.cpp engine, "
+        "n_threads=1; digits: the test split; shapes: the built-in 300"
+    }
+    with VisionChat.llama_cpp(model=lm, mmproj=mmproj, n_threads=1) as chat:
+        for name, kwargs in runs.items():
+            figures: dict[str, Any] = {}
+            for label, pictures, prompts_ in (
+                ("digits", digits, [DIGIT_PROMPT]),
+                ("shapes", shapes, [SHAPE_PROMPT, COLOUR_PROMPT]),
+            ):
+                report = evaluate(chat, pictures, prompts_, name=label, progress=False, **kwargs)
+                rows = {
+                    r.prompt + (f" [{r.wrapper}]" if r.wrapper else ""): round(r.accuracy, 4)
+                    for r in report.results
+                }
+                figures[label] = {
+                    "accuracy": round(report.accuracy, 4),
+                    "answers": len(report.answers),
+                    "unparsed": sum(r.unparsed for r in report.results),
+                    "per_question": rows,
+                }
+                print(name, label, figures[label]["accuracy"], flush=True)
+            figures["options"] = {k: v for k, v in kwargs.items() if k != "wrappers"}
+            out[name] = figures
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Evaluate, print, and optionally record the figures in demo.json."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -241,7 +298,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true", help="record in <dir>/demo.json")
     parser.add_argument("--quick", action="store_true", help="a subset, for a quick look")
     args = parser.parse_args(argv)
-    result = evaluate(args.dir / "demo-lm.gguf", args.dir / "demo-mmproj.gguf", quick=args.quick)
+    lm, mmproj = args.dir / "demo-lm.gguf", args.dir / "demo-mmproj.gguf"
+    result = evaluate(lm, mmproj, quick=args.quick)
+    result["second_edition"] = harness_figures(lm, mmproj, quick=args.quick)
     print(json.dumps(result, indent=2))
     if args.write:
         meta_path = args.dir / "demo.json"
