@@ -63,7 +63,7 @@ def main() -> None:
             history=len(chat.history),
             pieces=pieces,
             clip_nodes=engine._clip_nodes,
-            n_tokens=engine._llama.n_tokens,
+            n_tokens=max(len(keys) for keys in engine.slot_keys()),
             prompt_tokens=None if needed is None else needed - 1,
             cached_pictures=len(engine.embeddings),
         )

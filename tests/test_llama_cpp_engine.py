@@ -174,7 +174,7 @@ def test_pixels_reach_the_model(tiny_pair: GgufPair) -> None:
         a, b, a_again = logits(10), logits(11), logits(10)
     finally:
         backend.close()
-    assert a.shape == (backend._llama.n_vocab(),)
+    assert a.shape == (backend.n_vocab,)
     assert np.array_equal(a, a_again)
     assert np.abs(a - b).max() > 1e-3
 
@@ -304,9 +304,9 @@ def test_stop_scanner_holds_back_partial_matches(
     pieces: list[str], stops: list[str], expected: tuple[str, bool]
 ) -> None:
     """Stop strings split across streamed pieces are still found, and never leak out."""
-    from llava_local.backends.llama_cpp import _StopScanner
+    from llava_local.backends.llama_cpp.sampling import StopScanner
 
-    scanner, out, hit = _StopScanner(stops), "", False
+    scanner, out, hit = StopScanner(stops), "", False
     for piece in pieces:
         text, hit = scanner.feed(piece)
         out += text
@@ -360,7 +360,7 @@ def test_drop_oldest_keeps_answering_and_the_picture(tiny_pair: GgufPair) -> Non
     with open_chat(tiny_pair, n_ctx=256, system="Short.", on_overflow="drop_oldest") as chat:
         chat.ask("Hi?", image=png_bytes(seed=31), **GREEDY)
         replies = [chat.ask(f"Question {i}: " + "y" * 40, **GREEDY) for i in range(4)]
-        keys = chat.engine._keys  # type: ignore[attr-defined]
+        keys = chat.engine.slot_keys()[0]  # type: ignore[attr-defined]
     assert replies[0].stats.dropped_turns == 0
     assert replies[-1].stats.dropped_turns >= 1
     assert len(chat.history) == 10  # the history itself keeps every turn

@@ -1,0 +1,714 @@
+"""Several conversations at once in one llama.cpp context: slots and continuous batching.
+
+The context holds ``n_seq`` sequences (*slots*) in one pool of KV cells. Each turn is a
+:class:`Job`; one driver thread owns every ``llama_decode`` and, step by step, puts
+into ONE batch the next token of every answer being written and a chunk of the prompt
+of every turn still reading (text tokens; a picture's embeddings go in a batch of their
+own, a chunk at a time). So a new question does not wait for another client's whole
+answer, and running answers keep flowing while a long prompt is read.
+
+A slot keeps what its last turn left (the key of every position, as in
+:mod:`..kv_cache`), so a follow-up reads only its new tokens. A turn takes the idle
+slot that shares most of its prompt; it may instead copy a longer shared prefix (a
+picture) from another slot's cells (``llama_memory_seq_cp``: no computing, no extra
+memory), or restore one from the prefix cache. What a reused slot held is kept in the
+prefix cache first when it is worth it, so a conversation that loses its slot resumes
+from there.
+
+The caller's thread does what needs no context: it tokenizes, encodes pictures with
+CLIP (seconds on a CPU, in parallel with other answers' decoding) and reads the pieces
+the driver sends, reporting status and noticing Ctrl-C there.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from ...control import (
+    STATUS_ANSWERING,
+    STATUS_READING_PICTURE,
+    STATUS_READING_PROMPT,
+    TurnControl,
+)
+from ...errors import BackendError, InvalidRequestError, LlavaLocalError
+from ...types import Options, Stats
+from .. import kv_cache
+from ..base import Finish
+from ..kv_cache import Key, KVState
+from .model import LoadedModel
+from .prompt import Part, Prompt, usable
+from .sampling import Sampler, StopScanner
+
+T = TypeVar("T")
+
+#: A slot's old content is kept in the prefix cache before the slot is reused when it
+#: holds a picture or at least this many tokens (a follow-up that re-tokenizes the last
+#: answer loses a token or two, not worth copying the whole state for).
+STASH_MIN_TOKENS = 64
+
+#: Prompt tokens a reading turn may add to a step while other answers are being
+#: written: small enough that their next tokens are not held up for long.
+SHARED_PREFILL = 128
+
+#: How often a waiting caller looks at its turn's stop flag.
+POLL_S = 0.05
+
+Embeddings = npt.NDArray[np.float32]
+JobState = Literal["waiting", "encoding", "reading", "answering", "done"]
+
+
+@dataclass
+class Slot:
+    """One sequence of the context and what it holds, position by position."""
+
+    seq: int
+    keys: list[Key] = field(default_factory=list)
+    job: Job | None = None
+    used: float = 0.0
+
+    def has_picture(self) -> bool:
+        return any(isinstance(k, tuple) for k in self.keys)
+
+
+@dataclass
+class Message:
+    """What the driver tells the turn's caller."""
+
+    kind: Literal["encode", "status", "piece", "finish", "error", "cancelled", "logits"]
+    value: Any = None
+
+
+class Job:
+    """One turn on the engine, from submission to its :class:`Finish` (or its stop)."""
+
+    def __init__(
+        self,
+        prompt: Prompt,
+        options: Options,
+        grammar: str | None,
+        seed: int,
+        control: TurnControl,
+        *,
+        started: float,
+        logits_only: bool = False,
+    ) -> None:
+        self.prompt = prompt
+        self.keys = prompt.keys
+        self.options = options
+        self.grammar = grammar
+        self.seed = seed
+        self.control = control
+        self.logits_only = logits_only
+        self.thread = threading.current_thread()
+        self.state: JobState = "waiting"
+        self.slot: Slot | None = None
+        self.part = 0  # the prompt part being read
+        self.pos = 0  # positions of the prompt (then the answer) the slot holds
+        self.embeddings: dict[str, Embeddings] = {}
+        self.sampler: Sampler | None = None
+        self.stopper = StopScanner(options.stop or ())
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self.leading = True
+        self.next_token: int | None = None
+        self.count = 0
+        self.stats = Stats()
+        self.started = started
+        self.decode_started = 0.0
+        self.abandoned = False  # the caller stopped reading
+        self.status = ""  # the last status sent
+        self.inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        self.done = threading.Event()
+
+    @property
+    def stopped(self) -> bool:
+        return self.abandoned or self.control.cancelled
+
+    def send(self, kind: Any, value: Any = None) -> None:
+        self.inbox.put(Message(kind, value))
+
+    def receive(self, wake: Callable[[], None]) -> Message:
+        """The next message from the driver; a stopped turn's last one is "cancelled"."""
+        told = False
+        while True:
+            try:
+                return self.inbox.get(timeout=POLL_S)
+            except queue.Empty:
+                if self.stopped and not told:
+                    wake()  # the driver may be waiting for work
+                    told = True
+
+
+class Scheduler:
+    """The driver thread and the slots of one :class:`LoadedModel`.
+
+    ``prefix_cache`` keeps states that lose their slot; ``stash_worth`` says whether a
+    slot's content is worth keeping; ``check_state`` vets a state before it is restored.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        prefix_cache: kv_cache.PrefixCache | None,
+        *,
+        non_causal: Callable[[Any], bool],
+        mrope: bool,
+    ) -> None:
+        self.model = model
+        self.lib = model.lib
+        self.prefix_cache = prefix_cache
+        self.non_causal = non_causal
+        self.mrope = mrope
+        self.slots = [Slot(seq) for seq in range(model.n_seq)]
+        self._pending: deque[Job] = deque()
+        self._active: list[Job] = []
+        self._calls: deque[tuple[Callable[[], Any], queue.SimpleQueue[Any]]] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._decoding: list[Job] = []  # the jobs of the decode running now
+        lib = self.lib
+        self._abort_cb = lib.ggml_abort_callback(self._abort_requested)
+        self._no_abort = ctypes.cast(0, lib.ggml_abort_callback)
+        n = model.n_batch
+        self._tokens = lib.llama_batch_init(n, 0, 1)
+        self._embd = lib.llama_batch_init(n, model.n_embd, 1)
+        self.steps = 0  # decode calls made (for tests and benchmarks)
+
+    # -- the caller's side ---------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._stopping:
+                raise BackendError("the llama.cpp engine is closed")
+            self._pending.append(job)
+            self._start()
+            self._cond.notify()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def encoded(self, job: Job) -> None:
+        """The caller has the embeddings of ``job``'s pictures: reading may start."""
+        with self._cond:
+            if job.state == "encoding":
+                job.state = "reading"
+            self._cond.notify()
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the driver thread between steps (it touches the context)."""
+        if self._thread is None or not self._thread.is_alive():
+            with self._cond:
+                if self._thread is None or not self._thread.is_alive():
+                    return fn()  # no driver: nothing else touches the context
+        answer: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        with self._cond:
+            self._calls.append((fn, answer))
+            self._cond.notify()
+        ok, value = answer.get()
+        if not ok:
+            raise value
+        return value  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        """Stop every turn, then the driver."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        for job in [*self._pending, *self._active]:
+            self._cancel(job)
+        self._pending.clear()
+        self.lib.llama_batch_free(self._tokens)
+        self.lib.llama_batch_free(self._embd)
+
+    def _start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(
+                target=self._run, name="llava-local llama.cpp", daemon=True
+            )
+            self._thread.start()
+
+    # -- the driver ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._has_work():
+                    if self._stopping:
+                        return
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                calls = list(self._calls)
+                self._calls.clear()
+            for fn, answer in calls:
+                try:
+                    answer.put((True, fn()))
+                except BaseException as exc:  # handed to the caller's thread
+                    answer.put((False, exc))
+            try:
+                self._admit()
+                self._drop_stopped()
+                self._step()
+            except BaseException as exc:  # a bug: fail the turns, never hang them
+                for job in list(self._active):
+                    self._fail(job, BackendError(f"the llama.cpp engine failed: {exc!r}"))
+                raise
+
+    def _has_work(self) -> bool:
+        if self._calls or any(j.stopped for j in self._active):
+            return True
+        if any(j.state in ("reading", "answering") for j in self._active):
+            return True
+        return bool(self._pending) and (
+            any(s.job is None for s in self.slots) or any(j.stopped for j in self._pending)
+        )
+
+    # -- admission: a slot for each waiting turn ------------------------------------
+
+    def _admit(self) -> None:
+        while self._pending:
+            job = self._pending[0]
+            if job.stopped:
+                self._pending.popleft()
+                self._cancel(job)
+                continue
+            slot = self._choose_slot(job)
+            if slot is None:
+                if all(s.job is not None and s.job.thread is job.thread for s in self.slots):
+                    self._pending.popleft()
+                    self._fail(
+                        job,
+                        InvalidRequestError(
+                            "this thread is already reading a turn on this engine (through "
+                            "another chat sharing it); finish or close that stream first"
+                        ),
+                    )
+                    continue
+                return
+            self._pending.popleft()
+            self._place(job, slot)
+
+    def _choose_slot(self, job: Job) -> Slot | None:
+        idle = [s for s in self.slots if s.job is None]
+        if not idle:
+            return None
+
+        def score(slot: Slot) -> tuple[int, int, float]:
+            shared = usable(job.keys, kv_cache.common_prefix(slot.keys, job.keys))
+            return (shared, -len(slot.keys) if shared == 0 else 0, -slot.used)
+
+        return max(idle, key=score)
+
+    def _place(self, job: Job, slot: Slot) -> None:
+        """Give ``job`` its slot holding the longest usable prefix of its prompt."""
+        keys = job.keys
+        live = usable(keys, kv_cache.common_prefix(slot.keys, keys))
+        donor, shared = None, live
+        for other in self.slots:
+            if other is not slot:
+                n = usable(keys, kv_cache.common_prefix(other.keys, keys))
+                if n > shared:
+                    donor, shared = other, n
+        cached = self.prefix_cache.best(keys) if self.prefix_cache is not None else None
+        from_cache = cached is not None and usable(keys, cached.shared) > shared
+        if from_cache or donor is not None:
+            self._stash(slot, keep_from=0)
+        else:
+            self._stash(slot, keep_from=live)
+        keep = live
+        if from_cache:
+            assert cached is not None
+            state = cached.load()
+            keep = self._restore(slot, state, keys) if state is not None else 0
+        elif donor is not None:
+            mem = self.model.memory
+            self.lib.llama_memory_seq_rm(mem, slot.seq, 0, -1)
+            self.lib.llama_memory_seq_cp(mem, donor.seq, slot.seq, 0, shared)
+            slot.keys = list(donor.keys[:shared])
+            keep = shared
+        self._trim(slot, keep)
+        slot.job, slot.used = job, time.monotonic()
+        job.slot, job.pos = slot, keep
+        job.stats.cached_tokens = keep
+        job.part = next((i for i, p in enumerate(job.prompt.parts) if p.end > keep), 0)
+        self._active.append(job)
+        missing = [
+            p
+            for p in job.prompt.parts[job.part :]
+            if p.kind == "image" and p.picture not in job.embeddings
+        ]
+        if missing:
+            job.state = "encoding"
+            job.send("encode", missing)
+        else:
+            job.state = "reading"
+
+    def _trim(self, slot: Slot, keep: int) -> None:
+        self.lib.llama_memory_seq_rm(self.model.memory, slot.seq, keep, -1)
+        del slot.keys[keep:]
+
+    def _stash(self, slot: Slot, *, keep_from: int) -> None:
+        """Keep ``slot``'s whole state in the prefix cache when what would be lost from
+        position ``keep_from`` on is worth it and no kept state holds it yet."""
+        cache = self.prefix_cache
+        lost = slot.keys[keep_from:]
+        if cache is None or not lost:
+            return
+        if len(lost) < STASH_MIN_TOKENS and not any(isinstance(k, tuple) for k in lost):
+            return
+        to_memory, to_disk = cache.wants(slot.keys)
+        if to_memory or to_disk:
+            state = self.get_state(slot)
+            if state is not None:
+                cache.keep(state)
+
+    def stash(self, slot: Slot) -> None:
+        """Keep what ``slot`` holds in the prefix cache before it is replaced."""
+        self._stash(slot, keep_from=0)
+
+    # -- KV states of one slot ---------------------------------------------------------
+
+    def get_state(self, slot: Slot) -> KVState | None:
+        """``slot``'s KV state with the key of each position it holds."""
+        lib, ctx = self.lib, self.model.ctx
+        self._trim(slot, len(slot.keys))  # positions a stopped decode left unrecorded
+        if not slot.keys:
+            return None
+        size = int(lib.llama_state_seq_get_size(ctx, slot.seq))
+        if size <= 0:
+            return None
+        try:
+            data = (ctypes.c_uint8 * size)()
+        except MemoryError:
+            return None
+        if int(lib.llama_state_seq_get_data(ctx, data, size, slot.seq)) != size:
+            return None
+        return KVState(tuple(slot.keys), data)
+
+    def set_state(self, slot: Slot, state: KVState) -> bool:
+        """Make ``state`` what ``slot`` holds. On failure the slot is emptied (never half
+        a state) and False returned: the prompt is then read from the start."""
+        lib, ctx, mem = self.lib, self.model.ctx, self.model.memory
+        lib.llama_memory_seq_rm(mem, slot.seq, 0, -1)
+        slot.keys = []
+        n = len(state.keys)
+        if n == 0 or n > self.model.n_ctx:
+            return False
+        read = int(lib.llama_state_seq_set_data(ctx, state.data, len(state.data), slot.seq))
+        if read != len(state.data) or int(lib.llama_memory_seq_pos_max(mem, slot.seq)) != n - 1:
+            lib.llama_memory_seq_rm(mem, slot.seq, 0, -1)
+            return False
+        slot.keys = list(state.keys)
+        return True
+
+    def _restore(self, slot: Slot, state: KVState, keys: Sequence[Key]) -> int:
+        if not self.set_state(slot, state):
+            return 0
+        return usable(keys, kv_cache.common_prefix(slot.keys, keys))
+
+    def idle_slot(self) -> Slot | None:
+        """The idle slot used least recently (to load a state into)."""
+        idle = [s for s in self.slots if s.job is None]
+        return min(idle, key=lambda s: s.used) if idle else None
+
+    # -- one step ------------------------------------------------------------------
+
+    def _drop_stopped(self) -> None:
+        for job in list(self._active):
+            if job.stopped:
+                self._cancel(job)
+
+    def _step(self) -> None:
+        answering = [j for j in self._active if j.state == "answering"]
+        reading = [j for j in self._active if j.state == "reading"]
+        if not answering and not reading:
+            return
+        rows: list[tuple[Job, int]] = []  # (job, batch row) whose logits are read
+        fed: list[tuple[Job, list[Key]]] = []  # what each job puts into its slot
+        batch = self._tokens
+        batch.n_tokens = 0
+        for job in answering:
+            assert job.next_token is not None
+            rows.append((job, self._add(job, [job.next_token], logits_last=True)))
+            fed.append((job, [job.next_token]))
+        room = self.model.n_batch - len(answering)
+        if answering:
+            room = min(room, SHARED_PREFILL)
+        completed: list[tuple[Job, int]] = []
+        for job in reading:
+            part = job.prompt.parts[job.part]
+            if part.kind != "text" or room <= 0:
+                continue
+            take = min(part.end - job.pos, room)
+            tokens = job.prompt.text_tokens(job.pos, job.pos + take)
+            last = job.pos + take == len(job.keys)
+            row = self._add(job, tokens, logits_last=last)
+            room -= take
+            fed.append((job, list(job.keys[job.pos : job.pos + take])))
+            if last:
+                completed.append((job, row))
+            self._status(job, STATUS_READING_PROMPT)
+        if batch.n_tokens:
+            if not self._decode(batch, [j for j, _ in fed], abortable=bool(reading)):
+                return
+            for job, keys in fed:
+                assert job.slot is not None
+                job.slot.keys.extend(keys)
+                job.pos += len(keys)
+                part = job.prompt.parts[job.part] if job.state == "reading" else None
+                if part is not None and job.pos >= part.end:
+                    job.part += 1
+            for job, row in rows:
+                self._next(job, row)
+            for job, row in completed:
+                self._prompt_read(job, row)
+        self._picture_step()
+
+    def _add(self, job: Job, tokens: list[int], *, logits_last: bool) -> int:
+        """Append ``tokens`` of ``job`` to the token batch; returns the last row."""
+        batch = self._tokens
+        assert job.slot is not None
+        seq = job.slot.seq
+        for i, token in enumerate(tokens):
+            row = batch.n_tokens
+            batch.token[row] = token
+            batch.pos[row] = job.pos + i
+            batch.n_seq_id[row] = 1
+            batch.seq_id[row][0] = seq
+            batch.logits[row] = 1 if (logits_last and i == len(tokens) - 1) else 0
+            batch.n_tokens += 1
+        return int(batch.n_tokens) - 1
+
+    def _picture_step(self) -> None:
+        """A chunk of the first picture waiting to be read, in a batch of its own."""
+        for job in self._active:
+            if job.state != "reading":
+                continue
+            part = job.prompt.parts[job.part]
+            if part.kind != "image":
+                continue
+            self._status(job, STATUS_READING_PICTURE)
+            last = part.end == len(job.keys)
+            if self.mrope or self.non_causal(part.chunk):
+                ok = self._whole_picture(job, part)
+                taken = part.length
+            else:
+                taken = min(part.end - job.pos, self.model.n_batch)
+                ends = last and job.pos + taken == part.end
+                ok = self._picture_chunk(job, part, taken, logits_last=ends)
+            if not ok:
+                return
+            assert job.slot is not None
+            job.slot.keys.extend(job.keys[job.pos : job.pos + taken])
+            job.pos += taken
+            if job.pos >= part.end:
+                job.part += 1
+                if last:
+                    self._prompt_read(job, -1)
+            return
+
+    def _picture_chunk(self, job: Job, part: Part, n: int, *, logits_last: bool) -> bool:
+        batch, n_embd = self._embd, self.model.n_embd
+        assert job.slot is not None
+        embd = job.embeddings[part.picture]
+        offset = job.pos - part.start
+        src = embd[offset * n_embd : (offset + n) * n_embd]
+        ctypes.memmove(batch.embd, src.ctypes.data, src.nbytes)
+        for i in range(n):
+            batch.pos[i] = job.pos + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = job.slot.seq
+            batch.logits[i] = 1 if (logits_last and i == n - 1) else 0
+        batch.n_tokens = n
+        return self._decode(batch, [job], abortable=True)
+
+    def _whole_picture(self, job: Job, part: Part) -> bool:
+        """Pictures whose attention is not causal, or whose positions are 2-D (M-RoPE),
+        are read by libmtmd's helper, all at once."""
+        lib, mtmd = self.lib, self.model.mtmd
+        assert job.slot is not None
+        embd = job.embeddings[part.picture]
+        new_n_past = lib.llama_pos(0)
+        self._decoding = [job]
+        lib.llama_set_abort_callback(self.model.ctx, self._abort_cb, None)
+        try:
+            code = mtmd.mtmd_helper_decode_image_chunk(
+                self.model.mctx,
+                self.model.ctx,
+                part.chunk,
+                embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                lib.llama_pos(job.pos),
+                lib.llama_seq_id(job.slot.seq),
+                self.model.n_batch,
+                ctypes.byref(new_n_past),
+                mtmd.mtmd_helper_post_decode_callback(),
+                None,
+            )
+        finally:
+            self._decoding = []
+            lib.llama_set_abort_callback(self.model.ctx, self._no_abort, None)
+        if code != 0:
+            if job.stopped:
+                self._cancel(job)
+            else:
+                self._fail(job, BackendError(f"llama.cpp failed to read a picture (code {code})"))
+            return False
+        return True
+
+    def _decode(self, batch: Any, jobs: list[Job], *, abortable: bool) -> bool:
+        """One ``llama_decode``; on failure the turns in it end (stopped or failed).
+
+        ``abortable``: a stop request may cut it short (llama.cpp then calls back after
+        every graph node: worth it while a prompt is read, not for one token a turn)."""
+        lib, ctx = self.lib, self.model.ctx
+        self._decoding = jobs
+        if abortable:
+            lib.llama_set_abort_callback(ctx, self._abort_cb, None)
+        try:
+            code = int(lib.llama_decode(ctx, batch))
+        finally:
+            self._decoding = []
+            if abortable:
+                lib.llama_set_abort_callback(ctx, self._no_abort, None)
+        self.steps += 1
+        if code == 0:
+            return True
+        for job in dict.fromkeys(jobs):  # what a failed decode left is not recorded
+            if job.slot is not None:
+                self._trim(job.slot, len(job.slot.keys))
+        if code == 1 and self._free_cells():
+            return self._decode(batch, jobs, abortable=abortable)
+        for job in dict.fromkeys(jobs):
+            if job.stopped:
+                self._cancel(job)
+            elif code == 1:
+                self._fail(
+                    job,
+                    BackendError(
+                        "llama.cpp has no room left in its KV cache for this turn; "
+                        "fewer conversations at once (parallel) or a larger n_ctx"
+                    ),
+                )
+            else:
+                self._fail(job, BackendError(f"llama.cpp failed to decode (code {code})"))
+        return False
+
+    def _free_cells(self) -> bool:
+        """Empty the idle slot used least recently (kept in the prefix cache first)."""
+        idle = [s for s in self.slots if s.job is None and s.keys]
+        if not idle:
+            return False
+        slot = min(idle, key=lambda s: s.used)
+        self._stash(slot, keep_from=0)
+        self._trim(slot, 0)
+        return True
+
+    def _abort_requested(self, _data: Any = None) -> bool:
+        """llama.cpp asks after every graph node: stop when every turn in the decode
+        was stopped (one that still wants its answer is never cut short)."""
+        jobs = self._decoding
+        return bool(jobs) and all(job.stopped for job in jobs)
+
+    # -- tokens out ----------------------------------------------------------------
+
+    def _prompt_read(self, job: Job, row: int) -> None:
+        """The prompt is in the slot: the answer starts (or its logits are handed over)."""
+        now = time.perf_counter()
+        job.stats.prompt_s = now - job.started
+        job.stats.prompt_tokens = len(job.keys) - (job.stats.cached_tokens or 0)
+        if job.logits_only:
+            ptr = self.lib.llama_get_logits_ith(self.model.ctx, row)
+            logits = np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
+            self._release(job)
+            job.send("logits", logits)
+            return
+        job.state = "answering"
+        job.decode_started = now
+        self._status(job, STATUS_ANSWERING)
+        job.sampler = Sampler(
+            self.lib, self.model.vocab, self.model.n_vocab, job.options, job.grammar, job.seed
+        )
+        self._next(job, row)
+
+    def _next(self, job: Job, row: int) -> None:
+        """Sample ``job``'s next token from batch row ``row`` and pass its text on."""
+        assert job.sampler is not None
+        token = job.sampler.sample(self.model.ctx, row)
+        if self.model.is_eog(token):
+            self._finish(job, "stop")
+            return
+        job.count += 1
+        piece = job.utf8.decode(self.model.piece(token))
+        if job.leading:
+            piece = piece.lstrip()
+            job.leading = not piece
+        out, hit = job.stopper.feed(piece)
+        if out:
+            self._piece(job, out)
+        limit = job.options.max_tokens
+        if hit:
+            self._finish(job, "stop")
+        elif (limit is not None and job.count >= limit) or job.pos + 1 >= self.model.n_ctx:
+            self._finish(job, "length")
+        else:
+            job.next_token = token
+
+    def _piece(self, job: Job, text: str) -> None:
+        if job.stats.first_token_s is None:
+            job.stats.first_token_s = time.perf_counter() - job.started
+        job.send("piece", text)
+
+    def _status(self, job: Job, status: str) -> None:
+        if job.status != status:
+            job.status = status
+            job.send("status", status)
+
+    def _finish(self, job: Job, reason: Literal["stop", "length"]) -> None:
+        tail = job.stopper.flush(job.utf8.decode(b"", final=True))
+        if tail:
+            self._piece(job, tail)
+        now = time.perf_counter()
+        stats = job.stats
+        stats.completion_tokens = job.count
+        stats.decode_s = now - job.decode_started
+        stats.total_s = now - job.started
+        self._release(job)
+        job.send("finish", Finish(reason, stats))
+
+    def _fail(self, job: Job, error: LlavaLocalError) -> None:
+        self._release(job)
+        job.send("error", error)
+
+    def _cancel(self, job: Job) -> None:
+        self._release(job)
+        job.send("cancelled")
+
+    def _release(self, job: Job) -> None:
+        """``job`` lets go of its slot (keeping what it decoded) and its resources."""
+        slot = job.slot
+        if slot is not None:
+            self._trim(slot, len(slot.keys))
+            slot.job, slot.used = None, time.monotonic()
+            job.slot = None
+        if job in self._active:
+            self._active.remove(job)
+        if job.sampler is not None:
+            job.sampler.close()
+            job.sampler = None
+        job.state = "done"
+        job.done.set()
