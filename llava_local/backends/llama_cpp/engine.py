@@ -18,7 +18,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +31,11 @@ from ...demo import DEMO_NAME, is_demo
 from ...errors import (
     BackendError,
     ContextOverflowError,
+    LlavaLocalError,
     ModelNotFoundError,
     TurnCancelledError,
 )
-from ...types import Message
+from ...types import Message, Options
 from .. import gguf_meta, kv_cache
 from ..base import Backend, Finish, Turn
 from ..embedding_cache import EmbeddingCache
@@ -43,6 +44,9 @@ from .lib import import_llama_cpp
 from .model import LoadedModel
 from .prompt import Part, Prompt, tokenize
 from .scheduler import Job, Scheduler
+
+#: The driver's last message for a turn.
+_LAST = frozenset({"finish", "error", "cancelled", "logits"})
 
 # Text budget added to the pictures' tokens when n_ctx is not given.
 TEXT_BUDGET = 2048
@@ -238,6 +242,36 @@ class LlamaCppBackend(Backend):
         """Whether :meth:`close` has freed the model."""
         return self._closed
 
+    @property
+    def turns_waiting(self) -> int:
+        """Turns waiting for a slot (all ``parallel`` slots busy)."""
+        return self._scheduler.waiting
+
+    @property
+    def turns_running(self) -> int:
+        """Turns holding a slot: reading, encoding their pictures, or answering."""
+        return self._scheduler.running
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Keep the engine between two steps while the block runs: turns submitted
+        meanwhile start together when it ends (a consistent moment to look at the slots;
+        tests use it to run turns side by side for certain)."""
+        entered, release = threading.Event(), threading.Event()
+
+        def wait() -> None:
+            entered.set()
+            release.wait()
+
+        holder = threading.Thread(target=self._scheduler.call, args=(wait,), daemon=True)
+        holder.start()
+        entered.wait()
+        try:
+            yield
+        finally:
+            release.set()
+            holder.join()
+
     def slot_keys(self) -> list[tuple[kv_cache.Key, ...]]:
         """What each slot holds, position by position: what earlier turns left to reuse
         (for diagnostics and tests)."""
@@ -253,7 +287,8 @@ class LlamaCppBackend(Backend):
             self._scheduler.call(self._keep_slots_on_disk)
         self._scheduler.close()
         self._forget_prompt()
-        self._loaded.close()
+        with self._mtmd_lock:  # a picture still being encoded finishes first
+            self._loaded.close()
 
     def _keep_slots_on_disk(self) -> None:
         cache = self.kv_cache
@@ -307,7 +342,27 @@ class LlamaCppBackend(Backend):
         finally:
             self._let_go(job)
 
-    def _submit(self, turn: Turn, *, logits_only: bool) -> Job:
+    def prefetch(self, messages: Sequence[Message]) -> threading.Thread:
+        """Start reading ``messages`` (a conversation ending with a user message whose
+        question is not asked yet, such as a picture just given) in the background; a
+        turn that shares its prefix then waits for it and reads only the rest. Returns
+        the thread doing it (failures are left for that turn to meet again)."""
+        turn = Turn(messages, Options(max_tokens=1), control=TurnControl())
+
+        def read() -> None:
+            with contextlib.suppress(LlavaLocalError):
+                job = self._submit(turn, logits_only=False, prefetch=True)
+                try:
+                    while self._receive(job, turn.control).kind not in _LAST:
+                        pass
+                finally:
+                    self._let_go(job)
+
+        thread = threading.Thread(target=read, name="llava-local read ahead", daemon=True)
+        thread.start()
+        return thread
+
+    def _submit(self, turn: Turn, *, logits_only: bool, prefetch: bool = False) -> Job:
         started = time.perf_counter()
         prompt = self._take_prompt(turn)
         try:
@@ -332,6 +387,7 @@ class LlamaCppBackend(Backend):
                 turn.control,
                 started=started,
                 logits_only=logits_only,
+                prefetch=prefetch,
             )
         except BaseException:
             prompt.free()

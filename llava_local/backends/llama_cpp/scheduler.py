@@ -102,6 +102,7 @@ class Job:
         *,
         started: float,
         logits_only: bool = False,
+        prefetch: bool = False,
     ) -> None:
         self.prompt = prompt
         self.keys = prompt.keys
@@ -109,7 +110,10 @@ class Job:
         self.grammar = grammar
         self.seed = seed
         self.control = control
-        self.logits_only = logits_only
+        self.logits_only = logits_only or prefetch
+        #: Reads a prompt ahead of its question (a picture given before it is asked
+        #: about): a turn that would reuse it waits for it rather than read it again.
+        self.prefetch = prefetch
         self.thread = threading.current_thread()
         self.state: JobState = "waiting"
         self.slot: Slot | None = None
@@ -184,6 +188,7 @@ class Scheduler:
         self._tokens = lib.llama_batch_init(n, 0, 1)
         self._embd = lib.llama_batch_init(n, model.n_embd, 1)
         self.steps = 0  # decode calls made (for tests and benchmarks)
+        self.shared_steps = 0  # of which advanced more than one turn
 
     # -- the caller's side ---------------------------------------------------------
 
@@ -208,18 +213,27 @@ class Scheduler:
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the driver thread between steps (it touches the context)."""
-        if self._thread is None or not self._thread.is_alive():
-            with self._cond:
-                if self._thread is None or not self._thread.is_alive():
-                    return fn()  # no driver: nothing else touches the context
         answer: queue.SimpleQueue[Any] = queue.SimpleQueue()
         with self._cond:
+            if self._stopping:
+                raise BackendError("the llama.cpp engine is closed")
             self._calls.append((fn, answer))
+            self._start()
             self._cond.notify()
         ok, value = answer.get()
         if not ok:
             raise value
         return value  # type: ignore[no-any-return]
+
+    @property
+    def waiting(self) -> int:
+        """Turns submitted and not yet given a slot."""
+        return len(self._pending)
+
+    @property
+    def running(self) -> int:
+        """Turns holding a slot."""
+        return len(self._active)
 
     def close(self) -> None:
         """Stop every turn, then the driver."""
@@ -304,6 +318,9 @@ class Scheduler:
             self._place(job, slot)
 
     def _choose_slot(self, job: Job) -> Slot | None:
+        """The idle slot sharing most of ``job``'s prompt (an empty one, else the one
+        used least recently, when none shares any); None to wait: no slot is idle, or a
+        prompt being read ahead will share more once it is read."""
         idle = [s for s in self.slots if s.job is None]
         if not idle:
             return None
@@ -312,7 +329,16 @@ class Scheduler:
             shared = usable(job.keys, kv_cache.common_prefix(slot.keys, job.keys))
             return (shared, -len(slot.keys) if shared == 0 else 0, -slot.used)
 
-        return max(idle, key=score)
+        best = max(idle, key=score)
+        ahead = max(
+            (
+                usable(job.keys, kv_cache.common_prefix(s.job.keys, job.keys))
+                for s in self.slots
+                if s.job is not None and s.job.prefetch
+            ),
+            default=0,
+        )
+        return None if ahead > score(best)[0] else best
 
     def _place(self, job: Job, slot: Slot) -> None:
         """Give ``job`` its slot holding the longest usable prefix of its prompt."""
@@ -495,7 +521,9 @@ class Scheduler:
         return int(batch.n_tokens) - 1
 
     def _picture_step(self) -> None:
-        """A chunk of the first picture waiting to be read, in a batch of its own."""
+        """A chunk of the first picture waiting to be read, in a batch of its own (a
+        small one while other answers are being written)."""
+        answering = any(j.state == "answering" for j in self._active)
         for job in self._active:
             if job.state != "reading":
                 continue
@@ -508,7 +536,8 @@ class Scheduler:
                 ok = self._whole_picture(job, part)
                 taken = part.length
             else:
-                taken = min(part.end - job.pos, self.model.n_batch)
+                room = SHARED_PREFILL if answering else self.model.n_batch
+                taken = min(part.end - job.pos, room)
                 ends = last and job.pos + taken == part.end
                 ok = self._picture_chunk(job, part, taken, logits_last=ends)
             if not ok:
@@ -587,6 +616,7 @@ class Scheduler:
                 lib.llama_set_abort_callback(ctx, self._no_abort, None)
         self.steps += 1
         if code == 0:
+            self.shared_steps += len(set(map(id, jobs))) > 1
             return True
         for job in dict.fromkeys(jobs):  # what a failed decode left is not recorded
             if job.slot is not None:
@@ -631,6 +661,10 @@ class Scheduler:
         now = time.perf_counter()
         job.stats.prompt_s = now - job.started
         job.stats.prompt_tokens = len(job.keys) - (job.stats.cached_tokens or 0)
+        if job.prefetch:
+            self._release(job)
+            job.send("logits", None)
+            return
         if job.logits_only:
             ptr = self.lib.llama_get_logits_ith(self.model.ctx, row)
             logits = np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
