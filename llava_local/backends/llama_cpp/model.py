@@ -91,6 +91,8 @@ class LoadedModel:
         params.n_batch = params.n_ubatch = min(n_batch, cells)
         params.n_seq_max = n_seq
         params.kv_unified = True  # one pool of cells, used by whichever sequence needs it
+        # As llama-cpp-python's Llama has it, which memory.estimate was fitted to.
+        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.n_threads = params.n_threads_batch = n_threads
         params.no_perf = True
         self.params = params
