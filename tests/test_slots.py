@@ -171,7 +171,10 @@ def test_a_grammar_binds_only_its_own_conversation(
         engine,
         [
             lambda: structured.ask(
-                "Which shape?", image=png_bytes(seed=81), schema=Shape, temperature=0,
+                "Which shape?",
+                image=png_bytes(seed=81),
+                schema=Shape,
+                temperature=0,
                 max_tokens=200,
             ),
             lambda: free.ask("What is it?", image=free_picture, **LONG).text,
@@ -210,7 +213,6 @@ def test_a_saved_state_loads_into_a_slot_and_answers_as_before(
     assert known(reply.stats.cached_tokens) > tiny_pair.vision.n_image_tokens
 
 
-
 @pytest.mark.parametrize("parallel", [1, 2])
 def test_a_picture_read_ahead_is_not_read_again(tiny_pair: GgufPair, parallel: int) -> None:
     """A picture given before its question is read in the background; the question then
@@ -242,3 +244,29 @@ def test_a_picture_read_ahead_is_not_read_again(tiny_pair: GgufPair, parallel: i
     assert reply.text == expected
     assert reply.stats.images_encoded == 0
     assert known(reply.stats.cached_tokens) >= tiny_pair.vision.n_image_tokens
+
+
+def test_questions_about_one_picture_at_once_read_it_once(tiny_pair: GgufPair) -> None:
+    """Three questions about one picture, asked at once on three slots: one turn reads
+    the picture, the other two wait for it and copy its positions, and each answer is
+    the one it gets alone."""
+    picture = png_bytes(seed=111)
+    questions = ["What is it?", "Is it round?", "Which colour?"]
+    expected = [alone(tiny_pair, q, picture) for q in questions]
+    backend = engine_for(tiny_pair, parallel=3, kv_cache_mb=0)
+    try:
+        chats = [VisionChat(backend, close_engine=False) for _ in questions]
+        replies = side_by_side(
+            backend,
+            [
+                lambda c=c, q=q: c.ask(q, image=picture, **LONG)
+                for c, q in zip(chats, questions, strict=True)
+            ],
+        )
+    finally:
+        backend.close()
+    assert [r.text for r in replies] == expected
+    cached = sorted(known(r.stats.cached_tokens) for r in replies)
+    assert cached[0] == 0
+    assert cached[1] >= tiny_pair.vision.n_image_tokens
+    assert sum(known(r.stats.images_encoded) for r in replies) == 1

@@ -65,7 +65,7 @@ SHARED_PREFILL = 128
 POLL_S = 0.05
 
 Embeddings = npt.NDArray[np.float32]
-JobState = Literal["waiting", "encoding", "reading", "answering", "done"]
+JobState = Literal["waiting", "parked", "encoding", "reading", "answering", "done"]
 
 
 @dataclass
@@ -117,6 +117,9 @@ class Job:
         self.thread = threading.current_thread()
         self.state: JobState = "waiting"
         self.slot: Slot | None = None
+        #: While "parked": the turn reading the prefix this one shares, its slot, and
+        #: how many positions will be copied from it once read.
+        self.donor: tuple[Job, Slot, int] | None = None
         self.part = 0  # the prompt part being read
         self.pos = 0  # positions of the prompt (then the answer) the slot holds
         self.embeddings: dict[str, Embeddings] = {}
@@ -277,6 +280,7 @@ class Scheduler:
             try:
                 self._admit()
                 self._drop_stopped()
+                self._unpark()
                 self._step()
             except BaseException as exc:  # a bug: fail the turns, never hang them
                 for job in list(self._active):
@@ -287,6 +291,10 @@ class Scheduler:
         if self._calls or any(j.stopped for j in self._active):
             return True
         if any(j.state in ("reading", "answering") for j in self._active):
+            return True
+        if any(
+            j.state == "parked" and j.donor and j.donor[0].state == "done" for j in self._active
+        ):
             return True
         return bool(self._pending) and (
             any(s.job is None for s in self.slots) or any(j.stopped for j in self._pending)
@@ -319,8 +327,7 @@ class Scheduler:
 
     def _choose_slot(self, job: Job) -> Slot | None:
         """The idle slot sharing most of ``job``'s prompt (an empty one, else the one
-        used least recently, when none shares any); None to wait: no slot is idle, or a
-        prompt being read ahead will share more once it is read."""
+        used least recently, when none shares any); None when no slot is idle."""
         idle = [s for s in self.slots if s.job is None]
         if not idle:
             return None
@@ -329,16 +336,7 @@ class Scheduler:
             shared = usable(job.keys, kv_cache.common_prefix(slot.keys, job.keys))
             return (shared, -len(slot.keys) if shared == 0 else 0, -slot.used)
 
-        best = max(idle, key=score)
-        ahead = max(
-            (
-                usable(job.keys, kv_cache.common_prefix(s.job.keys, job.keys))
-                for s in self.slots
-                if s.job is not None and s.job.prefetch
-            ),
-            default=0,
-        )
-        return None if ahead > score(best)[0] else best
+        return max(idle, key=score)
 
     def _place(self, job: Job, slot: Slot) -> None:
         """Give ``job`` its slot holding the longest usable prefix of its prompt."""
@@ -370,9 +368,43 @@ class Scheduler:
         self._trim(slot, keep)
         slot.job, slot.used = job, time.monotonic()
         job.slot, job.pos = slot, keep
+        self._active.append(job)
+        # Another turn still reading a prefix this one shares (several questions about
+        # one picture at once, or a picture read ahead): wait for it, then copy it.
+        ahead: tuple[Job, Slot, int] | None = None
+        for other in self._active:
+            if other is job or other.slot is None:
+                continue
+            n = usable(keys, kv_cache.common_prefix(other.keys, keys))
+            if n > (ahead[2] if ahead else keep) and len(other.slot.keys) < n:
+                ahead = (other, other.slot, n)
+        if ahead is not None:
+            job.state, job.donor = "parked", ahead
+            return
+        self._start_reading(job)
+
+    def _unpark(self) -> None:
+        """Parked turns whose shared prefix is read copy it; those whose donor ended
+        without reading it read it themselves."""
+        for job in [j for j in self._active if j.state == "parked"]:
+            assert job.donor is not None and job.slot is not None
+            donor, source, until = job.donor
+            if len(source.keys) >= until and source.keys[:until] == job.keys[:until]:
+                mem = self.model.memory
+                self.lib.llama_memory_seq_cp(mem, source.seq, job.slot.seq, job.pos, until)
+                job.slot.keys.extend(job.keys[job.pos : until])
+                job.pos = until
+            elif source.job is donor and donor.state != "done":
+                continue
+            job.donor = None
+            self._start_reading(job)
+
+    def _start_reading(self, job: Job) -> None:
+        """``job`` holds what it reuses: its pictures are encoded (by its caller, if
+        missing) and its prompt read from there."""
+        keep = job.pos
         job.stats.cached_tokens = keep
         job.part = next((i for i, p in enumerate(job.prompt.parts) if p.end > keep), 0)
-        self._active.append(job)
         missing = [
             p
             for p in job.prompt.parts[job.part :]
