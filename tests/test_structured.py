@@ -134,6 +134,21 @@ def test_broken_json_is_described_once() -> None:
     assert "Unterminated string starting at: line 1 column 11 (char 10)" in message
 
 
+def test_an_answer_cut_by_max_tokens_is_not_a_misfit(chat: VisionChat) -> None:
+    """An answer cut by max_tokens before its JSON ends is a reply like any cut answer:
+    done_reason "length", parsed None, the JSON as far as it was written; no
+    SchemaError (OpenAI answers finish_reason "length" the same way)."""
+    reply = chat.ask("What digit is this?", image=DIGIT, schema=digit_schema(), max_tokens=3)
+    assert reply.done_reason == "length"
+    assert reply.parsed is None
+    assert reply.text.startswith("{")
+    assert len(chat.history) == 2  # kept, as any finished turn
+    chat.reset()
+    bounded = digit_schema(minimum=0, maximum=9)
+    whole = chat.ask("What digit is this?", image=DIGIT, schema=bounded, max_tokens=40)
+    assert (whole.done_reason, whole.parsed) == ("stop", {"digit": 7})
+
+
 COSTLY = [
     ({"type": "array", "items": {"type": "integer"}, "minItems": 10**7}, "'minItems'"),
     ({"type": "string", "maxLength": 20_000}, "'maxLength'"),
