@@ -60,10 +60,10 @@ def create_app(
 
     ``name`` is the model name clients use (default: the engine's catalogue name, or
     its file name without ``.gguf``); ``limits`` what a request may bring (sizes, the
-    queue, whether picture URLs are fetched); ``api_key`` a bearer token every route but
-    ``/health`` and ``/`` requires; ``cors`` the origins allowed to call it from a
-    browser (none by default). The chat is closed when the app shuts down, unless
-    ``close_chat`` is False."""
+    queue, which picture URLs are downloaded: none by default); ``api_key`` a bearer
+    token every route but ``/health`` and ``/`` requires; ``cors`` the origins allowed
+    to call it from a browser (none by default). The chat is closed when the app shuts
+    down, unless ``close_chat`` is False."""
     fastapi = fastapi_module()
     from starlette.exceptions import HTTPException
 
@@ -76,6 +76,7 @@ def create_app(
     async def lifespan(app: Any) -> AsyncIterator[None]:
         yield
         engine.stop()
+        await engine.downloads.aclose()
         if close_chat:
             await asyncio.to_thread(chat.close)
 
@@ -134,6 +135,7 @@ class _Health:
             "waiting": max(0, engine.admitted - (1 if engine.busy else 0)),
             "served": engine.served,
             "cancelled": engine.cancelled,
+            "downloading": engine.downloads.active,
         }
 
 
