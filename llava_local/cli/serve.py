@@ -15,7 +15,7 @@ from ._common import engine_options, err_console, open_chat, run_safely
     "--bind",
     default="127.0.0.1",
     show_default=True,
-    help="Address to serve on (0.0.0.0: every network; --host is Ollama's).",
+    help="Address to serve on (0.0.0.0: every network, then set --api-key).",
 )
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @engine_options
@@ -31,6 +31,16 @@ from ._common import engine_options, err_console, open_chat, run_safely
     multiple=True,
     metavar="ORIGIN",
     help="Let web pages from ORIGIN call the server (repeatable; '*' for any). Off by default.",
+)
+@click.option(
+    "--allow-host",
+    multiple=True,
+    metavar="NAME",
+    help="Also answer requests that name the server NAME in their Host header "
+    "(repeatable; '*.example.com', or '*' for any name), as Ollama's OLLAMA_ORIGINS. "
+    "By default: localhost, loopback addresses and host.docker.internal, plus any IP "
+    "address and this machine's names when --bind is beyond loopback; other names get "
+    "403, so that a web page cannot reach the server by DNS rebinding.",
 )
 @click.option(
     "--queue",
@@ -87,6 +97,7 @@ def serve(
     queue: int,
     max_body_mb: float,
     max_picture_mb: float,
+    allow_host: tuple[str, ...],
     picture_urls: bool,
     picture_url_allow: tuple[str, ...],
     picture_url_timeout: float,
@@ -136,6 +147,7 @@ def serve(
                 limits=limits,
                 api_key=api_key,
                 cors=cors,
+                allow_hosts=allow_host,
                 on_ready=ready,
             )
         except OSError as exc:

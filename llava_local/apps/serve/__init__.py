@@ -10,12 +10,13 @@ Routes (FastAPI, served by uvicorn; ``pip install 'llava-local[serve]'``):
 
 How a chat request flows, module by module:
 
-1. :mod:`.middleware` logs it (one line at its end) and checks the API key;
-   :mod:`.app` routes it to :mod:`.openai_api` or :mod:`.ollama_api`.
-2. The protocol module reads the body (:mod:`.bodies`: size limit, JSON, its pydantic
-   model), checks the model name, and turns the messages into the protocol-neutral
-   :class:`~.pictures.Wanted` (role, text, pictures as sent), its options and schema
-   into the chat's.
+1. :mod:`.middleware` logs it (one line at its end), checks its ``Host`` header (DNS
+   rebinding), answers CORS preflights, and checks the API key; :mod:`.app` routes it
+   to :mod:`.openai_api` or :mod:`.ollama_api`.
+2. The protocol module reads the body (:mod:`.bodies`: ``application/json`` only,
+   size limit, its pydantic model), checks the model name, and turns the
+   messages into the protocol-neutral :class:`~.pictures.Wanted` (role, text, pictures
+   as sent), its options and schema into the chat's.
 3. :func:`.turns.respond` downloads the pictures given as http(s) URLs when
    ``Limits.picture_urls`` allows it (:mod:`.downloads`: public addresses only, in the
    event loop, before it queues), admits it to the queue (503 with ``Retry-After``

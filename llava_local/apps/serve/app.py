@@ -1,6 +1,6 @@
 """The FastAPI app: the routes of both protocols over one shared engine, the health
-routes, each error in its protocol's shape, and the middleware (request log, API key,
-CORS)."""
+routes, each error in its protocol's shape, and the middleware (request log, Host check,
+CORS, API key)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from ...chat import VisionChat
 from ...errors import MissingDependencyError
 from .errors import ApiError
 from .limits import Limits
-from .middleware import LogRequests, RequireKey
+from .middleware import CheckHost, HostNames, LogRequests, RequireKey
 from .model_info import default_name, model_facts
 from .ollama_api import OllamaRoutes
 from .openai_api import OpenAIRoutes
@@ -55,6 +55,8 @@ def create_app(
     api_key: str | None = None,
     cors: Sequence[str] = (),
     close_chat: bool = True,
+    bind: str = "127.0.0.1",
+    allow_hosts: Sequence[str] = (),
 ) -> FastAPI:
     """The HTTP app answering with ``chat``'s engine (shared by every request).
 
@@ -62,8 +64,10 @@ def create_app(
     its file name without ``.gguf``); ``limits`` what a request may bring (sizes, the
     queue, which picture URLs are downloaded: none by default); ``api_key`` a bearer
     token every route but ``/health`` and ``/`` requires; ``cors`` the origins allowed
-    to call it from a browser (none by default). The chat is closed when the app shuts
-    down, unless ``close_chat`` is False."""
+    to call it from a browser (none by default). ``bind`` is the address it is served
+    on and, with ``allow_hosts``, decides which ``Host`` headers it answers (see
+    :class:`~.middleware.HostNames`). The chat is closed when the app shuts down,
+    unless ``close_chat`` is False."""
     fastapi = fastapi_module()
     from starlette.exceptions import HTTPException
 
@@ -105,6 +109,9 @@ def create_app(
     ]
     for path, endpoint, method in routes:
         app.add_api_route(path, endpoint, methods=[method], response_model=None)
+    # The last one added is the outermost (see the order in .middleware).
+    if api_key:
+        app.add_middleware(RequireKey, api_key=api_key)
     if cors:
         from starlette.middleware.cors import CORSMiddleware
 
@@ -114,8 +121,7 @@ def create_app(
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["*"],
         )
-    if api_key:
-        app.add_middleware(RequireKey, api_key=api_key)
+    app.add_middleware(CheckHost, names=HostNames(bind, allow_hosts))
     app.add_middleware(LogRequests)
     return app
 

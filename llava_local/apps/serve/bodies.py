@@ -1,5 +1,11 @@
-"""Reading a request's body: one JSON object within the size limit, then the protocol's
-pydantic model, each failure a 400 or 413 in the protocol's shape."""
+"""Reading a request's body: one JSON object within the size limit, sent as
+``application/json``, then the protocol's pydantic model; each failure a 400, 413 or
+415 in the protocol's shape.
+
+Only JSON bodies are read because a web page may send a cross-origin POST of a
+``text/plain`` body without asking the browser first (no CORS preflight): such a
+request would start turns and downloads through a visitor's browser. A JSON body is
+always preflighted, and the preflight is refused unless ``--cors`` allows the page."""
 
 from __future__ import annotations
 
@@ -31,7 +37,16 @@ class Lenient(BaseModel):
 
 
 async def read_json(request: Request, limits: Limits) -> dict[str, Any]:
-    """The request's JSON object, refusing bodies over the limit before reading them."""
+    """The request's JSON object, refusing bodies that are not JSON, or over the size
+    limit, before reading them."""
+    kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if kind != "application/json":
+        raise ApiError(
+            415,
+            f"the request body must be JSON sent with 'Content-Type: application/json', "
+            f"not {kind or 'no Content-Type'!r}",
+            code="unsupported_media_type",
+        )
     limit = limits.max_body_bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
