@@ -14,13 +14,13 @@ How a chat request flows, module by module:
    rebinding), answers CORS preflights, and checks the API key; :mod:`.app` routes it
    to :mod:`.openai_api` or :mod:`.ollama_api`.
 2. The protocol module reads the body (:mod:`.bodies`: ``application/json`` only,
-   size limit, its pydantic model), checks the model name, and turns the
+   size and nesting limits, its pydantic model), checks the model name, and turns the
    messages into the protocol-neutral :class:`~.pictures.Wanted` (role, text, pictures
    as sent), its options and schema into the chat's.
-3. :func:`.turns.respond` downloads the pictures given as http(s) URLs when
-   ``Limits.picture_urls`` allows it (:mod:`.downloads`: public addresses only, in the
-   event loop, before it queues), admits it to the queue (503 with ``Retry-After``
-   when full), reads and prepares its pictures in a worker thread
+3. :func:`.turns.respond` checks the schema's cost, downloads the pictures given as
+   http(s) URLs when ``Limits.picture_urls`` allows it (:mod:`.downloads`: public
+   addresses only, in the event loop, before it queues), admits it to the queue (503
+   with ``Retry-After`` when full), reads and prepares its pictures in a worker thread
    (:mod:`.pictures`: data URIs, base64, downloaded bytes; never a path on this
    machine), waits for the model (one turn at a time), and reads the answer's first
    piece before any status is sent, so an early error gets its own status.

@@ -1,12 +1,11 @@
 """The FastAPI app: the routes of both protocols over one shared engine, the health
 routes, each error in its protocol's shape, and the middleware (request log, Host check,
-CORS, API key)."""
+CORS, API key, a 500 for bugs)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -16,7 +15,7 @@ from ...chat import VisionChat
 from ...errors import MissingDependencyError
 from .errors import ApiError
 from .limits import Limits
-from .middleware import CheckHost, HostNames, LogRequests, RequireKey
+from .middleware import CatchErrors, CheckHost, HostNames, LogRequests, RequireKey
 from .model_info import default_name, model_facts
 from .ollama_api import OllamaRoutes
 from .openai_api import OpenAIRoutes
@@ -26,8 +25,6 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
     from starlette.requests import Request
     from starlette.responses import Response
-
-log = logging.getLogger("llava_local.serve")
 
 
 def check_installed() -> None:
@@ -95,7 +92,6 @@ def create_app(
     app.state.engine = engine
     app.add_exception_handler(ApiError, _on_api_error)
     app.add_exception_handler(HTTPException, _on_http_error)
-    app.add_exception_handler(Exception, _on_bug)
     routes: list[tuple[str, Callable[..., Any], str]] = [
         ("/", _root, "GET"),
         ("/health", _Health(engine).answer, "GET"),
@@ -110,6 +106,7 @@ def create_app(
     for path, endpoint, method in routes:
         app.add_api_route(path, endpoint, methods=[method], response_model=None)
     # The last one added is the outermost (see the order in .middleware).
+    app.add_middleware(CatchErrors)
     if api_key:
         app.add_middleware(RequireKey, api_key=api_key)
     if cors:
@@ -166,9 +163,3 @@ async def _on_http_error(request: Request, exc: Exception) -> Response:
     else:
         text = str(getattr(exc, "detail", exc))
     return ApiError(status, text).response(request.url.path)
-
-
-async def _on_bug(request: Request, exc: Exception) -> Response:
-    log.exception("unexpected error answering %s %s", request.method, request.url.path)
-    error = ApiError(500, f"internal error: {exc!r}", kind="server_error")
-    return error.response(request.url.path)

@@ -1,10 +1,11 @@
-"""What wraps every route: one log line per request, the Host check, and the API key.
+"""What wraps every route: one log line per request, the Host check, the API key, and
+a 500 for any bug.
 
 Plain ASGI middleware rather than Starlette's ``BaseHTTPMiddleware``, so a streamed
 answer is timed (and its status logged) to its end. From the outside in: the log line,
 :class:`CheckHost`, CORS (when ``--cors`` names origins: outside the key check, so a
 browser's preflight is answered and error answers carry CORS headers too),
-:class:`RequireKey`, then the routes.
+:class:`RequireKey`, :class:`CatchErrors`, then the routes.
 """
 
 from __future__ import annotations
@@ -187,3 +188,37 @@ class CheckHost:
             code="host_not_allowed",
         )
         await error.response(str(scope.get("path", "")))(scope, receive, send)
+
+
+class CatchErrors:
+    """A bug answers 500 naming the route and nothing of its exception; its traceback
+    goes to the log once (and never reaches uvicorn, which would log it again)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def sending(message: AsgiMessage) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception:
+            method, path = scope.get("method", "-"), str(scope.get("path", ""))
+            log.exception("unexpected error answering %s %s", method, path)
+            if started:  # the status is sent: the answer just ends here
+                return
+            scope.setdefault("state", {})["note"] = "internal error (traceback above)"
+            error = ApiError(
+                500,
+                f"internal error answering {method} {path}; the server's log has the details",
+                kind="server_error",
+            )
+            await error.response(path)(scope, receive, send)

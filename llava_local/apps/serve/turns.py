@@ -2,9 +2,9 @@
 
 Every request is answered by :meth:`VisionChat.answer` on the ONE chat of the
 :class:`Engine`, so its prefix match reuses what the request before left in the KV
-cache. Before a request queues, its picture URLs (if the server downloads any) are
-downloaded in the event loop, so a slow picture host holds neither a queue place nor a
-thread. An ``asyncio.Lock`` lets one turn at a time hold
+cache. Before a request queues, its schema is checked and its picture URLs (if the
+server downloads any) are downloaded in the event loop, so a slow picture host holds
+neither a queue place nor a thread. An ``asyncio.Lock`` lets one turn at a time hold
 the model (first come, first served); beyond ``Limits.queue`` waiting requests the
 answer is 503 with ``Retry-After`` at once. A turn runs in a worker thread of its own
 (:class:`~llava_local.AsyncReplyStream`) and its pieces are pulled one at a time, so a
@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ... import structured
 from ...aio import AsyncReplyStream
 from ...chat import VisionChat
 from ...errors import LlavaLocalError, TurnCancelledError
@@ -221,6 +222,11 @@ async def respond(
 
     if not wanted or wanted[-1].role != "user":
         raise ApiError(400, "the last message must be the user's", param="messages")
+    if schema is not None:
+        try:  # before any cost: a schema too costly is refused here, not after the queue
+            structured.json_schema(schema)
+        except LlavaLocalError as exc:
+            raise library_error(exc, "response_format") from exc
     gone = "client gone while its pictures downloaded"
     try:
         if urls(wanted):
