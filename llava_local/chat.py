@@ -30,6 +30,7 @@ from .errors import (
     InvalidRequestError,
     LlavaLocalError,
     NoPictureWarning,
+    SchemaError,
     problems,
 )
 from .types import Message, Options, PreparedImage, Reply
@@ -207,7 +208,12 @@ class VisionChat:
         schema: structured.Schema | None = None,
         **options: Any,
     ) -> Reply:
-        """Ask about ``image`` (or the pictures already in the conversation) and wait."""
+        """Ask about ``image`` (or the pictures already in the conversation) and wait.
+
+        With ``schema``, ``reply.parsed`` is the answer checked against it, and an
+        answer that does not fit raises :class:`SchemaError`; an answer cut by
+        ``max_tokens`` before its JSON ended is not a misfit: ``reply.done_reason`` is
+        ``"length"``, ``reply.parsed`` None and ``reply.text`` the JSON as written."""
         request = self._request(
             prompt, image=image, images=images, schema=schema, options=options, stacklevel=3
         )
@@ -797,7 +803,7 @@ class ReplyStream(Iterator[str]):
         stats = self._finish.stats
         stats.dropped_turns = self._dropped
         text = "".join(self._pieces)
-        parsed = structured.parse(text, self._schema) if self._schema is not None else None
+        parsed = self._parsed(text, self._finish.done_reason)
         reply = Reply(
             text=text,
             model=chat.model,
@@ -810,6 +816,20 @@ class ReplyStream(Iterator[str]):
             chat._keep_turn(self.message, reply)
         self._reply = reply
         self._end()
+
+    def _parsed(self, text: str, done_reason: str | None) -> Any:
+        """The answer checked against the schema. An answer cut by ``max_tokens``
+        (``done_reason == "length"``) is not a schema violation: when its JSON is
+        unfinished, ``parsed`` is None and the reply keeps the text as written, as
+        OpenAI's API answers ``finish_reason: "length"``."""
+        if self._schema is None:
+            return None
+        try:
+            return structured.parse(text, self._schema)
+        except SchemaError:
+            if done_reason == "length":
+                return None
+            raise
 
     def _end(self) -> None:
         """Stop the engine and let go of the chat; the turn is over (once)."""

@@ -134,6 +134,49 @@ def test_broken_json_is_described_once() -> None:
     assert "Unterminated string starting at: line 1 column 11 (char 10)" in message
 
 
+def test_an_answer_cut_by_max_tokens_is_not_a_misfit(chat: VisionChat) -> None:
+    """An answer cut by max_tokens before its JSON ends is a reply like any cut answer:
+    done_reason "length", parsed None, the JSON as far as it was written; no
+    SchemaError (OpenAI answers finish_reason "length" the same way)."""
+    reply = chat.ask("What digit is this?", image=DIGIT, schema=digit_schema(), max_tokens=3)
+    assert reply.done_reason == "length"
+    assert reply.parsed is None
+    assert reply.text.startswith("{")
+    assert len(chat.history) == 2  # kept, as any finished turn
+    chat.reset()
+    bounded = digit_schema(minimum=0, maximum=9)
+    whole = chat.ask("What digit is this?", image=DIGIT, schema=bounded, max_tokens=40)
+    assert (whole.done_reason, whole.parsed) == ("stop", {"digit": 7})
+
+
+COSTLY = [
+    ({"type": "array", "items": {"type": "integer"}, "minItems": 10**7}, "'minItems'"),
+    ({"type": "string", "maxLength": 20_000}, "'maxLength'"),
+    ({"type": "string", "pattern": "^a{0,99999}$"}, "'pattern'"),
+    ({"type": "string", "enum": ["x" * 100] * 2000}, "131072"),
+    ({"type": "object", "properties": {f"p{i}": {"maxLength": 4000} for i in range(5)}}, "16384"),
+]
+
+
+@pytest.mark.parametrize(("schema", "named"), COSTLY)
+def test_a_schema_too_costly_for_a_grammar_is_refused(
+    chat: VisionChat, schema: dict[str, Any], named: str
+) -> None:
+    """A schema whose grammar would spell out millions of repetitions (minItems 10**7
+    took 4 s and 1 GiB; maxLength 20000 crashed the process in llama.cpp's grammar
+    parser), or that is too large, is an InvalidRequestError naming the key and the
+    limit before the turn; a pydantic model gets the same check."""
+    with pytest.raises(InvalidRequestError, match=re.escape(named)):
+        chat.stream("What digit is this?", image=DIGIT, schema=schema)
+    assert chat.history == []
+
+    class Many(BaseModel):
+        items: Annotated[list[int], Field(min_length=10**6)]
+
+    with pytest.raises(InvalidRequestError, match="limit of 4096"):
+        structured.json_schema(Many)
+
+
 # -- llama.cpp's grammar carries what it can -------------------------------------------
 
 

@@ -671,7 +671,14 @@ class _Asker:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _reply(self, prompt: str, item: _Item) -> Reply:
-        return self.chat.ask(prompt, image=item.image, schema=self.schema, **self.options)
+        reply = self.chat.ask(prompt, image=item.image, schema=self.schema, **self.options)
+        if self.schema is not None and reply.done_reason == "length" and reply.parsed is None:
+            # The chat keeps an answer cut short (parsed None); a line needs the object.
+            raise SchemaError(
+                "the answer was cut at max_tokens before its JSON ended; raise --max-tokens",
+                reply.text,
+            )
+        return reply
 
     def _firmer(self, prompt: str) -> str:
         assert self.schema is not None

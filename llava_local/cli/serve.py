@@ -15,7 +15,7 @@ from ._common import engine_options, err_console, open_chat, run_safely
     "--bind",
     default="127.0.0.1",
     show_default=True,
-    help="Address to serve on (0.0.0.0: every network; --host is Ollama's).",
+    help="Address to serve on (0.0.0.0: every network, then set --api-key).",
 )
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @engine_options
@@ -31,6 +31,16 @@ from ._common import engine_options, err_console, open_chat, run_safely
     multiple=True,
     metavar="ORIGIN",
     help="Let web pages from ORIGIN call the server (repeatable; '*' for any). Off by default.",
+)
+@click.option(
+    "--allow-host",
+    multiple=True,
+    metavar="NAME",
+    help="Also answer requests that name the server NAME in their Host header "
+    "(repeatable; '*.example.com', or '*' for any name), as Ollama's OLLAMA_ORIGINS. "
+    "By default: localhost, loopback addresses and host.docker.internal, plus any IP "
+    "address and this machine's names when --bind is beyond loopback; other names get "
+    "403, so that a web page cannot reach the server by DNS rebinding.",
 )
 @click.option(
     "--queue",
@@ -54,11 +64,27 @@ from ._common import engine_options, err_console, open_chat, run_safely
     help="Largest picture, decoded or downloaded.",
 )
 @click.option(
-    "--no-picture-urls",
-    is_flag=True,
-    help="Refuse pictures given as http(s) URLs (400: send a data URI), so the server "
-    "never fetches a URL a client names. Use it when the server is reachable beyond "
-    "127.0.0.1.",
+    "--picture-urls/--no-picture-urls",
+    default=False,
+    show_default=True,
+    help="Download pictures that requests give as http(s) URLs. Risky: anyone who can "
+    "reach the server can then make it send GET requests to any public address "
+    "(loopback, private and link-local addresses are refused, redirects checked "
+    "again). Off: such a picture is a 400 saying to send a data URI.",
+)
+@click.option(
+    "--picture-url-allow",
+    multiple=True,
+    metavar="HOST[:PORT]",
+    help="With --picture-urls, also download from HOST (on PORT only, if given) even "
+    "when it is on this machine or its network (repeatable): an internal picture host.",
+)
+@click.option(
+    "--picture-url-timeout",
+    type=click.FloatRange(0.1),
+    default=15.0,
+    show_default=True,
+    help="Seconds one picture download may take in all (slow servers are cut off).",
 )
 def serve(
     *,
@@ -71,7 +97,10 @@ def serve(
     queue: int,
     max_body_mb: float,
     max_picture_mb: float,
-    no_picture_urls: bool,
+    allow_host: tuple[str, ...],
+    picture_urls: bool,
+    picture_url_allow: tuple[str, ...],
+    picture_url_timeout: float,
     **engine: Any,
 ) -> None:
     """Serve the model over HTTP until Ctrl-C: OpenAI-compatible (/v1/chat/completions,
@@ -83,11 +112,20 @@ def serve(
     """
     from ..apps import serve as server
 
+    if picture_url_allow and not picture_urls:
+        raise click.UsageError("--picture-url-allow takes effect only with --picture-urls")
+    for entry in picture_url_allow:
+        try:
+            server.HostPort.parse(entry)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--picture-url-allow") from None
     limits = server.Limits(
         max_body_bytes=int(max_body_mb * server.MB),
         max_picture_bytes=int(max_picture_mb * server.MB),
         queue=queue,
-        picture_urls=not no_picture_urls,
+        fetch_timeout=picture_url_timeout,
+        picture_urls=picture_urls,
+        picture_url_allow=picture_url_allow,
     )
 
     def ready(url: str) -> None:
@@ -109,6 +147,7 @@ def serve(
                 limits=limits,
                 api_key=api_key,
                 cors=cors,
+                allow_hosts=allow_host,
                 on_ready=ready,
             )
         except OSError as exc:

@@ -2,9 +2,11 @@
 
 Every request is answered by :meth:`VisionChat.answer` on the ONE chat of the
 :class:`Engine`, so its prefix match reuses what the request before left in the KV
-cache. An ``asyncio.Lock`` lets one turn at a time hold the model (first come, first
-served); beyond ``Limits.queue`` waiting requests the answer is 503 with
-``Retry-After`` at once. A turn runs in a worker thread of its own
+cache. Before a request queues, its schema is checked and its picture URLs (if the
+server downloads any) are downloaded in the event loop, so a slow picture host holds
+neither a queue place nor a thread. An ``asyncio.Lock`` lets one turn at a time hold
+the model (first come, first served); beyond ``Limits.queue`` waiting requests the
+answer is 503 with ``Retry-After`` at once. A turn runs in a worker thread of its own
 (:class:`~llava_local.AsyncReplyStream`) and its pieces are pulled one at a time, so a
 client that goes away (noticed while it waits, while the turn reads, or while it
 streams) cancels its turn, which stops even a picture's encoding, and the next request
@@ -20,13 +22,15 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ... import structured
 from ...aio import AsyncReplyStream
 from ...chat import VisionChat
 from ...errors import LlavaLocalError, TurnCancelledError
 from ...types import Message, Reply
+from .downloads import Downloads
 from .errors import ApiError, ClientGone, library_error
 from .limits import Limits
-from .pictures import Wanted, prepare_all
+from .pictures import Wanted, download_all, prepare_all, urls
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -47,6 +51,10 @@ class Engine:
     cancelled: int = 0
     started: float = field(default_factory=time.time)
     streams: set[AsyncReplyStream] = field(default_factory=set)
+    downloads: Downloads = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.downloads = Downloads(self.limits)
 
     def admit(self) -> None:
         self.refuse_if_stopping()
@@ -163,21 +171,12 @@ class Turn:
     async def _watched(self, task: asyncio.Future[Any]) -> Any:
         """``task``'s result, unless the client hangs up first: then it is cancelled
         (with the turn: AsyncReplyStream waits until the worker let go of the chat)."""
-        watcher = asyncio.ensure_future(_disconnected(self.request))
-        try:
-            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone = watcher.done() and not watcher.cancelled()
-            watcher.cancel()
-            if not task.done():
-                if self.stream is not None:
-                    self.stream.cancel()  # a piece being read stops at once
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
-        if gone:
-            raise ClientGone
-        return task.result()
+
+        def stop() -> None:
+            if self.stream is not None:
+                self.stream.cancel()  # a piece being read stops at once
+
+        return await watched(self.request, task, stop)
 
     async def close(self) -> None:
         """Let go of the model, stopping the turn first if it is still running."""
@@ -223,15 +222,26 @@ async def respond(
 
     if not wanted or wanted[-1].role != "user":
         raise ApiError(400, "the last message must be the user's", param="messages")
-    turn = Turn(engine, request)
+    if schema is not None:
+        try:  # before any cost: a schema too costly is refused here, not after the queue
+            structured.json_schema(schema)
+        except LlavaLocalError as exc:
+            raise library_error(exc, "response_format") from exc
+    gone = "client gone while its pictures downloaded"
     try:
+        if urls(wanted):
+            engine.refuse_if_stopping()
+            downloading = asyncio.ensure_future(download_all(wanted, engine.downloads))
+            await watched(request, downloading)
+        gone = "client gone"
+        turn = Turn(engine, request)
         first = await turn.begin(wanted, schema, options)
         if streamed is not None:
             body = streamed(turn, first)
             return StreamingResponse(body, media_type=media_type, headers=headers)
         reply = await _rest(turn, first)
     except ClientGone:
-        request.state.note = "client gone"
+        request.state.note = gone
         return _gone()
     note_tokens(request, reply)
     return whole(reply)
@@ -288,6 +298,28 @@ async def _anext(stream: AsyncReplyStream) -> str | None:
         return await stream.__anext__()
     except StopAsyncIteration:
         return None
+
+
+async def watched(
+    request: Request, task: asyncio.Future[Any], stop: Callable[[], None] | None = None
+) -> Any:
+    """``task``'s result, unless the client hangs up first: then ``stop()`` is called,
+    the task cancelled and awaited, and :class:`ClientGone` raised."""
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone = watcher.done() and not watcher.cancelled()
+        watcher.cancel()
+        if not task.done():
+            if stop is not None:
+                stop()
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+    if gone:
+        raise ClientGone
+    return task.result()
 
 
 async def _disconnected(request: Request) -> None:
