@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field
 
@@ -11,6 +11,10 @@ from ...demo import DEMO_NAME, demo_paths
 from ...errors import InvalidRequestError
 from ...resolve import find_mmproj, pulled_pair
 from ..registry import EngineConfig
+
+#: The most slots ``parallel=None`` chooses: beyond four answers a step, a CPU's
+#: memory bandwidth is spent and each answer slows down.
+MAX_AUTO_PARALLEL = 4
 
 if TYPE_CHECKING:
     from .engine import LlamaCppBackend
@@ -37,8 +41,9 @@ class LlamaCppConfig(EngineConfig):
     #: A folder for KV states on disk (shared by processes), and its size bound in GB.
     kv_cache_dir: str | None = None
     kv_cache_dir_gb: float = 8.0
-    #: Conversations answered at once (slots sharing one KV cache of n_ctx * parallel).
-    parallel: int = Field(default=1, ge=1, le=64)
+    #: Conversations answered at once (slots sharing one KV cache of n_ctx * parallel);
+    #: "auto": as many as fit the memory available, up to :data:`MAX_AUTO_PARALLEL`.
+    parallel: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = 1
     force: bool = False
 
 

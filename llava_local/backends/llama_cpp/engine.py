@@ -18,9 +18,9 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -39,7 +39,7 @@ from ...types import Message, Options
 from .. import gguf_meta, kv_cache
 from ..base import Backend, Finish, Turn
 from ..embedding_cache import EmbeddingCache
-from .config import LlamaCppConfig
+from .config import MAX_AUTO_PARALLEL, LlamaCppConfig
 from .lib import import_llama_cpp
 from .model import LoadedModel
 from .prompt import Part, Prompt, tokenize
@@ -82,7 +82,7 @@ class LlamaCppBackend(Backend):
         kv_cache_mb: float | None = None,
         kv_cache_dir: str | os.PathLike[str] | None = None,
         kv_cache_dir_gb: float = 8.0,
-        parallel: int = 1,
+        parallel: int | Literal["auto"] = 1,
         force: bool = False,
         catalog_name: str | None = None,
     ) -> None:
@@ -127,17 +127,23 @@ class LlamaCppBackend(Backend):
         if n_ctx is None:
             trained = int(lm_meta.get("context_length") or 4096)
             n_ctx = min(trained, (self._image_tokens or 576) + TEXT_BUDGET)
+        def estimate(slots: int) -> memory.MemoryEstimate:
+            return memory.estimate(
+                self.model_path,
+                self.mmproj_path,
+                n_ctx=n_ctx * slots,
+                n_batch=n_batch,
+                n_threads=self.n_threads,
+                use_mmap=use_mmap,
+            )
+
+        if parallel == "auto":
+            parallel = _auto_parallel(estimate)
+        #: Conversations answered at once.
         self.parallel = parallel
         #: What loading is expected to take; checked against free memory first, because
         #: the kernel's answer to a model that does not fit is to kill the process.
-        self.memory_estimate = memory.estimate(
-            self.model_path,
-            self.mmproj_path,
-            n_ctx=n_ctx * parallel,
-            n_batch=n_batch,
-            n_threads=self.n_threads,
-            use_mmap=use_mmap,
-        )
+        self.memory_estimate = estimate(parallel)
         if n_gpu_layers == 0:  # with GPU offload the host holds less than this
             memory.check(self.memory_estimate, force=force)
         start = time.perf_counter()
@@ -568,6 +574,17 @@ class LlamaCppBackend(Backend):
             return len(state.keys) if scheduler.set_state(slot, state) else 0
 
         return scheduler.call(restore)
+
+
+def _auto_parallel(estimate: Callable[[int], memory.MemoryEstimate]) -> int:
+    """The most slots (up to four) whose KV cache fits with the memory check's margin and
+    leaves a fifth of what is available for kept states and the rest of the machine."""
+    available = host.available_bytes()
+    for slots in range(MAX_AUTO_PARALLEL, 1, -1):
+        est = estimate(slots)
+        if est.needed_bytes + memory.margin(est) <= available * 0.8:
+            return slots
+    return 1
 
 
 def _existing_file(path: str | os.PathLike[str], what: str) -> Path:
