@@ -75,6 +75,8 @@ def test_every_error_is_printed_exactly(
     does not eat `[ui]` or `[llama-cpp]`, brackets or backslashes, and adds no breaks."""
     exc = _instance(cls)
     assert isinstance(exc, errors.LlavaLocalError)
+    if isinstance(exc, errors.ContextOverflowError):
+        exc.needed = 0  # with sizes the CLI words the line itself; without, the text is printed
     assert MESSAGE in str(exc)
 
     def fail() -> None:
@@ -124,6 +126,39 @@ def test_one_shot_prompt_too_long_says_shorten_or_n_ctx(picture: Path) -> None:
     assert f"raise --n-ctx above {needed}" in result.stderr
     assert "reset()" not in result.stderr
     assert result.stdout.strip() == ""
+
+
+DIGIT = Path(__file__).resolve().parents[1] / "examples" / "digit.png"
+
+
+@pytest.mark.parametrize(
+    ("n_ctx", "line"),
+    [
+        (
+            "200",
+            "error: this question needs 212 tokens (prompt, pictures and room to answer; "
+            "the picture takes 16) but the context window holds 200: shorten the prompt, "
+            "or raise --n-ctx above 212 (e.g. --n-ctx 512)",
+        ),
+        (
+            "10",
+            "error: the picture alone needs 16 positions but the context window holds 10: "
+            "raise --n-ctx above 212 (e.g. --n-ctx 512)",
+        ),
+    ],
+)
+def test_a_small_context_says_what_the_picture_needs_and_names_the_flag(
+    n_ctx: str, line: str
+) -> None:
+    """`ask examples/digit.png ... --n-ctx 200` (the README's demo picture, a context
+    llama.cpp pads to 256) is one ContextOverflowError line on stderr with what the
+    picture takes and --n-ctx, not an engine crash; so is a context smaller than the
+    picture itself."""
+    args = ["ask", str(DIGIT), "What digit is this?", "--backend", "llama_cpp"]
+    result = CliRunner().invoke(main, [*args, "--n-ctx", n_ctx])
+    assert result.exit_code == 1, result.output
+    assert result.stderr == line + "\n"
+    assert result.stdout == ""
 
 
 @pytest.mark.parametrize("how", ["--host", "OLLAMA_HOST"])

@@ -46,6 +46,7 @@ from ..errors import (
 )
 from ..resolve import find_mmproj, pulled_pair
 from ..types import Options, Stats
+from ..wording import count, plural
 from . import gguf_meta, kv_cache
 from .base import Backend, Finish, Turn
 from .embedding_cache import EmbeddingCache
@@ -354,8 +355,10 @@ class LlamaCppBackend(Backend):
 
     @property
     def n_ctx(self) -> int:
-        """The context window, in tokens (positions)."""
-        return int(self._llama.n_ctx())
+        """The context window, in tokens (positions): the one asked for. llama.cpp pads
+        its own up (to a multiple of 256), but llama-cpp-python keeps the tokens read in
+        an array of the size asked for, so the padding cannot be used."""
+        return min(int(self._llama.n_ctx()), len(self._llama.input_ids))
 
     def close(self) -> None:
         with self._lock:
@@ -470,19 +473,7 @@ class LlamaCppBackend(Backend):
         started = time.perf_counter()
         prompt = self._prompt_for(turn)
         try:
-            # A max_tokens that does not fit is capped (the answer ends with
-            # done_reason "length"); only a prompt with no room to answer is refused.
-            needed = len(prompt.keys) + 1
-            if needed > self.n_ctx:
-                raise ContextOverflowError(
-                    f"this turn's prompt is {len(prompt.keys)} tokens and the context "
-                    f"window holds {self.n_ctx}, leaving no room for an answer; shorten "
-                    "the prompt, send fewer or smaller pictures, start a new conversation "
-                    "with reset(), or load the model with a larger n_ctx "
-                    f"(at least {needed})",
-                    needed=needed,
-                    available=self.n_ctx,
-                )
+            self._check_fits(prompt)
             stats = Stats(load_s=self._load_s)
             self._load_s = 0.0
             self._evaluate(prompt, stats, turn.control)
@@ -490,6 +481,32 @@ class LlamaCppBackend(Backend):
             self._forget_prompt()
         stats.prompt_s = time.perf_counter() - started
         return stats
+
+    def _check_fits(self, prompt: _Prompt) -> None:
+        """Refuse a prompt that leaves no room to answer, before any of it is read (a
+        max_tokens that does not fit is capped: the answer ends with "length")."""
+        needed, n_ctx = len(prompt.keys) + 1, self.n_ctx
+        if needed <= n_ctx:
+            return
+        pictures = sum(self._chunk_len(k, c) for k, c, _ in prompt.parts if k == "image")
+        images = sum(kind == "image" for kind, _, _ in prompt.parts)
+        if pictures >= n_ctx:
+            message = (
+                f"the {plural(images, 'picture')} alone {plural(images, 'needs')} "
+                f"{count(pictures, 'position')} and the context window holds {n_ctx}; "
+                f"load the model with a larger context window (n_ctx= at least {needed})"
+            )
+        else:
+            share = f", {pictures} of them for pictures," if pictures else ""
+            message = (
+                f"this turn's prompt is {count(len(prompt.keys), 'token')}{share} and the "
+                f"context window holds {n_ctx}, leaving no room for an answer; shorten the "
+                "prompt, send fewer pictures, start a new conversation with reset(), or "
+                f"load the model with a larger context window (n_ctx= at least {needed})"
+            )
+        raise ContextOverflowError(
+            message, needed=needed, available=n_ctx, pictures=pictures, setting="n_ctx"
+        )
 
     def _piece(self, token: int) -> str:
         return bytes(self._llama.detokenize([token], special=True)).decode("utf-8", "replace")

@@ -26,6 +26,7 @@ from ..apps.models import pull_engines
 from ..backends import engine_names, registry
 from ..chat import VisionChat
 from ..errors import ContextOverflowError, LlavaLocalError
+from ..wording import count
 
 F = TypeVar("F", bound=Callable[..., Any])
 #: Messages on stderr: printed as they are (no markup, no line breaks added).
@@ -205,19 +206,55 @@ def cli_message(exc: LlavaLocalError, *, one_shot: bool = False) -> str:
     ``one_shot`` is for commands without a conversation (``ask``): there a turn that
     does not fit the context is the prompt's own length, not earlier turns.
     """
-    if one_shot and isinstance(exc, ContextOverflowError):
-        suggest = 2 ** math.ceil(math.log2(exc.needed + 256))
-        return (
-            f"this question needs {exc.needed} tokens (prompt, pictures and room to answer) "
-            f"but the context window holds {exc.available}: shorten the prompt, or raise "
-            f"--n-ctx above {exc.needed} (e.g. --n-ctx {suggest})"
-        )
+    if isinstance(exc, ContextOverflowError) and exc.needed and exc.available:
+        return _overflow(exc, one_shot=one_shot)
+    text = str(exc)
+    if isinstance(exc, ContextOverflowError):  # a server's, without numbers
+        text = text.replace(" (reset())", " (/reset)" if _in_chat() else "")
 
     def flag(match: re.Match[str]) -> str:
         value = match.group(2)
         return _FLAGS[match.group(1)] + (f" {value}" if value else "")
 
-    return _ARGUMENT.sub(flag, str(exc))
+    return _ARGUMENT.sub(flag, text)
+
+
+def _overflow(exc: ContextOverflowError, *, one_shot: bool) -> str:
+    """A turn too long for the context window, with what to do here: the flag that sizes
+    the window, and ``/reset`` in ``chat``."""
+    needed, available = exc.needed, exc.available
+    setting = _FLAGS.get(exc.setting or "")
+    suggest = 2 ** math.ceil(math.log2(needed + 256))
+    larger = (
+        f"raise {setting} above {needed} (e.g. {setting} {suggest})"
+        if setting
+        else "give the server a larger context"
+    )
+    alone = "the picture alone needs" if one_shot else "the pictures alone need"
+    if exc.pictures >= available:
+        return (
+            f"{alone} {count(exc.pictures, 'position')} but the context window holds "
+            f"{available}: {larger}"
+        )
+    takes = "the picture takes" if one_shot else "the pictures take"
+    pictures = f"; {takes} {exc.pictures}" if exc.pictures else ""
+    if one_shot or not _in_chat():
+        return (
+            f"this question needs {count(needed, 'token')} (prompt, pictures and room to "
+            f"answer{pictures}) but the context window holds {available}: shorten the "
+            f"prompt, or {larger}"
+        )
+    return (
+        f"this turn needs {count(needed, 'token')} with the conversation before it (room "
+        f"to answer included{pictures}) but the context window holds {available}: /reset "
+        f"to start a new conversation, ask a shorter question, or start again and {larger}"
+    )
+
+
+def _in_chat() -> bool:
+    """Whether the command printing is the ``chat`` REPL (which has ``/reset``)."""
+    context = click.get_current_context(silent=True)
+    return context is not None and context.command.name == "chat"
 
 
 def print_error(
