@@ -46,9 +46,22 @@ _FLAGS = {
     "base_url": "--host",
     "timeout": "--timeout",
     "max_tokens": "--max-tokens",
+    "force": "--force",
+    "retry_errors": "--retry-errors",
+    "task": "--task",
+    "vary": "--vary",
+    "schema": "--schema",
 }
-#: ``mmproj='path'`` or a bare ``mmproj=``, as a word of its own (never inside a path).
-_ARGUMENT = re.compile(rf"(?<![\w./\\-])({'|'.join(_FLAGS)})=(?:'([^'\s]*)'|(?=[\s,;:)]|$))")
+#: ``mmproj='path'``, ``n_ctx=4096``, ``force=True`` or a bare ``mmproj=``, as a word of
+#: its own (never inside a path).
+_ARGUMENT = re.compile(
+    rf"(?<![\w./\\-])({'|'.join(_FLAGS)})=(?:'([^'\s]*)'|(\d+)\b|True\b|(?=[\s,;:)]|$))"
+)
+#: Advice that has no flag, said the command line's way (the Python way first).
+_PHRASES = (
+    (re.compile(r", or pass pull=True\b"), ""),  # `ollama pull NAME` is already said
+    (re.compile(r"pass its key with api_key= or set OPENAI_API_KEY"), "set OPENAI_API_KEY"),
+)
 
 
 # click 8.5 made ParamType generic, older releases (still allowed) are not.
@@ -119,6 +132,13 @@ def engine_options(func: F) -> F:
             metavar="DIR",
             help="Keep KV states in DIR (llama.cpp engine): a picture read by an earlier "
             "run is restored, not read again.",
+        ),
+        click.option(
+            "--force",
+            is_flag=True,
+            default=None,
+            help="Load the model even when the memory check says it does not fit "
+            "(llama.cpp engine); the system may then kill the process.",
         ),
         click.option(
             "--kv-cache-mb",
@@ -209,12 +229,20 @@ def cli_message(exc: LlavaLocalError, *, one_shot: bool = False) -> str:
     if isinstance(exc, ContextOverflowError) and exc.needed and exc.available:
         return _overflow(exc, one_shot=one_shot)
     text = str(exc)
+    for pattern, replacement in _PHRASES:
+        text = pattern.sub(replacement, text)
     if isinstance(exc, ContextOverflowError):  # a server's, without numbers
         text = text.replace(" (reset())", " (/reset)" if _in_chat() else "")
 
+    command = _command()
+    options = _option_names(command) if command is not None else set(_FLAGS.values())
+
     def flag(match: re.Match[str]) -> str:
-        value = match.group(2)
-        return _FLAGS[match.group(1)] + (f" {value}" if value else "")
+        value = match.group(2) or match.group(3)
+        name = _FLAGS[match.group(1)]
+        if name not in options:  # a setting this command has no flag for: its name only
+            name = match.group(1)
+        return name + (f" {value}" if value else "")
 
     return _ARGUMENT.sub(flag, text)
 
@@ -251,10 +279,21 @@ def _overflow(exc: ContextOverflowError, *, one_shot: bool) -> str:
     )
 
 
+def _command() -> click.Command | None:
+    """The command running (the one printing), if any."""
+    context = click.get_current_context(silent=True)
+    return None if context is None else context.command
+
+
+def _option_names(command: click.Command) -> set[str]:
+    """The flags ``command`` takes (``--n-ctx``, ``-m``, ...)."""
+    return {name for param in command.params for name in getattr(param, "opts", ())}
+
+
 def _in_chat() -> bool:
     """Whether the command printing is the ``chat`` REPL (which has ``/reset``)."""
-    context = click.get_current_context(silent=True)
-    return context is not None and context.command.name == "chat"
+    command = _command()
+    return command is not None and command.name == "chat"
 
 
 def print_error(
