@@ -8,12 +8,20 @@ counts written any other way in the command line and the jobs behind it).
 from __future__ import annotations
 
 #: Plurals that are not the word plus "s": the verbs that agree with a count.
-_IRREGULAR = {"was": "were", "is": "are", "has": "have", "needs": "need", "takes": "take"}
+_IRREGULAR = {
+    "was": "were",
+    "is": "are",
+    "has": "have",
+    "does": "do",
+    "needs": "need",
+    "takes": "take",
+    "it": "them",
+}
 
 
 def plural(n: int, noun: str) -> str:
-    """``noun`` (or a verb in the third person) as it goes with ``n``: as given for
-    exactly one, else its plural (``plural(2, "needs") == "need"``)."""
+    """``noun`` (or a verb in the third person, or "it") as it goes with ``n``: as given
+    for exactly one, else its plural (``plural(2, "needs") == "need"``)."""
     if n == 1:
         return noun
     return _IRREGULAR.get(noun, noun + "s")

@@ -18,6 +18,7 @@ from ..apps.caption import caption as caption_pictures
 from ..apps.caption import read_prompts
 from ..apps.caption_ray import caption_ray
 from ..errors import InvalidRequestError, LlavaLocalError
+from ..wording import count, plural
 from ._common import engine_options, err_console, open_chat, run_safely
 
 
@@ -185,9 +186,11 @@ def caption(
         else:
             click.echo(str(summary))
         if summary.skipped_errors:
+            files, lines = summary.skipped_error_pictures, summary.skipped_errors
+            per_prompt = f" ({count(lines, 'error line')})" if lines != files else ""
             err_console.print(
-                f"{summary.skipped_errors} pictures kept the error of an earlier run; "
-                "--retry-errors asks about them again",
+                f"{count(files, 'picture')} kept the error of an earlier run{per_prompt}; "
+                f"--retry-errors asks about {plural(files, 'it')} again",
                 soft_wrap=True,
             )
         if not summary.found:
