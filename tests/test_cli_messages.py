@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import ast
 import inspect
+import json
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -336,3 +339,59 @@ def test_the_memory_advice_names_force_and_force_reaches_the_engine(tmp_path: Pa
 
     assert CliRunner().invoke(load, ["--backend", "llama_cpp", "--force"]).exit_code == 0
     assert seen["force"] is True
+
+
+# -- stderr holds what concerns the user ------------------------------------------------
+
+
+def test_a_missing_picture_is_the_only_line_on_stderr(
+    tmp_path: Path, no_ollama_host: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ask` about a file that is not there prints the error alone: the picture is read
+    before an engine is chosen, so no notice about the demo model comes first."""
+    monkeypatch.delenv("LLAVA_LOCAL_MODEL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["ask", "nothere.png", "What digit is this?"])
+    assert result.exit_code == 1
+    assert result.stderr == "error: cannot use picture nothere.png: no such file\n"
+    assert result.stdout == ""
+
+
+def test_ask_json_prints_an_error_as_json_on_stdout(tmp_path: Path) -> None:
+    """`ask --json` prints an error as one JSON object on stdout (type and the message
+    in the command line's terms), exits 1 and leaves stderr empty; --help says so."""
+    args = ["ask", str(DIGIT), "What digit is this?", "--backend", "llama_cpp", "--json"]
+    result = CliRunner().invoke(main, [*args, "--n-ctx", "200"])
+    assert result.exit_code == 1
+    assert result.stderr == ""
+    error = json.loads(result.stdout)["error"]
+    assert error["type"] == "ContextOverflowError"
+    assert error["message"].startswith("this question needs 212 tokens")
+    assert "--n-ctx" in error["message"]
+    missing = CliRunner().invoke(main, ["ask", str(tmp_path / "gone.png"), "Hi?", "--json"])
+    assert (missing.exit_code, missing.stderr) == (1, "")
+    assert json.loads(missing.stdout) == {
+        "error": {
+            "type": "ImageError",
+            "message": f"cannot use picture {tmp_path / 'gone.png'}: no such file",
+        }
+    }
+    help_text = " ".join(CliRunner().invoke(main, ["ask", "--help"]).stdout.split())
+    assert 'An error too, as {"error": {"type", "message"}} (exit status 1).' in help_text
+
+
+def test_no_resource_warning_at_exit(tmp_path: Path) -> None:
+    """`python -W always -m llava_local.cli ask ...` on the demo prints the answer and
+    nothing on stderr: no ResourceWarning about llama-cpp-python's /dev/null files."""
+    args = ["ask", str(DIGIT), "What digit is this?", "--backend", "llama_cpp"]
+    result = subprocess.run(
+        [sys.executable, "-W", "always", "-m", "llava_local.cli", *args, "--temperature", "0"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "This digit is 7.\n"
+    assert result.stderr == ""

@@ -86,7 +86,27 @@ def _import_llama_cpp() -> Any:
             "the llama.cpp engine needs llama-cpp-python: pip install 'llava-local[llama-cpp]' "
             "(see the README for build flags on CPUs with AMX)"
         ) from exc
+    _quiet_null_files()
     return llama_cpp
+
+
+def _quiet_null_files() -> None:
+    """llama-cpp-python opens ``/dev/null`` twice at import (``llama_cpp._utils``, where
+    it sends C's output while loading) and never closes it, so every process that used
+    the engine ended with ``ResourceWarning: unclosed file '/dev/null'`` under ``-W``.
+    Those files must outlive every model (a model freed at exit still uses them), so
+    they are swapped for ones over a descriptor left to the process's end on purpose,
+    which Python does not warn about, and the originals are closed."""
+    from llama_cpp import _utils
+
+    for name in ("outnull_file", "errnull_file"):
+        original = getattr(_utils, name, None)
+        raw = getattr(getattr(original, "buffer", None), "raw", None)
+        if original is None or not getattr(raw, "closefd", False):
+            continue  # another llama-cpp-python, or swapped already
+        descriptor = os.open(os.devnull, os.O_WRONLY)
+        setattr(_utils, name, open(descriptor, "w", closefd=False))  # noqa: SIM115
+        original.close()
 
 
 _log_state: dict[str, Any] = {"verbose": False, "callback": None}

@@ -11,6 +11,7 @@ Text from the library is never read as rich markup: ``pip install
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
@@ -213,6 +214,18 @@ class StatusLine:
             self._status = None
 
 
+def json_option(what: str) -> Callable[[F], F]:
+    """``--json``: ``what`` is printed as JSON on stdout, and so is an error, as
+    ``{"error": {"type": "ImageError", "message": "..."}}`` with exit status 1 (stdout
+    is the one stream a script reads; stderr keeps notices for the person)."""
+    return click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        help=f'{what} An error too, as {{"error": {{"type", "message"}}}} (exit status 1).',
+    )
+
+
 def quiet_option(func: F) -> F:
     """``--quiet``: no status line on stderr while the model loads and reads."""
     return click.option(
@@ -304,15 +317,22 @@ def print_error(
     (console or err_console).print(line, soft_wrap=True)
 
 
-def run_safely(action: Callable[[], None], *, one_shot: bool = False) -> None:
+def run_safely(
+    action: Callable[[], None], *, one_shot: bool = False, as_json: bool = False
+) -> None:
     """Run a command body, turning library errors and Ctrl-C into clean exits.
 
     ``one_shot``: the command asks one question with no conversation before it.
+    ``as_json``: the command's ``--json``; an error is then printed as JSON on stdout.
     """
     try:
         action()
     except LlavaLocalError as exc:
-        print_error(exc, one_shot=one_shot)
+        if as_json:
+            error = {"type": type(exc).__name__, "message": cli_message(exc, one_shot=one_shot)}
+            click.echo(json.dumps({"error": error}, indent=2, ensure_ascii=False))
+        else:
+            print_error(exc, one_shot=one_shot)
         sys.exit(1)
     except KeyboardInterrupt:
         err_console.print("interrupted")

@@ -19,7 +19,7 @@ from ..apps.caption import read_prompts
 from ..apps.caption_ray import caption_ray
 from ..errors import InvalidRequestError, LlavaLocalError
 from ..wording import count, plural
-from ._common import engine_options, err_console, open_chat, run_safely
+from ._common import engine_options, err_console, json_option, open_chat, run_safely
 
 
 def _load_schema(
@@ -100,7 +100,7 @@ def _load_schema(
 @click.option("--max-tokens", type=int, help="Stop each answer after this many tokens.")
 @click.option("--seed", type=int, help="Random seed, for repeatable sampling.")
 @click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@json_option("Print the summary as JSON.")
 def caption(
     *,
     inputs: tuple[str, ...],
@@ -196,7 +196,7 @@ def caption(
         if not summary.found:
             err_console.print(f"no pictures found in {' '.join(inputs)}", soft_wrap=True)
 
-    run_safely(body)
+    run_safely(body, as_json=as_json)
 
 
 def _several_hosts(command: click.Command) -> click.Command:
