@@ -339,6 +339,36 @@ def test_identical_pictures_under_two_names_each_get_their_line_on_ray(
         assert copy["stats"]["completion_tokens"] > 0
 
 
+def test_a_local_ray_run_keeps_stderr_clean_and_two_one_thread_workers_fit(
+    tmp_path: Path,
+) -> None:
+    """`caption --ray --workers 2 --threads 1` in a process of its own starts a local
+    Ray instance sized for the pool (never refused, whatever the machine's CPUs),
+    finishes, and leaves stderr empty: no token-authentication notice, no
+    core_worker.cc error lines."""
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    shutil.copy(ROOT / "examples" / "digit.png", pics / "a.png")
+    shutil.copy(ROOT / "examples" / "shape.png", pics / "s.png")
+    out = tmp_path / "out.jsonl"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    args = ["caption", str(pics), "-p", "What is it?", "--out", str(out), "--ray"]
+    args += ["--backend", "llama_cpp", "--workers", "2", "--threads", "1", "--no-progress"]
+    result = subprocess.run(
+        [sys.executable, "-m", "llava_local.cli", *args, "--temperature", "0"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("2 captioned, 0 already recorded, 0 failed of 2 pictures")
+    assert result.stderr == ""
+    assert sorted(r["text"] for r in lines(out)) == ["It is a red triangle.", "This digit is 7."]
+
+
 def test_ray_refuses_a_picture_it_took_for_its_address(tmp_path: Path) -> None:
     """`--ray` given before a picture would swallow it as the cluster's address: the
     command says so instead of captioning one picture fewer on a cluster that is not."""

@@ -44,8 +44,9 @@ Resources: each worker reserves ``cpus_per_worker`` CPUs (default: the llama.cpp
 engine's ``n_threads``, else 1) and llama.cpp runs that many threads. Ray Data's own
 tasks (reading a dataset) need a CPU besides the actors' (two one-CPU actors on a
 two-CPU instance wait forever), so a run needs ``workers x cpus_per_worker + 1``
-logical CPUs; the local instance started for a run is sized so, and joining a cluster
-with fewer is refused before anything starts.
+logical CPUs; the local instance started for a run is sized so (never refused: the
+extra CPU is a slot for Ray Data's reading, not a core), and joining a cluster with
+fewer is refused before anything starts.
 """
 
 from __future__ import annotations
@@ -134,8 +135,11 @@ def caption_ray(
     ``ray.data.Dataset`` with a ``path`` column of paths (and a ``bytes`` column, as
     ``read_binary_files(include_paths=True)`` gives, so workers need not see the files).
 
-    ``address``: None starts a local Ray instance for the run (all the machine's cores,
-    no dashboard) and stops it after, unless this process is connected to Ray already;
+    ``address``: None starts a new local Ray instance for the run and stops it after,
+    unless this process is connected to Ray already (a cluster that ``RAY_ADDRESS`` or
+    ``ray start`` names is joined only when asked for: ``"auto"``); it has no dashboard
+    and as many logical CPUs as the machine, or ``workers x cpus_per_worker + 1`` if
+    that is more, so it always fits the pool (threads beyond the cores share them).
     ``"auto"``, ``"HOST:PORT"`` or ``"ray://HOST:10001"`` joins a running cluster.
     ``workers``: actors in the pool (default: as many as the CPUs allow, keeping one for
     Ray Data); ``cpus_per_worker`` CPUs reserved for each, and llama.cpp's threads.
@@ -264,21 +268,43 @@ def _connect(ray: Any, address: str | None, workers: int | None, cpus: int) -> b
         return False
     if address is None:
         wanted = local_cpus_needed(workers or 1, cpus)
-        ray.init(
-            num_cpus=max(os.cpu_count() or 1, wanted),
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+        with _quiet_auth_notice():
+            ray.init(
+                address="local",  # a new instance, not one RAY_ADDRESS or `ray start` names
+                num_cpus=max(os.cpu_count() or 1, wanted),
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
     else:
         try:
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
+            with _quiet_auth_notice():
+                ray.init(address=address, log_to_driver=False, configure_logging=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise BackendError(
                 f"cannot join the Ray cluster at {address}: {exc}; start it with "
                 "`ray start --head` (or give its address: HOST:PORT, ray://HOST:10001, auto)"
             ) from None
     return True
+
+
+#: Where Ray says, at each start, that token authentication is on (or off).
+_AUTH_LOGGER = "ray._private.authentication"
+
+
+@contextlib.contextmanager
+def _quiet_auth_notice() -> Iterator[None]:
+    """Ray's warning at ``ray.init`` that token authentication is on ("Set RAY_AUTH_MODE=
+    disabled to opt out") is left out: the local instance is the run's own, and a
+    cluster's owner chose its mode. Nothing about the mode changes, and Ray's errors
+    still show."""
+    logger = logging.getLogger(_AUTH_LOGGER)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -463,8 +489,12 @@ class _Job:
         ray = self.ray
         if dataset is None:
             items = [{"path": str(p), "file": str(p.absolute())} for p in pictures]
-            blocks = max(1, math.ceil(len(items) / batch_size))
+            # a block per worker at least, so each has work; and no more workers than
+            # blocks (Ray Data warns of a pool larger than its input, and each worker
+            # loads a model)
+            blocks = max(1, min(len(items), max(workers, math.ceil(len(items) / batch_size))))
             dataset = ray.data.from_items(items, override_num_blocks=blocks)
+            workers = min(workers, blocks)
         picker = None
         if hosts:
             picker = ray.remote(num_cpus=0)(_HostPicker).remote(list(hosts))
