@@ -64,6 +64,7 @@ __all__ = [
     "fetch_url",
     "looks_like_picture_path",
     "prepare",
+    "read_source",
 ]
 
 ImageSource = (
@@ -221,6 +222,14 @@ def fetch_url(url: str, *, max_bytes: int = 20 * 2**20, timeout: float = 15.0) -
 
 
 # --- resolving the source into bytes -------------------------------------------------------
+
+
+def read_source(source: ImageSource) -> tuple[bytes, str]:
+    """The bytes of a path, http(s) URL, data URI, base64 text, bytes or binary file, and
+    a short description of it for messages: what :func:`prepare` reads before decoding.
+    For reading a picture before anything else happens (the command line reads ``ask``'s
+    before it chooses and loads an engine); PIL images and arrays are refused."""
+    return _read_source(source)
 
 
 def _read_source(source: object) -> tuple[bytes, str]:

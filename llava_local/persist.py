@@ -296,15 +296,41 @@ def save(
     try:
         if target.is_dir():
             raise IsADirectoryError(errno.EISDIR, "it is a folder", str(target))
-        target.parent.mkdir(parents=True, exist_ok=True)
+        _make_folder(target.parent)
+    except OSError as exc:
+        raise OutputFileError(
+            f"cannot save the conversation to {target}: {exc.strerror or exc}; choose a "
+            "file path you can write to"
+        ) from exc
+    try:
         _atomic_write(target, raw)
     except OSError as exc:
-        reason = exc.strerror or str(exc)
         raise OutputFileError(
-            f"cannot save the conversation to {target}: {reason}; choose a file path "
-            "you can write to (missing folders are created)"
+            f"cannot save the conversation to {target}: cannot write a file in "
+            f"{target.parent} ({exc.strerror or exc}); choose a file path you can write to"
         ) from exc
     return target
+
+
+def _make_folder(folder: Path) -> None:
+    """Create ``folder`` and its missing parents, or raise an OSError whose ``strerror``
+    says which part of the path is in the way and why (the bare "No such file or
+    directory" of a folder that cannot be made, under /proc for one, reads as if
+    missing folders were not created)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        missing = folder
+        while not missing.parent.exists() and missing.parent != missing:
+            missing = missing.parent
+        parent = missing.parent
+        if parent.exists() and not parent.is_dir():
+            why = f"{parent} is not a folder"
+        elif missing.exists() and not missing.is_dir():
+            why = f"{missing} is not a folder"
+        else:
+            why = f"{missing} does not exist and cannot be created ({exc.strerror or exc})"
+        raise OSError(exc.errno, why, str(folder)) from exc
 
 
 def _atomic_write(target: Path, data: bytes) -> None:

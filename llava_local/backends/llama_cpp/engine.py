@@ -36,6 +36,7 @@ from ...errors import (
     TurnCancelledError,
 )
 from ...types import Message, Options
+from ...wording import count, plural
 from .. import gguf_meta, kv_cache
 from ..base import Backend, Finish, Turn
 from ..embedding_cache import EmbeddingCache
@@ -372,17 +373,7 @@ class LlamaCppBackend(Backend):
         started = time.perf_counter()
         prompt = self._take_prompt(turn)
         try:
-            needed = len(prompt.keys) + 1
-            if needed > self.n_ctx:
-                raise ContextOverflowError(
-                    f"this turn's prompt is {len(prompt.keys)} tokens and the context "
-                    f"window holds {self.n_ctx}, leaving no room for an answer; shorten "
-                    "the prompt, send fewer or smaller pictures, start a new conversation "
-                    "with reset(), or load the model with a larger n_ctx "
-                    f"(at least {needed})",
-                    needed=needed,
-                    available=self.n_ctx,
-                )
+            self._check_fits(prompt)
             opts = turn.options
             seed = opts.seed if opts.seed is not None else self._lib.LLAMA_DEFAULT_SEED
             job = Job(
@@ -404,6 +395,32 @@ class LlamaCppBackend(Backend):
         job.stats.images_encoded, job.stats.image_encode_s = 0, 0.0
         self._scheduler.submit(job)
         return job
+
+    def _check_fits(self, prompt: Prompt) -> None:
+        """Refuse a prompt that leaves no room to answer, before any of it is read (a
+        max_tokens that does not fit is capped: the answer ends with "length")."""
+        needed, n_ctx = len(prompt.keys) + 1, self.n_ctx
+        if needed <= n_ctx:
+            return
+        pictures = sum(p.length for p in prompt.parts if p.kind == "image")
+        images = sum(p.kind == "image" for p in prompt.parts)
+        if pictures >= n_ctx:
+            message = (
+                f"the {plural(images, 'picture')} alone {plural(images, 'needs')} "
+                f"{count(pictures, 'position')} and the context window holds {n_ctx}; "
+                f"load the model with a larger context window (n_ctx= at least {needed})"
+            )
+        else:
+            share = f", {pictures} of them for pictures," if pictures else ""
+            message = (
+                f"this turn's prompt is {count(len(prompt.keys), 'token')}{share} and the "
+                f"context window holds {n_ctx}, leaving no room for an answer; shorten the "
+                "prompt, send fewer pictures, start a new conversation with reset(), or "
+                f"load the model with a larger context window (n_ctx= at least {needed})"
+            )
+        raise ContextOverflowError(
+            message, needed=needed, available=n_ctx, pictures=pictures, setting="n_ctx"
+        )
 
     def _receive(self, job: Job, control: TurnControl) -> Any:
         """The driver's next message for ``job``, encoding its pictures when asked.

@@ -3,6 +3,7 @@ backend started once, and libmtmd's log kept quiet."""
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from typing import Any
@@ -25,9 +26,29 @@ def import_llama_cpp() -> Any:
         ) from exc
     with _lock:
         if not _state["backend"]:
+            _quiet_null_files()
             llama_cpp.llama_backend_init()
             _state["backend"] = True
     return llama_cpp
+
+
+def _quiet_null_files() -> None:
+    """llama-cpp-python opens ``/dev/null`` twice at import (``llama_cpp._utils``, where
+    it sends C's output while loading) and never closes it, so every process that used
+    the engine ended with ``ResourceWarning: unclosed file '/dev/null'`` under ``-W``.
+    Those files must outlive every model (a model freed at exit still uses them), so
+    they are swapped for ones over a descriptor left to the process's end on purpose,
+    which Python does not warn about, and the originals are closed."""
+    from llama_cpp import _utils
+
+    for name in ("outnull_file", "errnull_file"):
+        original = getattr(_utils, name, None)
+        raw = getattr(getattr(original, "buffer", None), "raw", None)
+        if original is None or not getattr(raw, "closefd", False):
+            continue  # another llama-cpp-python, or swapped already
+        descriptor = os.open(os.devnull, os.O_WRONLY)
+        setattr(_utils, name, open(descriptor, "w", closefd=False))  # noqa: SIM115
+        original.close()
 
 
 def set_verbose(lib: Any, verbose: bool) -> None:
