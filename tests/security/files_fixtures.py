@@ -1,0 +1,95 @@
+"""Files an attacker hands over, built for real, and a child process that measures what
+opening one costs.
+
+- :func:`deep_tiff`: a float or 32-bit TIFF of any size in a few KB (every deflate strip
+  is the same compressed block, so 88 MP of float grey fits in 667 KB or less);
+- :func:`peak_growth`: runs Python code in a fresh interpreter and reports how far its
+  peak resident memory (``ru_maxrss``) grew past what the imports took, so a test can
+  bound what a file costs without measuring time.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+DIGIT = ROOT / "examples" / "digit.png"
+SHAPE = ROOT / "examples" / "shape.png"
+
+_SAMPLE_FORMAT = {"F": (3, b"\x00\x00\x00\x3f"), "I": (2, b"\x00\x00\x01\x00")}
+
+
+def deep_tiff(width: int, height: int, mode: str = "F", rows_per_strip: int = 16) -> bytes:
+    """A deflate-compressed TIFF of ``width`` x ``height`` 32-bit pixels (``F``: float
+    0.5, ``I``: the integer 65536): every strip points at one compressed block."""
+    sample_format, pixel = _SAMPLE_FORMAT[mode]
+    block = zlib.compress(pixel * (width * rows_per_strip), 9)
+    strips = -(-height // rows_per_strip)
+    ifd_size = 2 + 12 * 10 + 4
+    offsets_at = 8 + ifd_size
+    counts_at = offsets_at + 4 * strips
+    block_at = counts_at + 4 * strips
+    entries = [
+        (256, 4, 1, width),  # ImageWidth
+        (257, 4, 1, height),  # ImageLength
+        (258, 3, 1, 32),  # BitsPerSample
+        (259, 3, 1, 8),  # Compression: deflate
+        (262, 3, 1, 1),  # PhotometricInterpretation: black is zero
+        (273, 4, strips, offsets_at),  # StripOffsets: where the offsets are
+        (277, 3, 1, 1),  # SamplesPerPixel
+        (278, 4, 1, rows_per_strip),  # RowsPerStrip
+        (279, 4, strips, counts_at),  # StripByteCounts: where the counts are
+        (339, 3, 1, sample_format),  # SampleFormat
+    ]
+    out = bytearray(b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(entries)))
+    for tag, kind, count, value in entries:
+        packed = (
+            struct.pack("<HH", value, 0) if kind == 3 and count == 1 else struct.pack("<I", value)
+        )
+        out += struct.pack("<HHI", tag, kind, count) + packed
+    out += struct.pack("<I", 0)
+    out += struct.pack(f"<{strips}I", *([block_at] * strips))
+    out += struct.pack(f"<{strips}I", *([len(block)] * strips))
+    out += block
+    return bytes(out)
+
+
+_MEASURE = """
+import json, resource, sys
+from llava_local.images import prepare
+from llava_local.errors import ImageError
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+result = {}
+try:
+{body}
+except ImageError as exc:
+    result["error"] = str(exc)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+result["growth_mib"] = (peak - base) / 1024
+print(json.dumps(result))
+"""
+
+
+def peak_growth(body: str, *args: str, timeout: float = 300) -> dict[str, Any]:
+    """Run ``body`` (indented code that may set ``result[...]``; ``sys.argv[1:]`` are
+    ``args``) in a new interpreter that has imported llava_local.images; returns
+    ``result`` plus ``growth_mib``, how far the peak resident memory grew meanwhile,
+    and ``error``, the ImageError it raised, if any."""
+    indented = "\n".join("    " + line for line in body.strip().splitlines())
+    code = _MEASURE.replace("{body}", indented)
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    measured: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return measured
