@@ -23,7 +23,8 @@ from pydantic import ValidationError
 
 from . import images as _images
 from . import structured
-from .backends import Backend, Finish, Turn, create
+from .backends import Backend, Finish, Turn, create, registry
+from .backends.registry import EngineConfig
 from .control import STATUS_ANSWERING, STATUS_PREPARING, TurnControl
 from .errors import (
     BackendError,
@@ -484,6 +485,9 @@ class VisionChat:
         The model is recorded by its catalogue name when it has one (the bundled demo,
         even given by its path, or a pulled entry), so the file also loads where the
         install or the cache lives elsewhere; any other model is recorded by its paths.
+        Of the engine's settings only those :meth:`load` uses again are recorded (what
+        fits the context, the prompt format, a server's address); never a key, a folder
+        or this machine's threads and memory.
         The in-process engine also writes its KV state beside it (``path`` + ``.kv``),
         so :meth:`load` goes on without reading the pictures and turns again.
         """
@@ -493,13 +497,7 @@ class VisionChat:
             settings = self._backend.config  # the demo or a pulled pair by name, not paths
             model = getattr(settings, "model", None)
             mmproj = getattr(settings, "mmproj", None)
-            engine = (
-                {}
-                if settings is None
-                else settings.model_dump(
-                    mode="json", exclude_defaults=True, exclude={"model", "mmproj"}
-                )
-            )
+            engine = {} if settings is None else _recorded_settings(settings)
             history, system = list(self._history), self.system
             target = persist.save(
                 Path(path),
@@ -578,6 +576,8 @@ class VisionChat:
         path: str | os.PathLike[str],
         backend: str | None = None,
         model: str | None = None,
+        *,
+        use_saved_address: bool = False,
         **kwargs: Any,
     ) -> VisionChat:
         """A chat that continues a saved conversation, on the engine, model and projector
@@ -585,21 +585,34 @@ class VisionChat:
         ``kwargs``. The engine's KV state saved beside it is restored when it was made
         with the same model, projector and settings (else a
         :class:`~llava_local.persist.ColdResumeWarning`
-        says the conversation will be read again)."""
+        says the conversation will be read again).
+
+        A saved file is data, not orders: it chooses the model and what fits its
+        context, never where the conversation and an API key are sent, nor keys,
+        timeouts, folders, threads or memory (give those in ``kwargs``). A server's
+        address comes from ``kwargs`` (``host=``, ``base_url=``), else the environment
+        or the engine's default; when the file names another, InvalidRequestError says
+        both and nothing is contacted. ``use_saved_address=True`` takes the file's
+        address: only for a file you trust, since its conversation and your key go there.
+        """
         from . import persist
 
-        saved = persist.load(Path(path))  # before any model is loaded
+        source = Path(path).expanduser()
+        saved = persist.load(source)  # before any model is loaded
         options = {**saved.options.model_dump(exclude_none=True), **kwargs}
         options.setdefault("system", saved.system)
-        if (backend or saved.backend) == saved.backend:  # its settings, unless overridden
-            for key, value in saved.engine.items():
-                options.setdefault(key, value)
+        if backend is None or _engine_name(backend) == _engine_name(saved.backend):
+            given = {k: v for k, v in kwargs.items() if v is not None}
+            settings = persist.engine_settings(
+                saved, source, given, use_saved_address=use_saved_address
+            )
+            options.update(settings)
             if saved.mmproj and model is None:
                 options.setdefault("mmproj", saved.mmproj)
         chat = cls(backend or saved.backend, model or saved.model, **options)
         chat._history = saved.history()
         try:
-            chat._load_engine_state(Path(path).expanduser())
+            chat._load_engine_state(source)
         except BaseException:
             chat.close()
             raise
@@ -639,6 +652,23 @@ class VisionChat:
             f"VisionChat(backend={self.backend!r}, model={self.model!r}, "
             f"turns={len(self._history) // 2})"
         )
+
+
+def _engine_name(name: str) -> str | None:
+    """The registered engine a name or alias means (None: no such engine)."""
+    try:
+        return registry.get(name).name
+    except InvalidRequestError:
+        return None
+
+
+def _recorded_settings(settings: EngineConfig) -> dict[str, Any]:
+    """What :meth:`VisionChat.save` records of an engine's settings: those a load uses
+    again, and the address of a server (which a load only compares)."""
+    spec = registry.engine_of(settings)
+    keep = settings.conversation_names() | ({spec.address} if spec.address else set())
+    recorded = settings.model_dump(mode="json", exclude_defaults=True, include=set(keep))
+    return {k: v for k, v in recorded.items() if v is not None}
 
 
 def _picture_list(images: Any) -> list[_images.ImageSource]:

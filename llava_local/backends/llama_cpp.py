@@ -159,6 +159,12 @@ class LlamaCppConfig(EngineConfig):
     kv_cache_dir_gb: float = 8.0
     force: bool = False
 
+    @classmethod
+    def conversation_names(cls) -> frozenset[str]:
+        # mmproj is recorded beside the model; the rest (threads, memory, folders,
+        # force) is this machine's business, never a file's.
+        return frozenset({"chat_format", "n_ctx"})
+
 
 class LlamaCppBackend(Backend):
     """llama.cpp in this process, CPU by default, model memory-mapped."""

@@ -3,6 +3,8 @@ opening one costs.
 
 - :func:`deep_tiff`: a float or 32-bit TIFF of any size in a few KB (every deflate strip
   is the same compressed block, so 88 MP of float grey fits in 667 KB or less);
+- :func:`grey_png`: a black grey PNG of any size, its rows deflated as they are made
+  (20000x20000 is 388 KB, 400 MB decoded);
 - :func:`peak_growth`: runs Python code in a fresh interpreter and reports how far its
   peak resident memory (``ru_maxrss``) grew past what the imports took, so a test can
   bound what a file costs without measuring time.
@@ -60,16 +62,34 @@ def deep_tiff(width: int, height: int, mode: str = "F", rows_per_strip: int = 16
     return bytes(out)
 
 
+def grey_png(width: int, height: int) -> bytes:
+    """An all-black 8-bit grey PNG, built row by row (never whole in memory)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    deflate = zlib.compressobj(9)
+    row = b"\x00" * (1 + width)
+    body = b"".join(deflate.compress(row) for _ in range(height)) + deflate.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+    )
+
+
 _MEASURE = """
 import json, resource, sys
+from llava_local import VisionChat, LlavaLocalError
 from llava_local.images import prepare
-from llava_local.errors import ImageError
+import llava_local.backends.llama_cpp, llama_cpp
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 result = {}
 try:
 {body}
-except ImageError as exc:
-    result["error"] = str(exc)
+except LlavaLocalError as exc:
+    result["error"] = f"{type(exc).__name__}: {exc}"
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 result["growth_mib"] = (peak - base) / 1024
 print(json.dumps(result))
@@ -77,10 +97,10 @@ print(json.dumps(result))
 
 
 def peak_growth(body: str, *args: str, timeout: float = 300) -> dict[str, Any]:
-    """Run ``body`` (indented code that may set ``result[...]``; ``sys.argv[1:]`` are
-    ``args``) in a new interpreter that has imported llava_local.images; returns
-    ``result`` plus ``growth_mib``, how far the peak resident memory grew meanwhile,
-    and ``error``, the ImageError it raised, if any."""
+    """Run ``body`` (code that may set ``result[...]``; ``sys.argv[1:]`` are ``args``)
+    in a new interpreter that has imported ``VisionChat``, ``prepare`` and llama.cpp;
+    returns ``result`` plus ``growth_mib``, how far the peak resident memory grew
+    meanwhile, and ``error``, the library error it raised (``Type: message``), if any."""
     indented = "\n".join("    " + line for line in body.strip().splitlines())
     code = _MEASURE.replace("{body}", indented)
     done = subprocess.run(
