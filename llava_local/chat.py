@@ -538,7 +538,7 @@ class VisionChat:
 
     def _load_engine_state(self, path: Path) -> None:
         """Restore the KV state saved beside the conversation at ``path``, if the engine
-        keeps one and it was made with this model, projector and settings."""
+        keeps one and it was made with this model, projector and settings, by this user."""
         from . import persist
 
         kv_path = persist.state_path(path)
@@ -549,8 +549,9 @@ class VisionChat:
             warnings.warn(
                 persist.ColdResumeWarning(
                     f"the KV state saved with {path} ({kv_path.name}) was made with another "
-                    "model, projector or engine settings, or is damaged; the conversation "
-                    "is read again on the next turn"
+                    "model, projector or engine settings, is damaged, or was not written "
+                    "with this user's key (a copy from another user or machine); the "
+                    "conversation is read again on the next turn"
                 ),
                 stacklevel=3,
             )
@@ -583,7 +584,7 @@ class VisionChat:
         """A chat that continues a saved conversation, on the engine, model and projector
         it used unless told otherwise; the saved options apply unless overridden in
         ``kwargs``. The engine's KV state saved beside it is restored when it was made
-        with the same model, projector and settings (else a
+        with the same model, projector and settings, by this user (else a
         :class:`~llava_local.persist.ColdResumeWarning`
         says the conversation will be read again).
 

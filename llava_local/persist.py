@@ -83,8 +83,9 @@ _HEX = frozenset("0123456789abcdef")
 
 class ColdResumeWarning(LlavaLocalError, UserWarning):
     """A saved conversation's KV state could not be used (another model, projector or
-    settings; a damaged file) or written: the conversation is read again on its next
-    turn, which on a CPU takes as long as its first reading did."""
+    settings; a damaged file; one not written with this user's key) or written: the
+    conversation is read again on its next turn, which on a CPU takes as long as its
+    first reading did."""
 
 
 def state_path(path: str | os.PathLike[str]) -> Path:

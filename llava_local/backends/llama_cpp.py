@@ -20,7 +20,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,7 +47,7 @@ from ..errors import (
 from ..resolve import find_mmproj, pulled_pair
 from ..types import Options, Stats
 from ..wording import count, plural
-from . import gguf_meta, kv_cache
+from . import gguf_meta, kv_cache, kv_payload
 from .base import Backend, Finish, Turn
 from .embedding_cache import EmbeddingCache
 from .kv_cache import Key, KVState
@@ -253,6 +253,10 @@ class LlamaCppBackend(Backend):
             chat_format, self._llama.metadata, bos=bos, eos=eos
         )
         self._keys: list[Key] = []  # what the KV cache holds, one entry per position
+        # Forgets the kept state the live KV cache was last restored from, should the
+        # next turn's reading fail on top of it (a state that passed every check but
+        # still breaks decoding is then never offered again).
+        self._suspect: Callable[[], None] | None = None
         self._memo: tuple[tuple[str, tuple[str, ...]], _Prompt] | None = None
         # One turn at a time on this engine, whichever chat asks (chats sharing an
         # engine, as a server's do); a thread in a turn owns it.
@@ -285,6 +289,16 @@ class LlamaCppBackend(Backend):
         settings["image_tokens"] = self._image_tokens
         return settings
 
+    def _state_limits(self) -> kv_cache.Limits:
+        """What a state read from a file may hold: fewer positions than the context,
+        token ids of this vocabulary, and at most twice the KV cache's estimated size."""
+        n_ctx = self.n_ctx
+        return kv_cache.Limits(
+            max_keys=n_ctx - 1,
+            n_vocab=int(self._llama.n_vocab()),
+            max_state_bytes=2 * self.memory_estimate.kv_bytes + 64 * n_ctx + (1 << 20),
+        )
+
     def _open_kv_cache(
         self,
         memory_mb: float | None,
@@ -300,7 +314,10 @@ class LlamaCppBackend(Backend):
         disk = None
         if directory is not None:
             disk = kv_cache.DiskTier(
-                Path(directory).expanduser(), self.identity, int(directory_gb * 2**30)
+                Path(directory).expanduser(),
+                self.identity,
+                int(directory_gb * 2**30),
+                self._state_limits(),
             )
         if tier is None and disk is None:
             return None
@@ -591,9 +608,27 @@ class LlamaCppBackend(Backend):
         return _usable(keys, kv_cache.common_prefix(self._keys, keys))
 
     def _evaluate(self, prompt: _Prompt, stats: Stats, control: TurnControl) -> None:
+        """Read what the KV cache does not hold yet. Should reading fail on top of a
+        restored state, that state is dropped and the prompt read from the start; any
+        failure empties the KV cache, so that nothing left in it fails later turns."""
+        try:
+            self._evaluate_from(prompt, stats, control, restore=True)
+        except BackendError:
+            suspect, self._suspect = self._suspect, None
+            self._forget_all()
+            if suspect is None:
+                raise
+            with contextlib.suppress(OSError):
+                suspect()
+            self._evaluate_from(prompt, stats, control, restore=False)
+        self._suspect = None
+
+    def _evaluate_from(
+        self, prompt: _Prompt, stats: Stats, control: TurnControl, *, restore: bool
+    ) -> None:
         llama = self._llama
         keep = self._reusable_prefix(prompt.keys)
-        if self.kv_cache is not None:
+        if self.kv_cache is not None and restore:
             keep = self._restore_prefix(prompt.keys, keep)
         llama._ctx.kv_cache_seq_rm(-1, keep, -1)
         llama.n_tokens = keep
@@ -635,7 +670,10 @@ class LlamaCppBackend(Backend):
         self._stash()
         state = found.load()
         if state is None or not self._set_state(state):
+            if state is not None:
+                found.drop()  # llama.cpp refused it: never offered again
             return self._reusable_prefix(keys)  # a damaged file: read it again
+        self._suspect = found.drop
         return shared
 
     def _stash(self, *, memory_tier: bool = True) -> None:
@@ -669,17 +707,24 @@ class LlamaCppBackend(Backend):
         return KVState(tuple(self._keys), data)
 
     def _set_state(self, state: KVState) -> bool:
-        """Make ``state`` the live KV cache. On failure the KV cache is emptied (never
-        half a state) and False returned: the prompt is then read from the start."""
+        """Make ``state`` the live KV cache. A state whose layout, sizes or positions do
+        not check out (:mod:`.kv_payload`) is never handed to llama.cpp; on any failure
+        the KV cache is emptied whole (never half a state, nor a cell left at a position
+        no removal reaches) and False returned: the prompt is then read from the start."""
         lib, llama = self._llama_cpp, self._llama
+        n = len(state.keys)
+        if kv_payload.problem(state.data, n, self.n_ctx) is not None:
+            self._forget_all()
+            return False
         llama._ctx.kv_cache_seq_rm(0, 0, -1)
         read = int(lib.llama_state_seq_set_data(llama.ctx, state.data, len(state.data), 0))
-        n = len(state.keys)
         mem = lib.llama_get_memory(llama.ctx)
-        if read != len(state.data) or int(lib.llama_memory_seq_pos_max(mem, 0)) != n - 1:
-            llama._ctx.kv_cache_seq_rm(0, 0, -1)
-            self._keys = []
-            llama.n_tokens = 0
+        if (
+            read != len(state.data)
+            or int(lib.llama_memory_seq_pos_min(mem, 0)) != 0
+            or int(lib.llama_memory_seq_pos_max(mem, 0)) != n - 1
+        ):
+            self._forget_all()
             return False
         self._keys = list(state.keys)
         llama.n_tokens = n
@@ -687,6 +732,13 @@ class LlamaCppBackend(Backend):
             if isinstance(key, int):
                 llama.input_ids[i] = key
         return True
+
+    def _forget_all(self) -> None:
+        """Empty the KV cache whole: every cell, at whatever position."""
+        lib = self._llama_cpp
+        lib.llama_memory_clear(lib.llama_get_memory(self._llama.ctx), True)
+        self._keys = []
+        self._llama.n_tokens = 0
 
     def save_state(self, messages: Sequence[Any], path: str | os.PathLike[str]) -> int:
         """Write the KV state that holds most of the conversation ``messages`` to
@@ -720,9 +772,12 @@ class LlamaCppBackend(Backend):
     def load_state(self, path: str | os.PathLike[str]) -> int:
         """Make the KV state in ``path`` (written by :meth:`save_state`) the live one;
         the live state before it is kept in the prefix cache. Returns the positions
-        restored, or 0 when the file is missing, damaged, or made for another model,
-        projector or settings (then nothing changes)."""
-        state = kv_cache.read_state(Path(path), self.identity)
+        restored, or 0 when the file is missing, damaged, not written with this user's
+        key (:mod:`.state_key`), beyond this engine's context or vocabulary, or made for
+        another model, projector or settings (then nothing changes). Should the next
+        turn's reading fail on top of it, the file is removed and the turn read cold."""
+        target = Path(path)
+        state = kv_cache.read_state(target, self.identity, self._state_limits())
         if state is None or len(state.keys) >= self.n_ctx:
             return 0
         if self._owner is threading.current_thread():
@@ -732,6 +787,7 @@ class LlamaCppBackend(Backend):
                 self._stash()
             if not self._set_state(state):
                 return 0
+            self._suspect = lambda: target.unlink(missing_ok=True)
             return len(state.keys)
 
     def _chunk_len(self, kind: str, chunk: Any) -> int:

@@ -113,3 +113,65 @@ def peak_growth(body: str, *args: str, timeout: float = 300) -> dict[str, Any]:
     assert done.returncode == 0, done.stderr
     measured: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return measured
+
+
+# -- KV-state files --------------------------------------------------------------------
+
+#: llama.cpp's sequence state: u32 magic, i32 sequence, u32 streams, u32 cells, then per
+#: cell (i32 position, u32 sequences, i32 sequence) for a model without M-RoPE.
+CELLS_AT = 16
+CELL_BYTES = 12
+
+
+def digit_three(folder: Path) -> Path:
+    """A picture of a 3 (from the demo's test digits) that the demo model reads as 3."""
+    from llava_local.apps.datasets import load_set
+
+    three = load_set("digits", limit=19)[18]
+    assert str(three.label) == "3"
+    path = folder / "three.png"
+    source = three.source
+    assert hasattr(source, "save")
+    source.save(path)
+    return path
+
+
+def state_parts(raw: bytes) -> tuple[dict[str, Any], bytes, bytes, bytes]:
+    """A KV-state file's header (parsed and raw), its state, and its last 32 bytes (the
+    file's own check), as anyone who reads the module docstring can split it."""
+    (length,) = struct.unpack_from("<Q", raw, 8)
+    header = raw[16 : 16 + length]
+    return json.loads(header), header, raw[16 + length : -32], raw[-32:]
+
+
+def forged(state_from: bytes, keys_from: bytes) -> bytes:
+    """The state of one file under the header (keys) of another, its check recomputed
+    the way whoever writes the file can: a sha256 of header and state."""
+    import hashlib
+
+    _, header, _, _ = state_parts(keys_from)
+    _, _, state, _ = state_parts(state_from)
+    check = hashlib.sha256(header + state).digest()
+    return raw_state_file(header, state, check)
+
+
+def raw_state_file(header: bytes, state: bytes, check: bytes) -> bytes:
+    return b"LLKVSTAT" + struct.pack("<Q", len(header)) + header + state + check
+
+
+def unpack_keys(packed: list[Any]) -> tuple[Any, ...]:
+    """The keys a header lists: token ids, and ``[sha256, n]`` as n picture positions."""
+    keys: list[Any] = []
+    for item in packed:
+        if isinstance(item, int):
+            keys.append(item)
+        else:
+            keys.extend((item[0], i) for i in range(item[1]))
+    return tuple(keys)
+
+
+def with_position(state: bytes, cell: int, position: int) -> bytes:
+    """``state`` with cell ``cell`` moved to ``position``."""
+    changed = bytearray(state)
+    struct.pack_into("<i", changed, CELLS_AT + CELL_BYTES * cell, position)
+    return bytes(changed)
