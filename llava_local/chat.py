@@ -536,15 +536,28 @@ class VisionChat:
                 stacklevel=3,
             )
 
-    def _load_engine_state(self, path: Path) -> None:
+    def _load_engine_state(self, path: Path, saved_backend: str, turns: int) -> None:
         """Restore the KV state saved beside the conversation at ``path``, if the engine
-        keeps one and it was made with this model, projector and settings, by this user."""
+        keeps one and it was made with this model, projector and settings, by this user;
+        else say that the next turn reads the conversation again."""
         from . import persist
 
         kv_path = persist.state_path(path)
         load_state = getattr(self._backend, "load_state", None)
-        if load_state is None or not kv_path.is_file():
-            return  # the JSON alone, or an engine that keeps nothing (Ollama): cold
+        if load_state is None:
+            return  # an engine that keeps nothing (Ollama, a server): nothing to miss
+        if not kv_path.is_file():
+            if turns and _engine_name(saved_backend) == self.backend:  # save wrote one
+                warnings.warn(
+                    persist.ColdResumeWarning(
+                        f"there is no KV state beside {path} ({kv_path.name} is missing: "
+                        "copied without it, or saved when the engine held none); the "
+                        "first follow-up reads the conversation's pictures and turns "
+                        "again, which on a CPU takes as long as their first reading"
+                    ),
+                    stacklevel=3,
+                )
+            return
         if not load_state(kv_path):
             warnings.warn(
                 persist.ColdResumeWarning(
@@ -569,7 +582,7 @@ class VisionChat:
                 self._history = saved.history()
                 self.system = saved.system
                 self.last_reply = None
-            self._load_engine_state(Path(path).expanduser())
+            self._load_engine_state(Path(path).expanduser(), saved.backend, len(saved.messages))
 
     @classmethod
     def load(
@@ -613,7 +626,7 @@ class VisionChat:
         chat = cls(backend or saved.backend, model or saved.model, **options)
         chat._history = saved.history()
         try:
-            chat._load_engine_state(source)
+            chat._load_engine_state(source, saved.backend, len(saved.messages))
         except BaseException:
             chat.close()
             raise
