@@ -579,7 +579,7 @@ class VisionChat:
         saved = persist.load(Path(path))
         with self._exclusive("restore a conversation"):
             with self._state:
-                self._history = saved.history()
+                self._history = _fitted(saved.history(), self.max_image_side)
                 self.system = saved.system
                 self.last_reply = None
             self._load_engine_state(Path(path).expanduser(), saved.backend, len(saved.messages))
@@ -603,7 +603,9 @@ class VisionChat:
 
         A saved file is data, not orders: it chooses the model and what fits its
         context, never where the conversation and an API key are sent, nor keys,
-        timeouts, folders, threads or memory (give those in ``kwargs``). A server's
+        timeouts, folders, threads or memory (give those in ``kwargs``). Its pictures
+        pass the checks any picture passes, and one larger than the engine takes is
+        shrunk. A server's
         address comes from ``kwargs`` (``host=``, ``base_url=``), else the environment
         or the engine's default; when the file names another, InvalidRequestError says
         both and nothing is contacted. ``use_saved_address=True`` takes the file's
@@ -624,7 +626,7 @@ class VisionChat:
             if saved.mmproj and model is None:
                 options.setdefault("mmproj", saved.mmproj)
         chat = cls(backend or saved.backend, model or saved.model, **options)
-        chat._history = saved.history()
+        chat._history = _fitted(saved.history(), chat.max_image_side)
         try:
             chat._load_engine_state(source, saved.backend, len(saved.messages))
         except BaseException:
@@ -683,6 +685,20 @@ def _recorded_settings(settings: EngineConfig) -> dict[str, Any]:
     keep = settings.conversation_names() | ({spec.address} if spec.address else set())
     recorded = settings.model_dump(mode="json", exclude_defaults=True, include=set(keep))
     return {k: v for k, v in recorded.items() if v is not None}
+
+
+def _fitted(history: list[Message], max_side: int) -> list[Message]:
+    """A loaded conversation's pictures as this chat would have prepared them: one larger
+    than its engine takes is shrunk, as any picture is, before an engine decodes it at
+    full size. A conversation saved by a chat like this one comes back unchanged."""
+    fitted = []
+    for message in history:
+        if any(max(image.width, image.height) > max_side for image in message.images):
+            images = tuple(_images.prepare(image, max_side=max_side) for image in message.images)
+            fitted.append(message.model_copy(update={"images": images}))
+        else:
+            fitted.append(message)
+    return fitted
 
 
 def _picture_list(images: Any) -> list[_images.ImageSource]:

@@ -215,3 +215,36 @@ def test_a_decompression_bomb_inside_a_file_is_refused_at_load(
         with pytest.raises(ConversationFileError, match=r"bomb\.png"):
             chat.restore(path)
         assert chat.history == []
+
+
+def test_a_picture_larger_than_the_engine_takes_is_shrunk_at_load(tmp_path: Path) -> None:
+    """A file may hold a picture far larger than any the chat would send (within the
+    limits): loading shrinks it as preparing any picture does, so the engine never
+    decodes it at full size; a picture of the right size comes back byte for byte."""
+    big = grey_png(4000, 3000)
+    path = conversation_file(tmp_path / "talk.json", "llama_cpp", "demo", {})
+    document = json.loads(path.read_text())
+    (small,) = document["pictures"]
+    key = hashlib.sha256(big).hexdigest()
+    document["pictures"][key] = {
+        "mime": "image/png",
+        "width": 4000,
+        "height": 3000,
+        "source": "big.png",
+        "data": base64.b64encode(big).decode(),
+    }
+    document["messages"][0]["images"].append(key)
+    path.write_text(json.dumps(document))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", persist.ColdResumeWarning)  # saved with no .kv
+        chat = VisionChat.load(path, **GREEDY)
+    with chat:
+        kept, shrunk = chat.history[0].images
+        assert kept.sha256 == small
+        assert (shrunk.source, max(shrunk.width, shrunk.height)) == ("big.png", chat.max_image_side)
+        side = chat.max_image_side
+        assert shrunk.changes == (f"shrunk 4000x3000 -> {side}x{round(side * 3 / 4)}",)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", persist.ColdResumeWarning)
+            chat.restore(path)
+        assert chat.history[0].images[1] == shrunk
