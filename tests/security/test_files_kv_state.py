@@ -10,10 +10,8 @@ the module), and each checks what the model answers afterwards.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -30,10 +28,10 @@ from llava_local import VisionChat
 from llava_local.backends import kv_cache as kv
 from llava_local.persist import ColdResumeWarning, state_path
 
-from ..ollama_server import free_port
+from ..serve_process import Server, start, stop
+from ..serve_process import ask as ask_about
 from .files_fixtures import (
     DIGIT,
-    ROOT,
     SHAPE,
     digit_three,
     forged,
@@ -120,14 +118,17 @@ def test_a_token_id_outside_the_vocabulary_loads_cold_not_an_exception(tmp_path:
 
 @dataclass
 class Served:
-    url: str
-    process: subprocess.Popen[bytes]
+    server: Server
     folder: Path
-    log: Path
+
+    @property
+    def url(self) -> str:
+        return self.server.url
 
     def peak_rss_mib(self) -> float:
         """The server's peak resident memory so far (VmHWM)."""
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+        status = Path(f"/proc/{self.server.process.pid}/status").read_text()
+        for line in status.splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
         raise AssertionError("no VmHWM")
@@ -141,42 +142,22 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """``llava-local serve --kv-cache DIR --kv-cache-mb 0`` on the demo: kept states
     live only in the folder, so each restore reads a file."""
     base = tmp_path_factory.mktemp("served")
-    folder, log = base / "kv", base / "server.log"
-    port = free_port()
-    command = [sys.executable, "-m", "llava_local.cli", "serve", "--port", str(port)]
-    command += ["--backend", "llama_cpp", "--kv-cache", str(folder), "--kv-cache-mb", "0"]
-    with log.open("wb") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert process.poll() is None, log.read_text(errors="replace")
-        assert time.monotonic() < deadline, log.read_text(errors="replace")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    yield Served(url, process, folder, log)
-    process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    folder = base / "kv"
+    args = ["--backend", "llama_cpp", "--kv-cache", str(folder), "--kv-cache-mb", "0"]
+    running = start(base / "server.log", *args)
+    yield Served(running, folder)
+    stop(running)
 
 
 def ask(served: Served, picture: Path, question: str = QUESTION) -> httpx.Response:
     """One OpenAI-style request about ``picture`` (sent as a data URI)."""
-    uri = "data:image/png;base64," + base64.b64encode(picture.read_bytes()).decode()
-    content = [{"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": uri}}]
-    body = {"model": "demo", "messages": [{"role": "user", "content": content}], **GREEDY}
+    body = {"model": "demo", "messages": ask_about(picture, question), **GREEDY}
     return httpx.post(f"{served.url}/v1/chat/completions", json=body, timeout=120)
 
 
 def answer(served: Served, picture: Path, question: str = QUESTION) -> str:
     response = ask(served, picture, question)
-    assert response.status_code == 200, (response.text, served.log.read_text(errors="replace"))
+    assert response.status_code == 200, (response.text, served.server.log_text())
     return str(response.json()["choices"][0]["message"]["content"])
 
 
