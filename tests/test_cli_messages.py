@@ -223,6 +223,7 @@ PYTHON_ONLY = {
     "image": "images= given one picture: the commands pass image= themselves",
     "images": "the same",
     "allow_text_only": "NoPictureWarning: chat prints its own notice (--text-only)",
+    "use_saved_address": "VisionChat.load's address check: chat's /load keeps its engine",
 }
 #: Python calls in messages the command line can never get, and why.
 PYTHON_CALLS = {

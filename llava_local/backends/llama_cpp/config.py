@@ -46,6 +46,12 @@ class LlamaCppConfig(EngineConfig):
     parallel: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = 1
     force: bool = False
 
+    @classmethod
+    def conversation_names(cls) -> frozenset[str]:
+        # mmproj is recorded beside the model; the rest (threads, memory, folders,
+        # slots, force) is this machine's business, never a file's.
+        return frozenset({"chat_format", "n_ctx"})
+
 
 def open_engine(config: LlamaCppConfig) -> LlamaCppBackend:
     """The engine for ``config``: the demo, a pulled catalogue model (with its prompt

@@ -206,6 +206,17 @@ class LlamaCppBackend(Backend):
         settings["image_tokens"] = self._image_tokens
         return settings
 
+    def _state_limits(self) -> kv_cache.Limits:
+        """What a state read from a file may hold: fewer positions than the context,
+        token ids of this vocabulary, and at most twice one conversation's KV cache."""
+        n_ctx = self.n_ctx
+        per_conversation = self.memory_estimate.kv_bytes // max(1, self.parallel)
+        return kv_cache.Limits(
+            max_keys=n_ctx - 1,
+            n_vocab=self._loaded.n_vocab,
+            max_state_bytes=2 * per_conversation + 64 * n_ctx + (1 << 20),
+        )
+
     def _open_kv_cache(
         self,
         memory_mb: float | None,
@@ -221,7 +232,10 @@ class LlamaCppBackend(Backend):
         disk = None
         if directory is not None:
             disk = kv_cache.DiskTier(
-                Path(directory).expanduser(), self.identity, int(directory_gb * 2**30)
+                Path(directory).expanduser(),
+                self.identity,
+                int(directory_gb * 2**30),
+                self._state_limits(),
             )
         if tier is None and disk is None:
             return None
@@ -573,9 +587,12 @@ class LlamaCppBackend(Backend):
         """Make the KV state in ``path`` (written by :meth:`save_state`) what an idle
         slot holds (or, when every slot is busy, a kept state); what that slot held
         before is kept in the prefix cache. Returns the positions restored, or 0 when
-        the file is missing, damaged, or made for another model, projector or settings
-        (then nothing changes)."""
-        state = kv_cache.read_state(Path(path), self.identity)
+        the file is missing, damaged, not written with this user's key
+        (:mod:`..state_key`), beyond this engine's context or vocabulary, or made for
+        another model, projector or settings (then nothing changes). Should the next
+        turn's reading fail on top of it, the file is removed and the turn read cold."""
+        target = Path(path)
+        state = kv_cache.read_state(target, self.identity, self._state_limits())
         if state is None or len(state.keys) >= self.n_ctx:
             return 0
         scheduler = self._scheduler
@@ -588,7 +605,10 @@ class LlamaCppBackend(Backend):
                     return len(state.keys)
                 return 0
             scheduler.stash(slot)
-            return len(state.keys) if scheduler.set_state(slot, state) else 0
+            if not scheduler.set_state(slot, state):
+                return 0
+            slot.suspect = lambda: target.unlink(missing_ok=True)
+            return len(state.keys)
 
         return scheduler.call(restore)
 

@@ -23,6 +23,7 @@ the driver sends, reporting status and noticing Ctrl-C there.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 import queue
 import threading
@@ -43,7 +44,7 @@ from ...control import (
 )
 from ...errors import BackendError, InvalidRequestError, LlavaLocalError
 from ...types import Options, Stats
-from .. import kv_cache
+from .. import kv_cache, kv_payload
 from ..base import Finish
 from ..kv_cache import Key, KVState
 from .model import LoadedModel
@@ -76,6 +77,12 @@ class Slot:
     keys: list[Key] = field(default_factory=list)
     job: Job | None = None
     used: float = 0.0
+    #: Forgets the kept state this slot was restored from, should reading on top of it
+    #: fail (a state that passed every check but still breaks decoding).
+    suspect: Callable[[], None] | None = None
+    #: Holds a cell that no removal reaches (a failed restore): emptied, with the whole
+    #: KV cache, when no turn is running; never given to a turn meanwhile.
+    broken: bool = False
 
     def has_picture(self) -> bool:
         return any(isinstance(k, tuple) for k in self.keys)
@@ -328,7 +335,7 @@ class Scheduler:
     def _choose_slot(self, job: Job) -> Slot | None:
         """The idle slot sharing most of ``job``'s prompt (an empty one, else the one
         used least recently, when none shares any); None when no slot is idle."""
-        idle = [s for s in self.slots if s.job is None]
+        idle = [s for s in self.slots if s.job is None and not s.broken]
         if not idle:
             return None
 
@@ -359,6 +366,10 @@ class Scheduler:
             assert cached is not None
             state = cached.load()
             keep = self._restore(slot, state, keys) if state is not None else 0
+            if state is not None and not slot.keys:
+                cached.drop()  # llama.cpp refused it: never offered again
+            elif keep:
+                slot.suspect = cached.drop
         elif donor is not None:
             mem = self.model.memory
             self.lib.llama_memory_seq_rm(mem, slot.seq, 0, -1)
@@ -459,20 +470,43 @@ class Scheduler:
         return KVState(tuple(slot.keys), data)
 
     def set_state(self, slot: Slot, state: KVState) -> bool:
-        """Make ``state`` what ``slot`` holds. On failure the slot is emptied (never half
-        a state) and False returned: the prompt is then read from the start."""
+        """Make ``state`` what ``slot`` holds. A state whose layout, sizes or positions
+        do not check out (:mod:`..kv_payload`) is never handed to llama.cpp; on any
+        failure the slot is emptied (never half a state) and False returned: the prompt
+        is then read from the start."""
         lib, ctx, mem = self.lib, self.model.ctx, self.model.memory
-        lib.llama_memory_seq_rm(mem, slot.seq, 0, -1)
-        slot.keys = []
+        self._empty(slot)
         n = len(state.keys)
-        if n == 0 or n > self.model.n_ctx:
+        if n == 0 or kv_payload.problem(state.data, n, self.model.n_ctx) is not None:
             return False
         read = int(lib.llama_state_seq_set_data(ctx, state.data, len(state.data), slot.seq))
-        if read != len(state.data) or int(lib.llama_memory_seq_pos_max(mem, slot.seq)) != n - 1:
-            lib.llama_memory_seq_rm(mem, slot.seq, 0, -1)
+        if (
+            read != len(state.data)
+            or int(lib.llama_memory_seq_pos_min(mem, slot.seq)) != 0
+            or int(lib.llama_memory_seq_pos_max(mem, slot.seq)) != n - 1
+        ):
+            self._empty(slot)
             return False
         slot.keys = list(state.keys)
         return True
+
+    def _empty(self, slot: Slot) -> None:
+        """Remove every cell of ``slot``. A cell at a position no removal reaches (the
+        last one a position can take) makes it broken until the KV cache can be cleared
+        whole, with no turn running."""
+        lib, mem = self.lib, self.model.memory
+        lib.llama_memory_seq_rm(mem, slot.seq, 0, -1)
+        slot.keys, slot.suspect = [], None
+        if int(lib.llama_memory_seq_pos_max(mem, slot.seq)) >= 0:
+            slot.broken = True
+            self._mend()
+
+    def _mend(self) -> None:
+        """Clear the whole KV cache when a slot is broken and no turn is running."""
+        if any(s.broken for s in self.slots) and not any(s.job for s in self.slots):
+            self.lib.llama_memory_clear(self.model.memory, True)
+            for slot in self.slots:
+                slot.keys, slot.suspect, slot.broken = [], None, False
 
     def _restore(self, slot: Slot, state: KVState, keys: Sequence[Key]) -> int:
         if not self.set_state(slot, state):
@@ -649,6 +683,9 @@ class Scheduler:
         self.steps += 1
         if code == 0:
             self.shared_steps += len(set(map(id, jobs))) > 1
+            for job in jobs:
+                if job.slot is not None:
+                    job.slot.suspect = None  # its state read on: it was sound
             return True
         for job in dict.fromkeys(jobs):  # what a failed decode left is not recorded
             if job.slot is not None:
@@ -656,7 +693,10 @@ class Scheduler:
         if code == 1 and self._free_cells():
             return self._decode(batch, jobs, abortable=abortable)
         for job in dict.fromkeys(jobs):
-            if job.stopped:
+            slot = job.slot
+            if slot is not None and slot.suspect is not None and not job.stopped:
+                self._read_cold(job, slot)
+            elif job.stopped:
                 self._cancel(job)
             elif code == 1:
                 self._fail(
@@ -669,6 +709,20 @@ class Scheduler:
             else:
                 self._fail(job, BackendError(f"llama.cpp failed to decode (code {code})"))
         return False
+
+    def _read_cold(self, job: Job, slot: Slot) -> None:
+        """Reading failed on top of a restored state: forget the state (its file too)
+        and read ``job``'s prompt from the start."""
+        suspect = slot.suspect
+        assert suspect is not None
+        with contextlib.suppress(OSError):
+            suspect()
+        self._empty(slot)
+        if slot.broken:  # the slot cannot be used until the KV cache is cleared whole
+            self._fail(job, BackendError("llama.cpp could not read a restored KV state"))
+            return
+        job.pos, job.next_token = 0, None
+        self._start_reading(job)
 
     def _free_cells(self) -> bool:
         """Empty the idle slot used least recently (kept in the prefix cache first)."""
@@ -777,4 +831,5 @@ class Scheduler:
             job.sampler.close()
             job.sampler = None
         job.state = "done"
+        self._mend()
         job.done.set()
