@@ -81,7 +81,7 @@ def test_requests_at_once_are_answered_together(served: tuple[str, LlamaCppBacke
         answers[i] = ask(url, *pictures[i])
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(len(pictures))]
-    shared = engine._scheduler.shared_steps
+    shared = engine.steps_shared
     with engine.hold():
         for thread in threads:
             thread.start()
@@ -94,7 +94,7 @@ def test_requests_at_once_are_answered_together(served: tuple[str, LlamaCppBacke
         thread.join(timeout=120)
     assert answers == [alone[0], alone[1], alone[0]]
     assert alone[0] == ANSWER
-    assert engine._scheduler.shared_steps > shared
+    assert engine.steps_shared > shared
     assert health["parallel"] == 3
     assert health["running"] == 3
 

@@ -18,14 +18,15 @@ from pydantic import BaseModel
 from llava_local import TurnCancelledError, VisionChat
 from llava_local.backends.llama_cpp import LlamaCppBackend
 from llava_local.images import prepare
-from llava_local.types import Message
+from llava_local.types import Message, Reply
 
 from .gguf_fixtures import GgufPair, png_bytes
 from .known import known
+from .option_args import OptionArgs
 
 pytestmark = pytest.mark.llama
 
-LONG = {"temperature": 0, "max_tokens": 40}
+LONG: OptionArgs = {"temperature": 0, "max_tokens": 40}
 
 
 def engine_for(pair: GgufPair, **kwargs: Any) -> LlamaCppBackend:
@@ -39,9 +40,18 @@ def engine(tiny_pair: GgufPair) -> Iterator[LlamaCppBackend]:
     backend.close()
 
 
-def alone(pair: GgufPair, question: str, picture: bytes, **options: Any) -> str:
+def alone(pair: GgufPair, question: str, picture: bytes, max_tokens: int = 40) -> str:
     with VisionChat.llama_cpp(model=str(pair.lm), mmproj=str(pair.mmproj)) as chat:
-        return chat.ask(question, image=picture, **{**LONG, **options}).text
+        return chat.ask(question, image=picture, temperature=0, max_tokens=max_tokens).text
+
+
+def asking(chat: VisionChat, question: str, picture: bytes) -> Callable[[], str]:
+    """A turn for :func:`side_by_side`: ``chat`` asks ``question`` about ``picture``."""
+    return lambda: chat.ask(question, image=picture, **LONG).text
+
+
+def ask_reply(chat: VisionChat, question: str, picture: bytes) -> Callable[[], Reply]:
+    return lambda: chat.ask(question, image=picture, **LONG)
 
 
 def side_by_side(engine: LlamaCppBackend, turns: list[Callable[[], Any]]) -> list[Any]:
@@ -76,16 +86,13 @@ def test_conversations_side_by_side_answer_as_alone(
     questions = ["What is it?", "Describe the colours.", "Is it round?"]
     expected = [alone(tiny_pair, q, p) for q, p in zip(questions, pictures, strict=True)]
     chats = [VisionChat(engine, close_engine=False) for _ in pictures]
-    shared_before = engine._scheduler.shared_steps
+    shared_before = engine.steps_shared
     got = side_by_side(
         engine,
-        [
-            lambda c=c, q=q, p=p: c.ask(q, image=p, **LONG).text
-            for c, q, p in zip(chats, questions, pictures, strict=True)
-        ],
+        [asking(c, q, p) for c, q, p in zip(chats, questions, pictures, strict=True)],
     )
     assert got == expected
-    assert engine._scheduler.shared_steps > shared_before
+    assert engine.steps_shared > shared_before
 
 
 def test_more_conversations_than_slots_wait_their_turn(tiny_pair: GgufPair) -> None:
@@ -97,10 +104,7 @@ def test_more_conversations_than_slots_wait_their_turn(tiny_pair: GgufPair) -> N
         chats = [VisionChat(backend, close_engine=False) for _ in pictures]
         got = side_by_side(
             backend,
-            [
-                lambda c=c, p=p: c.ask("What is it?", image=p, **LONG).text
-                for c, p in zip(chats, pictures, strict=True)
-            ],
+            [asking(c, "What is it?", p) for c, p in zip(chats, pictures, strict=True)],
         )
     finally:
         backend.close()
@@ -129,7 +133,7 @@ def test_cancelling_one_leaves_the_other_going(
         engine,
         [
             stop_after_a_piece,
-            lambda: going.ask("Tell me about it.", image=second, **{**LONG, "max_tokens": 60}),
+            lambda: going.ask("Tell me about it.", image=second, temperature=0, max_tokens=60),
         ],
     )
     assert isinstance(results[0], TurnCancelledError)
@@ -258,10 +262,7 @@ def test_questions_about_one_picture_at_once_read_it_once(tiny_pair: GgufPair) -
         chats = [VisionChat(backend, close_engine=False) for _ in questions]
         replies = side_by_side(
             backend,
-            [
-                lambda c=c, q=q: c.ask(q, image=picture, **LONG)
-                for c, q in zip(chats, questions, strict=True)
-            ],
+            [ask_reply(c, q, picture) for c, q in zip(chats, questions, strict=True)],
         )
     finally:
         backend.close()

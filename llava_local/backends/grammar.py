@@ -34,7 +34,7 @@ def grammar_text(schema: dict[str, Any]) -> str:
             problem = f"{type(exc).__name__}: {exc}"
             continue
         if parses(text):
-            return text
+            return str(text)
         problem = "llama.cpp's grammar parser refused the converted grammar"
     raise InvalidRequestError(
         f"llama.cpp cannot turn this JSON schema into a grammar ({problem}); simplify the "

@@ -146,8 +146,7 @@ def serve(
     def ready(url: str) -> None:
         key = "  (API key required)" if api_key else ""
         err_console.print(
-            f"llava-local serve: {url}/v1 (OpenAI) and {url} (Ollama){key}{held}; "
-            "Ctrl-C stops it",
+            f"llava-local serve: {url}/v1 (OpenAI) and {url} (Ollama){key}{held}; Ctrl-C stops it",
             highlight=False,
         )
 

@@ -3,9 +3,10 @@
 Every request is answered by :meth:`VisionChat.answer` on one of the :class:`Engine`'s
 chats, all on ONE engine, so its prefix match reuses what earlier requests left in the
 KV cache (the llama.cpp engine gives each turn the slot that shares most of it, and
-decodes the running turns together, a token each per step). Before a request queues, its schema is checked and its picture URLs (if the
-server downloads any) are downloaded in the event loop, so a slow picture host holds
-neither a queue place nor a thread. A semaphore lets ``parallel`` turns at a time
+decodes the running turns together, a token each per step). Before a request queues,
+its schema is checked and its picture URLs (if the server downloads any) are
+downloaded in the event loop, so a slow picture host holds neither a queue place nor a
+thread. A semaphore lets ``parallel`` turns at a time
 hold the model (first come, first served); beyond ``Limits.queue`` waiting requests the
 answer is 503 with ``Retry-After`` at once. A turn runs in a worker thread of its own
 (:class:`~llava_local.AsyncReplyStream`) and its pieces are pulled one at a time, so a

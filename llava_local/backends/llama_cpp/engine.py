@@ -22,14 +22,11 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-
 from ... import host, memory
 from ...chat_formats import ChatFormat, choose_format
-from ...control import STATUS_ENCODING, TurnControl
+from ...control import TurnControl
 from ...demo import DEMO_NAME, is_demo
 from ...errors import (
-    BackendError,
     ContextOverflowError,
     LlavaLocalError,
     ModelNotFoundError,
@@ -39,26 +36,19 @@ from ...types import Message, Options
 from ...wording import count, plural
 from .. import gguf_meta, kv_cache
 from ..base import Backend, Finish, Turn
-from ..embedding_cache import EmbeddingCache
 from .config import MAX_AUTO_PARALLEL, LlamaCppConfig
+from .jobs import Job
 from .lib import import_llama_cpp
 from .model import LoadedModel
-from .prompt import Part, Prompt, tokenize
-from .scheduler import Job, Scheduler
+from .pictures import Pictures
+from .prompt import Prompt
+from .scheduler import Scheduler
 
 #: The driver's last message for a turn.
 _LAST = frozenset({"finish", "error", "cancelled", "logits"})
 
 # Text budget added to the pictures' tokens when n_ctx is not given.
 TEXT_BUDGET = 2048
-
-# CLIP's graph is computed in pieces of this many nodes, so that a stop request is seen
-# between pieces (a ViT-L at 336 px has about 700 nodes: ~45 pieces, no measurable cost).
-CLIP_NODES_PER_CHECK = 16
-
-
-class _Stopped(Exception):
-    """C code stopped at the turn's request; TurnControl turns it into the right error."""
 
 
 class LlamaCppBackend(Backend):
@@ -91,12 +81,10 @@ class LlamaCppBackend(Backend):
         self._mtmd = self._lib.mtmd_cpp
         # The control of the picture being encoded, polled by CLIP's callback (kept
         # alive here: C holds only the pointer).
-        self._encoding: TurnControl | None = None
-        self._clip_nodes = 0
-        self._clip_cb = self._lib.ggml_backend_sched_eval_callback(self._clip_eval)
-        self._mtmd_lock = threading.Lock()  # libmtmd's context: one caller at a time
+        #: Tokenizing prompts and encoding pictures (libmtmd, in the callers' threads).
+        self.pictures = Pictures(self._lib, int(embedding_cache_mb * 2**20))
         #: Projected embeddings of pictures seen before, by content hash.
-        self.embeddings = EmbeddingCache(int(embedding_cache_mb * 2**20))
+        self.embeddings = self.pictures.embeddings
         self.model_path = _existing_file(model, "language model")
         self.mmproj_path = _existing_file(mmproj, "projector (mmproj)")
         self.model = self.model_path.name
@@ -128,6 +116,7 @@ class LlamaCppBackend(Backend):
         if n_ctx is None:
             trained = int(lm_meta.get("context_length") or 4096)
             n_ctx = min(trained, (self._image_tokens or 576) + TEXT_BUDGET)
+
         def estimate(slots: int) -> memory.MemoryEstimate:
             return memory.estimate(
                 self.model_path,
@@ -159,7 +148,7 @@ class LlamaCppBackend(Backend):
             n_gpu_layers=n_gpu_layers,
             use_mmap=use_mmap,
             verbose=verbose,
-            clip_callback=self._clip_cb,
+            clip_callback=self.pictures.clip_callback,
         )
         self._load_s = time.perf_counter() - start
         self._n_gpu_layers = n_gpu_layers
@@ -264,6 +253,11 @@ class LlamaCppBackend(Backend):
         return self._closed
 
     @property
+    def steps_shared(self) -> int:
+        """Decoding steps so far that advanced more than one conversation at once."""
+        return self._scheduler.shared_steps
+
+    @property
     def turns_waiting(self) -> int:
         """Turns waiting for a slot (all ``parallel`` slots busy)."""
         return self._scheduler.waiting
@@ -308,7 +302,7 @@ class LlamaCppBackend(Backend):
             self._scheduler.call(self._keep_slots_on_disk)
         self._scheduler.close()
         self._forget_prompt()
-        with self._mtmd_lock:  # a picture still being encoded finishes first
+        with self.pictures.lock:  # a picture still being encoded finishes first
             self._loaded.close()
 
     def _keep_slots_on_disk(self) -> None:
@@ -316,7 +310,7 @@ class LlamaCppBackend(Backend):
         assert cache is not None
         for slot in self._scheduler.slots:
             if slot.keys and cache.wants(slot.keys)[1]:
-                state = self._scheduler.get_state(slot)
+                state = self._scheduler.slots.get_state(slot)
                 if state is not None:
                     cache.keep(state, memory=False, disk=True)
 
@@ -443,7 +437,7 @@ class LlamaCppBackend(Backend):
             with control.c_calls():
                 message = job.receive(self._scheduler.wake)
                 if message.kind == "encode":
-                    self._encode(job, message.value)
+                    self.pictures.encode(self._loaded, job, message.value)
                     self._scheduler.encoded(job)
                     continue
             return message
@@ -460,53 +454,6 @@ class LlamaCppBackend(Backend):
     def _take_load_s(self) -> float:
         load_s, self._load_s = self._load_s, 0.0
         return load_s
-
-    # -- pictures ------------------------------------------------------------------
-
-    def _encode(self, job: Job, parts: Sequence[Part]) -> None:
-        """CLIP for the pictures ``job`` needs read, in the caller's thread (other
-        conversations go on being answered meanwhile)."""
-        mtmd, loaded = self._mtmd, self._loaded
-        for part in parts:
-            if part.picture in job.embeddings:
-                continue
-            job.control.report(STATUS_ENCODING)
-            with self._mtmd_lock:
-                cached = self.embeddings.get(part.picture)
-                if cached is not None:
-                    job.embeddings[part.picture] = cached
-                    continue
-                t0 = time.perf_counter()
-                self._encoding, self._clip_nodes = job.control, 0
-                try:
-                    code = mtmd.mtmd_encode_chunk(loaded.mctx, part.chunk)
-                    if job.control.cancelled:  # a stopped encode returns half-computed data
-                        raise _Stopped
-                    if code != 0:
-                        raise BackendError("libmtmd failed to encode a picture")
-                    n_tokens = int(mtmd.mtmd_input_chunk_get_n_tokens(part.chunk))
-                    out = mtmd.mtmd_get_output_embd(loaded.mctx)
-                    embd = np.ctypeslib.as_array(out, shape=(n_tokens * loaded.n_embd,)).copy()
-                finally:
-                    self._encoding = None
-            job.stats.image_encode_s = (job.stats.image_encode_s or 0.0) + (
-                time.perf_counter() - t0
-            )
-            job.stats.images_encoded = (job.stats.images_encoded or 0) + 1
-            job.embeddings[part.picture] = embd
-            if part.picture:
-                self.embeddings.put(part.picture, embd)
-
-    def _clip_eval(self, _tensor: Any, ask: bool, _data: Any) -> bool:
-        """ggml's scheduler asks, node by node, whether we want to look at a result
-        (then it computes up to there and calls again); saying yes every few nodes
-        gives us a moment to say stop, returning False on the second call."""
-        control = self._encoding
-        stop = control is not None and control.cancelled
-        if ask:
-            self._clip_nodes += 1
-            return self._clip_nodes % CLIP_NODES_PER_CHECK == 0 or stop
-        return not stop
 
     # -- prompts ---------------------------------------------------------------------
 
@@ -548,8 +495,7 @@ class LlamaCppBackend(Backend):
 
     def _tokenize(self, messages: Sequence[Message], text: str) -> Prompt:
         images = [image for m in messages for image in m.images]
-        with self._mtmd_lock:
-            return tokenize(self._mtmd, self._loaded.mctx, text, images)
+        return self.pictures.tokenize(self._loaded, text, images)
 
     # -- kept KV states ------------------------------------------------------------
 
@@ -572,7 +518,7 @@ class LlamaCppBackend(Backend):
             if found is not None and found.shared > live:
                 return found.load()
             if slot is not None and live > 0:
-                return scheduler.get_state(slot)
+                return scheduler.slots.get_state(slot)
             return None
 
         state = scheduler.call(best_state)
@@ -598,14 +544,14 @@ class LlamaCppBackend(Backend):
         scheduler = self._scheduler
 
         def restore() -> int:
-            slot = scheduler.idle_slot()
+            slot = scheduler.slots.idle_slot()
             if slot is None:
                 if self.kv_cache is not None and self.kv_cache.memory is not None:
                     self.kv_cache.memory.put(state)
                     return len(state.keys)
                 return 0
-            scheduler.stash(slot)
-            if not scheduler.set_state(slot, state):
+            scheduler.slots.stash(slot)
+            if not scheduler.slots.set_state(slot, state):
                 return 0
             slot.suspect = lambda: target.unlink(missing_ok=True)
             return len(state.keys)

@@ -29,13 +29,23 @@ class Sampler:
     :meth:`sample` also accepts the token into the chain (the grammar moves on)."""
 
     def __init__(
-        self, lib: Any, vocab: Any, n_vocab: int, opts: Options, grammar: str | None, seed: int
+        self,
+        lib: Any,
+        vocab: Any,
+        n_vocab: int,
+        opts: Options,
+        *,
+        grammar: str | None,
+        seed: int,
     ) -> None:
         self.lib = lib
         values = sampling_values(opts)
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         self.chain = chain
-        add = lambda sampler: lib.llama_sampler_chain_add(chain, sampler)  # noqa: E731
+
+        def add(sampler: Any) -> None:
+            lib.llama_sampler_chain_add(chain, sampler)
+
         if values["repeat_penalty"] != 1.0:
             add(
                 lib.llama_sampler_init_penalties(

@@ -22,145 +22,37 @@ the driver sends, reporting status and noticing Ctrl-C there.
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import ctypes
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
 import numpy as np
-import numpy.typing as npt
 
 from ...control import (
     STATUS_ANSWERING,
     STATUS_READING_PICTURE,
     STATUS_READING_PROMPT,
-    TurnControl,
 )
 from ...errors import BackendError, InvalidRequestError, LlavaLocalError
-from ...types import Options, Stats
-from .. import kv_cache, kv_payload
+from .. import kv_cache
 from ..base import Finish
-from ..kv_cache import Key, KVState
+from ..kv_cache import Key
+from .jobs import Job
 from .model import LoadedModel
-from .prompt import Part, Prompt, usable
-from .sampling import Sampler, StopScanner
+from .prompt import Part, usable
+from .sampling import Sampler
+from .slots import Slot, Slots
 
 T = TypeVar("T")
-
-#: A slot's old content is kept in the prefix cache before the slot is reused when it
-#: holds a picture or at least this many tokens (a follow-up that re-tokenizes the last
-#: answer loses a token or two, not worth copying the whole state for).
-STASH_MIN_TOKENS = 64
 
 #: Prompt tokens a reading turn may add to a step while other answers are being
 #: written: small enough that their next tokens are not held up for long.
 SHARED_PREFILL = 128
-
-#: How often a waiting caller looks at its turn's stop flag.
-POLL_S = 0.05
-
-Embeddings = npt.NDArray[np.float32]
-JobState = Literal["waiting", "parked", "encoding", "reading", "answering", "done"]
-
-
-@dataclass
-class Slot:
-    """One sequence of the context and what it holds, position by position."""
-
-    seq: int
-    keys: list[Key] = field(default_factory=list)
-    job: Job | None = None
-    used: float = 0.0
-    #: Forgets the kept state this slot was restored from, should reading on top of it
-    #: fail (a state that passed every check but still breaks decoding).
-    suspect: Callable[[], None] | None = None
-    #: Holds a cell that no removal reaches (a failed restore): emptied, with the whole
-    #: KV cache, when no turn is running; never given to a turn meanwhile.
-    broken: bool = False
-
-    def has_picture(self) -> bool:
-        return any(isinstance(k, tuple) for k in self.keys)
-
-
-@dataclass
-class Message:
-    """What the driver tells the turn's caller."""
-
-    kind: Literal["encode", "status", "piece", "finish", "error", "cancelled", "logits"]
-    value: Any = None
-
-
-class Job:
-    """One turn on the engine, from submission to its :class:`Finish` (or its stop)."""
-
-    def __init__(
-        self,
-        prompt: Prompt,
-        options: Options,
-        grammar: str | None,
-        seed: int,
-        control: TurnControl,
-        *,
-        started: float,
-        logits_only: bool = False,
-        prefetch: bool = False,
-    ) -> None:
-        self.prompt = prompt
-        self.keys = prompt.keys
-        self.options = options
-        self.grammar = grammar
-        self.seed = seed
-        self.control = control
-        self.logits_only = logits_only or prefetch
-        #: Reads a prompt ahead of its question (a picture given before it is asked
-        #: about): a turn that would reuse it waits for it rather than read it again.
-        self.prefetch = prefetch
-        self.thread = threading.current_thread()
-        self.state: JobState = "waiting"
-        self.slot: Slot | None = None
-        #: While "parked": the turn reading the prefix this one shares, its slot, and
-        #: how many positions will be copied from it once read.
-        self.donor: tuple[Job, Slot, int] | None = None
-        self.part = 0  # the prompt part being read
-        self.pos = 0  # positions of the prompt (then the answer) the slot holds
-        self.embeddings: dict[str, Embeddings] = {}
-        self.sampler: Sampler | None = None
-        self.stopper = StopScanner(options.stop or ())
-        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        self.leading = True
-        self.next_token: int | None = None
-        self.count = 0
-        self.stats = Stats()
-        self.started = started
-        self.decode_started = 0.0
-        self.abandoned = False  # the caller stopped reading
-        self.status = ""  # the last status sent
-        self.inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
-        self.done = threading.Event()
-
-    @property
-    def stopped(self) -> bool:
-        return self.abandoned or self.control.cancelled
-
-    def send(self, kind: Any, value: Any = None) -> None:
-        self.inbox.put(Message(kind, value))
-
-    def receive(self, wake: Callable[[], None]) -> Message:
-        """The next message from the driver; a stopped turn's last one is "cancelled"."""
-        told = False
-        while True:
-            try:
-                return self.inbox.get(timeout=POLL_S)
-            except queue.Empty:
-                if self.stopped and not told:
-                    wake()  # the driver may be waiting for work
-                    told = True
 
 
 class Scheduler:
@@ -183,7 +75,7 @@ class Scheduler:
         self.prefix_cache = prefix_cache
         self.non_causal = non_causal
         self.mrope = mrope
-        self.slots = [Slot(seq) for seq in range(model.n_seq)]
+        self.slots = Slots(model, prefix_cache)
         self._pending: deque[Job] = deque()
         self._active: list[Job] = []
         self._calls: deque[tuple[Callable[[], Any], queue.SimpleQueue[Any]]] = deque()
@@ -335,7 +227,7 @@ class Scheduler:
     def _choose_slot(self, job: Job) -> Slot | None:
         """The idle slot sharing most of ``job``'s prompt (an empty one, else the one
         used least recently, when none shares any); None when no slot is idle."""
-        idle = [s for s in self.slots if s.job is None and not s.broken]
+        idle = self.slots.idle()
         if not idle:
             return None
 
@@ -358,14 +250,14 @@ class Scheduler:
         cached = self.prefix_cache.best(keys) if self.prefix_cache is not None else None
         from_cache = cached is not None and usable(keys, cached.shared) > shared
         if from_cache or donor is not None:
-            self._stash(slot, keep_from=0)
+            self.slots.stash_lost(slot, keep_from=0)
         else:
-            self._stash(slot, keep_from=live)
+            self.slots.stash_lost(slot, keep_from=live)
         keep = live
         if from_cache:
             assert cached is not None
             state = cached.load()
-            keep = self._restore(slot, state, keys) if state is not None else 0
+            keep = self.slots.restore(slot, state, keys) if state is not None else 0
             if state is not None and not slot.keys:
                 cached.drop()  # llama.cpp refused it: never offered again
             elif keep:
@@ -376,19 +268,19 @@ class Scheduler:
             self.lib.llama_memory_seq_cp(mem, donor.seq, slot.seq, 0, shared)
             slot.keys = list(donor.keys[:shared])
             keep = shared
-        self._trim(slot, keep)
+        self.slots.trim(slot, keep)
         slot.job, slot.used = job, time.monotonic()
         job.slot, job.pos = slot, keep
         self._active.append(job)
         # Another turn still reading a prefix this one shares (several questions about
         # one picture at once, or a picture read ahead): wait for it, then copy it.
         ahead: tuple[Job, Slot, int] | None = None
-        for other in self._active:
-            if other is job or other.slot is None:
+        for reader in self._active:
+            if reader is job or reader.slot is None:
                 continue
-            n = usable(keys, kv_cache.common_prefix(other.keys, keys))
-            if n > (ahead[2] if ahead else keep) and len(other.slot.keys) < n:
-                ahead = (other, other.slot, n)
+            n = usable(keys, kv_cache.common_prefix(reader.keys, keys))
+            if n > (ahead[2] if ahead else keep) and len(reader.slot.keys) < n:
+                ahead = (reader, reader.slot, n)
         if ahead is not None:
             job.state, job.donor = "parked", ahead
             return
@@ -398,7 +290,8 @@ class Scheduler:
         """Parked turns whose shared prefix is read copy it; those whose donor ended
         without reading it read it themselves."""
         for job in [j for j in self._active if j.state == "parked"]:
-            assert job.donor is not None and job.slot is not None
+            assert job.donor is not None
+            assert job.slot is not None
             donor, source, until = job.donor
             if len(source.keys) >= until and source.keys[:until] == job.keys[:until]:
                 mem = self.model.memory
@@ -426,97 +319,6 @@ class Scheduler:
             job.send("encode", missing)
         else:
             job.state = "reading"
-
-    def _trim(self, slot: Slot, keep: int) -> None:
-        self.lib.llama_memory_seq_rm(self.model.memory, slot.seq, keep, -1)
-        del slot.keys[keep:]
-
-    def _stash(self, slot: Slot, *, keep_from: int) -> None:
-        """Keep ``slot``'s whole state in the prefix cache when what would be lost from
-        position ``keep_from`` on is worth it and no kept state holds it yet."""
-        cache = self.prefix_cache
-        lost = slot.keys[keep_from:]
-        if cache is None or not lost:
-            return
-        if len(lost) < STASH_MIN_TOKENS and not any(isinstance(k, tuple) for k in lost):
-            return
-        to_memory, to_disk = cache.wants(slot.keys)
-        if to_memory or to_disk:
-            state = self.get_state(slot)
-            if state is not None:
-                cache.keep(state)
-
-    def stash(self, slot: Slot) -> None:
-        """Keep what ``slot`` holds in the prefix cache before it is replaced."""
-        self._stash(slot, keep_from=0)
-
-    # -- KV states of one slot ---------------------------------------------------------
-
-    def get_state(self, slot: Slot) -> KVState | None:
-        """``slot``'s KV state with the key of each position it holds."""
-        lib, ctx = self.lib, self.model.ctx
-        self._trim(slot, len(slot.keys))  # positions a stopped decode left unrecorded
-        if not slot.keys:
-            return None
-        size = int(lib.llama_state_seq_get_size(ctx, slot.seq))
-        if size <= 0:
-            return None
-        try:
-            data = (ctypes.c_uint8 * size)()
-        except MemoryError:
-            return None
-        if int(lib.llama_state_seq_get_data(ctx, data, size, slot.seq)) != size:
-            return None
-        return KVState(tuple(slot.keys), data)
-
-    def set_state(self, slot: Slot, state: KVState) -> bool:
-        """Make ``state`` what ``slot`` holds. A state whose layout, sizes or positions
-        do not check out (:mod:`..kv_payload`) is never handed to llama.cpp; on any
-        failure the slot is emptied (never half a state) and False returned: the prompt
-        is then read from the start."""
-        lib, ctx, mem = self.lib, self.model.ctx, self.model.memory
-        self._empty(slot)
-        n = len(state.keys)
-        if n == 0 or kv_payload.problem(state.data, n, self.model.n_ctx) is not None:
-            return False
-        read = int(lib.llama_state_seq_set_data(ctx, state.data, len(state.data), slot.seq))
-        if (
-            read != len(state.data)
-            or int(lib.llama_memory_seq_pos_min(mem, slot.seq)) != 0
-            or int(lib.llama_memory_seq_pos_max(mem, slot.seq)) != n - 1
-        ):
-            self._empty(slot)
-            return False
-        slot.keys = list(state.keys)
-        return True
-
-    def _empty(self, slot: Slot) -> None:
-        """Remove every cell of ``slot``. A cell at a position no removal reaches (the
-        last one a position can take) makes it broken until the KV cache can be cleared
-        whole, with no turn running."""
-        lib, mem = self.lib, self.model.memory
-        lib.llama_memory_seq_rm(mem, slot.seq, 0, -1)
-        slot.keys, slot.suspect = [], None
-        if int(lib.llama_memory_seq_pos_max(mem, slot.seq)) >= 0:
-            slot.broken = True
-            self._mend()
-
-    def _mend(self) -> None:
-        """Clear the whole KV cache when a slot is broken and no turn is running."""
-        if any(s.broken for s in self.slots) and not any(s.job for s in self.slots):
-            self.lib.llama_memory_clear(self.model.memory, True)
-            for slot in self.slots:
-                slot.keys, slot.suspect, slot.broken = [], None, False
-
-    def _restore(self, slot: Slot, state: KVState, keys: Sequence[Key]) -> int:
-        if not self.set_state(slot, state):
-            return 0
-        return usable(keys, kv_cache.common_prefix(slot.keys, keys))
-
-    def idle_slot(self) -> Slot | None:
-        """The idle slot used least recently (to load a state into)."""
-        idle = [s for s in self.slots if s.job is None]
-        return min(idle, key=lambda s: s.used) if idle else None
 
     # -- one step ------------------------------------------------------------------
 
@@ -562,8 +364,7 @@ class Scheduler:
                 assert job.slot is not None
                 job.slot.keys.extend(keys)
                 job.pos += len(keys)
-                part = job.prompt.parts[job.part] if job.state == "reading" else None
-                if part is not None and job.pos >= part.end:
+                if job.state == "reading" and job.pos >= job.prompt.parts[job.part].end:
                     job.part += 1
             for job, row in rows:
                 self._next(job, row)
@@ -689,8 +490,8 @@ class Scheduler:
             return True
         for job in dict.fromkeys(jobs):  # what a failed decode left is not recorded
             if job.slot is not None:
-                self._trim(job.slot, len(job.slot.keys))
-        if code == 1 and self._free_cells():
+                self.slots.trim(job.slot, len(job.slot.keys))
+        if code == 1 and self.slots.free_cells():
             return self._decode(batch, jobs, abortable=abortable)
         for job in dict.fromkeys(jobs):
             slot = job.slot
@@ -717,22 +518,12 @@ class Scheduler:
         assert suspect is not None
         with contextlib.suppress(OSError):
             suspect()
-        self._empty(slot)
+        self.slots.empty(slot)
         if slot.broken:  # the slot cannot be used until the KV cache is cleared whole
             self._fail(job, BackendError("llama.cpp could not read a restored KV state"))
             return
         job.pos, job.next_token = 0, None
         self._start_reading(job)
-
-    def _free_cells(self) -> bool:
-        """Empty the idle slot used least recently (kept in the prefix cache first)."""
-        idle = [s for s in self.slots if s.job is None and s.keys]
-        if not idle:
-            return False
-        slot = min(idle, key=lambda s: s.used)
-        self._stash(slot, keep_from=0)
-        self._trim(slot, 0)
-        return True
 
     def _abort_requested(self, _data: Any = None) -> bool:
         """llama.cpp asks after every graph node: stop when every turn in the decode
@@ -761,7 +552,12 @@ class Scheduler:
         job.decode_started = now
         self._status(job, STATUS_ANSWERING)
         job.sampler = Sampler(
-            self.lib, self.model.vocab, self.model.n_vocab, job.options, job.grammar, job.seed
+            self.lib,
+            self.model.vocab,
+            self.model.n_vocab,
+            job.options,
+            grammar=job.grammar,
+            seed=job.seed,
         )
         self._next(job, row)
 
@@ -822,7 +618,7 @@ class Scheduler:
         """``job`` lets go of its slot (keeping what it decoded) and its resources."""
         slot = job.slot
         if slot is not None:
-            self._trim(slot, len(slot.keys))
+            self.slots.trim(slot, len(slot.keys))
             slot.job, slot.used = None, time.monotonic()
             job.slot = None
         if job in self._active:
@@ -831,5 +627,5 @@ class Scheduler:
             job.sampler.close()
             job.sampler = None
         job.state = "done"
-        self._mend()
+        self.slots.mend()
         job.done.set()
