@@ -41,7 +41,7 @@ from ...control import (
 from ...errors import BackendError, InvalidRequestError, LlavaLocalError
 from .. import kv_cache
 from ..base import Finish
-from ..kv_cache import Key
+from ..kv_cache import Key, KVState
 from .jobs import Job
 from .model import LoadedModel
 from .prompt import Part, usable
