@@ -213,7 +213,10 @@ def test_a_csv_header_can_give_several_labels(tmp_path: Path) -> None:
     [
         ("a.png,cat,extra\n", "line 1: expected 2 columns"),
         ("a.png,\n", "line 1: the label must be a non-empty"),
-        ("path,label\na.png,cat\nmissing.png,dog\n", "do not exist, the first: .*missing.png"),
+        (
+            "path,label\na.png,cat\nmissing.png,dog\n",
+            "1 picture listed in .* does not exist: .*missing.png",
+        ),
         ("path,shape,shape\na.png,x,y\n", "distinct label column names"),
     ],
 )

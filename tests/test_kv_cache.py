@@ -343,7 +343,8 @@ def test_kv_cache_mb_bounds_the_memory_tier() -> None:
 
 def test_saved_conversation_resumes_warm(tmp_path: Path) -> None:
     """save() writes the KV state beside the JSON; load() restores it, so the first
-    follow-up reads only its own tokens and answers as a cold load does."""
+    follow-up reads only its own tokens and answers as a cold load does (which says
+    that its state file is missing)."""
     path = tmp_path / "talk.json"
     with VisionChat.llama_cpp(**GREEDY) as chat:
         chat.ask("What digit is this?", image=DIGIT)
@@ -357,8 +358,11 @@ def test_saved_conversation_resumes_warm(tmp_path: Path) -> None:
         warnings.simplefilter("error")
         with VisionChat.load(path) as warm_chat:
             warm = warm_chat.ask("What digit is it?")
-        with VisionChat.load(alone_dir / "talk.json") as cold_chat:
-            cold = cold_chat.ask("What digit is it?")
+    with (
+        pytest.warns(ColdResumeWarning, match=r"talk\.json\.kv is missing"),
+        VisionChat.load(alone_dir / "talk.json") as cold_chat,
+    ):
+        cold = cold_chat.ask("What digit is it?")
     assert warm.text == cold.text
     assert warm.stats.images_encoded == 0
     assert cold.stats.images_encoded == 1
@@ -370,6 +374,31 @@ def test_saved_conversation_resumes_warm(tmp_path: Path) -> None:
     assert known(warm.stats.prompt_tokens) + warm.stats.cached_tokens == known(
         cold.stats.prompt_tokens
     )
+
+
+def test_a_conversation_copied_without_its_kv_file_says_it_will_read_again(
+    tmp_path: Path,
+) -> None:
+    """A conversation saved with its .kv and copied without it (issue 31, item 5) loads
+    with a ColdResumeWarning that says the state file is missing and the pictures will
+    be read again, which the first follow-up then does."""
+    saved = tmp_path / "talk.json"
+    with VisionChat.llama_cpp(**GREEDY) as chat:
+        chat.ask("What digit is this?", image=DIGIT)
+        chat.save(saved)
+    assert state_path(saved).is_file()
+    copy = tmp_path / "elsewhere" / "talk.json"
+    copy.parent.mkdir()
+    shutil.copyfile(saved, copy)
+    with pytest.warns(ColdResumeWarning) as said:
+        chat = VisionChat.load(copy)
+    (message,) = [str(w.message) for w in said]
+    assert "talk.json.kv is missing" in message
+    assert "reads the conversation's pictures and turns again" in message
+    with chat:
+        reply = chat.ask("What digit is it?")
+    assert reply.text == "This digit is 7."
+    assert reply.stats.images_encoded == 1
 
 
 def test_a_state_saved_with_other_settings_loads_cold_and_says_so(tmp_path: Path) -> None:

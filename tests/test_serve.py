@@ -62,9 +62,10 @@ LONG = {
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The demo model served with an API key, a queue of 3 and small size limits."""
+    """The demo model served with an API key, one answer at a time (tests/
+    test_serve_parallel.py has several), a queue of 3 and small size limits."""
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    args = ["--api-key", KEY, "--queue", "3", "--n-ctx", "2048"]
+    args = ["--api-key", KEY, "--parallel", "1", "--queue", "3", "--n-ctx", "2048"]
     running = start(log, *args, "--max-body-mb", "1", "--max-picture-mb", "0.5")
     yield running
     stop(running)

@@ -251,6 +251,45 @@ def test_structured_answer_example_prints_a_digit() -> None:
     assert re.fullmatch(r"Digit\(digit=[0-9]\)\n", result.stdout)
 
 
+#: What each example prints when run with no arguments (the demo model, greedy).
+EXAMPLE_OUTPUT = {
+    "ask_picture.py": r"This digit is 7\.\n",
+    "conversation.py": r"This digit is 7\. \(pictures encoded: 1\)\n"
+    r"This digit is 7\. \(pictures encoded: 0, tokens reused: \d+\)\n",
+    "structured_answer.py": r"Digit\(digit=[0-9]\)\n",
+    "tour.py": r"It is a triangle\. \(\d+\.\d\d s\)\nIt is red\.\nThis digit is 7\.\n",
+}
+
+
+def test_every_example_has_its_expected_output() -> None:
+    """The table below covers every script in examples/."""
+    assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(EXAMPLE_OUTPUT)
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLE_OUTPUT))
+def test_every_example_runs_without_arguments(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each examples/*.py run with no arguments answers about the bundled digit found
+    beside it, from another folder (the tour, which the README runs from the repository,
+    from a copy of it), and exits 0."""
+    shutil.copytree(EXAMPLES, tmp_path / "examples")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.delenv("OLLAMA_HOST", raising=False)  # ask_picture: auto finds the demo
+    monkeypatch.delenv("LLAVA_LOCAL_MODEL", raising=False)
+    result = subprocess.run(
+        [sys.executable, str(tmp_path / "examples" / name)],
+        cwd=tmp_path if name == "tour.py" else elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(EXAMPLE_OUTPUT[name], result.stdout)
+
+
 def test_shape_schema_example_fits_the_demo(chat: VisionChat) -> None:
     """examples/shape.schema.json is a valid schema the demo model fills in correctly
     for the example shape (a red triangle)."""

@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import InvalidRequestError
 from ..picture_files import find_pictures
+from ..wording import count, plural
 
 __all__ = [
     "BUILT_IN",
@@ -394,9 +395,10 @@ def _user_set(path: Path) -> list[LabelledPicture]:
         raise InvalidRequestError(f"no labelled pictures in {path}")
     missing = [p for p in pictures if isinstance(p.source, Path) and not p.source.is_file()]
     if missing:
+        first = ": " if len(missing) == 1 else ", the first: "
         raise InvalidRequestError(
-            f"{len(missing)} picture(s) listed in {path} do not exist, "
-            f"the first: {missing[0].source}"
+            f"{count(len(missing), 'picture')} listed in {path} {plural(len(missing), 'does')} "
+            f"not exist{first}{missing[0].source}"
         )
     return pictures
 

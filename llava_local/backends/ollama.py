@@ -539,6 +539,10 @@ class OllamaConfig(EngineConfig):
         # handed to the engine as it opens and never part of the JSON description.
         return frozenset({"transport", "client"})
 
+    @classmethod
+    def conversation_names(cls) -> frozenset[str]:
+        return frozenset({"num_ctx"})
+
     @pydantic.model_validator(mode="before")
     @classmethod
     def _runner_options(cls, data: Any) -> Any:
@@ -566,5 +570,6 @@ register(
         capabilities=Capabilities(pulls_models=True),
         description="the Ollama daemon (ollama serve)",
         address="host",
+        resolve_address=resolve_host,
     )
 )

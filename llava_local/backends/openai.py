@@ -508,6 +508,7 @@ register(
         capabilities=Capabilities(reuses_turns=False, pulls_models=False),
         aliases=("openai_compatible",),
         address="base_url",
+        resolve_address=resolve_base_url,
         description="an OpenAI-compatible server (llamafile, llama-server, LM Studio, vLLM)",
     )
 )

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from ..apps.datasets import BUILT_IN, RESAMPLING, default_prompts, load_set
 from ..apps.eval import evaluate
-from ._common import engine_options, open_chat, run_safely
+from ._common import engine_options, json_option, open_chat, run_safely
 
 
 @click.command("eval")
@@ -49,7 +49,7 @@ from ._common import engine_options, open_chat, run_safely
 @click.option("--temperature", type=float, help="Sampling temperature (default 0: greedy).")
 @click.option("--max-tokens", type=int, help="Stop each answer after this many tokens (64).")
 @click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
-@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
+@json_option("Print the whole report as JSON.")
 def eval_command(
     *,
     dataset: str,
@@ -99,4 +99,4 @@ def eval_command(
         else:
             Console(highlight=False).print(report.render())
 
-    run_safely(body)
+    run_safely(body, as_json=as_json)

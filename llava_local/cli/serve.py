@@ -43,6 +43,13 @@ from ._common import engine_options, err_console, open_chat, run_safely
     "403, so that a web page cannot reach the server by DNS rebinding.",
 )
 @click.option(
+    "--parallel",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="Requests the llama.cpp engine answers at once, decoded together a token each "
+    "per step (default: as many as fit the memory, up to 4; 1 answers one at a time).",
+)
+@click.option(
     "--queue",
     type=click.IntRange(0, 10_000),
     default=8,
@@ -101,14 +108,15 @@ def serve(
     picture_urls: bool,
     picture_url_allow: tuple[str, ...],
     picture_url_timeout: float,
+    parallel: int | None,
     **engine: Any,
 ) -> None:
     """Serve the model over HTTP until Ctrl-C: OpenAI-compatible (/v1/chat/completions,
     /v1/models) and Ollama-compatible (/api/chat, /api/tags, /api/show, ...) routes.
 
-    One engine answers every request, one at a time; with llama.cpp (the default here)
-    a client that resends a conversation with a new question pays only for the
-    question. Without -m, the bundled demo model.
+    One engine answers every request; with llama.cpp (the default here) several at once
+    (--parallel), and a client that resends a conversation with a new question pays only
+    for the question. Without -m, the bundled demo model.
     """
     from ..apps import serve as server
 
@@ -128,16 +136,25 @@ def serve(
         picture_url_allow=picture_url_allow,
     )
 
+    chosen = "llama_cpp" if backend == "auto" else backend
+    if chosen == "llama_cpp":
+        engine["parallel"] = parallel or "auto"
+    elif parallel is not None:
+        raise click.UsageError("--parallel is for the llama.cpp engine (--backend llama_cpp)")
+    held = ""
+
     def ready(url: str) -> None:
         key = "  (API key required)" if api_key else ""
         err_console.print(
-            f"llava-local serve: {url}/v1 (OpenAI) and {url} (Ollama){key}; Ctrl-C stops it",
+            f"llava-local serve: {url}/v1 (OpenAI) and {url} (Ollama){key}{held}; Ctrl-C stops it",
             highlight=False,
         )
 
     def body() -> None:
+        nonlocal held
         server.check_installed()
-        chat = open_chat(backend="llama_cpp" if backend == "auto" else backend, **engine)
+        chat = open_chat(backend=chosen, **engine)
+        held = server.capacity(chat)
         try:
             server.serve(
                 chat,

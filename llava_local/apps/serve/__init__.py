@@ -41,6 +41,6 @@ from __future__ import annotations
 from .app import check_installed, create_app
 from .downloads import HostPort
 from .limits import MB, Limits
-from .server import serve
+from .server import capacity, serve
 
-__all__ = ["MB", "HostPort", "Limits", "check_installed", "create_app", "serve"]
+__all__ = ["MB", "HostPort", "Limits", "capacity", "check_installed", "create_app", "serve"]

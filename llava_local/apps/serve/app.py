@@ -69,7 +69,8 @@ def create_app(
     from starlette.exceptions import HTTPException
 
     chat.allow_text_only = True  # a text-only question is the client's choice
-    engine = Engine(chat, name or default_name(chat), limits or Limits())
+    parallel = max(1, int(getattr(chat.engine, "parallel", 1)))  # the engine's slots
+    engine = Engine(chat, name or default_name(chat), limits or Limits(), parallel=parallel)
     openai = OpenAIRoutes(engine)
     ollama = OllamaRoutes(engine, model_facts(chat))
 
@@ -135,7 +136,9 @@ class _Health:
             "status": "ok",
             "model": engine.name,
             "busy": engine.busy,
-            "waiting": max(0, engine.admitted - (1 if engine.busy else 0)),
+            "running": engine.running,
+            "parallel": engine.parallel,
+            "waiting": max(0, engine.admitted - engine.running),
             "served": engine.served,
             "cancelled": engine.cancelled,
             "downloading": engine.downloads.active,

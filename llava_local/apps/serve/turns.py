@@ -1,11 +1,13 @@
-"""The one shared engine, answering one turn at a time.
+"""The one shared engine, answering up to ``parallel`` turns at once.
 
-Every request is answered by :meth:`VisionChat.answer` on the ONE chat of the
-:class:`Engine`, so its prefix match reuses what the request before left in the KV
-cache. Before a request queues, its schema is checked and its picture URLs (if the
-server downloads any) are downloaded in the event loop, so a slow picture host holds
-neither a queue place nor a thread. An ``asyncio.Lock`` lets one turn at a time hold
-the model (first come, first served); beyond ``Limits.queue`` waiting requests the
+Every request is answered by :meth:`VisionChat.answer` on one of the :class:`Engine`'s
+chats, all on ONE engine, so its prefix match reuses what earlier requests left in the
+KV cache (the llama.cpp engine gives each turn the slot that shares most of it, and
+decodes the running turns together, a token each per step). Before a request queues,
+its schema is checked and its picture URLs (if the server downloads any) are
+downloaded in the event loop, so a slow picture host holds neither a queue place nor a
+thread. A semaphore lets ``parallel`` turns at a time
+hold the model (first come, first served); beyond ``Limits.queue`` waiting requests the
 answer is 503 with ``Retry-After`` at once. A turn runs in a worker thread of its own
 (:class:`~llava_local.AsyncReplyStream`) and its pieces are pulled one at a time, so a
 client that goes away (noticed while it waits, while the turn reads, or while it
@@ -39,14 +41,17 @@ if TYPE_CHECKING:
 
 @dataclass
 class Engine:
-    """The shared chat, its turn lock and its queue, and what it has done."""
+    """The shared engine's chats (one per turn it answers at once), its queue, and what
+    it has done."""
 
     chat: VisionChat
     name: str
     limits: Limits
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: Turns answered at once: the engine's own number (its slots), 1 for engines that
+    #: answer one at a time.
+    parallel: int = 1
     admitted: int = 0  # requests running or waiting for the model
-    busy: bool = False
+    running: int = 0
     stopping: bool = False  # the server is shutting down: no new turns
     served: int = 0
     cancelled: int = 0
@@ -56,13 +61,32 @@ class Engine:
 
     def __post_init__(self) -> None:
         self.downloads = Downloads(self.limits)
+        self.slots = asyncio.Semaphore(self.parallel)
+        chat = self.chat
+        #: The chats not answering now; each turn borrows one (they share the engine).
+        self.idle = [chat] + [
+            VisionChat(
+                chat.engine,
+                close_engine=False,
+                allow_text_only=chat.allow_text_only,
+                max_image_side=chat.max_image_side,
+                system=chat.system,
+                **chat.options.model_dump(exclude_none=True),
+            )
+            for _ in range(self.parallel - 1)
+        ]
+
+    @property
+    def busy(self) -> bool:
+        return self.running > 0
 
     def admit(self) -> None:
         self.refuse_if_stopping()
-        if self.admitted >= 1 + self.limits.queue:
+        if self.admitted >= self.parallel + self.limits.queue:
+            answers = "one answer is" if self.parallel == 1 else f"{self.parallel} answers are"
             raise ApiError(
                 503,
-                f"the server is busy: one answer is being written and {self.limits.queue} "
+                f"the server is busy: {answers} being written and {self.limits.queue} "
                 "requests wait for the model; try again shortly",
                 kind="server_error",
                 code="server_busy",
@@ -104,6 +128,7 @@ class Turn:
         self.engine = engine
         self.request = request
         self.stream: AsyncReplyStream | None = None
+        self.chat: VisionChat | None = None  # borrowed from the engine while it holds a slot
         self.finished = False
         self.error: ApiError | None = None  # one that came after the status was sent
         self._locked = False
@@ -134,15 +159,18 @@ class Turn:
     ) -> None:
         """Wait for the model, then open the turn (its first piece is not read yet)."""
         engine = self.engine
-        acquiring = asyncio.ensure_future(engine.lock.acquire())
+        acquiring = asyncio.ensure_future(engine.slots.acquire())
         try:
             await self._watched(acquiring)
         finally:
             self._locked = acquiring.done() and not acquiring.cancelled()
+            if self._locked:
+                self.chat = engine.idle.pop()
+                engine.running += 1
         engine.refuse_if_stopping()
-        engine.busy = True
+        assert self.chat is not None
         try:
-            stream = engine.chat.answer(messages, schema=schema, **options)
+            stream = self.chat.answer(messages, schema=schema, **options)
         except LlavaLocalError as exc:
             raise library_error(exc) from exc
         self.stream = AsyncReplyStream(stream)
@@ -193,8 +221,11 @@ class Turn:
             elif self.stream is not None:
                 engine.cancelled += 1
             if self._locked:
-                engine.busy = False
-                engine.lock.release()
+                assert self.chat is not None
+                engine.idle.append(self.chat)
+                self.chat = None
+                engine.running -= 1
+                engine.slots.release()
             if self._admitted:
                 engine.admitted -= 1
 
