@@ -8,8 +8,8 @@ same conversations in the same order, so both hold the same KV cache before ever
 Answers are greedy, or sampled with a seed, so they must be equal, and so must the
 token counts each protocol carries (prompt and completion tokens in both; the reused
 tokens in OpenAI's ``cached_tokens`` and ``timings``; Ollama's protocol has no field
-for them). No KV states are kept apart from the live one (``kv_cache_mb=0``), so the
-prefix reuse depends on the conversation order alone, never on the memory free.
+for them). One slot, and no KV states kept apart from the live one (``kv_cache_mb=0``),
+so the prefix reuse depends on the conversation order alone, never on the memory free.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from .serve_process import DIGIT, QUESTION, SHAPE, Server, start, stop
 pytestmark = pytest.mark.llama
 
 #: The settings the server and the in-process engine share.
-SETTINGS: dict[str, Any] = {"n_ctx": 1024, "n_threads": 2, "kv_cache_mb": 0}
+SETTINGS: dict[str, Any] = {"n_ctx": 1024, "n_threads": 2, "kv_cache_mb": 0, "parallel": 1}
 #: Greedy unless a test samples with a seed: llama.cpp draws its own seed otherwise.
 GREEDY: dict[str, Any] = {"temperature": 0}
 ENGINES = ("openai", "ollama")
@@ -50,7 +50,7 @@ class Digit(BaseModel):
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("round_trips") / "server.log"
     flags = ["--backend", "llama_cpp", "--n-ctx", "1024", "--threads", "2", "--kv-cache-mb", "0"]
-    running = start(log, *flags)
+    running = start(log, *flags, "--parallel", "1")
     yield running
     stop(running)
 
