@@ -23,13 +23,15 @@ from pydantic import ValidationError
 
 from . import images as _images
 from . import structured
-from .backends import Backend, Finish, Turn, create
+from .backends import Backend, Finish, Turn, create, registry
+from .backends.registry import EngineConfig
 from .control import STATUS_ANSWERING, STATUS_PREPARING, TurnControl
 from .errors import (
     BackendError,
     InvalidRequestError,
     LlavaLocalError,
     NoPictureWarning,
+    SchemaError,
     problems,
 )
 from .types import Message, Options, PreparedImage, Reply
@@ -207,7 +209,12 @@ class VisionChat:
         schema: structured.Schema | None = None,
         **options: Any,
     ) -> Reply:
-        """Ask about ``image`` (or the pictures already in the conversation) and wait."""
+        """Ask about ``image`` (or the pictures already in the conversation) and wait.
+
+        With ``schema``, ``reply.parsed`` is the answer checked against it, and an
+        answer that does not fit raises :class:`SchemaError`; an answer cut by
+        ``max_tokens`` before its JSON ended is not a misfit: ``reply.done_reason`` is
+        ``"length"``, ``reply.parsed`` None and ``reply.text`` the JSON as written."""
         request = self._request(
             prompt, image=image, images=images, schema=schema, options=options, stacklevel=3
         )
@@ -478,6 +485,9 @@ class VisionChat:
         The model is recorded by its catalogue name when it has one (the bundled demo,
         even given by its path, or a pulled entry), so the file also loads where the
         install or the cache lives elsewhere; any other model is recorded by its paths.
+        Of the engine's settings only those :meth:`load` uses again are recorded (what
+        fits the context, the prompt format, a server's address); never a key, a folder
+        or this machine's threads and memory.
         The in-process engine also writes its KV state beside it (``path`` + ``.kv``),
         so :meth:`load` goes on without reading the pictures and turns again.
         """
@@ -487,13 +497,7 @@ class VisionChat:
             settings = self._backend.config  # the demo or a pulled pair by name, not paths
             model = getattr(settings, "model", None)
             mmproj = getattr(settings, "mmproj", None)
-            engine = (
-                {}
-                if settings is None
-                else settings.model_dump(
-                    mode="json", exclude_defaults=True, exclude={"model", "mmproj"}
-                )
-            )
+            engine = {} if settings is None else _recorded_settings(settings)
             history, system = list(self._history), self.system
             target = persist.save(
                 Path(path),
@@ -532,21 +536,35 @@ class VisionChat:
                 stacklevel=3,
             )
 
-    def _load_engine_state(self, path: Path) -> None:
+    def _load_engine_state(self, path: Path, saved_backend: str, turns: int) -> None:
         """Restore the KV state saved beside the conversation at ``path``, if the engine
-        keeps one and it was made with this model, projector and settings."""
+        keeps one and it was made with this model, projector and settings, by this user;
+        else say that the next turn reads the conversation again."""
         from . import persist
 
         kv_path = persist.state_path(path)
         load_state = getattr(self._backend, "load_state", None)
-        if load_state is None or not kv_path.is_file():
-            return  # the JSON alone, or an engine that keeps nothing (Ollama): cold
+        if load_state is None:
+            return  # an engine that keeps nothing (Ollama, a server): nothing to miss
+        if not kv_path.is_file():
+            if turns and _engine_name(saved_backend) == self.backend:  # save wrote one
+                warnings.warn(
+                    persist.ColdResumeWarning(
+                        f"there is no KV state beside {path} ({kv_path.name} is missing: "
+                        "copied without it, or saved when the engine held none); the "
+                        "first follow-up reads the conversation's pictures and turns "
+                        "again, which on a CPU takes as long as their first reading"
+                    ),
+                    stacklevel=3,
+                )
+            return
         if not load_state(kv_path):
             warnings.warn(
                 persist.ColdResumeWarning(
                     f"the KV state saved with {path} ({kv_path.name}) was made with another "
-                    "model, projector or engine settings, or is damaged; the conversation "
-                    "is read again on the next turn"
+                    "model, projector or engine settings, is damaged, or was not written "
+                    "with this user's key (a copy from another user or machine); the "
+                    "conversation is read again on the next turn"
                 ),
                 stacklevel=3,
             )
@@ -561,10 +579,10 @@ class VisionChat:
         saved = persist.load(Path(path))
         with self._exclusive("restore a conversation"):
             with self._state:
-                self._history = saved.history()
+                self._history = _fitted(saved.history(), self.max_image_side)
                 self.system = saved.system
                 self.last_reply = None
-            self._load_engine_state(Path(path).expanduser())
+            self._load_engine_state(Path(path).expanduser(), saved.backend, len(saved.messages))
 
     @classmethod
     def load(
@@ -572,28 +590,45 @@ class VisionChat:
         path: str | os.PathLike[str],
         backend: str | None = None,
         model: str | None = None,
+        *,
+        use_saved_address: bool = False,
         **kwargs: Any,
     ) -> VisionChat:
         """A chat that continues a saved conversation, on the engine, model and projector
         it used unless told otherwise; the saved options apply unless overridden in
         ``kwargs``. The engine's KV state saved beside it is restored when it was made
-        with the same model, projector and settings (else a
+        with the same model, projector and settings, by this user (else a
         :class:`~llava_local.persist.ColdResumeWarning`
-        says the conversation will be read again)."""
+        says the conversation will be read again).
+
+        A saved file is data, not orders: it chooses the model and what fits its
+        context, never where the conversation and an API key are sent, nor keys,
+        timeouts, folders, threads or memory (give those in ``kwargs``). Its pictures
+        pass the checks any picture passes, and one larger than the engine takes is
+        shrunk. A server's
+        address comes from ``kwargs`` (``host=``, ``base_url=``), else the environment
+        or the engine's default; when the file names another, InvalidRequestError says
+        both and nothing is contacted. ``use_saved_address=True`` takes the file's
+        address: only for a file you trust, since its conversation and your key go there.
+        """
         from . import persist
 
-        saved = persist.load(Path(path))  # before any model is loaded
+        source = Path(path).expanduser()
+        saved = persist.load(source)  # before any model is loaded
         options = {**saved.options.model_dump(exclude_none=True), **kwargs}
         options.setdefault("system", saved.system)
-        if (backend or saved.backend) == saved.backend:  # its settings, unless overridden
-            for key, value in saved.engine.items():
-                options.setdefault(key, value)
+        if backend is None or _engine_name(backend) == _engine_name(saved.backend):
+            given = {k: v for k, v in kwargs.items() if v is not None}
+            settings = persist.engine_settings(
+                saved, source, given, use_saved_address=use_saved_address
+            )
+            options.update(settings)
             if saved.mmproj and model is None:
                 options.setdefault("mmproj", saved.mmproj)
         chat = cls(backend or saved.backend, model or saved.model, **options)
-        chat._history = saved.history()
+        chat._history = _fitted(saved.history(), chat.max_image_side)
         try:
-            chat._load_engine_state(Path(path).expanduser())
+            chat._load_engine_state(source, saved.backend, len(saved.messages))
         except BaseException:
             chat.close()
             raise
@@ -633,6 +668,37 @@ class VisionChat:
             f"VisionChat(backend={self.backend!r}, model={self.model!r}, "
             f"turns={len(self._history) // 2})"
         )
+
+
+def _engine_name(name: str) -> str | None:
+    """The registered engine a name or alias means (None: no such engine)."""
+    try:
+        return registry.get(name).name
+    except InvalidRequestError:
+        return None
+
+
+def _recorded_settings(settings: EngineConfig) -> dict[str, Any]:
+    """What :meth:`VisionChat.save` records of an engine's settings: those a load uses
+    again, and the address of a server (which a load only compares)."""
+    spec = registry.engine_of(settings)
+    keep = settings.conversation_names() | ({spec.address} if spec.address else set())
+    recorded = settings.model_dump(mode="json", exclude_defaults=True, include=set(keep))
+    return {k: v for k, v in recorded.items() if v is not None}
+
+
+def _fitted(history: list[Message], max_side: int) -> list[Message]:
+    """A loaded conversation's pictures as this chat would have prepared them: one larger
+    than its engine takes is shrunk, as any picture is, before an engine decodes it at
+    full size. A conversation saved by a chat like this one comes back unchanged."""
+    fitted = []
+    for message in history:
+        if any(max(image.width, image.height) > max_side for image in message.images):
+            images = tuple(_images.prepare(image, max_side=max_side) for image in message.images)
+            fitted.append(message.model_copy(update={"images": images}))
+        else:
+            fitted.append(message)
+    return fitted
 
 
 def _picture_list(images: Any) -> list[_images.ImageSource]:
@@ -797,7 +863,7 @@ class ReplyStream(Iterator[str]):
         stats = self._finish.stats
         stats.dropped_turns = self._dropped
         text = "".join(self._pieces)
-        parsed = structured.parse(text, self._schema) if self._schema is not None else None
+        parsed = self._parsed(text, self._finish.done_reason)
         reply = Reply(
             text=text,
             model=chat.model,
@@ -810,6 +876,20 @@ class ReplyStream(Iterator[str]):
             chat._keep_turn(self.message, reply)
         self._reply = reply
         self._end()
+
+    def _parsed(self, text: str, done_reason: str | None) -> Any:
+        """The answer checked against the schema. An answer cut by ``max_tokens``
+        (``done_reason == "length"``) is not a schema violation: when its JSON is
+        unfinished, ``parsed`` is None and the reply keeps the text as written, as
+        OpenAI's API answers ``finish_reason: "length"``."""
+        if self._schema is None:
+            return None
+        try:
+            return structured.parse(text, self._schema)
+        except SchemaError:
+            if done_reason == "length":
+                return None
+            raise
 
     def _end(self) -> None:
         """Stop the engine and let go of the chat; the turn is over (once)."""

@@ -76,11 +76,27 @@ class ModelLoadError(LlavaLocalError, RuntimeError):
 
 
 class ContextOverflowError(LlavaLocalError, ValueError):
-    """The conversation plus the new turn does not fit the model's context window."""
+    """The conversation plus the new turn does not fit the model's context window.
 
-    def __init__(self, message: str, *, needed: int, available: int) -> None:
+    ``needed``: positions the turn needs, room to answer included (0 when the engine
+    did not say); ``available``: the context window's; ``pictures``: how many of them
+    the pictures take; ``setting``: the engine setting that sizes the window
+    (``"n_ctx"``), or None when it is not ours to set (a server's own context).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        needed: int,
+        available: int,
+        pictures: int = 0,
+        setting: str | None = None,
+    ) -> None:
         self.needed = needed
         self.available = available
+        self.pictures = pictures
+        self.setting = setting
         super().__init__(message)
 
 

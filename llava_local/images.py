@@ -36,17 +36,19 @@ import io
 import math
 import os
 import re
+import struct
 import threading
 import time
 import urllib.parse
 import warnings
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 import httpx
 import numpy as np
-from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageMode, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from llava_local.errors import ImageError, InvalidRequestError
 from llava_local.lru import ByteLRU
@@ -54,6 +56,7 @@ from llava_local.types import PreparedImage
 
 __all__ = [
     "DEFAULT_CACHE",
+    "MAX_DECODED_BYTES",
     "MAX_FILE_BYTES",
     "MAX_PIXELS",
     "PICTURE_EXTENSIONS",
@@ -64,6 +67,7 @@ __all__ = [
     "fetch_url",
     "looks_like_picture_path",
     "prepare",
+    "read_source",
 ]
 
 ImageSource = (
@@ -82,6 +86,13 @@ ImageSource = (
 MAX_PIXELS = 100_000_000
 """Pictures declaring more pixels are refused unread. Pillow's own ``Image.MAX_IMAGE_PIXELS``
 (about 89 MP) applies too; the lower of the two wins."""
+
+MAX_DECODED_BYTES = 256 * 2**20
+"""Pictures whose pixels would take more than this once decoded are refused unread: pixels
+times the bytes a pixel of the file's mode takes (3 for RGB, 4 for 32-bit float grey, 2 for
+16-bit grey), after JPEG's reduced-scale decoding. A few hundred KB of compressed float
+TIFF can otherwise ask for gigabytes. 256 MiB lets through every 8-bit RGB picture under
+Pillow's pixel limit."""
 
 MAX_FILE_BYTES = 256 * 2**20
 """Files and file objects larger than this are refused instead of read into memory."""
@@ -221,6 +232,14 @@ def fetch_url(url: str, *, max_bytes: int = 20 * 2**20, timeout: float = 15.0) -
 
 
 # --- resolving the source into bytes -------------------------------------------------------
+
+
+def read_source(source: ImageSource) -> tuple[bytes, str]:
+    """The bytes of a path, http(s) URL, data URI, base64 text, bytes or binary file, and
+    a short description of it for messages: what :func:`prepare` reads before decoding.
+    For reading a picture before anything else happens (the command line reads ``ask``'s
+    before it chooses and loads an engine); PIL images and arrays are refused."""
+    return _read_source(source)
 
 
 def _read_source(source: object) -> tuple[bytes, str]:
@@ -487,13 +506,8 @@ def _decode(
 
     Returns the decoded image and its upright size before any draft reduction.
     """
-    with _translated(desc, _sniff(data)):
-        try:
-            img = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError as exc:
-            raise ImageError(desc, _not_a_picture(data)) from exc
+    img = _open_checked(data, desc)
     with _translated(desc, img.format):
-        _check_pixels(img, desc)
         frames = int(getattr(img, "n_frames", 1))
         if frames > 1:
             img.seek(0)
@@ -502,6 +516,7 @@ def _decode(
         if isinstance(img, JpegImagePlugin.JpegImageFile):
             _draft(img, max_side)
         drafted = img.size != declared
+        _check_decoded_bytes(img, desc)  # what load() will allocate, after the draft
         img.load()
         upright = _upright(img, changes)
         if not drafted:
@@ -510,6 +525,108 @@ def _decode(
         if _orientation(img) in (5, 6, 7, 8):
             width, height = height, width
         return upright, (width, height)
+
+
+def _open_checked(data: bytes, desc: str) -> Image.Image:
+    """Open ``data`` (its header only) and refuse it if its pixels are too many."""
+    with _translated(desc, _sniff(data)):
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError as exc:
+            raise ImageError(desc, _not_a_picture(data)) from exc
+    with _translated(desc, img.format):
+        _check_pixels(img, desc)
+    return img
+
+
+def check_encoded(data: bytes, desc: str, *, mime: str, width: int, height: int) -> None:
+    """Check picture bytes that were prepared elsewhere (a saved conversation) as any
+    picture is checked, before an engine decodes them: a PNG or JPEG as ``mime`` says,
+    of the stated size, within the pixel and decoded-size limits, that decodes whole,
+    and (PNG) whose compressed data does not inflate beyond its pixels: engines decode
+    these bytes with their own decoders, which trust the file more than Pillow does."""
+    with _pillow_guard():
+        img = _open_checked(data, desc)
+        with _translated(desc, img.format):
+            found = {"PNG": "image/png", "JPEG": "image/jpeg"}.get(str(img.format))
+            if found != mime:
+                raise ImageError(desc, f"it is {img.format or 'not a picture'}, not {mime}")
+            if img.size != (width, height):
+                raise ImageError(
+                    desc, f"it is {img.width}x{img.height} pixels, not the {width}x{height} stated"
+                )
+            _check_decoded_bytes(img, desc)
+            if found == "image/png":
+                _check_png_stream(data, desc)
+            img.load()
+
+
+def _decoded_bytes(img: Image.Image) -> int:
+    """What the picture's pixels take in memory once decoded, in its own mode."""
+    try:
+        mode = ImageMode.getmode(img.mode)
+        per_pixel = len(mode.bands) * np.dtype(mode.typestr).itemsize
+    except (KeyError, TypeError):
+        per_pixel = 4  # a mode Pillow does not describe: count it as the widest common one
+    return img.width * img.height * per_pixel
+
+
+_MODE_WORDS = {
+    "1": "1-bit",
+    "L": "8-bit grey",
+    "I;16": "16-bit grey",
+    "I": "32-bit grey",
+    "F": "32-bit floating-point grey",
+    "RGB": "RGB",
+    "RGBA": "RGBA",
+    "CMYK": "CMYK",
+}
+
+
+def _check_decoded_bytes(img: Image.Image, desc: str) -> None:
+    size = _decoded_bytes(img)
+    if size <= MAX_DECODED_BYTES:
+        return
+    words = _MODE_WORDS.get("I;16" if img.mode.startswith("I;16") else img.mode, img.mode)
+    side = math.floor(max(img.size) * math.sqrt(MAX_DECODED_BYTES / size))
+    raise ImageError(
+        desc,
+        f"decompression bomb: {img.width}x{img.height} pixels of {words} would take "
+        f"{size / 2**20:.0f} MiB once decoded, more than the limit of "
+        f"{MAX_DECODED_BYTES / 2**20:.0f} MiB; shrink the picture (to at most {side} "
+        "pixels on its longest side) or save it as 8-bit RGB first",
+    )
+
+
+#: Samples per pixel of each PNG colour type (grey, RGB, palette, grey+alpha, RGBA).
+_PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+
+
+def _check_png_stream(data: bytes, desc: str) -> None:
+    """Refuse a PNG whose compressed pixel data inflates to more than its header's size
+    needs: Pillow stops there, but other decoders (stb_image, in llama.cpp) inflate all
+    of it first."""
+    width, height, depth, colour, _, _, interlaced = struct.unpack(">IIBBBBB", data[16:29])
+    row = 1 + math.ceil(width * _PNG_SAMPLES.get(colour, 4) * depth / 8)
+    limit = height * row + (16 * height + 64 if interlaced else 0)
+    inflater = zlib.decompressobj()
+    out, pos = 0, 8
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        if kind == b"IDAT":
+            try:
+                out += len(inflater.decompress(data[pos + 8 : pos + 8 + length], limit + 1 - out))
+            except zlib.error as exc:
+                raise ImageError(desc, f"truncated or corrupt PNG: {exc}") from exc
+            if out > limit or inflater.unconsumed_tail:
+                raise ImageError(
+                    desc,
+                    f"decompression bomb: its compressed data inflates beyond its "
+                    f"{width}x{height} pixels",
+                )
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
 
 
 @contextlib.contextmanager
@@ -521,7 +638,9 @@ def _translated(desc: str, fmt: str | None) -> Iterator[None]:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         text = str(exc).split(", could be")[0]
-        raise ImageError(desc, f"decompression bomb: {text[:1].lower()}{text[1:]}") from exc
+        raise ImageError(
+            desc, f"decompression bomb: {text[:1].lower()}{text[1:]}; shrink the picture first"
+        ) from exc
     except MemoryError as exc:
         raise ImageError(desc, "not enough memory to decode it") from exc
     except Exception as exc:
@@ -534,7 +653,7 @@ def _check_pixels(img: Image.Image, desc: str) -> None:
         raise ImageError(
             desc,
             f"decompression bomb: {img.width}x{img.height} pixels is more than "
-            f"the limit of {limit}",
+            f"the limit of {limit}; shrink the picture first",
         )
 
 
@@ -584,27 +703,51 @@ def _to_rgb(img: Image.Image, changes: list[str]) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+#: Rows of a deep grey picture converted at a time: the conversion works in float64,
+#: so a whole 60 MP float picture at once would take gigabytes; strips keep that small.
+_STRIP_PIXELS = 1 << 20
+
+
+def _strips(img: Image.Image) -> Iterator[tuple[int, np.ndarray[Any, Any]]]:
+    """The picture's pixels as arrays of whole rows, about a million pixels each."""
+    rows = max(1, _STRIP_PIXELS // max(1, img.width))
+    for top in range(0, img.height, rows):
+        box = (0, top, img.width, min(img.height, top + rows))
+        yield top, np.asarray(img.crop(box))
+
+
 def _to_8bit(img: Image.Image, changes: list[str]) -> Image.Image:
-    """Scale 16-bit, 32-bit and float greys to 8 bits (``convert("L")`` would clip them)."""
+    """Scale 16-bit, 32-bit and float greys to 8 bits (``convert("L")`` would clip them),
+    a strip of rows at a time: beside the picture only its 8-bit copy is held whole."""
+    out = np.empty((img.height, img.width), dtype=np.uint8)
     if img.mode.startswith("I;16"):
         changes.append("scaled 16-bit grey to 8-bit")
-        return Image.fromarray((np.asarray(img) >> 8).astype(np.uint8))
-    with np.errstate(all="ignore"):  # NaNs (even signalling ones) are replaced below
-        values = np.asarray(img).astype(np.float64)
-    finite = np.isfinite(values)
-    low, high = (
-        (float(values[finite].min()), float(values[finite].max())) if finite.any() else (0, 0)
-    )
-    values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
-    if img.mode == "F" and low >= 0 and high <= 1:
-        values = values * 255
-    elif img.mode == "I" and low >= 0 and 255 < high <= 65535:
-        values = values / 257  # 16-bit data, as some decoders deliver it
-    elif low < 0 or high > 255:
-        values = (values - low) * (255 / ((high - low) or 1.0))
+        for top, strip in _strips(img):
+            out[top : top + strip.shape[0]] = strip >> 8
+        return Image.fromarray(out)
+    low, high = math.inf, -math.inf
+    for _, strip in _strips(img):
+        with np.errstate(all="ignore"):  # NaNs (even signalling ones) are replaced below
+            values = strip.astype(np.float64)
+        finite = values[np.isfinite(values)]
+        if finite.size:
+            low, high = min(low, float(finite.min())), max(high, float(finite.max()))
+    if low > high:  # no finite value at all
+        low = high = 0.0
+    for top, strip in _strips(img):
+        with np.errstate(all="ignore"):
+            values = strip.astype(np.float64)
+        values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
+        if img.mode == "F" and low >= 0 and high <= 1:
+            values = values * 255
+        elif img.mode == "I" and low >= 0 and 255 < high <= 65535:
+            values = values / 257  # 16-bit data, as some decoders deliver it
+        elif low < 0 or high > 255:
+            values = (values - low) * (255 / ((high - low) or 1.0))
+        out[top : top + strip.shape[0]] = np.rint(values).clip(0, 255).astype(np.uint8)
     kind = "floating-point" if img.mode == "F" else "32-bit"
     changes.append(f"scaled {kind} grey to 8-bit")
-    return Image.fromarray(np.rint(values).clip(0, 255).astype(np.uint8))
+    return Image.fromarray(out)
 
 
 def _onto_white(img: Image.Image, changes: list[str]) -> Image.Image:

@@ -26,8 +26,15 @@ the hash and the details that differ, so a reload is identical.
 Beside the JSON, the in-process engine also writes its KV state (:func:`state_path`,
 ``talk.json.kv``), so a loaded conversation goes on without reading its pictures and
 turns again. That file is an optimisation, not part of the conversation: the JSON alone
-loads (cold), and a state made for another model, projector or settings is never used
-(:class:`ColdResumeWarning` says so).
+loads (cold), and a state made for another model, projector or settings, or not written
+with this user's key, is never used (:class:`ColdResumeWarning` says so).
+
+A saved file is data, not orders: it may come from anyone. Its pictures pass the checks
+any picture passes (:func:`llava_local.images.check_encoded`) before an engine decodes
+them, and of its engine settings only what decides which model answers and what fits
+its context is used again (:func:`engine_settings`): never where the conversation and
+an API key are sent unless the caller confirms it, and never keys, timeouts, folders,
+memory or threads.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ import json
 import os
 import stat
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -56,7 +63,15 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ConversationFileError, InvalidRequestError, LlavaLocalError, OutputFileError
+from . import images
+from .backends import registry
+from .errors import (
+    ConversationFileError,
+    ImageError,
+    InvalidRequestError,
+    LlavaLocalError,
+    OutputFileError,
+)
 from .types import Message, Options, PreparedImage, Role
 
 FORMAT: Final = "llava-local.conversation"
@@ -68,8 +83,9 @@ _HEX = frozenset("0123456789abcdef")
 
 class ColdResumeWarning(LlavaLocalError, UserWarning):
     """A saved conversation's KV state could not be used (another model, projector or
-    settings; a damaged file) or written: the conversation is read again on its next
-    turn, which on a CPU takes as long as its first reading did."""
+    settings; a damaged file; one not written with this user's key) or written: the
+    conversation is read again on its next turn, which on a CPU takes as long as its
+    first reading did."""
 
 
 def state_path(path: str | os.PathLike[str]) -> Path:
@@ -178,6 +194,7 @@ class SavedConversation(BaseModel):
                     f"picture {key[:12]}… ({picture.source}) does not match its sha256: "
                     "its data was changed or damaged"
                 )
+
         for i, message in enumerate(self.messages):
             for ref in message.images:
                 key = ref if isinstance(ref, str) else ref.sha256
@@ -296,15 +313,41 @@ def save(
     try:
         if target.is_dir():
             raise IsADirectoryError(errno.EISDIR, "it is a folder", str(target))
-        target.parent.mkdir(parents=True, exist_ok=True)
+        _make_folder(target.parent)
+    except OSError as exc:
+        raise OutputFileError(
+            f"cannot save the conversation to {target}: {exc.strerror or exc}; choose a "
+            "file path you can write to"
+        ) from exc
+    try:
         _atomic_write(target, raw)
     except OSError as exc:
-        reason = exc.strerror or str(exc)
         raise OutputFileError(
-            f"cannot save the conversation to {target}: {reason}; choose a file path "
-            "you can write to (missing folders are created)"
+            f"cannot save the conversation to {target}: cannot write a file in "
+            f"{target.parent} ({exc.strerror or exc}); choose a file path you can write to"
         ) from exc
     return target
+
+
+def _make_folder(folder: Path) -> None:
+    """Create ``folder`` and its missing parents, or raise an OSError whose ``strerror``
+    says which part of the path is in the way and why (the bare "No such file or
+    directory" of a folder that cannot be made, under /proc for one, reads as if
+    missing folders were not created)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        missing = folder
+        while not missing.parent.exists() and missing.parent != missing:
+            missing = missing.parent
+        parent = missing.parent
+        if parent.exists() and not parent.is_dir():
+            why = f"{parent} is not a folder"
+        elif missing.exists() and not missing.is_dir():
+            why = f"{missing} is not a folder"
+        else:
+            why = f"{missing} does not exist and cannot be created ({exc.strerror or exc})"
+        raise OSError(exc.errno, why, str(folder)) from exc
 
 
 def _atomic_write(target: Path, data: bytes) -> None:
@@ -369,7 +412,7 @@ def load(path: str | os.PathLike[str]) -> SavedConversation:
     if isinstance(version, int) and version > VERSION:
         raise _error(source, _newer(version))
     try:
-        return SavedConversation.model_validate(document)
+        saved = SavedConversation.model_validate(document)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'file'}: {e['msg'].removeprefix('Value error, ')}"
@@ -379,6 +422,69 @@ def load(path: str | os.PathLike[str]) -> SavedConversation:
         if more > 0:
             problems += f"; and {more} more"
         raise _error(source, problems) from exc
+    for key, picture in saved.pictures.items():
+        try:  # as any picture is checked, before an engine's own decoder sees its bytes
+            images.check_encoded(
+                picture.data,
+                f"{key[:12]}… ({picture.source[:80]})",
+                mime=picture.mime,
+                width=picture.width,
+                height=picture.height,
+            )
+        except ImageError as exc:
+            raise _error(source, str(exc)) from exc
+    return saved
+
+
+def engine_settings(
+    saved: SavedConversation,
+    path: Path,
+    given: Mapping[str, Any],
+    *,
+    use_saved_address: bool = False,
+) -> dict[str, Any]:
+    """The engine settings a conversation loaded from ``path`` takes from its file, for
+    its own engine: what decides which model answers and what fits its context (the
+    engine config's :meth:`~llava_local.backends.registry.EngineConfig.conversation_names`).
+
+    A remote engine's address is the caller's: ``given`` (``host=``, ``base_url=``),
+    else the environment or the engine's default. The file's address is used only when
+    it is that same address or ``use_saved_address`` confirms it; when it names another,
+    InvalidRequestError says both, before anything is contacted.
+    """
+    try:
+        spec = registry.get(saved.backend)
+    except InvalidRequestError:
+        return {}  # not an engine this install knows: nothing of its settings applies
+    allowed = spec.config.conversation_names()
+    settings = {k: v for k, v in saved.engine.items() if k in allowed and k not in given}
+    address = spec.address
+    if address is None or address in given or not isinstance(saved.engine.get(address), str):
+        return settings
+    saved_address = str(saved.engine[address])
+    if use_saved_address:
+        return {**settings, address: saved_address}
+    wanted, used = _address(spec, saved_address), _address(spec, None)
+    if wanted is not None and wanted == used:
+        return settings
+    where = f"at {used}" if used else "with no address (none is given or set in the environment)"
+    raise InvalidRequestError(
+        f"{path} was saved with the {spec.name} engine at {saved_address}, and loading it "
+        f"now would open the {spec.name} engine {where}. A saved file never chooses where "
+        f"a conversation (and an API key) is sent: pass {address}={saved_address!r} to "
+        f"continue there, or {address}= another server; use_saved_address=True takes the "
+        "file's address only if you trust the file"
+    )
+
+
+def _address(spec: registry.EngineSpec, value: str | None) -> str | None:
+    """The address ``value`` means for engine ``spec`` (None: none or not an address)."""
+    if spec.resolve_address is None:
+        return value
+    try:
+        return spec.resolve_address(value)
+    except InvalidRequestError:
+        return None
 
 
 def _error(path: Path, reason: str) -> ConversationFileError:

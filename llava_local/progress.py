@@ -33,6 +33,8 @@ from rich.progress import (
 from rich.table import Column
 from rich.text import Text
 
+from .wording import plural
+
 __all__ = ["DownloadProgress", "RunProgress"]
 
 _P = TypeVar("_P", bound="RunProgress")
@@ -151,7 +153,7 @@ class RunProgress:
         return None if rate is None else left / rate
 
     def count_text(self) -> str:
-        return f"{self.completed}/{self.total} {self.unit}s"
+        return f"{self.completed}/{self.total} {plural(self.total, self.unit)}"
 
     def rate_text(self) -> str:
         rate = self.rate

@@ -5,7 +5,9 @@ Three steps, for every engine:
 - :func:`json_schema`, before the turn: the schema is checked against the JSON Schema
   metaschema (draft 2020-12 unless its ``$schema`` names another), so a misspelt type
   or a malformed keyword is an :class:`InvalidRequestError` naming the key, not an
-  engine failure half-way through a turn.
+  engine failure half-way through a turn. Its cost is bounded first (nesting, size,
+  and the repetition counts a grammar spells out one by one: :data:`MAX_REPEAT`), since
+  a schema may come from anyone who can reach ``llava-local serve``.
 - :func:`grammar_schema`, for llama.cpp: the same schema rewritten so that its grammar
   carries what llama.cpp's converter would drop. An integer range of up to
   :data:`MAX_ENUM_RANGE` values becomes an ``enum`` of those integers; a ``type`` list
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 import jsonschema  # type: ignore[import-untyped]  # no type information shipped
@@ -36,6 +39,30 @@ Schema = type[BaseModel] | dict[str, Any]
 #: alternative per value; wider ranges are left to the check of the answer.
 MAX_ENUM_RANGE = 256
 
+#: How deeply a schema may nest (dicts and lists), how large it may be as JSON text, how
+#: large one repetition count may be (``minItems``, ``maxLength``, ``{m,n}`` in a
+#: ``pattern``...) and what all its counts may add up to. llama.cpp's grammar writes out
+#: every repeated item: ``minItems: 10**7`` cost 4 s and 1 GiB before the first token,
+#: and a ``maxLength`` of 20000 crashed the process in llama.cpp's grammar parser.
+MAX_SCHEMA_DEPTH = 32
+MAX_SCHEMA_BYTES = 128 * 1024
+MAX_REPEAT = 4096
+MAX_TOTAL_REPEAT = 16384
+
+_COUNTS = frozenset(
+    {
+        "minItems",
+        "maxItems",
+        "minLength",
+        "maxLength",
+        "minProperties",
+        "maxProperties",
+        "minContains",
+        "maxContains",
+    }
+)
+_QUANTIFIER = re.compile(r"\{(\d+)(?:,(\d*))?\}")
+
 # Keywords whose value is one subschema, a list of them, or a name -> subschema map.
 _ONE = ("items", "additionalProperties", "not", "contains", "if", "then", "else")
 _LIST = ("anyOf", "oneOf", "allOf", "prefixItems")
@@ -46,13 +73,18 @@ def json_schema(schema: Schema) -> dict[str, Any]:
     """The JSON schema the engine must follow (Ollama ``format``, llama.cpp grammar).
 
     A dict is checked first: an invalid schema raises :class:`InvalidRequestError`
-    naming the bad key, before anything is sent to an engine.
+    naming the bad key, before anything is sent to an engine. Either kind is refused,
+    with the limit named, when it nests deeper than :data:`MAX_SCHEMA_DEPTH`, is larger
+    than :data:`MAX_SCHEMA_BYTES` as JSON, or asks for more repetitions than
+    :data:`MAX_REPEAT` in one keyword or :data:`MAX_TOTAL_REPEAT` in all.
     """
     if isinstance(schema, dict):
         _check(schema)
         return schema
     if isinstance(schema, type) and issubclass(schema, BaseModel):
-        return schema.model_json_schema()
+        generated = schema.model_json_schema()
+        _check_cost(generated)
+        return generated
     raise InvalidRequestError(
         f"schema must be a pydantic model class or a JSON schema dict, not {type(schema).__name__}"
     )
@@ -101,13 +133,7 @@ def grammar_schema(schema: dict[str, Any], *, patterns: bool = True) -> dict[str
 
 
 def _check(schema: dict[str, Any]) -> None:
-    try:
-        json.dumps(schema, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise InvalidRequestError(
-            f"the schema is not JSON ({exc}); use only dicts, lists, strings, numbers, "
-            "booleans and None in it"
-        ) from exc
+    _check_cost(schema)
     validator = _validator(schema)
     error = best_match(validator(validator.META_SCHEMA).iter_errors(schema))
     if error is not None:
@@ -117,6 +143,71 @@ def _check(schema: dict[str, Any]) -> None:
             f"{_draft(validator)})"
         )
     _check_refs(schema, schema, [])
+
+
+def _check_cost(schema: dict[str, Any]) -> None:
+    """Refuse a schema whose grammar (or validation) would cost too much, before any
+    of it is built: nesting first (deep data would overflow the recursion of what
+    comes after), then its size as JSON text, then its repetition counts."""
+    try:
+        text = json.dumps(schema, allow_nan=False)
+    except RecursionError:
+        raise _too_deep([]) from None
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequestError(
+            f"the schema is not JSON ({exc}); use only dicts, lists, strings, numbers, "
+            "booleans and None in it"
+        ) from exc
+    if len(text) > MAX_SCHEMA_BYTES:
+        raise InvalidRequestError(
+            f"the schema is {len(text)} bytes as JSON, more than this library's limit of "
+            f"{MAX_SCHEMA_BYTES} (structured.MAX_SCHEMA_BYTES); send a smaller schema"
+        )
+    total = 0.0
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(schema, ())]
+    while stack:
+        node, path = stack.pop()
+        if len(path) >= MAX_SCHEMA_DEPTH:
+            raise _too_deep(list(path))
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            if isinstance(value, dict | list):
+                stack.append((value, (*path, key)))
+                continue
+            count = _repeats(key, value) if isinstance(node, dict) else 0
+            if count > MAX_REPEAT:
+                raise InvalidRequestError(
+                    f"the schema's {_where([*path, key])} asks for {count:.12g} repetitions, "
+                    f"more than this library's limit of {MAX_REPEAT} "
+                    "(structured.MAX_REPEAT): llama.cpp's grammar spells out each one; "
+                    "ask for fewer, or leave the bound out and check the answer yourself"
+                )
+            total += count
+    if total > MAX_TOTAL_REPEAT:
+        raise InvalidRequestError(
+            f"the schema's repetition counts (minItems, maxLength, ..., and {{m,n}} in "
+            f"patterns) add up to {total:.12g}, more than this library's limit of "
+            f"{MAX_TOTAL_REPEAT} (structured.MAX_TOTAL_REPEAT); ask for fewer"
+        )
+
+
+def _repeats(key: Any, value: Any) -> float:
+    """How many repetitions ``key: value`` makes a grammar spell out."""
+    if key in _COUNTS and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if key == "pattern" and isinstance(value, str):
+        bounds = (int(n) for match in _QUANTIFIER.finditer(value) for n in match.groups() if n)
+        return float(max(bounds, default=0))
+    return 0.0
+
+
+def _too_deep(path: list[str | int]) -> InvalidRequestError:
+    where = f" (at {_where(path)})" if path else ""
+    return InvalidRequestError(
+        f"the schema nests deeper than this library's limit of {MAX_SCHEMA_DEPTH} levels"
+        f"{where} (structured.MAX_SCHEMA_DEPTH); flatten it, or name repeated parts once "
+        "in '$defs' and point at them with '$ref'"
+    )
 
 
 def _validator(schema: dict[str, Any]) -> Any:

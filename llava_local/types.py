@@ -115,6 +115,8 @@ class Reply(BaseModel):
     backend: str
     done_reason: DoneReason | None = None
     stats: Stats = Field(default_factory=Stats)
+    #: With a schema: the answer checked against it; None when it was cut by
+    #: ``max_tokens`` (``done_reason == "length"``) before its JSON ended.
     parsed: Any = None
 
     def __str__(self) -> str:

@@ -62,15 +62,15 @@ def main() -> None:
             status=None if stream is None else stream.status,
             history=len(chat.history),
             pieces=pieces,
-            clip_nodes=engine._clip_nodes,
-            n_tokens=engine._llama.n_tokens,
+            clip_nodes=engine.pictures.clip_nodes,
+            n_tokens=max(len(keys) for keys in engine.slot_keys()),
             prompt_tokens=None if needed is None else needed - 1,
             cached_pictures=len(engine.embeddings),
         )
     # The same engine answers a whole turn afterwards, as a fresh engine would.
     chat.reset()
     warm = chat.ask("What is this?", image=picture(99), max_tokens=6, **GREEDY)
-    full_nodes = engine._clip_nodes
+    full_nodes = engine.pictures.clip_nodes
     chat.close()
     with VisionChat.llama_cpp(lm, mmproj=mmproj) as fresh:
         cold = fresh.ask("What is this?", image=picture(99), max_tokens=6, **GREEDY)

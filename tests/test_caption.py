@@ -171,8 +171,10 @@ def test_llama_cpp_writes_one_line_per_picture_and_records_bad_ones(
         "done": 3,
         "skipped": 0,
         "failed": 3,
+        "copied": 0,
         "retried": 0,
         "skipped_errors": 0,
+        "skipped_error_pictures": 0,
         "elapsed_s": summary.elapsed_s,
         "repaired_bytes": 0,
     }
@@ -251,33 +253,48 @@ def test_each_picture_is_its_own_conversation(
     assert record["stats"]["completion_tokens"] == 6
 
 
-def test_resume_skips_done_pictures_renamed_copies_too(
+def test_resume_asks_only_new_content_and_renamed_copies_get_the_line_of_their_picture(
     ollama_server: OllamaServer, ollama_chat: VisionChat, folder: Path, tmp_path: Path
 ) -> None:
-    """A second run asks only about new content; renamed and copied pictures are skipped,
-    and so are broken ones, which already have their error line."""
+    """A second run asks only about new content; a renamed or copied picture is not asked
+    again but gets its own line, a copy of its picture's (copy_of), and broken files are
+    skipped, as they already have their error line."""
     out = tmp_path / "out.jsonl"
     caption(ollama_chat, folder, out, prompt="Caption.", progress=False)
     asked = len(chat_bodies(ollama_server))
+    first = {Path(r["path"]).name: r for r in lines(out)}
     (folder / "a.png").rename(folder / "renamed.png")
     shutil.copy(folder / "c.jpg", folder / "copy.jpg")
     (folder / "new.png").write_bytes(png_bytes(seed=77))
     summary = caption(ollama_chat, folder, out, prompt="Caption.", progress=False)
-    assert (summary.found, summary.done, summary.skipped, summary.failed) == (8, 1, 7, 0)
-    assert summary.skipped_errors == 3
+    assert (summary.found, summary.done, summary.skipped, summary.failed) == (8, 3, 5, 0)
+    assert (summary.copied, summary.skipped_errors) == (2, 3)
     assert len(chat_bodies(ollama_server)) == asked + 1
     second_run = lines(out)[6:]
-    assert names(second_run) == ["new.png"]
+    assert names(second_run) == ["copy.jpg", "new.png", "renamed.png"]
+    copies = {Path(r["path"]).name: r for r in second_run if "copy_of" in r}
+    assert copies["renamed.png"]["copy_of"] == str(folder / "a.png")
+    assert copies["renamed.png"]["text"] == first["a.png"]["text"]
+    assert copies["copy.jpg"]["copy_of"] == str(folder / "c.jpg")
+    assert copies["copy.jpg"]["text"] == first["c.jpg"]["text"]
+    assert copies["copy.jpg"]["elapsed_s"] == 0.0
+    assert "copied from the same picture under another name" in str(summary)
 
 
-def test_duplicates_in_one_run_are_asked_about_once(
+def test_copies_in_one_run_are_asked_about_once_and_each_gets_its_line(
     ollama_server: OllamaServer, ollama_chat: VisionChat, good_folder: Path, tmp_path: Path
 ) -> None:
-    """Two files with the same bytes in one run: the second is skipped."""
+    """Two files with the same bytes in one run: the model answers the first, the second
+    gets a copy of that line under its own path."""
     shutil.copy(good_folder / "p0.png", good_folder / "p9.png")
-    summary = caption(ollama_chat, good_folder, tmp_path / "o.jsonl", prompt="C.", progress=False)
-    assert (summary.done, summary.skipped) == (5, 1)
+    out = tmp_path / "o.jsonl"
+    summary = caption(ollama_chat, good_folder, out, prompt="C.", progress=False)
+    assert (summary.found, summary.done, summary.skipped, summary.copied) == (6, 6, 0, 1)
     assert len(chat_bodies(ollama_server)) == 5
+    by_name = {Path(r["path"]).name: r for r in read_captions(out)}
+    assert sorted(by_name) == ["p0.png", "p1.png", "p2.png", "p3.png", "p4.png", "p9.png"]
+    assert by_name["p9.png"]["text"] == by_name["p0.png"]["text"]
+    assert by_name["p9.png"]["copy_of"] == str(good_folder / "p0.png")
 
 
 def test_an_engine_error_on_one_picture_is_recorded_and_the_run_goes_on(
@@ -699,6 +716,42 @@ def test_cli_captions_a_folder_and_prints_the_summary(
     )
     assert "3 pictures kept the error of an earlier run; --retry-errors" in again.stderr
     assert len(lines(out)) == 7
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_cli_identical_pictures_under_two_names_each_get_their_line(tmp_path: Path) -> None:
+    """Two byte-identical copies of examples/digit.png and the shape, captioned into a
+    fresh --out with the demo model: three lines, the copy's the first's answer under
+    its own path; the summary counts three captioned, one of them copied; a rerun has
+    them all, and a third copy added later gets its line from the file."""
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    for name in ("a.png", "b.png"):
+        shutil.copy(EXAMPLES / "digit.png", pics / name)
+    shutil.copy(EXAMPLES / "shape.png", pics / "s.png")
+    out = tmp_path / "fresh.jsonl"
+    args = [str(pics), "-p", "What is it?", "-o", str(out), "--backend", "llama_cpp"]
+    args += ["--temperature", "0", "--no-progress"]
+    first = CliRunner().invoke(caption_command, args)
+    assert first.exit_code == 0, first.output
+    assert first.stdout.startswith("3 captioned, 0 already recorded, 0 failed of 3 pictures")
+    assert first.stdout.rstrip().endswith("; 1 copied from the same picture under another name")
+    by_name = {Path(r["path"]).name: r for r in lines(out)}
+    assert sorted(by_name) == ["a.png", "b.png", "s.png"]
+    assert by_name["b.png"]["text"] == by_name["a.png"]["text"] == "This digit is 7."
+    assert by_name["b.png"]["copy_of"] == str(pics / "a.png")
+    assert "copy_of" not in by_name["a.png"]
+    again = CliRunner().invoke(caption_command, args)
+    assert again.stdout.startswith("0 captioned, 3 already recorded, 0 failed of 3 pictures")
+    shutil.copy(EXAMPLES / "digit.png", pics / "c.png")
+    third = CliRunner().invoke(caption_command, [*args, "--json"])
+    summary = CaptionSummary.model_validate_json(third.stdout)
+    assert (summary.found, summary.done, summary.skipped, summary.copied) == (4, 1, 3, 1)
+    newest = lines(out)[-1]
+    assert (Path(newest["path"]).name, newest["copy_of"]) == ("c.png", str(pics / "a.png"))
+    assert newest["text"] == "This digit is 7."
 
 
 def test_cli_retry_errors_asks_about_failed_pictures_again(

@@ -260,3 +260,26 @@ def test_ctrl_c_in_a_real_process_then_resume_gives_each_pair_once(
     assert pairs(lines(out)) == Counter(
         (f"p{i}.png", prompt) for i in range(3) for prompt in ("A?", "B?", "C?")
     )
+
+
+def test_cli_resume_counts_pictures_and_their_error_lines_apart(tmp_path: Path) -> None:
+    """One broken picture asked three prompts, then captioned again: the note on stderr
+    says one picture (singular) kept the error of an earlier run, in three error lines,
+    and the summary counts answers as pictures x prompts."""
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    (pics / "broken.png").write_bytes(b"<html>gone</html>")
+    out = tmp_path / "out.jsonl"
+    args = [str(pics), "-p", "A?", "-p", "B?", "-p", "C?", "-o", str(out), "--no-progress"]
+    args += ["--backend", "llama_cpp"]
+    first = CliRunner().invoke(caption_command, args)
+    assert first.exit_code == 0, first.output
+    assert "0 captioned, 0 already recorded, 3 failed of 3 answers (1 picture x 3 prompts)" in (
+        first.stdout
+    )
+    again = CliRunner().invoke(caption_command, args)
+    assert again.exit_code == 0, again.output
+    assert again.stderr == (
+        "1 picture kept the error of an earlier run (3 error lines); "
+        "--retry-errors asks about it again\n"
+    )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Literal
 
 import pytest
 import ray
@@ -22,7 +24,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from llava_local import InvalidRequestError, VisionChat
-from llava_local.apps.caption import caption, read_captions
+from llava_local.apps.caption import CaptionSummary, caption, read_captions
 from llava_local.apps.caption_ray import MAX_WORKER_DEATHS, caption_ray, local_cpus_needed
 from llava_local.apps.datasets import DIGIT_PROMPT, load_set
 from llava_local.cli.caption import caption as caption_command
@@ -285,6 +287,86 @@ def test_parquet_output_resumes_and_a_full_cluster_is_refused(
     assert sorted(Counter(r["path"] for r in pq.read_table(out).to_pylist()).values()) == [1] * 43
     with pytest.raises(InvalidRequestError, match="need 4 CPUs"):
         caption_ray(DEMO, folder, tmp_path / "x.jsonl", prompt="x", workers=3, progress=False)
+
+
+@pytest.mark.parametrize("output_format", ["jsonl", "parquet"])
+def test_identical_pictures_under_two_names_each_get_their_line_on_ray(
+    ray_instance: str, output_format: Literal["jsonl", "parquet"], tmp_path: Path
+) -> None:
+    """On Ray too, two byte-identical files each get their line with the same answer,
+    and a copy added before a rerun gets the line of its picture from the output
+    (copy_of), read back from the JSON Lines file or the Parquet part file."""
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    for name in ("a.png", "b.png"):
+        shutil.copy(ROOT / "examples" / "digit.png", pics / name)
+    shutil.copy(ROOT / "examples" / "shape.png", pics / "s.png")
+    out = tmp_path / ("out.parquet" if output_format == "parquet" else "out.jsonl")
+
+    def run() -> CaptionSummary:
+        return caption_ray(
+            DEMO,
+            pics,
+            out,
+            prompt="What is it?",
+            workers=2,
+            format=output_format,
+            progress=False,
+            **OPTIONS,
+        )
+
+    def rows() -> dict[str, dict[str, Any]]:
+        if output_format == "jsonl":
+            return {Path(r["path"]).name: r for r in read_captions(out)}
+        import pyarrow.parquet as pq
+
+        return {Path(r["path"]).name: r for r in pq.read_table(out).to_pylist()}
+
+    first = run()
+    assert (first.found, first.done, first.failed, first.skipped) == (3, 3, 0, 0)
+    got = rows()
+    assert sorted(got) == ["a.png", "b.png", "s.png"]
+    assert got["a.png"]["text"] == got["b.png"]["text"] == "This digit is 7."
+    shutil.copy(ROOT / "examples" / "digit.png", pics / "c.png")
+    again = run()
+    assert (again.found, again.done, again.skipped, again.copied) == (4, 1, 3, 1)
+    copy = rows()["c.png"]
+    assert copy["text"] == "This digit is 7."
+    assert Path(copy["copy_of"]).name in ("a.png", "b.png")
+    if output_format == "parquet":
+        assert json.loads(copy["stats"])["completion_tokens"] > 0
+    else:
+        assert copy["stats"]["completion_tokens"] > 0
+
+
+def test_a_local_ray_run_keeps_stderr_clean_and_two_one_thread_workers_fit(
+    tmp_path: Path,
+) -> None:
+    """`caption --ray --workers 2 --threads 1` in a process of its own starts a local
+    Ray instance sized for the pool (never refused, whatever the machine's CPUs),
+    finishes, and leaves stderr empty: no token-authentication notice, no
+    core_worker.cc error lines."""
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    shutil.copy(ROOT / "examples" / "digit.png", pics / "a.png")
+    shutil.copy(ROOT / "examples" / "shape.png", pics / "s.png")
+    out = tmp_path / "out.jsonl"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    args = ["caption", str(pics), "-p", "What is it?", "--out", str(out), "--ray"]
+    args += ["--backend", "llama_cpp", "--workers", "2", "--threads", "1", "--no-progress"]
+    result = subprocess.run(
+        [sys.executable, "-m", "llava_local.cli", *args, "--temperature", "0"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("2 captioned, 0 already recorded, 0 failed of 2 pictures")
+    assert result.stderr == ""
+    assert sorted(r["text"] for r in lines(out)) == ["It is a red triangle.", "This digit is 7."]
 
 
 def test_ray_refuses_a_picture_it_took_for_its_address(tmp_path: Path) -> None:

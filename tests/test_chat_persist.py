@@ -11,6 +11,7 @@ from huggingface_hub import constants as hf_constants
 from llava_local import (
     BackendUnavailableError,
     ConversationFileError,
+    InvalidRequestError,
     ModelNotFoundError,
     VisionChat,
     catalog,
@@ -61,18 +62,26 @@ def test_load_finds_the_projector_it_was_saved_with(tiny_pair_q4: GgufPair, tmp_
 def test_load_uses_the_engine_settings_it_was_saved_with(
     ollama_server: OllamaServer, tmp_path: Path
 ) -> None:
-    """The engine's settings that differ from its defaults (the daemon's address, its
-    context size) are saved and used again by load, unless the call overrides them."""
+    """The engine settings that decide what fits (the context size) are saved and used
+    again by load; the daemon's address is saved too, but used only when the caller
+    gives it or confirms the file's (a file does not choose where a conversation goes)."""
     path = tmp_path / "talk.json"
-    ollama_server.script(Script(pieces=["A", " cat."]), Script(pieces=["Grey."]))
-    with VisionChat.ollama("llava", host=ollama_server.url, num_ctx=2048) as chat:
+    ollama_server.script(
+        Script(pieces=["A", " cat."]), Script(pieces=["Grey."]), Script(pieces=["Small."])
+    )
+    with VisionChat.ollama("llava", host=ollama_server.url, num_ctx=2048, timeout=30) as chat:
         chat.ask("What is it?", image=png_bytes(seed=64))
         chat.save(path)
     assert json.loads(path.read_text())["engine"] == {"host": ollama_server.url, "num_ctx": 2048}
-    with VisionChat.load(path) as again:  # no host given: the saved one, not 11434
+    with pytest.raises(InvalidRequestError, match=r"host='http://127\.0\.0\.1:\d+'.*use_saved_"):
+        VisionChat.load(path)  # no host given: neither the file's nor, silently, 11434
+    with VisionChat.load(path, host=ollama_server.url) as again:
         assert again.config["engine"]["host"] == ollama_server.url
+        assert "timeout" not in again.config["engine"]  # this machine's, not the file's
         assert again.ask("Colour?").text == "Grey."
     assert ollama_server.requests_to("/api/chat")[-1].json["options"]["num_ctx"] == 2048
+    with VisionChat.load(path, use_saved_address=True) as trusted:
+        assert trusted.ask("Size?").text == "Small."
     with (
         pytest.raises(BackendUnavailableError, match=r"127\.0\.0\.1:9"),
         VisionChat.load(path, host="127.0.0.1:9") as elsewhere,

@@ -71,6 +71,44 @@ def test_save_where_it_cannot_write_says_where_and_the_repl_stays_up(
     assert "/image PATH" in out  # the /help after it ran: the REPL was still there
 
 
+@pytest.mark.parametrize(
+    ("target", "why"),
+    [
+        (
+            "/proc/forbidden/x.json",
+            "/proc/forbidden does not exist and cannot be created (No such file or directory)",
+        ),
+        ("{tmp}/file/deeper/x.json", "{tmp}/file is not a folder"),
+        ("/proc/x.json", "cannot write a file in /proc (No such file or directory)"),
+    ],
+)
+def test_save_says_why_this_path_failed(
+    demo: VisionChat,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    target: str,
+    why: str,
+) -> None:
+    """The REPL's /save to a path it cannot write says which part of the path failed and
+    why, never the contradictory "No such file ...; missing folders are created"."""
+    demo.reset()
+    demo.ask("What digit is this?", image=DIGIT, **GREEDY)
+    (tmp_path / "file").write_text("not a folder")
+    lines = iter([f"/save {target.format(tmp=tmp_path)}"])
+
+    def read(_prompt: str) -> str:
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    Repl(demo, read=read).run()
+    out = " ".join(capsys.readouterr().out.split())  # the console wraps long lines
+    assert f"error: cannot save the conversation to {target.format(tmp=tmp_path)}: " in out
+    assert why.format(tmp=tmp_path) in out
+    assert "missing folders are created" not in out
+
+
 def test_images_given_one_picture_is_refused(demo: VisionChat) -> None:
     """images="x.png" is refused with a message naming image= instead of being read
     character by character."""

@@ -759,7 +759,9 @@ def test_max_pixels_is_configurable(monkeypatch: pytest.MonkeyPatch) -> None:
     """Lowering MAX_PIXELS refuses pictures above it, naming size and limit."""
     monkeypatch.setattr(images, "MAX_PIXELS", 1000)
     reason = reason_of(encoded(upright_picture(), "PNG"))
-    assert reason == "decompression bomb: 60x40 pixels is more than the limit of 1000"
+    assert reason == (
+        "decompression bomb: 60x40 pixels is more than the limit of 1000; shrink the picture first"
+    )
 
 
 def test_missing_path() -> None:

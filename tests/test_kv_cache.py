@@ -343,7 +343,8 @@ def test_kv_cache_mb_bounds_the_memory_tier() -> None:
 
 def test_saved_conversation_resumes_warm(tmp_path: Path) -> None:
     """save() writes the KV state beside the JSON; load() restores it, so the first
-    follow-up reads only its own tokens and answers as a cold load does."""
+    follow-up reads only its own tokens and answers as a cold load does (which says
+    that its state file is missing)."""
     path = tmp_path / "talk.json"
     with VisionChat.llama_cpp(**GREEDY) as chat:
         chat.ask("What digit is this?", image=DIGIT)
@@ -357,8 +358,11 @@ def test_saved_conversation_resumes_warm(tmp_path: Path) -> None:
         warnings.simplefilter("error")
         with VisionChat.load(path) as warm_chat:
             warm = warm_chat.ask("What digit is it?")
-        with VisionChat.load(alone_dir / "talk.json") as cold_chat:
-            cold = cold_chat.ask("What digit is it?")
+    with (
+        pytest.warns(ColdResumeWarning, match=r"talk\.json\.kv is missing"),
+        VisionChat.load(alone_dir / "talk.json") as cold_chat,
+    ):
+        cold = cold_chat.ask("What digit is it?")
     assert warm.text == cold.text
     assert warm.stats.images_encoded == 0
     assert cold.stats.images_encoded == 1
@@ -370,6 +374,31 @@ def test_saved_conversation_resumes_warm(tmp_path: Path) -> None:
     assert known(warm.stats.prompt_tokens) + warm.stats.cached_tokens == known(
         cold.stats.prompt_tokens
     )
+
+
+def test_a_conversation_copied_without_its_kv_file_says_it_will_read_again(
+    tmp_path: Path,
+) -> None:
+    """A conversation saved with its .kv and copied without it (issue 31, item 5) loads
+    with a ColdResumeWarning that says the state file is missing and the pictures will
+    be read again, which the first follow-up then does."""
+    saved = tmp_path / "talk.json"
+    with VisionChat.llama_cpp(**GREEDY) as chat:
+        chat.ask("What digit is this?", image=DIGIT)
+        chat.save(saved)
+    assert state_path(saved).is_file()
+    copy = tmp_path / "elsewhere" / "talk.json"
+    copy.parent.mkdir()
+    shutil.copyfile(saved, copy)
+    with pytest.warns(ColdResumeWarning) as said:
+        chat = VisionChat.load(copy)
+    (message,) = [str(w.message) for w in said]
+    assert "talk.json.kv is missing" in message
+    assert "reads the conversation's pictures and turns again" in message
+    with chat:
+        reply = chat.ask("What digit is it?")
+    assert reply.text == "This digit is 7."
+    assert reply.stats.images_encoded == 1
 
 
 def test_a_state_saved_with_other_settings_loads_cold_and_says_so(tmp_path: Path) -> None:
@@ -475,3 +504,41 @@ def test_cli_kv_cache_mb_option_sizes_the_memory_tier() -> None:
     refused = CliRunner().invoke(probe, [*base, "--kv-cache-mb", "-1"])
     assert refused.exit_code == 2
     assert "--kv-cache-mb" in refused.output
+
+
+_KILLED_CHILD = """
+import os, sys, time
+from pathlib import Path
+from llava_local import VisionChat
+from llava_local.backends.llama_cpp import LlamaCppBackend
+from llava_local.demo import demo_paths
+folder = Path(sys.argv[1])
+chat = VisionChat(LlamaCppBackend(*demo_paths(), kv_cache_dir=folder, kv_cache_mb=0))
+chat.ask("What digit is this?", image=sys.argv[2], temperature=0, max_tokens=24)
+deadline = time.monotonic() + 60
+while not list(folder.rglob("*.kv")) and time.monotonic() < deadline:
+    time.sleep(0.05)
+time.sleep(0.5)  # a rename is whole: the file is there once its name is
+os._exit(0)  # killed, as it were: no close(), no atexit, no finally
+"""
+
+
+def test_a_state_reaches_the_disk_without_close(tmp_path: Path) -> None:
+    """A process that read a picture and then ends without closing its chat (killed, or
+    a script that never closes) has left its state in the folder, written in the
+    background once the first token was out; the next process resumes warm."""
+    folder = tmp_path / "kv"
+    child = subprocess.run(
+        [sys.executable, "-c", _KILLED_CHILD, str(folder), str(DIGIT)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr
+    assert states(folder), "no state was written before the process ended"
+    with VisionChat(engine(kv_cache_dir=folder, kv_cache_mb=0)) as chat:
+        reply = chat.ask("What digit is this?", image=DIGIT, **GREEDY)
+    assert reply.stats.images_encoded == 0
+    assert known(reply.stats.cached_tokens) > 16
+    assert reply.text == alone(("What digit is this?", DIGIT))[0].text

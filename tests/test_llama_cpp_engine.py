@@ -33,6 +33,7 @@ from .known import known
 from .option_args import OptionArgs
 
 GREEDY: OptionArgs = {"temperature": 0, "max_tokens": 6}
+DIGIT = Path(__file__).resolve().parents[1] / "examples" / "digit.png"
 
 
 class Colour(BaseModel):
@@ -174,7 +175,7 @@ def test_pixels_reach_the_model(tiny_pair: GgufPair) -> None:
         a, b, a_again = logits(10), logits(11), logits(10)
     finally:
         backend.close()
-    assert a.shape == (backend._llama.n_vocab(),)
+    assert a.shape == (backend.n_vocab,)
     assert np.array_equal(a, a_again)
     assert np.abs(a - b).max() > 1e-3
 
@@ -220,6 +221,51 @@ def test_context_overflow_is_refused_and_nothing_is_lost(tiny_pair: GgufPair) ->
         assert chat.history == before
         reply = chat.ask("Ok?", **GREEDY)
     assert reply.stats.images_encoded == 0
+
+
+def _overflow(chat: VisionChat, prompt: str, **kwargs: object) -> ContextOverflowError:
+    """The ContextOverflowError ``prompt`` raises in ``chat``; the history is checked
+    to be exactly as before."""
+    before = chat.history
+    with pytest.raises(ContextOverflowError) as info:
+        chat.ask(prompt, temperature=0, **kwargs)  # type: ignore[arg-type]
+    assert chat.history == before
+    return info.value
+
+
+def test_a_context_llama_cpp_pads_is_checked_at_the_size_asked_for() -> None:
+    """n_ctx=300 (llama.cpp pads its own to 512, llama-cpp-python keeps 300 positions):
+    a first turn and a follow-up are refused with ContextOverflowError when prompt,
+    picture and one token of room exceed 300 by one, answered when they make exactly
+    300, and a refused turn leaves the conversation and its KV cache as they were."""
+    with VisionChat.llama_cpp(n_ctx=300) as chat:
+        assert chat.engine.n_ctx == 300  # type: ignore[attr-defined]
+        padding = "." * 200
+        first = _overflow(chat, "What digit is this?" + padding, image=DIGIT)
+        assert (first.available, first.pictures, first.setting) == (300, 16, "n_ctx")
+        assert first.needed > 300
+        fits = "What digit is this?" + padding[: 200 - (first.needed - 300)]
+        reply = chat.ask(fits, image=DIGIT, temperature=0)
+        assert reply.done_reason == "length"  # one position of room: one token
+        assert reply.stats.prompt_tokens == 299
+        assert len(chat.history) == 2
+        chat.reset()
+        chat.ask("What digit is this?", image=DIGIT, temperature=0)
+        follow = _overflow(chat, "Which digit?" + padding)
+        assert follow.needed > 300
+        assert follow.pictures == 16  # the picture of the first turn is in the prompt
+        again = chat.ask("Which digit?", temperature=0)
+        assert again.stats.images_encoded == 0  # the refused turn left the KV cache alone
+        assert "7" in again.text
+
+
+def test_a_context_smaller_than_the_picture_says_so() -> None:
+    """A context window smaller than the picture's positions is refused before anything
+    is read, saying the pictures alone need more positions than it holds."""
+    with VisionChat.llama_cpp(n_ctx=10) as chat:
+        error = _overflow(chat, "What digit is this?", image=DIGIT)
+    assert (error.pictures, error.available) == (16, 10)
+    assert "the picture alone needs 16 positions and the context window holds 10" in str(error)
 
 
 def test_chat_format_can_be_chosen(tiny_pair: GgufPair) -> None:
@@ -304,9 +350,9 @@ def test_stop_scanner_holds_back_partial_matches(
     pieces: list[str], stops: list[str], expected: tuple[str, bool]
 ) -> None:
     """Stop strings split across streamed pieces are still found, and never leak out."""
-    from llava_local.backends.llama_cpp import _StopScanner
+    from llava_local.backends.llama_cpp.sampling import StopScanner
 
-    scanner, out, hit = _StopScanner(stops), "", False
+    scanner, out, hit = StopScanner(stops), "", False
     for piece in pieces:
         text, hit = scanner.feed(piece)
         out += text
@@ -360,7 +406,7 @@ def test_drop_oldest_keeps_answering_and_the_picture(tiny_pair: GgufPair) -> Non
     with open_chat(tiny_pair, n_ctx=256, system="Short.", on_overflow="drop_oldest") as chat:
         chat.ask("Hi?", image=png_bytes(seed=31), **GREEDY)
         replies = [chat.ask(f"Question {i}: " + "y" * 40, **GREEDY) for i in range(4)]
-        keys = chat.engine._keys  # type: ignore[attr-defined]
+        keys = chat.engine.slot_keys()[0]  # type: ignore[attr-defined]
     assert replies[0].stats.dropped_turns == 0
     assert replies[-1].stats.dropped_turns >= 1
     assert len(chat.history) == 10  # the history itself keeps every turn

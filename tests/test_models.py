@@ -59,6 +59,10 @@ def publish(hub: HubServer, entry: CatalogEntry, lm_size: int = 4000) -> tuple[b
     return lm, mm
 
 
+#: A picture that exists: `ask` reads it before it looks for the model.
+DIGIT = Path(__file__).resolve().parents[1] / "examples" / "digit.png"
+
+
 def run_cli(
     module: str, command: str, args: list[str], **env: str
 ) -> subprocess.CompletedProcess[str]:
@@ -555,7 +559,7 @@ def test_catalogue_name_not_pulled_says_how_to_pull_it(cache: Path, closed_port:
     result = run_cli(
         "ask",
         "ask",
-        ["picture.png", "What?", "-m", SMOL.name, "--host", f"127.0.0.1:{closed_port}"],
+        [str(DIGIT), "What?", "-m", SMOL.name, "--host", f"127.0.0.1:{closed_port}"],
         HF_HUB_CACHE=str(cache),
         HF_HUB_OFFLINE="1",
     )

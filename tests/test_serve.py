@@ -5,23 +5,19 @@ free port of 127.0.0.1, with an API key and small limits so that each limit can 
 hit; the official ``openai`` and ``ollama`` clients, ``VisionChat.ollama`` and plain
 httpx talk to it over real sockets. Every test that sends bad input then checks that
 the server still answers a good question. Two tests start a server of their own: one
-with --no-picture-urls, and one that they stop with Ctrl-C.
+with --no-picture-urls, and one that they stop with Ctrl-C. What the server refuses to
+untrusted callers (picture URLs, Host names, browsers, costly bodies) is tested in
+tests/security/.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
-import http.server
 import json
 import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +29,22 @@ import pytest
 from llava_local import VisionChat
 
 from .known import known
-from .ollama_server import free_port
+from .security.sites import Site
+from .serve_process import (
+    ANSWER,
+    DIGIT,
+    QUESTION,
+    SHAPE,
+    Server,
+    ask,
+    ask_url,
+    start,
+    stop,
+)
 
 pytestmark = pytest.mark.llama
 
-ROOT = Path(__file__).resolve().parent.parent
-DIGIT = ROOT / "examples" / "digit.png"
-SHAPE = ROOT / "examples" / "shape.png"
 KEY = "test-key-123"
-QUESTION = "What digit is this?"
-ANSWER = "This digit is 7."
-START_TIMEOUT_S = 120
 #: A grammar that keeps the demo writing for a long while (over a thousand tokens):
 #: a turn that holds the model while a test does something else.
 LONG = {
@@ -59,60 +60,15 @@ LONG = {
 }
 
 
-@dataclass
-class Server:
-    url: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def _data_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-
-
-def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"the server exited: {log.read_text(errors='replace')}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        time.sleep(0.2)
-    raise AssertionError(f"the server did not start: {log.read_text(errors='replace')}")
-
-
-def _start(log: Path, *args: str) -> Server:
-    port = free_port()
-    command = [sys.executable, "-m", "llava_local.cli", "serve", "--port", str(port), *args]
-    with log.open("wb") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    _wait_ready(url, process, log)
-    return Server(url, process, log)
-
-
-def _stop(server: Server) -> None:
-    if server.process.poll() is None:
-        server.process.send_signal(signal.SIGINT)
-        try:
-            server.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait()
-
-
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The demo model served with an API key, a queue of 3 and small size limits."""
+    """The demo model served with an API key, one answer at a time (tests/
+    test_serve_parallel.py has several), a queue of 3 and small size limits."""
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    args = ["--api-key", KEY, "--queue", "3", "--n-ctx", "2048"]
-    running = _start(log, *args, "--max-body-mb", "1", "--max-picture-mb", "0.5")
+    args = ["--api-key", KEY, "--parallel", "1", "--queue", "3", "--n-ctx", "2048"]
+    running = start(log, *args, "--max-body-mb", "1", "--max-picture-mb", "0.5")
     yield running
-    _stop(running)
+    stop(running)
 
 
 @pytest.fixture
@@ -130,30 +86,11 @@ def ollama_client(server: Server) -> Iterator[ollama.Client]:
     opened.close()  # type: ignore[no-untyped-call]
 
 
-def _ask(path: Path = DIGIT, question: str = QUESTION) -> Any:
-    """A user message with a picture file sent as a data URI, in OpenAI's shape."""
-    return _ask_url(_data_uri(path), question)
-
-
-def _ask_url(url: str, question: str = QUESTION) -> Any:
-    """A user message with a picture at ``url``, in OpenAI's shape (Any: the client's
-    types are TypedDicts that a plain dict does not match)."""
-    return [
-        {
-            "role": "user",
-            "content": [
-                {"type": "text", "text": question},
-                {"type": "image_url", "image_url": {"url": url}},
-            ],
-        }
-    ]
-
-
 def _long_stream() -> dict[str, Any]:
     """A streamed request that keeps the model busy for a long while (see LONG)."""
     return {
         "model": "demo",
-        "messages": _ask(),
+        "messages": ask(),
         "stream": True,
         "temperature": 0,
         "max_tokens": 1600,
@@ -161,38 +98,11 @@ def _long_stream() -> dict[str, Any]:
     }
 
 
-@contextlib.contextmanager
-def _picture_site(folder: Path) -> Iterator[tuple[str, list[str]]]:
-    """An HTTP server on 127.0.0.1 serving ``folder``: its address, and the paths
-    requested from it so far."""
-    requested: list[str] = []
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, directory=str(folder), **kwargs)
-
-        def do_GET(self) -> None:
-            requested.append(self.path)
-            super().do_GET()
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    thread = threading.Thread(target=site.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{site.server_address[1]}", requested
-    finally:
-        site.shutdown()
-        site.server_close()
-
-
 def _healthy(server: Server, client: openai.OpenAI) -> None:
     """The server is up, idle, and still reads the digit."""
     health = httpx.get(f"{server.url}/health", timeout=10).json()
     assert health["status"] == "ok"
-    answer = client.chat.completions.create(model="demo", messages=_ask(), temperature=0)
+    answer = client.chat.completions.create(model="demo", messages=ask(), temperature=0)
     assert answer.choices[0].message.content == ANSWER
 
 
@@ -217,7 +127,7 @@ def _post(server: Server, path: str, body: bytes | dict[str, Any]) -> httpx.Resp
 
 def test_openai_client_reads_the_digit(client: openai.OpenAI) -> None:
     """The official openai client gets the demo's answer about the example digit."""
-    answer = client.chat.completions.create(model="demo", messages=_ask(), temperature=0)
+    answer = client.chat.completions.create(model="demo", messages=ask(), temperature=0)
     assert answer.choices[0].message.content == ANSWER
     assert answer.choices[0].finish_reason == "stop"
     assert answer.usage is not None
@@ -229,7 +139,7 @@ def test_openai_streams_the_answer(client: openai.OpenAI) -> None:
     """stream=True answers as server-sent events, piece by piece, ending with usage."""
     stream = client.chat.completions.create(
         model="demo",
-        messages=_ask(),
+        messages=ask(),
         temperature=0,
         stream=True,
         stream_options={"include_usage": True},
@@ -246,7 +156,7 @@ def test_openai_streams_the_answer(client: openai.OpenAI) -> None:
 def test_stateless_followup_reuses_the_prefix(client: openai.OpenAI) -> None:
     """A follow-up that resends the conversation reads only its new tokens: the
     reported cached tokens cover the whole earlier conversation, picture included."""
-    messages = _ask(SHAPE, "What shape is this?")
+    messages = ask(SHAPE, "What shape is this?")
     first = client.chat.completions.create(model="demo", messages=messages, temperature=0)
     assert first.usage is not None
     before = first.usage.prompt_tokens + first.usage.completion_tokens
@@ -268,7 +178,7 @@ def test_openai_options_are_applied(client: openai.OpenAI) -> None:
     """max_tokens, stop and seed reach the engine; a JSON schema shapes the answer."""
     capped = client.chat.completions.create(
         model="demo",
-        messages=_ask(),
+        messages=ask(),
         temperature=0,
         max_tokens=3,
     )
@@ -277,7 +187,7 @@ def test_openai_options_are_applied(client: openai.OpenAI) -> None:
     assert capped.usage.completion_tokens == 3
     stopped = client.chat.completions.create(
         model="demo",
-        messages=_ask(),
+        messages=ask(),
         temperature=0,
         stop=["digit"],
     )
@@ -285,7 +195,7 @@ def test_openai_options_are_applied(client: openai.OpenAI) -> None:
     seeded = [
         client.chat.completions.create(
             model="demo",
-            messages=_ask(),
+            messages=ask(),
             temperature=1.5,
             top_p=1.0,
             seed=42,
@@ -303,7 +213,7 @@ def test_openai_options_are_applied(client: openai.OpenAI) -> None:
     }
     structured = client.chat.completions.create(
         model="demo",
-        messages=_ask(),
+        messages=ask(),
         temperature=0,
         response_format={
             "type": "json_schema",
@@ -315,36 +225,27 @@ def test_openai_options_are_applied(client: openai.OpenAI) -> None:
     assert 0 <= parsed["digit"] <= 9
 
 
-def test_picture_from_an_http_url(client: openai.OpenAI, tmp_path: Path) -> None:
-    """An image_url that is an http URL is downloaded and read like a data URI."""
-    (tmp_path / "digit.png").write_bytes(DIGIT.read_bytes())
-    with _picture_site(tmp_path) as (site, requested):
-        answer = client.chat.completions.create(
-            model="demo", messages=_ask_url(f"{site}/digit.png"), temperature=0
-        )
-    assert answer.choices[0].message.content == ANSWER
-    assert requested == ["/digit.png"]
-
-
-def test_picture_urls_can_be_refused(tmp_path: Path) -> None:
-    """With --no-picture-urls an http(s) image_url is answered 400 in OpenAI's shape,
-    saying to send a data URI, and never fetched; data URIs are still answered."""
-    running = _start(tmp_path / "server.log", "--n-ctx", "2048", "--no-picture-urls")
-    (tmp_path / "digit.png").write_bytes(DIGIT.read_bytes())
+def test_no_picture_urls_still_starts_and_refuses_urls(tmp_path: Path) -> None:
+    """--no-picture-urls (the default now, kept so that command lines naming it still
+    work) answers an http(s) image_url with 400 in OpenAI's shape, saying to send a
+    data URI, and never fetches it; data URIs are still answered."""
+    running = start(tmp_path / "server.log", "--n-ctx", "2048", "--no-picture-urls")
     try:
         with (
             openai.OpenAI(base_url=f"{running.url}/v1", api_key="-", max_retries=0) as client,
-            _picture_site(tmp_path) as (site, requested),
+            Site() as site,
         ):
             with pytest.raises(openai.BadRequestError) as caught:
-                client.chat.completions.create(model="demo", messages=_ask_url(f"{site}/digit.png"))
-            answer = client.chat.completions.create(model="demo", messages=_ask(), temperature=0)
+                client.chat.completions.create(
+                    model="demo", messages=ask_url(f"{site.url}/digit.png")
+                )
+            answer = client.chat.completions.create(model="demo", messages=ask(), temperature=0)
     finally:
-        _stop(running)
+        stop(running)
     assert caught.value.code == "invalid_image_url"
     assert caught.value.param == "messages[0].content[1].image_url"
     assert "data URI" in caught.value.message
-    assert requested == []
+    assert site.requested == []
     assert answer.choices[0].message.content == ANSWER
 
 
@@ -425,7 +326,7 @@ def test_concurrent_clients_are_all_answered(server: Server) -> None:
     """Four clients at once, each a two-turn conversation, all get right answers."""
 
     def conversation(_: int) -> list[str]:
-        messages = _ask()
+        messages = ask()
         answers = []
         with openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0) as client:
             for _turn in range(2):
@@ -479,7 +380,7 @@ def test_full_queue_answers_503(server: Server, client: openai.OpenAI) -> None:
                 pool.submit(
                     client.chat.completions.create,
                     model="demo",
-                    messages=_ask(),
+                    messages=ask(),
                     temperature=0,
                 )
                 for _ in range(3)
@@ -529,7 +430,7 @@ def test_unknown_model_is_404(
 ) -> None:
     """A model the server does not serve is 404 for both clients."""
     with pytest.raises(openai.NotFoundError) as caught:
-        client.chat.completions.create(model="llava", messages=_ask())
+        client.chat.completions.create(model="llava", messages=ask())
     assert caught.value.code == "model_not_found"
     with pytest.raises(ollama.ResponseError) as refused:
         ollama_client.chat(model="llava", messages=[{"role": "user", "content": "hi"}])
@@ -549,7 +450,7 @@ def test_a_picture_that_is_not_a_picture_is_400(
         str(DIGIT),  # never read from the server's own disk
     ):
         with pytest.raises(openai.BadRequestError) as caught:
-            client.chat.completions.create(model="demo", messages=_ask_url(url))
+            client.chat.completions.create(model="demo", messages=ask_url(url))
         assert caught.value.code == "invalid_image"
         assert caught.value.param == "messages[0].content[1].image_url"
     with pytest.raises(ollama.ResponseError) as refused:
@@ -568,7 +469,7 @@ def test_oversized_body_and_picture_are_413(server: Server, client: openai.OpenA
     assert big.json()["error"]["code"] == "request_too_large"
     picture = "data:image/png;base64," + base64.b64encode(b"\x89PNG" + bytes(600_000)).decode()
     with pytest.raises(openai.APIStatusError) as caught:
-        client.chat.completions.create(model="demo", messages=_ask_url(picture))
+        client.chat.completions.create(model="demo", messages=ask_url(picture))
     assert caught.value.status_code == 413
     _healthy(server, client)
 
@@ -581,7 +482,7 @@ def test_prompt_longer_than_the_context_is_400(
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(
             model="demo",
-            messages=_ask(question=long_question),
+            messages=ask(question=long_question),
             stream=True,
         )
     assert caught.value.code == "context_length_exceeded"
@@ -609,7 +510,7 @@ def test_api_key_is_required_but_not_for_health(server: Server) -> None:
 
 def test_one_log_line_per_request(server: Server, client: openai.OpenAI) -> None:
     """Each answer is logged with its method, route, status, tokens and seconds."""
-    client.chat.completions.create(model="demo", messages=_ask(), temperature=0)
+    client.chat.completions.create(model="demo", messages=ask(), temperature=0)
     lines = [line for line in server.log_text().splitlines() if "POST /v1/chat/completions" in line]
     assert lines
     last = lines[-1].split()
@@ -622,7 +523,7 @@ def test_one_log_line_per_request(server: Server, client: openai.OpenAI) -> None
 def test_ctrl_c_stops_the_server_cleanly(tmp_path: Path) -> None:
     """SIGINT while an answer streams stops the turn and the server, which exits as
     every command does on Ctrl-C (status 130, no traceback)."""
-    running = _start(tmp_path / "server.log", "--n-ctx", "2048")
+    running = start(tmp_path / "server.log", "--n-ctx", "2048")
     body = _long_stream()
     try:
         url = f"{running.url}/v1/chat/completions"
@@ -632,7 +533,7 @@ def test_ctrl_c_stops_the_server_cleanly(tmp_path: Path) -> None:
             running.process.send_signal(signal.SIGINT)
             assert running.process.wait(timeout=60) == 130
     finally:
-        _stop(running)
+        stop(running)
     log = running.log_text()
     assert "Traceback" not in log
     assert "interrupted" in log

@@ -134,6 +134,49 @@ def test_broken_json_is_described_once() -> None:
     assert "Unterminated string starting at: line 1 column 11 (char 10)" in message
 
 
+def test_an_answer_cut_by_max_tokens_is_not_a_misfit(chat: VisionChat) -> None:
+    """An answer cut by max_tokens before its JSON ends is a reply like any cut answer:
+    done_reason "length", parsed None, the JSON as far as it was written; no
+    SchemaError (OpenAI answers finish_reason "length" the same way)."""
+    reply = chat.ask("What digit is this?", image=DIGIT, schema=digit_schema(), max_tokens=3)
+    assert reply.done_reason == "length"
+    assert reply.parsed is None
+    assert reply.text.startswith("{")
+    assert len(chat.history) == 2  # kept, as any finished turn
+    chat.reset()
+    bounded = digit_schema(minimum=0, maximum=9)
+    whole = chat.ask("What digit is this?", image=DIGIT, schema=bounded, max_tokens=40)
+    assert (whole.done_reason, whole.parsed) == ("stop", {"digit": 7})
+
+
+COSTLY = [
+    ({"type": "array", "items": {"type": "integer"}, "minItems": 10**7}, "'minItems'"),
+    ({"type": "string", "maxLength": 20_000}, "'maxLength'"),
+    ({"type": "string", "pattern": "^a{0,99999}$"}, "'pattern'"),
+    ({"type": "string", "enum": ["x" * 100] * 2000}, "131072"),
+    ({"type": "object", "properties": {f"p{i}": {"maxLength": 4000} for i in range(5)}}, "16384"),
+]
+
+
+@pytest.mark.parametrize(("schema", "named"), COSTLY)
+def test_a_schema_too_costly_for_a_grammar_is_refused(
+    chat: VisionChat, schema: dict[str, Any], named: str
+) -> None:
+    """A schema whose grammar would spell out millions of repetitions (minItems 10**7
+    took 4 s and 1 GiB; maxLength 20000 crashed the process in llama.cpp's grammar
+    parser), or that is too large, is an InvalidRequestError naming the key and the
+    limit before the turn; a pydantic model gets the same check."""
+    with pytest.raises(InvalidRequestError, match=re.escape(named)):
+        chat.stream("What digit is this?", image=DIGIT, schema=schema)
+    assert chat.history == []
+
+    class Many(BaseModel):
+        items: Annotated[list[int], Field(min_length=10**6)]
+
+    with pytest.raises(InvalidRequestError, match="limit of 4096"):
+        structured.json_schema(Many)
+
+
 # -- llama.cpp's grammar carries what it can -------------------------------------------
 
 
@@ -206,6 +249,45 @@ def test_structured_answer_example_prints_a_digit() -> None:
         check=True,
     )
     assert re.fullmatch(r"Digit\(digit=[0-9]\)\n", result.stdout)
+
+
+#: What each example prints when run with no arguments (the demo model, greedy).
+EXAMPLE_OUTPUT = {
+    "ask_picture.py": r"This digit is 7\.\n",
+    "conversation.py": r"This digit is 7\. \(pictures encoded: 1\)\n"
+    r"This digit is 7\. \(pictures encoded: 0, tokens reused: \d+\)\n",
+    "structured_answer.py": r"Digit\(digit=[0-9]\)\n",
+    "tour.py": r"It is a triangle\. \(\d+\.\d\d s\)\nIt is red\.\nThis digit is 7\.\n",
+}
+
+
+def test_every_example_has_its_expected_output() -> None:
+    """The table below covers every script in examples/."""
+    assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(EXAMPLE_OUTPUT)
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLE_OUTPUT))
+def test_every_example_runs_without_arguments(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each examples/*.py run with no arguments answers about the bundled digit found
+    beside it, from another folder (the tour, which the README runs from the repository,
+    from a copy of it), and exits 0."""
+    shutil.copytree(EXAMPLES, tmp_path / "examples")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.delenv("OLLAMA_HOST", raising=False)  # ask_picture: auto finds the demo
+    monkeypatch.delenv("LLAVA_LOCAL_MODEL", raising=False)
+    result = subprocess.run(
+        [sys.executable, str(tmp_path / "examples" / name)],
+        cwd=tmp_path if name == "tour.py" else elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(EXAMPLE_OUTPUT[name], result.stdout)
 
 
 def test_shape_schema_example_fits_the_demo(chat: VisionChat) -> None:

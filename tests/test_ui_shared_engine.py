@@ -43,9 +43,9 @@ def engine_of(session: _Session) -> Backend:
 
 
 def is_closed(engine: Backend) -> bool:
-    """Whether the in-process engine has freed its model (close() drops the mtmd context)."""
+    """Whether the in-process engine has freed its model."""
     assert isinstance(engine, LlamaCppBackend)
-    return engine._ctx is None
+    return engine.closed
 
 
 def test_two_tabs_share_one_engine_and_keep_their_own_conversations() -> None:

@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field
 
 from .. import host
 from ..types import Stats
+from ..wording import count
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -321,7 +322,7 @@ def render(result: BenchResult, console: Console | None = None) -> None:
     m = result.machine
     load = "n/a" if m.load_average is None else ", ".join(f"{v:.2f}" for v in m.load_average)
     out.print(
-        f"{m.cpu}, {m.cores} cores, {_num(m.ram_gib, '.1f')} GiB RAM; {m.os}; "
+        f"{m.cpu}, {count(m.cores, 'core')}, {_num(m.ram_gib, '.1f')} GiB RAM; {m.os}; "
         f"Python {m.python}; llama-cpp-python {m.llama_cpp_python or 'not installed'}; "
         f"load average {load}",
         highlight=False,

@@ -14,7 +14,10 @@ the model again about pictures already done, and one unreadable file stops the w
 
 or, where a picture failed, ``error`` (one line, starting with the error type) and
 ``error_type`` instead of ``text``; ``sha256`` is null when the file's bytes could not be
-had (missing, unreadable, empty or over the size limit).
+had (missing, unreadable, empty or over the size limit). A file whose bytes another file
+of the run (or of an earlier run) has too gets that file's line under its own ``path``,
+with ``"copy_of": "<that file>"`` and ``elapsed_s`` 0: the model is not asked twice about
+one picture, and no file goes without its line.
 
 Several prompts: ``prompt=["Describe it.", "Tag it.", "What text is in it?"]`` (CLI
 ``-p A -p B`` or ``--prompts FILE``, one a line: :func:`read_prompts`) asks every prompt
@@ -24,18 +27,21 @@ picture, so the in-process engine keeps that prefix of its KV cache and reads on
 new prompt's tokens (``stats.cached_tokens`` shows it; the Ollama daemon keeps its own
 cache). Counts (``found``, ``done``...) are then of pictures times prompts.
 
-Resuming: a line is about one picture and one prompt. The picture is identified by the
-sha256 of its bytes, so renamed or copied files are not asked about again; where there
-are no bytes to hash (``sha256`` null), by its ``path`` as written in the line (the path
-as given to the run, so spell it the same way to resume). A picture and prompt that
-already have a line of any kind, an error included, are skipped: a broken file is
-recorded once, not again on every run. ``retry_errors=True`` asks again about those whose
-line is an error. Two exceptions: a line marked ``"retry": true`` records a failure of
-the run rather than of the picture (the engine could not be reached or timed out, the
-model is gone, the turn was cancelled: what stops a run), and is asked about again by
-the next run anyway; and a line without ``prompt`` (written by an older version) stands
-for any prompt. The newest line of a picture and prompt is the one that counts (a retry
-appends; nothing is rewritten); :func:`read_captions` reads a file that way.
+Resuming: a line is about one file, its picture and one prompt, and every file gets its
+line. The picture is identified by the sha256 of its bytes, so a renamed or copied file
+is not asked about again: its line is a copy of the line its picture already has under
+the other name (in this run or an earlier one), with ``copy_of`` naming that file. Where
+there are no bytes to hash (``sha256`` null), a picture is identified by its ``path`` as
+written in the line (the path as given to the run, so spell it the same way to resume).
+A file, picture and prompt that already have a line of any kind, an error included, are
+skipped: a broken file is recorded once, not again on every run. ``retry_errors=True``
+asks again about those whose line is an error. Two exceptions: a line marked ``"retry":
+true`` records a failure of the run rather than of the picture (the engine could not be
+reached or timed out, the model is gone, the turn was cancelled: what stops a run), and
+is asked about again by the next run anyway; and a line without ``prompt`` (written by
+an older version) stands for any prompt. The newest line of a file, picture and prompt
+is the one that counts (a retry appends; nothing is rewritten); :func:`read_captions`
+reads a file that way.
 
 Each line is written whole with one ``write``, flushed and fsynced; on start, a torn
 last line left by a crash is cut off (a last line that is whole JSON and only lacks its
@@ -71,7 +77,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, PrivateAttr, ValidationError
 
@@ -91,6 +97,7 @@ from ..picture_files import find_pictures
 from ..progress import RunProgress
 from ..structured import Schema
 from ..types import Options, PreparedImage, Reply
+from ..wording import count
 
 try:  # POSIX; elsewhere two runs on one file are not prevented
     import fcntl
@@ -129,10 +136,12 @@ class CaptionSummary(BaseModel):
     """What a :func:`caption` run did, counted in lines: pictures times prompts (with one
     prompt, pictures). ``found - done - skipped - failed`` were not reached (``limit``).
 
-    ``skipped``: pictures not asked about because the file already has their line
-    (``skipped_errors`` of them an error line), or because the same content came earlier
-    in this run. ``retried``: pictures whose line was an error and that were asked about
-    again; they are counted in ``done`` or ``failed`` too.
+    ``skipped``: lines the file already had (``skipped_errors`` of them an error line,
+    about ``skipped_error_pictures`` files). ``copied``: lines written for a file whose
+    picture (the same bytes) was answered under another name, in this run or an earlier
+    one, and not asked about again; they are counted in ``done`` or ``failed`` too.
+    ``retried``: lines that were an error and were written again; they are counted in
+    ``done`` or ``failed`` too.
     """
 
     out: Path
@@ -140,8 +149,10 @@ class CaptionSummary(BaseModel):
     done: int = 0
     skipped: int = 0
     failed: int = 0
+    copied: int = 0
     retried: int = 0
     skipped_errors: int = 0
+    skipped_error_pictures: int = 0
     elapsed_s: float = 0.0
     repaired_bytes: int = 0
     #: prompts per picture, for the text (the counts above already include them)
@@ -149,18 +160,20 @@ class CaptionSummary(BaseModel):
 
     def __str__(self) -> str:
         errors = f" ({self.skipped_errors} of them errors)" if self.skipped_errors else ""
-        found = f"{self.found} pictures"
+        found = count(self.found, "picture")
         if self._prompts > 1:
-            found = f"{self.found} answers ({self.found // self._prompts} pictures x "
-            found += f"{self._prompts} prompts)"
+            pictures = count(self.found // self._prompts, "picture")
+            found = f"{count(self.found, 'answer')} ({pictures} x {count(self._prompts, 'prompt')})"
         text = (
             f"{self.done} captioned, {self.skipped} already recorded{errors}, "
             f"{self.failed} failed of {found} in {self.elapsed_s:.1f} s -> {self.out}"
         )
+        if self.copied:
+            text += f"; {self.copied} copied from the same picture under another name"
         if self.retried:
             text += f"; {self.retried} retried after an earlier error"
         if self.repaired_bytes:
-            text += f" (cut a torn last line of {self.repaired_bytes} bytes)"
+            text += f" (cut a torn last line of {count(self.repaired_bytes, 'byte')})"
         return text
 
 
@@ -183,8 +196,8 @@ def caption(
     ``inputs`` is a directory, a glob pattern, a picture, or a list of these (see
     :func:`find_pictures`). ``prompt`` is one prompt or a list of them (each picture is
     read once and asked every prompt, one line each). ``limit`` bounds the pictures
-    recorded in this run, done or failed (skipped ones do not count), so a big folder
-    can be done in chunks. A picture that already has a line for a prompt in ``out`` is
+    asked about in this run, done or failed (skipped and copied ones do not count), so a
+    big folder can be done in chunks. A picture that already has a line for a prompt in ``out`` is
     not asked that prompt again, an error line included, unless ``retry_errors`` asks
     again about those whose newest line is an error. ``options`` are generation options
     (``temperature=0``...). See the module docstring for the line format and what
@@ -240,17 +253,18 @@ def read_prompts(path: str | os.PathLike[str]) -> list[str]:
 
 
 def read_captions(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The lines of a caption file that count: the newest for each picture and prompt.
+    """The lines of a caption file that count: the newest for each file, picture and
+    prompt.
 
     Lines are returned as dicts, in the order they were written (a retried picture
     takes the place of its retry). A picture is identified as resuming identifies it
     (see the module docstring): by ``sha256``, or by ``path`` where that is null; a
     line without ``prompt`` (an older version's) is replaced by any newer line of its
-    picture. A torn last line (a run writing, or a crash) is left out; a file that is
-    not a caption file is an :class:`InvalidRequestError`.
+    file and picture. A torn last line (a run writing, or a crash) is left out; a file
+    that is not a caption file is an :class:`InvalidRequestError`.
     """
     path = Path(path)
-    rows: dict[tuple[_Identity, str | None], dict[str, Any]] = {}
+    rows: dict[tuple[_Identity, str | None, str], dict[str, Any]] = {}
     try:
         with path.open("rb") as file:
             for number, line in enumerate(file, 1):
@@ -264,9 +278,10 @@ def read_captions(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
                         raise _foreign(path, number, "give a file written by caption") from None
                     break  # the torn last line
                 identity, prompt = _key(record)
-                rows.pop((identity, prompt), None)
-                rows.pop((identity, None), None)
-                rows[identity, prompt] = record
+                name = str(record["path"])
+                rows.pop((identity, prompt, name), None)
+                rows.pop((identity, None, name), None)
+                rows[identity, prompt, name] = record
     except OSError as exc:
         raise InvalidRequestError(
             f"cannot read the caption file {path}: {exc.strerror or exc}"
@@ -334,9 +349,12 @@ class _Output:
         self.path = path
         self.repaired_bytes = 0
         self._fd = -1
-        #: the newest line of each picture and prompt: its position and what it says
-        self._rows: dict[tuple[_Identity, str | None], tuple[int, _Status]] = {}
+        #: the newest line of each picture and prompt, whichever file it names
+        self._newest: dict[tuple[_Identity, str | None], _Line] = {}
+        #: the newest line of each file, picture and prompt
+        self._own: dict[tuple[_Identity, str | None, str], _Line] = {}
         self._lines = 0
+        self._end = 0  # where the next line starts
 
     def __enter__(self) -> _Output:
         self._fd = self._open()
@@ -365,14 +383,36 @@ class _Output:
         return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
 
     def earlier(self, identity: _Identity, prompt: str) -> _Status | None:
-        """What the newest line about this picture and prompt says, or None (no line)."""
-        lines = [self._rows.get((identity, prompt)), self._rows.get((identity, None))]
+        """What the newest line about this picture and prompt says, under any file name,
+        or None (no line)."""
+        newest = self._newest_line(identity, prompt)
+        return None if newest is None else newest.status
+
+    def own(self, identity: _Identity, prompt: str, path: str) -> _Status | None:
+        """What the newest line about this picture and prompt under the file name
+        ``path`` says, or None (that file has no line of its own)."""
+        lines = [self._own.get((identity, prompt, path)), self._own.get((identity, None, path))]
         newest = max((line for line in lines if line is not None), default=None)
-        return None if newest is None else newest[1]
+        return None if newest is None else newest.status
+
+    def answer(self, identity: _Identity, prompt: str) -> dict[str, Any]:
+        """The newest line about this picture and prompt, read back from the file."""
+        newest = self._newest_line(identity, prompt)
+        assert newest is not None
+        return self._read(newest.where)
+
+    def _newest_line(self, identity: _Identity, prompt: str) -> _Line | None:
+        lines = [self._newest.get((identity, prompt)), self._newest.get((identity, None))]
+        return max((line for line in lines if line is not None), default=None)
+
+    def _read(self, where: Any) -> dict[str, Any]:
+        """The line at ``where`` (its offset and length)."""
+        offset, length = where
+        return _parse(os.pread(self._fd, length, offset))
 
     def settled(self, prompts: Sequence[str], retry_errors: bool) -> frozenset[_Pair]:
         """The pictures and prompts that a run will not ask about again."""
-        identities = {identity for identity, _ in self._rows}
+        identities = {identity for identity, _ in self._newest}
         return frozenset(
             (identity, prompt)
             for identity in identities
@@ -399,7 +439,8 @@ class _Output:
         while view:
             view = view[os.write(self._fd, view) :]
         os.fsync(self._fd)
-        self._remember(record)
+        self._remember(record, (self._end, len(data)))
+        self._end += len(data)
 
     def flush(self) -> None:
         """Nothing to do: each line is durable once :meth:`append` returns."""
@@ -422,8 +463,9 @@ class _Output:
                 if not line.endswith(b"\n"):  # only the last line can lack its newline
                     self._last_line(line, offset, number)
                 elif line.strip():
-                    self._remember(self._record(line, number))
+                    self._remember(self._record(line, number), (offset, len(line)))
                 offset += len(line)
+        self._end = os.fstat(self._fd).st_size
 
     def _last_line(self, line: bytes, offset: int, number: int) -> None:
         """Cut a line torn by a crash, but only in our own files; keep a whole one."""
@@ -437,7 +479,7 @@ class _Output:
             os.ftruncate(self._fd, offset)
             self.repaired_bytes = len(line)
             return
-        self._remember(record)
+        self._remember(record, (offset, len(line)))
         os.write(self._fd, b"\n")  # a whole line that only lost its newline
 
     def _record(self, line: bytes, number: int) -> dict[str, Any]:
@@ -449,12 +491,25 @@ class _Output:
     def _foreign(self, number: int) -> InvalidRequestError:
         return _foreign(self.path, number)
 
-    def _remember(self, record: dict[str, Any]) -> None:
+    def _remember(self, record: dict[str, Any], where: Any) -> None:
+        """Know ``record``, a line found at ``where`` (what :meth:`_read` reads it with)."""
         status: _Status = (
             "done" if "error" not in record else "retry" if record.get("retry") else "failed"
         )
         self._lines += 1
-        self._rows[_key(record)] = (self._lines, status)
+        identity, prompt = _key(record)
+        line = _Line(self._lines, status, where)
+        self._newest[identity, prompt] = line
+        self._own[identity, prompt, str(record["path"])] = line
+
+
+class _Line(NamedTuple):
+    """What a run knows of a line without keeping it: its place among the file's lines
+    (the newest wins), what it says, and where to read it back (for a copy's line)."""
+
+    number: int
+    status: _Status
+    where: Any
 
 
 def _parse(line: bytes) -> dict[str, Any]:
@@ -671,7 +726,14 @@ class _Asker:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _reply(self, prompt: str, item: _Item) -> Reply:
-        return self.chat.ask(prompt, image=item.image, schema=self.schema, **self.options)
+        reply = self.chat.ask(prompt, image=item.image, schema=self.schema, **self.options)
+        if self.schema is not None and reply.done_reason == "length" and reply.parsed is None:
+            # The chat keeps an answer cut short (parsed None); a line needs the object.
+            raise SchemaError(
+                "the answer was cut at max_tokens before its JSON ended; raise --max-tokens",
+                reply.text,
+            )
+        return reply
 
     def _firmer(self, prompt: str) -> str:
         assert self.schema is not None
@@ -718,10 +780,16 @@ class _Asker:
         return record
 
 
+#: What a file needs for a picture and prompt: nothing ("again": this run wrote its line;
+#: "skip": the file already has it), a copy of the line the same picture has under
+#: another name ("copy"), or the model's answer ("ask").
+_Plan = Literal["again", "skip", "copy", "ask"]
+
+
 class _Ledger:
     """The output file's side of a run: which picture and prompt to leave alone, each
     line written and counted, and when to stop. The one-machine run and the Ray driver
-    share it, so both skip, count and stop alike."""
+    share it, so both skip, copy, count and stop alike."""
 
     def __init__(
         self,
@@ -741,45 +809,72 @@ class _Ledger:
         self.max_failures_in_a_row = max_failures_in_a_row
         self.failures_in_a_row = 0
         self.bar: RunProgress | None = None  # set once the bar is drawn
-        self.asked: set[_Pair] = set()  # in this run, so a copy is not asked again
+        self.asked: set[_Pair] = set()  # answered in this run: a copy reuses the answer
+        self.written: set[tuple[_Identity, str, str]] = set()  # lines of this run
+        self.error_files: set[str] = set()  # files whose earlier error line was kept
 
     def to_ask(self) -> int:
-        """How many lines this run still expects to write, as far as it knows."""
-        left = self.summary.found - self.summary.skipped
+        """How many lines this run still expects the model to answer, as far as it knows."""
+        left = self.summary.found - self.summary.skipped - self.summary.copied
         return left if self.limit is None else min(self.limit * self.prompts, left)
 
-    def claim(self, identity: _Identity, prompt: str) -> bool:
-        """Whether this picture and prompt is to be asked (and written); when not, it is
-        counted as skipped: the file already has it, or this run has asked it."""
+    def plan(self, identity: _Identity, prompt: str, path: str) -> _Plan:
+        """What the file ``path`` needs for this picture and prompt (see ``_Plan``): every
+        file gets its line, and a picture is asked about once whatever its names."""
+        if (identity, prompt, path) in self.written:
+            return "again"
+        if _settled(self.output.own(identity, prompt, path), self.retry_errors):
+            return "skip"
         earlier = self.output.earlier(identity, prompt)
-        if self.leaves(identity, prompt):
-            self.summary.skipped += 1
-            self.summary.skipped_errors += earlier not in (None, "done")
-            if self.bar is not None:
-                self.bar.set_total(self.to_ask())
-            return False
-        self.asked.add((identity, prompt))
-        self.summary.retried += earlier is not None
-        return True
+        if (identity, prompt) in self.asked or _settled(earlier, self.retry_errors):
+            return "copy"
+        return "ask"
 
-    def leaves(self, identity: _Identity, prompt: str) -> bool:
-        """Whether this picture and prompt is not to be asked: the file already has its
-        line (an error too, unless retry_errors), or this run has asked it."""
-        earlier = self.output.earlier(identity, prompt)
-        return (identity, prompt) in self.asked or _settled(earlier, self.retry_errors)
+    def skip(self, identity: _Identity, prompt: str, path: str) -> None:
+        """Count a line the file already has."""
+        self.summary.skipped += 1
+        if self.output.own(identity, prompt, path) != "done":
+            self.summary.skipped_errors += 1
+            self.error_files.add(path)
+            self.summary.skipped_error_pictures = len(self.error_files)
+        if self.bar is not None:
+            self.bar.set_total(self.to_ask())
 
-    def write(self, answer: _Answer) -> None:
+    def copy(self, identity: _Identity, prompt: str, path: str) -> None:
+        """Write the file's line as a copy of the same picture's line under another name:
+        the answer, or the error, is the picture's, so the model is not asked again."""
+        record = self.output.answer(identity, prompt)
+        source = str(record.get("copy_of") or record["path"])
+        line = {**record, "path": path, "elapsed_s": 0.0, "copy_of": source}
+        line.pop("retry", None)  # never copied: a run stops on such a line
+        if "error" in line:  # the error names the file it is about
+            line["error"] = str(line["error"]).replace(str(record["path"]), path)
+        self.write(_Answer(line, 0.0), copied=True)
+
+    def write(self, answer: _Answer, *, copied: bool = False) -> None:
         """Append the line, count it; raise when the run should stop rather than go on
         failing (after the line is written)."""
         record = answer.record
+        identity, prompt = _key(record)
+        assert prompt is not None
+        path = str(record["path"])
+        self.summary.retried += self.output.own(identity, prompt, path) is not None
         self.output.append(record)
-        if "error" not in record:
-            self.summary.done += 1
+        self.written.add((identity, prompt, path))
+        self.asked.add((identity, prompt))
+        self.summary.copied += copied
+        failed = "error" in record
+        self.summary.done += not failed
+        self.summary.failed += failed
+        if copied:  # no answer of the model's: not in the bar's count, nor in a row
+            if self.bar is not None:
+                self.bar.set_total(self.to_ask())
+            return
+        if not failed:
             self.failures_in_a_row = 0
             if self.bar is not None:
                 self.bar.answered(answer.seconds)
             return
-        self.summary.failed += 1
         if self.bar is not None:
             self.bar.failed()
             self.bar.describe(f"captioning ({self.summary.failed} failed)")
@@ -793,8 +888,8 @@ class _Ledger:
         self.failures_in_a_row += 1
         if self.failures_in_a_row >= self.max_failures_in_a_row:
             raise BackendError(
-                f"stopped: the last {self.failures_in_a_row} pictures all failed in the engine "
-                f"(the last with {record['error']}); the results so far are in "
+                f"stopped: the last {count(self.failures_in_a_row, 'picture')} all failed in "
+                f"the engine (the last with {record['error']}); the results so far are in "
                 f"{self.output.path}"
             ) from answer.error
 
@@ -811,10 +906,16 @@ class _Run:
     def process(self, items: Iterator[_Item], limit: int | None) -> None:
         ledger = self.ledger
         for item in items:
-            wanted = [p for p in self.prompts if not ledger.leaves(item.identity, p)]
-            if wanted and limit is not None and self.pictures >= limit:
+            path = str(item.path)
+            plans = [(prompt, ledger.plan(item.identity, prompt, path)) for prompt in self.prompts]
+            asks = any(plan == "ask" for _, plan in plans)
+            if asks and limit is not None and self.pictures >= limit:
                 return
-            self.pictures += bool(wanted)
-            for prompt in self.prompts:
-                if ledger.claim(item.identity, prompt):  # counts the skipped ones
+            self.pictures += asks
+            for prompt, plan in plans:
+                if plan == "ask":
                     ledger.write(self.asker.answer(item, prompt))
+                elif plan == "copy":
+                    ledger.copy(item.identity, prompt, path)
+                elif plan == "skip":
+                    ledger.skip(item.identity, prompt, path)

@@ -15,17 +15,19 @@ driver alone writes it, appending each batch's lines as it finishes (JSON Lines;
 Parquet dataset, a folder of part files, with ``format="parquet"``), skipping what the
 file already holds, exactly as :func:`.caption.caption` resumes. Each worker also skips
 the pictures and prompts the file held when the run began, so a resumed run asks only
-what is missing.
+what is missing; a file whose picture the file held under another name gets a copy of
+that line (``copy_of``). Copies of a picture within one run may each be answered by a
+worker (they are not known to be copies before they are read): each file gets its own
+answer then.
 
 Faults:
 
 - a bad picture is an error line, never a failed job;
 - a worker that dies (killed, out of memory) is restarted by Ray and its unfinished
   batch is run again (Ray Data's actor pool sets ``max_restarts`` and
-  ``max_task_retries`` to -1, without limit); the lines of a batch that ran twice, and
-  any copy of a picture already written, are dropped by the driver, which
-  de-duplicates by picture (content hash, or path) and prompt before writing, so each
-  picture and prompt is written once;
+  ``max_task_retries`` to -1, without limit); the lines of a batch that ran twice are
+  dropped by the driver, which de-duplicates by file, picture (content hash, or path)
+  and prompt before writing, so each is written once;
 - a picture whose reading killed its worker ``MAX_WORKER_DEATHS`` times (a crash in the
   engine's C code, memory running out on that picture) is not tried again: it gets an
   ``ImageError`` line, as a broken file does, and the run goes on instead of restarting
@@ -42,8 +44,9 @@ Resources: each worker reserves ``cpus_per_worker`` CPUs (default: the llama.cpp
 engine's ``n_threads``, else 1) and llama.cpp runs that many threads. Ray Data's own
 tasks (reading a dataset) need a CPU besides the actors' (two one-CPU actors on a
 two-CPU instance wait forever), so a run needs ``workers x cpus_per_worker + 1``
-logical CPUs; the local instance started for a run is sized so, and joining a cluster
-with fewer is refused before anything starts.
+logical CPUs; the local instance started for a run is sized so (never refused: the
+extra CPU is a slot for Ray Data's reading, not a core), and joining a cluster with
+fewer is refused before anything starts.
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ from ..errors import (
 from ..picture_files import find_pictures
 from ..progress import RunProgress
 from ..structured import Schema
+from ..wording import count, plural
 from .caption import (
     CaptionSummary,
     _Answer,
@@ -131,8 +135,11 @@ def caption_ray(
     ``ray.data.Dataset`` with a ``path`` column of paths (and a ``bytes`` column, as
     ``read_binary_files(include_paths=True)`` gives, so workers need not see the files).
 
-    ``address``: None starts a local Ray instance for the run (all the machine's cores,
-    no dashboard) and stops it after, unless this process is connected to Ray already;
+    ``address``: None starts a new local Ray instance for the run and stops it after,
+    unless this process is connected to Ray already (a cluster that ``RAY_ADDRESS`` or
+    ``ray start`` names is joined only when asked for: ``"auto"``); it has no dashboard
+    and as many logical CPUs as the machine, or ``workers x cpus_per_worker + 1`` if
+    that is more, so it always fits the pool (threads beyond the cores share them).
     ``"auto"``, ``"HOST:PORT"`` or ``"ray://HOST:10001"`` joins a running cluster.
     ``workers``: actors in the pool (default: as many as the CPUs allow, keeping one for
     Ray Data); ``cpus_per_worker`` CPUs reserved for each, and llama.cpp's threads.
@@ -261,21 +268,43 @@ def _connect(ray: Any, address: str | None, workers: int | None, cpus: int) -> b
         return False
     if address is None:
         wanted = local_cpus_needed(workers or 1, cpus)
-        ray.init(
-            num_cpus=max(os.cpu_count() or 1, wanted),
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+        with _quiet_auth_notice():
+            ray.init(
+                address="local",  # a new instance, not one RAY_ADDRESS or `ray start` names
+                num_cpus=max(os.cpu_count() or 1, wanted),
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
     else:
         try:
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
+            with _quiet_auth_notice():
+                ray.init(address=address, log_to_driver=False, configure_logging=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise BackendError(
                 f"cannot join the Ray cluster at {address}: {exc}; start it with "
                 "`ray start --head` (or give its address: HOST:PORT, ray://HOST:10001, auto)"
             ) from None
     return True
+
+
+#: Where Ray says, at each start, that token authentication is on (or off).
+_AUTH_LOGGER = "ray._private.authentication"
+
+
+@contextlib.contextmanager
+def _quiet_auth_notice() -> Iterator[None]:
+    """Ray's warning at ``ray.init`` that token authentication is on ("Set RAY_AUTH_MODE=
+    disabled to opt out") is left out: the local instance is the run's own, and a
+    cluster's owner chose its mode. Nothing about the mode changes, and Ray's errors
+    still show."""
+    logger = logging.getLogger(_AUTH_LOGGER)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -306,8 +335,9 @@ def _pool_size(ray: Any, workers: int | None, cpus: int) -> int:
     needed = local_cpus_needed(workers, cpus)
     if needed > total:
         raise InvalidRequestError(
-            f"{workers} workers of {cpus} CPUs need {needed} CPUs with the one Ray Data "
-            f"reads with, and the Ray cluster has {total}; ask for fewer workers or threads"
+            f"{count(workers, 'worker')} of {count(cpus, 'CPU')} {plural(workers, 'needs')} "
+            f"{count(needed, 'CPU')} with the one Ray Data reads with, and the Ray cluster "
+            f"has {total}; ask for fewer workers or threads"
         )
     return workers
 
@@ -416,8 +446,8 @@ class _Worker:
         if deaths < MAX_WORKER_DEATHS:
             return item
         reason = (
-            f"reading it killed the worker {deaths} times (a crash in the engine, or memory "
-            "running out on this picture); it was not tried again: check the file, give the "
+            f"reading it killed the worker {count(deaths, 'time')} (a crash in the engine, or "
+            "memory running out on this picture); it was not tried again: check the file, give the "
             "workers more memory, and run again with --retry-errors (retry_errors=True) "
             "to ask about it"
         )
@@ -459,8 +489,12 @@ class _Job:
         ray = self.ray
         if dataset is None:
             items = [{"path": str(p), "file": str(p.absolute())} for p in pictures]
-            blocks = max(1, math.ceil(len(items) / batch_size))
+            # a block per worker at least, so each has work; and no more workers than
+            # blocks (Ray Data warns of a pool larger than its input, and each worker
+            # loads a model)
+            blocks = max(1, min(len(items), max(workers, math.ceil(len(items) / batch_size))))
             dataset = ray.data.from_items(items, override_num_blocks=blocks)
+            workers = min(workers, blocks)
         picker = None
         if hosts:
             picker = ray.remote(num_cpus=0)(_HostPicker).remote(list(hosts))
@@ -527,17 +561,26 @@ class _Driver:
         ledger = self.ledger
         record = row.get("skip") or row["line"]
         identity = _identity(record["sha256"], record["path"])
-        prompt = record["prompt"]
+        prompt, path = record["prompt"], str(record["path"])
+        plan = ledger.plan(identity, prompt, path)
+        if plan == "again":  # a batch run twice
+            return True
         if not self.counted:
             ledger.summary.found += 1
-        if "skip" in row:
-            ledger.claim(identity, prompt)  # settled when the run began: counted as skipped
+        if "skip" in row:  # its picture was settled when the run began
+            if plan == "copy":  # under another name: this file gets that line
+                ledger.copy(identity, prompt, path)
+            else:
+                ledger.skip(identity, prompt, path)
+            return True
+        if plan == "skip":
+            ledger.skip(identity, prompt, path)
             return True
         full = self.limit is not None and len(self.pictures) >= self.limit
-        if full and identity not in self.pictures and not ledger.leaves(identity, prompt):
+        if full and identity not in self.pictures:
             return False
-        if not ledger.claim(identity, prompt):  # a batch run twice, or a copy
-            return True
+        # a copy answered by a worker too (it was not settled when the run began): this
+        # file's own answer, as good as a copy and already paid for
         self.pictures.add(identity)
         now = time.monotonic()
         seconds, self.clock = now - self.clock, now  # the rate of the whole pool
@@ -563,6 +606,7 @@ class _ParquetOutput(_Output):
         ("error_type", "string"),
         ("rejected_text", "string"),
         ("retry", "bool"),
+        ("copy_of", "string"),
         ("model", "string"),
         ("backend", "string"),
         ("done_reason", "string"),
@@ -575,6 +619,9 @@ class _ParquetOutput(_Output):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self._pending: list[dict[str, Any]] = []
+        # where each pending line will be read back from: [part name, row], the name
+        # filled in when its part is written
+        self._pending_where: list[list[Any]] = []
         self._parts = 0
 
     def _open(self) -> int:
@@ -587,14 +634,31 @@ class _ParquetOutput(_Output):
         return os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
 
     def append(self, record: dict[str, Any]) -> None:
+        where = ["", len(self._pending)]
         self._pending.append(record)
-        self._remember(record)
+        self._pending_where.append(where)
+        self._remember(record, where)
+
+    def _read(self, where: Any) -> dict[str, Any]:
+        """The line at ``where``: a row of a part file, or one not written yet."""
+        import pyarrow.parquet as pq  # type: ignore[import-untyped]
+
+        part, row = where
+        if not part:
+            return dict(self._pending[row])
+        found = pq.read_table(self.path / part).slice(row, 1).to_pylist()[0]
+        kinds = dict(self.COLUMNS)
+        return {
+            name: json.loads(value) if kinds.get(name) == "json" and value is not None else value
+            for name, value in found.items()
+            if value is not None or name == "sha256"
+        }
 
     def flush(self) -> None:
         if not self._pending:
             return
-        import pyarrow as pa  # type: ignore[import-untyped]
-        import pyarrow.parquet as pq  # type: ignore[import-untyped]
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
         columns: dict[str, list[Any]] = {name: [] for name, _ in self.COLUMNS}
         for record in self._pending:
@@ -614,7 +678,9 @@ class _ParquetOutput(_Output):
         with open(temporary, "rb") as file:
             os.fsync(file.fileno())
         os.replace(temporary, self.path / name)
-        self._pending = []
+        for where in self._pending_where:
+            where[0] = name
+        self._pending, self._pending_where = [], []
 
     def _load(self) -> None:
         import pyarrow.parquet as pq
@@ -626,5 +692,6 @@ class _ParquetOutput(_Output):
                 raise InvalidRequestError(
                     f"{part} is not a caption part file; choose another output folder"
                 ) from None
-            for record in table.to_pylist():
-                self._remember({k: v for k, v in record.items() if v is not None or k == "sha256"})
+            for row, record in enumerate(table.to_pylist()):
+                kept = {k: v for k, v in record.items() if v is not None or k == "sha256"}
+                self._remember(kept, [part.name, row])

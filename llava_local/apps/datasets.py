@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import InvalidRequestError
 from ..picture_files import find_pictures
+from ..wording import count, plural
 
 __all__ = [
     "BUILT_IN",
@@ -69,7 +70,7 @@ __all__ = [
 #: The names of the built-in sets.
 BUILT_IN = ("digits", "shapes")
 
-# --- the demo model's vocabulary (kept equal to training/data.py; a test checks it) --------
+# --- the demo model's vocabulary (training/data.py trains with these) ---------------------
 
 #: The question the demo model was trained on first.
 DIGIT_PROMPT = "What digit is this?"
@@ -208,8 +209,8 @@ def render_digit(
 ) -> Image.Image:
     """An 8x8 digit of values 0..16 as black ink on white paper, ``size`` px square.
 
-    The same arithmetic as ``render_digit`` in training/data.py, so the model sees the
-    rendering it learnt from.
+    The demo model's training renders its digits with this too (training/data.py), so
+    the model sees the rendering it learnt from.
     """
     paper, ink = 255, 0
     grey = paper + (ink - paper) * (np.asarray(values, dtype=np.float32) / 16.0)
@@ -395,9 +396,10 @@ def _user_set(path: Path) -> list[LabelledPicture]:
         raise InvalidRequestError(f"no labelled pictures in {path}")
     missing = [p for p in pictures if isinstance(p.source, Path) and not p.source.is_file()]
     if missing:
+        first = ": " if len(missing) == 1 else ", the first: "
         raise InvalidRequestError(
-            f"{len(missing)} picture(s) listed in {path} do not exist, "
-            f"the first: {missing[0].source}"
+            f"{count(len(missing), 'picture')} listed in {path} {plural(len(missing), 'does')} "
+            f"not exist{first}{missing[0].source}"
         )
     return pictures
 

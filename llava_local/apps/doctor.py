@@ -29,6 +29,7 @@ from pydantic import BaseModel
 
 from .. import catalog, host
 from ..errors import LlavaLocalError
+from ..wording import count
 from . import models
 
 __all__ = ["Check", "doctor", "llama_cpp_build", "safe_cmake_args"]
@@ -128,7 +129,7 @@ def _ollama_checks(status: models.OllamaStatus, found: list[models.InstalledMode
     vision = [m.name for m in found if m.vision]
     unknown = [m.name for m in found if m.vision is None]
     if vision:
-        detail = f"{len(found)} model(s); with vision: {', '.join(vision)}"
+        detail = f"{count(len(found), 'model')}; with vision: {', '.join(vision)}"
         checks.append(Check(name="Ollama models", status="ok", detail=detail))
     elif found:
         names = ", ".join(m.name for m in found)
@@ -412,8 +413,8 @@ def _threads_check() -> Check:
     return Check(
         name="CPU threads",
         status="ok",
-        detail=f"{cores} physical core(s), {logical} logical: llama.cpp uses {cores} threads "
-        "(hyper-threads slow it down)",
+        detail=f"{count(cores, 'physical core')}, {logical} logical: llama.cpp uses "
+        f"{count(cores, 'thread')} (hyper-threads slow it down)",
     )
 
 

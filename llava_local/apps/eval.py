@@ -58,6 +58,7 @@ from ..chat import VisionChat
 from ..errors import ImageError, InvalidRequestError, SchemaError
 from ..progress import RunProgress
 from ..types import Message, PreparedImage, Reply
+from ..wording import count
 from .datasets import LabelledPicture, default_prompts, load_set
 from .wrappers import Wrapper, names, task_schema
 
@@ -155,14 +156,14 @@ class EvalReport(BaseModel):
     def __str__(self) -> str:
         lines = [f"{r.accuracy:.3f}  {_row_name(r)}" for r in self.results]
         lines.append(
-            f"{self.accuracy:.3f}  overall: {len(self.answers)} answers about "
-            f"{self.pictures} pictures in {self.seconds_total:.1f} s"
+            f"{self.accuracy:.3f}  overall: {count(len(self.answers), 'answer')} about "
+            f"{count(self.pictures, 'picture')} in {self.seconds_total:.1f} s"
         )
         return "\n".join(lines)
 
     def render(self) -> RenderableType:
         """Tables for a terminal: accuracy per prompt, then a confusion matrix per kind."""
-        title = f"{self.dataset}: {self.pictures} pictures, {self.model} ({self.backend})"
+        title = f"{self.dataset}: {count(self.pictures, 'picture')}, {self.model} ({self.backend})"
         how = [
             *(["JSON with the task's schema and the grammar, exact values"] * self.structured),
             *([f"{self.samples} samples per question"] * (self.samples > 1)),
@@ -207,7 +208,7 @@ class EvalReport(BaseModel):
         parts += [_confusion_table(kind, self.confusion(kind)) for kind in self.classes]
         parts.append(
             Text(
-                f"{len(self.answers)} answers in {self.seconds_total:.1f} s: "
+                f"{count(len(self.answers), 'answer')} in {self.seconds_total:.1f} s: "
                 f"{self.seconds_per_answer:.3f} s per answer, "
                 f"{self.seconds_per_picture:.3f} s per picture (all prompts)"
             )

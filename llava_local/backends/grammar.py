@@ -21,9 +21,10 @@ from ..structured import grammar_schema
 _CONVERTER_ERRORS = (ValueError, RuntimeError, KeyError, TypeError, AssertionError)
 
 
-def llama_grammar(schema: dict[str, Any]) -> Any:
-    """A ``LlamaGrammar`` for a JSON schema (already checked by ``json_schema``)."""
-    from llama_cpp.llama_grammar import LlamaGrammar, json_schema_to_gbnf
+def grammar_text(schema: dict[str, Any]) -> str:
+    """The GBNF grammar for a JSON schema (already checked by ``json_schema``), parsed
+    once by llama.cpp."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     problem = ""
     for patterns in (True, False):
@@ -33,7 +34,7 @@ def llama_grammar(schema: dict[str, Any]) -> Any:
             problem = f"{type(exc).__name__}: {exc}"
             continue
         if parses(text):
-            return LlamaGrammar.from_string(text, verbose=False)
+            return str(text)
         problem = "llama.cpp's grammar parser refused the converted grammar"
     raise InvalidRequestError(
         f"llama.cpp cannot turn this JSON schema into a grammar ({problem}); simplify the "

@@ -23,14 +23,27 @@ Two tiers:
 - **disk** (optional): one file per state in ``DIR/<identity digest>/``, bounded in
   bytes, least recently used (file mtime) out first. A file is written to a
   temporary name and renamed into place (``os.replace``), so readers, and other
-  processes sharing the directory, see a whole file or none; each read checks the
-  magic, the header, the length and a sha256 of everything, and a torn, truncated,
-  damaged or foreign file is ignored (and removed), never restored.
+  processes sharing the directory, see a whole file or none.
 
-File layout (version 1)::
+A state file is trusted only as far as it proves: each read bounds the header by the
+context's size before parsing it, the number of keys before expanding them (a header
+claiming 3e8 positions costs nothing), checks token ids against the vocabulary, the
+length, and an HMAC-SHA256 of everything with this user's key (:mod:`.state_key`), so a
+file this user's llava-local did not write (another user's, one copied from another
+machine, one edited by hand) is never restored. A torn, truncated, damaged, foreign or
+forged file is ignored (and, in the folder, removed), and any error while reading one
+means "not restored", never an exception. The engine checks the state itself too
+(:mod:`.kv_payload`) before llama.cpp reads it.
 
-    b"LLKVSTAT" | header length, u64 little-endian | header (JSON) | state | sha256
-    header: {"version": 1, "identity": {...}, "keys": [...], "state_bytes": N}
+The folder is this user's alone: created 0700, refused if another user owns it or
+others may write to it (they could plant states or make us delete files), and only
+names this module writes (``<32 hex>/<40 hex>.kvstate`` and their temporary files) are
+ever removed from it.
+
+File layout (version 2; version 1 had a plain sha256, and loads cold)::
+
+    b"LLKVSTAT" | header length, u64 little-endian | header (JSON) | state | HMAC-SHA256
+    header: {"version": 2, "identity": {...}, "keys": [...], "state_bytes": N}
 
 ``keys`` writes a text token as an int and a picture's positions as ``[sha256, n]``.
 """
@@ -40,8 +53,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import hmac
 import json
 import os
+import queue
+import re
+import stat
 import struct
 import tempfile
 import threading
@@ -52,17 +69,26 @@ from pathlib import Path
 from typing import Any, Final
 
 from .. import host
+from ..errors import InvalidRequestError
 from ..lru import ByteLRU
+from . import state_key
 
 #: One KV position: a text token id, or (picture hash, index within the picture).
 Key = int | tuple[str, int]
 
 MAGIC: Final = b"LLKVSTAT"
-VERSION: Final = 1
+VERSION: Final = 2
 SUFFIX: Final = ".kvstate"
 _LENGTH = struct.Struct("<Q")
-_DIGEST = 32  # sha256
-_MAX_HEADER = 64 << 20
+_DIGEST = 32  # HMAC-SHA256
+#: Header bytes besides the keys (the identity's dozen fields), and at most per key:
+#: a picture position alone in its run, ``["<64 hex>",1],``, is the longest.
+_HEADER_BASE = 16 << 10
+_HEADER_PER_KEY = 80
+#: The names this module writes in the folder, the only ones it ever removes.
+_FOLDER_NAME = re.compile(r"[0-9a-f]{32}")
+_STATE_NAME = re.compile(r"[0-9a-f]{40}" + re.escape(SUFFIX))
+_TMP_NAME = re.compile(r"\.[0-9a-f]{40}" + re.escape(SUFFIX) + r"\.[A-Za-z0-9_]+\.tmp")
 #: Temporary files older than this were left by a writer that died.
 _STALE_TMP_S = 3600
 #: Fingerprint of a model file: its size, its start (the GGUF header and the first
@@ -84,6 +110,24 @@ class KVState:
     @property
     def nbytes(self) -> int:
         return len(self.data) + 16 * len(self.keys)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a state read from a file may hold, checked before anything is allocated:
+    the engine's context (positions), vocabulary (token ids) and state size."""
+
+    max_keys: int = 1 << 20
+    n_vocab: int = 1 << 31
+    max_state_bytes: int = 1 << 40
+
+    @property
+    def max_header(self) -> int:
+        return _HEADER_BASE + _HEADER_PER_KEY * self.max_keys
+
+
+#: The bounds of a state read without an engine to say more (a million positions).
+NO_LIMITS: Final = Limits()
 
 
 def common_prefix(a: Sequence[Key], b: Sequence[Key]) -> int:
@@ -159,23 +203,37 @@ def _pack_keys(keys: Sequence[Key]) -> list[Any]:
     return out
 
 
-def _unpack_keys(packed: Any) -> tuple[Key, ...]:
+def _unpack_keys(packed: Any, limits: Limits) -> tuple[Key, ...]:
+    """The keys a header lists, refused (ValueError) if they are more than the context
+    holds or name a token outside the vocabulary: counted before they are expanded."""
     if not isinstance(packed, list):
         raise ValueError("keys is not a list")
-    keys: list[Key] = []
+    total = 0
     for item in packed:
         if isinstance(item, int) and not isinstance(item, bool):
-            keys.append(item)
+            if not 0 <= item < limits.n_vocab:
+                raise ValueError(f"token id {item:.40} is outside the vocabulary")
+            total += 1
         elif (
             isinstance(item, list)
             and len(item) == 2
             and isinstance(item[0], str)
+            and len(item[0]) <= 128
             and isinstance(item[1], int)
+            and not isinstance(item[1], bool)
             and item[1] > 0
         ):
-            keys.extend((item[0], i) for i in range(item[1]))
+            total += item[1]
         else:
             raise ValueError(f"bad key {item!r:.40}")
+        if total > limits.max_keys:
+            raise ValueError(f"more than {limits.max_keys} positions")
+    keys: list[Key] = []
+    for item in packed:
+        if isinstance(item, int):
+            keys.append(item)
+        else:
+            keys.extend((item[0], i) for i in range(item[1]))
     return tuple(keys)
 
 
@@ -191,20 +249,25 @@ def _header(ident: Mapping[str, str], state: KVState) -> bytes:
     ).encode()
 
 
-def write_state(path: Path, ident: Mapping[str, str], state: KVState) -> None:
-    """Write ``state`` to ``path`` atomically (temporary file, fsync, ``os.replace``).
+def write_state(
+    path: Path, ident: Mapping[str, str], state: KVState, *, key: bytes | None = None
+) -> None:
+    """Write ``state`` to ``path`` atomically (temporary file, fsync, ``os.replace``),
+    signed with ``key`` (this user's, :func:`.state_key.user_key`, by default).
 
-    Raises OSError (a full disk, no permission); the old file, if any, stays whole.
+    Raises OSError (a full disk, no permission, no safe key); the old file, if any,
+    stays whole.
     """
     header = _header(ident, state)
-    digest = hashlib.sha256(header)
-    digest.update(memoryview(state.data))
+    mac = state_key.signer(state_key.user_key() if key is None else key)
+    mac.update(header)
+    mac.update(memoryview(state.data))
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(MAGIC + _LENGTH.pack(len(header)) + header)
             f.write(memoryview(state.data))
-            f.write(digest.digest())
+            f.write(mac.digest())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
@@ -214,55 +277,66 @@ def write_state(path: Path, ident: Mapping[str, str], state: KVState) -> None:
         raise
 
 
-def read_header(path: Path) -> tuple[dict[str, Any], int] | None:
+def read_header(path: Path, limits: Limits = NO_LIMITS) -> tuple[dict[str, Any], int] | None:
     """The header of a state file and where its state starts, or None if it is not
-    one (nothing past the header is checked here)."""
+    one or is larger than ``limits`` allow (nothing past the header is checked here,
+    and nothing in it is authenticated yet: :func:`read_state` does that)."""
     try:
         with path.open("rb") as f:
             start = f.read(len(MAGIC) + _LENGTH.size)
             if len(start) != len(MAGIC) + _LENGTH.size or not start.startswith(MAGIC):
                 return None
             (length,) = _LENGTH.unpack(start[len(MAGIC) :])
-            if length > _MAX_HEADER:
+            if length > limits.max_header:
                 return None
             raw = f.read(length)
         header = json.loads(raw)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(header, dict) or header.get("version") != VERSION:
         return None
-    if not isinstance(header.get("state_bytes"), int) or not isinstance(
-        header.get("identity"), dict
-    ):
+    size = header.get("state_bytes")
+    if not isinstance(size, int) or not 0 < size <= limits.max_state_bytes:
+        return None
+    if not isinstance(header.get("identity"), dict):
         return None
     return header, len(start) + length
 
 
-def read_state(path: Path, ident: Mapping[str, str]) -> KVState | None:
-    """The state in ``path`` if it is whole, undamaged and made for ``ident``; else None."""
-    found = read_header(path)
+def read_state(
+    path: Path, ident: Mapping[str, str], limits: Limits = NO_LIMITS, *, key: bytes | None = None
+) -> KVState | None:
+    """The state in ``path`` if it is whole, within ``limits``, made for ``ident`` and
+    signed with ``key`` (this user's by default); else None, whatever is wrong with it."""
+    try:
+        return _read_state(path, ident, limits, key)
+    except Exception:  # any fault in a file means "read it again", never a crash
+        return None
+
+
+def _read_state(
+    path: Path, ident: Mapping[str, str], limits: Limits, key: bytes | None
+) -> KVState | None:
+    found = read_header(path, limits)
     if found is None:
         return None
     header, offset = found
     if header["identity"] != dict(ident):
         return None
     size = int(header["state_bytes"])
-    try:
-        keys = _unpack_keys(header.get("keys"))
-        with path.open("rb") as f:
-            if os.fstat(f.fileno()).st_size != offset + size + _DIGEST:
-                return None  # truncated, or something appended
-            raw_header = f.read(offset)[len(MAGIC) + _LENGTH.size :]
-            data = (ctypes.c_uint8 * size)()
-            if f.readinto(memoryview(data).cast("B")) != size:
-                return None
-            stored = f.read(_DIGEST)
-    except (OSError, ValueError, MemoryError):
-        return None
-    digest = hashlib.sha256(raw_header)
-    digest.update(memoryview(data))
-    if digest.digest() != stored:
-        return None
+    keys = _unpack_keys(header.get("keys"), limits)
+    mac = state_key.signer(state_key.user_key() if key is None else key)
+    with path.open("rb") as f:
+        if os.fstat(f.fileno()).st_size != offset + size + _DIGEST:
+            return None  # truncated, or something appended: before allocating its size
+        mac.update(f.read(offset)[len(MAGIC) + _LENGTH.size :])
+        data = (ctypes.c_uint8 * size)()
+        if f.readinto(memoryview(data).cast("B")) != size:
+            return None
+        stored = f.read(_DIGEST)
+    mac.update(memoryview(data))
+    if not hmac.compare_digest(mac.digest(), stored):
+        return None  # damaged, or not written with this user's key
     return KVState(keys, data)
 
 
@@ -276,6 +350,8 @@ class Candidate:
     shared: int
     source: str  # "memory" or "disk"
     load: Callable[[], KVState | None]
+    #: Forget it: a state llama.cpp refused, or that made a decode fail, is never offered again.
+    drop: Callable[[], None]
 
 
 class MemoryTier:
@@ -320,6 +396,9 @@ class MemoryTier:
     def get(self, keys: tuple[Key, ...]) -> KVState | None:
         return self._states.get(keys)
 
+    def drop(self, keys: tuple[Key, ...]) -> None:
+        self._states.pop(keys)
+
     def covers(self, keys: Sequence[Key]) -> bool:
         """Whether a kept state already holds all of ``keys``."""
         return any(common_prefix(stored, keys) >= len(keys) for stored, _ in self._states.items())
@@ -329,15 +408,34 @@ class MemoryTier:
 
 
 class DiskTier:
-    """States in files under ``directory``, shared by processes, bounded in bytes."""
+    """States in files under ``directory``, shared by processes, bounded in bytes.
 
-    def __init__(self, directory: Path, ident: Mapping[str, str], max_bytes: int) -> None:
-        self.root = directory
+    Opening checks the folder (:func:`private_folder`) and this user's key, raising
+    :class:`~llava_local.errors.InvalidRequestError` with what to do."""
+
+    def __init__(
+        self,
+        directory: Path,
+        ident: Mapping[str, str],
+        max_bytes: int,
+        limits: Limits = NO_LIMITS,
+    ) -> None:
+        self.root = private_folder(directory)
+        try:
+            state_key.user_key()
+        except OSError as exc:
+            raise InvalidRequestError(
+                f"the KV-state folder {directory} cannot be used: {exc.strerror or exc}"
+            ) from exc
         self.ident = dict(ident)
-        self.directory = directory / identity_digest(ident)[:32]
+        self.directory = self.root / identity_digest(ident)[:32]
         self.max_bytes = max_bytes
+        self.limits = limits
         # Headers read before, by (name, size, mtime): a lookup reads only new files.
         self._headers: dict[str, tuple[tuple[int, int], tuple[Key, ...]]] = {}
+        # Lookups and writes come from the engine's driver and from its background
+        # writer (other processes need no lock: files are renamed into place whole).
+        self._lock = threading.RLock()
 
     def path_for(self, keys: Sequence[Key]) -> Path:
         name = hashlib.sha256(json.dumps(_pack_keys(keys)).encode()).hexdigest()[:40]
@@ -345,14 +443,16 @@ class DiskTier:
 
     def _entries(self) -> Iterator[tuple[Path, tuple[Key, ...]]]:
         try:
-            files = list(self.directory.glob(f"*{SUFFIX}"))
+            files = [p for p in self.directory.iterdir() if _STATE_NAME.fullmatch(p.name)]
         except OSError:
             return
         seen = set()
         for path in files:
             try:
-                st = path.stat()
+                st = path.lstat()
             except OSError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
                 continue
             seen.add(path.name)
             version = (st.st_size, st.st_mtime_ns)
@@ -360,13 +460,13 @@ class DiskTier:
             if known is not None and known[0] == version:
                 yield path, known[1]
                 continue
-            found = read_header(path)
+            found = read_header(path, self.limits)
             keys: tuple[Key, ...] | None = None
             if found is not None and found[0]["identity"] == self.ident:
                 with contextlib.suppress(ValueError):
-                    keys = _unpack_keys(found[0].get("keys"))
+                    keys = _unpack_keys(found[0].get("keys"), self.limits)
             if keys is None:
-                _remove(path)  # not ours, or damaged: it would never be used
+                _remove(path)  # damaged, or for another context: it would never be used
                 continue
             self._headers[path.name] = (version, keys)
             yield path, keys
@@ -375,19 +475,21 @@ class DiskTier:
 
     def best(self, keys: Sequence[Key]) -> tuple[int, Path] | None:
         found: tuple[int, Path] | None = None
-        for path, stored in self._entries():
-            n = common_prefix(stored, keys)
-            if n and (found is None or n > found[0]):
-                found = (n, path)
+        with self._lock:
+            for path, stored in self._entries():
+                n = common_prefix(stored, keys)
+                if n and (found is None or n > found[0]):
+                    found = (n, path)
         return found
 
     def covers(self, keys: Sequence[Key]) -> bool:
-        return any(common_prefix(stored, keys) >= len(keys) for _, stored in self._entries())
+        with self._lock:
+            return any(common_prefix(stored, keys) >= len(keys) for _, stored in self._entries())
 
     def read(self, path: Path) -> KVState | None:
-        state = read_state(path, self.ident)
+        state = read_state(path, self.ident, self.limits)
         if state is None:
-            _remove(path)  # torn, truncated, damaged or foreign: read the prefix again
+            _remove(path)  # torn, damaged, forged or foreign: read the prefix again
             return None
         with contextlib.suppress(OSError):
             os.utime(path)  # recently used
@@ -399,39 +501,47 @@ class DiskTier:
         if len(state.data) + 4096 > self.max_bytes:
             return None
         path = self.path_for(state.keys)
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self._make_room(len(state.data))
-            write_state(path, self.ident, state)
-        except OSError:
-            return None
-        self._make_room(0)
+        with self._lock:
+            try:
+                with contextlib.suppress(FileExistsError):
+                    self.directory.mkdir(mode=0o700)
+                self._make_room(len(state.data))
+                write_state(path, self.ident, state)
+            except OSError:
+                return None
+            self._make_room(0)
+            keys = state.keys
+            for older, stored in list(self._entries()):  # states this one extends
+                if len(stored) < len(keys) and keys[: len(stored)] == stored:
+                    _remove(older)
         return path
 
     def _make_room(self, incoming: int) -> None:
-        """Remove the least recently used files (of every model) until ``incoming``
-        more bytes fit the budget; temporary files of writers that died go too."""
+        """Remove the least recently used states (of every model) until ``incoming``
+        more bytes fit the budget; temporary files of writers that died go too. Only
+        names this module writes are looked at: anything else in the folder stays."""
         files: list[tuple[float, int, Path]] = []
         now = time.time()
         try:
-            children = list(self.root.iterdir())
+            children = [c for c in self.root.iterdir() if _FOLDER_NAME.fullmatch(c.name)]
         except OSError:
             return
         for child in children:
             try:
-                paths = list(child.iterdir()) if child.is_dir() else []
+                paths = list(child.iterdir()) if not child.is_symlink() and child.is_dir() else []
             except OSError:
                 continue
             for path in paths:
                 try:
-                    st = path.stat()
+                    st = path.lstat()
                 except OSError:
                     continue
-                if path.name.endswith(".tmp"):
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                if _TMP_NAME.fullmatch(path.name):
                     if now - st.st_mtime > _STALE_TMP_S:
                         _remove(path)
-                    continue
-                if path.name.endswith(SUFFIX):
+                elif _STATE_NAME.fullmatch(path.name):
                     files.append((st.st_mtime, st.st_size, path))
         total = sum(size for _, size, _ in files)
         for _, size, path in sorted(files, key=lambda f: f[0]):
@@ -441,8 +551,81 @@ class DiskTier:
             total -= size
 
     def clear(self) -> None:
-        for path, _ in list(self._entries()):
-            _remove(path)
+        with self._lock:
+            for path, _ in list(self._entries()):
+                _remove(path)
+
+
+class BackgroundWriter:
+    """Writes states to a :class:`DiskTier` in a thread of its own, so that a turn never
+    waits for the disk: a state is on disk soon after its picture was read, even if the
+    process is then killed. At most ``pending`` states wait; more are dropped (a kept
+    state is only ever a cache)."""
+
+    def __init__(self, disk: DiskTier, pending: int = 2) -> None:
+        self.disk = disk
+        self._queue: queue.Queue[KVState | None] = queue.Queue(maxsize=pending)
+        self._thread = threading.Thread(target=self._run, name="llava-local KV writer", daemon=True)
+        self._thread.start()
+
+    def put(self, state: KVState) -> bool:
+        """Write ``state`` soon; False when too many wait already (it is dropped)."""
+        try:
+            self._queue.put_nowait(state)
+        except queue.Full:
+            return False
+        return True
+
+    def join(self) -> None:
+        """Wait until every state handed over is written (or failed)."""
+        self._queue.join()
+
+    def close(self) -> None:
+        """Write what waits, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            state = self._queue.get()
+            try:
+                if state is None:
+                    return
+                self.disk.write(state)
+            finally:
+                self._queue.task_done()
+
+
+def private_folder(directory: Path) -> Path:
+    """``directory``, created 0700 if missing; refused (InvalidRequestError) if another
+    user owns it or others may write to it: they could plant states there, or files
+    for us to delete."""
+    path = Path(directory).expanduser()
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.stat()
+    except OSError as exc:
+        raise InvalidRequestError(
+            f"cannot use {path} as the KV-state folder: {exc.strerror or exc}; choose a "
+            "folder you can write to"
+        ) from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise InvalidRequestError(f"the KV-state folder {path} is not a folder")
+    geteuid = getattr(os, "geteuid", None)
+    if geteuid is not None and st.st_uid != geteuid():
+        raise InvalidRequestError(
+            f"the KV-state folder {path} belongs to another user (uid {st.st_uid}); "
+            "KV states are read as the model's memory, so keep them in a folder of your "
+            "own, e.g. ~/.cache/llava-local/kv"
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022:
+        raise InvalidRequestError(
+            f"the KV-state folder {path} can be written by other users (mode {mode:04o}); "
+            f"KV states are read as the model's memory, so run `chmod 700 {path}` or "
+            "choose a folder of your own"
+        )
+    return path
 
 
 def _remove(path: Path) -> None:
@@ -463,7 +646,9 @@ class PrefixCache:
         memory, disk = self.memory, self.disk
         if memory is not None and (hit := memory.best(keys)) is not None:
             stored = hit[1]
-            found = Candidate(hit[0], "memory", lambda: memory.get(stored))
+            found = Candidate(
+                hit[0], "memory", lambda: memory.get(stored), lambda: memory.drop(stored)
+            )
         on_disk = disk.best(keys) if disk is not None else None
         if (
             disk is not None
@@ -471,7 +656,7 @@ class PrefixCache:
             and (found is None or on_disk[0] > found.shared)
         ):
             path = on_disk[1]
-            found = Candidate(on_disk[0], "disk", lambda: disk.read(path))
+            found = Candidate(on_disk[0], "disk", lambda: disk.read(path), lambda: _remove(path))
         return found
 
     def wants(self, keys: Sequence[Key]) -> tuple[bool, bool]:

@@ -45,6 +45,14 @@ class EngineConfig(BaseModel):
         engine when it opens, never part of the config, so a rebuilt chat lacks them."""
         return frozenset()
 
+    @classmethod
+    def conversation_names(cls) -> frozenset[str]:
+        """Settings a saved conversation records and loads again besides the model:
+        what decides which model answers and what fits its context. Never where to
+        connect (the engine's address is confirmed by the caller), keys, timeouts,
+        folders, memory or threads: a saved file is data, and may come from anyone."""
+        return frozenset()
+
     @field_validator("*", mode="before")
     @classmethod
     def _paths_as_text(cls, value: Any) -> Any:
@@ -82,6 +90,10 @@ class EngineSpec:
     #: The setting that holds a server's address, which the command line's ``--host``
     #: and the web page's address field fill (None: the engine runs in this process).
     address: str | None = None
+    #: The address a value of that setting means (None: from the environment or the
+    #: default), so two spellings of one server compare equal; raises
+    #: InvalidRequestError for a value that is no address.
+    resolve_address: Callable[[str | None], str] | None = None
 
 
 _ENGINES: dict[str, EngineSpec] = {}

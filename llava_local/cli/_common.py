@@ -11,6 +11,7 @@ Text from the library is never read as rich markup: ``pip install
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
@@ -26,6 +27,7 @@ from ..apps.models import pull_engines
 from ..backends import engine_names, registry
 from ..chat import VisionChat
 from ..errors import ContextOverflowError, LlavaLocalError
+from ..wording import count
 
 F = TypeVar("F", bound=Callable[..., Any])
 #: Messages on stderr: printed as they are (no markup, no line breaks added).
@@ -45,9 +47,22 @@ _FLAGS = {
     "base_url": "--host",
     "timeout": "--timeout",
     "max_tokens": "--max-tokens",
+    "force": "--force",
+    "retry_errors": "--retry-errors",
+    "task": "--task",
+    "vary": "--vary",
+    "schema": "--schema",
 }
-#: ``mmproj='path'`` or a bare ``mmproj=``, as a word of its own (never inside a path).
-_ARGUMENT = re.compile(rf"(?<![\w./\\-])({'|'.join(_FLAGS)})=(?:'([^'\s]*)'|(?=[\s,;:)]|$))")
+#: ``mmproj='path'``, ``n_ctx=4096``, ``force=True`` or a bare ``mmproj=``, as a word of
+#: its own (never inside a path).
+_ARGUMENT = re.compile(
+    rf"(?<![\w./\\-])({'|'.join(_FLAGS)})=(?:'([^'\s]*)'|(\d+)\b|True\b|(?=[\s,;:)]|$))"
+)
+#: Advice that has no flag, said the command line's way (the Python way first).
+_PHRASES = (
+    (re.compile(r", or pass pull=True\b"), ""),  # `ollama pull NAME` is already said
+    (re.compile(r"pass its key with api_key= or set OPENAI_API_KEY"), "set OPENAI_API_KEY"),
+)
 
 
 # click 8.5 made ParamType generic, older releases (still allowed) are not.
@@ -118,6 +133,13 @@ def engine_options(func: F) -> F:
             metavar="DIR",
             help="Keep KV states in DIR (llama.cpp engine): a picture read by an earlier "
             "run is restored, not read again.",
+        ),
+        click.option(
+            "--force",
+            is_flag=True,
+            default=None,
+            help="Load the model even when the memory check says it does not fit "
+            "(llama.cpp engine); the system may then kill the process.",
         ),
         click.option(
             "--kv-cache-mb",
@@ -192,6 +214,18 @@ class StatusLine:
             self._status = None
 
 
+def json_option(what: str) -> Callable[[F], F]:
+    """``--json``: ``what`` is printed as JSON on stdout, and so is an error, as
+    ``{"error": {"type": "ImageError", "message": "..."}}`` with exit status 1 (stdout
+    is the one stream a script reads; stderr keeps notices for the person)."""
+    return click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        help=f'{what} An error too, as {{"error": {{"type", "message"}}}} (exit status 1).',
+    )
+
+
 def quiet_option(func: F) -> F:
     """``--quiet``: no status line on stderr while the model loads and reads."""
     return click.option(
@@ -205,19 +239,74 @@ def cli_message(exc: LlavaLocalError, *, one_shot: bool = False) -> str:
     ``one_shot`` is for commands without a conversation (``ask``): there a turn that
     does not fit the context is the prompt's own length, not earlier turns.
     """
-    if one_shot and isinstance(exc, ContextOverflowError):
-        suggest = 2 ** math.ceil(math.log2(exc.needed + 256))
-        return (
-            f"this question needs {exc.needed} tokens (prompt, pictures and room to answer) "
-            f"but the context window holds {exc.available}: shorten the prompt, or raise "
-            f"--n-ctx above {exc.needed} (e.g. --n-ctx {suggest})"
-        )
+    if isinstance(exc, ContextOverflowError) and exc.needed and exc.available:
+        return _overflow(exc, one_shot=one_shot)
+    text = str(exc)
+    for pattern, replacement in _PHRASES:
+        text = pattern.sub(replacement, text)
+    if isinstance(exc, ContextOverflowError):  # a server's, without numbers
+        text = text.replace(" (reset())", " (/reset)" if _in_chat() else "")
+
+    command = _command()
+    options = _option_names(command) if command is not None else set(_FLAGS.values())
 
     def flag(match: re.Match[str]) -> str:
-        value = match.group(2)
-        return _FLAGS[match.group(1)] + (f" {value}" if value else "")
+        value = match.group(2) or match.group(3)
+        name = _FLAGS[match.group(1)]
+        if name not in options:  # a setting this command has no flag for: its name only
+            name = match.group(1)
+        return name + (f" {value}" if value else "")
 
-    return _ARGUMENT.sub(flag, str(exc))
+    return _ARGUMENT.sub(flag, text)
+
+
+def _overflow(exc: ContextOverflowError, *, one_shot: bool) -> str:
+    """A turn too long for the context window, with what to do here: the flag that sizes
+    the window, and ``/reset`` in ``chat``."""
+    needed, available = exc.needed, exc.available
+    setting = _FLAGS.get(exc.setting or "")
+    suggest = 2 ** math.ceil(math.log2(needed + 256))
+    larger = (
+        f"raise {setting} above {needed} (e.g. {setting} {suggest})"
+        if setting
+        else "give the server a larger context"
+    )
+    alone = "the picture alone needs" if one_shot else "the pictures alone need"
+    if exc.pictures >= available:
+        return (
+            f"{alone} {count(exc.pictures, 'position')} but the context window holds "
+            f"{available}: {larger}"
+        )
+    takes = "the picture takes" if one_shot else "the pictures take"
+    pictures = f"; {takes} {exc.pictures}" if exc.pictures else ""
+    if one_shot or not _in_chat():
+        return (
+            f"this question needs {count(needed, 'token')} (prompt, pictures and room to "
+            f"answer{pictures}) but the context window holds {available}: shorten the "
+            f"prompt, or {larger}"
+        )
+    return (
+        f"this turn needs {count(needed, 'token')} with the conversation before it (room "
+        f"to answer included{pictures}) but the context window holds {available}: /reset "
+        f"to start a new conversation, ask a shorter question, or start again and {larger}"
+    )
+
+
+def _command() -> click.Command | None:
+    """The command running (the one printing), if any."""
+    context = click.get_current_context(silent=True)
+    return None if context is None else context.command
+
+
+def _option_names(command: click.Command) -> set[str]:
+    """The flags ``command`` takes (``--n-ctx``, ``-m``, ...)."""
+    return {name for param in command.params for name in getattr(param, "opts", ())}
+
+
+def _in_chat() -> bool:
+    """Whether the command printing is the ``chat`` REPL (which has ``/reset``)."""
+    command = _command()
+    return command is not None and command.name == "chat"
 
 
 def print_error(
@@ -228,15 +317,22 @@ def print_error(
     (console or err_console).print(line, soft_wrap=True)
 
 
-def run_safely(action: Callable[[], None], *, one_shot: bool = False) -> None:
+def run_safely(
+    action: Callable[[], None], *, one_shot: bool = False, as_json: bool = False
+) -> None:
     """Run a command body, turning library errors and Ctrl-C into clean exits.
 
     ``one_shot``: the command asks one question with no conversation before it.
+    ``as_json``: the command's ``--json``; an error is then printed as JSON on stdout.
     """
     try:
         action()
     except LlavaLocalError as exc:
-        print_error(exc, one_shot=one_shot)
+        if as_json:
+            error = {"type": type(exc).__name__, "message": cli_message(exc, one_shot=one_shot)}
+            click.echo(json.dumps({"error": error}, indent=2, ensure_ascii=False))
+        else:
+            print_error(exc, one_shot=one_shot)
         sys.exit(1)
     except KeyboardInterrupt:
         err_console.print("interrupted")

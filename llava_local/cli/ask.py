@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import sys
 from typing import Any
 
 import click
 
-from ..images import looks_like_picture_path
-from ._common import StatusLine, engine_options, open_chat, quiet_option, run_safely
+from ..images import looks_like_picture_path, read_source
+from ._common import (
+    StatusLine,
+    engine_options,
+    json_option,
+    open_chat,
+    quiet_option,
+    run_safely,
+)
 
 
 @click.command()
@@ -20,7 +28,7 @@ from ._common import StatusLine, engine_options, open_chat, quiet_option, run_sa
 @click.option("--max-tokens", type=int, help="Stop after this many tokens.")
 @click.option("--seed", type=int, help="Random seed, for repeatable sampling.")
 @click.option("--no-stream", is_flag=True, help="Print the answer only when it is complete.")
-@click.option("--json", "as_json", is_flag=True, help="Print the reply with its stats as JSON.")
+@json_option("Print the reply with its stats as JSON.")
 @quiet_option
 def ask(
     *,
@@ -41,10 +49,10 @@ def ask(
             f"{prompt!r} looks like the picture and {image!r} like the question: "
             "the picture comes first (llava-local ask IMAGE PROMPT)"
         )
-    source: Any = sys.stdin.buffer.read() if image == "-" else image
     status = StatusLine(not quiet)
 
     def body() -> None:
+        source = _read_picture(image)
         try:
             with open_chat(
                 **engine,
@@ -65,4 +73,18 @@ def ask(
         finally:
             status.stop()
 
-    run_safely(body, one_shot=True)
+    run_safely(body, one_shot=True, as_json=as_json)
+
+
+class _Picture(io.BytesIO):
+    """A picture's bytes in memory under the name they were read by (what errors say)."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        super().__init__(data)
+        self.name = name
+
+
+def _read_picture(image: str) -> _Picture:
+    """IMAGE's bytes, read before an engine is chosen and loaded: a picture that is not
+    there is then the one thing said, not the second after a notice about the engine."""
+    return _Picture(*read_source(sys.stdin.buffer if image == "-" else image))

@@ -13,7 +13,7 @@ import click
 from rich.console import Console
 
 from ..apps import bench as _bench
-from ._common import engine_options, err_console, open_chat, run_safely
+from ._common import engine_options, err_console, json_option, open_chat, run_safely
 
 
 @click.command()
@@ -33,7 +33,7 @@ from ._common import engine_options, err_console, open_chat, run_safely
     show_default=True,
     help="New tokens per answer (greedy decoding).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option("Print the result as JSON.")
 def bench(*, image: str | None, turns: int, max_tokens: int, as_json: bool, **engine: Any) -> None:
     """Time a short conversation about IMAGE (a path, a URL, or - for standard input).
 
@@ -55,4 +55,4 @@ def bench(*, image: str | None, turns: int, max_tokens: int, as_json: bool, **en
         else:
             _bench.render(result, Console(file=sys.stdout, markup=False))
 
-    run_safely(body)
+    run_safely(body, as_json=as_json)

@@ -8,7 +8,11 @@ pictures already recorded are skipped, those that failed too unless --retry-erro
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +22,8 @@ from ..apps.caption import caption as caption_pictures
 from ..apps.caption import read_prompts
 from ..apps.caption_ray import caption_ray
 from ..errors import InvalidRequestError, LlavaLocalError
-from ._common import engine_options, err_console, open_chat, run_safely
+from ..wording import count, plural
+from ._common import engine_options, err_console, json_option, open_chat, run_safely
 
 
 def _load_schema(
@@ -99,7 +104,7 @@ def _load_schema(
 @click.option("--max-tokens", type=int, help="Stop each answer after this many tokens.")
 @click.option("--seed", type=int, help="Random seed, for repeatable sampling.")
 @click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@json_option("Print the summary as JSON.")
 def caption(
     *,
     inputs: tuple[str, ...],
@@ -161,17 +166,18 @@ def caption(
                 else:
                     config = chat.config
                     chat.close()  # the workers load their own engines
-                    summary = caption_ray(
-                        config,
-                        list(inputs),
-                        out,
-                        address=None if ray_address == "local" else ray_address,
-                        workers=workers,
-                        cpus_per_worker=engine.get("threads"),
-                        hosts=hosts if len(hosts) > 1 else None,
-                        format="parquet" if output_format == "parquet" else "jsonl",
-                        **job,
-                    )
+                    with _native_stderr_aside():
+                        summary = caption_ray(
+                            config,
+                            list(inputs),
+                            out,
+                            address=None if ray_address == "local" else ray_address,
+                            workers=workers,
+                            cpus_per_worker=engine.get("threads"),
+                            hosts=hosts if len(hosts) > 1 else None,
+                            format="parquet" if output_format == "parquet" else "jsonl",
+                            **job,
+                        )
             except (LlavaLocalError, KeyboardInterrupt) as exc:
                 if not isinstance(exc, InvalidRequestError):
                     err_console.print(
@@ -185,15 +191,17 @@ def caption(
         else:
             click.echo(str(summary))
         if summary.skipped_errors:
+            files, lines = summary.skipped_error_pictures, summary.skipped_errors
+            per_prompt = f" ({count(lines, 'error line')})" if lines != files else ""
             err_console.print(
-                f"{summary.skipped_errors} pictures kept the error of an earlier run; "
-                "--retry-errors asks about them again",
+                f"{count(files, 'picture')} kept the error of an earlier run{per_prompt}; "
+                f"--retry-errors asks about {plural(files, 'it')} again",
                 soft_wrap=True,
             )
         if not summary.found:
             err_console.print(f"no pictures found in {' '.join(inputs)}", soft_wrap=True)
 
-    run_safely(body)
+    run_safely(body, as_json=as_json)
 
 
 def _several_hosts(command: click.Command) -> click.Command:
@@ -211,6 +219,44 @@ def _several_hosts(command: click.Command) -> click.Command:
 
 
 caption = _several_hosts(caption)
+
+
+@contextlib.contextmanager
+def _native_stderr_aside() -> Iterator[None]:
+    """Ray's C++ core, in this process, writes its error-level log lines (such as
+    "core_worker.cc ... E ... Actor ... has constructor arguments in the object store",
+    about Ray Data's own actors) straight to file descriptor 2, as well as to its log
+    files in the session folder. For the run, descriptor 2 goes to /dev/null and
+    Python's ``sys.stderr`` (the progress bar, our messages, Python warnings) keeps the
+    terminal through a copy of it; both are put back after."""
+    sys.stderr.flush()
+    try:
+        python_fd2 = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # a stream of its own (tests, IDEs)
+        python_fd2 = False
+    saved = os.dup(2)
+    python_stderr = sys.stderr
+    if python_fd2:
+        sys.stderr = open(  # noqa: SIM115  # closed below, after the run
+            saved,
+            "w",
+            encoding=python_stderr.encoding,
+            errors="backslashreplace",
+            buffering=1,
+            closefd=False,
+        )
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    os.close(null)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        if python_fd2:
+            sys.stderr.close()
+            sys.stderr = python_stderr
+        os.close(saved)
 
 
 def _ray_address(text: str) -> bool:

@@ -25,6 +25,7 @@ from ..chat import VisionChat
 from ..errors import LlavaLocalError, NoPictureWarning
 from ..images import ImageSource, prepare
 from ..types import PreparedImage
+from ..wording import count
 from ._common import (
     StatusLine,
     engine_options,
@@ -143,7 +144,7 @@ class Repl:
         self.chat.restore(Path(path))
         self.pending = []
         turns = len(self.chat.history) // 2
-        self.out.print(f"loaded {turns} turn{'s' if turns != 1 else ''} from {path}", markup=False)
+        self.out.print(f"loaded {count(turns, 'turn')} from {path}", markup=False)
 
     def answer(self, prompt: str) -> None:
         """Stream one answer; Ctrl-C stops it and the turn is not kept."""

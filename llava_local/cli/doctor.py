@@ -8,7 +8,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..apps.doctor import doctor as run_doctor
-from ._common import run_safely
+from ._common import json_option, run_safely
 
 _MARKS = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[bold red]FAIL[/]"}
 
@@ -23,7 +23,7 @@ _MARKS = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[bold red]FA
     is_flag=True,
     help="Do not test the llama.cpp build in a subprocess (read its features only).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+@json_option("Print the checks as JSON.")
 def doctor(*, host: str | None, timeout: float, no_probe: bool, as_json: bool) -> None:
     """Check Ollama, llama.cpp (and the AMX trap), models, threads, memory and disk."""
     failed: list[bool] = []
@@ -45,7 +45,7 @@ def doctor(*, host: str | None, timeout: float, no_probe: bool, as_json: bool) -
             table.add_row(_MARKS[check.status], check.name, text)
         Console(highlight=False).print(table)
 
-    run_safely(body)
+    run_safely(body, as_json=as_json)
     if failed and failed[0]:
         raise SystemExit(1)
 

@@ -14,7 +14,7 @@ from rich.console import Console
 from ..apps.datasets import BUILT_IN, RESAMPLING, default_prompts, load_set
 from ..apps.eval import evaluate
 from ..apps.wrappers import HELD_OUT, load_wrappers
-from ._common import _ParamType, engine_options, open_chat, run_safely
+from ._common import _ParamType, engine_options, json_option, open_chat, run_safely
 
 
 class _Temperature(_ParamType):  # type: ignore[misc]
@@ -94,7 +94,7 @@ class _Temperature(_ParamType):  # type: ignore[misc]
 @click.option("--seed", type=int, help="Sampling seed; sample i uses SEED+i.")
 @click.option("--max-tokens", type=int, help="Stop each answer after this many tokens (64).")
 @click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
-@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
+@json_option("Print the whole report as JSON.")
 def eval_command(
     *,
     dataset: str,
@@ -162,4 +162,4 @@ def eval_command(
         else:
             Console(highlight=False).print(report.render())
 
-    run_safely(body)
+    run_safely(body, as_json=as_json)

@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..apps.models import ModelsReport, PullResult, list_models, pull
-from ._common import EngineName, run_safely
+from ._common import EngineName, json_option, run_safely
 
 
 def _size(n: int | None) -> str:
@@ -30,7 +30,7 @@ def _yes(value: bool | None) -> str:
 @click.option(
     "--timeout", type=float, default=1.0, show_default=True, help="Seconds to wait for Ollama."
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
+@json_option("Print the whole report as JSON.")
 def models(*, host: str | None, timeout: float, as_json: bool) -> None:
     """List installed models, the catalogue, and what fits in memory."""
 
@@ -41,7 +41,7 @@ def models(*, host: str | None, timeout: float, as_json: bool) -> None:
         else:
             _print_report(report, Console(highlight=False, soft_wrap=False))
 
-    run_safely(body)
+    run_safely(body, as_json=as_json)
 
 
 #: Below this width the tables drop their borders and the columns they can spare, so
@@ -155,7 +155,7 @@ def _print_catalogue(
 @click.option("--host", help="Ollama address (default: OLLAMA_HOST or 127.0.0.1:11434).")
 @click.option("--revision", help="Hugging Face revision (branch, tag or commit) of the GGUF pair.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-@click.option("--json", "as_json", is_flag=True, help="Print what was fetched as JSON.")
+@json_option("Print what was fetched as JSON.")
 def pull_command(**options: Any) -> None:
     """Fetch NAME: a catalogue model's GGUF pair, or an Ollama tag through the daemon.
 
@@ -178,7 +178,7 @@ def pull_command(**options: Any) -> None:
         else:
             _print_pulled(result)
 
-    run_safely(body)
+    run_safely(body, as_json=as_json)
 
 
 def _print_pulled(result: PullResult) -> None:

@@ -10,17 +10,20 @@ Routes (FastAPI, served by uvicorn; ``pip install 'llava-local[serve]'``):
 
 How a chat request flows, module by module:
 
-1. :mod:`.middleware` logs it (one line at its end) and checks the API key;
-   :mod:`.app` routes it to :mod:`.openai_api` or :mod:`.ollama_api`.
-2. The protocol module reads the body (:mod:`.bodies`: size limit, JSON, its pydantic
-   model), checks the model name, and turns the messages into the protocol-neutral
-   :class:`~.pictures.Wanted` (role, text, pictures as sent), its options and schema
-   into the chat's.
-3. :func:`.turns.respond` admits it to the queue (503 with ``Retry-After`` when full),
-   reads and prepares its pictures in a worker thread (:mod:`.pictures`: data URIs,
-   base64 and, unless ``Limits.picture_urls`` is off, http(s) URLs; never a path on
-   this machine), waits for the model (one turn at a time), and reads the answer's
-   first piece before any status is sent, so an early error gets its own status.
+1. :mod:`.middleware` logs it (one line at its end), checks its ``Host`` header (DNS
+   rebinding), answers CORS preflights, and checks the API key; :mod:`.app` routes it
+   to :mod:`.openai_api` or :mod:`.ollama_api`.
+2. The protocol module reads the body (:mod:`.bodies`: ``application/json`` only,
+   size and nesting limits, its pydantic model), checks the model name, and turns the
+   messages into the protocol-neutral :class:`~.pictures.Wanted` (role, text, pictures
+   as sent), its options and schema into the chat's.
+3. :func:`.turns.respond` checks the schema's cost, downloads the pictures given as
+   http(s) URLs when ``Limits.picture_urls`` allows it (:mod:`.downloads`: public
+   addresses only, in the event loop, before it queues), admits it to the queue (503
+   with ``Retry-After`` when full), reads and prepares its pictures in a worker thread
+   (:mod:`.pictures`: data URIs, base64, downloaded bytes; never a path on this
+   machine), waits for the model (one turn at a time), and reads the answer's first
+   piece before any status is sent, so an early error gets its own status.
 4. Both protocols are stateless: each request resends the whole conversation, and
    :meth:`VisionChat.answer` on the ONE shared chat lets the llama.cpp engine's
    token-by-token prefix match (pictures by content hash) read only what is new.
@@ -36,7 +39,8 @@ Errors have each protocol's shape and status, never a traceback (:mod:`.errors`)
 from __future__ import annotations
 
 from .app import check_installed, create_app
+from .downloads import HostPort
 from .limits import MB, Limits
-from .server import serve
+from .server import capacity, serve
 
-__all__ = ["MB", "Limits", "check_installed", "create_app", "serve"]
+__all__ = ["MB", "HostPort", "Limits", "capacity", "check_installed", "create_app", "serve"]

@@ -1,12 +1,11 @@
 """The FastAPI app: the routes of both protocols over one shared engine, the health
-routes, each error in its protocol's shape, and the middleware (request log, API key,
-CORS)."""
+routes, each error in its protocol's shape, and the middleware (request log, Host check,
+CORS, API key, a 500 for bugs)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -16,7 +15,7 @@ from ...chat import VisionChat
 from ...errors import MissingDependencyError
 from .errors import ApiError
 from .limits import Limits
-from .middleware import LogRequests, RequireKey
+from .middleware import CatchErrors, CheckHost, HostNames, LogRequests, RequireKey
 from .model_info import default_name, model_facts
 from .ollama_api import OllamaRoutes
 from .openai_api import OpenAIRoutes
@@ -26,8 +25,6 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
     from starlette.requests import Request
     from starlette.responses import Response
-
-log = logging.getLogger("llava_local.serve")
 
 
 def check_installed() -> None:
@@ -55,20 +52,25 @@ def create_app(
     api_key: str | None = None,
     cors: Sequence[str] = (),
     close_chat: bool = True,
+    bind: str = "127.0.0.1",
+    allow_hosts: Sequence[str] = (),
 ) -> FastAPI:
     """The HTTP app answering with ``chat``'s engine (shared by every request).
 
     ``name`` is the model name clients use (default: the engine's catalogue name, or
     its file name without ``.gguf``); ``limits`` what a request may bring (sizes, the
-    queue, whether picture URLs are fetched); ``api_key`` a bearer token every route but
-    ``/health`` and ``/`` requires; ``cors`` the origins allowed to call it from a
-    browser (none by default). The chat is closed when the app shuts down, unless
-    ``close_chat`` is False."""
+    queue, which picture URLs are downloaded: none by default); ``api_key`` a bearer
+    token every route but ``/health`` and ``/`` requires; ``cors`` the origins allowed
+    to call it from a browser (none by default). ``bind`` is the address it is served
+    on and, with ``allow_hosts``, decides which ``Host`` headers it answers (see
+    :class:`~.middleware.HostNames`). The chat is closed when the app shuts down,
+    unless ``close_chat`` is False."""
     fastapi = fastapi_module()
     from starlette.exceptions import HTTPException
 
     chat.allow_text_only = True  # a text-only question is the client's choice
-    engine = Engine(chat, name or default_name(chat), limits or Limits())
+    parallel = max(1, int(getattr(chat.engine, "parallel", 1)))  # the engine's slots
+    engine = Engine(chat, name or default_name(chat), limits or Limits(), parallel=parallel)
     openai = OpenAIRoutes(engine)
     ollama = OllamaRoutes(engine, model_facts(chat))
 
@@ -76,6 +78,7 @@ def create_app(
     async def lifespan(app: Any) -> AsyncIterator[None]:
         yield
         engine.stop()
+        await engine.downloads.aclose()
         if close_chat:
             await asyncio.to_thread(chat.close)
 
@@ -90,7 +93,6 @@ def create_app(
     app.state.engine = engine
     app.add_exception_handler(ApiError, _on_api_error)
     app.add_exception_handler(HTTPException, _on_http_error)
-    app.add_exception_handler(Exception, _on_bug)
     routes: list[tuple[str, Callable[..., Any], str]] = [
         ("/", _root, "GET"),
         ("/health", _Health(engine).answer, "GET"),
@@ -104,6 +106,10 @@ def create_app(
     ]
     for path, endpoint, method in routes:
         app.add_api_route(path, endpoint, methods=[method], response_model=None)
+    # The last one added is the outermost (see the order in .middleware).
+    app.add_middleware(CatchErrors)
+    if api_key:
+        app.add_middleware(RequireKey, api_key=api_key)
     if cors:
         from starlette.middleware.cors import CORSMiddleware
 
@@ -113,8 +119,7 @@ def create_app(
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["*"],
         )
-    if api_key:
-        app.add_middleware(RequireKey, api_key=api_key)
+    app.add_middleware(CheckHost, names=HostNames(bind, allow_hosts))
     app.add_middleware(LogRequests)
     return app
 
@@ -131,9 +136,12 @@ class _Health:
             "status": "ok",
             "model": engine.name,
             "busy": engine.busy,
-            "waiting": max(0, engine.admitted - (1 if engine.busy else 0)),
+            "running": engine.running,
+            "parallel": engine.parallel,
+            "waiting": max(0, engine.admitted - engine.running),
             "served": engine.served,
             "cancelled": engine.cancelled,
+            "downloading": engine.downloads.active,
         }
 
 
@@ -158,9 +166,3 @@ async def _on_http_error(request: Request, exc: Exception) -> Response:
     else:
         text = str(getattr(exc, "detail", exc))
     return ApiError(status, text).response(request.url.path)
-
-
-async def _on_bug(request: Request, exc: Exception) -> Response:
-    log.exception("unexpected error answering %s %s", request.method, request.url.path)
-    error = ApiError(500, f"internal error: {exc!r}", kind="server_error")
-    return error.response(request.url.path)

@@ -2,11 +2,13 @@
 
 OpenAI's routes answer ``{"error": {"message", "type", "param", "code"}}``, Ollama's
 (``/api/...``) ``{"error": "message"}``; :func:`library_error` maps what the chat
-raised to a status and a message.
+raised to a status and a message. A 500 names the failure and nothing of its
+exception: the traceback goes to the server's log, once.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -17,9 +19,12 @@ from ...errors import (
     LlavaLocalError,
     SchemaError,
 )
+from ...protocols import ollama, openai
 
 if TYPE_CHECKING:
     from starlette.responses import Response
+
+log = logging.getLogger("llava_local.serve")
 
 
 class ApiError(Exception):
@@ -45,15 +50,11 @@ class ApiError(Exception):
 
     def body(self, path: str) -> dict[str, Any]:
         if is_ollama(path):
-            return {"error": self.message}
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.kind,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+            return ollama.ErrorBody(error=self.message).model_dump()
+        detail = openai.ErrorDetail(
+            message=self.message, type=self.kind, param=self.param, code=self.code
+        )
+        return openai.ErrorBody(error=detail).model_dump()
 
     def response(self, path: str) -> Response:
         from starlette.responses import JSONResponse
@@ -85,7 +86,16 @@ def library_error(exc: LlavaLocalError, param: str | None = None) -> ApiError:
     if isinstance(exc, InvalidRequestError):
         return ApiError(400, str(exc), param=param)
     if isinstance(exc, SchemaError):
+        log.error("the answer does not fit the request's schema: %s", exc)
         return ApiError(
-            500, f"{exc} (the answer was: {exc.text[:200]!r})", kind="server_error", code="schema"
+            500,
+            "the model's answer does not fit the requested JSON schema (the grammar "
+            "could not carry all of the schema, such as a pattern it leaves out); "
+            "simplify the schema",
+            kind="server_error",
+            code="schema",
         )
-    return ApiError(500, f"the engine failed: {exc}", kind="server_error")
+    log.error("the engine failed", exc_info=exc)
+    return ApiError(
+        500, "the engine failed while answering; the server's log says why", kind="server_error"
+    )

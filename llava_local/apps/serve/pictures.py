@@ -1,9 +1,11 @@
 """A request's conversation as it came, and reading its pictures.
 
-Both protocols' messages become :class:`Wanted` (role, text, pictures not read yet);
-:func:`prepare_all` then reads each picture from the request only (a data URI, base64
-text or, unless :attr:`Limits.picture_urls` is off, an http(s) URL; never a path on
-this machine), within the size limit, and prepares it as the chat would.
+Both protocols' messages become :class:`Wanted` (role, text, pictures not read yet).
+:func:`download_all` then downloads the pictures given as http(s) URLs, when the
+server allows them (:mod:`.downloads`), in the event loop and before the request
+queues for the model; :func:`prepare_all` reads each picture from the request only (a
+data URI, base64 text or those downloaded bytes; never a path on this machine),
+within the size limit, and prepares it as the chat would.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ...errors import ImageError
-from ...images import decode_base64, decode_data_uri, fetch_url, prepare
+from ...images import decode_base64, decode_data_uri, prepare
 from ...types import Message, PreparedImage
+from .downloads import Downloads, DownloadsBusyError
 from .errors import ApiError, library_error
 from .limits import Limits
 
@@ -35,6 +38,13 @@ class Picture:
     where: str  # the request field, for error messages
     source: str  # data URI, http(s) URL or base64
     base64_only: bool = False  # Ollama's images: base64 text and nothing else
+    downloaded: bytes | None = None  # an http(s) URL's body, once downloaded
+
+    @property
+    def is_url(self) -> bool:
+        return not self.base64_only and self.source.strip()[:8].lower().startswith(
+            ("http://", "https://")
+        )
 
 
 @dataclass
@@ -64,6 +74,44 @@ def wanted(i: int, role: str, text: str, pictures: list[Picture]) -> Wanted:
     return Wanted(known, text, pictures)
 
 
+def urls(wanted: list[Wanted]) -> list[Picture]:
+    """The pictures given as http(s) URLs."""
+    return [picture for item in wanted for picture in item.pictures if picture.is_url]
+
+
+async def download_all(wanted: list[Wanted], downloads: Downloads) -> None:
+    """Download the pictures given as http(s) URLs, one after the other (in the event
+    loop: no thread, no place in the queue). 400 for a URL the server does not
+    download, 503 when every download slot stays taken."""
+    for picture in urls(wanted):
+        if not downloads.limits.picture_urls:
+            raise ApiError(
+                400,
+                f"{picture.where}: this server does not download pictures (picture URLs "
+                "are off unless it is started with --picture-urls); send the picture as "
+                "a data URI (data:image/png;base64,...) instead",
+                code="invalid_image_url",
+                param=picture.where,
+            )
+        try:
+            picture.downloaded = await downloads.fetch(picture.source.strip())
+        except ImageError as exc:
+            raise ApiError(
+                400, f"{picture.where}: {exc}", code="invalid_image_url", param=picture.where
+            ) from None
+        except DownloadsBusyError:
+            limits = downloads.limits
+            raise ApiError(
+                503,
+                f"the server is busy: all {limits.downloads} picture downloads stayed taken "
+                f"for {limits.fetch_timeout:g} s; try again shortly, or send the picture "
+                "as a data URI",
+                kind="server_error",
+                code="server_busy",
+                headers={"Retry-After": str(limits.retry_after_s)},
+            ) from None
+
+
 def prepare_all(wanted: list[Wanted], limits: Limits, max_side: int) -> list[Message]:
     """The conversation with its pictures read and prepared (in a worker thread)."""
     messages = []
@@ -73,6 +121,14 @@ def prepare_all(wanted: list[Wanted], limits: Limits, max_side: int) -> list[Mes
             try:
                 prepared.append(prepare(_picture_bytes(picture, limits), max_side=max_side))
             except ImageError as exc:
+                if picture.downloaded is not None:  # never echo what a URL sent back
+                    raise ApiError(
+                        400,
+                        f"{picture.where}: what {_short(picture.source)} sent is not a "
+                        "picture this server can read",
+                        code="invalid_image",
+                        param=picture.where,
+                    ) from None
                 raise library_error(exc, picture.where) from exc
         messages.append(Message(role=item.role, content=item.text, images=tuple(prepared)))
     return messages
@@ -80,24 +136,15 @@ def prepare_all(wanted: list[Wanted], limits: Limits, max_side: int) -> list[Mes
 
 def _picture_bytes(picture: Picture, limits: Limits) -> bytes:
     source = picture.source.strip()
-    kind = source[:8].lower()
-    if picture.base64_only:
+    data: bytes | None
+    if picture.downloaded is not None:
+        data = picture.downloaded
+    elif picture.base64_only:
         data = decode_base64(source)
         if data is None:
             raise ImageError("<base64 text>", "not valid base64")
-    elif kind.startswith("data:"):
+    elif source[:5].lower() == "data:":
         data = decode_data_uri(source)
-    elif kind.startswith(("http://", "https://")):
-        if not limits.picture_urls:
-            raise ApiError(
-                400,
-                f"{picture.where}: this server does not download pictures (it runs with "
-                "--no-picture-urls); send the picture as a data URI "
-                "(data:image/png;base64,...) instead",
-                code="invalid_image_url",
-                param=picture.where,
-            )
-        data = fetch_url(source, max_bytes=limits.max_picture_bytes, timeout=limits.fetch_timeout)
     else:
         url = " or an http(s) URL" if limits.picture_urls else ""
         raise ImageError(_short(source), f"pass a data: URI (data:image/png;base64,...){url}")

@@ -9,11 +9,26 @@ from types import FrameType
 from typing import Any
 
 from ...chat import VisionChat
+from ...memory import human
 from .app import create_app, fastapi_module
 from .limits import Limits
+from .middleware import is_loopback
 from .turns import Engine
 
 log = logging.getLogger("llava_local.serve")
+
+
+def capacity(chat: VisionChat) -> str:
+    """What the engine holds for its clients, said up front: conversations answered at
+    once, positions each, and the memory of their KV cache (empty for other engines)."""
+    engine = chat.engine
+    parallel = getattr(engine, "parallel", None)
+    estimate = getattr(engine, "memory_estimate", None)
+    n_ctx = getattr(engine, "n_ctx", None)
+    if not parallel or estimate is None or not n_ctx:
+        return ""
+    at_once = "one conversation at a time" if parallel == 1 else f"{parallel} conversations at once"
+    return f"; {at_once}, {n_ctx} positions each, KV cache {human(estimate.kv_bytes)}"
 
 
 def serve(
@@ -25,19 +40,38 @@ def serve(
     limits: Limits | None = None,
     api_key: str | None = None,
     cors: Sequence[str] = (),
+    allow_hosts: Sequence[str] = (),
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
-    """Serve ``chat`` until Ctrl-C (or SIGTERM); the chat is closed on the way out."""
+    """Serve ``chat`` until Ctrl-C (or SIGTERM); the chat is closed on the way out.
+    Arguments as :func:`~.app.create_app`'s; serving beyond loopback without an
+    ``api_key`` logs a warning."""
     fastapi_module()
     import uvicorn
 
-    app = create_app(chat, name=name, limits=limits, api_key=api_key, cors=cors)
+    app = create_app(
+        chat,
+        name=name,
+        limits=limits,
+        api_key=api_key,
+        cors=cors,
+        bind=bind,
+        allow_hosts=allow_hosts,
+    )
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
+    if not api_key and not is_loopback(bind):
+        log.warning(
+            "warning: serving on %s without --api-key: anyone who can reach this machine "
+            "on port %d can use the model%s; set --api-key (or LLAVA_LOCAL_API_KEY)",
+            bind,
+            port,
+            " and make it download picture URLs" if limits and limits.picture_urls else "",
+        )
     config = uvicorn.Config(
         app,
         host=bind,

@@ -1,10 +1,14 @@
-"""The one shared engine, answering one turn at a time.
+"""The one shared engine, answering up to ``parallel`` turns at once.
 
-Every request is answered by :meth:`VisionChat.answer` on the ONE chat of the
-:class:`Engine`, so its prefix match reuses what the request before left in the KV
-cache. An ``asyncio.Lock`` lets one turn at a time hold the model (first come, first
-served); beyond ``Limits.queue`` waiting requests the answer is 503 with
-``Retry-After`` at once. A turn runs in a worker thread of its own
+Every request is answered by :meth:`VisionChat.answer` on one of the :class:`Engine`'s
+chats, all on ONE engine, so its prefix match reuses what earlier requests left in the
+KV cache (the llama.cpp engine gives each turn the slot that shares most of it, and
+decodes the running turns together, a token each per step). Before a request queues,
+its schema is checked and its picture URLs (if the server downloads any) are
+downloaded in the event loop, so a slow picture host holds neither a queue place nor a
+thread. A semaphore lets ``parallel`` turns at a time
+hold the model (first come, first served); beyond ``Limits.queue`` waiting requests the
+answer is 503 with ``Retry-After`` at once. A turn runs in a worker thread of its own
 (:class:`~llava_local.AsyncReplyStream`) and its pieces are pulled one at a time, so a
 client that goes away (noticed while it waits, while the turn reads, or while it
 streams) cancels its turn, which stops even a picture's encoding, and the next request
@@ -20,13 +24,16 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ... import structured
 from ...aio import AsyncReplyStream
 from ...chat import VisionChat
 from ...errors import LlavaLocalError, TurnCancelledError
+from ...protocols.ollama import same_model
 from ...types import Message, Reply
+from .downloads import Downloads
 from .errors import ApiError, ClientGone, library_error
 from .limits import Limits
-from .pictures import Wanted, prepare_all
+from .pictures import Wanted, download_all, prepare_all, urls
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -34,26 +41,52 @@ if TYPE_CHECKING:
 
 @dataclass
 class Engine:
-    """The shared chat, its turn lock and its queue, and what it has done."""
+    """The shared engine's chats (one per turn it answers at once), its queue, and what
+    it has done."""
 
     chat: VisionChat
     name: str
     limits: Limits
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: Turns answered at once: the engine's own number (its slots), 1 for engines that
+    #: answer one at a time.
+    parallel: int = 1
     admitted: int = 0  # requests running or waiting for the model
-    busy: bool = False
+    running: int = 0
     stopping: bool = False  # the server is shutting down: no new turns
     served: int = 0
     cancelled: int = 0
     started: float = field(default_factory=time.time)
     streams: set[AsyncReplyStream] = field(default_factory=set)
+    downloads: Downloads = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.downloads = Downloads(self.limits)
+        self.slots = asyncio.Semaphore(self.parallel)
+        chat = self.chat
+        #: The chats not answering now; each turn borrows one (they share the engine).
+        self.idle = [chat] + [
+            VisionChat(
+                chat.engine,
+                close_engine=False,
+                allow_text_only=chat.allow_text_only,
+                max_image_side=chat.max_image_side,
+                system=chat.system,
+                **chat.options.model_dump(exclude_none=True),
+            )
+            for _ in range(self.parallel - 1)
+        ]
+
+    @property
+    def busy(self) -> bool:
+        return self.running > 0
 
     def admit(self) -> None:
         self.refuse_if_stopping()
-        if self.admitted >= 1 + self.limits.queue:
+        if self.admitted >= self.parallel + self.limits.queue:
+            answers = "one answer is" if self.parallel == 1 else f"{self.parallel} answers are"
             raise ApiError(
                 503,
-                f"the server is busy: one answer is being written and {self.limits.queue} "
+                f"the server is busy: {answers} being written and {self.limits.queue} "
                 "requests wait for the model; try again shortly",
                 kind="server_error",
                 code="server_busy",
@@ -73,11 +106,9 @@ class Engine:
         for stream in list(self.streams):
             stream.cancel()
 
-    def names(self) -> set[str]:
-        return {self.name, f"{self.name}:latest"}
-
     def check_model(self, requested: str) -> None:
-        if requested not in self.names():
+        """404 unless ``requested`` names the served model (as Ollama names match)."""
+        if not same_model(requested, self.name):
             raise ApiError(
                 404,
                 f"model '{requested}' not found: this server serves '{self.name}' "
@@ -97,6 +128,7 @@ class Turn:
         self.engine = engine
         self.request = request
         self.stream: AsyncReplyStream | None = None
+        self.chat: VisionChat | None = None  # borrowed from the engine while it holds a slot
         self.finished = False
         self.error: ApiError | None = None  # one that came after the status was sent
         self._locked = False
@@ -127,15 +159,18 @@ class Turn:
     ) -> None:
         """Wait for the model, then open the turn (its first piece is not read yet)."""
         engine = self.engine
-        acquiring = asyncio.ensure_future(engine.lock.acquire())
+        acquiring = asyncio.ensure_future(engine.slots.acquire())
         try:
             await self._watched(acquiring)
         finally:
             self._locked = acquiring.done() and not acquiring.cancelled()
+            if self._locked:
+                self.chat = engine.idle.pop()
+                engine.running += 1
         engine.refuse_if_stopping()
-        engine.busy = True
+        assert self.chat is not None
         try:
-            stream = engine.chat.answer(messages, schema=schema, **options)
+            stream = self.chat.answer(messages, schema=schema, **options)
         except LlavaLocalError as exc:
             raise library_error(exc) from exc
         self.stream = AsyncReplyStream(stream)
@@ -163,21 +198,12 @@ class Turn:
     async def _watched(self, task: asyncio.Future[Any]) -> Any:
         """``task``'s result, unless the client hangs up first: then it is cancelled
         (with the turn: AsyncReplyStream waits until the worker let go of the chat)."""
-        watcher = asyncio.ensure_future(_disconnected(self.request))
-        try:
-            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone = watcher.done() and not watcher.cancelled()
-            watcher.cancel()
-            if not task.done():
-                if self.stream is not None:
-                    self.stream.cancel()  # a piece being read stops at once
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
-        if gone:
-            raise ClientGone
-        return task.result()
+
+        def stop() -> None:
+            if self.stream is not None:
+                self.stream.cancel()  # a piece being read stops at once
+
+        return await watched(self.request, task, stop)
 
     async def close(self) -> None:
         """Let go of the model, stopping the turn first if it is still running."""
@@ -195,8 +221,11 @@ class Turn:
             elif self.stream is not None:
                 engine.cancelled += 1
             if self._locked:
-                engine.busy = False
-                engine.lock.release()
+                assert self.chat is not None
+                engine.idle.append(self.chat)
+                self.chat = None
+                engine.running -= 1
+                engine.slots.release()
             if self._admitted:
                 engine.admitted -= 1
 
@@ -223,15 +252,26 @@ async def respond(
 
     if not wanted or wanted[-1].role != "user":
         raise ApiError(400, "the last message must be the user's", param="messages")
-    turn = Turn(engine, request)
+    if schema is not None:
+        try:  # before any cost: a schema too costly is refused here, not after the queue
+            structured.json_schema(schema)
+        except LlavaLocalError as exc:
+            raise library_error(exc, "response_format") from exc
+    gone = "client gone while its pictures downloaded"
     try:
+        if urls(wanted):
+            engine.refuse_if_stopping()
+            downloading = asyncio.ensure_future(download_all(wanted, engine.downloads))
+            await watched(request, downloading)
+        gone = "client gone"
+        turn = Turn(engine, request)
         first = await turn.begin(wanted, schema, options)
         if streamed is not None:
             body = streamed(turn, first)
             return StreamingResponse(body, media_type=media_type, headers=headers)
         reply = await _rest(turn, first)
     except ClientGone:
-        request.state.note = "client gone"
+        request.state.note = gone
         return _gone()
     note_tokens(request, reply)
     return whole(reply)
@@ -288,6 +328,28 @@ async def _anext(stream: AsyncReplyStream) -> str | None:
         return await stream.__anext__()
     except StopAsyncIteration:
         return None
+
+
+async def watched(
+    request: Request, task: asyncio.Future[Any], stop: Callable[[], None] | None = None
+) -> Any:
+    """``task``'s result, unless the client hangs up first: then ``stop()`` is called,
+    the task cancelled and awaited, and :class:`ClientGone` raised."""
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone = watcher.done() and not watcher.cancelled()
+        watcher.cancel()
+        if not task.done():
+            if stop is not None:
+                stop()
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+    if gone:
+        raise ClientGone
+    return task.result()
 
 
 async def _disconnected(request: Request) -> None:
