@@ -426,7 +426,8 @@ def by_picture(
     def script(request: RecordedRequest) -> Script:
         message = last_user(request)
         images = message["images"]
-        assert isinstance(images, list) and len(images) == 1
+        assert isinstance(images, list)
+        assert len(images) == 1
         i, picture = index[hashlib.sha256(base64.b64decode(str(images[0]))).hexdigest()]
         return Script(pieces=[reply(i, picture, str(message["content"]))])
 

@@ -337,7 +337,7 @@ def test_recommended_sampling_is_written_as_general_sampling_keys(tmp_path: Path
     assert float(meta["general.sampling.temp"]) == 0.25
     assert meta["general.sampling.top_k"] == "1"
     assert float(meta["general.sampling.top_p"]) == 0.5
-    with pytest.raises(ValueError, match="general.sampling.warmth"):
+    with pytest.raises(ValueError, match=r"general\.sampling\.warmth"):
         gw.write_language_model(tmp_path / "bad.gguf", cfg, sampling={"warmth": 1.0})
 
 

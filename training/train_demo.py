@@ -413,14 +413,14 @@ def first_turn(
             question = prompts.wrap(question, rng)
         roll = rng.random()
         if roll < 0.45:  # format=json: the model chooses the keys
-            fields, known, text = prompts.default_fields(kind, question), True, None
+            fields, known, inside = prompts.default_fields(kind, question), True, None
         elif roll < 0.9:  # a schema's grammar chose them
-            fields, known, text = prompts.random_fields(kind, rng), False, None
+            fields, known, inside = prompts.random_fields(kind, rng), False, None
         else:  # a string field that holds the whole sentence
             key = str(_pick(rng, prompts.SENTENCE_KEYS))
-            fields, known, text = (prompts.Field(kind, key),), False, sentence
+            fields, known, inside = (prompts.Field(kind, key),), False, sentence
         reply = prompts.json_reply(
-            fields, facts, forced=True, keys_known=known, types_known=known, sentence_text=text
+            fields, facts, forced=True, keys_known=known, types_known=known, sentence_text=inside
         )
         return question, reply
     return question, prompts.sentence(sentence)
