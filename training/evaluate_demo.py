@@ -4,6 +4,7 @@ Run from the repository root (needs llama-cpp-python and scikit-learn; not torch
 
     python -m training.evaluate_demo            # print the table
     python -m training.evaluate_demo --write    # also record it in demo.json
+    python -m training.evaluate_demo --write --processes 3   # the same, sooner
 
 Pictures go the way the library sends them: ``llava_local.images.prepare`` (RGB, at most
 1344 px, PNG or JPEG), then libmtmd decodes and preprocesses them itself. Prompts are the
@@ -234,12 +235,15 @@ def evaluate(lm: Path, mmproj: Path, n_shapes: int = 300, quick: bool = False) -
     return result
 
 
-def harness_figures(lm: Path, mmproj: Path, quick: bool = False) -> dict[str, Any]:
+def harness_figures(
+    lm: Path, mmproj: Path, quick: bool = False, only: Sequence[str] | None = None
+) -> dict[str, Any]:
     """The 2nd edition's targets, measured with ``llava-local eval``'s harness
     (``llava_local.apps.eval``) on the test split and the built-in shapes: structured
     answers (the task's schema, the grammar on, exact values), the engine's default
     sampling (5 samples a question, seeds 0-4), the held-out client wrappers, and
-    instructor's JSON mode (a trained client, for the issue's failing case)."""
+    instructor's JSON mode (a trained client, for the issue's failing case). ``only``:
+    the names of the runs to measure (all by default), to share them among processes."""
     from llava_local import VisionChat
     from llava_local.apps.datasets import COLOUR_PROMPT, DIGIT_PROMPT, SHAPE_PROMPT, load_set
     from llava_local.apps.eval import evaluate
@@ -269,6 +273,8 @@ def harness_figures(lm: Path, mmproj: Path, quick: bool = False) -> dict[str, An
     }
     with VisionChat.llama_cpp(model=lm, mmproj=mmproj, n_threads=1) as chat:
         for name, kwargs in runs.items():
+            if only is not None and name not in only:
+                continue
             figures: dict[str, Any] = {}
             for label, pictures, prompts_ in (
                 ("digits", digits, [DIGIT_PROMPT]),
@@ -291,16 +297,38 @@ def harness_figures(lm: Path, mmproj: Path, quick: bool = False) -> dict[str, An
     return out
 
 
+HARNESS_JOBS = (("structured", "default_sampling", "instructor_json_mode"), ("wrapped_held_out",))
+
+
+def _figures(job: tuple[Path, Path, bool, tuple[str, ...] | None]) -> dict[str, Any]:
+    """One process's share: the figures of evaluate() (``only`` None) or harness runs."""
+    lm, mmproj, quick, only = job
+    if only is None:
+        return evaluate(lm, mmproj, quick=quick)
+    return harness_figures(lm, mmproj, quick=quick, only=only)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Evaluate, print, and optionally record the figures in demo.json."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=DEMO_DIR, help="directory of the pair")
     parser.add_argument("--write", action="store_true", help="record in <dir>/demo.json")
     parser.add_argument("--quick", action="store_true", help="a subset, for a quick look")
+    parser.add_argument(
+        "--processes", type=int, default=1, help="measure in this many processes (1 thread each)"
+    )
     args = parser.parse_args(argv)
     lm, mmproj = args.dir / "demo-lm.gguf", args.dir / "demo-mmproj.gguf"
-    result = evaluate(lm, mmproj, quick=args.quick)
-    result["second_edition"] = harness_figures(lm, mmproj, quick=args.quick)
+    jobs = [(lm, mmproj, args.quick, only) for only in (None, *HARNESS_JOBS)]
+    if args.processes > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.processes) as pool:
+            parts = list(pool.map(_figures, jobs))
+    else:
+        parts = [_figures(job) for job in jobs]
+    result, second = parts[0], {k: v for part in parts[1:] for k, v in part.items()}
+    result["second_edition"] = second  # "how" first, then the runs in HARNESS_JOBS order
     print(json.dumps(result, indent=2))
     if args.write:
         meta_path = args.dir / "demo.json"
