@@ -192,6 +192,7 @@ def json_reply(
     keys_known: bool,
     types_known: bool,
     sentence_text: str | None = None,
+    key_learnt: float = 1.0,
 ) -> Reply:
     """``{"key": value, ...}`` as the model should write it.
 
@@ -200,10 +201,12 @@ def json_reply(
     so they are learnt; otherwise the grammar wrote them (weight 0), with the separators
     before them. ``types_known``: likewise for the quote that opens a string value.
     ``sentence_text`` puts the answer sentence into a string field instead of the bare
-    value (``{"answer": "This digit is 7."}``).
+    value (``{"answer": "This digit is 7."}``). ``key_learnt``: the weight of keys the
+    model writes itself (stage 3 weighs them more: run 19 wrote ``"fill"`` where the
+    schema said ``"shape"``).
     """
     out: list[Segment] = [("{", 0.0)] if forced else [(" {", 1.0)]
-    key_weight = 1.0 if keys_known else 0.0
+    key_weight = key_learnt if keys_known else 0.0
     for i, f in enumerate(fields):
         out.append(((", " if i else "") + json.dumps(f.key) + ": ", key_weight))
         value = sentence_text if sentence_text is not None else f.value(facts)
@@ -292,6 +295,42 @@ WRAPPERS = (
 )  # fmt: skip
 
 
+# Stage 3: wrappers composed from a client's opening and closing sentences (any, both,
+# or one of them, with a space or line breaks between), so that the model learns to find
+# the question inside text it has not seen, not to know twenty whole wrappers.
+OPENINGS = (
+    "Please look at the image.", "Here is my question.", "I uploaded a picture.",
+    "Look carefully at the picture.", "About the image:", "Regarding this picture:",
+    "A question for you.", "Check the image and tell me.", "The user asks:",
+    "Help me with this image.", "Consider the picture.", "Picture attached.",
+    "One question about the photo:", "Hey there!", "Good morning.", "Quick one:",
+    "For my records:", "I need help.", "Based on the image, answer.", "Using the image provided,",
+    "You are shown a picture.", "Study the image.", "Now a question.", "My question is:",
+    "Input image received.", "[user]", "Request:", "From the attached file:",
+)  # fmt: skip
+CLOSINGS = (
+    "Keep the answer brief.", "Answer in a few words.", "No explanation needed.",
+    "Reply with the answer only.", "Be short.", "Use plain words.", "Answer in English.",
+    "Thank you.", "Thanks in advance!", "Please be accurate.", "Only the answer, please.",
+    "Write one line.", "Be brief and exact.", "Answer as a complete sentence.",
+    "Do not explain.", "That is all.", "Respond concisely.", "Give a short reply.",
+    "I am curious.", "No need for details.", "Be specific.", "Answer with one sentence.",
+    "Make it short and clear.", "Don't add commentary.", "(brief answer)", "Sentence form, please.",
+)  # fmt: skip
+_SEPARATORS = (" ", "\n", "\n\n")
+
+
+def compose(question: str, rng: np.random.Generator) -> str:
+    """The question after an opening, before a closing, or both (stage 3)."""
+    r = rng.random()
+    text = question
+    if r < 0.65:
+        text = f"{_pick(rng, OPENINGS)}{_pick(rng, _SEPARATORS)}{text}"
+    if r > 0.35:
+        text = f"{text}{_pick(rng, _SEPARATORS)}{_pick(rng, CLOSINGS)}"
+    return text
+
+
 def wrap(question: str, rng: np.random.Generator) -> str:
     """The question inside one of the wrappers."""
     return str(_pick(rng, WRAPPERS)).replace("{q}", question)
@@ -350,6 +389,39 @@ SCHEMA_ASKS = (
     "Reply only with a JSON object valid against\n{schema}",
     "Output JSON conforming to the schema below, nothing else.\n\n{schema}",
 )
+
+
+# Stage 3: more ways to hand over a schema, in the system prompt or the user's text.
+SCHEMA_FRAMES = (
+    "Reply with a JSON object following this schema:\n{schema}",
+    "The answer must be JSON.\n{schema}\nOnly the object.",
+    "Schema for the answer:\n{schema}",
+    "Produce JSON for this schema. No other text.\n{schema}",
+    "You output JSON. It must validate against:\n{schema}",
+    "{schema}\nAnswer with an object of that schema.",
+    "Give your answer as JSON using the schema\n{schema}\nand nothing more.",
+    "Structured output required. Schema:\n```\n{schema}\n```",
+    "Fill this JSON schema from the picture: {schema}",
+    "Return a JSON instance of {schema}",
+)
+
+
+def written_schema(schema: dict[str, Any], rng: np.random.Generator) -> str:
+    """The schema as clients write it: Python's or JavaScript's JSON, indented or not,
+    sometimes without the top ``title`` and ``type`` (LangChain)."""
+    if rng.random() < 0.2:
+        schema = {k: v for k, v in schema.items() if k not in ("title", "type")}
+    r = rng.random()
+    if r < 0.4:
+        return json.dumps(schema, ensure_ascii=False)
+    if r < 0.75:
+        return json.dumps(schema, indent=2, ensure_ascii=False)
+    return json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
+
+
+def framed_schema(schema: dict[str, Any], rng: np.random.Generator) -> str:
+    """A request for JSON with ``schema`` in one of stage 3's frames."""
+    return str(_pick(rng, SCHEMA_FRAMES)).replace("{schema}", written_schema(schema, rng))
 
 
 def schema_request(schema: dict[str, Any], rng: np.random.Generator) -> str:
@@ -482,7 +554,7 @@ def history_lines(turns: Sequence[tuple[str, str]], keep: int) -> str:
 def all_training_texts() -> list[str]:
     """Every fixed client text drawn in training (for the check against held-out ones)."""
     texts = [*CHAT_SYSTEMS, *WRAPPERS, *JSON_ASKS, *JSON_ASKS_WITH_KEY, *SCHEMA_SYSTEMS]
-    texts += SCHEMA_ASKS
+    texts += [*SCHEMA_ASKS, *SCHEMA_FRAMES, *OPENINGS, *CLOSINGS]
     texts += [INSTRUCTOR_MD_JSON, instructor_message({}), vercel_instruction(None)]
     texts += [*OPEN_WEBUI_TASKS.values(), *data.OTHER_SYSTEMS, data.DEFAULT_SYSTEM]
     return texts

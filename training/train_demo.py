@@ -93,6 +93,14 @@ class Recipe:
     p_json_asked: float = 0.1  # the question asks for JSON
     p_json_forced: float = 0.1  # a grammar forces JSON on a plain question
     p_schema_asked: float = 0.05  # a JSON schema in the user's text, before or after
+    # stage 3, the polish: a short pass at a low rate, from stage 2's weights, on what
+    # run 19 missed (training/README.md)
+    polish_steps: int = 400
+    polish_lr: float = 3e-4
+    polish_warmup: int = 20
+    p_polish_schema: float = 0.3  # a schema in the system prompt
+    p_polish_task: float = 0.04  # an Open WebUI task
+    polish_key_weight: float = 2.0  # the JSON keys the model writes itself
     threads: int = 2
 
 
@@ -563,6 +571,133 @@ def conversation_batch(recipe: Recipe, pools: Pools, rng: np.random.Generator) -
     return chat_batch(recipe, pools, rng)
 
 
+# ------------------------------------------------------------------- stage 3: polish
+
+
+def polish_question(
+    rng: np.random.Generator, pool: str, kind: str | None = None
+) -> tuple[str, str]:
+    """Stage 3's questions: stage 2's, and shape or colour questions that name the other
+    word as well ("Which colour is this shape?")."""
+    if pool == "digit":
+        return digit_question(rng), "digit"
+    if kind is None:
+        r = rng.random()
+        kind = "shape" if r < 0.35 else "colour" if r < 0.75 else "both"
+    if kind == "shape" and rng.random() < 0.25:
+        return str(_pick(rng, data.SHAPE_QUESTIONS_NAMING_COLOUR)), kind
+    if kind == "colour" and rng.random() < 0.3:
+        return str(_pick(rng, data.COLOUR_QUESTIONS_NAMING_SHAPE)), kind
+    return shape_question(rng, kind)
+
+
+def task_fields(kind: str, question: str, rng: np.random.Generator) -> tuple[prompts.Field, ...]:
+    """A schema's keys: the task's own name most of the time (``class Shape(BaseModel):
+    shape: str``), else any of the names a request may use."""
+    if rng.random() < 0.6:
+        return prompts.default_fields(kind, question)
+    return prompts.random_fields(kind, rng)
+
+
+def polish_first_turn(
+    recipe: Recipe, question: str, kind: str, facts: prompts.Facts, rng: np.random.Generator
+) -> Turn2:
+    """A first question in a composed wrapper, with a schema in the user's text, as
+    stage 2 draws it, or plain."""
+    r = rng.random()
+    if r < 0.25:
+        text = prompts.compose(question, rng) if rng.random() < 0.7 else prompts.wrap(question, rng)
+        return text, prompts.sentence(_sentence(kind, facts))
+    if r < 0.4:
+        fields = task_fields(kind, question, rng)
+        ask = prompts.framed_schema(prompts.object_schema(fields, rng, kind), rng)
+        text = f"{question}\n\n{ask}" if rng.random() < 0.6 else f"{ask}\n\n{question}"
+        reply = prompts.json_reply(
+            fields,
+            facts,
+            forced=bool(rng.random() < 0.3),
+            keys_known=True,
+            types_known=True,
+            key_learnt=recipe.polish_key_weight,
+        )
+        return text, reply
+    if r < 0.55:
+        return first_turn(recipe, question, kind, facts, rng)
+    return question, prompts.sentence(_sentence(kind, facts))
+
+
+def polish_chat_batch(recipe: Recipe, pools: Pools, rng: np.random.Generator) -> Batch:
+    """Conversations after one system prompt, their first questions as stage 3 draws them."""
+    system = _system(recipe, rng)
+    samples = []
+    for _ in range(recipe.batch_size):
+        pool = "digit" if rng.random() < recipe.p_digit else "shape"
+        index = int(rng.integers(len(pools.digit_labels if pool == "digit" else pools.shape_specs)))
+        facts = _facts(pools, pool, index)
+        question, kind = polish_question(rng, pool)
+        turns = [polish_first_turn(recipe, question, kind, facts, rng)]
+        if rng.random() < recipe.p_second_turn:
+            follow, follow_kind = polish_question(rng, pool)
+            turns.append((follow, prompts.sentence(_sentence(follow_kind, facts))))
+        samples.append(Sample(pool, index, tuple(turns)))
+    return Batch(data.prompt_prefix(system), samples, "chat")
+
+
+POLISH_SCHEMA_KINDS = (("digit", 0.35), ("shape", 0.25), ("colour", 0.2), ("both", 0.2))
+
+
+def polish_schema_batch(recipe: Recipe, pools: Pools, rng: np.random.Generator) -> Batch:
+    """A schema in the system prompt, as stage 2's batches, with the task's own keys more
+    often, stage 3's frames and wrappers, and more shapes and colours."""
+    r, kind = rng.random(), "both"
+    for name, share in POLISH_SCHEMA_KINDS:
+        if r < share:
+            kind = name
+            break
+        r -= share
+    fields = task_fields(kind, "", rng)
+    schema = prompts.object_schema(fields, rng, kind)
+    if rng.random() < 0.4:
+        text, who = prompts.schema_system(schema, rng)
+    else:
+        text, who = prompts.framed_schema(schema, rng), "framed"
+    if rng.random() < 0.25:
+        text = f"{_system(recipe, rng) or data.DEFAULT_SYSTEM}\n\n{text}"
+    md_json = who == "instructor" and rng.random() < 0.3
+    pool = "digit" if kind == "digit" else "shape"
+    samples = []
+    for _ in range(recipe.batch_size):
+        index = int(rng.integers(len(pools.digit_labels if pool == "digit" else pools.shape_specs)))
+        question, _ = polish_question(rng, pool, None if pool == "digit" else kind)
+        if rng.random() < 0.15:
+            question = str(_pick(rng, NEUTRAL_ASKS))
+        if rng.random() < 0.25:
+            question = prompts.compose(question, rng)
+        facts = _facts(pools, pool, index)
+        reply = prompts.json_reply(
+            fields,
+            facts,
+            forced=not md_json and bool(rng.random() < 0.3),
+            keys_known=True,
+            types_known=True,
+            key_learnt=recipe.polish_key_weight,
+        )
+        if md_json:
+            question, reply = question + "\n\n" + prompts.INSTRUCTOR_MD_JSON, prompts.fenced(reply)
+        samples.append(Sample(pool, index, ((question, reply),)))
+    return Batch(data.prompt_prefix(text), samples, "schema")
+
+
+def polish_batch(recipe: Recipe, pools: Pools, rng: np.random.Generator) -> Batch:
+    """Stage 3's batches: chats (most), schemas in the system prompt, a few tasks."""
+    r = rng.random()
+    if r < recipe.p_polish_task:
+        return task_batch(recipe, pools, rng)
+    if r < recipe.p_polish_task + recipe.p_polish_schema:
+        return polish_schema_batch(recipe, pools, rng)
+    return polish_chat_batch(recipe, pools, rng)
+
+
 def _pixels(pools: Pools, samples: Sequence[Sample]) -> torch.Tensor:
     pixels = np.stack(
         [
@@ -747,8 +882,10 @@ def train(
     recipe: Recipe,
     pools: Pools,
     rng: np.random.Generator,
+    *,
     log_every: int = 50,
     stage1: Path | None = None,
+    stage2: Path | None = None,
 ) -> TinyLlava:
     """Stage 1: the vision tower alone on the probe classes. Stage 2: everything together.
 
@@ -756,10 +893,15 @@ def train(
     generators' states). If it exists, stage 1 is read from it instead of trained, and
     the run goes on exactly as if it had been trained here; else it is written there.
     Stage 1 depends only on the seed, the digits and the stage-1 fields of the recipe,
-    which the file records and checks.
+    which the file records and checks. ``stage2``: the same for the weights after stage 2
+    (stage 3 draws from its own generators, so the weights are all it needs).
+    Stage 3: a short pass at a low rate on stage 3's conversations.
     """
     model = TinyLlava(VISION, TEXT, n_aux=10 + len(data.SHAPES) + len(data.COLOUR_NAMES))
     scale_residual_outputs(model)
+    if stage2 is not None and stage2.exists():
+        _load_stage2(stage2, recipe, model, pools)
+        return _stage3(recipe, pools, model, log_every)
     if stage1 is not None and stage1.exists():
         _load_stage1(stage1, recipe, model, pools, rng)
     else:
@@ -767,7 +909,10 @@ def train(
         if stage1 is not None:
             _save_stage1(stage1, recipe, model, pools, rng)
     _stage2(recipe, pools, rng, model, log_every)
-    return model
+    if stage2 is not None:
+        torch.save({"key": _stage2_key(recipe, pools), "model": model.state_dict()}, stage2)
+        print(f"stage 2 saved to {stage2}", flush=True)
+    return _stage3(recipe, pools, model, log_every)
 
 
 STAGE1_FIELDS = (
@@ -811,6 +956,21 @@ def _load_stage1(
     pools.pair_rng.bit_generator.state = state["pair_rng"]
     torch.set_rng_state(state["torch_rng"])
     print(f"stage 1 read from {path}", flush=True)
+
+
+def _stage2_key(recipe: Recipe, pools: Pools) -> dict[str, Any]:
+    stage2 = {k: v for k, v in asdict(recipe).items() if "polish" not in k}
+    return _stage1_key(recipe, pools) | stage2
+
+
+def _load_stage2(path: Path, recipe: Recipe, model: TinyLlava, pools: Pools) -> None:
+    state = torch.load(path, weights_only=False)
+    if state["key"] != _stage2_key(recipe, pools):
+        raise SystemExit(
+            f"{path} holds stage 2 of another run: delete it or give another --stage2 file"
+        )
+    model.load_state_dict(state["model"])
+    print(f"stage 2 read from {path}", flush=True)
 
 
 def _stage1(
@@ -883,6 +1043,45 @@ def _stage2(
             _log(step, running, stats, start)
         else:
             running = {k: 0.9 * running.get(k, v) + 0.1 * v for k, v in stats.items()}
+
+
+def _stage3(recipe: Recipe, pools: Pools, model: TinyLlava, log_every: int) -> TinyLlava:
+    """The polish: everything at a tenth of stage 2's rate, decaying to a hundredth, on
+    stage 3's conversations, from generators of its own (seeded from the run's seed)."""
+    if not recipe.polish_steps:
+        return model
+    start = time.monotonic()
+    rng = np.random.default_rng([recipe.seed, 3])
+    pools.pair_rng = np.random.default_rng([recipe.seed, 3, 1])
+    torch.manual_seed(recipe.seed + 3)
+    schedule = replace(
+        recipe, lr=recipe.polish_lr, min_lr=recipe.polish_lr / 10, warmup=recipe.polish_warmup
+    )
+    opt = _optimizer(
+        list(model.named_parameters()),
+        schedule,
+        weight_decay=recipe.weight_decay,
+        slow=recipe.vision_lr_scale,
+    )
+    running: dict[str, float] = {}
+    for step in range(recipe.polish_steps):
+        _set_lr(opt, lr_at(step, recipe.polish_steps, schedule))
+        batch = polish_batch(recipe, pools, rng)
+        loss, stats = batch_loss(
+            model, pools, batch, aux_weight=recipe.aux_weight, key_weight=recipe.key_weight
+        )
+        if recipe.consistency:
+            extra, stats["consistency"] = consistency_loss(model, pools, recipe)
+            loss = loss + extra
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % log_every == 0 or step == recipe.polish_steps - 1:
+            _log(step, running, stats, start)
+        else:
+            running = {k: 0.9 * running.get(k, v) + 0.1 * v for k, v in stats.items()}
+    return model
 
 
 # ------------------------------------------------------------------------ validation
@@ -1115,8 +1314,7 @@ def _parse_span(text: str) -> range:
     return span
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Train, export, check and describe the demo model."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="output directory")
     parser.add_argument("--seed", type=int, default=Recipe.seed)
@@ -1128,6 +1326,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="read stage 1 from FILE if it exists (same seed, digits and stage-1 recipe), "
         "else write it there: runs that change only stage 2 skip the tower's training",
     )  # fmt: skip
+    parser.add_argument(
+        "--stage2", type=Path, metavar="FILE",
+        help="the same for the weights after stage 2: runs that change only stage 3 "
+        "start from them",
+    )  # fmt: skip
+    parser.add_argument("--polish-steps", type=int, default=Recipe.polish_steps)
     parser.add_argument(
         "--consistency", type=float, default=Recipe.consistency,
         help="weight of the blocky-to-smooth feature loss (0 turns it off)",
@@ -1144,11 +1348,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         "training and validate on them (for choosing a recipe; the shipped model trains on "
         "all of 0-1399)",
     )  # fmt: skip
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Train, export, check and describe the demo model."""
+    parser = _parser()
     args = parser.parse_args(argv)
     if not 0.0 <= args.ema < 1.0:
         parser.error(f"--ema {args.ema}: give a decay from 0 (off) up to, not including, 1")
     recipe = Recipe(
-        seed=args.seed, steps=args.steps, consistency=args.consistency, pretrain_ema=args.ema
+        seed=args.seed,
+        steps=args.steps,
+        consistency=args.consistency,
+        pretrain_ema=args.ema,
+        polish_steps=args.polish_steps,
     )
     if args.smoke:
         recipe = replace(
@@ -1157,6 +1371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shape_renders=500,
             pretrain_steps=20,
             steps=20,
+            polish_steps=min(args.polish_steps, 10),
             consistency_pairs=1,
         )
 
@@ -1171,7 +1386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t_render = time.monotonic() - t0
     print(f"rendered {len(pools.digit_labels)} digit and {len(pools.shape_specs)} shape "
           f"pictures in {t_render:.0f}s", flush=True)  # fmt: skip
-    model = train(recipe, pools, rng, stage1=args.stage1)
+    model = train(recipe, pools, rng, stage1=args.stage1, stage2=args.stage2)
     t_train = time.monotonic() - t0 - t_render
     if args.checkpoint:
         torch.save(model.state_dict(), args.checkpoint)
@@ -1222,6 +1437,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "other_systems_trained": ["", *data.OTHER_SYSTEMS, *prompts.CHAT_SYSTEMS],
         "client_prompts_trained": {
             "wrappers": list(prompts.WRAPPERS),
+            "openings (stage 3)": list(prompts.OPENINGS),
+            "closings (stage 3)": list(prompts.CLOSINGS),
+            "schema_frames (stage 3)": list(prompts.SCHEMA_FRAMES),
             "json_asks": [*prompts.JSON_ASKS, *prompts.JSON_ASKS_WITH_KEY],
             "schema_asks": list(prompts.SCHEMA_ASKS),
             "schema_systems": [
@@ -1261,6 +1479,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "generic_train": list(data.GENERIC_QUESTIONS_TRAIN),
             "shape_train": list(data.SHAPE_QUESTIONS_TRAIN),
             "colour_train": list(data.COLOUR_QUESTIONS_TRAIN),
+            "shape_naming_colour_train (stage 3)": list(data.SHAPE_QUESTIONS_NAMING_COLOUR),
+            "colour_naming_shape_train (stage 3)": list(data.COLOUR_QUESTIONS_NAMING_SHAPE),
             "describe_train": list(data.DESCRIBE_SHAPE_QUESTIONS_TRAIN),
             "digit_held_out": list(data.DIGIT_QUESTIONS_HELD_OUT),
             "shape_held_out": list(data.SHAPE_QUESTIONS_HELD_OUT),
