@@ -28,10 +28,11 @@ from typing import Any, Literal
 
 from . import structured
 from .backends import Backend
-from .chat import ReplyStream, VisionChat
+from .chat import VisionChat
 from .control import TurnControl
 from .errors import InvalidRequestError
 from .images import ImageSource
+from .stream import ReplyStream
 from .types import Message, Options, Reply
 
 _DONE = object()

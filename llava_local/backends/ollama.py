@@ -61,7 +61,7 @@ from ..errors import (
 from ..progress import DownloadProgress
 from ..types import DoneReason, Message, Options, Stats
 from .base import Backend, Finish, Turn
-from .registry import Capabilities, EngineConfig, EngineSpec, register
+from .spec import Capabilities, EngineConfig, EngineSpec, setting
 
 __all__ = [
     "OllamaBackend",
@@ -590,8 +590,12 @@ class OllamaConfig(EngineConfig):
     ``num_gpu``, ...) go into ``options`` and may also be given by name."""
 
     model: str | None = "llava"
-    host: str | None = None
-    timeout: float | None = None
+    host: str | None = setting(
+        None,
+        help="the daemon's address (default: OLLAMA_HOST or 127.0.0.1:11434)",
+        flag="--host",
+    )
+    timeout: float | None = setting(None, help="Seconds a turn may take", flag="--timeout")
     pull: bool = False
     keep_alive: str | float | None = None
     connect_timeout: float = 3.0
@@ -631,14 +635,13 @@ def open_engine(config: OllamaConfig, **runtime: Any) -> OllamaBackend:
     return OllamaBackend(config.model or "llava", **settings, **runtime, **config.options)
 
 
-register(
-    EngineSpec(
-        name="ollama",
-        config=OllamaConfig,
-        open=open_engine,
-        capabilities=Capabilities(pulls_models=True),
-        description="the Ollama daemon (ollama serve)",
-        address="host",
-        resolve_address=resolve_host,
-    )
+#: The engine as the registry lists it (:data:`..registry.BUILTINS`).
+SPEC = EngineSpec(
+    name="ollama",
+    config=OllamaConfig,
+    open=open_engine,
+    capabilities=Capabilities(pulls_models=True),
+    description="the Ollama daemon (ollama serve)",
+    address="host",
+    resolve_address=resolve_host,
 )
