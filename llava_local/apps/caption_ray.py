@@ -4,8 +4,10 @@ a Ray cluster (``pip install 'llava-local[ray]'``).
 It is Ray Data's batch inference: the pictures are a dataset, and ``map_batches`` hands
 small batches of them to a fixed pool of actors, each of which builds one
 :class:`~llava_local.VisionChat` from the chat's serialisable config
-(:attr:`VisionChat.config`, :meth:`VisionChat.from_config`) and keeps it for its life
-(a llama.cpp model cannot be pickled; llama-cpp-python issue 27). Workers read the
+(:attr:`VisionChat.config`, or a plan's description: ``EnginePlan.describe()``) in its
+process's engine pool and keeps it for its life (a llama.cpp model cannot be pickled;
+llama-cpp-python issue 27). The driver needs no engine: the command line plans on the
+driver and sends the plan's config, so only the workers load the model. Workers read the
 pictures themselves, so files must be on a path every node sees (or pass a dataset
 that holds the bytes, such as ``ray.data.read_binary_files(..., include_paths=True)``).
 
@@ -64,7 +66,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from .. import structured
+from .. import saving, structured
 from ..chat import VisionChat
 from ..errors import (
     BackendError,
@@ -92,6 +94,7 @@ from .caption import (
     _summary,
     _unit,
 )
+from .engines import shared_pool
 
 if TYPE_CHECKING:
     import ray.data
@@ -128,9 +131,9 @@ def caption_ray(
 ) -> CaptionSummary:
     """:func:`.caption.caption` on a Ray cluster: the same arguments, lines and resuming.
 
-    ``chat`` is a :class:`VisionChat` or its :attr:`~VisionChat.config`: each worker
-    builds its own chat from that config (the driver's chat is not used for answers;
-    the CLI closes it before the workers start). ``inputs`` names the pictures as for
+    ``chat`` is a :class:`VisionChat` or its :attr:`~VisionChat.config` (or a plan's
+    ``describe()`` with the chat's settings): each worker builds its own chat from that
+    config (a driver's chat is not used for answers; the command line opens none). ``inputs`` names the pictures as for
     :func:`.caption.find_pictures`; or pass ``inputs=None`` and ``dataset``, an existing
     ``ray.data.Dataset`` with a ``path`` column of paths (and a ``bytes`` column, as
     ``read_binary_files(include_paths=True)`` gives, so workers need not see the files).
@@ -399,7 +402,8 @@ class _Worker:
             key = _host_setting(config["backend"])
             assert key is not None
             config = {**config, "engine": {**config["engine"], key: ray.get(picker.next.remote())}}
-        self.chat = VisionChat.from_config(config)
+        # this process's engine for the plan the driver made (the driver loads none)
+        self.chat = shared_pool().chat_for(saving.arguments(config))
         self.asker = _Asker(self.chat, schema=schema, options=options)
         self.prompts = prompts
         self.settled = settled

@@ -21,9 +21,17 @@ import click
 from ..apps.caption import caption as caption_pictures
 from ..apps.caption import read_prompts
 from ..apps.caption_ray import caption_ray
+from ..backends import announce
 from ..errors import InvalidRequestError, LlavaLocalError
 from ..wording import count, plural
-from ._common import engine_options, err_console, json_option, open_chat, run_safely
+from ._common import (
+    engine_options,
+    engine_plan,
+    err_console,
+    json_option,
+    open_chat,
+    run_safely,
+)
 
 
 def _load_schema(
@@ -149,43 +157,44 @@ def caption(
 
     def body() -> None:
         prompts = [*prompt, *(read_prompts(prompts_file) if prompts_file else [])]
-        with open_chat(**engine, system=system) as chat:
-            try:
-                # the one-machine job's settings; --ray adds where and how to spread it
-                job: dict[str, Any] = {
-                    "prompt": prompts,
-                    "schema": schema,
-                    "limit": limit,
-                    "recursive": recursive,
-                    "retry_errors": retry_errors,
-                    "progress": not no_progress,
-                    **options,
-                }
-                if ray_address is None:
+        # the one-machine job's settings; --ray adds where and how to spread it
+        job: dict[str, Any] = {
+            "prompt": prompts,
+            "schema": schema,
+            "limit": limit,
+            "recursive": recursive,
+            "retry_errors": retry_errors,
+            "progress": not no_progress,
+            **options,
+        }
+        try:
+            if ray_address is None:
+                with open_chat(**engine, system=system) as chat:
                     summary = caption_pictures(chat, list(inputs), out, **job)
-                else:
-                    config = chat.config
-                    chat.close()  # the workers load their own engines
-                    with _native_stderr_aside():
-                        summary = caption_ray(
-                            config,
-                            list(inputs),
-                            out,
-                            address=None if ray_address == "local" else ray_address,
-                            workers=workers,
-                            cpus_per_worker=engine.get("threads"),
-                            hosts=hosts if len(hosts) > 1 else None,
-                            format="parquet" if output_format == "parquet" else "jsonl",
-                            **job,
-                        )
-            except (LlavaLocalError, KeyboardInterrupt) as exc:
-                if not isinstance(exc, InvalidRequestError):
-                    err_console.print(
-                        f"the results so far are in {out}; run again to continue "
-                        "(--retry-errors also asks again about pictures that failed)",
-                        soft_wrap=True,
+            else:
+                # Planned here, opened only by the workers: the driver never loads a model.
+                planned = engine_plan(**engine)
+                announce(planned)
+                with _native_stderr_aside():
+                    summary = caption_ray(
+                        {**planned.describe(), "system": system},
+                        list(inputs),
+                        out,
+                        address=None if ray_address == "local" else ray_address,
+                        workers=workers,
+                        cpus_per_worker=engine.get("n_threads"),
+                        hosts=hosts if len(hosts) > 1 else None,
+                        format="parquet" if output_format == "parquet" else "jsonl",
+                        **job,
                     )
-                raise
+        except (LlavaLocalError, KeyboardInterrupt) as exc:
+            if not isinstance(exc, InvalidRequestError):
+                err_console.print(
+                    f"the results so far are in {out}; run again to continue "
+                    "(--retry-errors also asks again about pictures that failed)",
+                    soft_wrap=True,
+                )
+            raise
         if as_json:
             click.echo(summary.model_dump_json(indent=2))
         else:
