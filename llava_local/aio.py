@@ -27,7 +27,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 from . import structured
-from .backends import Backend
+from .backends import Backend, EnginePlan
 from .chat import VisionChat
 from .control import TurnControl
 from .errors import InvalidRequestError
@@ -93,6 +93,11 @@ class AsyncVisionChat:
     def config(self) -> dict[str, Any]:
         """This chat as JSON data, as :attr:`VisionChat.config`."""
         return self.sync.config
+
+    @property
+    def plan(self) -> EnginePlan | None:
+        """The engine as planned, as :attr:`VisionChat.plan`."""
+        return self.sync.plan
 
     # -- what the sync chat has ------------------------------------------------------
 

@@ -44,8 +44,10 @@ def plugin_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     shutil.copytree(PLUGIN, source)
     ours = _tree(ROOT / "llava_local")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps"]
-        + ["--no-build-isolation", "--target", str(target), str(source)],
+        [
+            *(sys.executable, "-m", "pip", "install", "--quiet", "--no-deps"),
+            *("--no-build-isolation", "--target", str(target), str(source)),
+        ],
         check=True,
         capture_output=True,
         timeout=300,

@@ -6,6 +6,7 @@ pictures to JSON Lines), :mod:`.eval` (accuracy on labelled pictures), :mod:`.be
 :mod:`.caption_ray` (the same job on a Ray cluster), :mod:`.serve` (the engine behind
 OpenAI- and Ollama-compatible HTTP routes), :mod:`.datasets` (labelled picture sets)
 and :mod:`.models` (listing and pulling models); :mod:`.engines` is the engine pool
-the page, ``serve`` and Ray workers open their engines in (one per plan). They use the core and the engines;
-the core and the engines never import them (checked by import-linter).
+the page, ``serve`` and Ray workers open their engines in (one per plan). They use the
+core and the engines; the core and the engines never import them (checked by
+import-linter).
 """

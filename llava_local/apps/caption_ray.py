@@ -133,10 +133,11 @@ def caption_ray(
 
     ``chat`` is a :class:`VisionChat` or its :attr:`~VisionChat.config` (or a plan's
     ``describe()`` with the chat's settings): each worker builds its own chat from that
-    config (a driver's chat is not used for answers; the command line opens none). ``inputs`` names the pictures as for
-    :func:`.caption.find_pictures`; or pass ``inputs=None`` and ``dataset``, an existing
-    ``ray.data.Dataset`` with a ``path`` column of paths (and a ``bytes`` column, as
-    ``read_binary_files(include_paths=True)`` gives, so workers need not see the files).
+    config (a driver's chat is not used for answers; the command line opens none).
+    ``inputs`` names the pictures as for :func:`.caption.find_pictures`; or pass
+    ``inputs=None`` and ``dataset``, an existing ``ray.data.Dataset`` with a ``path``
+    column of paths (and a ``bytes`` column, as ``read_binary_files(include_paths=True)``
+    gives, so workers need not see the files).
 
     ``address``: None starts a new local Ray instance for the run and stops it after,
     unless this process is connected to Ray already (a cluster that ``RAY_ADDRESS`` or

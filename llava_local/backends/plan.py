@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
@@ -96,16 +97,19 @@ def _identity(value: Any) -> Hashable:
     return ("object", id(value))
 
 
-def plan(backend: str = "auto", model: str | None = None, **settings: Any) -> EnginePlan:
+def plan(
+    backend: str = "auto", model: str | os.PathLike[str] | None = None, **settings: Any
+) -> EnginePlan:
     """The engine ``backend`` (an engine's name or alias, or ``"auto"``, see
     :mod:`llava_local.backends`) for ``model`` and ``settings``, decided and settled,
     not opened. Raises the errors opening would raise for settings and files (a
     misspelt setting, a missing model file), before anything is loaded."""
+    named = None if model is None else os.fspath(model)
     if backend.strip().replace("-", "_").lower() == "auto":
         from .auto import choose
 
-        return choose(model, settings)
-    return plan_for(backend, model, settings)
+        return choose(named, settings)
+    return plan_for(backend, named, settings)
 
 
 def plan_for(
