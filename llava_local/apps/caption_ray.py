@@ -258,11 +258,11 @@ def _worker_config(
 
 
 def _host_setting(backend: str) -> str | None:
-    """The engine setting that names its server: Ollama's ``host``, OpenAI's ``base_url``."""
+    """The engine setting that names its server (the spec's address: Ollama's ``host``,
+    OpenAI's ``base_url``), None for an engine in this process."""
     from ..backends import registry
 
-    names = registry.get(backend).config.setting_names()
-    return next((name for name in ("host", "base_url") if name in names), None)
+    return registry.get(backend).address
 
 
 def _connect(ray: Any, address: str | None, workers: int | None, cpus: int) -> bool:

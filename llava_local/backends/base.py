@@ -1,4 +1,4 @@
-r"""The seam between the conversation core and an engine.
+"""The seam between the conversation core and an engine.
 
 A backend turns a prepared conversation into text and nothing more: the core
 (:mod:`llava_local.chat`) validates input, prepares pictures, keeps the history
@@ -8,7 +8,7 @@ and builds the :class:`~llava_local.types.Reply`. A new engine implements
 What only some engines can do (check their server first, describe their model's files,
 keep and restore KV states, read a conversation ahead of its question) are methods
 here with default implementations that say "nothing to do" (and, for states, the
-class flag :attr:`Backend.keeps_state`), not ``typing.Protocol``\ s probed with
+class flag :attr:`Backend.keeps_state`), not ``typing.Protocol`` classes probed with
 ``isinstance``: the core calls them the same way for every engine, an engine opts in
 by overriding, and mypy checks each override's signature against the seam (a
 ``runtime_checkable`` Protocol only checks that a name exists, and only where it is
