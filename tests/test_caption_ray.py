@@ -24,8 +24,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from llava_local import InvalidRequestError, VisionChat
-from llava_local.apps.caption import CaptionSummary, caption, read_captions
-from llava_local.apps.caption_ray import MAX_WORKER_DEATHS, caption_ray, local_cpus_needed
+from llava_local.apps.captioning import CaptionSummary, caption, read_captions
+from llava_local.apps.captioning import MAX_WORKER_DEATHS, caption_ray, local_cpus_needed
 from llava_local.apps.datasets import DIGIT_PROMPT, load_set
 from llava_local.cli.caption import caption as caption_command
 
