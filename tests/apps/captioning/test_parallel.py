@@ -26,6 +26,7 @@ from llava_local.demo import demo_paths
 
 from ...caption_lines import lines, pairs
 from ...gguf_fixtures import png_bytes
+from ...ollama_server import OllamaServer, RecordedRequest, Script
 from ...option_args import OptionArgs
 
 pytestmark = pytest.mark.llama
@@ -256,3 +257,36 @@ def test_a_copy_of_a_picture_being_asked_about_waits_for_its_answer(tmp_path: Pa
     assert records["b.png"]["copy_of"].endswith("a.png")
     assert records["b.png"]["text"] == records["a.png"]["text"]
     assert [Path(r["path"]).name for r in lines(out)].index("b.png") > 0
+
+
+def test_an_ollama_daemon_gets_that_many_requests_at_once(
+    ollama_server: OllamaServer, tmp_path: Path
+) -> None:
+    """parallel=3 with an engine without slots (Ollama): up to three chats are in the
+    daemon at once, never more, and each of six pictures is asked once and written once."""
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for index in range(6):
+        (folder / f"p{index}.png").write_bytes(png_bytes((40, 40), seed=50 + index))
+    inside = 0
+    most = 0
+    lock = threading.Lock()
+
+    def slowly(request: RecordedRequest) -> Script:
+        nonlocal inside, most
+        with lock:
+            inside += 1
+            most = max(most, inside)
+        time.sleep(0.3)  # the answer's wait, while other requests arrive
+        with lock:
+            inside -= 1
+        return Script()
+
+    ollama_server.script(slowly)
+    out = tmp_path / "out.jsonl"
+    with VisionChat.ollama(host=ollama_server.url) as chat:
+        summary = caption(chat, folder, out, prompt="C.", parallel=3, progress=False)
+    assert (summary.done, summary.failed) == (6, 0)
+    assert most == 3
+    assert len(ollama_server.requests_to("/api/chat")) == 6
+    assert sorted(pairs(lines(out)).values()) == [1] * 6
