@@ -60,7 +60,8 @@ def _load_schema(
     "--out",
     "-o",
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="PATH",
+    type=click.Path(path_type=Path),
     help="JSON Lines file to append to (a folder with --format parquet); an existing "
     "one is resumed.",
 )

@@ -126,6 +126,9 @@ def test_a_parquet_output_works_on_one_machine(
     assert result.exit_code == 0, result.output
     assert "8 captioned" in result.stdout
     assert said(read_captions(cli)) == said(lines(tmp_path / "c.jsonl"))
+    again_cli = CliRunner().invoke(caption_command, args)  # the folder exists now
+    assert again_cli.exit_code == 0, again_cli.output
+    assert "0 captioned, 8 already recorded" in again_cli.stdout
 
 
 class Digit(BaseModel):
