@@ -41,6 +41,7 @@ err_console = Console(stderr=True, highlight=False, markup=False, soft_wrap=True
 _COMMAND_FLAGS = {
     "backend": "--backend",
     "model": "--model",
+    "parallel": "--parallel",
     "max_tokens": "--max-tokens",
     "retry_errors": "--retry-errors",
     "task": "--task",
