@@ -32,7 +32,7 @@ from ..errors import LlavaLocalError
 from ..wording import count
 from . import models
 
-__all__ = ["Check", "doctor", "llama_cpp_build", "safe_cmake_args"]
+__all__ = ["Check", "board_checks", "doctor", "llama_cpp_build", "safe_cmake_args"]
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -72,9 +72,13 @@ def doctor(
     cache_dir: str | os.PathLike[str] | None = None,
     probe: bool = True,
     timeout: float = 1.0,
+    root: Path = Path("/"),
 ) -> list[Check]:
-    """Check the engines, the models, and the machine; see the module docstring."""
+    """Check the engines, the models, and the machine; see the module docstring.
+    ``root`` is where ``/proc`` and ``/sys`` are read for the board (tests pass a
+    made-up one)."""
     checks: list[Check] = []
+    checks += _guarded("board", lambda: board_checks(root))
     status, ollama = models.ollama_models(host, timeout=timeout)
     checks += _guarded("Ollama", lambda: _ollama_checks(status, ollama))
     checks += _guarded("llama.cpp", lambda: _llama_checks(probe))
@@ -404,6 +408,58 @@ def _local_models_check(cache_dir: str | os.PathLike[str] | None) -> Check:
         fix="download a small one: `llava-local pull smolvlm-500m` "
         "(see `llava-local models` for what fits)",
     )
+
+
+def board_checks(root: Path = Path("/")) -> list[Check]:
+    """On a single-board computer: which board, its memory and swap, and (on a
+    Raspberry Pi) whether the CPU is throttled now or was since boot. Nothing on a PC."""
+    found = host.board(root)
+    if found is None:
+        return []
+    total, swap = host.total_bytes(root), host.swap_bytes(root)
+    memory = f"{total / 2**30:.1f} GiB of memory" if total else "memory unknown"
+    swapped = "no swap"
+    if swap and swap[0]:
+        swapped = f"swap {swap[0] / 2**30:.1f} GiB ({swap[1] / 2**30:.1f} free)"
+    detail = f"{found.model}: {memory}, {swapped}"
+    if found.device:
+        detail += f"; estimates for it: `llava-local models --device {found.device}`"
+    word = host.throttled(root)
+    if word is None:
+        if found.device is None:
+            return [Check(name="board", status="ok", detail=detail)]
+        return [
+            Check(
+                name="board",
+                status="ok",
+                detail=f"{detail}; throttling unknown (no get_throttled file, no vcgencmd)",
+            )
+        ]
+    now, since = host.throttled_reasons(word)
+    if not now and not since:
+        return [Check(name="board", status="ok", detail=f"{detail}; not throttled (0x{word:x})")]
+    said = "; ".join(
+        part
+        for part in (
+            f"now: {', '.join(now)}" if now else "",
+            f"since boot: {', '.join(since)}" if since else "",
+        )
+        if part
+    )
+    power = "under-voltage" in now + since
+    fix = (
+        "use the official power supply (5 V 3 A for a Pi 4, 5 V 5 A for a Pi 5) and a short cable"
+        if power
+        else "add a heatsink or fan: a throttled CPU answers slower"
+    )
+    return [
+        Check(
+            name="board",
+            status="warn",
+            detail=f"{detail}; the CPU is throttled (0x{word:x}) {said}",
+            fix=fix,
+        )
+    ]
 
 
 def _threads_check() -> Check:
