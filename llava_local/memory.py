@@ -356,7 +356,12 @@ def projector_compute_bytes(meta: dict[str, Any]) -> int:
 
 def margin(est: MemoryEstimate) -> int:
     """Room :func:`check` keeps free beyond the estimate."""
-    return max(MARGIN_MIN, int(est.needed_bytes * MARGIN_FRACTION))
+    return margin_bytes(est.needed_bytes)
+
+
+def margin_bytes(needed: int) -> int:
+    """Room kept free beyond ``needed`` bytes: a tenth, at least :data:`MARGIN_MIN`."""
+    return max(MARGIN_MIN, int(needed * MARGIN_FRACTION))
 
 
 def check(est: MemoryEstimate, *, force: bool = False, available: int | None = None) -> None:
