@@ -74,14 +74,15 @@ def memory_parts(
     *,
     kv_bytes_per_token: int | None = None,
     image_tokens: int = 576,
+    text_tokens: int = TEXT_TOKENS,
 ) -> tuple[int, int]:
-    """:func:`estimate_memory` beyond the files: the KV cache and the work buffers.
-    Without the KV size per token, a quarter of the language model stands in (a 7B
-    LLaMA's KV for 2.6k tokens is about that)."""
+    """:func:`estimate_memory` beyond the files: the KV cache (of one picture and
+    ``text_tokens``) and the work buffers. Without the KV size per token, a quarter of
+    the language model stands in (a 7B LLaMA's KV for 2.6k tokens is about that)."""
     if kv_bytes_per_token is None:
         kv = lm_bytes // 4
     else:
-        kv = kv_bytes_per_token * (image_tokens + TEXT_TOKENS)
+        kv = kv_bytes_per_token * (image_tokens + text_tokens)
     return kv, (lm_bytes + mmproj_bytes) // 20 + 256 * _MIB
 
 

@@ -5,8 +5,10 @@
 context, work buffers), plus what this library keeps beside it: the cache of picture
 embeddings at its default bound (256 MiB). A model fits a board when that and the
 engine's safety margin (:func:`llava_local.memory.margin`) fit in what Raspberry Pi OS
-leaves (:data:`OS_RESERVE` below the board's RAM). Half of what is left then goes to
-kept KV states, the engine's default (``kv_cache_mb``), so they stay inside the board.
+leaves (:data:`OS_RESERVE` below the board's RAM); when only a shorter context fits, the
+budget says which, as the engine picks it (:func:`llava_local.memory.default_context`).
+Half of what is left then goes to kept KV states, the engine's default
+(``kv_cache_mb``), so they stay inside the board.
 
 **Speeds are estimates**, never measurements: nothing here ran on a Pi (``make
 arm64-check`` runs the library on emulated ones, which shows right answers, not their
@@ -124,8 +126,11 @@ class Budget(BaseModel):
     work_bytes: int
     cache_bytes: int
     n_ctx: int
-    #: RAM size (GiB) -> whether it fits, and what kept KV states then get by default.
+    #: RAM size (GiB) -> whether it fits at the default context (``n_ctx``), the context
+    #: the engine loads it with there (shorter when only that fits; None: it does not
+    #: load), and what kept KV states then get by default.
     fits: dict[int, bool]
+    context: dict[int, int | None]
     kept_states_bytes: dict[int, int]
     first_answer_s: float | None = None
     tokens_per_s: float | None = None
@@ -160,17 +165,31 @@ def budget(
     mm = entry.mmproj_bytes if mmproj_bytes is None else mmproj_bytes
     if lm is None or mm is None:
         return None
-    tokens = entry.image_tokens + catalog.TEXT_TOKENS
-    kv, work = catalog.memory_parts(
-        lm, mm, kv_bytes_per_token=entry.kv_bytes_per_token, image_tokens=entry.image_tokens
-    )
-    engine = lm + mm + kv + work
-    needed = engine + EMBEDDING_CACHE
-    fits, kept = {}, {}
+
+    def parts(text: int) -> tuple[int, int]:
+        """The KV cache and the engine's whole estimate with ``text`` text tokens."""
+        kv, work = catalog.memory_parts(
+            lm,
+            mm,
+            kv_bytes_per_token=entry.kv_bytes_per_token,
+            image_tokens=entry.image_tokens,
+            text_tokens=text,
+        )
+        return kv, lm + mm + kv + work
+
+    kv, engine = parts(memory.TEXT_BUDGETS[0])
+    fits: dict[int, bool] = {}
+    context: dict[int, int | None] = {}
+    kept: dict[int, int] = {}
     for gib in device.ram_gib:
-        room = gib * GiB - OS_RESERVE - needed - memory.margin_bytes(engine)
-        fits[gib] = room >= 0
-        kept[gib] = max(0, room // 2)
+        context[gib], kept[gib] = None, 0
+        for text in memory.TEXT_BUDGETS:  # as the engine picks its default context
+            whole = parts(text)[1]
+            room = gib * GiB - OS_RESERVE - EMBEDDING_CACHE - whole - memory.margin_bytes(whole)
+            if room >= 0:
+                context[gib], kept[gib] = entry.image_tokens + text, room // 2
+                break
+        fits[gib] = context[gib] == entry.image_tokens + memory.TEXT_BUDGETS[0]
     params = entry.lm_params if lm_params is None else lm_params
     flops = entry.vision_flops if vision_flops is None else vision_flops
     first = speed = None
@@ -187,10 +206,11 @@ def budget(
         weights_bytes=lm,
         projector_bytes=mm,
         kv_bytes=kv,
-        work_bytes=work,
+        work_bytes=engine - lm - mm - kv,
         cache_bytes=EMBEDDING_CACHE,
-        n_ctx=tokens,
+        n_ctx=entry.image_tokens + memory.TEXT_BUDGETS[0],
         fits=fits,
+        context=context,
         kept_states_bytes=kept,
         first_answer_s=first,
         tokens_per_s=speed,

@@ -15,6 +15,7 @@ import pytest
 from llava_local import catalog, devices, memory
 from llava_local.apps import models
 from llava_local.catalog import CLIP_L_336, VisionEncoder
+from llava_local.cli.models import _budget_row
 from llava_local.demo import DEMO_NAME
 
 GiB = 1 << 30
@@ -69,6 +70,19 @@ def test_what_fits_a_4_and_an_8_gb_pi() -> None:
     assert kept > 0
     assert seven.needed_bytes + margin + 2 * kept <= 8 * GiB - devices.OS_RESERVE
     assert seven.kept_states_bytes[4] == 0
+
+
+def test_a_shorter_context_is_what_a_tighter_board_loads() -> None:
+    """As the engine does, a board with room for a shorter context only gets that one
+    (1024 text tokens beside the picture), shown as its n_ctx; less room, none at all."""
+    phi3 = catalog.find("llava-phi3-mini")
+    board = devices.DEVICES["pi5"].model_copy(update={"ram_gib": (4, 5, 6)})
+    found = devices.budget(phi3, board)
+    assert found is not None
+    assert found.context == {4: None, 5: 576 + 1024, 6: 576 + 2048}
+    assert found.fits == {4: False, 5: False, 6: True}
+    assert 0 < found.kept_states_bytes[5] < found.kept_states_bytes[6]
+    assert _budget_row(found)[2:5] == ["[red]no[/]", "[yellow]n_ctx 1600[/]", "[green]yes[/]"]
 
 
 def test_estimates_follow_the_published_figures() -> None:

@@ -162,8 +162,16 @@ def _seconds(value: float | None) -> str:
     return f"{value:.0f} s" if value >= 10 else f"{value:.1f} s"
 
 
+def _fits(budget: Budget, gib: int) -> str:
+    """yes, no, or the shorter context the engine would load it with there."""
+    context = budget.context[gib]
+    if budget.fits[gib] or context is None:
+        return _yes(budget.fits[gib])
+    return f"[yellow]n_ctx {context}[/]"
+
+
 def _budget_row(budget: Budget) -> list[str]:
-    fits = [_yes(budget.fits[gib]) for gib in sorted(budget.fits)]
+    fits = [_fits(budget, gib) for gib in sorted(budget.fits)]
     speed = "?" if budget.tokens_per_s is None else f"{budget.tokens_per_s:.1f}"
     if budget.tokens_per_s is not None and budget.tokens_per_s > 100:
         speed = ">100"  # a model this small is bound by per-token overheads, not weights
@@ -193,7 +201,8 @@ def _print_device(report: ModelsReport, console: Console, compact: bool) -> None
         Text(
             "needs: both files, the KV cache of one picture and 2048 text tokens, work "
             "buffers and the 256 MiB picture cache; a model fits when that and a safety "
-            f"margin fit in the RAM less {OS_RESERVE / 2**30:.1f} GiB for the system. "
+            f"margin fit in the RAM less {OS_RESERVE / 2**30:.1f} GiB for the system; "
+            "n_ctx N: it loads with that shorter context. "
             "first answer: encoding the picture and reading the prompt, after loading. "
             f"These speeds are estimates from published figures ({device.figures}); "
             "see llava_local/devices.py.",
