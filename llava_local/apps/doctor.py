@@ -16,6 +16,7 @@ the model file missing from a broken install) does the check fall back to readin
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -252,11 +253,13 @@ def _probe_verdict(summary: str, done: subprocess.CompletedProcess[str]) -> Chec
     tail = " ".join((done.stderr or done.stdout).strip().splitlines()[-3:])[-300:]
     if code < 0:
         name = _signal_name(-code)
+        fix = _reinstall_fix()
         if -code == signal.SIGILL:
             cause = (
                 "illegal instruction: this build uses CPU instructions this machine lacks "
-                "(built on another machine?)"
+                "(built on another machine, such as a Pi 5's build on a Pi 4?)"
             )
+            fix = _reinstall_fix("rebuild it on this machine, for its CPU")
         else:
             cause = (
                 "the AMX trap: llama-cpp-python was built with -march=native on a CPU "
@@ -267,7 +270,7 @@ def _probe_verdict(summary: str, done: subprocess.CompletedProcess[str]) -> Chec
             name="llama.cpp build",
             status="fail",
             detail=f"{summary}; evaluating a Q4_0 model killed the process ({name}): {cause}",
-            fix=_reinstall_fix(),
+            fix=fix,
         )
     return Check(
         name="llama.cpp build",
@@ -310,10 +313,17 @@ def _system_info() -> dict[str, str]:
     return features
 
 
-def safe_cmake_args(flags: set[str] | None = None) -> str:
-    """CMAKE_ARGS for a build without ``-march=native`` and without AMX, switching on
-    what /proc/cpuinfo lists (the same rule as scripts/install-llama-cpp.sh)."""
+def safe_cmake_args(flags: set[str] | None = None, machine: str | None = None) -> str:
+    """CMAKE_ARGS for a build without ``-march=native`` that uses only what /proc/cpuinfo
+    lists (the same rule as scripts/install-llama-cpp.sh): on x86-64 its instruction sets
+    but never AMX; on aarch64 the architecture its Features name (a Pi 4: armv8-a, no
+    dotprod; a Pi 5: armv8.2-a+dotprod+fp16)."""
     flags = set(host.cpu_flags()) if flags is None else flags
+    if (machine or platform.machine()).lower() in ("aarch64", "arm64"):
+        ext = "+dotprod" if "asimddp" in flags else ""
+        ext += "+fp16" if {"asimdhp", "fphp"} <= flags else ""
+        ext += "+i8mm" if "i8mm" in flags else ""
+        return f"-DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH={'armv8.2-a' if ext else 'armv8-a'}{ext}"
     wanted = [
         ("avx", "AVX"),
         ("avx2", "AVX2"),
@@ -328,13 +338,13 @@ def safe_cmake_args(flags: set[str] | None = None) -> str:
     return " ".join(args)
 
 
-def _reinstall_fix() -> str:
+def _reinstall_fix(why: str = "rebuild without -march=native") -> str:
     try:
         version = metadata.version("llama-cpp-python")
     except metadata.PackageNotFoundError:
         version = ".".join(map(str, MIN_LLAMA_CPP))
     return (
-        "rebuild without -march=native: run scripts/install-llama-cpp.sh from the "
+        f"{why}: run scripts/install-llama-cpp.sh from the "
         f'llava-local repository, or CMAKE_ARGS="{safe_cmake_args()}" pip install '
         f"--force-reinstall --no-cache-dir llama-cpp-python=={version} "
         "(--no-cache-dir matters: pip's wheel cache ignores CMAKE_ARGS)"
