@@ -31,7 +31,9 @@ ran llama.cpp's kernels of the time). The bandwidth they imply agrees with Ollam
 generation on a Pi 5 (Jeff Geerling, https://github.com/geerlingguy/ai-benchmarks/issues/7:
 llama3.2:3b 4.5-4.9 tokens/s, llama3.1:8b 2.1-2.2; these rates predict 5.2 and 2.1).
 llama.cpp reads prompts faster now (its ARM kernels for repacked Q4_0 use the Pi 5's
-dotprod), so first answers on a Pi 5 are likely quicker than estimated.
+dotprod; a Pi 5 read a Llama 2 7B Q4_0 prompt at 8.1 tokens/s in April 2024,
+https://github.com/ggml-org/llama.cpp/pull/6928, where these rates say 5.7), so first
+answers on a Pi 5 are likely quicker than estimated.
 """
 
 from __future__ import annotations
