@@ -435,11 +435,12 @@ def default_context(
             continue
         if n_ctx < sizes[0]:
             warnings.warn(
-                f"{est.model} is loaded with a context of {n_ctx} tokens, not {sizes[0]}: "
-                f"with {sizes[0]} it would not fit the {human(free)} of memory available. "
-                f"A conversation longer than {n_ctx} tokens is refused; pass n_ctx= to "
-                "choose, or free memory",
-                ShorterContextWarning,
+                ShorterContextWarning(
+                    f"{Path(model).name} is loaded with a context of {n_ctx} tokens, not "
+                    f"{sizes[0]}: with {sizes[0]} it would not fit the {human(free)} of "
+                    f"memory available. A conversation longer than {n_ctx} tokens is "
+                    "refused; pass n_ctx= to choose, or free memory"
+                ),
                 stacklevel=3,
             )
         return n_ctx
