@@ -49,6 +49,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tomllib
+
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(
     os.environ.get("LLAVA_LOCAL_ARM64_CACHE")
@@ -366,6 +368,16 @@ def source_copy(root: Path) -> None:
                 shutil.copy2(path, folder / name)
 
 
+def requirements() -> str:
+    """What the virtualenvs install besides the project: the dependencies the project's
+    and the development package's pyproject.toml name (not the rest of those files)."""
+    found = []
+    for name in ("pyproject.toml", "dev/pyproject.toml"):
+        project = tomllib.loads((REPO / name).read_text())["project"]
+        found.append([project.get("dependencies", []), project.get("optional-dependencies", {})])
+    return json.dumps(found, sort_keys=True)
+
+
 def venv(root: Path, board: Board, built: Path) -> Path:
     """The board's virtualenv in the root, made again when the wheel or the project's
     requirements change; the project itself is installed afresh every run."""
@@ -374,8 +386,7 @@ def venv(root: Path, board: Board, built: Path) -> Path:
     shutil.rmtree(wheels, ignore_errors=True)
     wheels.mkdir(parents=True)
     shutil.copy2(built, wheels / built.name)
-    requirements = "".join((REPO / p).read_text() for p in ("pyproject.toml", "dev/pyproject.toml"))
-    key = hashlib.sha256(f"{built}|{requirements}|{TEST_TOOLS}".encode()).hexdigest()
+    key = hashlib.sha256(f"{built}|{requirements()}|{TEST_TOOLS}".encode()).hexdigest()
     stamp = root / inside.relative_to("/") / ".key"
     pip = f"{inside}/bin/python -m pip install --find-links {OPT}/wheels/{board.name}"
     if not stamp.exists() or stamp.read_text() != key:
