@@ -49,7 +49,7 @@ fi
 arm_arch() {
   local features model
   features=$(grep -m1 '^Features' "$board_root/proc/cpuinfo" 2>/dev/null | cut -d: -f2 || true)
-  model=$(tr -d '\0' < "$board_root/proc/device-tree/model" 2>/dev/null || true)
+  model=$( { tr -d '\0' < "$board_root/proc/device-tree/model"; } 2>/dev/null || true)
   if [ -z "$features" ]; then
     case "$model" in
       "Raspberry Pi 5"* | "Raspberry Pi Compute Module 5"* | "Raspberry Pi 500"*)
