@@ -1,15 +1,21 @@
-"""Stateless clients against two servers: ``llava-local serve`` and ``llama_cpp.server``.
+"""Stateless clients against ``llava-local serve`` and the servers a user would run instead.
 
     python benchmarks/serve.py --preset tinyllava-1.1b
     python benchmarks/serve.py --preset llava-1.5-7b --update BENCHMARKS.md
+    python benchmarks/serve.py --peers llama_cpp.server      # the older peer
 
-Both servers get the same GGUF pair (a random-weight twin written by
+Every server gets the same GGUF pair (a random-weight twin written by
 ``benchmarks/make_twins.py``, answering in word tokens: ``llava_local_dev.twins``), the same
 threads and context size, one after the other on the same machine, in one run:
 
-- ``llava-local serve -m LM --mmproj MM --chat-format vicuna``;
+- ``llava-local serve -m LM --mmproj MM --chat-format vicuna`` (``--parallel`` as given,
+  default: its own default);
+- ``llama-server`` (llama.cpp's own, built by ``scripts/build-llama-server.sh`` from the
+  llama.cpp inside the llama-cpp-python sdist, same safe CPU flags), given our prompt by
+  ``--jinja --chat-template-file benchmarks/vicuna.jinja``: its default, and ``-np 4``
+  (4 parallel slots, continuous batching); a line says so if it cannot be built;
 - ``python -m llama_cpp.server --model LM --clip_model_path MM --chat_format llava-1-5``
-  (``pip install 'llama-cpp-python[server]'``), what a user would otherwise run.
+  (``pip install 'llama-cpp-python[server]'``), with ``--peers llama_cpp.server``.
 
 What is measured, each request sent by the official ``openai`` client with the whole
 history (as every client of these protocols does), ``stream=True``, ``temperature=0``,
@@ -54,7 +60,9 @@ from llava_local.apps import bench
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TWINS = Path("/tmp/twins")
-SERVERS = ("llava-local serve", "llama_cpp.server")
+OURS = "llava-local serve"
+PEERS = ("llama-server", "llama-server -np 4", "llama_cpp.server")
+TEMPLATE = Path(__file__).with_name("vicuna.jinja")
 
 
 @dataclass
@@ -87,13 +95,36 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def llama_server() -> str | None:
+    """The llama-server binary (built once, cached), or None with the reason printed."""
+    build = subprocess.run(
+        [str(ROOT / "scripts" / "build-llama-server.sh"), sys.executable],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if build.returncode != 0:
+        print(f"llama-server skipped: it could not be built\n{build.stderr[-2000:]}")
+        return None
+    return build.stdout.strip().splitlines()[-1]
+
+
 def _command(server: str, lm: Path, mm: Path, port: int, args: argparse.Namespace) -> list[str]:
     threads, ctx = str(args.threads), str(args.n_ctx)
-    if server == "llava-local serve":
+    if server == OURS:
+        parallel = ["--parallel", str(args.parallel)] if args.parallel else []
         return [
             sys.executable, "-m", "llava_local.cli", "serve", "--port", str(port),
             "-m", str(lm), "--mmproj", str(mm), "--chat-format", "vicuna",
             "--threads", threads, "--n-ctx", ctx, "--name", "twin", "--queue", "64",
+            *parallel,
+        ]  # fmt: skip
+    if server.startswith("llama-server"):
+        slots = ["-np", server.rsplit(maxsplit=1)[1]] if "-np" in server else []
+        return [
+            args.llama_server, "-m", str(lm), "--mmproj", str(mm), "-t", threads,
+            "-tb", threads, "-c", ctx, "--host", "127.0.0.1", "--port", str(port),
+            "--alias", "twin", "--jinja", "--chat-template-file", str(TEMPLATE), *slots,
         ]  # fmt: skip
     return [
         sys.executable, "-m", "llama_cpp.server", "--port", str(port),
@@ -111,14 +142,15 @@ def _running(command: list[str], url: str, log: Path) -> Iterator[subprocess.Pop
         deadline = time.monotonic() + 600
         while True:
             if process.poll() is not None:
-                raise SystemExit(f"{command[2]} exited: {log.read_text(errors='replace')[-2000:]}")
+                tail = log.read_text(errors="replace")[-2000:]
+                raise SystemExit(f"{Path(command[0]).name} exited: {tail}")
             try:
                 if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise SystemExit(f"{command[2]} did not start")
+                raise SystemExit(f"{Path(command[0]).name} did not start")
             time.sleep(0.2)
         yield process
     finally:
@@ -182,7 +214,7 @@ def _conversation(url: str, photo: bytes, turns: int, max_tokens: int) -> list[T
 def measure(server: str, lm: Path, mm: Path, args: argparse.Namespace) -> Run:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    log = Path(args.logs) / f"{server.split(maxsplit=1)[0].replace('.', '_')}.log"
+    log = Path(args.logs) / f"{re.sub(r'[^A-Za-z0-9]+', '_', server)}.log"
     run = Run(server, load_before=_load())
     start = time.perf_counter()
     with _running(_command(server, lm, mm, port, args), url, log) as process:
@@ -220,73 +252,93 @@ def _ratio(a: float, b: float) -> str:
 
 
 def markdown(runs: list[Run], label: str, args: argparse.Namespace, command: str) -> str:
-    ours, theirs = runs
+    """The runs as tables: one client, then the clients at once; ratios are each peer's
+    figure over ours (above 1: we are faster), then the targets against the best peer."""
+    ours, peers = runs[0], runs[1:]
+    names = " | ".join(r.server for r in runs)
     lines = [
         f"{label}; {args.threads} threads, n_ctx {args.n_ctx}, {args.max_tokens} new tokens "
         f"per answer, streamed, temperature 0; measured {time.strftime('%Y-%m-%d %H:%M %Z')} "
-        f"on a shared {os.cpu_count()}-core machine, both servers one after the other in one "
-        f"run (`{command}`).",
+        f"on a {os.cpu_count()}-core machine, the servers one after the other in one run "
+        f"(`{command}`). Ratios: the peer's time over ours.",
         "",
-        f"| one client, 3 turns, history resent | {ours.server} | {theirs.server} | ratio |",
-        "|---|---:|---:|---:|",
+        f"| one client, {args.turns} turns, history resent | {names} |",
+        "|---|" + "---:|" * len(runs),
     ]
-    for i, (a, b) in enumerate(zip(ours.turns, theirs.turns, strict=True), start=1):
-        lines.append(
-            f"| turn {i}, time to first token | {a.ttft_s:.2f} s | {b.ttft_s:.2f} s | "
-            f"{_ratio(b.ttft_s, a.ttft_s)} |"
-        )
-        lines.append(
-            f"| turn {i}, total | {a.total_s:.2f} s | {b.total_s:.2f} s | "
-            f"{_ratio(b.total_s, a.total_s)} |"
-        )
-    lines.append(
-        f"| peak RSS of the server | {ours.peak_rss_one_mib:.0f} MiB "
-        f"| {theirs.peak_rss_one_mib:.0f} MiB "
-        f"| {_ratio(ours.peak_rss_one_mib, theirs.peak_rss_one_mib)} |"
-    )
+
+    def row(name: str, value: Callable[[Run], float], unit: str = "s", ratio: bool = True) -> str:
+        cells = [f"{value(ours):.2f} {unit}"]
+        for peer in peers:
+            text = f"{value(peer):.2f} {unit}"
+            if ratio and value(ours):
+                text += f" ({value(peer) / value(ours):.2f}x)"
+            cells.append(text)
+        return f"| {name} | " + " | ".join(cells) + " |"
+
+    for i in range(len(ours.turns)):
+        lines.append(row(f"turn {i + 1}, time to first token", _ttft(i)))
+        lines.append(row(f"turn {i + 1}, total", _total(i)))
+    lines.append(row("peak RSS of the server", lambda r: r.peak_rss_one_mib, "MiB", False))
     lines += [
         "",
-        f"| {args.clients} clients at once, 3 turns each on its own photo | {ours.server} "
-        f"| {theirs.server} |",
-        "|---|---:|---:|",
+        f"| {args.clients} clients at once, {args.turns} turns each on its own photo | {names} |",
+        "|---|" + "---:|" * len(runs),
+        "| answered | "
+        + " | ".join(f"{r.concurrent_answered}/{r.concurrent_asked}" for r in runs)
+        + " |",
+        row("total wall time", lambda r: r.concurrent_wall_s),
+        row("median request latency", lambda r: _stat(r, statistics.median)),
+        row("slowest request", lambda r: _stat(r, max)),
+        row("peak RSS of the server, both parts", lambda r: r.peak_rss_mib, "MiB", False),
+        "| load average, server start / end | "
+        + " | ".join(f"{r.load_before} / {r.load_after}" for r in runs)
+        + " |",
     ]
-    rows: list[tuple[str, Callable[[Run], str]]] = [
-        ("answered", lambda r: f"{r.concurrent_answered}/{r.concurrent_asked}"),
-        ("total wall time", lambda r: f"{r.concurrent_wall_s:.1f} s"),
-        ("median request latency", lambda r: _stat(r, statistics.median)),
-        ("slowest request", lambda r: _stat(r, max)),
-    ]
-    for row_name, pick in rows:
-        lines.append(f"| {row_name} | {pick(ours)} | {pick(theirs)} |")
-    lines.append(
-        f"| peak RSS of the server, both parts | {ours.peak_rss_mib:.0f} MiB "
-        f"| {theirs.peak_rss_mib:.0f} MiB |"
-    )
-    lines.append(
-        f"| load average, server start / end | {ours.load_before} / {ours.load_after} | "
-        f"{theirs.load_before} / {theirs.load_after} |"
-    )
-    follow = [b.ttft_s / a.ttft_s for a, b in zip(ours.turns[1:], theirs.turns[1:], strict=True)]
-    first = ours.turns[0].total_s / theirs.turns[0].total_s
-    memory = ours.peak_rss_one_mib / theirs.peak_rss_one_mib
-    lines += [
-        "",
-        "| target (issue 17) | measured | |",
-        "|---|---|---|",
-        f"| follow-up time to first token at least 20x lower | "
-        f"{', '.join(f'{r:.1f}x' for r in follow)} lower | {_met(min(follow) >= 20)} |",
-        f"| first turn within 1.05x | {first:.2f}x | {_met(first <= 1.05)} |",
-        f"| peak memory within 10% | {memory:.2f}x | {_met(memory <= 1.10)} |",
-    ]
+    servers = [p for p in peers if p.server.startswith("llama-server")]
+    if servers:
+        lines += ["", *targets(ours, servers)]
     return "\n".join(lines) + "\n"
+
+
+def _ttft(turn: int) -> Callable[[Run], float]:
+    return lambda run: run.turns[turn].ttft_s
+
+
+def _total(turn: int) -> Callable[[Run], float]:
+    return lambda run: run.turns[turn].total_s
+
+
+def targets(ours: Run, servers: list[Run]) -> list[str]:
+    """Issue 30's targets, each against llama-server's best setting for that figure."""
+
+    def best(value: Callable[[Run], float]) -> float:
+        return min(value(r) for r in servers)
+
+    wall = ours.concurrent_wall_s / best(lambda r: r.concurrent_wall_s)
+    median = _stat(ours, statistics.median) / best(lambda r: _stat(r, statistics.median))
+    first = ours.turns[0].ttft_s / best(lambda r: r.turns[0].ttft_s)
+    follow = [ours.turns[i].ttft_s / best(_ttft(i)) for i in range(1, len(ours.turns))]
+    answered = ours.concurrent_answered == ours.concurrent_asked
+    return [
+        "| target (against llama-server's best) | ours / theirs | |",
+        "|---|---|---|",
+        f"| clients at once: wall <= 0.85x | {wall:.2f}x | {_met(wall <= 0.85)} |",
+        f"| clients at once: median latency <= 1.0x | {median:.2f}x | {_met(median <= 1.0)} |",
+        f"| clients at once: all answered | {ours.concurrent_answered}/"
+        f"{ours.concurrent_asked} | {_met(answered)} |",
+        f"| one client: first turn <= 1.0x | {first:.2f}x | {_met(first <= 1.0)} |",
+        "| one client: follow-ups <= 1.0x | "
+        + ", ".join(f"{f:.2f}x" for f in follow)
+        + f" | {_met(bool(follow) and max(follow) <= 1.0)} |",
+    ]
 
 
 def _met(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
-def _stat(run: Run, how: Any) -> str:
-    return f"{how(run.concurrent_latencies):.1f} s" if run.concurrent_latencies else "-"
+def _stat(run: Run, how: Any) -> float:
+    return float(how(run.concurrent_latencies)) if run.concurrent_latencies else 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,6 +351,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--logs", default="/tmp", help="where the servers' logs go")
+    parser.add_argument(
+        "--peers",
+        default="llama-server,llama-server -np 4",
+        help=f"comma-separated, of: {', '.join(PEERS)}",
+    )
+    parser.add_argument("--parallel", type=int, help="serve's --parallel (default: its own)")
     parser.add_argument("--update", type=Path, help="BENCHMARKS.md to update")
     args = parser.parse_args(argv)
 
@@ -309,7 +367,15 @@ def main(argv: list[str] | None = None) -> int:
         with path.open("rb") as f:
             while f.read(1 << 24):
                 pass
-    runs = [measure(server, lm, mm, args) for server in SERVERS]
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    unknown = set(peers) - set(PEERS)
+    if unknown:
+        parser.error(f"unknown peers: {', '.join(sorted(unknown))}")
+    if any(p.startswith("llama-server") for p in peers):
+        args.llama_server = llama_server()
+        if args.llama_server is None:
+            peers = [p for p in peers if not p.startswith("llama-server")]
+    runs = [measure(server, lm, mm, args) for server in [OURS, *peers]]
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
     label = f"{args.preset} twin"
     table = markdown(runs, label, args, command)

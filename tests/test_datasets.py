@@ -126,20 +126,11 @@ def test_shapes_refuse_digit_rendering_options() -> None:
         load_set("shapes", size=64)
 
 
-def test_built_in_sets_match_the_training_code() -> None:
-    """The vocabulary, the held-out prompts and the pixels equal training/data.py's (its
-    shapes come from the same drawing function; the set must also keep its seed and order)."""
-    assert data.SHAPES == ds.SHAPES
-    assert data.COLOURS == ds.COLOURS
-    assert data.DIGIT_QUESTIONS_HELD_OUT == ds.DIGIT_PROMPTS_HELD_OUT
-    assert ds.DIGIT_PROMPT == data.PRIMARY_DIGIT_QUESTION
+def test_the_shapes_set_is_drawn_as_training_draws_shapes() -> None:
+    """The built-in shapes are training's drawing from the set's own seed, in order, and
+    the set's default questions are ones the demo was trained on."""
     assert ds.SHAPE_PROMPT in data.SHAPE_QUESTIONS_TRAIN
     assert ds.COLOUR_PROMPT in data.COLOUR_QUESTIONS_TRAIN
-    values, _ = ds._digits_data()[:2]
-    for size, name in ((64, "nearest"), (28, "bicubic")):
-        ours = ds.render_digit(values[5], size, ds.RESAMPLING[name])
-        theirs = data.render_digit(values[5].astype(np.float32), size, ds.RESAMPLING[name])
-        assert np.array_equal(np.asarray(ours), np.asarray(theirs))
     rng = np.random.default_rng(ds.SHAPES_SEED)
     for picture in load_set("shapes", limit=30):
         spec = data.ShapeSpec(picture.labels["shape"], picture.labels["colour"])

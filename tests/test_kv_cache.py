@@ -504,3 +504,41 @@ def test_cli_kv_cache_mb_option_sizes_the_memory_tier() -> None:
     refused = CliRunner().invoke(probe, [*base, "--kv-cache-mb", "-1"])
     assert refused.exit_code == 2
     assert "--kv-cache-mb" in refused.output
+
+
+_KILLED_CHILD = """
+import os, sys, time
+from pathlib import Path
+from llava_local import VisionChat
+from llava_local.backends.llama_cpp import LlamaCppBackend
+from llava_local.demo import demo_paths
+folder = Path(sys.argv[1])
+chat = VisionChat(LlamaCppBackend(*demo_paths(), kv_cache_dir=folder, kv_cache_mb=0))
+chat.ask("What digit is this?", image=sys.argv[2], temperature=0, max_tokens=24)
+deadline = time.monotonic() + 60
+while not list(folder.rglob("*.kv")) and time.monotonic() < deadline:
+    time.sleep(0.05)
+time.sleep(0.5)  # a rename is whole: the file is there once its name is
+os._exit(0)  # killed, as it were: no close(), no atexit, no finally
+"""
+
+
+def test_a_state_reaches_the_disk_without_close(tmp_path: Path) -> None:
+    """A process that read a picture and then ends without closing its chat (killed, or
+    a script that never closes) has left its state in the folder, written in the
+    background once the first token was out; the next process resumes warm."""
+    folder = tmp_path / "kv"
+    child = subprocess.run(
+        [sys.executable, "-c", _KILLED_CHILD, str(folder), str(DIGIT)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr
+    assert states(folder), "no state was written before the process ended"
+    with VisionChat(engine(kv_cache_dir=folder, kv_cache_mb=0)) as chat:
+        reply = chat.ask("What digit is this?", image=DIGIT, **GREEDY)
+    assert reply.stats.images_encoded == 0
+    assert known(reply.stats.cached_tokens) > 16
+    assert reply.text == alone(("What digit is this?", DIGIT))[0].text

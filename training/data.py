@@ -48,7 +48,9 @@ TEST_INDICES = range(1400, 1797)  # never used for training or model selection
 
 # --- questions ----------------------------------------------------------------------------
 
-PRIMARY_DIGIT_QUESTION = "What digit is this?"
+# The questions the library asks the demo model (its evaluation sets' prompts) are the
+# library's own, in llava_local.apps.datasets: the trained one and the held-out ones.
+PRIMARY_DIGIT_QUESTION = datasets.DIGIT_PROMPT  # "What digit is this?"
 
 DIGIT_QUESTIONS_TRAIN = (
     PRIMARY_DIGIT_QUESTION,
@@ -164,18 +166,7 @@ DESCRIBE_SHAPE_QUESTIONS_TRAIN = (
 )
 
 # Held out: never used in training; only for the "paraphrase" evaluation.
-DIGIT_QUESTIONS_HELD_OUT = (
-    "Which digit is shown in this image?",
-    "What number is written in this picture?",
-    "Can you tell me what digit this is?",
-    "What is the number in this image?",
-    "Identify the handwritten digit.",
-    "Which number is drawn here?",
-    "What digit does this picture show?",
-    "Please read the number in the image.",
-    "What's the number shown?",
-    "Tell me which number you see.",
-)
+DIGIT_QUESTIONS_HELD_OUT = datasets.DIGIT_PROMPTS_HELD_OUT
 SHAPE_QUESTIONS_HELD_OUT = (
     "Which shape is in this image?",
     "What shape can you see here?",
@@ -186,7 +177,7 @@ COLOUR_QUESTIONS_HELD_OUT = (
     "Can you name the color of this shape?",
     "Which color is shown?",
 )
-FOLLOW_UP_COLOUR_QUESTION = "What colour is it?"
+FOLLOW_UP_COLOUR_QUESTION = datasets.COLOUR_PROMPT  # "What colour is it?"
 
 _HELD_OUT = SHAPE_QUESTIONS_HELD_OUT + COLOUR_QUESTIONS_HELD_OUT
 SHAPE_QUESTIONS_TRAIN = tuple(
@@ -269,16 +260,9 @@ RESAMPLES = (
 )
 
 
-def render_digit(
-    pixels: np.ndarray,
-    size: int = 64,
-    resample: Image.Resampling = Image.Resampling.NEAREST,
-    ink: int = 0,
-    paper: int = 255,
-) -> Image.Image:
-    """The canonical picture of a digit: dark ink on light paper, ``size`` pixels square."""
-    grey = paper + (ink - paper) * (pixels / 16.0)
-    return _grey_image(grey).resize((size, size), resample).convert("RGB")
+#: The canonical picture of a digit, black ink on white paper, ``size`` pixels square:
+#: the library's own, which its ``digits`` set is drawn with.
+render_digit = datasets.render_digit
 
 
 PURE_INK = 0.4  # share of digit renders in pure black on white

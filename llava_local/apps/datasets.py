@@ -70,7 +70,7 @@ __all__ = [
 #: The names of the built-in sets.
 BUILT_IN = ("digits", "shapes")
 
-# --- the demo model's vocabulary (kept equal to training/data.py; a test checks it) --------
+# --- the demo model's vocabulary (training/data.py trains with these) ---------------------
 
 #: The question the demo model was trained on first.
 DIGIT_PROMPT = "What digit is this?"
@@ -208,8 +208,8 @@ def render_digit(
 ) -> Image.Image:
     """An 8x8 digit of values 0..16 as black ink on white paper, ``size`` px square.
 
-    The same arithmetic as ``render_digit`` in training/data.py, so the model sees the
-    rendering it learnt from.
+    The demo model's training renders its digits with this too (training/data.py), so
+    the model sees the rendering it learnt from.
     """
     paper, ink = 255, 0
     grey = paper + (ink - paper) * (np.asarray(values, dtype=np.float32) / 16.0)

@@ -42,6 +42,7 @@ from ..errors import (
     ModelNotFoundError,
 )
 from ..progress import DownloadProgress
+from ..protocols.ollama import short_name
 from ..resolve import hf_cache_dir, huggingface_hub, pulled_pair
 
 __all__ = [
@@ -148,7 +149,7 @@ def ollama_models(
 ) -> tuple[OllamaStatus, list[InstalledModel]]:
     """The daemon's models and whether each sees pictures; an unreachable daemon gives
     ``reachable=False`` and no models (within about ``timeout`` seconds)."""
-    from ..backends.ollama import is_vision, resolve_host
+    from ..backends.ollama import listed_models, resolve_host
 
     url = resolve_host(host)
     status = ollama_version(url, timeout=timeout)
@@ -157,15 +158,10 @@ def ollama_models(
     timeouts = httpx.Timeout(max(timeout, 5.0), connect=timeout)
     try:
         with ollama.Client(host=url, timeout=timeouts) as client:
-            listed = client.list().models
-            models = []
-            for item in listed:
-                name = str(item.model or "")
-                try:
-                    vision = is_vision(client.show(name))
-                except ollama.ResponseError:
-                    vision = None
-                models.append(_ollama_model(name, item.size, vision))
+            models = [
+                _ollama_model(entry.model or "", entry.size, vision)
+                for entry, vision in listed_models(client)
+            ]
     except (httpx.HTTPError, ollama.ResponseError, ValueError, OSError) as exc:
         error = f"it answered, but listing its models failed: {exc}"
         return status.model_copy(update={"error": error}), []
@@ -196,9 +192,8 @@ def _ollama_model(name: str, size: int | None, vision: bool | None) -> Installed
     memory = (
         None if not size else estimate_memory(size, 0, kv_bytes_per_token=kv, image_tokens=tokens)
     )
-    short = name.removesuffix(":latest")
     return InstalledModel(
-        name=short,
+        name=short_name(name),
         source="ollama",
         catalog_name=entry.name if entry else None,
         vision=vision,

@@ -56,6 +56,7 @@ import hashlib
 import hmac
 import json
 import os
+import queue
 import re
 import stat
 import struct
@@ -432,6 +433,9 @@ class DiskTier:
         self.limits = limits
         # Headers read before, by (name, size, mtime): a lookup reads only new files.
         self._headers: dict[str, tuple[tuple[int, int], tuple[Key, ...]]] = {}
+        # Lookups and writes come from the engine's driver and from its background
+        # writer (other processes need no lock: files are renamed into place whole).
+        self._lock = threading.RLock()
 
     def path_for(self, keys: Sequence[Key]) -> Path:
         name = hashlib.sha256(json.dumps(_pack_keys(keys)).encode()).hexdigest()[:40]
@@ -471,14 +475,16 @@ class DiskTier:
 
     def best(self, keys: Sequence[Key]) -> tuple[int, Path] | None:
         found: tuple[int, Path] | None = None
-        for path, stored in self._entries():
-            n = common_prefix(stored, keys)
-            if n and (found is None or n > found[0]):
-                found = (n, path)
+        with self._lock:
+            for path, stored in self._entries():
+                n = common_prefix(stored, keys)
+                if n and (found is None or n > found[0]):
+                    found = (n, path)
         return found
 
     def covers(self, keys: Sequence[Key]) -> bool:
-        return any(common_prefix(stored, keys) >= len(keys) for _, stored in self._entries())
+        with self._lock:
+            return any(common_prefix(stored, keys) >= len(keys) for _, stored in self._entries())
 
     def read(self, path: Path) -> KVState | None:
         state = read_state(path, self.ident, self.limits)
@@ -495,14 +501,19 @@ class DiskTier:
         if len(state.data) + 4096 > self.max_bytes:
             return None
         path = self.path_for(state.keys)
-        try:
-            with contextlib.suppress(FileExistsError):
-                self.directory.mkdir(mode=0o700)
-            self._make_room(len(state.data))
-            write_state(path, self.ident, state)
-        except OSError:
-            return None
-        self._make_room(0)
+        with self._lock:
+            try:
+                with contextlib.suppress(FileExistsError):
+                    self.directory.mkdir(mode=0o700)
+                self._make_room(len(state.data))
+                write_state(path, self.ident, state)
+            except OSError:
+                return None
+            self._make_room(0)
+            keys = state.keys
+            for older, stored in list(self._entries()):  # states this one extends
+                if len(stored) < len(keys) and keys[: len(stored)] == stored:
+                    _remove(older)
         return path
 
     def _make_room(self, incoming: int) -> None:
@@ -540,8 +551,49 @@ class DiskTier:
             total -= size
 
     def clear(self) -> None:
-        for path, _ in list(self._entries()):
-            _remove(path)
+        with self._lock:
+            for path, _ in list(self._entries()):
+                _remove(path)
+
+
+class BackgroundWriter:
+    """Writes states to a :class:`DiskTier` in a thread of its own, so that a turn never
+    waits for the disk: a state is on disk soon after its picture was read, even if the
+    process is then killed. At most ``pending`` states wait; more are dropped (a kept
+    state is only ever a cache)."""
+
+    def __init__(self, disk: DiskTier, pending: int = 2) -> None:
+        self.disk = disk
+        self._queue: queue.Queue[KVState | None] = queue.Queue(maxsize=pending)
+        self._thread = threading.Thread(target=self._run, name="llava-local KV writer", daemon=True)
+        self._thread.start()
+
+    def put(self, state: KVState) -> bool:
+        """Write ``state`` soon; False when too many wait already (it is dropped)."""
+        try:
+            self._queue.put_nowait(state)
+        except queue.Full:
+            return False
+        return True
+
+    def join(self) -> None:
+        """Wait until every state handed over is written (or failed)."""
+        self._queue.join()
+
+    def close(self) -> None:
+        """Write what waits, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            state = self._queue.get()
+            try:
+                if state is None:
+                    return
+                self.disk.write(state)
+            finally:
+                self._queue.task_done()
 
 
 def private_folder(directory: Path) -> Path:

@@ -30,6 +30,11 @@ Choices worth knowing:
 - A daemon too old to report ``capabilities`` is judged by the model's families:
   ``clip`` or ``mllama`` means vision (every vision model of that era had one). If
   it reports no families either, the model is let through.
+
+The protocol's shapes and translations (option names, the answer's figures, model
+listings, names) are :mod:`llava_local.protocols.ollama`'s, which ``serve`` answers
+with too; the check-once life cycle is :class:`~.remote.RemoteEngine`'s, shared with
+the openai engine.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import os
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping
 from typing import Any, cast
 
 import httpx
@@ -59,9 +64,11 @@ from ..errors import (
     ResponseError,
 )
 from ..progress import DownloadProgress
-from ..types import DoneReason, Message, Options, Stats
-from .base import Backend, Finish, Turn
+from ..protocols import ollama as wire
+from ..types import Message
+from .base import Finish, Turn
 from .registry import Capabilities, EngineConfig, EngineSpec, register
+from .remote import DEFAULT_READ_TIMEOUT, RemoteEngine
 
 __all__ = [
     "OllamaBackend",
@@ -69,30 +76,17 @@ __all__ = [
     "daemon_version",
     "find_vision_model",
     "is_vision",
+    "listed_models",
     "pull_model",
     "resolve_host",
 ]
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
-#: The read timeout when the caller gives none: long enough for a CPU, never forever.
-DEFAULT_READ_TIMEOUT = 600.0
 #: Extra attempts to open a connection the daemon refused (nothing was sent yet); httpcore
 #: pauses 0 s, then 0.5 s, between them.
 CONNECT_RETRIES = 2
 #: Option names the daemon understands: the client's list plus newer ones.
 OLLAMA_OPTIONS = frozenset(ollama.Options.model_fields) | {"min_p"}
-#: Families that meant "has an image encoder" before Ollama reported capabilities.
-VISION_FAMILIES = frozenset({"clip", "mllama"})
-#: Our option names -> Ollama's.
-_OPTION_NAMES = {
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "max_tokens": "num_predict",
-    "seed": "seed",
-    "stop": "stop",
-    "repeat_penalty": "repeat_penalty",
-}
 #: Everything the client and its transport may raise; translated by :func:`_translate`.
 _LOW_LEVEL: tuple[type[BaseException], ...] = (
     ollama.ResponseError,
@@ -154,10 +148,11 @@ def find_vision_model(
         with ollama.Client(host=url, timeout=httpx.Timeout(timeout), transport=transport) as client:
             if required:
                 _ping(client, url)
-            names = [model.model for model in client.list().models if model.model]
-            for name in _candidates(names, preferred):
-                if _sees(client, name):
-                    return preferred if preferred and _same(name, preferred) else _short(name)
+            for entry, vision in listed_models(client, preferred=preferred):
+                if vision is True and entry.model:
+                    if preferred and wire.same_model(entry.model, preferred):
+                        return preferred
+                    return wire.short_name(entry.model)
     except LlavaLocalError:
         if required:
             raise
@@ -197,7 +192,7 @@ def pull_model(
         raise _translate(exc, url, model) from exc
 
 
-class OllamaBackend(Backend):
+class OllamaBackend(RemoteEngine):
     """Talks to a running Ollama daemon; see the module doc for the choices it makes.
 
     ``transport`` (an ``httpx.BaseTransport``) or ``client`` (a ready ``ollama.Client``,
@@ -206,6 +201,8 @@ class OllamaBackend(Backend):
     """
 
     name = "ollama"
+    server = "Ollama"
+    client_errors = _LOW_LEVEL
     default_max_image_side = 1344
 
     def __init__(
@@ -267,52 +264,28 @@ class OllamaBackend(Backend):
         else:
             self.host = str(_http(client).base_url).rstrip("/")
         self._client = client
-        self._checked = False
-        self._closed = False
 
-    def check(self) -> None:
-        """Pre-flight: the daemon answers, has the model (pulling it if asked), and the
-        model can see pictures. Raises the library error that says what to do."""
-        self._ensure_open()
-        try:
-            _ping(self._client, self.host)
-            show = self._show()
-        except LlavaLocalError:
-            raise
-        except _LOW_LEVEL as exc:
-            raise _translate(exc, self.host, self.model) from exc
-        if is_vision(show) is False:
+    # the pre-flight
+    def _check(self) -> None:
+        _ping(self._client, self.host)
+        show = self._show()
+        if wire.is_vision(show) is False:
             caps = ", ".join(show.capabilities or []) or "none"
             raise NotAVisionModelError(
                 f"Ollama model {self.model!r} cannot see pictures (its capabilities: {caps}); "
                 "Ollama would silently ignore them. Use a vision model, e.g. `ollama pull llava`."
             )
-        self._checked = True
 
-    def generate(self, turn: Turn) -> Generator[str | Finish, None, None]:
-        """Stream the answer to ``turn``: text pieces, then one :class:`Finish`."""
-        self._ensure_open()
-        if not self._checked:
-            self.check()
+    def _show(self) -> wire.Show:
+        """``show`` of the model, pulling it first if it is missing and ``pull`` is set."""
         try:
-            yield from self._answer(turn)
-        except ModelNotFoundError:
-            self._checked = False  # removed since the check: check (and pull) again
-            raise
-        except LlavaLocalError:
-            raise
-        except _LOW_LEVEL as exc:
-            error = _translate(exc, self.host, self.model, answering=True)
-            self._checked = not isinstance(error, ModelNotFoundError)
-            raise error from exc
-
-    def close(self) -> None:
-        """Close the HTTP connections (not those of a ``client=`` the caller gave).
-        Later turns raise :class:`BackendError`."""
-        if not self._closed:
-            self._closed = True
-            if self._owns_client:
-                self._client.close()  # type: ignore[no-untyped-call]  # unannotated in ollama
+            return _show(self._client, self.model)
+        except ollama.ResponseError as exc:
+            if exc.status_code != 404 or not self.pull:
+                raise
+        with DownloadProgress(self.model) as bars:
+            _pull(self._client, self.host, self.model, bars)
+        return _show(self._client, self.model)
 
     # the turn
     def _answer(self, turn: Turn) -> Generator[str | Finish, None, None]:
@@ -321,15 +294,16 @@ class OllamaBackend(Backend):
         stream, first = self._open(turn)
         first_token_s: float | None = None
         try:
-            chunks = stream if first is None else itertools.chain([first], stream)
-            for chunk in chunks:
+            for raw in stream if first is None else itertools.chain([first], stream):
+                chunk = wire.ChatResponse.model_validate(raw, from_attributes=True)
                 piece = chunk.message.content or ""
                 if chunk.done:
                     if piece:  # a final chunk may carry text (a parser's held-back tail)
                         if first_token_s is None:
                             first_token_s = time.monotonic() - started
                         yield piece
-                    yield Finish(_done_reason(chunk.done_reason), _stats(chunk, first_token_s))
+                    stats = chunk.stats(first_token_s)
+                    yield Finish(wire.done_reason(chunk.done_reason), stats)
                     return
                 if deadline is not None and time.monotonic() > deadline:
                     raise BackendTimeoutError(
@@ -345,12 +319,12 @@ class OllamaBackend(Backend):
 
     def _open(self, turn: Turn) -> tuple[_Stream, ollama.ChatResponse | None]:
         """Send the request and wait for the first chunk (where connection errors surface)."""
-        options = self._turn_options(turn.options)
+        options = {**self._options, **wire.options_to_wire(turn.options)}
         stream = cast(
             _Stream,
             self._client.chat(
                 model=self.model,
-                messages=[_wire_message(message) for message in turn.messages],
+                messages=[_client_message(message) for message in turn.messages],
                 stream=True,
                 format=turn.json_schema,
                 options=options or None,
@@ -363,28 +337,13 @@ class OllamaBackend(Backend):
             stream.close()
             raise
 
-    def _turn_options(self, options: Options) -> dict[str, Any]:
-        wire = dict(self._options)
-        for ours, theirs in _OPTION_NAMES.items():
-            value = getattr(options, ours)
-            if value is not None:
-                wire[theirs] = list(value) if isinstance(value, tuple) else value
-        return wire
+    def _translate(self, exc: BaseException, *, answering: bool) -> LlavaLocalError:
+        return _translate(exc, self.host, self.model, answering=answering)
 
-    # the pre-flight
-    def _show(self) -> ollama.ShowResponse:
-        try:
-            return self._client.show(self.model)
-        except ollama.ResponseError as exc:
-            if exc.status_code != 404 or not self.pull:
-                raise
-        with DownloadProgress(self.model) as bars:
-            _pull(self._client, self.host, self.model, bars)
-        return self._client.show(self.model)
-
-    def _ensure_open(self) -> None:
-        if self._closed:
-            raise BackendError("this Ollama backend is closed")
+    def _release(self) -> None:
+        """Close the HTTP connections (not those of a ``client=`` the caller gave)."""
+        if self._owns_client:
+            self._client.close()  # type: ignore[no-untyped-call]  # unannotated in ollama
 
 
 # --- helpers -------------------------------------------------------------------------
@@ -465,11 +424,12 @@ def daemon_version(http: httpx.Client) -> tuple[str | None, int]:
     engine's check, ``auto``, ``models`` and ``doctor`` all ask it): the version Ollama
     reports, or None when something else answers; and the HTTP status."""
     response = http.get("/api/version")
+    if response.status_code != 200:
+        return None, response.status_code
     try:
-        version = response.json().get("version") if response.status_code == 200 else None
-    except (ValueError, AttributeError):
-        version = None
-    return (version if isinstance(version, str) else None), response.status_code
+        return wire.Version.model_validate_json(response.content).version, 200
+    except pydantic.ValidationError:  # not JSON, or not Ollama's shape
+        return None, 200
 
 
 def _ping(client: ollama.Client, host: str) -> None:
@@ -521,68 +481,39 @@ def _engine_options(extra: Mapping[str, Any], num_ctx: int | None) -> dict[str, 
     return options
 
 
-def _wire_message(message: Message) -> dict[str, Any]:
-    """A message as Ollama wants it; the client base64-encodes the picture bytes."""
-    wire: dict[str, Any] = {"role": message.role, "content": message.content}
+def _client_message(message: Message) -> dict[str, Any]:
+    """A message for the client, which base64-encodes the picture bytes itself."""
+    wired: dict[str, Any] = {"role": message.role, "content": message.content}
     if message.images:
-        wire["images"] = [image.data for image in message.images]
-    return wire
+        wired["images"] = [image.data for image in message.images]
+    return wired
 
 
-def is_vision(show: ollama.ShowResponse) -> bool | None:
+def _show(client: ollama.Client, model: str) -> wire.Show:
+    return wire.Show.model_validate(client.show(model), from_attributes=True)
+
+
+def is_vision(show: wire.Show | ollama.ShowResponse) -> bool | None:
     """Whether the model sees pictures; None when the daemon does not say."""
-    if show.capabilities is not None:
-        return "vision" in show.capabilities
-    families = show.details.families if show.details is not None else None
-    if not families:
-        return None
-    return not VISION_FAMILIES.isdisjoint(families)
+    return wire.is_vision(wire.Show.model_validate(show, from_attributes=True))
 
 
-def _sees(client: ollama.Client, name: str) -> bool:
-    try:
-        return is_vision(client.show(name)) is True
-    except (ollama.ResponseError, pydantic.ValidationError):
-        return False
-
-
-def _candidates(names: Sequence[str], preferred: str | None) -> list[str]:
-    first = [name for name in names if preferred and _same(name, preferred)]
-    return first + [name for name in names if name not in first]
-
-
-def _same(name: str, other: str) -> bool:
-    def full(text: str) -> str:
-        text = text.strip().lower()
-        return text if ":" in text.rsplit("/", 1)[-1] else f"{text}:latest"
-
-    return full(name) == full(other)
-
-
-def _short(name: str) -> str:
-    return name.removesuffix(":latest")
-
-
-def _done_reason(reason: str | None) -> DoneReason:
-    """``length`` when the token limit cut the answer; anything else counts as ``stop``."""
-    return "length" if reason == "length" else "stop"
-
-
-def _seconds(nanoseconds: int | None) -> float:
-    return (nanoseconds or 0) / 1e9
-
-
-def _stats(final: ollama.ChatResponse, first_token_s: float | None) -> Stats:
-    return Stats(
-        prompt_tokens=final.prompt_eval_count or 0,
-        completion_tokens=final.eval_count or 0,
-        load_s=_seconds(final.load_duration),
-        prompt_s=_seconds(final.prompt_eval_duration),
-        decode_s=_seconds(final.eval_duration),
-        total_s=_seconds(final.total_duration),
-        first_token_s=first_token_s,
-        image_encode_s=None,
-    )
+def listed_models(
+    client: ollama.Client, *, preferred: str | None = None
+) -> Iterator[tuple[wire.ModelEntry, bool | None]]:
+    """The daemon's models (``preferred`` first, if listed), each with whether it sees
+    pictures (None: the daemon does not say, or its ``show`` failed); one ``show`` a
+    model, asked as the caller iterates."""
+    tags = wire.Tags.model_validate(client.list(), from_attributes=True)
+    entries = [entry for entry in tags.models if entry.model]
+    if preferred:
+        entries.sort(key=lambda entry: not wire.same_model(entry.model or "", preferred))
+    for entry in entries:
+        try:
+            vision = wire.is_vision(_show(client, entry.model or ""))
+        except (ollama.ResponseError, pydantic.ValidationError):
+            vision = None
+        yield entry, vision
 
 
 class OllamaConfig(EngineConfig):

@@ -17,7 +17,8 @@ What this module adds to the client:
 - ``top_k`` and ``repeat_penalty``, which the protocol lacks, are sent as extra body
   fields under those names (llama-server, llamafile, llama-cpp-python and LM Studio read
   them; servers that do not know them ignore them). ``extra_body`` adds more fields to
-  every request (``{"cache_prompt": True}``, ``{"min_p": 0.05}``...).
+  every request (``{"cache_prompt": True}``, ``{"min_p": 0.05}``...); the turn's options
+  win where both name a field.
 - ``timeout`` bounds the whole turn, from the request to the last piece, not each read:
   the answer is read in a worker thread while the turn waits at most until its deadline.
   The same wait notices ``cancel()`` at once, even before the first piece.
@@ -27,6 +28,10 @@ What this module adds to the client:
   ``first_token_s`` and ``total_s`` are measured here.
 - Every low-level error becomes a :mod:`llava_local.errors` type in one function,
   :func:`_translate`.
+
+The protocol's shapes and translations (the request, options, chunks, figures, model
+list) are :mod:`llava_local.protocols.openai`'s, which ``serve`` answers with too; the
+check-once life cycle is :class:`~.remote.RemoteEngine`'s, shared with the Ollama engine.
 
 The API key comes from ``api_key=``, else ``OPENAI_API_KEY``; a server without keys gets
 a placeholder. It lives only inside the client: never in the engine's config (so never
@@ -61,9 +66,11 @@ from ..errors import (
     NotAVisionModelError,
     ResponseError,
 )
-from ..types import DoneReason, Message, Options, Stats
-from .base import Backend, Finish, Turn
+from ..protocols import openai as wire
+from ..protocols.ollama import same_model
+from .base import Finish, Turn
 from .registry import Capabilities, EngineConfig, EngineSpec, register
+from .remote import DEFAULT_READ_TIMEOUT, RemoteEngine
 
 if TYPE_CHECKING:
     from openai import Stream
@@ -71,16 +78,10 @@ if TYPE_CHECKING:
 
 __all__ = ["OpenAIBackend", "OpenAIConfig", "resolve_base_url"]
 
-#: The read timeout when the caller gives none: long enough for a CPU, never forever.
-DEFAULT_READ_TIMEOUT = 600.0
 #: Sent as the key to servers that need none (the client refuses to start without one).
 NO_KEY = "no-key"
 #: How often a turn waiting for the server looks at its stop flag and its deadline.
 _POLL_S = 0.05
-#: Our option names the protocol has (``max_tokens`` as local servers spell it) ...
-_STANDARD_OPTIONS = ("temperature", "top_p", "max_tokens", "seed", "stop")
-#: ... and the ones it lacks, sent as extra body fields that llama.cpp-based servers read.
-_EXTRA_OPTIONS = ("top_k", "repeat_penalty")
 #: What servers say when a turn does not fit: (pattern, group of "needed", of "available").
 _OVERFLOW_PATTERNS = (
     # OpenAI, vLLM, llama-cpp-python's server for text prompts
@@ -150,10 +151,11 @@ class OpenAIConfig(EngineConfig):
         return frozenset({"api_key"})
 
 
-class OpenAIBackend(Backend):
+class OpenAIBackend(RemoteEngine):
     """A server speaking the OpenAI chat-completions protocol."""
 
     name = "openai"
+    server = "OpenAI"
 
     def __init__(
         self,
@@ -188,20 +190,18 @@ class OpenAIBackend(Backend):
             timeout=openai.Timeout(read, connect=connect_timeout),
             max_retries=max_retries,
         )
+        self.client_errors = (openai.OpenAIError,)
         #: The ``response_format`` form this server takes for ``schema=``.
-        self._schema_form = "json_schema"
-        self._closed = False
-        self._checked = False
+        self._schema_form: wire.SchemaForm = "json_schema"
         if model is None:  # the model's name is needed now (replies carry it)
             self.model = ""
             self.check()
         else:
             self.model = model
 
-    def check(self) -> None:
-        """Pre-flight: the server answers as an OpenAI-compatible one and lists the model
-        (``model=None``: takes the only one). Raises the library error that says what to do."""
-        self._ensure_open()
+    # the pre-flight
+    def _check(self) -> None:
+        """The server lists the model (``model=None``: takes the only one)."""
         listed = self._models()
         if not self.model:
             if len(listed) != 1:
@@ -210,61 +210,59 @@ class OpenAIBackend(Backend):
                     f"the server at {self.base_url} lists {have}; name the one to use with model="
                 )
             self.model = listed[0]
-        elif not any(_same(name, self.model) for name in listed):
+        elif not any(same_model(name, self.model) for name in listed):
             raise ModelNotFoundError(
                 f"the server at {self.base_url} has no model {self.model!r}; it lists: "
                 + (", ".join(listed) or "none")
             )
-        self._checked = True
 
-    def generate(self, turn: Turn) -> Generator[str | Finish, None, None]:
-        """Stream the answer to ``turn``: text pieces, then one :class:`Finish`."""
-        self._ensure_open()
-        if not self._checked:
-            self.check()
+    def _models(self) -> list[str]:
+        """The model names ``GET /models`` lists."""
+        import openai
+
         try:
-            yield from self._answer(turn)
-        except ModelNotFoundError:
-            self._checked = False  # unloaded since the check: look again next turn
-            raise
-
-    def close(self) -> None:
-        """Close the HTTP connections. Later turns raise :class:`BackendError`."""
-        if not self._closed:
-            self._closed = True
-            self._client.close()
+            response = self._client.models.with_raw_response.list()
+            listed = wire.ModelList.model_validate_json(response.http_response.text)
+        except openai.NotFoundError:
+            raise BackendUnavailableError(
+                f"{self.base_url} answers, but has no GET /models as OpenAI-compatible servers "
+                "do; check base_url= (it usually ends in /v1)"
+            ) from None
+        except pydantic.ValidationError:
+            raise BackendUnavailableError(
+                f"{self.base_url} answers GET /models, but not with an OpenAI-compatible model "
+                "list; check base_url= (it usually ends in /v1)"
+            ) from None
+        return listed.ids()
 
     # the turn
     def _answer(self, turn: Turn) -> Generator[str | Finish, None, None]:
         started = time.monotonic()
         deadline = None if self.timeout is None else started + self.timeout
-        body = self._body(turn)
         items: queue.SimpleQueue[Any] = queue.SimpleQueue()
         stop = threading.Event()
         worker = threading.Thread(
-            target=self._read, args=(body, items, stop), name="llava-local openai", daemon=True
+            target=self._read, args=(turn, items, stop), name="llava-local openai", daemon=True
         )
         turn.control.report(STATUS_READING_PROMPT)
         worker.start()
         first_token_s: float | None = None
         finish: str | None = None
-        usage: Mapping[str, Any] | None = None
-        timings: Mapping[str, Any] | None = None
+        usage: wire.Usage | None = None
+        timings: wire.Timings | None = None
         try:
             for chunk in self._chunks(items, turn, deadline):
-                for choice in _list(chunk.get("choices")):
-                    if not isinstance(choice, Mapping) or choice.get("index", 0) != 0:
-                        continue
-                    delta = choice.get("delta")
-                    piece = delta.get("content") if isinstance(delta, Mapping) else None
-                    if isinstance(piece, str) and piece:
+                choice = chunk.first_choice()
+                if choice is not None:
+                    piece = choice.delta.content
+                    if piece:
                         if first_token_s is None:
                             first_token_s = time.monotonic() - started
                         yield piece
-                    finish = choice.get("finish_reason") or finish
+                    finish = choice.finish_reason or finish
                 # usage comes with the last chunk (or one of its own, after it)
-                usage = _mapping(chunk.get("usage")) or usage
-                timings = _mapping(chunk.get("timings")) or timings
+                usage = chunk.usage or usage
+                timings = chunk.timings or timings
         finally:
             stop.set()  # the worker closes the stream at its next chunk
         if finish is None:
@@ -273,11 +271,12 @@ class OpenAIBackend(Backend):
                 "(it failed or dropped the connection mid-answer; its log says why)"
             )
         total_s = time.monotonic() - started
-        yield Finish(_done_reason(finish), _stats(usage, timings, first_token_s, total_s))
+        stats = wire.stats(usage, timings, first_token_s=first_token_s, total_s=total_s)
+        yield Finish(wire.done_reason(finish), stats)
 
     def _chunks(
         self, items: queue.SimpleQueue[Any], turn: Turn, deadline: float | None
-    ) -> Iterator[Mapping[str, Any]]:
+    ) -> Iterator[wire.ChatCompletionChunk]:
         """The worker's chunks as they come, while watching the stop flag and the deadline."""
         while True:
             if turn.control.cancelled:
@@ -297,96 +296,65 @@ class OpenAIBackend(Backend):
                 continue
             if item is _END:
                 return
-            if isinstance(item, BaseException):
-                if isinstance(item, LlavaLocalError):
-                    raise item
-                raise _translate(item, self.base_url, self.model, answering=True) from item
+            if isinstance(item, LlavaLocalError):
+                raise item
+            if isinstance(item, BaseException):  # the client's, from the worker
+                raise self._translate(item, answering=True) from item
             yield item
 
-    def _read(
-        self, body: dict[str, Any], items: queue.SimpleQueue[Any], stop: threading.Event
-    ) -> None:
-        """The worker: send the request, put each chunk (as a dict) on ``items``, then
-        ``_END``, or the exception that stopped it. Closes the stream when ``stop`` is set."""
+    def _read(self, turn: Turn, items: queue.SimpleQueue[Any], stop: threading.Event) -> None:
+        """The worker: send the request, put each chunk on ``items``, then ``_END``, or
+        the exception that stopped it. Closes the stream when ``stop`` is set."""
         try:
-            stream = self._send(body)
+            stream = self._send(turn)
             try:
                 for chunk in stream:
                     if stop.is_set():
                         return
-                    items.put(chunk.to_dict())
+                    items.put(wire.ChatCompletionChunk.model_validate(chunk.to_dict()))
             finally:
                 stream.close()
             items.put(_END)
         except BaseException as exc:  # handed to the turn's thread, which raises it
             items.put(exc)
 
-    def _send(self, body: dict[str, Any]) -> Stream[ChatCompletionChunk]:
+    def _send(self, turn: Turn) -> Stream[ChatCompletionChunk]:
         """Open the stream; a server refusing the ``json_schema`` form of ``schema=`` is
-        asked once more with ``json_object`` and a ``schema`` (llama-cpp-python's form)."""
+        asked once more with ``json_object`` and a ``schema`` (llama-cpp-python's form),
+        which is then kept for the engine."""
         import openai
 
-        schema = body.pop("_schema", None)
-        if schema is not None:
-            body["response_format"] = _response_format(schema, self._schema_form)
-        stream: Stream[ChatCompletionChunk]
         try:
-            stream = self._client.chat.completions.create(**body)
+            return self._create(turn, self._schema_form)
         except openai.APIStatusError as exc:
-            if schema is None or self._schema_form != "json_schema":
+            if turn.json_schema is None or self._schema_form != "json_schema":
                 raise
             if "response_format" not in _error_text(exc) and exc.status_code not in (400, 422):
                 raise
-            body["response_format"] = _response_format(schema, "json_object")
-            stream = self._client.chat.completions.create(**body)
-            self._schema_form = "json_object"
+        stream = self._create(turn, "json_object")
+        self._schema_form = "json_object"
         return stream
 
-    def _body(self, turn: Turn) -> dict[str, Any]:
-        """The request's arguments for the client (``_schema``: the JSON schema, if any)."""
-        extra = dict(self._extra_body)
-        body: dict[str, Any] = {
-            "model": self.model,
-            "messages": [_wire_message(message) for message in turn.messages],
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        body.update(_options(turn.options, _STANDARD_OPTIONS))
-        extra.update(_options(turn.options, _EXTRA_OPTIONS))
-        if extra:
-            body["extra_body"] = extra
-        if turn.json_schema is not None:
-            body["_schema"] = turn.json_schema
-        return body
+    def _create(self, turn: Turn, form: wire.SchemaForm) -> Stream[ChatCompletionChunk]:
+        """The request, sent through the client: the model and messages as its arguments,
+        the rest as extra fields over ``extra_body`` (the turn's options win)."""
+        request = wire.ChatRequest.for_turn(
+            self.model, turn.messages, turn.options, turn.json_schema, form
+        ).wire()
+        model, messages = request.pop("model"), request.pop("messages")
+        stream: Stream[ChatCompletionChunk] = self._client.chat.completions.create(
+            model=model,
+            messages=messages,
+            stream=True,
+            extra_body={**self._extra_body, **request},
+        )
+        return stream
 
-    # the pre-flight
-    def _models(self) -> list[str]:
-        """The model names ``GET /models`` lists."""
-        import openai
+    def _translate(self, exc: BaseException, *, answering: bool) -> LlavaLocalError:
+        return _translate(exc, self.base_url, self.model, answering=answering)
 
-        try:
-            response = self._client.models.with_raw_response.list()
-            data = json.loads(response.http_response.text)
-        except openai.NotFoundError:
-            raise BackendUnavailableError(
-                f"{self.base_url} answers, but has no GET /models as OpenAI-compatible servers "
-                "do; check base_url= (it usually ends in /v1)"
-            ) from None
-        except ValueError:
-            data = None
-        except openai.OpenAIError as exc:
-            raise _translate(exc, self.base_url, self.model) from exc
-        models = data.get("data") if isinstance(data, Mapping) else None
-        if not isinstance(models, list):
-            raise BackendUnavailableError(
-                f"{self.base_url} answers GET /models, but not with an OpenAI-compatible model "
-                "list; check base_url= (it usually ends in /v1)"
-            )
-        return [str(m["id"]) for m in models if isinstance(m, Mapping) and m.get("id")]
-
-    def _ensure_open(self) -> None:
-        if self._closed:
-            raise BackendError("this OpenAI backend is closed")
+    def _release(self) -> None:
+        self._client.close()
 
 
 # --- helpers -------------------------------------------------------------------------
@@ -452,6 +420,8 @@ def _translate(
         return ResponseError(f"the server at {url} failed {where}: {text}", status)
     if type(exc).__name__ in ("RemoteProtocolError", "ReadError", "StreamError"):
         return BackendError(f"the connection to the server at {url} dropped mid-answer ({exc})")
+    if isinstance(exc, pydantic.ValidationError):  # a chunk that is not the protocol's
+        return BackendError(f"the server at {url} sent an answer of an unexpected shape: {exc}")
     if isinstance(exc, ValueError):  # json.JSONDecodeError: a line that is not JSON
         return BackendError(f"the server at {url} sent something that is not JSON: {exc}")
     return BackendError(f"the server at {url} failed: {exc!r}")
@@ -501,39 +471,6 @@ def _overflow(text: str, body: Any) -> tuple[int, int] | None:
     return _count(error, "n_prompt_tokens") or 0, _count(error, "n_ctx") or 0
 
 
-def _same(name: str, other: str) -> bool:
-    """The same model: exactly, or as Ollama names it (``llava`` is ``llava:latest``)."""
-    return name == other or name.removesuffix(":latest") == other.removesuffix(":latest")
-
-
-def _options(options: Options, names: tuple[str, ...]) -> dict[str, Any]:
-    values = {name: getattr(options, name) for name in names}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items() if v is not None}
-
-
-def _response_format(schema: dict[str, Any], form: str) -> dict[str, Any]:
-    if form == "json_object":
-        return {"type": "json_object", "schema": schema}
-    return {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
-
-
-def _wire_message(message: Message) -> dict[str, Any]:
-    """A message as the protocol wants it: pictures as ``data:`` URIs of the prepared
-    bytes, before the text."""
-    if not message.images:
-        return {"role": message.role, "content": message.content}
-    parts: list[dict[str, Any]] = [
-        {"type": "image_url", "image_url": {"url": f"data:{image.mime};base64,{image.b64()}"}}
-        for image in message.images
-    ]
-    parts.append({"type": "text", "text": message.content})
-    return {"role": message.role, "content": parts}
-
-
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
-
-
 def _mapping(value: Any) -> Mapping[str, Any] | None:
     return value if isinstance(value, Mapping) and value else None
 
@@ -546,42 +483,6 @@ def _count(source: Mapping[str, Any] | None, key: str) -> int | None:
 def _number(source: Mapping[str, Any] | None, key: str) -> float | None:
     value = source.get(key) if source is not None else None
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def _done_reason(reason: str) -> DoneReason:
-    """``length`` when the token limit cut the answer; anything else counts as ``stop``."""
-    return "length" if reason == "length" else "stop"
-
-
-def _stats(
-    usage: Mapping[str, Any] | None,
-    timings: Mapping[str, Any] | None,
-    first_token_s: float | None,
-    total_s: float,
-) -> Stats:
-    """What the server reported: llama-server's ``timings`` first (tokens it evaluated,
-    reused and generated, and their milliseconds), else ``usage``."""
-    details = _mapping(usage.get("prompt_tokens_details")) if usage is not None else None
-    cached = _count(details, "cached_tokens")
-    prompt = _count(usage, "prompt_tokens")
-    if prompt is not None and cached is not None:
-        prompt -= cached  # usage counts the whole prompt; ours, only what was read
-    completion = _count(usage, "completion_tokens")
-    prompt_ms = decode_ms = None
-    if timings is not None:
-        prompt = _count(timings, "prompt_n") if "prompt_n" in timings else prompt
-        cached = _count(timings, "cache_n") if "cache_n" in timings else cached
-        completion = _count(timings, "predicted_n") if "predicted_n" in timings else completion
-        prompt_ms, decode_ms = _number(timings, "prompt_ms"), _number(timings, "predicted_ms")
-    return Stats(  # what the server did not report stays None
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        cached_tokens=cached,
-        prompt_s=None if prompt_ms is None else prompt_ms / 1000,
-        decode_s=None if decode_ms is None else decode_ms / 1000,
-        total_s=total_s,
-        first_token_s=first_token_s,
-    )
 
 
 def open_engine(config: OpenAIConfig, api_key: str | None = None) -> OpenAIBackend:

@@ -120,6 +120,7 @@ def test_a_token_id_outside_the_vocabulary_loads_cold_not_an_exception(tmp_path:
 class Served:
     server: Server
     folder: Path
+    shape: str = ""  # the shape picture's sha256 in the keys
 
     @property
     def url(self) -> str:
@@ -145,7 +146,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     folder = base / "kv"
     args = ["--backend", "llama_cpp", "--kv-cache", str(folder), "--kv-cache-mb", "0"]
     running = start(base / "server.log", *args)
-    yield Served(running, folder)
+    served = Served(running, folder)
+    answer(served, SHAPE, "What shape is this?")  # the only picture in the folder yet
+    (served.shape,) = set.union(*map(pictures_in, settled(served)))
+    yield served
     stop(running)
 
 
@@ -161,14 +165,34 @@ def answer(served: Served, picture: Path, question: str = QUESTION) -> str:
     return str(response.json()["choices"][0]["message"]["content"])
 
 
+def pictures_in(path: Path) -> set[str]:
+    """The sha256 of each picture a KV-state file's keys name."""
+    header = state_parts(path.read_bytes())[0]
+    return {item[0] for item in header["keys"] if isinstance(item, list)}
+
+
+def settled(served: Served) -> list[Path]:
+    """The folder's states once the server's background writer has stopped changing
+    them (it writes a state after a turn's first token, and as a slot is reused)."""
+    seen: object = None
+    for _ in range(120):
+        now = [(p, p.stat().st_size) for p in served.states() if p.exists()]
+        if now == seen:
+            return [p for p, _ in now]
+        seen = now
+        time.sleep(0.5)
+    raise AssertionError(f"the states in {served.folder} kept changing")
+
+
 def kept_after(served: Served, picture: Path, question: str) -> Path:
-    """Ask about ``picture``, then about something else, so that the server keeps the
-    first conversation's state in its folder; that file."""
+    """Ask about ``picture``, then about the shape, so that the server keeps the first
+    conversation's whole state in its folder; that file (the one not about the shape)."""
+    before = set(settled(served))
     assert answer(served, picture, question)
-    before = set(served.states())
     answer(served, SHAPE, "What shape is this?")  # the live state is kept as it is replaced
-    (new,) = [p for p in served.states() if p not in before]
-    return new
+    new = [p for p in settled(served) if p not in before and served.shape not in pictures_in(p)]
+    assert new, f"no new state about {picture.name} in {served.folder}"
+    return max(new, key=lambda p: len(unpack_keys(state_parts(p.read_bytes())[0]["keys"])))
 
 
 def test_the_server_never_restores_a_forged_state(served: Served, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from .errors import ApiError
 from .limits import Limits
@@ -25,15 +25,9 @@ else:
     except ImportError:  # without the [serve] extra; create_app() says what to install
         Request = None
 
-__all__ = ["Lenient", "Request", "read_json", "read_request"]
+__all__ = ["Request", "read_json", "read_request"]
 
 Model = TypeVar("Model", bound=BaseModel)
-
-
-class Lenient(BaseModel):
-    """Request parts: fields this server does not use are ignored, as OpenAI's are."""
-
-    model_config = ConfigDict(extra="ignore")
 
 
 async def read_json(request: Request, limits: Limits) -> dict[str, Any]:

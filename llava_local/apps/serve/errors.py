@@ -19,6 +19,7 @@ from ...errors import (
     LlavaLocalError,
     SchemaError,
 )
+from ...protocols import ollama, openai
 
 if TYPE_CHECKING:
     from starlette.responses import Response
@@ -49,15 +50,11 @@ class ApiError(Exception):
 
     def body(self, path: str) -> dict[str, Any]:
         if is_ollama(path):
-            return {"error": self.message}
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.kind,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+            return ollama.ErrorBody(error=self.message).model_dump()
+        detail = openai.ErrorDetail(
+            message=self.message, type=self.kind, param=self.param, code=self.code
+        )
+        return openai.ErrorBody(error=detail).model_dump()
 
     def response(self, path: str) -> Response:
         from starlette.responses import JSONResponse

@@ -10,11 +10,11 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 from ...chat import VisionChat
 from ...errors import LlavaLocalError
 from ...gguf_header import read_gguf
+from ...protocols.ollama import ModelDetails
 
 
 def default_name(chat: VisionChat) -> str:
@@ -33,18 +33,16 @@ class ModelFacts:
     family: str
     parameter_size: str
     context_length: int | None
-    modified_at: str
+    modified_at: datetime
 
-    def details(self) -> dict[str, Any]:
-        """Ollama's ``details`` of a model."""
-        return {
-            "parent_model": "",
-            "format": "gguf",
-            "family": self.family,
-            "families": [self.family, "clip"],
-            "parameter_size": self.parameter_size,
-            "quantization_level": "",
-        }
+    def details(self) -> ModelDetails:
+        """Ollama's ``details`` of a model (``clip``: it sees pictures)."""
+        return ModelDetails(
+            format="gguf",
+            family=self.family,
+            families=[self.family, "clip"],
+            parameter_size=self.parameter_size,
+        )
 
 
 def model_facts(chat: VisionChat) -> ModelFacts:
@@ -63,7 +61,7 @@ def model_facts(chat: VisionChat) -> ModelFacts:
             params = f"{count / 1e9:.1f}B" if count >= 1e8 else f"{count / 1e6:.0f}M"
             context = getattr(engine, "n_ctx", None)
     modified = max((p.stat().st_mtime for p in files), default=time.time())
-    stamp = datetime.fromtimestamp(modified, timezone.utc).isoformat().replace("+00:00", "Z")
+    stamp = datetime.fromtimestamp(modified, timezone.utc)
     names = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
     digest = hashlib.sha256(names.encode()).hexdigest()
     return ModelFacts(size, digest, family, params, context, stamp)

@@ -3,8 +3,10 @@
 ``GET /api/ps``, so that the ``ollama`` client, Open WebUI and ``VisionChat.ollama``
 work against the server unchanged.
 
-Pictures are base64 text (``images`` of a message); ``options`` are mapped to the
-chat's; ``prompt_eval_count`` is the tokens evaluated, as Ollama counts them.
+The shapes and translations are :mod:`llava_local.protocols.ollama`'s, the Ollama
+engine's too: pictures are base64 text (``images`` of a message), ``options`` are
+mapped to the chat's, ``prompt_eval_count`` is the tokens evaluated, as Ollama counts
+them.
 """
 
 from __future__ import annotations
@@ -12,47 +14,16 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
-from typing import Any, Literal
-
-from pydantic import Field
+from typing import Any
 
 from ... import __version__
+from ...protocols import ollama as wire
 from ...types import Reply
-from .bodies import Lenient, Request, read_json, read_request
+from .bodies import Request, read_json, read_request
 from .errors import ApiError
 from .model_info import ModelFacts
 from .pictures import Picture, Wanted, wanted
 from .turns import Engine, Turn, note_tokens, respond, streaming
-
-#: What Ollama version the Ollama routes claim to speak (its clients check it).
-OLLAMA_VERSION = "0.6.0"
-
-#: Ollama's option names and ours.
-_OPTIONS = {
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "num_predict": "max_tokens",
-    "seed": "seed",
-    "stop": "stop",
-    "repeat_penalty": "repeat_penalty",
-}
-
-
-class _OllamaMessage(Lenient):
-    role: str
-    content: str | None = ""
-    images: list[str] | None = None
-
-
-class OllamaRequest(Lenient):
-    """``POST /api/chat``: what this server reads of it."""
-
-    model: str = Field(min_length=1)
-    messages: list[_OllamaMessage] = Field(default_factory=list)
-    stream: bool = True
-    format: Literal["", "json"] | dict[str, Any] | None = None
-    options: dict[str, Any] | None = None
 
 
 class OllamaRoutes:
@@ -63,30 +34,31 @@ class OllamaRoutes:
         self.facts = facts
 
     async def version(self) -> dict[str, Any]:
-        return {"version": OLLAMA_VERSION}
+        return wire.Version(version=wire.VERSION).model_dump()
 
-    def _model(self) -> dict[str, Any]:
-        name = self.engine.name
-        tagged = name if ":" in name else f"{name}:latest"
-        return {
-            "name": tagged,
-            "model": tagged,
-            "modified_at": self.facts.modified_at,
-            "size": self.facts.size,
-            "digest": self.facts.digest,
-            "details": self.facts.details(),
-        }
+    def _entry(self) -> wire.ModelEntry:
+        tagged = wire.full_name(self.engine.name)
+        facts = self.facts
+        return wire.ModelEntry(
+            name=tagged,
+            model=tagged,
+            modified_at=facts.modified_at,
+            size=facts.size,
+            digest=facts.digest,
+            details=facts.details(),
+        )
 
     async def tags(self) -> dict[str, Any]:
-        return {"models": [self._model()]}
+        return wire.Tags(models=[self._entry()]).model_dump(mode="json")
 
     async def ps(self) -> dict[str, Any]:
-        entry = self._model()
-        del entry["modified_at"]
-        entry.update({"expires_at": "2318-08-08T08:08:08Z", "size_vram": 0})
-        if self.facts.context_length:
-            entry["context_length"] = self.facts.context_length
-        return {"models": [entry]}
+        running = wire.RunningModel(
+            **self._entry().model_dump(exclude={"modified_at"}),
+            expires_at=datetime(2318, 8, 8, 8, 8, 8, tzinfo=timezone.utc),  # never unloaded
+            size_vram=0,
+            context_length=self.facts.context_length,
+        )
+        return wire.RunningModels(models=[running]).model_dump(mode="json", exclude_none=True)
 
     async def show(self, request: Request) -> dict[str, Any]:
         data = await read_json(request, self.engine.limits)
@@ -98,49 +70,48 @@ class OllamaRoutes:
         info: dict[str, Any] = {"general.architecture": facts.family}
         if facts.context_length:
             info[f"{facts.family}.context_length"] = facts.context_length
-        return {
-            "modelfile": f"# served by llava-local {__version__}\nFROM {self.engine.name}\n",
-            "parameters": "",
-            "template": "",
-            "details": facts.details(),
-            "model_info": info,
-            "capabilities": ["completion", "vision"],
-            "modified_at": facts.modified_at,
-        }
+        show = wire.Show(
+            modelfile=f"# served by llava-local {__version__}\nFROM {self.engine.name}\n",
+            details=facts.details(),
+            model_info=info,
+            capabilities=["completion", "vision"],
+            modified_at=facts.modified_at,
+        )
+        return show.model_dump(mode="json")
 
     async def chat(self, request: Request) -> Any:
         engine = self.engine
-        body = await read_request(request, engine.limits, OllamaRequest)
+        body = await read_request(request, engine.limits, wire.ChatRequest)
         engine.check_model(body.model)
-        if not body.messages:  # Ollama's way to load a model: it is loaded
-            return _chunk(body.model, "", done_reason="load", done=True)
         model = body.model
+        if not body.messages:  # Ollama's way to load a model: it is loaded
+            return wire.ChatResponse(model=model, done=True, done_reason="load").wire()
 
         async def lines(turn: Turn, first: str | None) -> AsyncIterator[str]:
             async with streaming(turn):
                 if first is not None:
-                    yield json.dumps(_chunk(model, first, done=False)) + "\n"
+                    yield _line(wire.ChatResponse(model=model, message=_said(first)))
                     while (piece := await turn.next(watch=False)) is not None:
-                        yield json.dumps(_chunk(model, piece, done=False)) + "\n"
+                        yield _line(wire.ChatResponse(model=model, message=_said(piece)))
                 reply = turn.reply
                 note_tokens(turn.request, reply)
-                yield json.dumps(_final(model, reply, "")) + "\n"
+                yield _line(_final(model, reply, ""))
             if turn.error is not None:
-                yield json.dumps({"error": turn.error.message}) + "\n"
+                yield json.dumps(turn.error.body("/api/chat")) + "\n"
 
         return await respond(
             engine,
             request,
             _conversation(body),
-            _schema(body),
-            _options(body),
-            whole=lambda reply: _final(model, reply, reply.text),
+            wire.schema_of(body.format),
+            wire.options_from_wire(body.options),
+            whole=lambda reply: _final(model, reply, reply.text).wire(),
             streamed=lines if body.stream else None,
             media_type="application/x-ndjson",
         )
 
 
-def _conversation(body: OllamaRequest) -> list[Wanted]:
+def _conversation(body: wire.ChatRequest) -> list[Wanted]:
     return [
         wanted(
             i,
@@ -155,49 +126,20 @@ def _conversation(body: OllamaRequest) -> list[Wanted]:
     ]
 
 
-def _options(body: OllamaRequest) -> dict[str, Any]:
-    options = {}
-    for theirs, value in (body.options or {}).items():
-        ours = _OPTIONS.get(theirs)
-        if ours is None or value is None:
-            continue  # num_ctx, num_thread...: the server's own settings decide
-        if ours == "max_tokens" and isinstance(value, int) and value < 0:
-            continue  # -1 and -2: no limit
-        options[ours] = value
-    return options
+def _said(content: str) -> wire.Message:
+    return wire.Message(role="assistant", content=content)
 
 
-def _schema(body: OllamaRequest) -> dict[str, Any] | None:
-    if not body.format:
-        return None
-    return {"type": "object"} if body.format == "json" else body.format
-
-
-def _chunk(model: str, content: str, **fields: Any) -> dict[str, Any]:
-    """One line of an answer (``done`` among ``fields``), or the whole answer."""
-    return {
-        "model": model,
-        "created_at": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
-        "message": {"role": "assistant", "content": content},
-        **fields,
-    }
-
-
-def _final(model: str, reply: Reply, content: str) -> dict[str, Any]:
-    stats = reply.stats
-    return _chunk(
-        model,
-        content,
-        done_reason=reply.done_reason or "stop",
+def _final(model: str, reply: Reply, content: str) -> wire.ChatResponse:
+    """The last line of an answer, or the whole answer: with its figures."""
+    return wire.ChatResponse(
+        model=model,
+        message=_said(content),
         done=True,
-        total_duration=_ns(stats.total_s),
-        load_duration=_ns(stats.load_s),
-        prompt_eval_count=stats.prompt_tokens,
-        prompt_eval_duration=_ns(stats.prompt_s),
-        eval_count=stats.completion_tokens,
-        eval_duration=_ns(stats.decode_s),
+        done_reason=reply.done_reason or "stop",
+        **wire.Metrics.from_stats(reply.stats).model_dump(),
     )
 
 
-def _ns(seconds: float | None) -> int:
-    return int((seconds or 0.0) * 1e9)
+def _line(chunk: wire.ChatResponse) -> str:
+    return json.dumps(chunk.wire()) + "\n"

@@ -1,9 +1,11 @@
 """The OpenAI-compatible routes: ``POST /v1/chat/completions`` (server-sent events with
 ``"stream": true``) and ``GET /v1/models``.
 
-The request's messages become the chat's (``image_url`` parts as pictures), its
-options the chat's options, ``response_format`` a schema; the answer carries
-``usage`` (``prompt_tokens_details.cached_tokens``: what the prefix match reused) and
+The shapes and translations are :mod:`llava_local.protocols.openai`'s, the openai
+engine's too: the request's messages become the chat's (``image_url`` parts as
+pictures), its options the chat's options (``top_k`` and ``repeat_penalty`` too, as
+llama-server reads them), ``response_format`` a schema; the answer carries ``usage``
+(``prompt_tokens_details.cached_tokens``: what the prefix match reused) and
 llama-server's ``timings``.
 """
 
@@ -14,63 +16,15 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field
-
+from ...errors import LlavaLocalError
+from ...protocols import openai as wire
 from ...types import Reply
-from .bodies import Lenient, Request, read_request
-from .errors import ApiError
+from .bodies import Request, read_request
+from .errors import ApiError, library_error
 from .pictures import Picture, Wanted, wanted
 from .turns import Engine, Turn, note_tokens, respond, streaming
-
-
-class _ImageUrl(Lenient):
-    url: str
-    detail: str | None = None
-
-
-class _Part(Lenient):
-    type: str
-    text: str | None = None
-    image_url: _ImageUrl | str | None = None
-
-
-class _OpenAIMessage(Lenient):
-    role: str
-    content: str | list[_Part] | None = None
-
-
-class _JsonSchema(Lenient):
-    name: str | None = None
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-    strict: bool | None = None
-
-
-class _ResponseFormat(Lenient):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: _JsonSchema | None = None
-
-
-class _StreamOptions(Lenient):
-    include_usage: bool = False
-
-
-class OpenAIRequest(Lenient):
-    """``POST /v1/chat/completions``: what this server reads of it."""
-
-    model: str
-    messages: list[_OpenAIMessage] = Field(min_length=1)
-    stream: bool = False
-    stream_options: _StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    response_format: _ResponseFormat | None = None
-    n: int | None = Field(default=None, ge=1, le=1)
 
 
 class OpenAIRoutes:
@@ -80,27 +34,26 @@ class OpenAIRoutes:
         self.engine = engine
 
     async def models(self) -> dict[str, Any]:
-        model = {
-            "id": self.engine.name,
-            "object": "model",
-            "created": int(self.engine.started),
-            "owned_by": "llava-local",
-        }
-        return {"object": "list", "data": [model]}
+        engine = self.engine
+        model = wire.Model(id=engine.name, created=int(engine.started), owned_by="llava-local")
+        return wire.ModelList(data=[model]).model_dump()
 
     async def chat_completions(self, request: Request) -> Any:
         engine = self.engine
-        body = await read_request(request, engine.limits, OpenAIRequest)
+        body = await read_request(request, engine.limits, wire.ChatRequest)
         engine.check_model(body.model)
         conversation = _conversation(body)
-        schema, options = _schema(body), _options(body)
+        try:
+            schema = body.answer_schema()
+        except LlavaLocalError as exc:
+            raise library_error(exc, "response_format") from exc
         reply_to = _OpenAIReply(f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), body)
         return await respond(
             engine,
             request,
             conversation,
             schema,
-            options,
+            body.options(),
             whole=reply_to.whole,
             streamed=reply_to.events if body.stream else None,
             media_type="text/event-stream",
@@ -108,7 +61,7 @@ class OpenAIRoutes:
         )
 
 
-def _conversation(body: OpenAIRequest) -> list[Wanted]:
+def _conversation(body: wire.ChatRequest) -> list[Wanted]:
     conversation = []
     for i, message in enumerate(body.messages):
         content = message.content
@@ -120,9 +73,8 @@ def _conversation(body: OpenAIRequest) -> list[Wanted]:
             where = f"messages[{i}].content[{j}]"
             if part.type == "text":
                 texts.append(part.text or "")
-            elif part.type == "image_url" and part.image_url is not None:
-                url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
-                pictures.append(Picture(f"{where}.image_url", url))
+            elif part.type == "image_url" and part.url is not None:
+                pictures.append(Picture(f"{where}.image_url", part.url))
             else:
                 raise ApiError(
                     400,
@@ -134,71 +86,38 @@ def _conversation(body: OpenAIRequest) -> list[Wanted]:
     return conversation
 
 
-def _schema(body: OpenAIRequest) -> dict[str, Any] | None:
-    fmt = body.response_format
-    if fmt is None or fmt.type == "text":
-        return None
-    if fmt.type == "json_object":
-        return {"type": "object"}
-    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
-        raise ApiError(
-            400,
-            "response_format json_schema needs json_schema.schema (a JSON schema object)",
-            param="response_format",
-        )
-    return fmt.json_schema.schema_
-
-
-def _options(body: OpenAIRequest) -> dict[str, Any]:
-    options = {
-        "max_tokens": body.max_completion_tokens or body.max_tokens,
-        "temperature": body.temperature,
-        "top_p": body.top_p,
-        "seed": body.seed,
-        "stop": body.stop,
-    }
-    return {k: v for k, v in options.items() if v is not None}
-
-
 @dataclass(frozen=True)
 class _OpenAIReply:
     """One chat completion's answer, whole or as server-sent events."""
 
     ident: str
     created: int
-    body: OpenAIRequest
-
-    def _envelope(self, kind: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "id": self.ident,
-            "object": kind,
-            "created": self.created,
-            "model": self.body.model,
-            "system_fingerprint": None,
-            "choices": choices,
-        }
+    body: wire.ChatRequest
 
     def whole(self, reply: Reply) -> dict[str, Any]:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": reply.text},
-            "finish_reason": reply.done_reason or "stop",
-            "logprobs": None,
-        }
-        return {
-            **self._envelope("chat.completion", [choice]),
-            "usage": _usage(reply),
-            "timings": _timings(reply),
-        }
+        choice = wire.Choice(
+            message=wire.ResponseMessage(content=reply.text),
+            finish_reason=reply.done_reason or "stop",
+        )
+        answer = wire.ChatCompletion(
+            id=self.ident,
+            created=self.created,
+            model=self.body.model,
+            choices=[choice],
+            usage=wire.Usage.from_stats(reply.stats),
+            timings=wire.Timings.from_stats(reply.stats),
+        )
+        return answer.model_dump()
 
-    def _event(self, choices: list[dict[str, Any]], **extra: Any) -> str:
-        chunk = {**self._envelope("chat.completion.chunk", choices), **extra}
-        return f"data: {json.dumps(chunk)}\n\n"
+    def _event(self, choices: list[wire.ChunkChoice], **figures: Any) -> str:
+        chunk = wire.ChatCompletionChunk(
+            id=self.ident, created=self.created, model=self.body.model, choices=choices, **figures
+        )
+        return f"data: {json.dumps(chunk.model_dump())}\n\n"
 
     def _delta(self, content: str, *, role: bool = False) -> str:
-        delta: dict[str, Any] = {"role": "assistant"} if role else {}
-        delta["content"] = content
-        return self._event([{"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}])
+        delta = wire.Delta(role="assistant" if role else None, content=content)
+        return self._event([wire.ChunkChoice(delta=delta)])
 
     async def events(self, turn: Turn, first: str | None) -> AsyncIterator[str]:
         options = self.body.stream_options
@@ -209,35 +128,10 @@ class _OpenAIReply:
                     yield self._delta(piece)
             reply = turn.reply
             note_tokens(turn.request, reply)
-            done = {"index": 0, "delta": {}, "finish_reason": reply.done_reason or "stop"}
-            yield self._event([{**done, "logprobs": None}], timings=_timings(reply))
+            done = wire.ChunkChoice(finish_reason=reply.done_reason or "stop")
+            yield self._event([done], timings=wire.Timings.from_stats(reply.stats))
             if options is not None and options.include_usage:
-                yield self._event([], usage=_usage(reply))
+                yield self._event([], usage=wire.Usage.from_stats(reply.stats))
             yield "data: [DONE]\n\n"
         if turn.error is not None:
             yield f"data: {json.dumps(turn.error.body('/v1'))}\n\n"
-
-
-def _usage(reply: Reply) -> dict[str, Any]:
-    stats = reply.stats
-    cached = stats.cached_tokens or 0
-    prompt = (stats.prompt_tokens or 0) + cached  # our engine always counts both
-    completion = stats.completion_tokens or 0
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
-    }
-
-
-def _timings(reply: Reply) -> dict[str, Any]:
-    """llama-server's ``timings``, which some clients read (ours among them)."""
-    stats = reply.stats
-    return {
-        "cache_n": stats.cached_tokens or 0,
-        "prompt_n": stats.prompt_tokens,
-        "prompt_ms": (stats.prompt_s or 0.0) * 1000,
-        "predicted_n": stats.completion_tokens,
-        "predicted_ms": (stats.decode_s or 0.0) * 1000,
-    }

@@ -28,6 +28,7 @@ from ... import structured
 from ...aio import AsyncReplyStream
 from ...chat import VisionChat
 from ...errors import LlavaLocalError, TurnCancelledError
+from ...protocols.ollama import same_model
 from ...types import Message, Reply
 from .downloads import Downloads
 from .errors import ApiError, ClientGone, library_error
@@ -105,11 +106,9 @@ class Engine:
         for stream in list(self.streams):
             stream.cancel()
 
-    def names(self) -> set[str]:
-        return {self.name, f"{self.name}:latest"}
-
     def check_model(self, requested: str) -> None:
-        if requested not in self.names():
+        """404 unless ``requested`` names the served model (as Ollama names match)."""
+        if not same_model(requested, self.name):
             raise ApiError(
                 404,
                 f"model '{requested}' not found: this server serves '{self.name}' "

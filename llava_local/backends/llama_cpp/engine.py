@@ -185,11 +185,14 @@ class LlamaCppBackend(Backend):
         #: them than any slot holds (see :mod:`..kv_cache`).
         self.kv_cache = self._open_kv_cache(kv_cache_mb, kv_cache_dir, kv_cache_dir_gb)
         mctx, mtmd = loaded.mctx, self._mtmd
+        disk = self.kv_cache.disk if self.kv_cache is not None else None
+        self._writer = kv_cache.BackgroundWriter(disk) if disk is not None else None
         self._scheduler = Scheduler(
             loaded,
             self.kv_cache,
             non_causal=lambda chunk: bool(mtmd.mtmd_decode_use_non_causal(mctx, chunk)),
             mrope=bool(mtmd.mtmd_decode_use_mrope(mctx)),
+            keep_on_disk=self._writer.put if self._writer is not None else None,
         )
         self._closed = False
 
@@ -299,6 +302,11 @@ class LlamaCppBackend(Backend):
             release.set()
             holder.join()
 
+    def flush(self) -> None:
+        """Wait until the states handed to the disk tier in the background are written."""
+        if self._writer is not None:
+            self._writer.join()
+
     def slot_keys(self) -> list[tuple[kv_cache.Key, ...]]:
         """What each slot holds, position by position: what earlier turns left to reuse
         (for diagnostics and tests)."""
@@ -313,6 +321,8 @@ class LlamaCppBackend(Backend):
             # what the slots hold is what a later process most likely asks about
             self._scheduler.call(self._keep_slots_on_disk)
         self._scheduler.close()
+        if self._writer is not None:
+            self._writer.close()
         self._forget_prompt()
         with self.pictures.lock:  # a picture still being encoded finishes first
             self._loaded.close()

@@ -41,7 +41,7 @@ from ...control import (
 from ...errors import BackendError, InvalidRequestError, LlavaLocalError
 from .. import kv_cache
 from ..base import Finish
-from ..kv_cache import Key
+from ..kv_cache import Key, KVState
 from .jobs import Job
 from .model import LoadedModel
 from .prompt import Part, usable
@@ -69,12 +69,15 @@ class Scheduler:
         *,
         non_causal: Callable[[Any], bool],
         mrope: bool,
+        keep_on_disk: Callable[[KVState], object] | None = None,
     ) -> None:
         self.model = model
         self.lib = model.lib
         self.prefix_cache = prefix_cache
         self.non_causal = non_causal
         self.mrope = mrope
+        #: Hands a state to the disk tier's writer (in the background), or None.
+        self.keep_on_disk = keep_on_disk
         self.slots = Slots(model, prefix_cache)
         self._pending: deque[Job] = deque()
         self._active: list[Job] = []
@@ -551,6 +554,9 @@ class Scheduler:
         job.state = "answering"
         job.decode_started = now
         self._status(job, STATUS_ANSWERING)
+        read_a_picture = any(
+            p.kind == "image" and p.end > (job.stats.cached_tokens or 0) for p in job.prompt.parts
+        )
         job.sampler = Sampler(
             self.lib,
             self.model.vocab,
@@ -560,6 +566,20 @@ class Scheduler:
             seed=job.seed,
         )
         self._next(job, row)
+        if read_a_picture:
+            self._keep_on_disk(job)
+
+    def _keep_on_disk(self, job: Job) -> None:
+        """Once a turn has read a picture and its first token is out, its state goes to
+        the disk tier in the background: a script that never closes its chat, or a
+        killed process, still leaves it for the next process."""
+        cache, slot = self.prefix_cache, job.slot
+        if self.keep_on_disk is None or cache is None or slot is None:
+            return
+        if cache.wants(slot.keys[: job.pos])[1]:
+            state = self.slots.get_state(slot)
+            if state is not None:
+                self.keep_on_disk(state)
 
     def _next(self, job: Job, row: int) -> None:
         """Sample ``job``'s next token from batch row ``row`` and pass its text on."""
