@@ -47,8 +47,9 @@ from .scheduler import Scheduler
 #: The driver's last message for a turn.
 _LAST = frozenset({"finish", "error", "cancelled", "logits"})
 
-# Text budget added to the pictures' tokens when n_ctx is not given.
-TEXT_BUDGET = 2048
+# Text budget added to the pictures' tokens when n_ctx is not given (shorter when that
+# is what fits the memory: memory.default_context).
+TEXT_BUDGET = memory.TEXT_BUDGETS[0]
 
 
 class LlamaCppBackend(Backend):
@@ -98,8 +99,7 @@ class LlamaCppBackend(Backend):
         self._image_size = gguf_meta.image_size(mm_meta)
         self.n_threads = n_threads or host.physical_cores()
         if n_ctx is None:
-            trained = int(lm_meta.get("context_length") or 4096)
-            n_ctx = min(trained, (self._image_tokens or 576) + TEXT_BUDGET)
+            n_ctx = self._default_n_ctx(config, int(lm_meta.get("context_length") or 4096))
 
         def estimate(slots: int) -> memory.MemoryEstimate:
             return memory.estimate(
@@ -171,6 +171,23 @@ class LlamaCppBackend(Backend):
         self._closed = False
 
     # -- loading ---------------------------------------------------------------
+
+    def _default_n_ctx(self, config: LlamaCppConfig, trained: int) -> int:
+        """The context when none is given: the pictures' tokens and a text budget within
+        the trained length, shorter if that is what fits the memory (CPU, not forced)."""
+        n_ctx = min(trained, (self._image_tokens or 576) + TEXT_BUDGET)
+        if config.n_gpu_layers == 0 and not config.force:
+            n_ctx = memory.default_context(
+                self.model_path,
+                self.mmproj_path,
+                image_tokens=self._image_tokens or 576,
+                trained=trained,
+                n_batch=config.n_batch,
+                n_threads=self.n_threads,
+                use_mmap=config.use_mmap,
+                slots=1 if config.parallel == "auto" else config.parallel,
+            )
+        return n_ctx
 
     def _state_settings(self) -> dict[str, Any]:
         """The settings a KV state depends on besides the two files."""
