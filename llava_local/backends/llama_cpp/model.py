@@ -112,12 +112,15 @@ class LoadedModel:
     def _projector(self, n_threads: int, verbose: bool, clip_callback: Any) -> Any:
         mtmd = self.mtmd
         params = mtmd.mtmd_context_params_default()
-        params.use_gpu = False
-        params.print_timings = verbose
-        params.n_threads = n_threads
-        params.warmup = False
-        params.cb_eval = clip_callback  # lets a stop request end a picture's encoding
-        params.cb_eval_user_data = None
+        _set(
+            params,
+            use_gpu=False,
+            print_timings=verbose,
+            n_threads=n_threads,
+            warmup=False,
+            cb_eval=clip_callback,  # lets a stop request end a picture's encoding
+            cb_eval_user_data=None,
+        )
         mctx = mtmd.mtmd_init_from_file(str(self.mmproj_path).encode(), self.model, params)
         if not mctx:
             raise ModelLoadError(
