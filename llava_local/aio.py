@@ -189,6 +189,13 @@ class AsyncVisionChat:
         raises :class:`InvalidRequestError` (await it, or close its stream, first)."""
         self.sync._clear(wait=False)
 
+    def attach(
+        self, image: ImageSource | None = None, *, images: Sequence[ImageSource] | None = None
+    ) -> asyncio.Future[None]:
+        """Like :meth:`VisionChat.attach`: returns at once; await the future to wait for
+        the head start (the next question waits for it anyway)."""
+        return asyncio.wrap_future(self.sync.attach(image, images=images))
+
     async def save(self, path: str | os.PathLike[str]) -> Path:
         """Like :meth:`VisionChat.save` (the finished turns), written in a worker thread."""
         return await asyncio.to_thread(self.sync.save, path)

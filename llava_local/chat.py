@@ -14,6 +14,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -23,6 +24,7 @@ from pydantic import ValidationError
 
 from . import images as _images
 from . import saving, structured
+from .attach import Attachment
 from .backends import Backend, Turn, registry
 from .backends.plan import EnginePlan, announce
 from .backends.plan import open as open_plan
@@ -34,7 +36,7 @@ from .errors import (
     problems,
 )
 from .stream import ReplyStream
-from .types import Message, Options, Reply
+from .types import Message, Options, PreparedImage, Reply
 
 __all__ = ["ReplyStream", "VisionChat"]
 
@@ -134,6 +136,8 @@ class VisionChat:
         self._state = threading.Lock()  # history, system, last_reply: read or set together
         self._closed = False
         self.last_reply: Reply | None = None
+        # Pictures given with attach() for the next question, until a turn keeps them.
+        self._attached: list[Attachment] = []
 
     @classmethod
     def ollama(
@@ -213,7 +217,46 @@ class VisionChat:
     def _clear(self, *, wait: bool) -> None:
         with self._exclusive("reset the conversation", wait=wait), self._state:
             self._history = []
+            self._attached = []
             self.last_reply = None
+
+    def attach(
+        self,
+        image: _images.ImageSource | None = None,
+        *,
+        images: Sequence[_images.ImageSource] | None = None,
+    ) -> Future[None]:
+        """Give the next question's pictures before the question, and return at once.
+
+        They are prepared in the background and, on an engine that keeps its KV cache
+        (llama.cpp), encoded and read into the model too, so the next :meth:`ask` or
+        :meth:`stream` waits only for what is left and then reads its own words: a
+        question typed while the picture is read costs little more than the typing. That
+        question takes them as if given with ``image=``, before any picture of its own;
+        a turn that fails leaves them attached; :meth:`reset` and :meth:`restore` drop them. Other
+        engines (Ollama, OpenAI-compatible servers) get them prepared only. The future
+        is done when the head start is (``.result()`` waits; it raises what preparing
+        the pictures raised, which the next question raises too).
+        """
+        if self._closed:
+            raise InvalidRequestError("this VisionChat is closed; create a new one")
+        sources = ([] if image is None else [image]) + _picture_list(images)
+        if not sources:
+            raise InvalidRequestError("attach() needs a picture: image= or images=")
+        with self._state:
+            earlier = list(self._attached)
+            history = list(self._history)
+        own = [Message(role="system", content=self.system)] if self.system else []
+
+        def read_ahead(prepared: tuple[PreparedImage, ...]) -> threading.Thread | None:
+            pictures = tuple(i for a in earlier for i in a.images()) + prepared
+            question = Message(role="user", content="", images=pictures)
+            return self._backend.prefetch([*own, *history, question])
+
+        attachment = Attachment(sources, max_side=self.max_image_side, read_ahead=read_ahead)
+        with self._state:
+            self._attached.append(attachment)
+        return attachment.done
 
     def ask(
         self,
@@ -319,6 +362,11 @@ class VisionChat:
             earlier=tuple(given[:-1]),
         )
 
+    def detach(self) -> None:
+        """Drop the pictures attached for the next question (read ahead for nothing)."""
+        with self._state:
+            self._attached = []
+
     def _request(
         self,
         prompt: str,
@@ -338,7 +386,9 @@ class VisionChat:
         opts = self.options.overlay(_options(options))
         json_schema = None if schema is None else structured.json_schema(schema)
         sources = ([] if image is None else [image]) + _picture_list(images)
-        if not sources and not self.allow_text_only and not self.has_pictures:
+        with self._state:
+            attached = tuple(self._attached)
+        if not (sources or attached) and not self.allow_text_only and not self.has_pictures:
             warnings.warn(
                 NoPictureWarning(
                     "no picture in this conversation: the model answers from the text "
@@ -347,14 +397,21 @@ class VisionChat:
                 ),
                 stacklevel=stacklevel,
             )
-        return _Request(prompt, sources, opts, schema, json_schema, TurnControl(self.on_status))
+        control = TurnControl(self.on_status)
+        return _Request(prompt, sources, opts, schema, json_schema, control, attached)
 
     def _open(self, request: _Request) -> ReplyStream:
         """The turn's stream, once its pictures are prepared (read, downloaded, encoded)."""
-        if request.sources:
+        if request.sources or request.attached:
             request.control.report(STATUS_PREPARING)
+        try:
+            given = tuple(i for a in request.attached for i in a.images())
+        except BaseException:
+            with self._state:  # a picture that cannot be read is not kept for the next
+                self._attached = [a for a in self._attached if not a.failed()]
+            raise
         prepared = tuple(_images.prepare(s, max_side=self.max_image_side) for s in request.sources)
-        message = Message(role="user", content=request.prompt, images=prepared)
+        message = Message(role="user", content=request.prompt, images=given + prepared)
         return ReplyStream(
             self,
             message,
@@ -396,6 +453,8 @@ class VisionChat:
             answer = Message(role="assistant", content=reply.text)
             self._history = [*self._history, message, answer]
             self.last_reply = reply
+            taken = {i.sha256 for i in message.images}  # the attachments it took are used
+            self._attached = [a for a in self._attached if not a.taken_by(taken)]
 
     def _end_turn(self) -> None:
         """Let go of the chat (a plain lock: any thread that read the turn may)."""
@@ -613,3 +672,4 @@ class _Request:
     schema: structured.Schema | None
     json_schema: dict[str, Any] | None
     control: TurnControl
+    attached: tuple[Attachment, ...] = ()

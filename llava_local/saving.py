@@ -158,6 +158,7 @@ def restore(chat: VisionChat, path: str | os.PathLike[str]) -> None:
             chat._history = fitted(saved.history(), chat.max_image_side)
             chat.system = saved.system
             chat.last_reply = None
+            chat._attached = []  # attached to the conversation it replaces
         load_engine_state(chat, Path(path).expanduser(), saved.backend, len(saved.messages))
 
 

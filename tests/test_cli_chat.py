@@ -124,13 +124,16 @@ def terminal(tiny_pair: GgufPair, tmp_path: Path) -> Iterator[Terminal]:
 
 
 def test_a_session_answers_and_leaves_on_ctrl_d(terminal: Terminal, tmp_path: Path) -> None:
-    """The picture given on the command line is used, commands work, Ctrl-D leaves with 0."""
+    """The picture given on the command line is used (read while the question is typed:
+    the question encodes no picture and finds its positions read), commands work, Ctrl-D
+    leaves with 0."""
     terminal.expect(r"picture added: .*pic\.png, 56x56")
     terminal.expect(">>> ")
     terminal.type("What is it?\n")
     terminal.expect(">>> ")
     terminal.type("/stats\n")
-    terminal.expect(r"images_encoded\s*│?\s*1")
+    terminal.expect(r"cached_tokens\s*│?\s*[1-9]")
+    terminal.expect(r"images_encoded\s*│?\s*0")
     terminal.type("/help\n")
     terminal.expect(r"/image PATH")
     terminal.type("/image /no/such/file.png\n")

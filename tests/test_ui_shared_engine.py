@@ -204,3 +204,33 @@ def test_a_chat_that_does_not_own_its_engine_leaves_it_open() -> None:
     assert is_closed(shared)
     with pytest.raises(InvalidRequestError, match="close_engine=False"):
         VisionChat("llama_cpp", close_engine=False)
+
+
+def test_an_uploaded_picture_is_read_before_the_question() -> None:
+    """A picture uploaded to a tab is read while the question is typed: the question
+    encodes no picture and answers as before; a picture replaced before the question
+    is not sent with it, and a removed one not at all."""
+    sessions = _Sessions(DEMO)
+    try:
+        tab = sessions.get("tab-a")
+        tab.attach(str(DIGIT))
+        assert tab.reading is not None
+        tab.reading.result(timeout=120)
+        reply = ask(tab, "What digit is this?", DIGIT)
+        assert (reply.text, reply.stats.images_encoded) == ("This digit is 7.", 0)
+        assert tab.chat is not None
+        assert [len(m.images) for m in tab.chat.history] == [1, 0]
+
+        tab.reset()
+        tab.attach(str(DIGIT))
+        replaced = ask(tab, "What shape is this?", SHAPE)  # the picture changed meanwhile
+        assert replaced.text == "It is a triangle."
+        assert [i.source for i in tab.chat.history[0].images] == [str(SHAPE)]
+
+        tab.reset()
+        tab.attach(str(DIGIT))
+        tab.chat.allow_text_only = True
+        ask(tab, "Say something.")  # the picture was removed from the page
+        assert not tab.chat.history[0].images
+    finally:
+        sessions.close_all()

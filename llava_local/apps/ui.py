@@ -36,6 +36,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -110,6 +111,8 @@ class _Session:
         self.chat: VisionChat | None = None
         self.messages: list[_MESSAGE] = []
         self.seen_picture: str | None = None  # sha256 of the picture the model has
+        self.attached: str | None = None  # sha256 of the picture attached to the chat
+        self.reading: Future[None] | None = None  # its head start (done when read)
         self.lock = threading.Lock()  # held by the turn running now
         self.stop = threading.Event()  # asks the running turn to stop
         self.stream: ReplyStream | None = None  # the running turn, to cancel mid-encoding
@@ -142,7 +145,7 @@ class _Session:
         with self.lock:
             if self.chat is not None:
                 self.chat.reset()
-            self.messages, self.seen_picture = [], None
+            self.messages, self.seen_picture, self.attached = [], None, None
 
     def switch(self, engine: dict[str, Any]) -> VisionChat:
         """Another engine or model: the old chat is closed (and its share of the engine
@@ -155,6 +158,7 @@ class _Session:
             if old is None:  # let go first: two models at once may not fit in memory
                 self._close_chat()
             self.chat, self.engine, self.messages, self.seen_picture = None, dict(engine), [], None
+            self.attached = None
             try:
                 chat = self.open()
             finally:
@@ -177,6 +181,23 @@ class _Session:
         chat, self.chat = self.chat, None
         if chat is not None:
             self.engines.release(chat)
+
+    def attach(self, picture: str | None) -> None:
+        """A picture just uploaded: the engine starts reading it while the question is
+        typed (:meth:`VisionChat.attach`), opening the tab's engine first if needed.
+        Skipped while a turn runs: the question then sends the picture itself."""
+        sha = _sha256(picture) if picture else None
+        if picture is None or sha is None or sha in (self.seen_picture, self.attached):
+            return
+        if not self.lock.acquire(blocking=False):
+            return
+        try:
+            self.reading = self.open().attach(picture)
+            self.attached = sha
+        except LlavaLocalError:
+            pass  # the question sends the picture and reports what is wrong with it
+        finally:
+            self.lock.release()
 
     def new_picture(self, picture: str | None) -> str | None:
         """The picture to send with the next question: None when the model has it."""
@@ -229,9 +250,16 @@ class _Session:
                 chat.on_status = lambda status: pieces.put(("status", status))
                 if image is None and not chat.has_pictures:
                     pieces.put(("note", NO_PICTURE))
+                given = image  # a picture attached on upload is in the chat already
+                if self.attached is not None:
+                    if image is not None and _sha256(image) == self.attached:
+                        given = None
+                    else:  # replaced or removed since: not for this question
+                        chat.detach()
+                        self.attached = None
                 with warnings.catch_warnings():  # said on the page instead
                     warnings.simplefilter("ignore", NoPictureWarning)
-                    stream = chat.stream(prompt, image)
+                    stream = chat.stream(prompt, given)
                 self.stream = stream
                 with stream:
                     for piece in stream:
@@ -243,6 +271,7 @@ class _Session:
                 self.messages += [*_user_messages(prompt, image), _text("assistant", reply.text)]
                 if image is not None:
                     self.seen_picture = _sha256(image)
+                    self.attached = None
             pieces.put(("done", reply))
         except TurnCancelledError:
             pieces.put(("stopped", None))
@@ -340,6 +369,7 @@ def build_app(
             cancels=[turn],
             concurrency_id="engine",
         )
+        w.picture.upload(on.picture, inputs=[w.picture], queue=False)
         app.unload(on.end)
     _SESSIONS[app] = sessions
     return app  # type: ignore[no-any-return]
@@ -351,6 +381,7 @@ class _Handlers(NamedTuple):
     stop: Callable[..., tuple[Any, ...]]
     use_engine: Callable[..., tuple[Any, ...]]
     end: Callable[..., None]
+    picture: Callable[..., None]
 
 
 def _handlers(gr: Any, sessions: _Sessions, start: dict[str, Any]) -> _Handlers:
@@ -406,7 +437,10 @@ def _handlers(gr: Any, sessions: _Sessions, start: dict[str, Any]) -> _Handlers:
     def end(request: gr.Request) -> None:
         sessions.end(request.session_hash)
 
-    return _Handlers(respond, new_conversation, stop, use_engine, end)
+    def picture(picture: str | None, request: gr.Request) -> None:
+        sessions.get(request.session_hash).attach(picture)
+
+    return _Handlers(respond, new_conversation, stop, use_engine, end, picture)
 
 
 class _Widgets(NamedTuple):
