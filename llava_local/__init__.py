@@ -39,7 +39,7 @@ from .errors import (
 )
 from .images import ImageSource
 from .persist import ColdResumeWarning
-from .types import Message, Options, PreparedImage, Reply, Stats
+from .types import Message, Options, PreparedImage, Reply, Stats, Tool, ToolCall
 
 try:
     __version__ = version("llava-local")
@@ -76,6 +76,8 @@ __all__ = [
     "ResponseError",
     "SchemaError",
     "Stats",
+    "Tool",
+    "ToolCall",
     "Turn",
     "TurnCancelledError",
     "TurnControl",

@@ -9,6 +9,7 @@ a failed or interrupted turn leaves the conversation exactly as it was.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 import warnings
@@ -19,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from . import images as _images
 from . import structured
@@ -34,7 +35,8 @@ from .errors import (
     SchemaError,
     problems,
 )
-from .types import Message, Options, PreparedImage, Reply
+from .tools import ToolSpec, as_tool, call_id, forced_tool
+from .types import Message, Options, PreparedImage, Reply, Tool, ToolCall
 
 _OPTION_NAMES = frozenset(Options.model_fields)
 #: How often a turn waiting for another thread's turn looks at its own stop flag.
@@ -207,6 +209,8 @@ class VisionChat:
         *,
         images: Sequence[_images.ImageSource] | None = None,
         schema: structured.Schema | None = None,
+        tool: ToolSpec | None = None,
+        tools: Sequence[ToolSpec] | None = None,
         **options: Any,
     ) -> Reply:
         """Ask about ``image`` (or the pictures already in the conversation) and wait.
@@ -214,9 +218,21 @@ class VisionChat:
         With ``schema``, ``reply.parsed`` is the answer checked against it, and an
         answer that does not fit raises :class:`SchemaError`; an answer cut by
         ``max_tokens`` before its JSON ended is not a misfit: ``reply.done_reason`` is
-        ``"length"``, ``reply.parsed`` None and ``reply.text`` the JSON as written."""
+        ``"length"``, ``reply.parsed`` None and ``reply.text`` the JSON as written.
+
+        With ``tool`` (a :class:`~llava_local.Tool`, a pydantic model class or an
+        OpenAI-style function dict), or ``tools`` holding one, the model is made to
+        call it: ``reply.tool_calls`` holds the call, its arguments checked against
+        the tool's parameters (see :mod:`llava_local.tools`: a model not trained for
+        tools cannot choose among several)."""
         request = self._request(
-            prompt, image=image, images=images, schema=schema, options=options, stacklevel=3
+            prompt,
+            image=image,
+            images=images,
+            schema=schema,
+            options=options,
+            stacklevel=3,
+            tool=self._tool(tool, tools),
         )
         with self._open(request) as stream:
             for _ in stream:
@@ -230,9 +246,12 @@ class VisionChat:
         *,
         images: Sequence[_images.ImageSource] | None = None,
         schema: structured.Schema | None = None,
+        tool: ToolSpec | None = None,
+        tools: Sequence[ToolSpec] | None = None,
         **options: Any,
     ) -> ReplyStream:
-        """Like :meth:`ask`, but iterate the answer as it is written.
+        """Like :meth:`ask`, but iterate the answer as it is written (a tool call's
+        arguments, with ``tool``).
 
         Pictures and options are checked now, before anything is sent; the turn is
         kept in the history when the iteration ends. The turn starts at the first
@@ -240,9 +259,31 @@ class VisionChat:
         this one is read to the end or closed raises :class:`InvalidRequestError`).
         """
         request = self._request(
-            prompt, image=image, images=images, schema=schema, options=options, stacklevel=3
+            prompt,
+            image=image,
+            images=images,
+            schema=schema,
+            options=options,
+            stacklevel=3,
+            tool=self._tool(tool, tools),
         )
         return self._open(request)
+
+    def _tool(self, tool: ToolSpec | None, tools: Sequence[ToolSpec] | None) -> _Forced | None:
+        """The tool a question forces, with the schema its arguments are checked
+        against (the pydantic class itself when the tool is one)."""
+        if tool is None and not tools:
+            return None
+        if tool is None:
+            given = [as_tool(spec) for spec in tools or []]
+            chosen = forced_tool(given, "required", self.model)
+            assert chosen is not None
+            spec: ToolSpec = (tools or [])[given.index(chosen)]
+        else:
+            spec = tool
+        forced = as_tool(spec)
+        is_model = isinstance(spec, type) and issubclass(spec, BaseModel)
+        return _Forced(forced, spec if is_model else forced.parameters)  # type: ignore[arg-type]
 
     def answer(
         self,
@@ -313,6 +354,7 @@ class VisionChat:
         schema: structured.Schema | None,
         options: dict[str, Any],
         stacklevel: int,
+        tool: _Forced | None = None,
     ) -> _Request:
         """Everything about a question that is quick to check (no picture is read yet)."""
         if self._closed:
@@ -320,6 +362,12 @@ class VisionChat:
         self._refuse_reentry("start another turn")
         if not isinstance(prompt, str) or not prompt.strip():
             raise InvalidRequestError("the prompt must be a non-empty string")
+        if tool is not None:
+            if schema is not None:
+                raise InvalidRequestError(
+                    "pass schema= or tool=, not both: a tool's arguments follow its parameters"
+                )
+            schema = tool.schema
         opts = self.options.overlay(_options(options))
         json_schema = None if schema is None else structured.json_schema(schema)
         sources = ([] if image is None else [image]) + _picture_list(images)
@@ -332,7 +380,15 @@ class VisionChat:
                 ),
                 stacklevel=stacklevel,
             )
-        return _Request(prompt, sources, opts, schema, json_schema, TurnControl(self.on_status))
+        return _Request(
+            prompt,
+            sources,
+            opts,
+            schema,
+            json_schema,
+            TurnControl(self.on_status),
+            None if tool is None else tool.tool,
+        )
 
     def _open(self, request: _Request) -> ReplyStream:
         """The turn's stream, once its pictures are prepared (read, downloaded, encoded)."""
@@ -347,6 +403,7 @@ class VisionChat:
             request.schema,
             request.json_schema,
             control=request.control,
+            tool=request.tool,
         )
 
     @property
@@ -752,6 +809,15 @@ class _Request:
     schema: structured.Schema | None
     json_schema: dict[str, Any] | None
     control: TurnControl
+    tool: Tool | None = None
+
+
+@dataclass(frozen=True)
+class _Forced:
+    """A tool a question forces, and the schema its arguments are checked against."""
+
+    tool: Tool
+    schema: structured.Schema
 
 
 class ReplyStream(Iterator[str]):
@@ -773,8 +839,11 @@ class ReplyStream(Iterator[str]):
         *,
         control: TurnControl | None = None,
         earlier: tuple[Message, ...] | None = None,
+        tool: Tool | None = None,
     ) -> None:
         self.message = message
+        #: The tool the turn must call: the answer is its arguments.
+        self.tool = tool
         # A conversation given whole (VisionChat.answer): used instead of the history,
         # and the turn is not kept.
         self._earlier = earlier
@@ -850,6 +919,8 @@ class ReplyStream(Iterator[str]):
             turn, self._dropped = chat._fit(
                 self.message, self._options, self._json_schema, self.control, self._earlier
             )
+            if self.tool is not None:
+                turn = dataclasses.replace(turn, tool=self.tool)
             self._engine = chat._backend.generate(turn)
         except BaseException:
             self._end()
@@ -864,6 +935,11 @@ class ReplyStream(Iterator[str]):
         stats.dropped_turns = self._dropped
         text = "".join(self._pieces)
         parsed = self._parsed(text, self._finish.done_reason)
+        calls: tuple[ToolCall, ...] = ()
+        if self.tool is not None and parsed is not None:
+            calls = (
+                ToolCall(id=call_id(), name=self.tool.name, arguments=parsed, arguments_json=text),
+            )
         reply = Reply(
             text=text,
             model=chat.model,
@@ -871,6 +947,7 @@ class ReplyStream(Iterator[str]):
             done_reason=self._finish.done_reason,
             stats=stats,
             parsed=parsed,
+            tool_calls=calls,
         )
         if self._earlier is None:
             chat._keep_turn(self.message, reply)

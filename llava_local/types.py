@@ -107,6 +107,30 @@ class Stats(BaseModel):
         return self.completion_tokens / self.decode_s
 
 
+class Tool(BaseModel):
+    """A function the model can be made to call: its name, what it does, and the JSON
+    schema of its arguments (an object). A model not trained for tools cannot choose
+    one; a turn that forces it (``ask(..., tool=...)``, ``tool_choice`` on the HTTP
+    routes) gets its arguments written by the grammar to ``parameters``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+class ToolCall(BaseModel):
+    """A call the model wrote: the function's name and its arguments, checked against
+    its parameters (a pydantic object when the tool was a pydantic model), and as
+    written (``arguments_json``, what OpenAI's protocol sends)."""
+
+    id: str
+    name: str
+    arguments: Any = None
+    arguments_json: str = ""
+
+
 class Reply(BaseModel):
     """A finished answer. ``str(reply)`` is its text."""
 
@@ -118,6 +142,8 @@ class Reply(BaseModel):
     #: With a schema: the answer checked against it; None when it was cut by
     #: ``max_tokens`` (``done_reason == "length"``) before its JSON ended.
     parsed: Any = None
+    #: With a forced tool: the call the model wrote (its ``arguments`` are ``parsed``).
+    tool_calls: tuple[ToolCall, ...] = ()
 
     def __str__(self) -> str:
         return self.text

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..control import TurnControl
-from ..types import DoneReason, Message, Options, Stats
+from ..types import DoneReason, Message, Options, Stats, Tool
 
 if TYPE_CHECKING:
     from .registry import EngineConfig
@@ -23,14 +23,18 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Turn:
     """What the core asks of an engine: the whole conversation, ending with the new
-    user message, plus options, an optional JSON schema the answer must fit, and the
-    turn's control (its stop flag, polled by engines whose work is in C, and the
-    status they report)."""
+    user message, plus options, an optional JSON schema the answer must fit (and the
+    forced tool it comes from, if any), and the turn's control (its stop flag, polled
+    by engines whose work is in C, and the status they report)."""
 
     messages: Sequence[Message]
     options: Options
     json_schema: dict[str, Any] | None = None
     control: TurnControl = field(default_factory=TurnControl, compare=False)
+    #: A function the answer must call (its ``json_schema`` is the function's
+    #: parameters): engines whose server takes tools send it as the one tool, forced;
+    #: the others write the arguments to ``json_schema`` as for any schema.
+    tool: Tool | None = None
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,9 @@ What this module adds to the client:
 - ``schema=`` is sent as ``response_format`` ``{"type": "json_schema", ...}``; a server
   that refuses that form (llama-cpp-python's own server knows only ``json_object`` with
   a ``schema``) is asked once more in its form, which is then kept for the engine.
+- A forced tool (``ask(..., tool=...)``) is sent as the one tool, named by
+  ``tool_choice``; the arguments the server streams in ``tool_calls`` are the answer's
+  text, which the core checks against the tool's parameters.
 - ``top_k`` and ``repeat_penalty``, which the protocol lacks, are sent as extra body
   fields under those names (llama-server, llamafile, llama-cpp-python and LM Studio read
   them; servers that do not know them ignore them). ``extra_body`` adds more fields to
@@ -255,6 +258,10 @@ class OpenAIBackend(RemoteEngine):
                 choice = chunk.first_choice()
                 if choice is not None:
                     piece = choice.delta.content
+                    if turn.tool is not None and choice.delta.tool_calls:  # its arguments
+                        piece = "".join(
+                            call.function.arguments or "" for call in choice.delta.tool_calls
+                        )
                     if piece:
                         if first_token_s is None:
                             first_token_s = time.monotonic() - started
@@ -339,7 +346,7 @@ class OpenAIBackend(RemoteEngine):
         """The request, sent through the client: the model and messages as its arguments,
         the rest as extra fields over ``extra_body`` (the turn's options win)."""
         request = wire.ChatRequest.for_turn(
-            self.model, turn.messages, turn.options, turn.json_schema, form
+            self.model, turn.messages, turn.options, turn.json_schema, form, tool=turn.tool
         ).wire()
         model, messages = request.pop("model"), request.pop("messages")
         stream: Stream[ChatCompletionChunk] = self._client.chat.completions.create(

@@ -23,8 +23,9 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from ..types import DoneReason, Options, Stats
-from .shapes import Count, Shape
+from ..tools import forced_tool
+from ..types import DoneReason, Options, Stats, Tool
+from .shapes import Count, Shape, ToolDef
 
 __all__ = [
     "OPTION_NAMES",
@@ -33,6 +34,8 @@ __all__ = [
     "ChatRequest",
     "ChatResponse",
     "ErrorBody",
+    "GenerateRequest",
+    "GenerateResponse",
     "Message",
     "Metrics",
     "ModelDetails",
@@ -41,6 +44,8 @@ __all__ = [
     "RunningModels",
     "Show",
     "Tags",
+    "ToolCall",
+    "ToolCallFunction",
     "Version",
     "done_reason",
     "full_name",
@@ -133,16 +138,32 @@ def _now() -> str:
 # --- chat ----------------------------------------------------------------------------
 
 
+class ToolCallFunction(Shape):
+    name: str = ""
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class ToolCall(Shape):
+    """A tool call of an answer: Ollama sends the arguments as an object, whole."""
+
+    function: ToolCallFunction
+
+
 class Message(Shape):
-    """One message; ``images`` are base64 text without a ``data:`` prefix."""
+    """One message; ``images`` are base64 text without a ``data:`` prefix; an answer
+    that called a tool carries ``tool_calls``, a ``tool`` message the result of one."""
 
     role: str
     content: str | None = ""
     images: list[str] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_name: str | None = None
 
 
 class ChatRequest(Shape):
-    """``POST /api/chat``: the fields this library reads and sends."""
+    """``POST /api/chat``: the fields this library reads and sends. ``tool_choice`` is
+    not Ollama's: ``serve`` reads it as OpenAI's, the way to force a function on a
+    model not trained for tools (see :mod:`llava_local.tools`)."""
 
     model: str = Field(min_length=1)
     messages: list[Message] = Field(default_factory=list)
@@ -150,6 +171,13 @@ class ChatRequest(Shape):
     format: Literal["", "json"] | dict[str, Any] | None = None
     options: dict[str, Any] | None = None
     keep_alive: str | float | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+
+    def forced_tool(self, served: str) -> Tool | None:
+        """The tool the answer must call (see :func:`llava_local.tools.forced_tool`)."""
+        tools = [tool.tool() for tool in self.tools or []]
+        return forced_tool(tools, self.tool_choice, served)
 
 
 class Metrics(Shape):
@@ -196,6 +224,47 @@ class ChatResponse(Metrics):
     model: str | None = ""
     created_at: str | None = Field(default_factory=_now)
     message: Message = Field(default_factory=lambda: Message(role="assistant"))
+    done: bool | None = False
+    done_reason: str | None = None
+
+    def wire(self) -> dict[str, Any]:
+        """As sent: a piece's chunk carries no figures or ``done_reason``."""
+        return self.model_dump(exclude_none=True)
+
+
+# --- generate ------------------------------------------------------------------------
+
+
+class GenerateRequest(Shape):
+    """``POST /api/generate``: one prompt (with its own ``system`` and ``images``)
+    answered in the model's chat format. ``suffix`` (fill in the middle), ``template``,
+    ``raw`` and a non-empty ``context`` are read so that the server can refuse them by
+    name: ``serve`` writes the model's own chat format and keeps no token lists (the
+    conversation's prefix is reused from the KV cache instead, as on ``/api/chat``)."""
+
+    model: str = Field(min_length=1)
+    prompt: str | None = ""
+    suffix: str | None = None
+    images: list[str] | None = None
+    system: str | None = None
+    template: str | None = None
+    context: list[int] | None = None
+    raw: bool | None = False
+    stream: bool = True
+    format: Literal["", "json"] | dict[str, Any] | None = None
+    options: dict[str, Any] | None = None
+    keep_alive: str | float | None = None
+
+
+class GenerateResponse(Metrics):
+    """A chunk of ``/api/generate``'s streamed answer (``response``: its text), or the
+    last one (``done``) with the figures, or the whole answer. Ollama's deprecated
+    ``context`` token list is not sent: clients that continue a conversation send it
+    to ``/api/chat`` as messages."""
+
+    model: str | None = ""
+    created_at: str | None = Field(default_factory=_now)
+    response: str = ""
     done: bool | None = False
     done_reason: str | None = None
 

@@ -16,6 +16,9 @@ figures with these shapes; ``serve`` (``apps/serve/openai_api.py``) reads
   What a server does not report stays None, never guessed.
 - ``schema=`` is a ``response_format`` of type ``json_schema``; llama-cpp-python's
   server knows only ``json_object`` with a ``schema``, read too.
+- Tools: a forced function (``tool_choice`` naming it, or ``"required"`` with one
+  tool) is answered as ``tool_calls`` (``finish_reason: "tool_calls"``); see
+  :mod:`llava_local.tools` for what a model that was not trained for tools does.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from typing import Any, Literal
 from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
 from ..errors import InvalidRequestError
-from ..types import DoneReason, Message, Options, Stats
-from .shapes import Count, Number, Shape
+from ..tools import forced_tool
+from ..types import DoneReason, Message, Options, Stats, Tool
+from .shapes import Count, Number, Shape, ToolDef
 
 __all__ = [
     "EXTRA_OPTIONS",
@@ -42,12 +46,14 @@ __all__ = [
     "Delta",
     "ErrorBody",
     "ErrorDetail",
+    "FunctionCall",
     "ImageUrl",
     "Model",
     "ModelList",
     "ResponseFormat",
     "SchemaForm",
     "Timings",
+    "ToolCall",
     "Usage",
     "done_reason",
     "stats",
@@ -89,9 +95,38 @@ class ContentPart(Shape):
         return self.image_url
 
 
+class FunctionCall(Shape):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _unsent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {key: value for key, value in data.items() if value is not None}
+
+
+class ToolCall(Shape):
+    """A tool call of an answer (``index`` in a streamed delta), or of an earlier
+    assistant message a client sends back."""
+
+    index: int | None = None
+    id: str | None = None
+    type: str | None = None
+    function: FunctionCall = Field(default_factory=FunctionCall)
+
+    @model_serializer(mode="wrap")
+    def _unsent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {key: value for key, value in data.items() if value is not None}
+
+
 class ChatMessage(Shape):
     role: str
     content: str | list[ContentPart] | None = None
+    #: An earlier answer that was a tool call (sent back by the client).
+    tool_calls: list[ToolCall] | None = None
+    #: A ``tool`` message: the result of that call.
+    tool_call_id: str | None = None
 
     @classmethod
     def from_message(cls, message: Message) -> ChatMessage:
@@ -164,6 +199,9 @@ class ChatRequest(Shape):
     n: int | None = Field(default=None, ge=1, le=1)
     top_k: int | None = Field(default=None, ge=0)
     repeat_penalty: float | None = Field(default=None, gt=0.0)
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     @classmethod
     def for_turn(
@@ -173,21 +211,37 @@ class ChatRequest(Shape):
         options: Options,
         schema: dict[str, Any] | None = None,
         form: SchemaForm = "json_schema",
+        *,
+        tool: Tool | None = None,
     ) -> ChatRequest:
-        """What the engine sends for a turn: streamed, usage asked for. Our options are
-        checked already, by their own bounds (a local server may take a temperature
-        over OpenAI's 2), so they are not checked again."""
+        """What the engine sends for a turn: streamed, usage asked for; a forced
+        ``tool`` as the one tool, named by ``tool_choice`` (instead of a
+        ``response_format``). Our options are checked already, by their own bounds (a
+        local server may take a temperature over OpenAI's 2), so they are not checked
+        again."""
         values = options.model_dump(include=set(STANDARD_OPTIONS + EXTRA_OPTIONS))
         if values["stop"] is not None:
             values["stop"] = list(values["stop"])
+        fmt = None
+        if schema is not None and tool is None:
+            fmt = ResponseFormat.for_schema(schema, form)
         return cls.model_construct(
             model=model,
             messages=[ChatMessage.from_message(message) for message in messages],
             stream=True,
             stream_options=StreamOptions(include_usage=True),
-            response_format=None if schema is None else ResponseFormat.for_schema(schema, form),
+            response_format=fmt,
+            tools=None if tool is None else [ToolDef.of(tool)],
+            tool_choice=None
+            if tool is None
+            else {"type": "function", "function": {"name": tool.name}},
             **values,
         )
+
+    def forced_tool(self, served: str) -> Tool | None:
+        """The tool the answer must call (see :func:`llava_local.tools.forced_tool`)."""
+        tools = [tool.tool() for tool in self.tools or []]
+        return forced_tool(tools, self.tool_choice, served)
 
     def options(self) -> dict[str, Any]:
         """The request's options in our names (those given)."""
@@ -316,6 +370,14 @@ class _Answer(Shape):
 class ResponseMessage(Shape):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _unsent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class _Choice(Shape):
@@ -338,6 +400,7 @@ class ChatCompletion(_Answer):
 class Delta(Shape):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _unsent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

@@ -1,7 +1,7 @@
-"""The Ollama-compatible routes: ``POST /api/chat`` (an NDJSON stream unless
-``"stream": false``), ``GET /api/tags``, ``POST /api/show``, ``GET /api/version`` and
-``GET /api/ps``, so that the ``ollama`` client, Open WebUI and ``VisionChat.ollama``
-work against the server unchanged.
+"""The Ollama-compatible routes: ``POST /api/chat`` and ``POST /api/generate`` (an
+NDJSON stream unless ``"stream": false``), ``GET /api/tags``, ``POST /api/show``,
+``GET /api/version`` and ``GET /api/ps``, so that the ``ollama`` client, Open WebUI
+and ``VisionChat.ollama`` work against the server unchanged.
 
 The shapes and translations are :mod:`llava_local.protocols.ollama`'s, the Ollama
 engine's too: pictures are base64 text (``images`` of a message), ``options`` are
@@ -12,18 +12,22 @@ them.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timezone
 from typing import Any
 
 from ... import __version__
+from ...errors import LlavaLocalError
 from ...protocols import ollama as wire
 from ...types import Reply
 from .bodies import Request, read_json, read_request
-from .errors import ApiError
+from .errors import ApiError, library_error
 from .model_info import ModelFacts
 from .pictures import Picture, Wanted, wanted
 from .turns import Engine, Turn, note_tokens, respond, streaming
+
+#: A line of an answer, in either route's shape.
+Chunk = wire.ChatResponse | wire.GenerateResponse
 
 
 class OllamaRoutes:
@@ -86,26 +90,88 @@ class OllamaRoutes:
         model = body.model
         if not body.messages:  # Ollama's way to load a model: it is loaded
             return wire.ChatResponse(model=model, done=True, done_reason="load").wire()
+        try:
+            tool = body.forced_tool(engine.name)
+        except LlavaLocalError as exc:
+            raise library_error(exc, "tools") from exc
+
+        def piece(text: str) -> wire.ChatResponse | None:
+            if tool is not None:  # Ollama sends a tool call whole, once it is written
+                return None
+            return wire.ChatResponse(model=model, message=_said(text))
+
+        def final(reply: Reply, text: str) -> wire.ChatResponse:
+            message = _said(text)
+            if tool is not None:
+                if reply.parsed is None:  # cut by num_predict: the arguments as written
+                    message = _said(reply.text)
+                else:
+                    function = wire.ToolCallFunction(name=tool.name, arguments=reply.parsed)
+                    message.tool_calls = [wire.ToolCall(function=function)]
+            return wire.ChatResponse(model=model, message=message, **_figures(reply))
+
+        schema = tool.parameters if tool is not None else wire.schema_of(body.format)
+        return await self._answer(
+            request, body, _conversation(body), schema=schema, piece=piece, final=final
+        )
+
+    async def generate(self, request: Request) -> Any:
+        """``/api/generate``: one prompt, with its own system prompt and pictures, in
+        the model's chat format, on the same engine (and prefix reuse) as the chat."""
+        engine = self.engine
+        body = await read_request(request, engine.limits, wire.GenerateRequest)
+        engine.check_model(body.model)
+        _refuse_unsupported(body)
+        model = body.model
+        if not (body.prompt or "").strip() and not body.images:  # load the model
+            return wire.GenerateResponse(model=model, done=True, done_reason="load").wire()
+
+        def piece(text: str) -> wire.GenerateResponse:
+            return wire.GenerateResponse(model=model, response=text)
+
+        def final(reply: Reply, text: str) -> wire.GenerateResponse:
+            return wire.GenerateResponse(model=model, response=text, **_figures(reply))
+
+        schema = wire.schema_of(body.format)
+        return await self._answer(
+            request, body, _prompt(body), schema=schema, piece=piece, final=final
+        )
+
+    async def _answer(
+        self,
+        request: Request,
+        body: wire.ChatRequest | wire.GenerateRequest,
+        conversation: list[Wanted],
+        *,
+        schema: dict[str, Any] | None,
+        piece: Callable[[str], Chunk | None],
+        final: Callable[[Reply, str], Chunk],
+    ) -> Any:
+        """Answer ``conversation``: one object, or an NDJSON line per piece and a last
+        line with the figures (a failure after the status is sent: an error line)."""
+        path = request.url.path
 
         async def lines(turn: Turn, first: str | None) -> AsyncIterator[str]:
             async with streaming(turn):
                 if first is not None:
-                    yield _line(wire.ChatResponse(model=model, message=_said(first)))
-                    while (piece := await turn.next(watch=False)) is not None:
-                        yield _line(wire.ChatResponse(model=model, message=_said(piece)))
+                    if (chunk := piece(first)) is not None:
+                        yield _line(chunk)
+                    while (text := await turn.next(watch=False)) is not None:
+                        if (chunk := piece(text)) is not None:
+                            yield _line(chunk)
                 reply = turn.reply
                 note_tokens(turn.request, reply)
-                yield _line(_final(model, reply, ""))
+                yield _line(final(reply, ""))
             if turn.error is not None:
-                yield json.dumps(turn.error.body("/api/chat")) + "\n"
+                yield json.dumps(turn.error.body(path)) + "\n"
 
         return await respond(
-            engine,
+            self.engine,
             request,
-            _conversation(body),
-            wire.schema_of(body.format),
+            conversation,
+            schema,
             wire.options_from_wire(body.options),
-            whole=lambda reply: _final(model, reply, reply.text).wire(),
+            whole=lambda reply: final(reply, reply.text).wire(),
             streamed=lines if body.stream else None,
             media_type="application/x-ndjson",
         )
@@ -116,7 +182,7 @@ def _conversation(body: wire.ChatRequest) -> list[Wanted]:
         wanted(
             i,
             message.role,
-            message.content or "",
+            message.content or _arguments(message),
             [
                 Picture(f"messages[{i}].images[{j}]", image, base64_only=True)
                 for j, image in enumerate(message.images or [])
@@ -126,20 +192,65 @@ def _conversation(body: wire.ChatRequest) -> list[Wanted]:
     ]
 
 
+def _arguments(message: wire.Message) -> str:
+    """An earlier answer that was a tool call, as the model wrote it: its arguments."""
+    return "\n".join(json.dumps(call.function.arguments) for call in message.tool_calls or [])
+
+
 def _said(content: str) -> wire.Message:
     return wire.Message(role="assistant", content=content)
 
 
-def _final(model: str, reply: Reply, content: str) -> wire.ChatResponse:
-    """The last line of an answer, or the whole answer: with its figures."""
-    return wire.ChatResponse(
-        model=model,
-        message=_said(content),
-        done=True,
-        done_reason=reply.done_reason or "stop",
+def _prompt(body: wire.GenerateRequest) -> list[Wanted]:
+    """``/api/generate``'s request as a conversation: its system prompt, then the prompt
+    with its pictures."""
+    system = [wanted(0, "system", body.system, [])] if body.system else []
+    images = body.images or []
+    pictures = [Picture(f"images[{j}]", image, base64_only=True) for j, image in enumerate(images)]
+    return [*system, wanted(len(system), "user", body.prompt or "", pictures)]
+
+
+def _refuse_unsupported(body: wire.GenerateRequest) -> None:
+    """400, by name, for what ``/api/generate`` has and this server does not do."""
+    if body.suffix:
+        raise ApiError(
+            400,
+            f"{body.model} does not support insert: the model was not trained to fill in "
+            "between a prompt and a suffix; send the prompt alone",
+            param="suffix",
+        )
+    if body.raw:
+        raise ApiError(
+            400,
+            "raw prompts are not supported: this server writes the model's own chat format "
+            "(with its picture markers); send the prompt without raw",
+            param="raw",
+        )
+    if body.template:
+        raise ApiError(
+            400,
+            "template is not supported: this server writes the model's own chat format; "
+            "send the request without template",
+            param="template",
+        )
+    if body.context:
+        raise ApiError(
+            400,
+            "context (the token list of an earlier answer) is not supported: this server "
+            "sends none back; send the earlier turns as messages to /api/chat, whose "
+            "prefix reuse reads only what is new",
+            param="context",
+        )
+
+
+def _figures(reply: Reply) -> dict[str, Any]:
+    """The last line's fields: done, why, and the figures."""
+    return {
+        "done": True,
+        "done_reason": reply.done_reason or "stop",
         **wire.Metrics.from_stats(reply.stats).model_dump(),
-    )
+    }
 
 
-def _line(chunk: wire.ChatResponse) -> str:
+def _line(chunk: Chunk) -> str:
     return json.dumps(chunk.wire()) + "\n"

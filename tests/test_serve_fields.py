@@ -1,0 +1,312 @@
+"""``llava-local serve`` with the routes and fields real clients send (issue 27):
+``/api/generate``, ``HEAD /``, ``/v1/models/{id}``, forced tool calls, Ollama's context
+trimming, sampling defaults and log-probabilities.
+
+One server (the bundled demo model, one slot, the demo's own 1024-token context) is
+started once for the module as a subprocess; the official ``openai`` and ``ollama``
+clients and plain httpx talk to it over real sockets.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import ollama
+import openai
+import pytest
+from pydantic import BaseModel, Field
+
+from llava_local import InvalidRequestError, VisionChat
+
+from .serve_process import ANSWER, DIGIT, QUESTION, Server, ask, start, stop
+
+pytestmark = pytest.mark.llama
+
+PICTURE = base64.b64encode(DIGIT.read_bytes()).decode()
+DIGIT_SCHEMA = {
+    "type": "object",
+    "properties": {"digit": {"type": "integer", "minimum": 0, "maximum": 9}},
+    "required": ["digit"],
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    log = tmp_path_factory.mktemp("serve-fields") / "server.log"
+    running = start(log, "--parallel", "1", "--n-ctx", "1024")
+    yield running
+    stop(running)
+
+
+@pytest.fixture
+def client(server: Server) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(
+        base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120
+    ) as opened:
+        yield opened
+
+
+@pytest.fixture
+def ollama_client(server: Server) -> Iterator[ollama.Client]:
+    opened = ollama.Client(host=server.url, timeout=120)
+    yield opened
+    opened.close()  # type: ignore[no-untyped-call]
+
+
+def _post(server: Server, path: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{server.url}{path}", json=body, timeout=120)
+
+
+# -- /api/generate, HEAD /, /v1/models/{id} ---------------------------------------------
+
+
+def test_generate_answers_whole_and_streamed(ollama_client: ollama.Client) -> None:
+    """/api/generate reads the prompt and its picture, whole and streamed, and a repeat
+    reuses the prefix the first one left in the cache."""
+    whole = ollama_client.generate(
+        model="demo", prompt=QUESTION, images=[PICTURE], options={"temperature": 0}, stream=False
+    )
+    assert whole.response == ANSWER
+    assert whole.done
+    assert whole.done_reason == "stop"
+    assert (whole.eval_count or 0) > 0
+    chunks = list(
+        ollama_client.generate(
+            model="demo", prompt=QUESTION, images=[PICTURE], options={"temperature": 0}, stream=True
+        )
+    )
+    assert "".join(c.response or "" for c in chunks) == ANSWER
+    assert len(chunks) > 2
+    assert chunks[-1].done
+    assert not any(c.done for c in chunks[:-1])
+    assert 0 < (chunks[-1].prompt_eval_count or 0) < (whole.prompt_eval_count or 0)
+
+
+def test_generate_takes_system_format_and_options(ollama_client: ollama.Client) -> None:
+    """system, a JSON-schema format and options (num_predict) are applied."""
+    shaped = ollama_client.generate(
+        model="demo",
+        prompt=QUESTION,
+        images=[PICTURE],
+        system="You are a helpful assistant.",
+        format=DIGIT_SCHEMA,
+        options={"temperature": 0},
+    )
+    assert json.loads(shaped.response or "") == {"digit": 7}
+    options = {"temperature": 0, "num_predict": 3}
+    cut = ollama_client.generate(model="demo", prompt=QUESTION, images=[PICTURE], options=options)
+    assert cut.done_reason == "length"
+    assert cut.eval_count == 3
+
+
+def test_generate_loads_with_an_empty_prompt(server: Server) -> None:
+    """An empty prompt is Ollama's way to load the model: done, reason "load"."""
+    loaded = _post(server, "/api/generate", {"model": "demo", "keep_alive": "5m"})
+    assert loaded.status_code == 200
+    assert loaded.json()["done_reason"] == "load"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("suffix", "ASSISTANT:", "does not support insert"),
+        ("raw", True, "raw prompts are not supported"),
+        ("template", "{{ .Prompt }}", "template is not supported"),
+        ("context", [1, 2, 3], "/api/chat"),
+    ],
+)
+def test_generate_refuses_what_it_does_not_do(
+    server: Server, field: str, value: Any, words: str
+) -> None:
+    """suffix, raw, template and context are refused with a 400 that names them."""
+    body = {"model": "demo", "prompt": QUESTION, "images": [PICTURE], "stream": False, field: value}
+    refused = _post(server, "/api/generate", body)
+    assert refused.status_code == 400
+    assert words in refused.json()["error"]
+
+
+def test_generate_unknown_model_is_404(ollama_client: ollama.Client) -> None:
+    """/api/generate names the model it serves, with Ollama's 404."""
+    with pytest.raises(ollama.ResponseError) as caught:
+        ollama_client.generate(model="llava", prompt=QUESTION)
+    assert caught.value.status_code == 404
+
+
+def test_head_root_is_200(server: Server) -> None:
+    """HEAD / answers 200 with no body, as Ollama's liveness check expects."""
+    answer = httpx.head(f"{server.url}/", timeout=10)
+    assert answer.status_code == 200
+    assert answer.content == b""
+
+
+def test_v1_model_by_id(client: openai.OpenAI) -> None:
+    """GET /v1/models/{id} gives the served model, and 404 for any other."""
+    model = client.models.retrieve("demo")
+    assert model.id == "demo"
+    assert model.owned_by == "llava-local"
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("gpt-4o")
+    assert caught.value.code == "model_not_found"
+
+
+def test_chat_still_answers(client: openai.OpenAI) -> None:
+    """The chat route answers as before beside the new routes."""
+    answer = client.chat.completions.create(model="demo", messages=ask(), temperature=0)
+    assert answer.choices[0].message.content == ANSWER
+
+
+# -- forced tool calls -------------------------------------------------------------------
+
+
+class Digit(BaseModel):
+    """The digit the picture shows."""
+
+    digit: int = Field(ge=0, le=9)
+
+
+DIGIT_TOOL: Any = {
+    "type": "function",
+    "function": {
+        "name": "report_digit",
+        "description": "Report the digit in the picture.",
+        "parameters": DIGIT_SCHEMA,
+    },
+}
+NAMED: Any = {"type": "function", "function": {"name": "report_digit"}}
+
+
+def test_openai_forced_tool_is_a_tool_call(client: openai.OpenAI) -> None:
+    """A function named by tool_choice is answered as its call, with arguments that
+    fit its parameters, and finish_reason "tool_calls"."""
+    answer = client.chat.completions.create(
+        model="demo", messages=ask(), tools=[DIGIT_TOOL], tool_choice=NAMED, temperature=0
+    )
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    calls = choice.message.tool_calls or []
+    assert len(calls) == 1
+    call: Any = calls[0]
+    assert call.type == "function"
+    assert call.id.startswith("call_")
+    assert call.function.name == "report_digit"
+    assert json.loads(call.function.arguments) == {"digit": 7}
+
+
+def test_openai_required_tool_streams_its_arguments(client: openai.OpenAI) -> None:
+    """ "required" with one tool streams the call: the first delta names it, the rest
+    carry its arguments piece by piece."""
+    stream = client.chat.completions.create(
+        model="demo",
+        messages=ask(),
+        tools=[DIGIT_TOOL],
+        tool_choice="required",
+        temperature=0,
+        stream=True,
+    )
+    deltas = [chunk.choices[0] for chunk in stream if chunk.choices]
+    calls = [call for d in deltas for call in d.delta.tool_calls or []]
+    assert calls[0].id is not None
+    assert calls[0].function is not None
+    assert calls[0].function.name == "report_digit"
+    assert {call.index for call in calls} == {0}
+    arguments = "".join((call.function.arguments or "") for call in calls if call.function)
+    assert json.loads(arguments) == {"digit": 7}
+    assert len(calls) > 2
+    assert deltas[-1].finish_reason == "tool_calls"
+    assert not any(d.delta.content for d in deltas)
+
+
+def test_tools_left_to_the_model_are_refused_as_ollama_does(
+    client: openai.OpenAI, ollama_client: ollama.Client
+) -> None:
+    """tool_choice "auto" (or none given) is a 400 "does not support tools" on both
+    routes, as Ollama answers for a model not trained for tools; "none" answers text."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="demo", messages=ask(), tools=[DIGIT_TOOL])
+    assert "demo does not support tools" in str(caught.value)
+    with pytest.raises(ollama.ResponseError) as refused:
+        ollama_client.chat(
+            model="demo",
+            messages=[{"role": "user", "content": QUESTION, "images": [PICTURE]}],
+            tools=[DIGIT_TOOL],
+        )
+    assert refused.value.status_code == 400
+    assert "demo does not support tools" in refused.value.error
+    text = client.chat.completions.create(
+        model="demo", messages=ask(), tools=[DIGIT_TOOL], tool_choice="none", temperature=0
+    )
+    assert text.choices[0].message.content == ANSWER
+    assert text.choices[0].finish_reason == "stop"
+
+
+def test_ollama_forced_tool_is_a_tool_call(server: Server) -> None:
+    """On /api/chat a forced function comes back as Ollama's tool_calls (arguments an
+    object), whole and streamed."""
+    body: dict[str, Any] = {
+        "model": "demo",
+        "messages": [{"role": "user", "content": QUESTION, "images": [PICTURE]}],
+        "tools": [DIGIT_TOOL],
+        "tool_choice": NAMED,
+        "options": {"temperature": 0},
+    }
+    whole = _post(server, "/api/chat", {**body, "stream": False}).json()
+    assert whole["message"]["tool_calls"] == [
+        {"function": {"name": "report_digit", "arguments": {"digit": 7}}}
+    ]
+    assert whole["done_reason"] == "stop"
+    lines = [
+        json.loads(line)
+        for line in _post(server, "/api/chat", {**body, "stream": True}).text.splitlines()
+    ]
+    calls = [call for line in lines for call in line["message"].get("tool_calls", [])]
+    assert calls == [{"function": {"name": "report_digit", "arguments": {"digit": 7}}}]
+    assert lines[-1]["done"]
+
+
+def test_a_tool_result_can_be_sent_back(client: openai.OpenAI) -> None:
+    """A conversation that carries an earlier call and its result (role "tool") is read."""
+    first = client.chat.completions.create(
+        model="demo", messages=ask(), tools=[DIGIT_TOOL], tool_choice=NAMED, temperature=0
+    )
+    call: Any = (first.choices[0].message.tool_calls or [])[0]
+    messages: Any = [
+        *ask(),
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "recorded"},
+    ]
+    answer = client.chat.completions.create(model="demo", messages=messages, max_tokens=8)
+    assert answer.choices[0].finish_reason in ("stop", "length")
+
+
+def test_library_forced_tool_on_every_engine(server: Server) -> None:
+    """ask(..., tool=Digit) returns the parsed call in-process, through the openai
+    engine (tools passed to the server) and the Ollama engine (the daemon's format)."""
+    with VisionChat.llama_cpp() as local:
+        reply = local.ask(QUESTION, image=DIGIT, tool=Digit, temperature=0)
+    assert [call.name for call in reply.tool_calls] == ["Digit"]
+    assert reply.tool_calls[0].arguments == Digit(digit=7)
+    assert json.loads(reply.tool_calls[0].arguments_json) == {"digit": 7}
+    with VisionChat.openai(base_url=f"{server.url}/v1", api_key="none", temperature=0) as remote:
+        remote_reply = remote.ask(QUESTION, image=DIGIT, tools=[DIGIT_TOOL])
+    assert remote_reply.tool_calls[0].name == "report_digit"
+    assert remote_reply.tool_calls[0].arguments == {"digit": 7}
+    hub = ollama.Client(host=server.url)
+    try:
+        with VisionChat("ollama", "demo", client=hub, temperature=0) as daemon:
+            daemon_reply = daemon.ask(QUESTION, image=DIGIT, tool=Digit)
+    finally:
+        hub.close()  # type: ignore[no-untyped-call]
+    assert daemon_reply.tool_calls[0].arguments == Digit(digit=7)
+
+
+def test_library_refuses_a_choice_among_tools() -> None:
+    """Several tools with none forced is refused before any turn: the model cannot choose."""
+    other = {**DIGIT_TOOL, "function": {**DIGIT_TOOL["function"], "name": "other"}}
+    with VisionChat.llama_cpp() as chat, pytest.raises(InvalidRequestError, match="name the one"):
+        chat.ask(QUESTION, image=DIGIT, tools=[DIGIT_TOOL, other])
+    assert chat.history == []
