@@ -28,7 +28,7 @@ from llava_local import (
     VisionChat,
 )
 from llava_local import images as images_module
-from llava_local.apps.caption import CaptionSummary, caption, find_pictures, read_captions
+from llava_local.apps.captioning import CaptionSummary, caption, find_pictures, read_captions
 from llava_local.backends import Backend, Finish, Turn
 from llava_local.cli.caption import caption as caption_command
 
@@ -540,15 +540,17 @@ def test_pictures_are_prepared_ahead_while_the_model_works(
 
     monkeypatch.setattr(images_module, "prepare", counting_prepare)
     ahead: list[bool] = []
+    asked_in: list[str] = []
 
     def wait_for_the_next_pictures(turn: int) -> None:
         if turn == 1:
             ahead.append(prepared[2].wait(timeout=30))
-            assert threading.current_thread() is threading.main_thread()
+            asked_in.append(threading.current_thread().name)
 
     with VisionChat(StandIn(wait_for_the_next_pictures)) as chat:
         caption(chat, good_folder, tmp_path / "o.jsonl", prompt="C.", progress=False)
     assert ahead == [True]
+    assert asked_in == ["llava-local-caption-ask-0"]  # the model's thread, not the reader's
     assert no_prefetch_thread()
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 from pydantic import BaseModel
 
 from llava_local import InvalidRequestError, VisionChat
-from llava_local.apps.caption import caption, read_captions, read_prompts
+from llava_local.apps.captioning import caption, read_captions, read_prompts
 from llava_local.apps.datasets import DIGIT_PROMPT, DIGIT_PROMPTS_HELD_OUT, load_set
 from llava_local.cli.caption import caption as caption_command
 

@@ -24,8 +24,14 @@ from click.testing import CliRunner
 from PIL import Image
 
 from llava_local import InvalidRequestError, VisionChat
-from llava_local.apps.caption import CaptionSummary, caption, read_captions
-from llava_local.apps.caption_ray import MAX_WORKER_DEATHS, caption_ray, local_cpus_needed
+from llava_local.apps.captioning import (
+    MAX_WORKER_DEATHS,
+    CaptionSummary,
+    caption,
+    caption_ray,
+    local_cpus_needed,
+    read_captions,
+)
 from llava_local.apps.datasets import DIGIT_PROMPT, load_set
 from llava_local.cli.caption import caption as caption_command
 
@@ -122,6 +128,28 @@ def test_two_workers_write_every_picture_once_with_the_one_machine_answers(
     again = caption_ray(DEMO, folder, out, prompt=DIGIT_PROMPT, workers=2, progress=False)
     assert (again.done, again.failed, again.skipped, again.skipped_errors) == (0, 0, 43, 3)
     assert len(lines(out)) == 43
+
+
+def test_workers_asking_two_at_once_give_the_one_machine_answers(
+    ray_instance: str,
+    digits: tuple[Path, dict[str, str]],
+    one_machine: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    """parallel=2 on Ray: each worker's engine holds two slots and answers its batch two
+    pictures at a time; every picture is written once, with the one-machine answer."""
+    folder, _ = digits
+    out = tmp_path / "ray.jsonl"
+    summary = caption_ray(
+        DEMO, folder, out, prompt=DIGIT_PROMPT, workers=2, parallel=2, batch_size=4,
+        progress=False, **OPTIONS,
+    )  # fmt: skip
+    assert (summary.done, summary.failed) == (40, 3)
+    records = lines(out)
+    assert sorted(pairs(records).values()) == [1] * 43
+    assert {Path(r["path"]).name: r.get("text") or r["error_type"] for r in records} == (
+        one_machine
+    )
 
 
 def test_a_killed_worker_is_restarted_and_no_picture_is_written_twice(

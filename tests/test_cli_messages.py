@@ -205,8 +205,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "llava_local"
 ENGINE_COMMANDS = ("ask", "chat", "caption", "eval", "bench", "ui", "serve")
 #: Where a job's own messages can be printed: the command that runs it.
 JOB_COMMANDS = {
-    "apps/caption.py": ("caption",),
-    "apps/caption_ray.py": ("caption",),
+    "apps/captioning": ("caption",),
     "apps/eval.py": ("eval",),
     "apps/datasets.py": ("eval",),
     "apps/bench.py": ("bench",),

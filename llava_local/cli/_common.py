@@ -40,6 +40,7 @@ _FLAGS = {
     "mmproj": "--mmproj",
     "n_ctx": "--n-ctx",
     "n_threads": "--threads",
+    "parallel": "--parallel",
     "chat_format": "--chat-format",
     "kv_cache_dir": "--kv-cache",
     "kv_cache_mb": "--kv-cache-mb",
