@@ -24,11 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 from . import structured
 from .backends import Backend
-from .chat import ReplyStream, VisionChat
+from .chat import OnOverflow, ReplyStream, VisionChat
 from .control import TurnControl
 from .errors import InvalidRequestError
 from .images import ImageSource
@@ -161,12 +161,12 @@ class AsyncVisionChat:
         self.sync.allow_text_only = value
 
     @property
-    def on_overflow(self) -> Literal["error", "drop_oldest"]:
+    def on_overflow(self) -> OnOverflow:
         """What a turn that would not fit the context does; see :class:`VisionChat`."""
         return self.sync.on_overflow
 
     @on_overflow.setter
-    def on_overflow(self, value: Literal["error", "drop_oldest"]) -> None:
+    def on_overflow(self, value: OnOverflow) -> None:
         self.sync.on_overflow = value
 
     @property

@@ -39,6 +39,9 @@ from .tools import ToolSpec, as_tool, call_id, forced_tool
 from .types import Message, Options, PreparedImage, Reply, Tool, ToolCall
 
 _OPTION_NAMES = frozenset(Options.model_fields)
+#: What a turn that would not fit the context does (see ``VisionChat.on_overflow``).
+OnOverflow = Literal["error", "drop_oldest", "truncate"]
+_OVERFLOWS = ("error", "drop_oldest", "truncate")
 #: How often a turn waiting for another thread's turn looks at its own stop flag.
 _WAIT_POLL_S = 0.05
 
@@ -68,7 +71,7 @@ class VisionChat:
         *,
         system: str | None = None,
         max_image_side: int | None = None,
-        on_overflow: Literal["error", "drop_oldest"] = "error",
+        on_overflow: OnOverflow = "error",
         allow_text_only: bool = False,
         on_status: Callable[[str], None] | None = None,
         close_engine: bool = True,
@@ -95,13 +98,15 @@ class VisionChat:
         if max_image_side is not None and max_image_side < 16:
             raise InvalidRequestError("max_image_side must be at least 16 pixels")
         self.max_image_side = max_image_side or self._backend.max_image_side
-        if on_overflow not in ("error", "drop_oldest"):
-            raise InvalidRequestError("on_overflow must be 'error' or 'drop_oldest'")
+        if on_overflow not in _OVERFLOWS:
+            raise InvalidRequestError("on_overflow must be 'error', 'drop_oldest' or 'truncate'")
         self.system = system
         #: What a turn that would not fit the context does: raise ContextOverflowError,
         #: or leave out the oldest turns (the system prompt and pictures still talked
-        #: about are kept). The history itself is never changed.
-        self.on_overflow = on_overflow
+        #: about are kept), or, as Ollama does ("truncate"), also cut the start of the
+        #: newest message until the prompt leaves room for an answer (``max_tokens``,
+        #: else a quarter of the context). The history itself is never changed.
+        self.on_overflow: OnOverflow = on_overflow
         #: Questions with no picture anywhere in the conversation are answered from the
         #: text alone; unless this is True, each such turn issues a NoPictureWarning,
         #: because vision models then tend to describe a picture they never saw.
@@ -291,6 +296,7 @@ class VisionChat:
         *,
         schema: structured.Schema | None = None,
         control: TurnControl | None = None,
+        on_overflow: OnOverflow | None = None,
         **options: Any,
     ) -> ReplyStream:
         """A reply to the last message of ``messages``, a whole conversation given at once,
@@ -304,8 +310,12 @@ class VisionChat:
         reads only what differs from the turn before, so a client that resends the
         conversation with a new question pays for the question alone. Iterate the
         stream as :meth:`stream`'s; ``control`` is the turn's stop flag when the caller
-        made it first (to cancel a turn whose pictures are still being prepared).
+        made it first (to cancel a turn whose pictures are still being prepared);
+        ``on_overflow`` replaces the chat's own for this turn (``serve``'s Ollama routes
+        answer with ``"truncate"``, as Ollama does).
         """
+        if on_overflow is not None and on_overflow not in _OVERFLOWS:
+            raise InvalidRequestError("on_overflow must be 'error', 'drop_oldest' or 'truncate'")
         if self._closed:
             raise InvalidRequestError("this VisionChat is closed; create a new one")
         self._refuse_reentry("start another turn")
@@ -343,6 +353,7 @@ class VisionChat:
             json_schema,
             control=control or TurnControl(self.on_status),
             earlier=tuple(given[:-1]),
+            on_overflow=on_overflow,
         )
 
     def _request(
@@ -468,25 +479,63 @@ class VisionChat:
         json_schema: dict[str, Any] | None,
         control: TurnControl,
         earlier: Sequence[Message] | None = None,
+        *,
+        on_overflow: OnOverflow | None = None,
     ) -> tuple[Turn, int]:
-        """The turn to send, with the oldest turns left out if it would not fit;
-        ``earlier`` is a conversation given instead of the history (see :meth:`answer`)."""
+        """The turn to send, with the oldest turns left out if it would not fit (and,
+        with ``"truncate"``, the newest message's start cut); ``earlier`` is a
+        conversation given instead of the history (see :meth:`answer`)."""
         own = [Message(role="system", content=self.system)] if self.system else []
         if earlier is None:
             system, history = own, list(self._history)
         else:
             system = [m for m in earlier if m.role == "system"] or own
             history = [m for m in earlier if m.role != "system"]
+        overflow = on_overflow or self.on_overflow
         dropped = 0
+        room = None  # tokens left for the answer once trimming started ("truncate")
         while True:
             turn = Turn([*system, *history, message], options, json_schema, control)
-            if self.on_overflow == "error" or not history:
+            if overflow == "error" or (not history and overflow == "drop_oldest"):
                 return turn, dropped
             need = self._backend.context_needed(turn)
-            if need is None or need[0] <= need[1]:
+            if need is None:
                 return turn, dropped
+            if overflow == "truncate" and room is None and need[0] > need[1]:
+                room = options.max_tokens or max(1, need[1] // 4)
+            needed = need[0] if room is None else need[0] - (options.max_tokens or 1) + room
+            if needed <= need[1]:
+                return turn, dropped
+            if not history:
+                return self._cut(turn, need[1] - room if room else need[1]), dropped
             history, message = _drop_oldest_turn(history, message)
             dropped += 1
+
+    def _cut(self, turn: Turn, budget: int) -> Turn:
+        """``turn`` with the start of its last message's text cut until its prompt is
+        at most ``budget`` tokens (Ollama keeps the end of a prompt too long for the
+        context); unchanged when even no text would fit (the pictures alone)."""
+        *before, last = turn.messages
+
+        def cut(k: int) -> Turn:
+            shorter = last.model_copy(update={"content": last.content[k:]})
+            return dataclasses.replace(turn, messages=[*before, shorter])
+
+        def fits(k: int) -> bool:
+            need = self._backend.context_needed(cut(k))
+            one = turn.options.max_tokens or 1
+            return need is None or need[0] - one <= budget
+
+        low, high = 1, len(last.content)
+        if high == 0 or not fits(high):
+            return turn
+        while low < high:  # the fewest characters to cut
+            middle = (low + high) // 2
+            if fits(middle):
+                high = middle
+            else:
+                low = middle + 1
+        return cut(low)
 
     # -- keeping conversations ------------------------------------------------------
 
@@ -840,7 +889,9 @@ class ReplyStream(Iterator[str]):
         control: TurnControl | None = None,
         earlier: tuple[Message, ...] | None = None,
         tool: Tool | None = None,
+        on_overflow: OnOverflow | None = None,
     ) -> None:
+        self._on_overflow = on_overflow
         self.message = message
         #: The tool the turn must call: the answer is its arguments.
         self.tool = tool
@@ -917,7 +968,12 @@ class ReplyStream(Iterator[str]):
         try:
             self.control.check()  # cancelled before it started
             turn, self._dropped = chat._fit(
-                self.message, self._options, self._json_schema, self.control, self._earlier
+                self.message,
+                self._options,
+                self._json_schema,
+                self.control,
+                self._earlier,
+                on_overflow=self._on_overflow,
             )
             if self.tool is not None:
                 turn = dataclasses.replace(turn, tool=self.tool)

@@ -310,3 +310,74 @@ def test_library_refuses_a_choice_among_tools() -> None:
     with VisionChat.llama_cpp() as chat, pytest.raises(InvalidRequestError, match="name the one"):
         chat.ask(QUESTION, image=DIGIT, tools=[DIGIT_TOOL, other])
     assert chat.history == []
+
+
+# -- Ollama's context behaviour -----------------------------------------------------------
+
+#: Far more than the 1024-token context holds, with the demo's one token a byte.
+PADDING = "Tell me about the picture again, please. " * 40
+
+
+def _long_conversation() -> list[dict[str, Any]]:
+    """A system message, a first question with the picture, and three long turns."""
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": QUESTION, "images": [PICTURE]},
+        {"role": "assistant", "content": ANSWER},
+    ]
+    for _ in range(3):
+        messages += [
+            {"role": "user", "content": PADDING},
+            {"role": "assistant", "content": ANSWER},
+        ]
+    return [*messages, {"role": "user", "content": QUESTION}]
+
+
+def test_ollama_chat_keeps_the_newest_messages_and_picture(server: Server) -> None:
+    """A conversation that outgrows the context is answered on /api/chat, from the
+    system message, the newest messages and the picture, which is kept."""
+    body = {
+        "model": "demo",
+        "messages": _long_conversation(),
+        "stream": False,
+        "options": {"temperature": 0},
+    }
+    answer = _post(server, "/api/chat", body)
+    assert answer.status_code == 200
+    data = answer.json()
+    assert data["message"]["content"] == ANSWER
+    assert data["prompt_eval_count"] < 1024
+
+
+def test_ollama_routes_cut_a_prompt_too_long_alone(server: Server) -> None:
+    """One message longer than the context (Open WebUI's title and follow-up tasks) is
+    answered on both Ollama routes, its start cut, with room left to answer."""
+    task = PADDING * 2 + "Generate a concise title for the chat."
+    chat = _post(
+        server,
+        "/api/chat",
+        {"model": "demo", "messages": [{"role": "user", "content": task}], "stream": False},
+    )
+    assert chat.status_code == 200
+    assert chat.json()["done"]
+    assert chat.json()["prompt_eval_count"] <= 1024 - 1024 // 4
+    generate = _post(server, "/api/generate", {"model": "demo", "prompt": task, "stream": False})
+    assert generate.status_code == 200
+    assert generate.json()["done"]
+
+
+def test_openai_route_still_refuses_what_does_not_fit(client: openai.OpenAI) -> None:
+    """The OpenAI route answers 400 context_length_exceeded, as OpenAI does."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="demo", messages=ask(question=PADDING * 2))
+    assert caught.value.code == "context_length_exceeded"
+
+
+def test_library_truncate_keeps_the_end_of_a_long_question() -> None:
+    """VisionChat(on_overflow="truncate") answers a question longer than the context,
+    from its end (with room left to answer), and leaves the history whole."""
+    with VisionChat.llama_cpp(on_overflow="truncate", temperature=0) as chat:
+        reply = chat.ask(PADDING * 2 + QUESTION, image=DIGIT)
+        assert reply.text
+        assert (reply.stats.prompt_tokens or 0) + (reply.stats.cached_tokens or 0) <= 768
+        assert chat.history[0].content == PADDING * 2 + QUESTION

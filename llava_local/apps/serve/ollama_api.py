@@ -6,7 +6,10 @@ and ``VisionChat.ollama`` work against the server unchanged.
 The shapes and translations are :mod:`llava_local.protocols.ollama`'s, the Ollama
 engine's too: pictures are base64 text (``images`` of a message), ``options`` are
 mapped to the chat's, ``prompt_eval_count`` is the tokens evaluated, as Ollama counts
-them.
+them. A conversation that outgrows the context is trimmed and answered, as Ollama does
+(``on_overflow="truncate"``: the system message, the newest messages and the newest
+picture are kept, and the newest message's start is cut if it alone is too long);
+the OpenAI routes answer 400 ``context_length_exceeded`` instead, as OpenAI does.
 """
 
 from __future__ import annotations
@@ -174,6 +177,7 @@ class OllamaRoutes:
             whole=lambda reply: final(reply, reply.text).wire(),
             streamed=lines if body.stream else None,
             media_type="application/x-ndjson",
+            on_overflow="truncate",  # as Ollama: keep the system and newest messages
         )
 
 
