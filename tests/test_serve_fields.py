@@ -381,3 +381,24 @@ def test_library_truncate_keeps_the_end_of_a_long_question() -> None:
         assert reply.text
         assert (reply.stats.prompt_tokens or 0) + (reply.stats.cached_tokens or 0) <= 768
         assert chat.history[0].content == PADDING * 2 + QUESTION
+
+
+# -- sampling defaults --------------------------------------------------------------------
+
+
+def test_show_says_which_sampling_a_request_without_options_gets(
+    ollama_client: ollama.Client,
+) -> None:
+    """/api/show's parameters list the sampling applied when a request sets none, and its
+    modelfile says where it comes from (the demo recommends none: llama.cpp's)."""
+    show = ollama_client.show("demo")
+    parameters = dict(line.split() for line in (show.parameters or "").splitlines())
+    assert parameters == {
+        "temperature": "0.8",
+        "top_k": "40",
+        "top_p": "0.95",
+        "min_p": "0.05",
+        "repeat_penalty": "1",
+    }
+    assert "# sampling: llama.cpp's defaults" in (show.modelfile or "")
+    assert "PARAMETER temperature 0.8" in (show.modelfile or "")

@@ -77,8 +77,16 @@ class OllamaRoutes:
         info: dict[str, Any] = {"general.architecture": facts.family}
         if facts.context_length:
             info[f"{facts.family}.context_length"] = facts.context_length
+        modelfile = f"# served by llava-local {__version__}\nFROM {self.engine.name}\n"
+        parameters = ""
+        if facts.sampling is not None:  # what a request without sampling options gets
+            parameters = facts.sampling.parameters()
+            modelfile += f"# sampling: {facts.sampling.described}\n" + "".join(
+                f"PARAMETER {name} {value:g}\n" for name, value in facts.sampling.values().items()
+            )
         show = wire.Show(
-            modelfile=f"# served by llava-local {__version__}\nFROM {self.engine.name}\n",
+            modelfile=modelfile,
+            parameters=parameters,
             details=facts.details(),
             model_info=info,
             capabilities=["completion", "vision"],

@@ -22,7 +22,7 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from ... import host, memory
+from ... import catalog, host, memory
 from ...chat_formats import ChatFormat, choose_format
 from ...control import TurnControl
 from ...demo import DEMO_NAME, is_demo
@@ -32,6 +32,7 @@ from ...errors import (
     ModelNotFoundError,
     TurnCancelledError,
 )
+from ...sampling import recommended
 from ...types import Message, Options
 from ...wording import count, plural
 from .. import gguf_meta, kv_cache
@@ -153,6 +154,11 @@ class LlamaCppBackend(Backend):
         self._load_s = time.perf_counter() - start
         self._n_gpu_layers = n_gpu_layers
         loaded = self._loaded
+        entry = catalog.match(catalog_name) if catalog_name else None
+        #: What a turn samples with where its options say nothing: the GGUF's
+        #: recommendation, else the catalogue's, else llama.cpp's defaults.
+        self.sampling = recommended(loaded.metadata, entry[0].sampling if entry else None)
+        loaded.sampling = self.sampling
         self._marker = loaded.marker
         self.chat_format: ChatFormat = choose_format(
             chat_format,

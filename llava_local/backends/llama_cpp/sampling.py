@@ -6,20 +6,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ...sampling import LLAMA_CPP, Sampling
 from ...types import Options
 
 #: Tokens the repeat penalty looks back over (llama-cpp-python's default).
 PENALTY_LAST_N = 64
 
 
-def sampling_values(opts: Options) -> dict[str, Any]:
-    """llama.cpp's own defaults where an option is unset."""
+def sampling_values(opts: Options, defaults: Sampling = LLAMA_CPP) -> dict[str, Any]:
+    """The options, with the model's recommended sampling (``defaults``: the GGUF's,
+    the catalogue's, else llama.cpp's own) where one is unset."""
+    filled = defaults.fill(opts)
     return {
-        "temp": 0.8 if opts.temperature is None else opts.temperature,
-        "top_k": 40 if opts.top_k is None else opts.top_k,
-        "top_p": 0.95 if opts.top_p is None else opts.top_p,
-        "min_p": 0.05,
-        "repeat_penalty": 1.0 if opts.repeat_penalty is None else opts.repeat_penalty,
+        "temp": filled.temperature,
+        "top_k": filled.top_k,
+        "top_p": filled.top_p,
+        "min_p": defaults.min_p,
+        "repeat_penalty": filled.repeat_penalty,
     }
 
 
@@ -37,9 +40,10 @@ class Sampler:
         *,
         grammar: str | None,
         seed: int,
+        defaults: Sampling = LLAMA_CPP,
     ) -> None:
         self.lib = lib
-        values = sampling_values(opts)
+        values = sampling_values(opts, defaults)
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         self.chain = chain
 

@@ -564,6 +564,7 @@ class Scheduler:
             job.options,
             grammar=job.grammar,
             seed=job.seed,
+            defaults=self.model.sampling,
         )
         self._next(job, row)
         if read_a_picture:
