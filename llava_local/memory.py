@@ -39,6 +39,7 @@ peak over a long conversation, so one short turn measures somewhat below it.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, computed_field
 
 from . import host
-from .errors import InsufficientMemoryError, ModelLoadError
+from .errors import InsufficientMemoryError, LlavaLocalError, ModelLoadError
 from .gguf_header import GgmlType, GgufTensor, align, read_gguf
 
 MiB = 1 << 20
@@ -58,6 +59,11 @@ GiB = 1 << 30
 OVERHEAD_FIXED = 16 * MiB
 OVERHEAD_PER_TOKEN = 512
 OVERHEAD_PER_THREAD = 1 * MiB
+
+#: Text tokens beside one picture when n_ctx is not given: the longest that fits the
+#: memory available, so a small machine (a 4 GB Raspberry Pi) loads a model with shorter
+#: conversations rather than refusing it.
+TEXT_BUDGETS = (2048, 1024, 512)
 
 # check(): what must be left free beyond the estimate, for Python, the pictures
 # being prepared and estimation error.
@@ -356,7 +362,12 @@ def projector_compute_bytes(meta: dict[str, Any]) -> int:
 
 def margin(est: MemoryEstimate) -> int:
     """Room :func:`check` keeps free beyond the estimate."""
-    return max(MARGIN_MIN, int(est.needed_bytes * MARGIN_FRACTION))
+    return margin_bytes(est.needed_bytes)
+
+
+def margin_bytes(needed: int) -> int:
+    """Room kept free beyond ``needed`` bytes: a tenth, at least :data:`MARGIN_MIN`."""
+    return max(MARGIN_MIN, int(needed * MARGIN_FRACTION))
 
 
 def check(est: MemoryEstimate, *, force: bool = False, available: int | None = None) -> None:
@@ -382,3 +393,55 @@ def check(est: MemoryEstimate, *, force: bool = False, available: int | None = N
         needed=needed,
         available=free,
     )
+
+
+# ------------------------------------------------------------------ default context
+
+
+class ShorterContextWarning(LlavaLocalError, UserWarning):
+    """The model was loaded with a shorter context than the default, to fit the memory
+    available: a conversation longer than it gets ``ContextOverflowError``."""
+
+
+def default_context(
+    model: Path,
+    mmproj: Path,
+    *,
+    image_tokens: int,
+    trained: int,
+    n_batch: int = 512,
+    n_threads: int | None = None,
+    use_mmap: bool = True,
+    slots: int = 1,
+    available: int | None = None,
+) -> int:
+    """The n_ctx for one picture and the longest of :data:`TEXT_BUDGETS` whose estimate
+    (for ``slots`` conversations at once) fits ``available`` bytes (default: what the
+    machine has) with :func:`check`'s margin, never beyond the ``trained`` context. A
+    shorter one than the first is announced with a :class:`ShorterContextWarning`; when
+    none fits, the first (and :func:`check` then refuses with its numbers)."""
+    free = host.available_bytes() if available is None else available
+    sizes = [min(trained, image_tokens + text) for text in TEXT_BUDGETS]
+    for n_ctx in sizes:
+        est = estimate(
+            model,
+            mmproj,
+            n_ctx=n_ctx * slots,
+            n_batch=n_batch,
+            n_threads=n_threads,
+            use_mmap=use_mmap,
+        )
+        if est.needed_bytes + margin(est) > free:
+            continue
+        if n_ctx < sizes[0]:
+            warnings.warn(
+                ShorterContextWarning(
+                    f"{Path(model).name} is loaded with a context of {n_ctx} tokens, not "
+                    f"{sizes[0]}: with {sizes[0]} it would not fit the {human(free)} of "
+                    f"memory available. A conversation longer than {n_ctx} tokens is "
+                    "refused; pass n_ctx= to choose, or free memory"
+                ),
+                stacklevel=3,
+            )
+        return n_ctx
+    return sizes[0]

@@ -77,6 +77,9 @@ def test_an_illegal_instruction_is_a_build_for_another_cpu() -> None:
     check = llama_cpp_build(script="import os, signal; os.kill(os.getpid(), signal.SIGILL)")
     assert check.status == "fail"
     assert "illegal instruction" in check.detail
+    assert check.fix is not None
+    assert check.fix.startswith("rebuild it on this machine")
+    assert "install-llama-cpp.sh" in check.fix
 
 
 def test_a_failing_probe_shows_its_error() -> None:
@@ -135,6 +138,15 @@ def test_safe_cmake_args_follow_the_cpu_and_leave_out_amx() -> None:
     assert "-DGGML_AVX2=ON" in args
     assert "AVX512" not in args
     assert "AMX" not in args
+
+
+def test_safe_cmake_args_on_a_pi_name_its_architecture() -> None:
+    """On aarch64 the suggestion is the install script's: a Pi 4's Features give armv8-a
+    (no dotprod), a Pi 5's armv8.2-a with dotprod and fp16."""
+    pi4 = {"fp", "asimd", "evtstrm", "crc32", "cpuid"}
+    pi5 = pi4 | {"aes", "pmull", "sha1", "sha2", "atomics", "fphp", "asimdhp", "asimddp"}
+    assert safe_cmake_args(pi4, "aarch64") == "-DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=armv8-a"
+    assert safe_cmake_args(pi5, "aarch64").endswith("=armv8.2-a+dotprod+fp16")
 
 
 # --- Ollama --------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import pytest
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 INSTALL = SCRIPTS / "install-llama-cpp.sh"
+BOARDS = SCRIPTS / "arm64"
 FILTER = SCRIPTS / "build_progress.py"
 SRC = "/tmp/pip-install-x1/llama-cpp-python_71ad/vendor/llama.cpp"
 
@@ -149,7 +151,7 @@ def fake_python(tmp_path: Path) -> Path:
     script.write_text(
         "#!/usr/bin/env bash\n"
         'if [ "$1" = -m ] && [ "$2" = pip ]; then\n'
-        '  echo "$*" >> "$CALLS"\n'
+        '  echo "$* PLATFORM=${_PYTHON_HOST_PLATFORM:-}" >> "$CALLS"\n'
         '  if [ "$3" = wheel ]; then\n'
         '    if [ -n "${FAIL:-}" ]; then\n'
         '      echo "  [3/40] gcc x.c"; echo "error: cc1 died"; exit 1\n'
@@ -218,3 +220,108 @@ def test_a_failed_build_shows_the_end_of_its_log(fake_python: Path, tmp_path: Pa
     assert "error: cc1 died" in result.stderr
     assert "build.log" in result.stderr
     assert not list((tmp_path / "wheels").glob("*/*.whl"))
+
+
+# --- ARM boards: the flags per board, and the cross-compiled wheel of make arm64-check ---
+
+
+def stand_in(folder: Path, name: str, body: str) -> None:
+    """An executable ``name`` in ``folder`` running ``body``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+@pytest.fixture
+def arm_machine(tmp_path: Path) -> Path:
+    """A folder for PATH whose ``uname -m`` says aarch64."""
+    folder = tmp_path / "arm-bin"
+    stand_in(folder, "uname", '[ "$1" = -m ] && { echo aarch64; exit 0; }; exec /bin/uname "$@"\n')
+    return folder
+
+
+def arm_args(result: subprocess.CompletedProcess[str]) -> str:
+    """The CMAKE_ARGS the script announced."""
+    found = re.search(r"CMAKE_ARGS='([^']*)'", result.stderr)
+    assert found is not None, result.stderr
+    return found[1]
+
+
+@pytest.mark.parametrize(("board", "arch"), [("pi4", "armv8-a"), ("pi5", "armv8.2-a+dotprod+fp16")])
+def test_each_pi_gets_its_own_flags_and_cache(
+    fake_python: Path, arm_machine: Path, tmp_path: Path, board: str, arch: str
+) -> None:
+    """On aarch64 the Features of /proc/cpuinfo pick -march: a Pi 4 (no asimddp) gets
+    armv8-a, never dotprod; a Pi 5 armv8.2-a with dotprod and fp16; the board's name is
+    printed, and each flag set has its own cached wheel."""
+    result = run_install(
+        fake_python,
+        tmp_path,
+        CMAKE_ARGS="",
+        LLAVA_LOCAL_BOARD_ROOT=str(BOARDS / board),
+        PATH=f"{arm_machine}:{os.environ['PATH']}",
+    )
+    assert result.returncode == 0, result.stderr
+    assert arm_args(result) == f"-DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH={arch}"
+    assert f"Raspberry Pi {board[-1]} Model B" in result.stderr
+    other = "pi5" if board == "pi4" else "pi4"
+    again = run_install(
+        fake_python,
+        tmp_path,
+        CMAKE_ARGS="",
+        LLAVA_LOCAL_BOARD_ROOT=str(BOARDS / other),
+        PATH=f"{arm_machine}:{os.environ['PATH']}",
+    )
+    assert again.returncode == 0, again.stderr
+    assert "minutes" in again.stderr  # another flag set: built, not taken from the cache
+    assert len(list((tmp_path / "wheels").glob("*/*.whl"))) == 2
+
+
+def test_without_features_the_device_tree_model_decides(
+    fake_python: Path, arm_machine: Path, tmp_path: Path
+) -> None:
+    """A kernel that lists no Features: a Pi 5 by its model still gets dotprod, an unknown
+    board the safe armv8-a."""
+    root = tmp_path / "board"
+    shutil.copytree(BOARDS / "pi5", root, symlinks=True)
+    (root / "proc/cpuinfo").write_text("processor\t: 0\nBogoMIPS\t: 108.00\n")
+    path = f"{arm_machine}:{os.environ['PATH']}"
+    env = {"CMAKE_ARGS": "", "LLAVA_LOCAL_BOARD_ROOT": str(root), "PATH": path}
+    pi5 = run_install(fake_python, tmp_path, **env)
+    assert arm_args(pi5).endswith("=armv8.2-a+dotprod+fp16"), pi5.stderr
+    (root / "sys/firmware/devicetree/base/model").write_bytes(b"Some ARM board\0")
+    other = run_install(fake_python, tmp_path, **env)
+    assert arm_args(other).endswith("=armv8-a"), other.stderr
+
+
+def test_the_cross_build_for_arm64_check(fake_python: Path, tmp_path: Path) -> None:
+    """LLAVA_LOCAL_TARGET=aarch64 on x86-64: the board's flags, a toolchain file for
+    aarch64-linux-gnu in the cache folder (named in CMAKE_ARGS), the wheel tagged for
+    linux-aarch64 by pip wheel without build isolation, its path on stdout, and nothing
+    installed."""
+    if os.uname().machine != "x86_64":
+        pytest.skip("cross-compiling is from x86-64")
+    tools = tmp_path / "cross-bin"
+    stand_in(tools, "aarch64-linux-gnu-gcc", "echo 12.2.0\n")
+    stand_in(tools, "aarch64-linux-gnu-g++", "echo 12.2.0\n")
+    result = run_install(
+        fake_python,
+        tmp_path,
+        CMAKE_ARGS="",
+        LLAVA_LOCAL_TARGET="aarch64",
+        LLAVA_LOCAL_BOARD_ROOT=str(BOARDS / "pi4"),
+        PATH=f"{tools}:{os.environ['PATH']}",
+    )
+    assert result.returncode == 0, result.stderr
+    (wheel,) = (tmp_path / "wheels").glob("*/*.whl")
+    assert result.stdout.strip() == str(wheel)
+    toolchain = wheel.parent / "aarch64-linux-gnu.cmake"
+    assert "CMAKE_SYSTEM_PROCESSOR aarch64" in toolchain.read_text()
+    args = arm_args(result)
+    assert args.startswith("-DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=armv8-a ")
+    assert f"-DCMAKE_TOOLCHAIN_FILE={toolchain}" in args
+    (call,) = (tmp_path / "calls").read_text().splitlines()
+    assert call.split()[2] == "wheel"
+    assert "--no-build-isolation" in call.split()
+    assert call.endswith("PLATFORM=linux-aarch64")

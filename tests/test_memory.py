@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -343,6 +344,56 @@ def test_longer_context_costs_its_kv_cache(tiny_pair: GgufPair) -> None:
     large = memory.estimate(tiny_pair.lm, tiny_pair.mmproj, n_ctx=2048)
     assert large.kv_bytes == 2 * small.kv_bytes
     assert large.total_bytes > small.total_bytes
+
+
+# --------------------------------------------------------------- default context
+
+CONTEXTS = (2048, 1040, 528)  # the tiny pair: trained 2048; 16 picture tokens + 1024, + 512
+
+
+def room(pair: GgufPair, n_ctx: int) -> int:
+    """What must be available for ``pair`` at ``n_ctx``: the estimate and check()'s margin."""
+    est = memory.estimate(pair.lm, pair.mmproj, n_ctx=n_ctx)
+    return est.needed_bytes + memory.margin(est)
+
+
+def test_default_context_is_the_longest_that_fits(tiny_pair: GgufPair) -> None:
+    """With room for it, one picture and 2048 text tokens (capped at the trained 2048); with
+    room only for less, 1024 or 512 text tokens and a warning saying so; with room for
+    none, the first, which check() then refuses with its numbers."""
+
+    def pick(available: int) -> int:
+        return memory.default_context(
+            tiny_pair.lm, tiny_pair.mmproj, image_tokens=16, trained=2048, available=available
+        )
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert pick(room(tiny_pair, 2048)) == 2048
+        assert pick(room(tiny_pair, 528) - 1) == 2048
+    with pytest.warns(memory.ShorterContextWarning, match="1040 tokens, not 2048"):
+        assert pick(room(tiny_pair, 2048) - 1) == 1040
+    with pytest.warns(memory.ShorterContextWarning, match="pass n_ctx="):
+        assert pick(room(tiny_pair, 528)) == 528
+
+
+def test_the_engine_loads_a_shorter_context_when_memory_is_short(
+    tiny_pair: GgufPair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An engine left to its default context on a machine with room for 512 text tokens
+    only loads with that, and says so; given n_ctx= it keeps it (and is refused)."""
+    from llava_local.backends.llama_cpp import LlamaCppBackend
+
+    monkeypatch.setattr(host, "available_bytes", lambda: room(tiny_pair, 528))
+    with pytest.warns(memory.ShorterContextWarning):
+        engine = LlamaCppBackend(tiny_pair.lm, tiny_pair.mmproj, kv_cache_mb=0)
+    try:
+        assert engine.memory_estimate.n_ctx == 528
+        assert engine.n_ctx < 1040
+    finally:
+        engine.close()
+    with pytest.raises(InsufficientMemoryError):
+        LlamaCppBackend(tiny_pair.lm, tiny_pair.mmproj, n_ctx=2048)
 
 
 # ------------------------------------------------------------------------- check

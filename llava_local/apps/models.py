@@ -28,10 +28,11 @@ import httpx
 import ollama
 from pydantic import BaseModel
 
-from .. import catalog, host
+from .. import catalog, devices, host
 from ..backends import registry
 from ..catalog import CatalogEntry, estimate_memory
 from ..demo import DEMO_NAME, demo_paths
+from ..devices import Budget, Device
 from ..errors import (
     BackendError,
     BackendUnavailableError,
@@ -53,6 +54,7 @@ __all__ = [
     "available_memory",
     "cached_pairs",
     "demo_model",
+    "device_budgets",
     "download_gguf",
     "env_pair",
     "hf_cache_dir",
@@ -64,6 +66,7 @@ __all__ = [
     "pull",
     "pull_engines",
     "pulled_pair",
+    "this_board",
 ]
 
 Source = Literal["ollama", "hf-cache", "env", "demo"]
@@ -102,13 +105,16 @@ class AvailableModel(BaseModel):
 
 
 class ModelsReport(BaseModel):
-    """Everything ``llava-local models`` shows."""
+    """Everything ``llava-local models`` shows; with a device, each model's budget on it
+    (memory against the board's, and speeds that are estimates)."""
 
     ollama: OllamaStatus
     hf_cache: Path | None
     available_memory_bytes: int | None
     installed: list[InstalledModel]
     available: list[AvailableModel]
+    device: Device | None = None
+    budgets: list[Budget] = []
 
 
 class PullResult(BaseModel):
@@ -316,8 +322,11 @@ def list_models(
     host: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     timeout: float = 1.0,
+    device: str | None = None,
 ) -> ModelsReport:
-    """Installed models (all sources), the catalogue, and what fits in memory now."""
+    """Installed models (all sources), the catalogue, and what fits in memory now; with
+    ``device`` (``pi4``, ``pi5``), every catalogue model's budget on that board."""
+    board = devices.find_device(device) if device else None
     status, installed = ollama_models(host, timeout=timeout)
     try:
         cache: Path | None = hf_cache_dir(cache_dir)
@@ -345,7 +354,40 @@ def list_models(
         available_memory_bytes=available,
         installed=installed,
         available=listing,
+        device=board,
+        budgets=device_budgets(board) if board else [],
     )
+
+
+def this_board() -> str | None:
+    """``pi4`` or ``pi5`` when running on such a Raspberry Pi."""
+    found = host.board()
+    return found.device if found else None
+
+
+def device_budgets(device: Device) -> list[Budget]:
+    """Every catalogue model on ``device``; the bundled demo from its files."""
+    found = []
+    for entry in catalog.CATALOG:
+        if entry.name == DEMO_NAME:
+            try:
+                lm, mm = demo_paths()
+            except ModelNotFoundError:
+                continue
+            params, flops = devices.file_facts(lm, mm, entry.image_tokens)
+            one = devices.budget(
+                entry,
+                device,
+                lm_bytes=lm.stat().st_size,
+                mmproj_bytes=mm.stat().st_size,
+                lm_params=params,
+                vision_flops=flops,
+            )
+        else:
+            one = devices.budget(entry, device)
+        if one is not None:
+            found.append(one)
+    return found
 
 
 def _entry_memory(entry: CatalogEntry, installed: list[InstalledModel]) -> int | None:

@@ -11,7 +11,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from ..apps.models import ModelsReport, PullResult, list_models, pull
+from ..apps.models import ModelsReport, PullResult, list_models, pull, this_board
+from ..devices import DEVICES, OS_RESERVE, Budget
 from ._common import EngineName, json_option, run_safely
 
 
@@ -31,11 +32,17 @@ def _yes(value: bool | None) -> str:
     "--timeout", type=float, default=1.0, show_default=True, help="Seconds to wait for Ollama."
 )
 @json_option("Print the whole report as JSON.")
-def models(*, host: str | None, timeout: float, as_json: bool) -> None:
+@click.option(
+    "--device",
+    type=click.Choice(sorted(DEVICES)),
+    help="Each model's memory on a Raspberry Pi 4 or 5 (4 and 8 GB) and its speed there, "
+    "estimated from published figures (default: this board, on a Pi).",
+)
+def models(*, host: str | None, timeout: float, as_json: bool, device: str | None) -> None:
     """List installed models, the catalogue, and what fits in memory."""
 
     def body() -> None:
-        report = list_models(host=host, timeout=timeout)
+        report = list_models(host=host, timeout=timeout, device=device or this_board())
         if as_json:
             click.echo(report.model_dump_json(indent=2))
         else:
@@ -82,6 +89,8 @@ def _print_report(report: ModelsReport, console: Console) -> None:
     compact = console.width < _WIDE
     _print_installed(report, console, compact)
     _print_catalogue(report, console, compact, evidence=console.width >= _WIDEST)
+    if report.device is not None:
+        _print_device(report, console, compact)
 
 
 def _print_installed(report: ModelsReport, console: Console, compact: bool) -> None:
@@ -141,6 +150,65 @@ def _print_catalogue(
             *([escape(entry.evidence)] if evidence else []),
         )
     console.print(available)
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "?"
+    if value >= 90:
+        return f"{value / 60:.0f} min"
+    if value < 1:
+        return "<1 s"
+    return f"{value:.0f} s" if value >= 10 else f"{value:.1f} s"
+
+
+def _fits(budget: Budget, gib: int) -> str:
+    """yes, no, or the shorter context the engine would load it with there."""
+    context = budget.context[gib]
+    if budget.fits[gib] or context is None:
+        return _yes(budget.fits[gib])
+    return f"[yellow]n_ctx {context}[/]"
+
+
+def _budget_row(budget: Budget) -> list[str]:
+    fits = [_fits(budget, gib) for gib in sorted(budget.fits)]
+    speed = "?" if budget.tokens_per_s is None else f"{budget.tokens_per_s:.1f}"
+    if budget.tokens_per_s is not None and budget.tokens_per_s > 100:
+        speed = ">100"  # a model this small is bound by per-token overheads, not weights
+    return [
+        budget.model,
+        _size(budget.needed_bytes),
+        *fits,
+        _seconds(budget.first_answer_s),
+        speed,
+    ]
+
+
+def _print_device(report: ModelsReport, console: Console, compact: bool) -> None:
+    device = report.device
+    assert device is not None
+    table = _table(f"{device.title}: memory, and ESTIMATED speeds", compact)
+    table.add_column("model", no_wrap=True)
+    table.add_column("needs", no_wrap=True)
+    for gib in device.ram_gib:
+        table.add_column(f"{gib} GB", no_wrap=True)
+    table.add_column("first answer", no_wrap=True)
+    table.add_column("tokens/s", no_wrap=True)
+    for budget in report.budgets:
+        table.add_row(*_budget_row(budget))
+    console.print(table)
+    console.print(
+        Text(
+            "needs: both files, the KV cache of one picture and 2048 text tokens, work "
+            "buffers and the 256 MiB picture cache; a model fits when that and a safety "
+            f"margin fit in the RAM less {OS_RESERVE / 2**30:.1f} GiB for the system; "
+            "n_ctx N: it loads with that shorter context. "
+            "first answer: encoding the picture and reading the prompt, after loading. "
+            f"These speeds are estimates from published figures ({device.figures}); "
+            "see llava_local/devices.py.",
+            overflow="fold",
+        )
+    )
 
 
 @click.command(name="pull")

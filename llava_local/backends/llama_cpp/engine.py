@@ -48,8 +48,9 @@ from .scheduler import Scheduler
 #: The driver's last message for a turn.
 _LAST = frozenset({"finish", "error", "cancelled", "logits"})
 
-# Text budget added to the pictures' tokens when n_ctx is not given.
-TEXT_BUDGET = 2048
+# Text budget added to the pictures' tokens when n_ctx is not given (shorter when that
+# is what fits the memory: memory.default_context).
+TEXT_BUDGET = memory.TEXT_BUDGETS[0]
 
 
 class LlamaCppBackend(Backend):
@@ -117,6 +118,17 @@ class LlamaCppBackend(Backend):
         if n_ctx is None:
             trained = int(lm_meta.get("context_length") or 4096)
             n_ctx = min(trained, (self._image_tokens or 576) + TEXT_BUDGET)
+            if n_gpu_layers == 0 and not force:  # shorter, if that is what fits
+                n_ctx = memory.default_context(
+                    self.model_path,
+                    self.mmproj_path,
+                    image_tokens=self._image_tokens or 576,
+                    trained=trained,
+                    n_batch=n_batch,
+                    n_threads=self.n_threads,
+                    use_mmap=use_mmap,
+                    slots=1 if parallel == "auto" else parallel,
+                )
 
         def estimate(slots: int) -> memory.MemoryEstimate:
             return memory.estimate(
