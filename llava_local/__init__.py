@@ -39,7 +39,16 @@ from .errors import (
 )
 from .images import ImageSource
 from .persist import ColdResumeWarning
-from .types import Message, Options, PreparedImage, Reply, Stats, Tool, ToolCall
+from .types import (
+    Message,
+    Options,
+    PreparedImage,
+    Reply,
+    Stats,
+    TokenLogprob,
+    Tool,
+    ToolCall,
+)
 
 try:
     __version__ = version("llava-local")
@@ -76,6 +85,7 @@ __all__ = [
     "ResponseError",
     "SchemaError",
     "Stats",
+    "TokenLogprob",
     "Tool",
     "ToolCall",
     "Turn",

@@ -1004,6 +1004,7 @@ class ReplyStream(Iterator[str]):
             stats=stats,
             parsed=parsed,
             tool_calls=calls,
+            logprobs=self._finish.logprobs,
         )
         if self._earlier is None:
             chat._keep_turn(self.message, reply)

@@ -31,6 +31,9 @@ class Options(BaseModel):
     seed: int | None = None
     stop: tuple[str, ...] | None = None
     repeat_penalty: float | None = Field(default=None, gt=0.0)
+    #: Report each answer token's log-probability with this many most likely
+    #: alternatives (0: the chosen token's alone) in ``reply.logprobs``; None: none.
+    logprobs: int | None = Field(default=None, ge=0, le=20)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -131,6 +134,18 @@ class ToolCall(BaseModel):
     arguments_json: str = ""
 
 
+class TokenLogprob(BaseModel):
+    """One answer token and its log-probability under the model's raw distribution at
+    that step (the log-softmax of its logits, before temperature, top-k/p or a
+    grammar), with the most likely alternatives there (``top_logprobs``, most likely
+    first). ``bytes`` are the token's own bytes: a character may span two tokens."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...] = ()
+    top_logprobs: tuple[TokenLogprob, ...] = ()
+
+
 class Reply(BaseModel):
     """A finished answer. ``str(reply)`` is its text."""
 
@@ -144,6 +159,9 @@ class Reply(BaseModel):
     parsed: Any = None
     #: With a forced tool: the call the model wrote (its ``arguments`` are ``parsed``).
     tool_calls: tuple[ToolCall, ...] = ()
+    #: With ``logprobs=N``: each answer token's log-probability (see
+    #: :class:`TokenLogprob`); None when not asked for or the engine cannot say.
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
     def __str__(self) -> str:
         return self.text

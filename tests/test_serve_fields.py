@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -402,3 +403,84 @@ def test_show_says_which_sampling_a_request_without_options_gets(
     }
     assert "# sampling: llama.cpp's defaults" in (show.modelfile or "")
     assert "PARAMETER temperature 0.8" in (show.modelfile or "")
+
+
+# -- log-probabilities ----------------------------------------------------------------------
+
+
+def test_library_logprobs_come_from_the_engines_logits() -> None:
+    """ask(..., logprobs=3) gives every answer token's log-probability with its three
+    likeliest alternatives; greedy answers pick the likeliest, and the demo is sure
+    of the digit."""
+    with VisionChat.llama_cpp(temperature=0) as chat:
+        reply = chat.ask(QUESTION, image=DIGIT, logprobs=3)
+        assert chat.ask(QUESTION).logprobs is None  # not asked for: none
+    tokens = reply.logprobs
+    assert tokens is not None
+    assert len(tokens) == reply.stats.completion_tokens
+    assert "".join(t.token for t in tokens).strip() == ANSWER
+    for t in tokens:
+        assert t.logprob <= 0.0
+        assert len(t.top_logprobs) == 3
+        assert t.top_logprobs[0].token == t.token
+        assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= t.top_logprobs[2].logprob
+    seven = next(t for t in tokens if t.token == "7")
+    assert seven.logprob > math.log(0.5)
+
+
+def test_openai_route_logprobs_whole_and_streamed(client: openai.OpenAI) -> None:
+    """logprobs/top_logprobs on /v1: one entry per token, whole and (with the last
+    chunk) streamed."""
+    whole = client.chat.completions.create(
+        model="demo", messages=ask(), temperature=0, logprobs=True, top_logprobs=2
+    )
+    content = (whole.choices[0].logprobs.content or []) if whole.choices[0].logprobs else []
+    assert "".join(t.token for t in content).strip() == ANSWER
+    assert whole.usage is not None
+    assert len(content) == whole.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 2 for t in content)
+    stream = client.chat.completions.create(
+        model="demo", messages=ask(), temperature=0, logprobs=True, top_logprobs=2, stream=True
+    )
+    streamed = [
+        t for chunk in stream for c in chunk.choices if c.logprobs for t in c.logprobs.content or []
+    ]
+    assert [t.token for t in streamed] == [t.token for t in content]
+    plain = client.chat.completions.create(model="demo", messages=ask(), temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_ollama_routes_logprobs(ollama_client: ollama.Client) -> None:
+    """Ollama's logprobs/top_logprobs on /api/chat and /api/generate."""
+    chat = ollama_client.chat(
+        model="demo",
+        messages=[{"role": "user", "content": QUESTION, "images": [PICTURE]}],
+        options={"temperature": 0},
+        logprobs=True,
+        top_logprobs=2,
+    )
+    assert chat.logprobs is not None
+    assert "".join(t.token for t in chat.logprobs).strip() == ANSWER
+    assert all(len(t.top_logprobs or []) == 2 for t in chat.logprobs)
+    chunks = list(
+        ollama_client.generate(
+            model="demo",
+            prompt=QUESTION,
+            images=[PICTURE],
+            options={"temperature": 0},
+            logprobs=True,
+            stream=True,
+        )
+    )
+    tokens = [t for c in chunks for t in c.logprobs or []]
+    assert "".join(t.token for t in tokens).strip() == ANSWER
+    assert chunks[-1].logprobs
+
+
+def test_openai_engine_passes_logprobs_through(server: Server) -> None:
+    """The openai engine asks its server for logprobs and returns what it sends."""
+    with VisionChat.openai(base_url=f"{server.url}/v1", api_key="none", temperature=0) as chat:
+        reply = chat.ask(QUESTION, image=DIGIT, logprobs=2)
+    assert reply.logprobs is not None
+    assert "".join(t.token for t in reply.logprobs).strip() == ANSWER
+    assert all(len(t.top_logprobs) == 2 for t in reply.logprobs)

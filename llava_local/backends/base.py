@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..control import TurnControl
-from ..types import DoneReason, Message, Options, Stats, Tool
+from ..types import DoneReason, Message, Options, Stats, TokenLogprob, Tool
 
 if TYPE_CHECKING:
     from .registry import EngineConfig
@@ -39,10 +39,14 @@ class Turn:
 
 @dataclass(frozen=True)
 class Finish:
-    """The last item of :meth:`Backend.generate`: why it stopped and what it cost."""
+    """The last item of :meth:`Backend.generate`: why it stopped and what it cost, and,
+    when the turn's ``options.logprobs`` asked and the engine can tell, every answer
+    token's log-probability (they come with the finish, not with each text piece: a
+    piece may hold part of a token, or several, once stop strings are held back)."""
 
     done_reason: DoneReason
     stats: Stats
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 class Backend(ABC):

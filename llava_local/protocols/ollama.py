@@ -13,16 +13,20 @@ are in the project notes (``ollama-api.md``).
   ``Stats.prompt_tokens`` counts; Ollama has no field for the reused ones); durations
   are nanoseconds.
 - Names: ``llava`` is ``llava:latest``, in any case.
+- Log-probabilities: ``logprobs: true`` with ``top_logprobs: N`` is our
+  ``logprobs=N`` option; the answer's ``logprobs`` list one entry per token (a
+  streamed answer sends them all with its last line).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, Literal
 
 from pydantic import Field
 
+from .. import types as our_types
 from ..tools import forced_tool
 from ..types import DoneReason, Options, Stats, Tool
 from .shapes import Count, Shape, ToolDef
@@ -36,6 +40,7 @@ __all__ = [
     "ErrorBody",
     "GenerateRequest",
     "GenerateResponse",
+    "Logprob",
     "Message",
     "Metrics",
     "ModelDetails",
@@ -50,6 +55,7 @@ __all__ = [
     "done_reason",
     "full_name",
     "is_vision",
+    "logprobs_option",
     "options_from_wire",
     "options_to_wire",
     "same_model",
@@ -173,6 +179,8 @@ class ChatRequest(Shape):
     keep_alive: str | float | None = None
     tools: list[ToolDef] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     def forced_tool(self, served: str) -> Tool | None:
         """The tool the answer must call (see :func:`llava_local.tools.forced_tool`)."""
@@ -217,6 +225,38 @@ class Metrics(Shape):
         )
 
 
+class TokenLogprob(Shape):
+    token: str = ""
+    logprob: float = 0.0
+    bytes: list[int] | None = None
+
+
+class Logprob(TokenLogprob):
+    """An answer token's log-probability, with the likeliest alternatives there."""
+
+    top_logprobs: list[TokenLogprob] | None = None
+
+    @classmethod
+    def of(cls, tokens: Sequence[our_types.TokenLogprob]) -> list[Logprob]:
+        return [
+            cls(
+                token=t.token,
+                logprob=t.logprob,
+                bytes=list(t.bytes),
+                top_logprobs=[
+                    TokenLogprob(token=a.token, logprob=a.logprob, bytes=list(a.bytes))
+                    for a in t.top_logprobs
+                ],
+            )
+            for t in tokens
+        ]
+
+
+def logprobs_option(logprobs: bool | None, top_logprobs: int | None) -> dict[str, Any]:
+    """A request's ``logprobs``/``top_logprobs`` as our ``logprobs`` option."""
+    return {"logprobs": top_logprobs or 0} if logprobs else {}
+
+
 class ChatResponse(Metrics):
     """A chunk of a streamed answer, or (``done``) its last one with the figures, or the
     whole answer."""
@@ -226,6 +266,7 @@ class ChatResponse(Metrics):
     message: Message = Field(default_factory=lambda: Message(role="assistant"))
     done: bool | None = False
     done_reason: str | None = None
+    logprobs: list[Logprob] | None = None
 
     def wire(self) -> dict[str, Any]:
         """As sent: a piece's chunk carries no figures or ``done_reason``."""
@@ -254,6 +295,8 @@ class GenerateRequest(Shape):
     format: Literal["", "json"] | dict[str, Any] | None = None
     options: dict[str, Any] | None = None
     keep_alive: str | float | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
 class GenerateResponse(Metrics):
@@ -267,6 +310,7 @@ class GenerateResponse(Metrics):
     response: str = ""
     done: bool | None = False
     done_reason: str | None = None
+    logprobs: list[Logprob] | None = None
 
     def wire(self) -> dict[str, Any]:
         """As sent: a piece's chunk carries no figures or ``done_reason``."""

@@ -16,6 +16,9 @@ figures with these shapes; ``serve`` (``apps/serve/openai_api.py``) reads
   What a server does not report stays None, never guessed.
 - ``schema=`` is a ``response_format`` of type ``json_schema``; llama-cpp-python's
   server knows only ``json_object`` with a ``schema``, read too.
+- Log-probabilities: ``logprobs: true`` with ``top_logprobs: N`` is our
+  ``logprobs=N`` option; a choice's ``logprobs.content`` has one entry per answer
+  token (a streamed answer sends them all with its last chunk).
 - Tools: a forced function (``tool_choice`` naming it, or ``"required"`` with one
   tool) is answered as ``tool_calls`` (``finish_reason: "tool_calls"``); see
   :mod:`llava_local.tools` for what a model that was not trained for tools does.
@@ -28,6 +31,7 @@ from typing import Any, Literal
 
 from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
+from .. import types as ours
 from ..errors import InvalidRequestError
 from ..tools import forced_tool
 from ..types import DoneReason, Message, Options, Stats, Tool
@@ -48,6 +52,7 @@ __all__ = [
     "ErrorDetail",
     "FunctionCall",
     "ImageUrl",
+    "Logprobs",
     "Model",
     "ModelList",
     "ResponseFormat",
@@ -202,6 +207,8 @@ class ChatRequest(Shape):
     tools: list[ToolDef] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     @classmethod
     def for_turn(
@@ -222,6 +229,8 @@ class ChatRequest(Shape):
         values = options.model_dump(include=set(STANDARD_OPTIONS + EXTRA_OPTIONS))
         if values["stop"] is not None:
             values["stop"] = list(values["stop"])
+        if options.logprobs is not None:
+            values.update(logprobs=True, top_logprobs=options.logprobs)
         fmt = None
         if schema is not None and tool is None:
             fmt = ResponseFormat.for_schema(schema, form)
@@ -253,6 +262,7 @@ class ChatRequest(Shape):
             "stop": self.stop,
             "top_k": self.top_k,
             "repeat_penalty": self.repeat_penalty,
+            "logprobs": (self.top_logprobs or 0) if self.logprobs else None,
         }
         return {name: value for name, value in given.items() if value is not None}
 
@@ -380,10 +390,57 @@ class ResponseMessage(Shape):
         return data
 
 
+class TopLogprob(Shape):
+    token: str = ""
+    logprob: float = 0.0
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class Logprobs(Shape):
+    """A choice's ``logprobs``: one entry per answer token."""
+
+    content: list[TokenLogprob] | None = None
+
+    @classmethod
+    def of(cls, tokens: Sequence[ours.TokenLogprob]) -> Logprobs:
+        return cls(
+            content=[
+                TokenLogprob(
+                    token=t.token,
+                    logprob=t.logprob,
+                    bytes=list(t.bytes),
+                    top_logprobs=[
+                        TopLogprob(token=a.token, logprob=a.logprob, bytes=list(a.bytes))
+                        for a in t.top_logprobs
+                    ],
+                )
+                for t in tokens
+            ]
+        )
+
+    def ours(self) -> list[ours.TokenLogprob]:
+        return [
+            ours.TokenLogprob(
+                token=t.token,
+                logprob=t.logprob,
+                bytes=tuple(t.bytes or ()),
+                top_logprobs=tuple(
+                    ours.TokenLogprob(token=a.token, logprob=a.logprob, bytes=tuple(a.bytes or ()))
+                    for a in t.top_logprobs
+                ),
+            )
+            for t in self.content or []
+        ]
+
+
 class _Choice(Shape):
     index: int = 0
     finish_reason: str | None = None
-    logprobs: Any = None
+    logprobs: Logprobs | None = None
 
 
 class Choice(_Choice):

@@ -181,7 +181,10 @@ class OllamaRoutes:
             request,
             conversation,
             schema,
-            wire.options_from_wire(body.options),
+            {
+                **wire.options_from_wire(body.options),
+                **wire.logprobs_option(body.logprobs, body.top_logprobs),
+            },
             whole=lambda reply: final(reply, reply.text).wire(),
             streamed=lines if body.stream else None,
             media_type="application/x-ndjson",
@@ -256,10 +259,12 @@ def _refuse_unsupported(body: wire.GenerateRequest) -> None:
 
 
 def _figures(reply: Reply) -> dict[str, Any]:
-    """The last line's fields: done, why, and the figures."""
+    """The last line's fields: done, why, the figures, and the log-probabilities when
+    asked for (a stream sends them all here)."""
     return {
         "done": True,
         "done_reason": reply.done_reason or "stop",
+        "logprobs": None if reply.logprobs is None else wire.Logprob.of(reply.logprobs),
         **wire.Metrics.from_stats(reply.stats).model_dump(),
     }
 

@@ -4,7 +4,8 @@
 The shapes and translations are :mod:`llava_local.protocols.openai`'s, the openai
 engine's too: the request's messages become the chat's (``image_url`` parts as
 pictures), its options the chat's options (``top_k`` and ``repeat_penalty`` too, as
-llama-server reads them), ``response_format`` a schema; the answer carries ``usage``
+llama-server reads them; ``logprobs``/``top_logprobs`` too), ``response_format`` a
+schema; the answer carries ``usage``
 (``prompt_tokens_details.cached_tokens``: what the prefix match reused) and
 llama-server's ``timings``.
 """
@@ -125,7 +126,9 @@ class _OpenAIReply:
             function = wire.FunctionCall(name=self.tool.name, arguments=reply.text)
             call = wire.ToolCall(id=self.call, type="function", function=function)
             message = wire.ResponseMessage(content=None, tool_calls=[call])
-        choice = wire.Choice(message=message, finish_reason=self._finish_reason(reply))
+        choice = wire.Choice(
+            message=message, finish_reason=self._finish_reason(reply), logprobs=_logprobs(reply)
+        )
         answer = wire.ChatCompletion(
             id=self.ident,
             created=self.created,
@@ -166,10 +169,17 @@ class _OpenAIReply:
                     yield self._delta(piece)
             reply = turn.reply
             note_tokens(turn.request, reply)
-            done = wire.ChunkChoice(finish_reason=self._finish_reason(reply))
+            done = wire.ChunkChoice(
+                finish_reason=self._finish_reason(reply), logprobs=_logprobs(reply)
+            )
             yield self._event([done], timings=wire.Timings.from_stats(reply.stats))
             if options is not None and options.include_usage:
                 yield self._event([], usage=wire.Usage.from_stats(reply.stats))
             yield "data: [DONE]\n\n"
         if turn.error is not None:
             yield f"data: {json.dumps(turn.error.body('/v1'))}\n\n"
+
+
+def _logprobs(reply: Reply) -> wire.Logprobs | None:
+    """The answer's log-probabilities, when asked for (a stream sends them last)."""
+    return None if reply.logprobs is None else wire.Logprobs.of(reply.logprobs)

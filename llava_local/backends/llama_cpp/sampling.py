@@ -3,11 +3,14 @@ grammar, seed), and stop strings cut from the streamed text."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from ...sampling import LLAMA_CPP, Sampling
-from ...types import Options
+from ...types import Options, TokenLogprob
 
 #: Tokens the repeat penalty looks back over (llama-cpp-python's default).
 PENALTY_LAST_N = 64
@@ -75,6 +78,29 @@ class Sampler:
         if self.chain:
             self.lib.llama_sampler_free(self.chain)
             self.chain = None
+
+
+def token_logprob(
+    logits: npt.NDArray[np.float32], token: int, top: int, piece: Callable[[int], bytes]
+) -> TokenLogprob:
+    """``token``'s log-probability under the raw distribution of ``logits`` (their
+    log-softmax: what the model said before temperature, top-k/p, penalties or a
+    grammar shaped it), with the ``top`` most likely tokens there."""
+    values = logits.astype(np.float64)
+    peak = float(values.max())
+    logsumexp = peak + float(np.log(np.exp(values - peak).sum()))
+
+    def one(tok: int) -> TokenLogprob:
+        data = piece(tok)
+        text = data.decode("utf-8", "replace")
+        return TokenLogprob(token=text, logprob=float(values[tok]) - logsumexp, bytes=tuple(data))
+
+    best: list[int] = []
+    if top > 0:
+        count = min(top, len(values))
+        chosen = np.argpartition(-values, count - 1)[:count]
+        best = sorted((int(i) for i in chosen), key=lambda i: -values[i])
+    return one(token).model_copy(update={"top_logprobs": tuple(one(i) for i in best)})
 
 
 class StopScanner:
