@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llava_local_dev.report import update_section
+from llava_local_dev.report import command_line, update_section
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "caption-ray"
@@ -111,7 +111,7 @@ def markdown(count: int, one: float, startup: float, run: float, load: str) -> s
 
     per_picture = one / count
     lines = [
-        f"Command: `python {' '.join(['benchmarks/caption_ray.py', *sys.argv[1:]])}`  ",
+        f"Command: `{command_line('benchmarks/caption_ray.py', sys.argv[1:])}`  ",
         f"Run: {time.strftime('%Y-%m-%d %H:%M')}, {count} pictures, load average {load}; "
         "both sides in the same run.",
         "",

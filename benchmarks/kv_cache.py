@@ -103,7 +103,7 @@ def work_resume(args: dict[str, Any]) -> dict[str, Any]:
     kv = state_path(path)
     if kv.exists():
         t0 = time.perf_counter()
-        restored = chat.engine.load_state(kv)  # type: ignore[attr-defined]
+        restored = chat.engine.load_state(kv)
         restore_s = time.perf_counter() - t0
         assert restored > 0
     with chat:

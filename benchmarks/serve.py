@@ -38,7 +38,6 @@ import argparse
 import base64
 import os
 import re
-import shlex
 import statistics
 import subprocess
 import sys
@@ -52,7 +51,7 @@ from typing import Any, cast
 
 import httpx
 import openai
-from llava_local_dev.report import update_section
+from llava_local_dev.report import command_line, update_section
 from llava_local_dev.twins import twin_pair, word_answers
 from openai.types.chat import ChatCompletionChunk
 
@@ -376,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.llama_server is None:
             peers = [p for p in peers if not p.startswith("llama-server")]
     runs = [measure(server, lm, mm, args) for server in [OURS, *peers]]
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
+    command = command_line("benchmarks/serve.py", argv or sys.argv[1:])
     label = f"{args.preset} twin"
     table = markdown(runs, label, args, command)
     print(table)

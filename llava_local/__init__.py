@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .aio import AsyncReplyStream, AsyncVisionChat
 from .backends import Backend, Finish, Turn
-from .chat import ReplyStream, VisionChat
+from .chat import VisionChat
 from .control import TurnControl
 from .errors import (
     BackendError,
@@ -23,6 +23,7 @@ from .errors import (
     BackendUnavailableError,
     ContextOverflowError,
     ConversationFileError,
+    EnginePluginWarning,
     ImageError,
     InsufficientMemoryError,
     InvalidRequestError,
@@ -39,6 +40,7 @@ from .errors import (
 )
 from .images import ImageSource
 from .persist import ColdResumeWarning
+from .stream import ReplyStream
 from .types import (
     Message,
     Options,
@@ -65,6 +67,7 @@ __all__ = [
     "ColdResumeWarning",
     "ContextOverflowError",
     "ConversationFileError",
+    "EnginePluginWarning",
     "Finish",
     "ImageError",
     "ImageSource",

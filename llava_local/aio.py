@@ -27,11 +27,12 @@ from types import TracebackType
 from typing import Any
 
 from . import structured
-from .backends import Backend
-from .chat import OnOverflow, ReplyStream, VisionChat
+from .backends import Backend, EnginePlan
+from .chat import OnOverflow, VisionChat
 from .control import TurnControl
 from .errors import InvalidRequestError
 from .images import ImageSource
+from .stream import ReplyStream
 from .types import Message, Options, Reply
 
 _DONE = object()
@@ -92,6 +93,11 @@ class AsyncVisionChat:
     def config(self) -> dict[str, Any]:
         """This chat as JSON data, as :attr:`VisionChat.config`."""
         return self.sync.config
+
+    @property
+    def plan(self) -> EnginePlan | None:
+        """The engine as planned, as :attr:`VisionChat.plan`."""
+        return self.sync.plan
 
     # -- what the sync chat has ------------------------------------------------------
 

@@ -14,7 +14,7 @@ import os
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -23,20 +23,22 @@ from typing import Any, Literal
 from pydantic import BaseModel, ValidationError
 
 from . import images as _images
-from . import structured
-from .backends import Backend, Finish, Turn, create, registry
-from .backends.registry import EngineConfig
-from .control import STATUS_ANSWERING, STATUS_PREPARING, TurnControl
+from . import saving, structured
+from .backends import Backend, Turn, registry
+from .backends.plan import EnginePlan, announce
+from .backends.plan import open as open_plan
+from .backends.plan import plan as make_plan
+from .control import STATUS_PREPARING, TurnControl
 from .errors import (
-    BackendError,
     InvalidRequestError,
-    LlavaLocalError,
     NoPictureWarning,
-    SchemaError,
     problems,
 )
-from .tools import ToolSpec, as_tool, call_id, forced_tool
-from .types import Message, Options, PreparedImage, Reply, Tool, ToolCall
+from .stream import ReplyStream
+from .tools import ToolSpec, as_tool, forced_tool
+from .types import Message, Options, Reply, Tool
+
+__all__ = ["ReplyStream", "VisionChat"]
 
 _OPTION_NAMES = frozenset(Options.model_fields)
 #: What a turn that would not fit the context does (see ``VisionChat.on_overflow``).
@@ -66,7 +68,7 @@ class VisionChat:
 
     def __init__(
         self,
-        backend: str | Backend = "auto",
+        backend: str | Backend | EnginePlan = "auto",
         model: str | None = None,
         *,
         system: str | None = None,
@@ -79,27 +81,40 @@ class VisionChat:
     ) -> None:
         options = {k: kwargs.pop(k) for k in list(kwargs) if k in _OPTION_NAMES}
         self.options = _options(options)
+        if max_image_side is not None and max_image_side < 16:
+            raise InvalidRequestError("max_image_side must be at least 16 pixels")
+        if on_overflow not in _OVERFLOWS:
+            raise InvalidRequestError("on_overflow must be 'error', 'drop_oldest' or 'truncate'")
+        #: The engine as planned: its spec and settled config (what :attr:`config` and
+        #: :meth:`save` describe, and what engine pools key on); None for an engine
+        #: built by hand without a config.
+        self.plan: EnginePlan | None
         if isinstance(backend, Backend):
             if kwargs or model is not None:
                 raise InvalidRequestError("pass engine arguments to the backend, not the chat")
-            self._backend = backend
+            self._backend, self.plan = backend, _plan_of(backend)
         elif not close_engine:
             raise InvalidRequestError(
                 "close_engine=False is for an engine object shared by several chats; "
                 "a chat that opens its engine by name closes it"
             )
         else:
-            self._backend = create(backend, model, **kwargs)
+            if isinstance(backend, EnginePlan):
+                if kwargs or model is not None:
+                    raise InvalidRequestError(
+                        "a plan holds its engine's settings: give them to plan(), not the chat"
+                    )
+                chosen = backend
+            else:
+                chosen = make_plan(backend, model, **kwargs)
+            announce(chosen)
+            self._backend, self.plan = open_plan(chosen), chosen
         #: Whether :meth:`close` also closes the engine. False for an engine shared by
         #: several chats (the web page's tabs, each its own conversation over one loaded
         #: model and its KV states): closing one conversation must leave the engine to
         #: the others, and whoever opened it closes it when the last one is done.
         self.close_engine = close_engine
-        if max_image_side is not None and max_image_side < 16:
-            raise InvalidRequestError("max_image_side must be at least 16 pixels")
         self.max_image_side = max_image_side or self._backend.max_image_side
-        if on_overflow not in _OVERFLOWS:
-            raise InvalidRequestError("on_overflow must be 'error', 'drop_oldest' or 'truncate'")
         self.system = system
         #: What a turn that would not fit the context does: raise ContextOverflowError,
         #: or leave out the oldest turns (the system prompt and pictures still talked
@@ -537,53 +552,21 @@ class VisionChat:
                 low = middle + 1
         return cut(low)
 
-    # -- keeping conversations ------------------------------------------------------
+    # -- describing and keeping (saving.py does the work) -------------------------------
 
     @property
     def config(self) -> dict[str, Any]:
-        """This chat as JSON data: its engine with that engine's settings (catalogue
-        models and the demo by name), the default options and the chat's own settings;
-        not the conversation (``save`` keeps that). :meth:`from_config` makes an
-        equivalent chat from it, in this process or another."""
-        settings = self._backend.config
-        if settings is None:
-            raise InvalidRequestError(
-                f"the {self.backend} engine was built by hand and has no config to describe "
-                "it; open it by name (VisionChat(backend, model, ...)) to get one"
-            )
-        return {
-            "backend": self.backend,
-            "engine": settings.model_dump(mode="json", exclude_defaults=True),
-            "options": self.options.model_dump(mode="json", exclude_none=True),
-            "system": self.system,
-            "max_image_side": self.max_image_side,
-            "on_overflow": self.on_overflow,
-            "allow_text_only": self.allow_text_only,
-        }
+        """This chat as JSON data: its engine with that engine's settings as its plan
+        settled them (catalogue models and the demo by name, other files by absolute
+        path), the default options and the chat's own settings; not the conversation
+        (``save`` keeps that). :meth:`from_config` makes an equivalent chat from it, in
+        this process or another."""
+        return saving.describe(self)
 
     @classmethod
     def from_config(cls, data: Mapping[str, Any]) -> VisionChat:
         """A chat like the one whose :attr:`config` is ``data`` (JSON data is fine)."""
-        known = {"backend", "engine", "options", "system", "max_image_side", "on_overflow"}
-        unknown = sorted(set(data) - known - {"allow_text_only"})
-        if unknown or not isinstance(data.get("backend"), str):
-            raise InvalidRequestError(
-                "not a chat config: it needs 'backend' and may have "
-                + ", ".join(sorted(known | {"allow_text_only"}))
-                + (f" (unknown: {', '.join(unknown)})" if unknown else "")
-            )
-        engine = dict(data.get("engine") or {})
-        model = engine.pop("model", None)
-        return cls(
-            data["backend"],
-            model,
-            system=data.get("system"),
-            max_image_side=data.get("max_image_side"),
-            on_overflow=data.get("on_overflow", "error"),
-            allow_text_only=bool(data.get("allow_text_only", False)),
-            **engine,
-            **dict(data.get("options") or {}),
-        )
+        return cls(**saving.arguments(data))
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the conversation, pictures included (each once), atomically as JSON.
@@ -597,98 +580,14 @@ class VisionChat:
         The in-process engine also writes its KV state beside it (``path`` + ``.kv``),
         so :meth:`load` goes on without reading the pictures and turns again.
         """
-        from . import persist
-
-        with self._state:  # the finished turns; a turn being read is not in them yet
-            settings = self._backend.config  # the demo or a pulled pair by name, not paths
-            model = getattr(settings, "model", None)
-            mmproj = getattr(settings, "mmproj", None)
-            engine = {} if settings is None else _recorded_settings(settings)
-            history, system = list(self._history), self.system
-            target = persist.save(
-                Path(path),
-                history=history,
-                system=system,
-                options=self.options,
-                backend=self.backend,
-                model=str(model or self.model),
-                mmproj=str(mmproj) if mmproj else None,
-                engine=engine,
-            )
-        self._save_engine_state(target, history, system)
-        return target
-
-    def _save_engine_state(self, target: Path, history: list[Message], system: str | None) -> None:
-        """The engine's KV state of the conversation, beside the JSON (engines that
-        keep one); an old state file there is removed when there is nothing to write."""
-        from . import persist
-
-        kv_path = persist.state_path(target)
-        save_state = getattr(self._backend, "save_state", None)
-        if save_state is None:
-            with contextlib.suppress(OSError):
-                kv_path.unlink()
-            return
-        messages = [*([Message(role="system", content=system)] if system else []), *history]
-        try:
-            save_state(messages, kv_path)
-        except OSError as exc:
-            warnings.warn(
-                persist.ColdResumeWarning(
-                    f"the conversation was saved to {target}, but not its KV state "
-                    f"({kv_path}: {exc.strerror or exc}); loading it will read the "
-                    "conversation again"
-                ),
-                stacklevel=3,
-            )
-
-    def _load_engine_state(self, path: Path, saved_backend: str, turns: int) -> None:
-        """Restore the KV state saved beside the conversation at ``path``, if the engine
-        keeps one and it was made with this model, projector and settings, by this user;
-        else say that the next turn reads the conversation again."""
-        from . import persist
-
-        kv_path = persist.state_path(path)
-        load_state = getattr(self._backend, "load_state", None)
-        if load_state is None:
-            return  # an engine that keeps nothing (Ollama, a server): nothing to miss
-        if not kv_path.is_file():
-            if turns and _engine_name(saved_backend) == self.backend:  # save wrote one
-                warnings.warn(
-                    persist.ColdResumeWarning(
-                        f"there is no KV state beside {path} ({kv_path.name} is missing: "
-                        "copied without it, or saved when the engine held none); the "
-                        "first follow-up reads the conversation's pictures and turns "
-                        "again, which on a CPU takes as long as their first reading"
-                    ),
-                    stacklevel=3,
-                )
-            return
-        if not load_state(kv_path):
-            warnings.warn(
-                persist.ColdResumeWarning(
-                    f"the KV state saved with {path} ({kv_path.name}) was made with another "
-                    "model, projector or engine settings, is damaged, or was not written "
-                    "with this user's key (a copy from another user or machine); the "
-                    "conversation is read again on the next turn"
-                ),
-                stacklevel=3,
-            )
+        return saving.save(self, path)
 
     def restore(self, path: str | os.PathLike[str]) -> None:
         """Replace this chat's conversation with a saved one; the engine stays.
 
         The file is read and checked whole first: a damaged file changes nothing.
         """
-        from . import persist
-
-        saved = persist.load(Path(path))
-        with self._exclusive("restore a conversation"):
-            with self._state:
-                self._history = _fitted(saved.history(), self.max_image_side)
-                self.system = saved.system
-                self.last_reply = None
-            self._load_engine_state(Path(path).expanduser(), saved.backend, len(saved.messages))
+        saving.restore(self, path)
 
     @classmethod
     def load(
@@ -717,28 +616,9 @@ class VisionChat:
         both and nothing is contacted. ``use_saved_address=True`` takes the file's
         address: only for a file you trust, since its conversation and your key go there.
         """
-        from . import persist
-
-        source = Path(path).expanduser()
-        saved = persist.load(source)  # before any model is loaded
-        options = {**saved.options.model_dump(exclude_none=True), **kwargs}
-        options.setdefault("system", saved.system)
-        if backend is None or _engine_name(backend) == _engine_name(saved.backend):
-            given = {k: v for k, v in kwargs.items() if v is not None}
-            settings = persist.engine_settings(
-                saved, source, given, use_saved_address=use_saved_address
-            )
-            options.update(settings)
-            if saved.mmproj and model is None:
-                options.setdefault("mmproj", saved.mmproj)
-        chat = cls(backend or saved.backend, model or saved.model, **options)
-        chat._history = _fitted(saved.history(), chat.max_image_side)
-        try:
-            chat._load_engine_state(source, saved.backend, len(saved.messages))
-        except BaseException:
-            chat.close()
-            raise
-        return chat
+        return saving.load(
+            cls, path, backend, model, use_saved_address=use_saved_address, kwargs=kwargs
+        )
 
     # -- lifetime ----------------------------------------------------------------
 
@@ -776,35 +656,16 @@ class VisionChat:
         )
 
 
-def _engine_name(name: str) -> str | None:
-    """The registered engine a name or alias means (None: no such engine)."""
+def _plan_of(engine: Backend) -> EnginePlan | None:
+    """The plan of an engine opened elsewhere, from its own config (None: it has none,
+    or no registered engine takes it)."""
+    if engine.config is None:
+        return None
     try:
-        return registry.get(name).name
+        spec = registry.engine_of(engine.config)
     except InvalidRequestError:
         return None
-
-
-def _recorded_settings(settings: EngineConfig) -> dict[str, Any]:
-    """What :meth:`VisionChat.save` records of an engine's settings: those a load uses
-    again, and the address of a server (which a load only compares)."""
-    spec = registry.engine_of(settings)
-    keep = settings.conversation_names() | ({spec.address} if spec.address else set())
-    recorded = settings.model_dump(mode="json", exclude_defaults=True, include=set(keep))
-    return {k: v for k, v in recorded.items() if v is not None}
-
-
-def _fitted(history: list[Message], max_side: int) -> list[Message]:
-    """A loaded conversation's pictures as this chat would have prepared them: one larger
-    than its engine takes is shrunk, as any picture is, before an engine decodes it at
-    full size. A conversation saved by a chat like this one comes back unchanged."""
-    fitted = []
-    for message in history:
-        if any(max(image.width, image.height) > max_side for image in message.images):
-            images = tuple(_images.prepare(image, max_side=max_side) for image in message.images)
-            fitted.append(message.model_copy(update={"images": images}))
-        else:
-            fitted.append(message)
-    return fitted
+    return EnginePlan(spec, engine.config)
 
 
 def _picture_list(images: Any) -> list[_images.ImageSource]:
@@ -867,213 +728,3 @@ class _Forced:
 
     tool: Tool
     schema: structured.Schema
-
-
-class ReplyStream(Iterator[str]):
-    """The answer as it is written: iterate for text pieces, then read :attr:`reply`.
-
-    The stream owns its turn: from its first piece to its end it holds the chat, drives
-    the engine and builds the reply; the chat only keeps the finished turn. Use it as a
-    context manager (or iterate to the end) so that an abandoned stream stops the
-    engine; a stream closed early does not enter the history.
-    """
-
-    def __init__(
-        self,
-        chat: VisionChat,
-        message: Message,
-        options: Options,
-        schema: structured.Schema | None,
-        json_schema: dict[str, Any] | None,
-        *,
-        control: TurnControl | None = None,
-        earlier: tuple[Message, ...] | None = None,
-        tool: Tool | None = None,
-        on_overflow: OnOverflow | None = None,
-    ) -> None:
-        self._on_overflow = on_overflow
-        self.message = message
-        #: The tool the turn must call: the answer is its arguments.
-        self.tool = tool
-        # A conversation given whole (VisionChat.answer): used instead of the history,
-        # and the turn is not kept.
-        self._earlier = earlier
-        #: The turn's stop flag and status (see :mod:`llava_local.control`).
-        self.control = control or TurnControl(chat.on_status)
-        self._chat = chat
-        self._options = options
-        self._schema = schema
-        self._json_schema = json_schema
-        self._stage: Literal["new", "running", "over"] = "new"
-        self._engine: Generator[str | Finish, None, None] | None = None
-        self._dropped = 0
-        self._pieces: list[str] = []
-        self._finish: Finish | None = None
-        self._reply: Reply | None = None
-        self._busy = threading.Lock()  # held by the thread reading the next piece
-        self._reader: threading.Thread | None = None
-
-    @property
-    def images(self) -> tuple[PreparedImage, ...]:
-        """The pictures of this turn, as prepared and sent."""
-        return self.message.images
-
-    @property
-    def reply(self) -> Reply:
-        """The finished reply; only after the iteration has ended."""
-        if self._reply is None:
-            raise InvalidRequestError("the reply is ready only after the stream has been read")
-        return self._reply
-
-    def __iter__(self) -> ReplyStream:
-        return self
-
-    def __next__(self) -> str:
-        with self._busy:
-            self._reader = threading.current_thread()
-            try:
-                return self._next_piece()
-            finally:
-                self._reader = None
-
-    def _next_piece(self) -> str:
-        if self._stage == "new":
-            self._begin()
-        if self._stage != "running":
-            raise StopIteration
-        assert self._engine is not None
-        try:
-            for item in self._engine:
-                self.control.check()  # cancel() lands here too, with engines that never poll
-                if isinstance(item, Finish):
-                    self._finish = item
-                elif item:
-                    # Said here, for every engine: the ones that report no phases too.
-                    self.control.report(STATUS_ANSWERING)
-                    self._pieces.append(item)
-                    return item
-            self._keep()
-        except BaseException as exc:  # Ctrl-C, cancel, errors: the turn is not kept
-            self._end()
-            if isinstance(exc, Exception) and not isinstance(exc, LlavaLocalError):
-                # an engine bug must still surface as our error
-                raise BackendError(f"the {self._chat.backend} engine failed: {exc!r}") from exc
-            raise
-        raise StopIteration
-
-    def _begin(self) -> None:
-        chat = self._chat
-        chat._begin_turn(self)
-        self._stage = "running"
-        try:
-            self.control.check()  # cancelled before it started
-            turn, self._dropped = chat._fit(
-                self.message,
-                self._options,
-                self._json_schema,
-                self.control,
-                self._earlier,
-                on_overflow=self._on_overflow,
-            )
-            if self.tool is not None:
-                turn = dataclasses.replace(turn, tool=self.tool)
-            self._engine = chat._backend.generate(turn)
-        except BaseException:
-            self._end()
-            raise
-
-    def _keep(self) -> None:
-        """The engine has finished: build the reply, have the chat keep the turn."""
-        chat = self._chat
-        if self._finish is None:
-            raise BackendError(f"the {chat.backend} engine ended the answer without finishing")
-        stats = self._finish.stats
-        stats.dropped_turns = self._dropped
-        text = "".join(self._pieces)
-        parsed = self._parsed(text, self._finish.done_reason)
-        calls: tuple[ToolCall, ...] = ()
-        if self.tool is not None and parsed is not None:
-            calls = (
-                ToolCall(id=call_id(), name=self.tool.name, arguments=parsed, arguments_json=text),
-            )
-        reply = Reply(
-            text=text,
-            model=chat.model,
-            backend=chat.backend,
-            done_reason=self._finish.done_reason,
-            stats=stats,
-            parsed=parsed,
-            tool_calls=calls,
-            logprobs=self._finish.logprobs,
-        )
-        if self._earlier is None:
-            chat._keep_turn(self.message, reply)
-        self._reply = reply
-        self._end()
-
-    def _parsed(self, text: str, done_reason: str | None) -> Any:
-        """The answer checked against the schema. An answer cut by ``max_tokens``
-        (``done_reason == "length"``) is not a schema violation: when its JSON is
-        unfinished, ``parsed`` is None and the reply keeps the text as written, as
-        OpenAI's API answers ``finish_reason: "length"``."""
-        if self._schema is None:
-            return None
-        try:
-            return structured.parse(text, self._schema)
-        except SchemaError:
-            if done_reason == "length":
-                return None
-            raise
-
-    def _end(self) -> None:
-        """Stop the engine and let go of the chat; the turn is over (once)."""
-        if self._stage != "running":
-            self._stage = "over"
-            return
-        self._stage = "over"
-        engine, self._engine = self._engine, None
-        try:
-            if engine is not None:
-                engine.close()
-        finally:
-            self._chat._end_turn()
-
-    @property
-    def status(self) -> str:
-        """What the turn is doing now: "", "preparing pictures", "encoding picture", ..."""
-        return self.control.status
-
-    def cancel(self) -> None:
-        """Stop the turn from any thread, even in the middle of a picture's encoding:
-        the thread reading the stream gets :class:`TurnCancelledError` within a moment,
-        and the turn is not kept. Ctrl-C in the reading thread does the same with
-        ``KeyboardInterrupt``."""
-        self.control.cancel()
-
-    def close(self) -> None:
-        """Stop the answer now; the turn is not kept. From a thread other than the one
-        reading it, this cancels the turn and waits until that thread lets go of it."""
-        if self._reader is threading.current_thread():  # from inside the turn (on_status)
-            self.control.cancel()
-            return
-        if self._reader is not None:
-            self.control.cancel()
-        with self._busy:
-            self._end()
-
-    def __del__(self) -> None:
-        # A stream dropped unfinished (a `break` out of its for loop) lets go of the chat.
-        if getattr(self, "_stage", "over") == "running":
-            with contextlib.suppress(Exception):
-                self._end()
-
-    def __enter__(self) -> ReplyStream:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

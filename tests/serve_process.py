@@ -40,13 +40,18 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
-def start(log: Path, *args: str, host: str = "127.0.0.1") -> Server:
+def start(
+    log: Path, *args: str, host: str = "127.0.0.1", env: dict[str, str] | None = None
+) -> Server:
     """``llava-local serve --port P ARGS`` with its output in ``log``, once it answers
-    ``/health`` on ``host`` (an AssertionError with the log if it exits or never does)."""
+    ``/health`` on ``host`` (an AssertionError with the log if it exits or never does);
+    ``env``: the process's environment (default: this one's)."""
     port = free_port()
     command = [sys.executable, "-m", "llava_local.cli", "serve", "--port", str(port), *args]
     with log.open("wb") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT)
+        process = subprocess.Popen(
+            command, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT, env=env
+        )
     url = f"http://{host}:{port}"
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:

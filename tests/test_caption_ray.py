@@ -407,3 +407,72 @@ def test_ray_refuses_a_picture_it_took_for_its_address(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert f"--ray took '{picture}' as a cluster's address" in result.output
     assert not (tmp_path / "o").exists()
+
+
+#: Reports the process's peak resident memory (VmHWM, in kB) as it exits, after the
+#: command's own output: ``caption --ray``'s driver, measured from inside.
+PEAK_RSS_DRIVER = """
+import atexit, sys
+from llava_local.cli import main
+
+def peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            print("PEAK_KB", line.split()[1], flush=True)
+
+atexit.register(peak)
+main(sys.argv[1:])
+"""
+
+
+@pytest.fixture(scope="module")
+def large_twin(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A GGUF pair whose language model file is over 1 GB (a 393,216-token vocabulary at
+    2048 wide, Q4_0, one block) and cheap to answer with: loading it maps the whole file,
+    while a turn reads one row of the embeddings and one output product per token."""
+    from llava_local_dev import gguf_writer
+
+    text = gguf_writer.TextConfig(n_embd=2048, n_layer=1, n_ff=4096, n_head=16)
+    vision = gguf_writer.VisionConfig(
+        image_size=56, patch_size=14, n_embd=32, n_ff=64, n_head=4, n_layer=3, projection_dim=2048
+    )
+    return gguf_writer.write_pair(
+        tmp_path_factory.mktemp("large_twin"),
+        text,
+        vision,
+        lm_dtype="q4_0",
+        vocab=gguf_writer.padded_vocab(393_216),
+    )
+
+
+def test_the_ray_driver_plans_and_never_loads_the_model(
+    large_twin: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`caption --ray` with a llama.cpp model over 1 GB: the worker loads it and answers,
+    while the driver process only plans, its peak resident memory staying under a third
+    of the model file's size (loading it maps the whole file into the process)."""
+    lm, mmproj = large_twin
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    shutil.copy(ROOT / "examples" / "digit.png", pics / "a.png")
+    out = tmp_path / "out.jsonl"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    args = ["caption", str(pics), "-p", "What is it?", "--out", str(out), "--ray"]
+    args += ["--backend", "llama_cpp", "-m", str(lm), "--mmproj", str(mmproj)]
+    args += ["--workers", "1", "--threads", "1", "--max-tokens", "1", "--no-progress"]
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS_DRIVER, *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("1 captioned, 0 already recorded, 0 failed of 1 picture")
+    (record,) = lines(out)
+    assert (record["model"], record["stats"]["completion_tokens"]) == (lm.name, 1)
+    peak_kb = int(result.stdout.split("PEAK_KB")[1].split()[0])
+    assert lm.stat().st_size > 2**30
+    assert peak_kb * 1024 < lm.stat().st_size / 3

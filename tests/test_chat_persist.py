@@ -52,7 +52,7 @@ def test_load_finds_the_projector_it_was_saved_with(tiny_pair_q4: GgufPair, tmp_
     with VisionChat.llama_cpp(tiny_pair_q4.lm, mmproj=tiny_pair_q4.mmproj) as chat:
         chat.ask("What is it?", image=png_bytes(seed=62), **GREEDY)
         chat.save(path)
-    assert json.loads(path.read_text())["mmproj"] == str(tiny_pair_q4.mmproj)
+    assert json.loads(path.read_text())["engine"]["mmproj"] == str(tiny_pair_q4.mmproj)
     with VisionChat.load(path) as again:
         assert again.model == tiny_pair_q4.lm.name
         again.ask("More?", **GREEDY)
@@ -72,7 +72,11 @@ def test_load_uses_the_engine_settings_it_was_saved_with(
     with VisionChat.ollama("llava", host=ollama_server.url, num_ctx=2048, timeout=30) as chat:
         chat.ask("What is it?", image=png_bytes(seed=64))
         chat.save(path)
-    assert json.loads(path.read_text())["engine"] == {"host": ollama_server.url, "num_ctx": 2048}
+    assert json.loads(path.read_text())["engine"] == {
+        "model": "llava",
+        "host": ollama_server.url,
+        "num_ctx": 2048,
+    }
     with pytest.raises(InvalidRequestError, match=r"host='http://127\.0\.0\.1:\d+'.*use_saved_"):
         VisionChat.load(path)  # no host given: neither the file's nor, silently, 11434
     with VisionChat.load(path, host=ollama_server.url) as again:
@@ -97,7 +101,7 @@ def test_demo_conversation_is_saved_by_name(tmp_path: Path) -> None:
         chat.ask("What shape is this?", image=png_bytes(seed=63), **GREEDY)
         chat.save(path)
     document = json.loads(path.read_text())
-    assert (document["model"], document["mmproj"]) == ("demo", None)
+    assert document["engine"] == {"model": "demo"}
     with VisionChat.load(path) as again:
         assert again.model == "demo-lm.gguf"
         assert again.history == chat.history
@@ -105,7 +109,7 @@ def test_demo_conversation_is_saved_by_name(tmp_path: Path) -> None:
     with VisionChat.llama_cpp(lm, mmproj=mmproj) as by_path:
         by_path.save(path)
     document = json.loads(path.read_text())
-    assert (document["model"], document["mmproj"]) == ("demo", None)
+    assert document["engine"] == {"model": "demo"}
 
 
 def test_pulled_conversation_is_saved_by_its_catalogue_name(
@@ -126,7 +130,8 @@ def test_pulled_conversation_is_saved_by_its_catalogue_name(
         chat.ask("What is it?", image=png_bytes(seed=64), **GREEDY)
         chat.save(path)
     document = json.loads(path.read_text())
-    assert (document["model"], document["mmproj"]) == (SMOL.name, None)
+    assert document["engine"]["model"] == SMOL.name
+    assert "mmproj" not in document["engine"]
     with VisionChat.load(path) as again:
         assert again.model == Path(str(SMOL.gguf)).name
         assert again.history == chat.history

@@ -223,12 +223,16 @@ PYTHON_ONLY = {
     "images": "the same",
     "allow_text_only": "NoPictureWarning: chat prints its own notice (--text-only)",
     "use_saved_address": "VisionChat.load's address check: chat's /load keeps its engine",
+    "replace": "registry.register(spec, replace=True): engines are registered by Python "
+    "code (plugins by their entry point), never by a command",
 }
 #: Python calls in messages the command line can never get, and why.
 PYTHON_CALLS = {
     "answer()": "re-entering a chat from its own thread: the commands never do",
     "close()": "the same",
     "read()": "a file object that returns text: the commands pass paths and bytes",
+    "register()": "registry.register given no EngineSpec: Python code only",
+    "plan()": "VisionChat(plan, settings): the commands pass a plan alone",
 }
 _PYTHON_ARGUMENT = re.compile(r"(?<![\w./\\?&-])([a-z_][a-z_0-9]*)=(?!=)")
 _PYTHON_CALL = re.compile(r"\b[a-z_][a-z_0-9]*\(\)")

@@ -55,7 +55,7 @@ def save(path: Path, history: list[Message], **kwargs: Any) -> Path:
         "system": "Be brief.",
         "options": Options(temperature=0.2, stop=("\n\n",), seed=7),
         "backend": "llama_cpp",
-        "model": "/models/llava-v1.5-7b-Q4_0.gguf",
+        "engine": {"model": "/models/llava-v1.5-7b-Q4_0.gguf"},
     }
     args.update(kwargs)
     return persist.save(path, history=history, **args)
@@ -138,15 +138,13 @@ def test_file_layout_is_the_documented_one(saved: Path) -> None:
         "version",
         "saved_at",
         "backend",
-        "model",
-        "mmproj",
         "engine",
         "system",
         "options",
         "messages",
         "pictures",
     }
-    assert (document["format"], document["version"]) == ("llava-local.conversation", 3)
+    assert (document["format"], document["version"]) == ("llava-local.conversation", 4)
     for key, entry in document["pictures"].items():
         data = base64.b64decode(entry["data"], validate=True)
         assert hashlib.sha256(data).hexdigest() == key
@@ -337,18 +335,31 @@ def test_other_json_is_not_a_conversation(tmp_path: Path) -> None:
 
 def test_future_version_asks_for_an_upgrade(saved: Path) -> None:
     """A file from a newer format version is refused with advice to upgrade."""
-    edit(saved, lambda d: d.update(version=4, new_field="whatever"))
+    edit(saved, lambda d: d.update(version=5, new_field="whatever"))
     message = load_error(saved)
     assert "newer llava-local" in message
-    assert "version 4" in message
+    assert "version 5" in message
 
 
 def test_version_1_files_still_load(saved: Path) -> None:
     """A file from before the projector was recorded loads, with no projector."""
-    edit(saved, lambda d: (d.update(version=1), d.pop("mmproj"), d.pop("engine")))
+    model = "/models/llava-v1.5-7b-Q4_0.gguf"
+    edit(saved, lambda d: (d.update(version=1, model=model), d.pop("engine")))
     loaded = persist.load(saved)
-    assert (loaded.version, loaded.mmproj) == (1, None)
+    assert (loaded.version, loaded.engine) == (1, {"model": model})
     assert loaded.history() == conversation()
+
+
+def test_version_3_files_keep_their_model_and_projector(saved: Path) -> None:
+    """A file of version 3 (model and projector beside the engine's settings) loads with
+    them as its engine's settings, the one description a version 4 file has."""
+    old = {"version": 3, "model": "/m/lm.gguf", "mmproj": "/m/mm.gguf", "engine": {"n_ctx": 900}}
+    edit(saved, lambda d: d.update(old))
+    loaded = persist.load(saved)
+    assert loaded.engine == {"n_ctx": 900, "model": "/m/lm.gguf", "mmproj": "/m/mm.gguf"}
+    assert loaded.model == "/m/lm.gguf"
+    edit(saved, lambda d: d.update(version=4))  # model beside engine: not version 4
+    assert "model" in load_error(saved)
 
 
 def test_changed_picture_data_is_detected(saved: Path) -> None:

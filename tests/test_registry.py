@@ -196,3 +196,45 @@ def test_an_engine_that_reports_no_phases_still_says_it_is_answering() -> None:
     with VisionChat("echo", on_status=seen.append) as chat:
         chat.ask("hello", image="examples/digit.png")
     assert seen == ["preparing pictures", "answering"]
+
+
+def test_a_registered_name_is_replaced_only_when_asked() -> None:
+    """Registering an engine under a name or alias another engine has is refused, naming
+    replace=True; with it, the new engine takes the name (the old one is put back)."""
+    ollama = registry.get("ollama")
+    impostor = registry.EngineSpec("ollama", EchoConfig, EchoBackend)
+    taken = r"'ollama' already names the registered ollama engine.*replace=True"
+    with pytest.raises(InvalidRequestError, match=taken):
+        registry.register(impostor)
+    alias_thief = registry.EngineSpec("thief", EchoConfig, EchoBackend, aliases=("llama.cpp",))
+    with pytest.raises(InvalidRequestError, match=r"'llama\.cpp' already names .* llama_cpp"):
+        registry.register(alias_thief)
+    assert registry.get("ollama") is ollama
+    assert "thief" not in registry.names()
+    try:
+        registry.register(impostor, replace=True)
+        assert registry.get("ollama") is impostor
+    finally:
+        registry.register(ollama, replace=True)
+    assert registry.get("ollama") is ollama
+
+
+def test_a_plugin_that_fails_to_load_is_left_out_with_a_warning() -> None:
+    """An installed package's entry point that cannot be imported, is no engine, or takes
+    a built-in's name is left out with an EnginePluginWarning naming it; the engines
+    stay as they were."""
+    from importlib.metadata import EntryPoint
+
+    from llava_local import EnginePluginWarning
+
+    before = registry.names()
+    points = [
+        EntryPoint("broken", "no_such_module_here:SPEC", "g"),
+        EntryPoint("notanengine", "llava_local.backends.registry:BUILTINS", "g"),
+        EntryPoint("double", "llava_local.backends.ollama:SPEC", "g"),
+    ]
+    whys = ["No module named", "not an EngineSpec", "already names the registered ollama"]
+    for point, why in zip(points, whys, strict=True):
+        with pytest.warns(EnginePluginWarning, match=f"'{point.name}' from .*{why}"):
+            registry._add_plugin(point)
+    assert registry.names() == before

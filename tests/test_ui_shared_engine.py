@@ -161,6 +161,34 @@ def test_page_shutdown_closes_every_engine() -> None:
     assert sessions.engines.open_engines() == []
 
 
+def test_auto_then_llama_cpp_for_the_same_files_loads_the_model_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The page's choices auto (no daemon, no model named), llama_cpp with "demo" and
+    llama_cpp with the demo's file paths mean the same files: a tab on auto that then
+    chooses llama_cpp keeps its engine, and a tab naming the files shares it too; the
+    model is loaded once and closed with the last tab."""
+    monkeypatch.delenv("OLLAMA_HOST", raising=False)
+    monkeypatch.delenv("LLAVA_LOCAL_MODEL", raising=False)
+    lm, mmproj = demo_paths()
+    auto = {**DEMO, "backend": "auto"}
+    sessions = _Sessions(auto)
+    try:
+        a, b = sessions.get("tab-a"), sessions.get("tab-b")
+        assert ask(a, "What digit is this?", DIGIT).text == "This digit is 7."
+        loaded = engine_of(a)
+        a.switch({**DEMO, "backend": "llama_cpp", "model": "demo"})
+        assert engine_of(a) is loaded
+        b.switch({**DEMO, "backend": "llama_cpp", "model": str(lm), "mmproj": str(mmproj)})
+        assert engine_of(b) is loaded
+        assert ask(b, "What digit is it?", DIGIT).text == "This digit is 7."
+        assert sessions.engines.open_engines() == [loaded]
+        assert not is_closed(loaded)
+    finally:
+        sessions.close_all()
+    assert is_closed(loaded)
+
+
 def test_a_chat_that_does_not_own_its_engine_leaves_it_open() -> None:
     """VisionChat(engine, close_engine=False).close() ends the conversation but leaves
     the shared engine to the other chats; a chat opening its engine by name refuses it."""

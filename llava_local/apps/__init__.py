@@ -6,6 +6,8 @@ pictures to JSON Lines or Parquet, on one machine or a Ray cluster; :mod:`.capti
 :mod:`.bench` (timings), :mod:`.doctor` (what this machine can run), :mod:`.ui` (the web
 page), :mod:`.serve` (the engine behind
 OpenAI- and Ollama-compatible HTTP routes), :mod:`.datasets` (labelled picture sets)
-and :mod:`.models` (listing and pulling models). They use the core and the engines;
-the core and the engines never import them (checked by import-linter).
+and :mod:`.models` (listing and pulling models); :mod:`.engines` is the engine pool
+the page, ``serve`` and Ray workers open their engines in (one per plan). They use the
+core and the engines; the core and the engines never import them (checked by
+import-linter).
 """

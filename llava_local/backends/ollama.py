@@ -67,8 +67,8 @@ from ..progress import DownloadProgress
 from ..protocols import ollama as wire
 from ..types import Message
 from .base import Finish, Turn
-from .registry import Capabilities, EngineConfig, EngineSpec, register
 from .remote import DEFAULT_READ_TIMEOUT, RemoteEngine
+from .spec import Capabilities, EngineConfig, EngineSpec, setting
 
 __all__ = [
     "OllamaBackend",
@@ -521,8 +521,12 @@ class OllamaConfig(EngineConfig):
     ``num_gpu``, ...) go into ``options`` and may also be given by name."""
 
     model: str | None = "llava"
-    host: str | None = None
-    timeout: float | None = None
+    host: str | None = setting(
+        None,
+        help="the daemon's address (default: OLLAMA_HOST or 127.0.0.1:11434)",
+        flag="--host",
+    )
+    timeout: float | None = setting(None, help="Seconds a turn may take", flag="--timeout")
     pull: bool = False
     keep_alive: str | float | None = None
     connect_timeout: float = 3.0
@@ -562,14 +566,13 @@ def open_engine(config: OllamaConfig, **runtime: Any) -> OllamaBackend:
     return OllamaBackend(config.model or "llava", **settings, **runtime, **config.options)
 
 
-register(
-    EngineSpec(
-        name="ollama",
-        config=OllamaConfig,
-        open=open_engine,
-        capabilities=Capabilities(pulls_models=True),
-        description="the Ollama daemon (ollama serve)",
-        address="host",
-        resolve_address=resolve_host,
-    )
+#: The engine as the registry lists it (:data:`..registry.BUILTINS`).
+SPEC = EngineSpec(
+    name="ollama",
+    config=OllamaConfig,
+    open=open_engine,
+    capabilities=Capabilities(pulls_models=True),
+    description="the Ollama daemon (ollama serve)",
+    address="host",
+    resolve_address=resolve_host,
 )

@@ -75,8 +75,8 @@ from ..protocols import openai as wire
 from ..protocols.ollama import same_model
 from ..types import TokenLogprob
 from .base import Finish, Turn
-from .registry import Capabilities, EngineConfig, EngineSpec, register
 from .remote import DEFAULT_READ_TIMEOUT, RemoteEngine
+from .spec import Capabilities, EngineConfig, EngineSpec, setting
 
 if TYPE_CHECKING:
     from openai import Stream
@@ -143,8 +143,12 @@ class OpenAIConfig(EngineConfig):
     """Settings of the OpenAI engine. The API key is not one of them: it is handed to the
     engine as it opens (``api_key=`` or ``OPENAI_API_KEY``) and never recorded."""
 
-    base_url: str | None = None
-    timeout: float | None = pydantic.Field(default=None, gt=0)
+    base_url: str | None = setting(
+        None,
+        help="the server's address (default: OPENAI_BASE_URL; its key: OPENAI_API_KEY)",
+        flag="--host",
+    )
+    timeout: float | None = setting(None, help="Seconds a turn may take", flag="--timeout", gt=0)
     connect_timeout: float = pydantic.Field(default=3.0, gt=0)
     #: The client's retries of refused connections, timeouts, 429 and 5xx, before any piece.
     max_retries: int = pydantic.Field(default=2, ge=0)
@@ -512,17 +516,16 @@ def open_engine(config: OpenAIConfig, api_key: str | None = None) -> OpenAIBacke
     )
 
 
-register(
-    EngineSpec(
-        name="openai",
-        config=OpenAIConfig,
-        open=open_engine,
-        # Whether a follow-up reuses earlier turns is the server's affair (llama-server
-        # does, llama-cpp-python's LLaVA handler does not): not promised here.
-        capabilities=Capabilities(reuses_turns=False, pulls_models=False),
-        aliases=("openai_compatible",),
-        address="base_url",
-        resolve_address=resolve_base_url,
-        description="an OpenAI-compatible server (llamafile, llama-server, LM Studio, vLLM)",
-    )
+#: The engine as the registry lists it (:data:`..registry.BUILTINS`).
+SPEC = EngineSpec(
+    name="openai",
+    config=OpenAIConfig,
+    open=open_engine,
+    # Whether a follow-up reuses earlier turns is the server's affair (llama-server
+    # does, llama-cpp-python's LLaVA handler does not): not promised here.
+    capabilities=Capabilities(reuses_turns=False, pulls_models=False),
+    aliases=("openai_compatible",),
+    address="base_url",
+    resolve_address=resolve_base_url,
+    description="an OpenAI-compatible server (llamafile, llama-server, LM Studio, vLLM)",
 )

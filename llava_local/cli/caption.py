@@ -20,10 +20,11 @@ import click
 
 from ..apps.captioning import caption as caption_pictures
 from ..apps.captioning import caption_ray, read_prompts
+from ..backends import announce
 from ..chat import VisionChat
 from ..errors import InvalidRequestError, LlavaLocalError
 from ..wording import count, plural
-from ._common import engine_options, err_console, json_option, open_chat, run_safely
+from ._common import engine_options, engine_plan, err_console, json_option, run_safely
 
 
 def _load_schema(
@@ -81,11 +82,11 @@ def _load_schema(
 @click.option(
     "--parallel",
     type=click.IntRange(1, 64),
-    help="Pictures, or prompts about one picture, asked at once (default 1). With "
-    "--backend llama_cpp the model is loaded with that many slots (each its own KV "
-    "memory), decoded together a token each per step, and a picture's prompts share one "
-    "reading of it; Ollama or an OpenAI-compatible server gets that many requests at "
-    "once; with --ray, per worker.",
+    help="Pictures, or prompts about one picture, asked at once (default 1). With the "
+    "llama.cpp engine (chosen or found by auto) the model is loaded with that many slots "
+    "(each its own KV memory), decoded together a token each per step, and a picture's "
+    "prompts share one reading of it; Ollama or an OpenAI-compatible server gets that "
+    "many requests at once; with --ray, per worker.",
 )
 @click.option(
     "--ray",
@@ -159,50 +160,51 @@ def caption(
             "HOST:PORT or ray://HOST:PORT); put --ray after the pictures, or give it an address"
         )
     engine["host"] = hosts[0] if hosts else None
-    if ray_address is None and parallel and engine["backend"] == "llama_cpp":
-        engine["parallel"] = parallel  # a slot for each turn at once
 
     def body() -> None:
         prompts = [*prompt, *(read_prompts(prompts_file) if prompts_file else [])]
-        with open_chat(**engine, system=system) as chat:
-            try:
-                # the one-machine job's settings; --ray adds where and how to spread it
-                job: dict[str, Any] = {
-                    "prompt": prompts,
-                    "schema": schema,
-                    "limit": limit,
-                    "recursive": recursive,
-                    "retry_errors": retry_errors,
-                    "progress": not no_progress,
-                    "parallel": parallel,
-                    "format": "parquet" if output_format == "parquet" else "jsonl",
-                    **options,
-                }
-                if ray_address is None:
-                    _check_slots(chat, parallel)
+        # the one-machine job's settings; --ray adds where and how to spread it
+        job: dict[str, Any] = {
+            "prompt": prompts,
+            "schema": schema,
+            "limit": limit,
+            "recursive": recursive,
+            "retry_errors": retry_errors,
+            "progress": not no_progress,
+            "parallel": parallel,
+            "format": "parquet" if output_format == "parquet" else "jsonl",
+            **options,
+        }
+        # Planned first: which engine (auto's choice too) is known before any model loads.
+        planned = engine_plan(**engine)
+        try:
+            if ray_address is None:
+                if parallel and planned.engine == "llama_cpp":
+                    planned = planned.replace(parallel=parallel)  # a slot per turn at once
+                with VisionChat(planned, system=system) as chat:
                     summary = caption_pictures(chat, list(inputs), out, **job)
-                else:
-                    config = chat.config
-                    chat.close()  # the workers load their own engines
-                    with _native_stderr_aside():
-                        summary = caption_ray(
-                            config,
-                            list(inputs),
-                            out,
-                            address=None if ray_address == "local" else ray_address,
-                            workers=workers,
-                            cpus_per_worker=engine.get("threads"),
-                            hosts=hosts if len(hosts) > 1 else None,
-                            **job,
-                        )
-            except (LlavaLocalError, KeyboardInterrupt) as exc:
-                if not isinstance(exc, InvalidRequestError):
-                    err_console.print(
-                        f"the results so far are in {out}; run again to continue "
-                        "(--retry-errors also asks again about pictures that failed)",
-                        soft_wrap=True,
+            else:
+                # Opened only by the workers (each with its slots): the driver loads no model.
+                announce(planned)
+                with _native_stderr_aside():
+                    summary = caption_ray(
+                        {**planned.describe(), "system": system},
+                        list(inputs),
+                        out,
+                        address=None if ray_address == "local" else ray_address,
+                        workers=workers,
+                        cpus_per_worker=engine.get("n_threads"),
+                        hosts=hosts if len(hosts) > 1 else None,
+                        **job,
                     )
-                raise
+        except (LlavaLocalError, KeyboardInterrupt) as exc:
+            if not isinstance(exc, InvalidRequestError):
+                err_console.print(
+                    f"the results so far are in {out}; run again to continue "
+                    "(--retry-errors also asks again about pictures that failed)",
+                    soft_wrap=True,
+                )
+            raise
         if as_json:
             click.echo(summary.model_dump_json(indent=2))
         else:
@@ -274,17 +276,6 @@ def _native_stderr_aside() -> Iterator[None]:
             sys.stderr.close()
             sys.stderr = python_stderr
         os.close(saved)
-
-
-def _check_slots(chat: VisionChat, parallel: int | None) -> None:
-    """--parallel with an engine that --backend auto opened with fewer slots (it chose
-    llama.cpp only once the engine was open): say how to ask for them."""
-    slots = getattr(chat.engine, "parallel", None)
-    if parallel and isinstance(slots, int) and slots < parallel:
-        raise click.UsageError(
-            f"--parallel {parallel} needs the llama.cpp engine loaded with {parallel} slots: "
-            "add --backend llama_cpp (--backend auto chose it with one)"
-        )
 
 
 def _ray_address(text: str) -> bool:

@@ -48,8 +48,7 @@ def conversation_file(path: Path, backend: str, model: str, engine: dict[str, An
         system=None,
         options=Options(),
         backend=backend,
-        model=model,
-        engine=engine,
+        engine={"model": model, **engine},
     )
 
 

@@ -4,8 +4,10 @@ a Ray cluster (``pip install 'llava-local[ray]'``).
 It is Ray Data's batch inference: the pictures are a dataset, and ``map_batches`` hands
 small batches of them to a fixed pool of actors, each of which builds one
 :class:`~llava_local.VisionChat` from the chat's serialisable config
-(:attr:`VisionChat.config`, :meth:`VisionChat.from_config`) and keeps it for its life
-(a llama.cpp model cannot be pickled; llama-cpp-python issue 27). Workers read the
+(:attr:`VisionChat.config`, or a plan's description: ``EnginePlan.describe()``) in its
+process's engine pool and keeps it for its life (a llama.cpp model cannot be pickled;
+llama-cpp-python issue 27). The driver needs no engine: the command line plans on the
+driver and sends the plan's config, so only the workers load the model. Workers read the
 pictures themselves, so files must be on a path every node sees (or pass a dataset
 that holds the bytes, such as ``ray.data.read_binary_files(..., include_paths=True)``).
 
@@ -64,7 +66,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ... import structured
+from ... import saving, structured
 from ...chat import VisionChat
 from ...errors import (
     BackendError,
@@ -77,6 +79,7 @@ from ...picture_files import find_pictures
 from ...progress import RunProgress
 from ...structured import Schema
 from ...wording import count, plural
+from ..engines import shared_pool
 from .asking import Answer
 from .job import CaptionJob, CaptionSummary
 from .ledger import Ledger
@@ -120,9 +123,10 @@ def caption_ray(
 ) -> CaptionSummary:
     """:func:`.local.caption` on a Ray cluster: the same arguments, lines and resuming.
 
-    ``chat`` is a :class:`VisionChat` or its :attr:`~VisionChat.config`: each worker
-    builds its own chat from that config (the driver's chat is not used for answers;
-    the CLI closes it before the workers start). ``inputs`` names the pictures as for
+    ``chat`` is a :class:`VisionChat` or its :attr:`~VisionChat.config` (or a plan's
+    ``describe()`` with the chat's settings): each worker builds its own chat from that
+    config (a driver's chat is not used for answers; the command line opens none).
+    ``inputs`` names the pictures as for
     :func:`~llava_local.picture_files.find_pictures`; or pass ``inputs=None`` and
     ``dataset``, an existing ``ray.data.Dataset`` with a ``path`` column of paths (and a
     ``bytes`` column, as ``read_binary_files(include_paths=True)`` gives, so workers
@@ -245,11 +249,11 @@ def _worker_config(
 
 
 def _host_setting(backend: str) -> str | None:
-    """The engine setting that names its server: Ollama's ``host``, OpenAI's ``base_url``."""
+    """The engine setting that names its server (the spec's address: Ollama's ``host``,
+    OpenAI's ``base_url``), None for an engine in this process."""
     from ...backends import registry
 
-    names = registry.get(backend).config.setting_names()
-    return next((name for name in ("host", "base_url") if name in names), None)
+    return registry.get(backend).address
 
 
 def _connect(ray: Any, address: str | None, workers: int | None, cpus: int) -> bool:
@@ -388,7 +392,8 @@ class _Worker:
             key = _host_setting(config["backend"])
             assert key is not None
             config = {**config, "engine": {**config["engine"], key: ray.get(picker.next.remote())}}
-        self.chat = VisionChat.from_config(config)
+        # this process's engine for the plan the driver made (the driver loads none)
+        self.chat = shared_pool().chat_for(saving.arguments(config))
         self.job = job
         self.size = pool_size(self.chat, job.parallel)
         self.settled = settled

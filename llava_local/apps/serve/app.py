@@ -69,7 +69,7 @@ def create_app(
     from starlette.exceptions import HTTPException
 
     chat.allow_text_only = True  # a text-only question is the client's choice
-    parallel = max(1, int(getattr(chat.engine, "parallel", 1)))  # the engine's slots
+    parallel = max(1, chat.engine.describe().parallel)  # the engine's slots
     engine = Engine(chat, name or default_name(chat), limits or Limits(), parallel=parallel)
     openai = OpenAIRoutes(engine)
     ollama = OllamaRoutes(engine, model_facts(chat))

@@ -20,24 +20,24 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from ... import catalog, host, memory
 from ...chat_formats import ChatFormat, choose_format
 from ...control import TurnControl
-from ...demo import DEMO_NAME, is_demo
 from ...errors import (
     ContextOverflowError,
+    InvalidRequestError,
     LlavaLocalError,
-    ModelNotFoundError,
     TurnCancelledError,
 )
-from ...sampling import recommended
+from ...sampling import Sampling, recommended
 from ...types import Message, Options
 from ...wording import count, plural
 from .. import gguf_meta, kv_cache
-from ..base import Backend, Finish, Turn
-from .config import MAX_AUTO_PARALLEL, LlamaCppConfig
+from ..base import Backend, Finish, ModelDescription, Turn
+from ..registry import make_config
+from .config import MAX_AUTO_PARALLEL, LlamaCppConfig, files, settle
 from .jobs import Job
 from .lib import import_llama_cpp
 from .model import LoadedModel
@@ -58,77 +58,49 @@ class LlamaCppBackend(Backend):
     conversations are answered at once, each with a window of ``n_ctx`` positions."""
 
     name = "llama_cpp"
+    keeps_state = True
 
     def __init__(
         self,
-        model: str | os.PathLike[str],
-        mmproj: str | os.PathLike[str],
-        *,
-        n_ctx: int | None = None,
-        n_threads: int | None = None,
-        chat_format: str | None = None,
-        n_gpu_layers: int = 0,
-        n_batch: int = 512,
-        use_mmap: bool = True,
-        verbose: bool = False,
-        embedding_cache_mb: float = 256,
-        kv_cache_mb: float | None = None,
-        kv_cache_dir: str | os.PathLike[str] | None = None,
-        kv_cache_dir_gb: float = 8.0,
-        parallel: int | Literal["auto"] = 1,
-        force: bool = False,
-        catalog_name: str | None = None,
+        config: LlamaCppConfig | str | os.PathLike[str],
+        mmproj: str | os.PathLike[str] | None = None,
+        **settings: Any,
     ) -> None:
+        """Open ``config`` (as :func:`~llava_local.backends.plan` made it), or, by hand,
+        a model file, its projector and :class:`LlamaCppConfig`'s other settings (the
+        same checks and the same settled config)."""
+        if isinstance(config, LlamaCppConfig):
+            if mmproj is not None or settings:
+                raise InvalidRequestError(
+                    "give the engine a LlamaCppConfig alone, or a model file with mmproj= "
+                    "and settings"
+                )
+            given = config
+        else:
+            files_given = {"model": os.fspath(config), "mmproj": mmproj}
+            made = make_config(self.name, {**files_given, **settings})
+            assert isinstance(made, LlamaCppConfig)
+            given = made
+        #: The settings this engine was opened with, as a plan records them and
+        #: :meth:`VisionChat.from_config` rebuilds them (see :func:`.config.settle`).
+        self.config: LlamaCppConfig = settle(given)
+        config = self.config
         self._lib = import_llama_cpp()
         self._mtmd = self._lib.mtmd_cpp
-        # The control of the picture being encoded, polled by CLIP's callback (kept
-        # alive here: C holds only the pointer).
         #: Tokenizing prompts and encoding pictures (libmtmd, in the callers' threads).
-        self.pictures = Pictures(self._lib, int(embedding_cache_mb * 2**20))
+        self.pictures = Pictures(self._lib, int(config.embedding_cache_mb * 2**20))
         #: Projected embeddings of pictures seen before, by content hash.
         self.embeddings = self.pictures.embeddings
-        self.model_path = _existing_file(model, "language model")
-        self.mmproj_path = _existing_file(mmproj, "projector (mmproj)")
+        self.model_path, self.mmproj_path = files(config)
         self.model = self.model_path.name
-        if is_demo(self.model_path):
-            catalog_name = DEMO_NAME
-        #: These settings, as :meth:`VisionChat.from_config` rebuilds them; the demo and
-        #: pulled catalogue models (``catalog_name``) by name, other files by path.
-        self.config = LlamaCppConfig(
-            model=catalog_name or str(self.model_path.resolve()),
-            mmproj=None if catalog_name else str(self.mmproj_path.resolve()),
-            n_ctx=n_ctx,
-            n_threads=n_threads,
-            chat_format=chat_format,
-            n_gpu_layers=n_gpu_layers,
-            n_batch=n_batch,
-            use_mmap=use_mmap,
-            verbose=verbose,
-            embedding_cache_mb=embedding_cache_mb,
-            kv_cache_mb=kv_cache_mb,
-            kv_cache_dir=None if kv_cache_dir is None else str(Path(kv_cache_dir).expanduser()),
-            kv_cache_dir_gb=kv_cache_dir_gb,
-            parallel=parallel,
-            force=force,
-        )
+        n_ctx, n_threads, n_batch = config.n_ctx, config.n_threads, config.n_batch
+        n_gpu_layers, use_mmap, parallel = config.n_gpu_layers, config.use_mmap, config.parallel
         lm_meta, mm_meta = gguf_meta.check_pair(self.model_path, self.mmproj_path)
         self._image_tokens = gguf_meta.image_tokens(mm_meta)
         self._image_size = gguf_meta.image_size(mm_meta)
         self.n_threads = n_threads or host.physical_cores()
         if n_ctx is None:
-            trained = int(lm_meta.get("context_length") or 4096)
-            n_ctx = min(trained, (self._image_tokens or 576) + TEXT_BUDGET)
-            if n_gpu_layers == 0 and not force:  # shorter, if that is what fits
-                n_ctx = memory.default_context(
-                    self.model_path,
-                    self.mmproj_path,
-                    image_tokens=self._image_tokens or 576,
-                    trained=trained,
-                    n_batch=n_batch,
-                    n_threads=self.n_threads,
-                    use_mmap=use_mmap,
-                    slots=1 if parallel == "auto" else parallel,
-                )
+            n_ctx = self._default_n_ctx(config, int(lm_meta.get("context_length") or 4096))
 
         def estimate(slots: int) -> memory.MemoryEstimate:
             return memory.estimate(
@@ -148,7 +120,7 @@ class LlamaCppBackend(Backend):
         #: the kernel's answer to a model that does not fit is to kill the process.
         self.memory_estimate = estimate(parallel)
         if n_gpu_layers == 0:  # with GPU offload the host holds less than this
-            memory.check(self.memory_estimate, force=force)
+            memory.check(self.memory_estimate, force=config.force)
         start = time.perf_counter()
         self._loaded = LoadedModel(
             self._lib,
@@ -160,20 +132,18 @@ class LlamaCppBackend(Backend):
             n_threads=self.n_threads,
             n_gpu_layers=n_gpu_layers,
             use_mmap=use_mmap,
-            verbose=verbose,
+            verbose=config.verbose,
             clip_callback=self.pictures.clip_callback,
         )
         self._load_s = time.perf_counter() - start
         self._n_gpu_layers = n_gpu_layers
         loaded = self._loaded
-        entry = catalog.match(catalog_name) if catalog_name else None
         #: What a turn samples with where its options say nothing: the GGUF's
         #: recommendation, else the catalogue's, else llama.cpp's defaults.
-        self.sampling = recommended(loaded.metadata, entry[0].sampling if entry else None)
-        loaded.sampling = self.sampling
+        self.sampling = loaded.sampling = _recommended(config.model, loaded.metadata)
         self._marker = loaded.marker
         self.chat_format: ChatFormat = choose_format(
-            chat_format,
+            config.chat_format,
             loaded.metadata,
             bos=loaded.piece(loaded.bos, special=True).decode("utf-8", "replace"),
             eos=loaded.piece(loaded.eos, special=True).decode("utf-8", "replace"),
@@ -189,7 +159,9 @@ class LlamaCppBackend(Backend):
         )
         #: Earlier KV states, restored when a prompt shares a longer prefix with one of
         #: them than any slot holds (see :mod:`..kv_cache`).
-        self.kv_cache = self._open_kv_cache(kv_cache_mb, kv_cache_dir, kv_cache_dir_gb)
+        self.kv_cache = self._open_kv_cache(
+            config.kv_cache_mb, config.kv_cache_dir, config.kv_cache_dir_gb
+        )
         mctx, mtmd = loaded.mctx, self._mtmd
         disk = self.kv_cache.disk if self.kv_cache is not None else None
         self._writer = kv_cache.BackgroundWriter(disk) if disk is not None else None
@@ -203,6 +175,23 @@ class LlamaCppBackend(Backend):
         self._closed = False
 
     # -- loading ---------------------------------------------------------------
+
+    def _default_n_ctx(self, config: LlamaCppConfig, trained: int) -> int:
+        """The context when none is given: the pictures' tokens and a text budget within
+        the trained length, shorter if that is what fits the memory (CPU, not forced)."""
+        n_ctx = min(trained, (self._image_tokens or 576) + TEXT_BUDGET)
+        if config.n_gpu_layers == 0 and not config.force:
+            n_ctx = memory.default_context(
+                self.model_path,
+                self.mmproj_path,
+                image_tokens=self._image_tokens or 576,
+                trained=trained,
+                n_batch=config.n_batch,
+                n_threads=self.n_threads,
+                use_mmap=config.use_mmap,
+                slots=1 if config.parallel == "auto" else config.parallel,
+            )
+        return n_ctx
 
     def _state_settings(self) -> dict[str, Any]:
         """The settings a KV state depends on besides the two files."""
@@ -263,6 +252,14 @@ class LlamaCppBackend(Backend):
     def n_ctx(self) -> int:
         """The context window of one conversation, in tokens (positions)."""
         return self._loaded.n_ctx
+
+    def describe(self) -> ModelDescription:
+        return ModelDescription(
+            files=(self.model_path, self.mmproj_path),
+            n_ctx=self.n_ctx,
+            parallel=self.parallel,
+            kv_bytes=self.memory_estimate.kv_bytes,
+        )
 
     @property
     def n_vocab(self) -> int:
@@ -598,18 +595,15 @@ def _auto_parallel(estimate: Callable[[int], memory.MemoryEstimate]) -> int:
     return 1
 
 
-def _existing_file(path: str | os.PathLike[str], what: str) -> Path:
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise ModelNotFoundError(f"no {what} file at {p}; check the path or download it first")
-    if not p.is_file():
-        raise ModelNotFoundError(f"the {what} path {p} is not a file")
-    return p
-
-
 def _grammar(schema: dict[str, Any] | None) -> str | None:
     if schema is None:
         return None
     from ..grammar import grammar_text  # bounds the converter drops; checked it parses
 
     return grammar_text(schema)
+
+
+def _recommended(model: str | None, metadata: dict[str, str]) -> Sampling:
+    """The sampling for ``model`` (a catalogue name or a file) with this GGUF metadata."""
+    entry = catalog.match(model) if model else None
+    return recommended(metadata, entry[0].sampling if entry else None)

@@ -162,7 +162,7 @@ def test_more_at_once_than_the_engine_holds_is_refused(
     slots4: LlamaCppBackend, digits: Path, tmp_path: Path
 ) -> None:
     """parallel=5 on a four-slot engine is refused before the output is made, saying how
-    many it holds; the command line says to load llama.cpp with the slots."""
+    many it holds."""
     out = tmp_path / "out.jsonl"
     with (
         VisionChat(slots4, close_engine=False) as chat,
@@ -170,12 +170,21 @@ def test_more_at_once_than_the_engine_holds_is_refused(
     ):
         caption(chat, digits, out, prompt=DIGIT_PROMPT, parallel=5, progress=False)
     assert not out.exists()
-    args = [str(digits), "-p", DIGIT_PROMPT, "-o", str(out), "--parallel", "2"]
-    args += ["--backend", "auto", "-m", "demo"]
+
+
+def test_the_command_line_loads_the_slots_auto_chose_llama_cpp_for(
+    digits: Path, tmp_path: Path
+) -> None:
+    """caption --parallel 2 with --backend auto choosing llama.cpp (the demo) loads the
+    model with two slots: auto's choice is planned before anything loads, so both
+    pictures are captioned two at a time instead of refused for one slot."""
+    out = tmp_path / "out.jsonl"
+    args = [str(digits), "-p", DIGIT_PROMPT, "-o", str(out), "--parallel", "2", "--limit", "2"]
+    args += ["--backend", "auto", "-m", "demo", "--max-tokens", "4", "--no-progress"]
     result = CliRunner().invoke(caption_command, args)
-    assert result.exit_code == 2
-    assert "--backend llama_cpp" in result.output
-    assert not out.exists()
+    assert result.exit_code == 0, result.output
+    assert "2 captioned" in result.stdout
+    assert len(lines(out)) == 2
 
 
 class Held(Backend):
