@@ -22,6 +22,9 @@ import pytest
 from pydantic import BaseModel, Field
 
 from llava_local import InvalidRequestError, VisionChat
+from llava_local.demo import demo_paths
+from llava_local.gguf_header import read_gguf
+from llava_local.sampling import recommended
 
 from .serve_process import ANSWER, DIGIT, QUESTION, Server, ask, start, stop
 
@@ -390,19 +393,17 @@ def test_library_truncate_keeps_the_end_of_a_long_question() -> None:
 def test_show_says_which_sampling_a_request_without_options_gets(
     ollama_client: ollama.Client,
 ) -> None:
-    """/api/show's parameters list the sampling applied when a request sets none, and its
-    modelfile says where it comes from (the demo recommends none: llama.cpp's)."""
+    """/api/show's parameters list the sampling applied when a request sets none (what
+    the demo's GGUF recommends, else llama.cpp's defaults), and its modelfile says
+    where it comes from."""
+    meta = read_gguf(demo_paths()[0]).meta
+    expected = recommended({k: str(v) for k, v in meta.items() if k.startswith("general.")})
     show = ollama_client.show("demo")
     parameters = dict(line.split() for line in (show.parameters or "").splitlines())
-    assert parameters == {
-        "temperature": "0.8",
-        "top_k": "40",
-        "top_p": "0.95",
-        "min_p": "0.05",
-        "repeat_penalty": "1",
-    }
-    assert "# sampling: llama.cpp's defaults" in (show.modelfile or "")
-    assert "PARAMETER temperature 0.8" in (show.modelfile or "")
+    assert parameters == {name: f"{value:g}" for name, value in expected.values().items()}
+    assert set(parameters) == {"temperature", "top_k", "top_p", "min_p", "repeat_penalty"}
+    assert f"# sampling: {expected.described}" in (show.modelfile or "")
+    assert f"PARAMETER temperature {expected.temperature:g}" in (show.modelfile or "")
 
 
 # -- log-probabilities ----------------------------------------------------------------------
@@ -484,3 +485,18 @@ def test_openai_engine_passes_logprobs_through(server: Server) -> None:
     assert reply.logprobs is not None
     assert "".join(t.token for t in reply.logprobs).strip() == ANSWER
     assert all(len(t.top_logprobs) == 2 for t in reply.logprobs)
+
+
+def test_ollama_engine_passes_logprobs_through(server: Server) -> None:
+    """The Ollama engine asks the daemon for logprobs and returns what it sends."""
+    hub = ollama.Client(host=server.url)
+    try:
+        with VisionChat("ollama", "demo", client=hub, temperature=0) as chat:
+            reply = chat.ask(QUESTION, image=DIGIT, logprobs=2)
+            plain = chat.ask(QUESTION)
+    finally:
+        hub.close()  # type: ignore[no-untyped-call]
+    assert reply.logprobs is not None
+    assert "".join(t.token for t in reply.logprobs).strip() == ANSWER
+    assert all(len(t.top_logprobs) == 2 for t in reply.logprobs)
+    assert plain.logprobs is None

@@ -251,6 +251,17 @@ class Logprob(TokenLogprob):
             for t in tokens
         ]
 
+    def ours(self) -> our_types.TokenLogprob:
+        return our_types.TokenLogprob(
+            token=self.token,
+            logprob=self.logprob,
+            bytes=tuple(self.bytes or ()),
+            top_logprobs=tuple(
+                our_types.TokenLogprob(token=a.token, logprob=a.logprob, bytes=tuple(a.bytes or ()))
+                for a in self.top_logprobs or []
+            ),
+        )
+
 
 def logprobs_option(logprobs: bool | None, top_logprobs: int | None) -> dict[str, Any]:
     """A request's ``logprobs``/``top_logprobs`` as our ``logprobs`` option."""
