@@ -289,7 +289,7 @@ class VisionChat:
         )
         return self._open(request)
 
-    def _tool(self, tool: ToolSpec | None, tools: Sequence[ToolSpec] | None) -> _Forced | None:
+    def _tool(self, tool: ToolSpec | None, tools: Sequence[ToolSpec] | None) -> Forced | None:
         """The tool a question forces, with the schema its arguments are checked
         against (the pydantic class itself when the tool is one)."""
         if tool is None and not tools:
@@ -303,7 +303,7 @@ class VisionChat:
             spec = tool
         forced = as_tool(spec)
         is_model = isinstance(spec, type) and issubclass(spec, BaseModel)
-        return _Forced(forced, spec if is_model else forced.parameters)  # type: ignore[arg-type]
+        return Forced(forced, spec if is_model else forced.parameters)  # type: ignore[arg-type]
 
     def answer(
         self,
@@ -380,7 +380,7 @@ class VisionChat:
         schema: structured.Schema | None,
         options: dict[str, Any],
         stacklevel: int,
-        tool: _Forced | None = None,
+        tool: Forced | None = None,
     ) -> _Request:
         """Everything about a question that is quick to check (no picture is read yet)."""
         if self._closed:
@@ -723,7 +723,7 @@ class _Request:
 
 
 @dataclass(frozen=True)
-class _Forced:
+class Forced:
     """A tool a question forces, and the schema its arguments are checked against."""
 
     tool: Tool

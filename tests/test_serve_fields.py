@@ -9,6 +9,7 @@ clients and plain httpx talk to it over real sockets.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import math
@@ -21,7 +22,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from llava_local import InvalidRequestError, VisionChat
+from llava_local import AsyncVisionChat, InvalidRequestError, Reply, VisionChat
 from llava_local.demo import demo_paths
 from llava_local.gguf_header import read_gguf
 from llava_local.sampling import recommended
@@ -306,6 +307,17 @@ def test_library_forced_tool_on_every_engine(server: Server) -> None:
     finally:
         hub.close()  # type: ignore[no-untyped-call]
     assert daemon_reply.tool_calls[0].arguments == Digit(digit=7)
+
+
+def test_async_chat_forces_a_tool_too() -> None:
+    """AsyncVisionChat.ask(..., tool=...) returns the parsed call as the sync chat does."""
+
+    async def ask() -> Reply:
+        async with AsyncVisionChat.llama_cpp(temperature=0) as chat:
+            return await chat.ask(QUESTION, image=DIGIT, tool=Digit)
+
+    reply = asyncio.run(ask())
+    assert [(call.name, call.arguments) for call in reply.tool_calls] == [("Digit", Digit(digit=7))]
 
 
 def test_library_refuses_a_choice_among_tools() -> None:
