@@ -41,8 +41,14 @@ class Digit(BaseModel):
 
 def _llm(recorder: Recorder, home: Path, *args: str) -> str:
     """The ``llm`` command (its own log and settings in ``home``), with llm-ollama
-    pointed at the server by ``OLLAMA_HOST``."""
-    env = {**os.environ, "LLM_USER_PATH": str(home), "OLLAMA_HOST": recorder.url}
+    pointed at the server by ``OLLAMA_HOST`` (and a key for OpenAI-style models, which
+    llm asks for even when the server needs none)."""
+    env = {
+        **os.environ,
+        "LLM_USER_PATH": str(home),
+        "OLLAMA_HOST": recorder.url,
+        "OPENAI_API_KEY": "unused",
+    }
     llm = Path(sys.executable).with_name("llm")
     done = subprocess.run(
         [str(llm), *args], env=env, capture_output=True, text=True, timeout=300, check=False
@@ -66,6 +72,33 @@ def test_llm_with_llm_ollama_asks_and_follows_up(recorder: Recorder, tmp_path: P
     assert asked["messages"][-1]["images"]
     assert [m["role"] for m in followed["messages"]] == ["user", "assistant", "user"]
     assert followed["messages"][0]["images"] == asked["messages"][-1]["images"]
+
+
+def test_llm_with_an_openai_compatible_model(recorder: Recorder, tmp_path: Path) -> None:
+    """``llm`` with the server declared in ``extra-openai-models.yaml`` (``vision: true``)
+    sends the picture as an image_url part and reads the digit."""
+    (tmp_path / "extra-openai-models.yaml").write_text(
+        f"- model_id: demo-openai\n  model_name: demo\n  api_base: {recorder.url}/v1\n"
+        "  vision: true\n"
+    )
+    mark = len(recorder.seen)
+    said = _llm(
+        recorder,
+        tmp_path,
+        "-m",
+        "demo-openai",
+        "-a",
+        str(DIGIT),
+        "-o",
+        "temperature",
+        "0",
+        QUESTION,
+    )
+    assert said == ANSWER
+    (body,) = recorder.posts(mark, "/v1/chat/completions")
+    assert body["model"] == "demo"
+    parts = body["messages"][-1]["content"]
+    assert {part["type"] for part in parts} == {"text", "image_url"}
 
 
 # -- litellm -------------------------------------------------------------------------------
@@ -157,3 +190,29 @@ def test_instructor_gets_a_digit(recorder: Recorder, mode: str) -> None:
         assert body["tool_choice"] == {"type": "function", "function": {"name": "Digit"}}
     else:
         assert body["response_format"]["type"] == "json_schema"
+
+
+def test_instructor_answer_cut_by_max_tokens_is_not_a_server_error(recorder: Recorder) -> None:
+    """An answer cut by max_tokens inside its JSON is a 200 with finish_reason "length":
+    instructor says the output is incomplete after one request (a 500 would have had
+    the openai client retry it, for minutes)."""
+    import instructor
+    import openai
+    from instructor.core.exceptions import IncompleteOutputException
+
+    class Caption(BaseModel):
+        text: str
+
+    mark = len(recorder.seen)
+    raw = openai.OpenAI(base_url=f"{recorder.url}/v1", api_key="none")
+    client = instructor.from_openai(raw, mode=instructor.Mode.JSON_SCHEMA)
+    with pytest.raises(IncompleteOutputException):
+        client.chat.completions.create(
+            model="demo",
+            response_model=Caption,
+            messages=[{"role": "user", "content": CONTENT}],
+            temperature=0,
+            max_tokens=6,
+            max_retries=0,
+        )
+    assert len(recorder.posts(mark, "/v1/chat/completions")) == 1
