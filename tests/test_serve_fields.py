@@ -109,10 +109,17 @@ def test_generate_takes_system_format_and_options(ollama_client: ollama.Client) 
 
 
 def test_generate_loads_with_an_empty_prompt(server: Server) -> None:
-    """An empty prompt is Ollama's way to load the model: done, reason "load"."""
+    """An empty prompt is Ollama's way to load the model (done, reason "load") or, with
+    keep_alive 0, to unload it ("unload"; the server keeps it for its other clients)."""
     loaded = _post(server, "/api/generate", {"model": "demo", "keep_alive": "5m"})
     assert loaded.status_code == 200
     assert loaded.json()["done_reason"] == "load"
+    unloaded = _post(server, "/api/generate", {"model": "demo", "keep_alive": 0})
+    assert unloaded.json()["done_reason"] == "unload"
+    chat = _post(server, "/api/chat", {"model": "demo", "messages": [], "keep_alive": "0"})
+    assert chat.json()["done_reason"] == "unload"
+    after = {"model": "demo", "prompt": QUESTION, "images": [PICTURE], "stream": False}
+    assert _post(server, "/api/generate", after).json()["done"]  # still answering
 
 
 @pytest.mark.parametrize(

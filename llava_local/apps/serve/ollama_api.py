@@ -15,6 +15,7 @@ the OpenAI routes answer 400 ``context_length_exceeded`` instead, as OpenAI does
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -99,8 +100,9 @@ class OllamaRoutes:
         body = await read_request(request, engine.limits, wire.ChatRequest)
         engine.check_model(body.model)
         model = body.model
-        if not body.messages:  # Ollama's way to load a model: it is loaded
-            return wire.ChatResponse(model=model, done=True, done_reason="load").wire()
+        if not body.messages:  # Ollama's way to load (or unload) a model
+            reason = _loading(body.keep_alive)
+            return wire.ChatResponse(model=model, done=True, done_reason=reason).wire()
         try:
             tool = body.forced_tool(engine.name)
         except LlavaLocalError as exc:
@@ -134,8 +136,9 @@ class OllamaRoutes:
         engine.check_model(body.model)
         _refuse_unsupported(body)
         model = body.model
-        if not (body.prompt or "").strip() and not body.images:  # load the model
-            return wire.GenerateResponse(model=model, done=True, done_reason="load").wire()
+        if not (body.prompt or "").strip() and not body.images:  # load (or unload) it
+            reason = _loading(body.keep_alive)
+            return wire.GenerateResponse(model=model, done=True, done_reason=reason).wire()
 
         def piece(text: str) -> wire.GenerateResponse:
             return wire.GenerateResponse(model=model, response=text)
@@ -256,6 +259,13 @@ def _refuse_unsupported(body: wire.GenerateRequest) -> None:
             "prefix reuse reads only what is new",
             param="context",
         )
+
+
+def _loading(keep_alive: str | float | None) -> str:
+    """What an empty request answers: ``unload`` for ``keep_alive`` 0 (the server keeps
+    its one model loaded all the same: other clients use it), else ``load``."""
+    zero = re.fullmatch(r"0+(\.0*)?(ns|us|µs|ms|s|m|h)?", str(keep_alive).strip())
+    return "unload" if keep_alive is not None and zero else "load"
 
 
 def _figures(reply: Reply) -> dict[str, Any]:
