@@ -55,11 +55,12 @@ TURN = textwrap.dedent(
         return total
 
     model, mmproj, n_ctx, pageout = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    use_mmap = {"map": True, "read": False}.get(sys.argv[5])
     buf = io.BytesIO()
     Image.new("RGB", (400, 300), (30, 120, 200)).save(buf, "PNG")
     base = status("VmRSS")
     chat = VisionChat("llama_cpp", model, mmproj=mmproj, n_ctx=n_ctx, verbose=True,
-                      max_tokens=2, temperature=0)
+                      use_mmap=use_mmap, max_tokens=2, temperature=0)
     chat.ask("What is in the picture?", image=buf.getvalue())
     # VmHWM, not ru_maxrss: ru_maxrss keeps the parent's RSS at fork across exec, so
     # under a big pytest process it reports the parent's size, not this process's.
@@ -102,7 +103,8 @@ class Run:
         return self.measured["peak"] - self.measured["base"]
 
 
-def run_turn(pair: tuple[Path, Path], n_ctx: int, pageout: bool = False) -> Run:
+def run_turn(pair: tuple[Path, Path], n_ctx: int, pageout: bool = False, load: str = "map") -> Run:
+    """``load``: "map" or "read" the model file, or "auto" (the engine's choice)."""
     proc = subprocess.run(
         [
             sys.executable,
@@ -112,6 +114,7 @@ def run_turn(pair: tuple[Path, Path], n_ctx: int, pageout: bool = False) -> Run:
             str(pair[1]),
             str(n_ctx),
             str(pageout and "pageout"),
+            load,
         ],
         capture_output=True,
         text=True,
@@ -163,6 +166,12 @@ def tinyllava_run(tinyllava: tuple[Path, Path]) -> Run:
     return run_turn(tinyllava, 2048, pageout=True)
 
 
+@pytest.fixture(scope="module")
+def tinyllava_auto_run(tinyllava: tuple[Path, Path]) -> Run:
+    """One load + image turn of the 1.1B twin at n_ctx 2048, the engine choosing how to load."""
+    return run_turn(tinyllava, 2048, load="auto")
+
+
 # ------------------------------------------------------------- against measured RSS
 
 
@@ -182,6 +191,23 @@ def test_estimate_brackets_peak_rss_of_the_1b_twin(
     )
     # What must fit leaves out pages the measurement still holds.
     assert est.needed_bytes < tinyllava_run.growth < est.total_bytes + 256 * MiB
+
+
+def test_a_model_read_instead_of_mapped_holds_its_repacked_weights_once(
+    tinyllava: tuple[Path, Path], tinyllava_run: Run, tinyllava_auto_run: Run
+) -> None:
+    """Where the CPU repacks the twin's Q4_0 matrices, the engine reads the file instead
+    of mapping it: the peak drops by about the repacked copy (520 MiB), and the estimate
+    for reading brackets it as the mapped one brackets the mapped peak."""
+    if memory.maps_weights(tinyllava[0]):
+        pytest.skip("this CPU does not repack Q4_0 (no AVX2): the engine maps the file")
+    est = memory.estimate(*tinyllava, n_ctx=2048, n_threads=physical_cores(), use_mmap=False)
+    ratio = est.total_bytes / tinyllava_auto_run.growth
+    assert 0.85 <= ratio <= 1.3, (
+        f"estimate {mib(est.total_bytes):.0f} MiB, measured {mib(tinyllava_auto_run.growth):.0f}"
+    )
+    saved = tinyllava_run.growth - tinyllava_auto_run.growth
+    assert 0.8 * est.repack_bytes <= saved <= 1.2 * est.repack_bytes, mib(saved)
 
 
 def test_parts_match_the_buffers_llama_cpp_allocates(
@@ -565,3 +591,35 @@ def test_estimate_is_a_plain_record(tiny_estimate: memory.MemoryEstimate) -> Non
     )
     assert dumped["total_bytes"] == sum(dumped[p] for p in parts)
     assert dumped["needed_bytes"] == dumped["total_bytes"] - dumped["reclaimable_bytes"]
+
+
+def mapped(path: Path) -> bool:
+    """Whether this process maps ``path`` now."""
+    return str(path.resolve()) in Path("/proc/self/maps").read_text()
+
+
+def test_the_engine_reads_a_model_its_cpu_repacks_instead_of_mapping_it(
+    tiny_pair: GgufPair, tiny_pair_q4: GgufPair
+) -> None:
+    """A model whose weights this CPU mostly repacks (Q4_0 with AVX2) is read, not mapped,
+    so each weight is held once; one never repacked (f32) stays mapped; ``use_mmap``
+    given is obeyed both ways (before, llama.cpp 0.3.36 mapped every file whatever
+    ``use_mmap`` said: the setting had become ``load_mode``)."""
+    from llava_local.backends.llama_cpp import LlamaCppBackend
+
+    repacks = not memory.maps_weights(tiny_pair_q4.lm)
+    assert repacks == ("AVX2" in memory.cpu_features())
+    assert memory.maps_weights(tiny_pair.lm)
+    for pair, setting, expected in [
+        (tiny_pair_q4, None, not repacks),
+        (tiny_pair, None, True),
+        (tiny_pair, False, False),
+        (tiny_pair_q4, True, True),
+    ]:
+        engine = LlamaCppBackend(pair.lm, pair.mmproj, n_ctx=256, use_mmap=setting)
+        try:
+            assert (engine.use_mmap, mapped(pair.lm)) == (expected, expected), (pair.lm, setting)
+            est = engine.memory_estimate
+            assert est.reclaimable_bytes == (est.repack_bytes if expected else 0)
+        finally:
+            engine.close()

@@ -40,7 +40,9 @@ class LlamaCppConfig(EngineConfig):
     chat_format: str | None = setting(None, help="Prompt format, e.g. vicuna", flag="--chat-format")
     n_gpu_layers: int = 0
     n_batch: int = 512
-    use_mmap: bool = True
+    #: Memory-map the model file; None: yes, unless this CPU repacks most of its
+    #: weights (then the file is read, so each weight is held once: memory.maps_weights).
+    use_mmap: bool | None = None
     verbose: bool = False
     embedding_cache_mb: float = 256
     #: KV states kept in memory, in MB: None sizes it from the memory available after

@@ -95,6 +95,10 @@ class LlamaCppBackend(Backend):
         self.model = self.model_path.name
         n_ctx, n_threads, n_batch = config.n_ctx, config.n_threads, config.n_batch
         n_gpu_layers, use_mmap, parallel = config.n_gpu_layers, config.use_mmap, config.parallel
+        #: Whether the model file is memory-mapped (or read into memory).
+        self.use_mmap = use_mmap = (
+            memory.maps_weights(self.model_path) if use_mmap is None else use_mmap
+        )
         lm_meta, mm_meta = gguf_meta.check_pair(self.model_path, self.mmproj_path)
         self._image_tokens = gguf_meta.image_tokens(mm_meta)
         self._image_size = gguf_meta.image_size(mm_meta)
@@ -188,7 +192,7 @@ class LlamaCppBackend(Backend):
                 trained=trained,
                 n_batch=config.n_batch,
                 n_threads=self.n_threads,
-                use_mmap=config.use_mmap,
+                use_mmap=self.use_mmap,
                 slots=1 if config.parallel == "auto" else config.parallel,
             )
         return n_ctx

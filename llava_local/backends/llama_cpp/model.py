@@ -78,8 +78,8 @@ class LoadedModel:
     def _load_model(self, n_gpu_layers: int, use_mmap: bool) -> Any:
         lib = self.lib
         params = lib.llama_model_default_params()
-        params.n_gpu_layers = n_gpu_layers
-        params.use_mmap = use_mmap
+        mode = lib.LLAMA_LOAD_MODE_MMAP if use_mmap else lib.LLAMA_LOAD_MODE_NONE
+        _set(params, n_gpu_layers=n_gpu_layers, load_mode=mode)
         model = lib.llama_model_load_from_file(str(self.model_path).encode(), params)
         if not model:
             raise ModelLoadError(
@@ -91,14 +91,19 @@ class LoadedModel:
     def _context(self, cells: int, n_seq: int, n_batch: int, n_threads: int) -> Any:
         lib = self.lib
         params = lib.llama_context_default_params()
-        params.n_ctx = cells
-        params.n_batch = params.n_ubatch = min(n_batch, cells)
-        params.n_seq_max = n_seq
-        params.kv_unified = True  # one pool of cells, used by whichever sequence needs it
-        # As llama-cpp-python's Llama has it, which memory.estimate was fitted to.
-        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        params.n_threads = params.n_threads_batch = n_threads
-        params.no_perf = True
+        _set(
+            params,
+            n_ctx=cells,
+            n_batch=min(n_batch, cells),
+            n_ubatch=min(n_batch, cells),
+            n_seq_max=n_seq,
+            kv_unified=True,  # one pool of cells, used by whichever sequence needs it
+            # As llama-cpp-python's Llama has it, which memory.estimate was fitted to.
+            flash_attn_type=lib.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+            n_threads=n_threads,
+            n_threads_batch=n_threads,
+            no_perf=True,
+        )
         self.params = params
         ctx = lib.llama_init_from_model(self.model, params)
         if not ctx:
@@ -111,12 +116,15 @@ class LoadedModel:
     def _projector(self, n_threads: int, verbose: bool, clip_callback: Any) -> Any:
         mtmd = self.mtmd
         params = mtmd.mtmd_context_params_default()
-        params.use_gpu = False
-        params.print_timings = verbose
-        params.n_threads = n_threads
-        params.warmup = False
-        params.cb_eval = clip_callback  # lets a stop request end a picture's encoding
-        params.cb_eval_user_data = None
+        _set(
+            params,
+            use_gpu=False,
+            print_timings=verbose,
+            n_threads=n_threads,
+            warmup=False,
+            cb_eval=clip_callback,  # lets a stop request end a picture's encoding
+            cb_eval_user_data=None,
+        )
         mctx = mtmd.mtmd_init_from_file(str(self.mmproj_path).encode(), self.model, params)
         if not mctx:
             raise ModelLoadError(
@@ -183,3 +191,17 @@ class LoadedModel:
         if self.model:
             lib.llama_model_free(self.model)
             self.model = None
+
+
+def _set(params: ctypes.Structure, **values: Any) -> None:
+    """Set fields of a llama.cpp parameter struct, refusing a name the struct lacks:
+    ctypes would keep it as a plain attribute that llama.cpp never sees (0.3.36 replaced
+    ``use_mmap`` with ``load_mode``, and a ``use_mmap=False`` was ignored that way)."""
+    fields = {name for name, *_ in type(params)._fields_}
+    for name, value in values.items():
+        if name not in fields:
+            raise ModelLoadError(
+                f"this llama-cpp-python has no {type(params).__name__}.{name}; install the "
+                "version pyproject.toml names (scripts/install-llama-cpp.sh)"
+            )
+        setattr(params, name, value)
