@@ -31,7 +31,7 @@ from ...errors import (
     LlavaLocalError,
     TurnCancelledError,
 )
-from ...sampling import Sampling, recommended
+from ...sampling import Sampling
 from ...types import Message, Options
 from ...wording import count, plural
 from .. import gguf_meta, kv_cache
@@ -138,13 +138,11 @@ class LlamaCppBackend(Backend):
             use_mmap=use_mmap,
             verbose=config.verbose,
             clip_callback=self.pictures.clip_callback,
+            catalog_sampling=_catalog_sampling(config.model),
         )
         self._load_s = time.perf_counter() - start
         self._n_gpu_layers = n_gpu_layers
         loaded = self._loaded
-        #: What a turn samples with where its options say nothing: the GGUF's
-        #: recommendation, else the catalogue's, else llama.cpp's defaults.
-        self.sampling = loaded.sampling = _recommended(config.model, loaded.metadata)
         self._marker = loaded.marker
         self.chat_format: ChatFormat = choose_format(
             config.chat_format,
@@ -251,6 +249,12 @@ class LlamaCppBackend(Backend):
         if self._image_size:
             return max(self._image_size * 2, 64)
         return self.default_max_image_side
+
+    @property
+    def sampling(self) -> Sampling:
+        """What a turn samples with where its options say nothing: the GGUF's
+        recommendation, else the catalogue's, else llama.cpp's defaults."""
+        return self._loaded.sampling
 
     @property
     def n_ctx(self) -> int:
@@ -607,7 +611,7 @@ def _grammar(schema: dict[str, Any] | None) -> str | None:
     return grammar_text(schema)
 
 
-def _recommended(model: str | None, metadata: dict[str, str]) -> Sampling:
-    """The sampling for ``model`` (a catalogue name or a file) with this GGUF metadata."""
+def _catalog_sampling(model: str | None) -> Sampling | None:
+    """The sampling the catalogue recommends for ``model`` (a catalogue name or a file)."""
     entry = catalog.match(model) if model else None
-    return recommended(metadata, entry[0].sampling if entry else None)
+    return entry[0].sampling if entry else None

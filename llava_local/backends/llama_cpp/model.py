@@ -42,6 +42,7 @@ class LoadedModel:
         use_mmap: bool,
         verbose: bool,
         clip_callback: Any,
+        catalog_sampling: Sampling | None = None,
     ) -> None:
         self.lib = lib
         self.mtmd = lib.mtmd_cpp
@@ -70,9 +71,9 @@ class LoadedModel:
         self.n_batch = int(lib.llama_n_batch(self.ctx))
         self.n_ubatch = int(lib.llama_n_ubatch(self.ctx))
         self.metadata = self._metadata()
-        #: What a turn samples with where its options say nothing (set by the engine,
-        #: which knows the catalogue entry too).
-        self.sampling: Sampling = recommended(self.metadata)
+        #: What a turn samples with where its options say nothing: the GGUF's
+        #: recommendation, else the catalogue's (``catalog_sampling``), else llama.cpp's.
+        self.sampling: Sampling = recommended(self.metadata, catalog_sampling)
         self.marker = self.mtmd.mtmd_default_marker().decode()
 
     def _load_model(self, n_gpu_layers: int, use_mmap: bool) -> Any:
