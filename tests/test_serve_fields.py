@@ -258,7 +258,8 @@ def test_tools_left_to_the_model_are_refused_as_ollama_does(
 
 def test_ollama_forced_tool_is_a_tool_call(server: Server) -> None:
     """On /api/chat a forced function comes back as Ollama's tool_calls (arguments an
-    object), whole and streamed."""
+    object), whole and streamed (as Ollama streams it: the call whole, then the last
+    line)."""
     body: dict[str, Any] = {
         "model": "demo",
         "messages": [{"role": "user", "content": QUESTION, "images": [PICTURE]}],
@@ -277,7 +278,10 @@ def test_ollama_forced_tool_is_a_tool_call(server: Server) -> None:
     ]
     calls = [call for line in lines for call in line["message"].get("tool_calls", [])]
     assert calls == [{"function": {"name": "report_digit", "arguments": {"digit": 7}}}]
+    assert lines[-2]["message"]["tool_calls"] == calls  # whole, in a line of its own
+    assert not lines[-2]["done"]
     assert lines[-1]["done"]
+    assert not any(line["message"]["content"] for line in lines)
 
 
 def test_a_tool_result_can_be_sent_back(client: openai.OpenAI) -> None:

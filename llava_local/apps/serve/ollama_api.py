@@ -113,15 +113,21 @@ class OllamaRoutes:
                 return None
             return wire.ChatResponse(model=model, message=_said(text))
 
-        def final(reply: Reply, text: str) -> wire.ChatResponse:
-            message = _said(text)
-            if tool is not None:
-                if reply.parsed is None:  # cut by num_predict: the arguments as written
-                    message = _said(reply.text)
-                else:
-                    function = wire.ToolCallFunction(name=tool.name, arguments=reply.parsed)
-                    message.tool_calls = [wire.ToolCall(function=function)]
-            return wire.ChatResponse(model=model, message=message, **_figures(reply))
+        def final(reply: Reply, streamed: bool) -> list[Chunk]:
+            last = wire.ChatResponse(model=model, message=_said(""), **_figures(reply))
+            if tool is None:
+                last.message = _said("" if streamed else reply.text)
+                return [last]
+            message = _said(reply.text)  # cut by num_predict: the arguments as written
+            if reply.parsed is not None:
+                function = wire.ToolCallFunction(name=tool.name, arguments=reply.parsed)
+                message = wire.Message(
+                    role="assistant", content="", tool_calls=[wire.ToolCall(function=function)]
+                )
+            if not streamed:
+                last.message = message
+                return [last]
+            return [wire.ChatResponse(model=model, message=message), last]  # as Ollama
 
         schema = tool.parameters if tool is not None else wire.schema_of(body.format)
         return await self._answer(
@@ -143,8 +149,9 @@ class OllamaRoutes:
         def piece(text: str) -> wire.GenerateResponse:
             return wire.GenerateResponse(model=model, response=text)
 
-        def final(reply: Reply, text: str) -> wire.GenerateResponse:
-            return wire.GenerateResponse(model=model, response=text, **_figures(reply))
+        def final(reply: Reply, streamed: bool) -> list[Chunk]:
+            text = "" if streamed else reply.text
+            return [wire.GenerateResponse(model=model, response=text, **_figures(reply))]
 
         schema = wire.schema_of(body.format)
         return await self._answer(
@@ -159,10 +166,11 @@ class OllamaRoutes:
         *,
         schema: dict[str, Any] | None,
         piece: Callable[[str], Chunk | None],
-        final: Callable[[Reply, str], Chunk],
+        final: Callable[[Reply, bool], list[Chunk]],
     ) -> Any:
         """Answer ``conversation``: one object, or an NDJSON line per piece and a last
-        line with the figures (a failure after the status is sent: an error line)."""
+        line with the figures (a failure after the status is sent: an error line).
+        ``final(reply, streamed)`` gives the closing lines; the whole answer is its last."""
         path = request.url.path
 
         async def lines(turn: Turn, first: str | None) -> AsyncIterator[str]:
@@ -175,7 +183,8 @@ class OllamaRoutes:
                             yield _line(chunk)
                 reply = turn.reply
                 note_tokens(turn.request, reply)
-                yield _line(final(reply, ""))
+                for chunk in final(reply, True):
+                    yield _line(chunk)
             if turn.error is not None:
                 yield json.dumps(turn.error.body(path)) + "\n"
 
@@ -188,7 +197,7 @@ class OllamaRoutes:
                 **wire.options_from_wire(body.options),
                 **wire.logprobs_option(body.logprobs, body.top_logprobs),
             },
-            whole=lambda reply: final(reply, reply.text).wire(),
+            whole=lambda reply: final(reply, False)[-1].wire(),
             streamed=lines if body.stream else None,
             media_type="application/x-ndjson",
             on_overflow="truncate",  # as Ollama: keep the system and newest messages
