@@ -41,7 +41,16 @@ from .errors import (
 from .images import ImageSource
 from .persist import ColdResumeWarning
 from .stream import ReplyStream
-from .types import Message, Options, PreparedImage, Reply, Stats
+from .types import (
+    Message,
+    Options,
+    PreparedImage,
+    Reply,
+    Stats,
+    TokenLogprob,
+    Tool,
+    ToolCall,
+)
 
 try:
     __version__ = version("llava-local")
@@ -79,6 +88,9 @@ __all__ = [
     "ResponseError",
     "SchemaError",
     "Stats",
+    "TokenLogprob",
+    "Tool",
+    "ToolCall",
     "Turn",
     "TurnCancelledError",
     "TurnControl",

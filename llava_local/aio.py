@@ -24,15 +24,16 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 from . import structured
 from .backends import Backend, EnginePlan
-from .chat import VisionChat
+from .chat import Forced, OnOverflow, VisionChat
 from .control import TurnControl
 from .errors import InvalidRequestError
 from .images import ImageSource
 from .stream import ReplyStream
+from .tools import ToolSpec
 from .types import Message, Options, Reply
 
 _DONE = object()
@@ -167,12 +168,12 @@ class AsyncVisionChat:
         self.sync.allow_text_only = value
 
     @property
-    def on_overflow(self) -> Literal["error", "drop_oldest"]:
+    def on_overflow(self) -> OnOverflow:
         """What a turn that would not fit the context does; see :class:`VisionChat`."""
         return self.sync.on_overflow
 
     @on_overflow.setter
-    def on_overflow(self, value: Literal["error", "drop_oldest"]) -> None:
+    def on_overflow(self, value: OnOverflow) -> None:
         self.sync.on_overflow = value
 
     @property
@@ -214,6 +215,8 @@ class AsyncVisionChat:
         *,
         images: Sequence[ImageSource] | None = None,
         schema: structured.Schema | None = None,
+        tool: ToolSpec | None = None,
+        tools: Sequence[ToolSpec] | None = None,
         **options: Any,
     ) -> AsyncReplyStream:
         """Like :meth:`VisionChat.stream`; iterate it with ``async for``.
@@ -221,7 +224,8 @@ class AsyncVisionChat:
         The prompt and options are checked now; the pictures are prepared in the
         stream's worker thread when it is first read, so a download never blocks the
         loop (a bad picture raises there)."""
-        return self._stream(prompt, image, images, schema, options, stacklevel=3)
+        forced = self.sync._tool(tool, tools)
+        return self._stream(prompt, image, images, schema, options, stacklevel=3, tool=forced)
 
     def _stream(
         self,
@@ -232,6 +236,7 @@ class AsyncVisionChat:
         options: dict[str, Any],
         *,
         stacklevel: int,
+        tool: Forced | None = None,
     ) -> AsyncReplyStream:
         self._refuse_in_reading_task("start another turn")
         request = self.sync._request(
@@ -241,6 +246,7 @@ class AsyncVisionChat:
             schema=schema,
             options=options,
             stacklevel=stacklevel + 1,
+            tool=tool,
         )
         stream = AsyncReplyStream(partial(self.sync._open, request), control=request.control)
         self._streams.add(stream)
@@ -269,10 +275,15 @@ class AsyncVisionChat:
         *,
         images: Sequence[ImageSource] | None = None,
         schema: structured.Schema | None = None,
+        tool: ToolSpec | None = None,
+        tools: Sequence[ToolSpec] | None = None,
         **options: Any,
     ) -> Reply:
         """Like :meth:`VisionChat.ask`, awaiting the whole answer."""
-        async with self._stream(prompt, image, images, schema, options, stacklevel=3) as s:
+        forced = self.sync._tool(tool, tools)
+        async with self._stream(
+            prompt, image, images, schema, options, stacklevel=3, tool=forced
+        ) as s:
             async for _ in s:
                 pass
         return s.reply

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from .chat_formats import get_format
 from .demo import DEMO_NAME
 from .errors import ModelNotFoundError
+from .sampling import Sampling
 
 __all__ = [
     "CATALOG",
@@ -151,6 +152,10 @@ class CatalogEntry(BaseModel):
     evidence: Evidence
     evidence_note: str = ""
     aliases: tuple[str, ...] = ()
+    #: The sampling the model's authors recommend, for files whose GGUF says none
+    #: (see :mod:`llava_local.sampling`); None: llama.cpp's defaults. Set only from the
+    #: model card, named in ``evidence_note``.
+    sampling: Sampling | None = None
 
     @field_validator("chat_format")
     @classmethod

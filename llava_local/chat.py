@@ -9,6 +9,7 @@ a failed or interrupted turn leaves the conversation exactly as it was.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 import warnings
@@ -20,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from . import images as _images
 from . import saving, structured
@@ -36,11 +37,15 @@ from .errors import (
     problems,
 )
 from .stream import ReplyStream
-from .types import Message, Options, PreparedImage, Reply
+from .tools import ToolSpec, as_tool, forced_tool
+from .types import Message, Options, PreparedImage, Reply, Tool
 
 __all__ = ["ReplyStream", "VisionChat"]
 
 _OPTION_NAMES = frozenset(Options.model_fields)
+#: What a turn that would not fit the context does (see ``VisionChat.on_overflow``).
+OnOverflow = Literal["error", "drop_oldest", "truncate"]
+_OVERFLOWS = ("error", "drop_oldest", "truncate")
 #: How often a turn waiting for another thread's turn looks at its own stop flag.
 _WAIT_POLL_S = 0.05
 
@@ -70,7 +75,7 @@ class VisionChat:
         *,
         system: str | None = None,
         max_image_side: int | None = None,
-        on_overflow: Literal["error", "drop_oldest"] = "error",
+        on_overflow: OnOverflow = "error",
         allow_text_only: bool = False,
         on_status: Callable[[str], None] | None = None,
         close_engine: bool = True,
@@ -80,8 +85,8 @@ class VisionChat:
         self.options = _options(options)
         if max_image_side is not None and max_image_side < 16:
             raise InvalidRequestError("max_image_side must be at least 16 pixels")
-        if on_overflow not in ("error", "drop_oldest"):
-            raise InvalidRequestError("on_overflow must be 'error' or 'drop_oldest'")
+        if on_overflow not in _OVERFLOWS:
+            raise InvalidRequestError("on_overflow must be 'error', 'drop_oldest' or 'truncate'")
         #: The engine as planned: its spec and settled config (what :attr:`config` and
         #: :meth:`save` describe, and what engine pools key on); None for an engine
         #: built by hand without a config.
@@ -115,8 +120,10 @@ class VisionChat:
         self.system = system
         #: What a turn that would not fit the context does: raise ContextOverflowError,
         #: or leave out the oldest turns (the system prompt and pictures still talked
-        #: about are kept). The history itself is never changed.
-        self.on_overflow = on_overflow
+        #: about are kept), or, as Ollama does ("truncate"), also cut the start of the
+        #: newest message until the prompt leaves room for an answer (``max_tokens``,
+        #: else a quarter of the context). The history itself is never changed.
+        self.on_overflow: OnOverflow = on_overflow
         #: Questions with no picture anywhere in the conversation are answered from the
         #: text alone; unless this is True, each such turn issues a NoPictureWarning,
         #: because vision models then tend to describe a picture they never saw.
@@ -265,6 +272,8 @@ class VisionChat:
         *,
         images: Sequence[_images.ImageSource] | None = None,
         schema: structured.Schema | None = None,
+        tool: ToolSpec | None = None,
+        tools: Sequence[ToolSpec] | None = None,
         **options: Any,
     ) -> Reply:
         """Ask about ``image`` (or the pictures already in the conversation) and wait.
@@ -272,9 +281,21 @@ class VisionChat:
         With ``schema``, ``reply.parsed`` is the answer checked against it, and an
         answer that does not fit raises :class:`SchemaError`; an answer cut by
         ``max_tokens`` before its JSON ended is not a misfit: ``reply.done_reason`` is
-        ``"length"``, ``reply.parsed`` None and ``reply.text`` the JSON as written."""
+        ``"length"``, ``reply.parsed`` None and ``reply.text`` the JSON as written.
+
+        With ``tool`` (a :class:`~llava_local.Tool`, a pydantic model class or an
+        OpenAI-style function dict), or ``tools`` holding one, the model is made to
+        call it: ``reply.tool_calls`` holds the call, its arguments checked against
+        the tool's parameters (see :mod:`llava_local.tools`: a model not trained for
+        tools cannot choose among several)."""
         request = self._request(
-            prompt, image=image, images=images, schema=schema, options=options, stacklevel=3
+            prompt,
+            image=image,
+            images=images,
+            schema=schema,
+            options=options,
+            stacklevel=3,
+            tool=self._tool(tool, tools),
         )
         with self._open(request) as stream:
             for _ in stream:
@@ -288,9 +309,12 @@ class VisionChat:
         *,
         images: Sequence[_images.ImageSource] | None = None,
         schema: structured.Schema | None = None,
+        tool: ToolSpec | None = None,
+        tools: Sequence[ToolSpec] | None = None,
         **options: Any,
     ) -> ReplyStream:
-        """Like :meth:`ask`, but iterate the answer as it is written.
+        """Like :meth:`ask`, but iterate the answer as it is written (a tool call's
+        arguments, with ``tool``).
 
         Pictures and options are checked now, before anything is sent; the turn is
         kept in the history when the iteration ends. The turn starts at the first
@@ -298,9 +322,31 @@ class VisionChat:
         this one is read to the end or closed raises :class:`InvalidRequestError`).
         """
         request = self._request(
-            prompt, image=image, images=images, schema=schema, options=options, stacklevel=3
+            prompt,
+            image=image,
+            images=images,
+            schema=schema,
+            options=options,
+            stacklevel=3,
+            tool=self._tool(tool, tools),
         )
         return self._open(request)
+
+    def _tool(self, tool: ToolSpec | None, tools: Sequence[ToolSpec] | None) -> Forced | None:
+        """The tool a question forces, with the schema its arguments are checked
+        against (the pydantic class itself when the tool is one)."""
+        if tool is None and not tools:
+            return None
+        if tool is None:
+            given = [as_tool(spec) for spec in tools or []]
+            chosen = forced_tool(given, "required", self.model)
+            assert chosen is not None
+            spec: ToolSpec = (tools or [])[given.index(chosen)]
+        else:
+            spec = tool
+        forced = as_tool(spec)
+        is_model = isinstance(spec, type) and issubclass(spec, BaseModel)
+        return Forced(forced, spec if is_model else forced.parameters)  # type: ignore[arg-type]
 
     def answer(
         self,
@@ -308,6 +354,7 @@ class VisionChat:
         *,
         schema: structured.Schema | None = None,
         control: TurnControl | None = None,
+        on_overflow: OnOverflow | None = None,
         **options: Any,
     ) -> ReplyStream:
         """A reply to the last message of ``messages``, a whole conversation given at once,
@@ -321,8 +368,12 @@ class VisionChat:
         reads only what differs from the turn before, so a client that resends the
         conversation with a new question pays for the question alone. Iterate the
         stream as :meth:`stream`'s; ``control`` is the turn's stop flag when the caller
-        made it first (to cancel a turn whose pictures are still being prepared).
+        made it first (to cancel a turn whose pictures are still being prepared);
+        ``on_overflow`` replaces the chat's own for this turn (``serve``'s Ollama routes
+        answer with ``"truncate"``, as Ollama does).
         """
+        if on_overflow is not None and on_overflow not in _OVERFLOWS:
+            raise InvalidRequestError("on_overflow must be 'error', 'drop_oldest' or 'truncate'")
         if self._closed:
             raise InvalidRequestError("this VisionChat is closed; create a new one")
         self._refuse_reentry("start another turn")
@@ -360,6 +411,7 @@ class VisionChat:
             json_schema,
             control=control or TurnControl(self.on_status),
             earlier=tuple(given[:-1]),
+            on_overflow=on_overflow,
         )
 
     def detach(self) -> None:
@@ -376,6 +428,7 @@ class VisionChat:
         schema: structured.Schema | None,
         options: dict[str, Any],
         stacklevel: int,
+        tool: Forced | None = None,
     ) -> _Request:
         """Everything about a question that is quick to check (no picture is read yet)."""
         if self._closed:
@@ -383,6 +436,12 @@ class VisionChat:
         self._refuse_reentry("start another turn")
         if not isinstance(prompt, str) or not prompt.strip():
             raise InvalidRequestError("the prompt must be a non-empty string")
+        if tool is not None:
+            if schema is not None:
+                raise InvalidRequestError(
+                    "pass schema= or tool=, not both: a tool's arguments follow its parameters"
+                )
+            schema = tool.schema
         opts = self.options.overlay(_options(options))
         json_schema = None if schema is None else structured.json_schema(schema)
         sources = ([] if image is None else [image]) + _picture_list(images)
@@ -397,8 +456,16 @@ class VisionChat:
                 ),
                 stacklevel=stacklevel,
             )
-        control = TurnControl(self.on_status)
-        return _Request(prompt, sources, opts, schema, json_schema, control, attached)
+        return _Request(
+            prompt,
+            sources,
+            opts,
+            schema,
+            json_schema,
+            TurnControl(self.on_status),
+            None if tool is None else tool.tool,
+            attached,
+        )
 
     def _open(self, request: _Request) -> ReplyStream:
         """The turn's stream, once its pictures are prepared (read, downloaded, encoded)."""
@@ -419,6 +486,7 @@ class VisionChat:
             request.schema,
             request.json_schema,
             control=request.control,
+            tool=request.tool,
         )
 
     @property
@@ -485,25 +553,63 @@ class VisionChat:
         json_schema: dict[str, Any] | None,
         control: TurnControl,
         earlier: Sequence[Message] | None = None,
+        *,
+        on_overflow: OnOverflow | None = None,
     ) -> tuple[Turn, int]:
-        """The turn to send, with the oldest turns left out if it would not fit;
-        ``earlier`` is a conversation given instead of the history (see :meth:`answer`)."""
+        """The turn to send, with the oldest turns left out if it would not fit (and,
+        with ``"truncate"``, the newest message's start cut); ``earlier`` is a
+        conversation given instead of the history (see :meth:`answer`)."""
         own = [Message(role="system", content=self.system)] if self.system else []
         if earlier is None:
             system, history = own, list(self._history)
         else:
             system = [m for m in earlier if m.role == "system"] or own
             history = [m for m in earlier if m.role != "system"]
+        overflow = on_overflow or self.on_overflow
         dropped = 0
+        room = None  # tokens left for the answer once trimming started ("truncate")
         while True:
             turn = Turn([*system, *history, message], options, json_schema, control)
-            if self.on_overflow == "error" or not history:
+            if overflow == "error" or (not history and overflow == "drop_oldest"):
                 return turn, dropped
             need = self._backend.context_needed(turn)
-            if need is None or need[0] <= need[1]:
+            if need is None:
                 return turn, dropped
+            if overflow == "truncate" and room is None and need[0] > need[1]:
+                room = options.max_tokens or max(1, need[1] // 4)
+            needed = need[0] if room is None else need[0] - (options.max_tokens or 1) + room
+            if needed <= need[1]:
+                return turn, dropped
+            if not history:
+                return self._cut(turn, need[1] - room if room else need[1]), dropped
             history, message = _drop_oldest_turn(history, message)
             dropped += 1
+
+    def _cut(self, turn: Turn, budget: int) -> Turn:
+        """``turn`` with the start of its last message's text cut until its prompt is
+        at most ``budget`` tokens (Ollama keeps the end of a prompt too long for the
+        context); unchanged when even no text would fit (the pictures alone)."""
+        *before, last = turn.messages
+
+        def cut(k: int) -> Turn:
+            shorter = last.model_copy(update={"content": last.content[k:]})
+            return dataclasses.replace(turn, messages=[*before, shorter])
+
+        def fits(k: int) -> bool:
+            need = self._backend.context_needed(cut(k))
+            one = turn.options.max_tokens or 1
+            return need is None or need[0] - one <= budget
+
+        low, high = 1, len(last.content)
+        if high == 0 or not fits(high):
+            return turn
+        while low < high:  # the fewest characters to cut
+            middle = (low + high) // 2
+            if fits(middle):
+                high = middle
+            else:
+                low = middle + 1
+        return cut(low)
 
     # -- describing and keeping (saving.py does the work) -------------------------------
 
@@ -672,4 +778,13 @@ class _Request:
     schema: structured.Schema | None
     json_schema: dict[str, Any] | None
     control: TurnControl
+    tool: Tool | None = None
     attached: tuple[Attachment, ...] = ()
+
+
+@dataclass(frozen=True)
+class Forced:
+    """A tool a question forces, and the schema its arguments are checked against."""
+
+    tool: Tool
+    schema: structured.Schema

@@ -8,6 +8,7 @@ engine and builds the :class:`~llava_local.types.Reply`; the chat
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from collections.abc import Generator, Iterator
 from types import TracebackType
@@ -17,10 +18,11 @@ from . import structured
 from .backends import Finish
 from .control import STATUS_ANSWERING, TurnControl
 from .errors import BackendError, InvalidRequestError, LlavaLocalError, SchemaError
-from .types import Message, Options, PreparedImage, Reply
+from .tools import call_id
+from .types import Message, Options, PreparedImage, Reply, Tool, ToolCall
 
 if TYPE_CHECKING:
-    from .chat import VisionChat
+    from .chat import OnOverflow, VisionChat
 
 __all__ = ["ReplyStream"]
 
@@ -44,8 +46,13 @@ class ReplyStream(Iterator[str]):
         *,
         control: TurnControl | None = None,
         earlier: tuple[Message, ...] | None = None,
+        tool: Tool | None = None,
+        on_overflow: OnOverflow | None = None,
     ) -> None:
         self.message = message
+        #: The tool the turn must call: the answer is its arguments.
+        self.tool = tool
+        self._on_overflow = on_overflow
         # A conversation given whole (VisionChat.answer): used instead of the history,
         # and the turn is not kept.
         self._earlier = earlier
@@ -119,8 +126,15 @@ class ReplyStream(Iterator[str]):
         try:
             self.control.check()  # cancelled before it started
             turn, self._dropped = chat._fit(
-                self.message, self._options, self._json_schema, self.control, self._earlier
+                self.message,
+                self._options,
+                self._json_schema,
+                self.control,
+                self._earlier,
+                on_overflow=self._on_overflow,
             )
+            if self.tool is not None:
+                turn = dataclasses.replace(turn, tool=self.tool)
             self._engine = chat._backend.generate(turn)
         except BaseException:
             self._end()
@@ -135,6 +149,11 @@ class ReplyStream(Iterator[str]):
         stats.dropped_turns = self._dropped
         text = "".join(self._pieces)
         parsed = self._parsed(text, self._finish.done_reason)
+        calls: tuple[ToolCall, ...] = ()
+        if self.tool is not None and parsed is not None:
+            calls = (
+                ToolCall(id=call_id(), name=self.tool.name, arguments=parsed, arguments_json=text),
+            )
         reply = Reply(
             text=text,
             model=chat.model,
@@ -142,6 +161,8 @@ class ReplyStream(Iterator[str]):
             done_reason=self._finish.done_reason,
             stats=stats,
             parsed=parsed,
+            tool_calls=calls,
+            logprobs=self._finish.logprobs,
         )
         if self._earlier is None:
             chat._keep_turn(self.message, reply)

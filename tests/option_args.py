@@ -17,3 +17,4 @@ class OptionArgs(TypedDict, total=False):
     seed: int
     stop: tuple[str, ...]
     repeat_penalty: float
+    logprobs: int

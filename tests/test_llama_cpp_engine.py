@@ -446,7 +446,7 @@ def test_drop_oldest_moves_pictures_only_while_still_talked_about() -> None:
 def test_unknown_overflow_policy_is_refused(tiny_pair: GgufPair) -> None:
     """A misspelt on_overflow value is an InvalidRequestError."""
     with pytest.raises(InvalidRequestError, match="on_overflow"):
-        open_chat(tiny_pair, on_overflow="truncate")
+        open_chat(tiny_pair, on_overflow="truncat")
 
 
 def test_a_model_too_big_for_free_memory_is_refused(tiny_pair: GgufPair) -> None:

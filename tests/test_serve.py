@@ -477,7 +477,9 @@ def test_oversized_body_and_picture_are_413(server: Server, client: openai.OpenA
 def test_prompt_longer_than_the_context_is_400(
     server: Server, client: openai.OpenAI, ollama_client: ollama.Client
 ) -> None:
-    """A conversation that does not fit the context gets 400 context_length_exceeded."""
+    """A conversation that does not fit the context gets 400 context_length_exceeded on
+    the OpenAI route; the Ollama route cuts it and answers, as Ollama does
+    (tests/test_serve_fields.py has the details)."""
     long_question = "Is it a seven? " * 200  # about 3000 tokens with the demo's bytes
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(
@@ -486,10 +488,9 @@ def test_prompt_longer_than_the_context_is_400(
             stream=True,
         )
     assert caught.value.code == "context_length_exceeded"
-    with pytest.raises(ollama.ResponseError) as refused:
-        ollama_client.chat(model="demo", messages=[{"role": "user", "content": long_question}])
-    assert refused.value.status_code == 400
-    assert "context" in refused.value.error
+    cut = ollama_client.chat(model="demo", messages=[{"role": "user", "content": long_question}])
+    assert cut.done
+    assert (cut.prompt_eval_count or 0) < 2048
     _healthy(server, client)
 
 

@@ -563,8 +563,13 @@ def write_language_model(
     chat_template: str | None = None,
     name: str = "llava-local test model",
     seed: int = 0,
+    sampling: Mapping[str, float] | None = None,
 ) -> Path:
     """Write a llama-architecture GGUF; see the module docstring for names and layout.
+
+    ``sampling`` writes the model's recommended sampling as llama.cpp's
+    ``general.sampling.<key>`` (``temp``, ``top_k``, ``top_p``, ``min_p``,
+    ``penalty_repeat``; ``top_k`` as an integer, the rest as float32).
 
     ``dtype`` applies to 2-D tensors; 1-D norms stay float32 (llama.cpp's own rule).
     ``q8_0``/``q4_0`` quantize given weights with ``gguf.quants`` (rows must be multiples
@@ -620,6 +625,11 @@ def write_language_model(
     w.add_bool("tokenizer.ggml.add_eos_token", False)
     if chat_template:
         w.add_string("tokenizer.chat_template", chat_template)
+    for key, value in (sampling or {}).items():
+        if key == "top_k":
+            w.add_int32(f"general.sampling.{key}", int(value))
+        else:
+            w.add_float32(f"general.sampling.{key}", float(value))
     return _write(Path(path), w, plan)
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..control import TurnControl
-from ..types import DoneReason, Message, Options, Stats
+from ..types import DoneReason, Message, Options, Stats, TokenLogprob, Tool
 
 if TYPE_CHECKING:
     from .spec import EngineConfig
@@ -35,22 +35,30 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Turn:
     """What the core asks of an engine: the whole conversation, ending with the new
-    user message, plus options, an optional JSON schema the answer must fit, and the
-    turn's control (its stop flag, polled by engines whose work is in C, and the
-    status they report)."""
+    user message, plus options, an optional JSON schema the answer must fit (and the
+    forced tool it comes from, if any), and the turn's control (its stop flag, polled
+    by engines whose work is in C, and the status they report)."""
 
     messages: Sequence[Message]
     options: Options
     json_schema: dict[str, Any] | None = None
     control: TurnControl = field(default_factory=TurnControl, compare=False)
+    #: A function the answer must call (its ``json_schema`` is the function's
+    #: parameters): engines whose server takes tools send it as the one tool, forced;
+    #: the others write the arguments to ``json_schema`` as for any schema.
+    tool: Tool | None = None
 
 
 @dataclass(frozen=True)
 class Finish:
-    """The last item of :meth:`Backend.generate`: why it stopped and what it cost."""
+    """The last item of :meth:`Backend.generate`: why it stopped and what it cost, and,
+    when the turn's ``options.logprobs`` asked and the engine can tell, every answer
+    token's log-probability (they come with the finish, not with each text piece: a
+    piece may hold part of a token, or several, once stop strings are held back)."""
 
     done_reason: DoneReason
     stats: Stats
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)

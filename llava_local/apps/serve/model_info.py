@@ -1,5 +1,6 @@
 """The served model as clients see it: its name, and the facts the listing routes give
-(size, digest, family, parameter count, context), read once from its files."""
+(size, digest, family, parameter count, context, the sampling a request without
+options gets), read once from its files."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from ...chat import VisionChat
 from ...errors import LlavaLocalError
 from ...gguf_header import read_gguf
 from ...protocols.ollama import ModelDetails
+from ...sampling import Sampling
 
 
 def default_name(chat: VisionChat) -> str:
@@ -34,6 +36,8 @@ class ModelFacts:
     parameter_size: str
     context_length: int | None
     modified_at: datetime
+    #: What a request without sampling options gets (None: the engine does not say).
+    sampling: Sampling | None = None
 
     def details(self) -> ModelDetails:
         """Ollama's ``details`` of a model (``clip``: it sees pictures)."""
@@ -62,4 +66,6 @@ def model_facts(chat: VisionChat) -> ModelFacts:
     stamp = datetime.fromtimestamp(modified, timezone.utc)
     names = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
     digest = hashlib.sha256(names.encode()).hexdigest()
-    return ModelFacts(size, digest, family, params, context, stamp)
+    sampling = getattr(chat.engine, "sampling", None)
+    sampling = sampling if isinstance(sampling, Sampling) else None
+    return ModelFacts(size, digest, family, params, context, stamp, sampling)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ... import host, memory
+from ... import catalog, host, memory
 from ...chat_formats import ChatFormat, choose_format
 from ...control import TurnControl
 from ...errors import (
@@ -31,6 +31,7 @@ from ...errors import (
     LlavaLocalError,
     TurnCancelledError,
 )
+from ...sampling import Sampling
 from ...types import Message, Options
 from ...wording import count, plural
 from .. import gguf_meta, kv_cache
@@ -137,6 +138,7 @@ class LlamaCppBackend(Backend):
             use_mmap=use_mmap,
             verbose=config.verbose,
             clip_callback=self.pictures.clip_callback,
+            catalog_sampling=_catalog_sampling(config.model),
         )
         self._load_s = time.perf_counter() - start
         self._n_gpu_layers = n_gpu_layers
@@ -247,6 +249,12 @@ class LlamaCppBackend(Backend):
         if self._image_size:
             return max(self._image_size * 2, 64)
         return self.default_max_image_side
+
+    @property
+    def sampling(self) -> Sampling:
+        """What a turn samples with where its options say nothing: the GGUF's
+        recommendation, else the catalogue's, else llama.cpp's defaults."""
+        return self._loaded.sampling
 
     @property
     def n_ctx(self) -> int:
@@ -601,3 +609,9 @@ def _grammar(schema: dict[str, Any] | None) -> str | None:
     from ..grammar import grammar_text  # bounds the converter drops; checked it parses
 
     return grammar_text(schema)
+
+
+def _catalog_sampling(model: str | None) -> Sampling | None:
+    """The sampling the catalogue recommends for ``model`` (a catalogue name or a file)."""
+    entry = catalog.match(model) if model else None
+    return entry[0].sampling if entry else None

@@ -13,6 +13,7 @@ from typing import Any
 
 from ...control import TurnControl
 from ...errors import ModelLoadError
+from ...sampling import Sampling, recommended
 from .lib import set_verbose
 
 #: The longest metadata value read (chat templates run to a few KB).
@@ -41,6 +42,7 @@ class LoadedModel:
         use_mmap: bool,
         verbose: bool,
         clip_callback: Any,
+        catalog_sampling: Sampling | None = None,
     ) -> None:
         self.lib = lib
         self.mtmd = lib.mtmd_cpp
@@ -69,6 +71,9 @@ class LoadedModel:
         self.n_batch = int(lib.llama_n_batch(self.ctx))
         self.n_ubatch = int(lib.llama_n_ubatch(self.ctx))
         self.metadata = self._metadata()
+        #: What a turn samples with where its options say nothing: the GGUF's
+        #: recommendation, else the catalogue's (``catalog_sampling``), else llama.cpp's.
+        self.sampling: Sampling = recommended(self.metadata, catalog_sampling)
         self.marker = self.mtmd.mtmd_default_marker().decode()
 
     def _load_model(self, n_gpu_layers: int, use_mmap: bool) -> Any:

@@ -45,7 +45,7 @@ from ..kv_cache import Key, KVState
 from .jobs import Job
 from .model import LoadedModel
 from .prompt import Part, usable
-from .sampling import Sampler
+from .sampling import Sampler, token_logprob
 from .slots import Slot, Slots
 
 T = TypeVar("T")
@@ -564,6 +564,7 @@ class Scheduler:
             job.options,
             grammar=job.grammar,
             seed=job.seed,
+            defaults=self.model.sampling,
         )
         self._next(job, row)
         if read_a_picture:
@@ -589,6 +590,12 @@ class Scheduler:
             self._finish(job, "stop")
             return
         job.count += 1
+        if job.options.logprobs is not None:  # from the same row the sampler read
+            ptr = self.lib.llama_get_logits_ith(self.model.ctx, row)
+            logits = np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+            job.logprobs.append(
+                token_logprob(logits, token, job.options.logprobs, self.model.piece)
+            )
         piece = job.utf8.decode(self.model.piece(token))
         if job.leading:
             piece = piece.lstrip()
@@ -624,7 +631,8 @@ class Scheduler:
         stats.decode_s = now - job.decode_started
         stats.total_s = now - job.started
         self._release(job)
-        job.send("finish", Finish(reason, stats))
+        logprobs = tuple(job.logprobs) if job.options.logprobs is not None else None
+        job.send("finish", Finish(reason, stats, logprobs))
 
     def _fail(self, job: Job, error: LlavaLocalError) -> None:
         self._release(job)
