@@ -28,9 +28,10 @@ from typing import Any
 
 from . import structured
 from .backends import Backend, EnginePlan
-from .chat import Forced, OnOverflow, VisionChat
+from .chat import Forced, VisionChat
 from .control import TurnControl
 from .errors import InvalidRequestError
+from .fitting import OnOverflow
 from .images import ImageSource
 from .stream import ReplyStream
 from .tools import ToolSpec

@@ -9,7 +9,6 @@ a failed or interrupted turn leaves the conversation exactly as it was.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import threading
 import warnings
@@ -19,12 +18,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from . import fitting, saving, structured
 from . import images as _images
-from . import saving, structured
 from .attach import Attachment
 from .backends import Backend, Turn, registry
 from .backends.plan import EnginePlan, announce
@@ -36,6 +35,7 @@ from .errors import (
     NoPictureWarning,
     problems,
 )
+from .fitting import OnOverflow
 from .stream import ReplyStream
 from .tools import ToolSpec, as_tool, forced_tool
 from .types import Message, Options, PreparedImage, Reply, Tool
@@ -44,7 +44,6 @@ __all__ = ["ReplyStream", "VisionChat"]
 
 _OPTION_NAMES = frozenset(Options.model_fields)
 #: What a turn that would not fit the context does (see ``VisionChat.on_overflow``).
-OnOverflow = Literal["error", "drop_oldest", "truncate"]
 _OVERFLOWS = ("error", "drop_oldest", "truncate")
 #: How often a turn waiting for another thread's turn looks at its own stop flag.
 _WAIT_POLL_S = 0.05
@@ -560,56 +559,19 @@ class VisionChat:
         with ``"truncate"``, the newest message's start cut); ``earlier`` is a
         conversation given instead of the history (see :meth:`answer`)."""
         own = [Message(role="system", content=self.system)] if self.system else []
+
+        def turn_of(messages: list[Message]) -> Turn:
+            return Turn(messages, options, json_schema, control)
+
         if earlier is None:
             system, history = own, list(self._history)
         else:
             system = [m for m in earlier if m.role == "system"] or own
             history = [m for m in earlier if m.role != "system"]
         overflow = on_overflow or self.on_overflow
-        dropped = 0
-        room = None  # tokens left for the answer once trimming started ("truncate")
-        while True:
-            turn = Turn([*system, *history, message], options, json_schema, control)
-            if overflow == "error" or (not history and overflow == "drop_oldest"):
-                return turn, dropped
-            need = self._backend.context_needed(turn)
-            if need is None:
-                return turn, dropped
-            if overflow == "truncate" and room is None and need[0] > need[1]:
-                room = options.max_tokens or max(1, need[1] // 4)
-            needed = need[0] if room is None else need[0] - (options.max_tokens or 1) + room
-            if needed <= need[1]:
-                return turn, dropped
-            if not history:
-                return self._cut(turn, need[1] - room if room else need[1]), dropped
-            history, message = _drop_oldest_turn(history, message)
-            dropped += 1
-
-    def _cut(self, turn: Turn, budget: int) -> Turn:
-        """``turn`` with the start of its last message's text cut until its prompt is
-        at most ``budget`` tokens (Ollama keeps the end of a prompt too long for the
-        context); unchanged when even no text would fit (the pictures alone)."""
-        *before, last = turn.messages
-
-        def cut(k: int) -> Turn:
-            shorter = last.model_copy(update={"content": last.content[k:]})
-            return dataclasses.replace(turn, messages=[*before, shorter])
-
-        def fits(k: int) -> bool:
-            need = self._backend.context_needed(cut(k))
-            one = turn.options.max_tokens or 1
-            return need is None or need[0] - one <= budget
-
-        low, high = 1, len(last.content)
-        if high == 0 or not fits(high):
-            return turn
-        while low < high:  # the fewest characters to cut
-            middle = (low + high) // 2
-            if fits(middle):
-                high = middle
-            else:
-                low = middle + 1
-        return cut(low)
+        return fitting.fit(
+            self._backend, system, history, message, turn_of=turn_of, overflow=overflow
+        )
 
     # -- describing and keeping (saving.py does the work) -------------------------------
 
@@ -749,23 +711,6 @@ def _picture_list(images: Any) -> list[_images.ImageSource]:
         raise InvalidRequestError(
             f"images= takes a list of pictures, not {type(images).__name__}"
         ) from None
-
-
-def _drop_oldest_turn(history: list[Message], message: Message) -> tuple[list[Message], Message]:
-    """History without its oldest question and answer.
-
-    Pictures of the dropped question travel to the oldest remaining question when no
-    later message brings pictures of its own: the conversation is still about them.
-    """
-    dropped, rest = history[:2], history[2:]
-    pictures = tuple(p for m in dropped for p in m.images)
-    if not pictures or any(m.images for m in [*rest, message]):
-        return rest, message
-    for i, m in enumerate(rest):
-        if m.role == "user":
-            rest[i] = m.model_copy(update={"images": pictures})
-            return rest, message
-    return rest, message.model_copy(update={"images": pictures})
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ from .tools import call_id
 from .types import Message, Options, PreparedImage, Reply, Tool, ToolCall
 
 if TYPE_CHECKING:
-    from .chat import OnOverflow, VisionChat
+    from .chat import VisionChat
+    from .fitting import OnOverflow
 
 __all__ = ["ReplyStream"]
 

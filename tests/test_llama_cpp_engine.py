@@ -416,7 +416,7 @@ def test_drop_oldest_keeps_answering_and_the_picture(tiny_pair: GgufPair) -> Non
 
 def test_drop_oldest_moves_pictures_only_while_still_talked_about() -> None:
     """Dropped pictures move to the next question unless a later message has its own."""
-    from llava_local.chat import _drop_oldest_turn
+    from llava_local.fitting import drop_oldest_turn
     from llava_local.types import PreparedImage
 
     def pic(n: int) -> PreparedImage:
@@ -431,14 +431,14 @@ def test_drop_oldest_moves_pictures_only_while_still_talked_about() -> None:
         Message(role="user", content="q2"),
         a,
     ]
-    rest, new = _drop_oldest_turn(history, Message(role="user", content="q3"))
+    rest, new = drop_oldest_turn(history, Message(role="user", content="q3"))
     assert [m.content for m in rest] == ["q2", "ok"]
     assert rest[0].images == (pic(1),)
     assert new.images == ()
-    rest, new = _drop_oldest_turn(history, Message(role="user", content="q3", images=(pic(2),)))
+    rest, new = drop_oldest_turn(history, Message(role="user", content="q3", images=(pic(2),)))
     assert rest[0].images == ()
     assert new.images == (pic(2),)
-    rest, new = _drop_oldest_turn(history[:2], Message(role="user", content="q3"))
+    rest, new = drop_oldest_turn(history[:2], Message(role="user", content="q3"))
     assert rest == []
     assert new.images == (pic(1),)
 

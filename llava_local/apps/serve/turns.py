@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 from ... import structured
 from ...aio import AsyncReplyStream
-from ...chat import OnOverflow, VisionChat
+from ...chat import VisionChat
 from ...errors import LlavaLocalError, TurnCancelledError
+from ...fitting import OnOverflow
 from ...protocols.ollama import same_model
 from ...types import Message, Reply
 from .downloads import Downloads
