@@ -223,6 +223,7 @@ PYTHON_ONLY = {
     "images": "the same",
     "allow_text_only": "NoPictureWarning: chat prints its own notice (--text-only)",
     "use_saved_address": "VisionChat.load's address check: chat's /load keeps its engine",
+    "tool": "ask(tool=...) with schema=: the commands pass schema= alone",
     "replace": "registry.register(spec, replace=True): engines are registered by Python "
     "code (plugins by their entry point), never by a command",
 }
@@ -233,6 +234,7 @@ PYTHON_CALLS = {
     "read()": "a file object that returns text: the commands pass paths and bytes",
     "register()": "registry.register given no EngineSpec: Python code only",
     "plan()": "VisionChat(plan, settings): the commands pass a plan alone",
+    "attach()": "VisionChat.attach given no picture: chat's /image attaches the one named",
 }
 _PYTHON_ARGUMENT = re.compile(r"(?<![\w./\\?&-])([a-z_][a-z_0-9]*)=(?!=)")
 _PYTHON_CALL = re.compile(r"\b[a-z_][a-z_0-9]*\(\)")
