@@ -593,9 +593,23 @@ def test_estimate_is_a_plain_record(tiny_estimate: memory.MemoryEstimate) -> Non
     assert dumped["needed_bytes"] == dumped["total_bytes"] - dumped["reclaimable_bytes"]
 
 
-def mapped(path: Path) -> bool:
-    """Whether this process maps ``path`` now."""
-    return str(path.resolve()) in Path("/proc/self/maps").read_text()
+# Opens the engine on a pair with each use_mmap setting in a fresh process (in the test
+# process, another engine or runner may map the same file) and prints what it chose and
+# whether the file is mapped.
+MAPPED = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    from llava_local.backends.llama_cpp import LlamaCppBackend
+
+    lm, mmproj, setting = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    engine = LlamaCppBackend(lm, mmproj, n_ctx=256, use_mmap=setting)
+    est = engine.memory_estimate
+    mapped = str(Path(lm).resolve()) in Path("/proc/self/maps").read_text()
+    print(json.dumps([engine.use_mmap, mapped, est.reclaimable_bytes, est.repack_bytes]))
+    engine.close()
+    """
+)
 
 
 def test_the_engine_reads_a_model_its_cpu_repacks_instead_of_mapping_it(
@@ -605,8 +619,6 @@ def test_the_engine_reads_a_model_its_cpu_repacks_instead_of_mapping_it(
     so each weight is held once; one never repacked (f32) stays mapped; ``use_mmap``
     given is obeyed both ways (before, llama.cpp 0.3.36 mapped every file whatever
     ``use_mmap`` said: the setting had become ``load_mode``)."""
-    from llava_local.backends.llama_cpp import LlamaCppBackend
-
     repacks = not memory.maps_weights(tiny_pair_q4.lm)
     assert repacks == ("AVX2" in memory.cpu_features())
     assert memory.maps_weights(tiny_pair.lm)
@@ -616,10 +628,11 @@ def test_the_engine_reads_a_model_its_cpu_repacks_instead_of_mapping_it(
         (tiny_pair, False, False),
         (tiny_pair_q4, True, True),
     ]:
-        engine = LlamaCppBackend(pair.lm, pair.mmproj, n_ctx=256, use_mmap=setting)
-        try:
-            assert (engine.use_mmap, mapped(pair.lm)) == (expected, expected), (pair.lm, setting)
-            est = engine.memory_estimate
-            assert est.reclaimable_bytes == (est.repack_bytes if expected else 0)
-        finally:
-            engine.close()
+        args = [str(pair.lm), str(pair.mmproj), json.dumps(setting)]
+        proc = subprocess.run(
+            [sys.executable, "-c", MAPPED, *args], capture_output=True, text=True, check=False
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        chose, mapped, reclaimable, repack = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert (chose, mapped) == (expected, expected), (pair.lm, setting)
+        assert reclaimable == (repack if expected else 0)
