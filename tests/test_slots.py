@@ -271,3 +271,50 @@ def test_questions_about_one_picture_at_once_read_it_once(tiny_pair: GgufPair) -
     assert cached[0] == 0
     assert cached[1] >= tiny_pair.vision.n_image_tokens
     assert sum(known(r.stats.images_encoded) for r in replies) == 1
+
+
+def test_a_picture_is_encoded_between_decode_steps_never_during_one(
+    tiny_pair: GgufPair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While one conversation is answered, another's picture is encoded between two of
+    its decode steps, never during one: both use every core, and at once they only slow
+    each other down (before, a decode step ran beside the encoding)."""
+    import llama_cpp
+    from llama_cpp import mtmd_cpp
+
+    encoding = threading.Event()
+    overlaps: list[str] = []
+    decode, encode = llama_cpp.llama_decode, mtmd_cpp.mtmd_encode_chunk
+
+    def decode_watched(ctx: Any, batch: Any) -> int:
+        if encoding.is_set():
+            overlaps.append("a decode step while a picture was encoded")
+        return int(decode(ctx, batch))
+
+    def encode_slowly(mctx: Any, chunk: Any) -> int:
+        encoding.set()
+        try:
+            time.sleep(0.3)  # long enough for the other turn to want several steps
+            return int(encode(mctx, chunk))
+        finally:
+            encoding.clear()
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", decode_watched)
+    monkeypatch.setattr(mtmd_cpp, "mtmd_encode_chunk", encode_slowly)
+    backend = engine_for(tiny_pair, parallel=2, kv_cache_mb=0, embedding_cache_mb=0)
+    try:
+        first, second = (VisionChat(backend, close_engine=False) for _ in range(2))
+        answering = threading.Thread(
+            target=lambda: first.ask("Tell me about it.", image=png_bytes(seed=121), **LONG)
+        )
+        answering.start()
+        deadline = time.monotonic() + 60
+        while backend.turns_running < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for seed in (122, 123):  # two pictures while the first answer is written
+            second.reset()
+            second.ask("What is it?", image=png_bytes(seed=seed), **LONG)
+        answering.join(timeout=60)
+    finally:
+        backend.close()
+    assert not overlaps

@@ -8,6 +8,7 @@ The context is made for several sequences (``n_seq``) sharing one unified KV cac
 from __future__ import annotations
 
 import ctypes
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,11 @@ class LoadedModel:
         #: Positions one conversation may use (the context has ``n_ctx * n_seq`` cells).
         self.n_ctx = n_ctx
         self.params: Any = None  # the context's parameters, as llama.cpp was given them
+        #: Held around each computation: a decode step (the driver) or a picture's CLIP
+        #: (a caller's thread). Each uses every core, and two at once only slow each
+        #: other down (ggml's threads spin while they wait): with four clients on two
+        #: cores, follow-ups of 13 tokens took two minutes while pictures were encoded.
+        self.compute = threading.Lock()
         self.model: Any = None
         self.ctx: Any = None
         self.mctx: Any = None

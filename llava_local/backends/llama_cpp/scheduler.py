@@ -479,7 +479,8 @@ class Scheduler:
         if abortable:
             lib.llama_set_abort_callback(ctx, self._abort_cb, None)
         try:
-            code = int(lib.llama_decode(ctx, batch))
+            with self.model.compute:  # not while a picture is encoded
+                code = int(lib.llama_decode(ctx, batch))
         finally:
             self._decoding = []
             if abortable:
