@@ -155,6 +155,13 @@ def repack_rule(features: frozenset[str]) -> Callable[[int, int], bool]:
     return lambda ggml_type, rows: ggml_type in need and rows % need[ggml_type] == 0
 
 
+def _packed_bytes(tensors: list[GgufTensor], features: frozenset[str] | None) -> int:
+    """Bytes of the tensors llama.cpp repacks on a CPU with ``features`` (default: this
+    one's)."""
+    rule = repack_rule(cpu_features() if features is None else features)
+    return sum(t.nbytes for t in tensors if _repacked(t, rule))
+
+
 def _repacked(tensor: GgufTensor, rule: Callable[[int, int], bool]) -> bool:
     if tensor.name in _LOOKUP_TENSORS or len(tensor.shape) < 2:
         return False
@@ -285,8 +292,7 @@ def estimate(
     arch = str(lm.meta.get("general.architecture", "llama"))
     shapes = {t.name: t.shape for t in lm.tensors}
 
-    rule = repack_rule(cpu_features() if features is None else features)
-    packed = sum(t.nbytes for t in lm.tensors if _repacked(t, rule))
+    packed = _packed_bytes(lm.tensors, features)
     weights = sum(t.nbytes for t in lm.tensors)
 
     embd = shapes.get("token_embd.weight", ())
@@ -341,8 +347,7 @@ def maps_weights(model: Path, features: frozenset[str] | None = None) -> bool:
     GiB instead of 5.8 after loading); reading the file instead holds each weight once.
     """
     lm = read_gguf(Path(model))
-    rule = repack_rule(cpu_features() if features is None else features)
-    packed = sum(t.nbytes for t in lm.tensors if _repacked(t, rule))
+    packed = _packed_bytes(lm.tensors, features)
     return 2 * packed <= sum(t.nbytes for t in lm.tensors)
 
 
