@@ -138,6 +138,36 @@ def test_a_quiet_minute_still_gets_a_line() -> None:
     ]
 
 
+def test_a_resumed_build_counts_the_steps_compiled_before() -> None:
+    """When ninja has fewer steps left than the whole build had, the filter says how many
+    were compiled before and shows percentages of the whole build; a build from nothing
+    hands its step count on."""
+    build = load_filter()
+    rest = [f"  [{i}/20] gcc f{i}.c" for i in range(1, 21)]
+    resumed = list(build.progress(rest, clock=lambda: 0.0, steps=40))
+    assert resumed[0] == "  resuming the build: 20 of 40 steps already compiled"
+    assert percents(resumed) == [52, 60, 70, 80, 90, 100]
+    told: list[int] = []
+    fresh = list(build.progress(rest, clock=lambda: 0.0, on_steps=told.append))
+    assert told == [20]
+    assert not any("resuming" in line for line in fresh)
+    assert percents(fresh)[0] == 5
+
+
+def test_each_run_records_its_seconds_as_it_goes(tmp_path: Path) -> None:
+    """The time record of a run holds its seconds so far while the output passes (at most
+    a write a second, so a killed run keeps what it took) and its whole time at the end."""
+    build = load_filter()
+    # The clock at the start, at each of the four items, and at the end.
+    times = iter([100.0, 100.0, 130.0, 130.5, 190.0, 191.0])
+    record = tmp_path / "1"
+    lines = build.recorded(["a", None, "b", "c"], record, clock=lambda: next(times))
+    seen = [(item, record.read_text()) for item in lines]
+    assert seen == [("a", "0.0\n"), (None, "30.0\n"), ("b", "30.0\n"), ("c", "90.0\n")]
+    assert record.read_text() == "91.0\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["1"]  # no half-written file left
+
+
 # --- the script, with a stand-in Python ----------------------------------------------
 
 
