@@ -202,7 +202,7 @@ build_python() {
   local bpy="$build_env/bin/python" needs
   needs=$("$bpy" "$here/build_requires.py" "$tree" 2>>"$log") ||
     fail "reading the build requirements of $tree failed"
-  # pip 22.1 is the first to pass -C (config settings) to the build backend.
+  # pip 22.1 is the first whose wheel command passes --config-settings to the backend.
   # shellcheck disable=SC2086 # one requirement a line, none with spaces
   "$bpy" -m pip install 'pip>=22.1' $needs >>"$log" 2>&1 ||
     fail "installing the build's tools ($needs) failed"
@@ -246,8 +246,8 @@ if ! ls "$wheels"/llama_cpp_python-"$VERSION"-*.whl >/dev/null 2>&1; then
   printf '\n=== run %d of the build, %s ===\n' "$run" "$(date -u '+%Y-%m-%d %H:%M UTC')" >>"$log"
   # Unbuffered: scikit-build-core's "*** Configuring CMake..." comes when it happens.
   if ! env PYTHONUNBUFFERED=1 "${host[@]}" "$build_env/bin/python" -m pip wheel -v \
-      --no-cache-dir --no-deps --no-build-isolation -C "build-dir=$build/cmake" \
-      -w "$wheels" "$tree" 2>&1 | tee -a "$log" \
+      --no-cache-dir --no-deps --no-build-isolation \
+      --config-settings "build-dir=$build/cmake" -w "$wheels" "$tree" 2>&1 | tee -a "$log" \
       | "${progress[@]}" --steps "$build/steps" --record "$build/runs/$run" >&2; then
     echo "building llama-cpp-python failed; the end of $log:" >&2
     tail -n 40 "$log" >&2

@@ -313,6 +313,9 @@ def test_the_build_says_how_long_shows_progress_and_where_the_wheel_is(
     assert "scikit-build-core[pyproject]>=0.9.2" in tools.args  # the sdist's build-system
     assert "ninja>=1.5" in asked.args  # what its backend asked for
     assert {"-v", "--no-build-isolation"} <= set(build.args)
+    # The long form: pip 22.1-23.0 (Debian bookworm's python3-venv has 23.0.1) lack -C.
+    settings = build.args.index("--config-settings")
+    assert build.args[settings + 1] == f"build-dir={wheel.parent / 'build/cmake'}"
 
 
 def test_a_failed_build_shows_the_end_of_its_log(fake_python: Path, tmp_path: Path) -> None:
