@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test lint clean chromium arm64-check
 
-$(RUN): pyproject.toml scripts/install-llama-cpp.sh scripts/build_progress.py
+$(RUN): pyproject.toml scripts/install-llama-cpp.sh scripts/build_progress.py scripts/build_requires.py
 	python3 -m venv $(VENV)
 	scripts/install-llama-cpp.sh $(PY)
 	$(PY) -m pip install -e ".[llama-cpp]"

@@ -29,7 +29,13 @@ estimates of those). Needs root (chroot, mounts; run through sudo otherwise).
 
 ``--native-build`` instead runs what a Pi user runs, ``make demo`` in a copy of the
 checkout inside the root (Pi 4 profile): ``scripts/install-llama-cpp.sh`` compiling
-llama.cpp natively, under emulation. It takes hours; BENCHMARKS.md has its time.
+llama.cpp natively, under emulation. It takes hours, more than a working session, so it
+is resumable as on a Pi: the script's wheel cache (``/root/.cache/llava-local/wheels``
+in the root, with the sdist, the build's Python and CMake's build folder until the wheel
+exists) stays in the cached root between runs, and running ``--native-build`` again
+continues the compile where the last run was killed. Each run's output goes to
+``logs/native-make-demo-<time>.log``; the build's own log, every run of it, to
+``build.log`` in that wheel cache. BENCHMARKS.md has its time.
 """
 
 from __future__ import annotations
@@ -226,10 +232,9 @@ def root_fs() -> Path:
 
 def wheel(board: Board) -> Path:
     """The board's llama-cpp-python wheel, cross-built by scripts/install-llama-cpp.sh."""
-    venv = CACHE / "build-venv"
+    venv = CACHE / "build-venv"  # the script makes the build's own environment from it
     if not (venv / "bin/python").exists():
         sh([sys.executable, "-m", "venv", str(venv)])
-        sh([str(venv / "bin/python"), "-m", "pip", "install", "-q", "scikit-build-core>=0.11"])
     env = {
         **os.environ,
         "LLAVA_LOCAL_TARGET": "aarch64",
@@ -534,7 +539,8 @@ def table(rows: list[Row]) -> str:
 
 
 def native_build(root: Path, board: Board) -> int:
-    """``make demo`` in the root as a Pi user runs it: llama.cpp compiled under emulation."""
+    """``make demo`` in the root as a Pi user runs it: llama.cpp compiled under emulation,
+    continuing a build an earlier run left (the wheel cache is in the root's /root)."""
     say("native build: installing cmake, g++ and make in the root")
     checked(
         run(
@@ -550,18 +556,14 @@ def native_build(root: Path, board: Board) -> int:
     folder = OPT / "native"
     shutil.rmtree(root / folder.relative_to("/"), ignore_errors=True)
     shutil.copytree(root / OPT.relative_to("/") / "src", root / folder.relative_to("/"))
+    log = CACHE / "logs" / f"native-make-demo-{time.strftime('%Y%m%d-%H%M%S')}.log"
     say(f"native build: `make demo` in {folder} under QEMU_CPU={board.qemu_cpu}; takes hours")
-    ran = run(
-        root,
-        board,
-        f"cd {folder} && nice -n 19 make demo",
-        timeout=12 * 3600,
-        log=CACHE / "logs" / "native-make-demo.log",
-    )
+    say(f"native build: its output goes to {log}")
+    ran = run(root, board, f"cd {folder} && nice -n 19 make demo", timeout=12 * 3600, log=log)
     print(ran.output[-3000:])
     say(
         f"native build: exit {ran.returncode} after {ran.seconds / 60:.0f} min, peak "
-        f"{ran.peak_bytes / 2**20:.0f} MiB; the log: {CACHE / 'logs' / 'native-make-demo.log'}"
+        f"{ran.peak_bytes / 2**20:.0f} MiB; the log: {log}"
     )
     return 0 if ran.returncode == 0 else 1
 

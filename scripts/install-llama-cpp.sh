@@ -19,6 +19,18 @@
 # build.log beside the wheel. Later installs with the same flags take the cached wheel
 # in seconds.
 #
+# A killed build (Ctrl-C, an ssh session dropped, a power cut) continues where it stopped
+# when the script runs again: until its wheel exists, the cache folder of the flag set
+# keeps src/ (the sdist and its tree unpacked at a fixed path, 290 MB), build-env/ (a
+# virtualenv with scikit-build-core, and ninja or cmake when the system lacks them, 30 MB:
+# pip's isolated build would be a new folder each run, which makes scikit-build-core
+# clear CMake's cache) and build/ (CMake's build folder, up to 50 MB on x86-64, and the
+# seconds each run took), about 370 MB in all. A second run says "resuming the build: N
+# of M steps already compiled" and goes on from that percentage; the last line says
+# "built in 2h41m over 3 runs". Once the wheel is built those three folders are deleted:
+# the cache keeps the wheel (24 MB on x86-64) and build.log (every run's output). Delete
+# build/ to start a build over.
+#
 # Usage: scripts/install-llama-cpp.sh [PYTHON]      (default: python3)
 # Environment:
 #   CMAKE_ARGS                your own build flags (no detection)
@@ -29,8 +41,7 @@
 #   LLAVA_LOCAL_TARGET=aarch64  cross-compile a linux_aarch64 wheel with
 #                             aarch64-linux-gnu-gcc (Debian's g++-aarch64-linux-gnu),
 #                             flags chosen as on that board; only builds, installs
-#                             nothing, and prints the wheel's path (make arm64-check;
-#                             PYTHON needs scikit-build-core: no build isolation)
+#                             nothing, and prints the wheel's path (make arm64-check)
 set -euo pipefail
 PY=${1:-python3}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -111,36 +122,144 @@ fi
 key=$(printf '%s|%s|%s|%s' "$VERSION" "$pyver" "$target" "$recipe" | sha256sum | cut -c1-16)
 wheels="${LLAVA_LOCAL_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/llava-local/wheels}/$key"
 mkdir -p "$wheels"
-isolation=()
+host=()
 if [ -n "$cross" ]; then
   printf '%s\n' "$toolchain" > "$wheels/aarch64-linux-gnu.cmake"
   export CMAKE_ARGS="$CMAKE_ARGS -DCMAKE_TOOLCHAIN_FILE=$wheels/aarch64-linux-gnu.cmake"
-  # The wheel's platform tag: scikit-build-core asks sysconfig, which reads this. pip
-  # would read it too and fetch aarch64 build tools, hence no build isolation: PYTHON
-  # must have scikit-build-core, and cmake and ninja come from the system.
-  export _PYTHON_HOST_PLATFORM=linux-aarch64
-  isolation=(--no-build-isolation)
+  # The wheel's platform tag: scikit-build-core asks sysconfig, which reads this (set
+  # for the build only: the build environment's own tools are this machine's).
+  host=(_PYTHON_HOST_PLATFORM=linux-aarch64)
+fi
+
+src="$wheels/src"
+tree="$src/llama-cpp-python-$VERSION"
+build_env="$wheels/build-env"
+build="$wheels/build"
+log="$wheels/build.log"
+progress=("$PY" "$here/build_progress.py")
+
+# Stop with what failed and the end of the build's log.
+fail() {
+  echo "$1; the end of $log:" >&2
+  tail -n 40 "$log" >&2
+  exit 1
+}
+
+# The seconds the runs of this build took, from the records the progress filter writes.
+seconds_so_far() {
+  find "$build/runs" -type f ! -name '*.new' -exec cat {} + | awk '{s += $1} END {printf "%d", s}'
+}
+
+# "2h41m", or "3m12s" under an hour.
+span() {
+  local s=${1%.*}
+  if [ "$s" -ge 3600 ]; then
+    printf '%dh%02dm' $((s / 3600)) $((s % 3600 / 60))
+  else
+    printf '%dm%02ds' $((s / 60)) $((s % 60))
+  fi
+}
+
+# The sdist, downloaded once (a file already in src/ is used), unpacked at a fixed path:
+# scikit-build-core reuses a build folder only for the same source folder.
+source_tree() {
+  [ -f "$tree/.unpacked" ] && return 0
+  local sdist
+  sdist=$(ls "$src"/llama[_-]cpp[_-]python-"$VERSION".tar.gz 2>/dev/null | head -n 1 || true)
+  if [ -z "$sdist" ]; then
+    rm -rf "$src/download"
+    "$PY" -m pip download --no-deps --no-binary llama-cpp-python -d "$src/download" \
+      "llama-cpp-python==$VERSION" 2>&1 | tee -a "$log" | "${progress[@]}" >&2 ||
+      fail "downloading the source of llama-cpp-python $VERSION failed"
+    sdist=$(ls "$src"/download/*.tar.gz 2>/dev/null | head -n 1) ||
+      fail "pip downloaded no source archive of llama-cpp-python $VERSION"
+    mv "$sdist" "$src/"
+    sdist="$src/$(basename "$sdist")"
+    rm -rf "$src/download"
+  fi
+  rm -rf "$tree" "$src/unpacking"
+  mkdir -p "$src/unpacking"
+  if ! tar -xzf "$sdist" -C "$src/unpacking"; then
+    rm -f "$sdist"
+    echo "$sdist was damaged and is deleted: run the script again to download it" >&2
+    exit 1
+  fi
+  mv "$src"/unpacking/*/ "$tree"
+  rmdir "$src/unpacking"
+  touch "$tree/.unpacked"
+}
+
+# The build's own Python, kept between runs: what pip's isolated build would install
+# (scripts/build_requires.py), at paths that stay the same.
+build_python() {
+  [ -f "$build_env/.ready" ] && return 0
+  echo "  preparing the build's Python (scikit-build-core and the tools it asks for)" >&2
+  rm -rf "$build_env"
+  if ! "$PY" -m venv "$build_env" >>"$log" 2>&1; then
+    echo "$PY cannot make a virtualenv (on Debian: apt-get install python3-venv)" >&2
+    exit 1
+  fi
+  local bpy="$build_env/bin/python" needs
+  needs=$("$bpy" "$here/build_requires.py" "$tree" 2>>"$log") ||
+    fail "reading the build requirements of $tree failed"
+  # pip 22.1 is the first whose wheel command passes --config-settings to the backend.
+  # shellcheck disable=SC2086 # one requirement a line, none with spaces
+  "$bpy" -m pip install 'pip>=22.1' $needs >>"$log" 2>&1 ||
+    fail "installing the build's tools ($needs) failed"
+  needs=$("$bpy" "$here/build_requires.py" --backend "$tree" 2>>"$log") ||
+    fail "asking the build backend what else it needs failed"
+  # shellcheck disable=SC2086
+  [ -z "$needs" ] || "$bpy" -m pip install $needs >>"$log" 2>&1 ||
+    fail "installing the build's tools ($needs) failed"
+  touch "$build_env/.ready"
+}
+
+# One build per flag set at a time: a second waits (where flock exists; not on macOS).
+if command -v flock >/dev/null; then
+  exec 9>"$wheels/.lock"
+  if ! flock -n 9; then
+    echo "another build of these flags is running; waiting for it ($wheels)" >&2
+    flock 9
+  fi
 fi
 
 if ! ls "$wheels"/llama_cpp_python-"$VERSION"-*.whl >/dev/null 2>&1; then
-  log="$wheels/build.log"
+  mkdir -p "$src" "$build/runs"
+  runs=$(find "$build/runs" -type f ! -name '*.new' | wc -l)
+  [ "$runs" -eq 0 ] && [ ! -e "$src/download" ] && [ -z "$(ls "$src")" ] && : >"$log"
   {
     echo "building llama-cpp-python $VERSION${cross:+ for $cross} from source, once: compiling"
     echo "llama.cpp takes 3 to 10 minutes on 2 cores, longer on a Raspberry Pi"
-    echo "(a line per tenth done, and one a minute at least)"
+    echo "(a line per tenth done, and one a minute at least; if it is stopped, running"
+    echo "this script again continues where it stopped)"
     echo "  CMAKE_ARGS='${CMAKE_ARGS:-}'"
     echo "  the whole output goes to $log"
   } >&2
-  start=$SECONDS
-  if ! "$PY" -m pip wheel -v --no-cache-dir --no-deps "${isolation[@]}" -w "$wheels" \
-      "llama-cpp-python==$VERSION" \
-      2>&1 | tee "$log" | "$PY" "$here/build_progress.py" >&2; then
+  if [ "$runs" -gt 0 ]; then
+    times=runs
+    [ "$runs" -eq 1 ] && times=run
+    echo "  resuming the build in $build ($runs $times so far, $(span "$(seconds_so_far)"))" >&2
+  fi
+  source_tree
+  build_python
+  run=$((runs + 1))
+  printf '\n=== run %d of the build, %s ===\n' "$run" "$(date -u '+%Y-%m-%d %H:%M UTC')" >>"$log"
+  # Unbuffered: scikit-build-core's "*** Configuring CMake..." comes when it happens.
+  if ! env PYTHONUNBUFFERED=1 "${host[@]}" "$build_env/bin/python" -m pip wheel -v \
+      --no-cache-dir --no-deps --no-build-isolation \
+      --config-settings "build-dir=$build/cmake" -w "$wheels" "$tree" 2>&1 | tee -a "$log" \
+      | "${progress[@]}" --steps "$build/steps" --record "$build/runs/$run" >&2; then
     echo "building llama-cpp-python failed; the end of $log:" >&2
     tail -n 40 "$log" >&2
+    echo "running the script again continues this build ($build is kept; delete it to" >&2
+    echo "start over, for instance after changing the compiler)" >&2
     exit 1
   fi
-  took=$((SECONDS - start))
-  printf 'built in %dm%02ds\n' $((took / 60)) $((took % 60)) >&2
+  took=$(seconds_so_far)
+  over=""
+  [ "$run" -gt 1 ] && over=" over $run runs"
+  echo "built in $(span "$took")$over" | tee -a "$log" >&2
+  rm -rf "$src" "$build_env" "$build"
 fi
 wheel=$(ls "$wheels"/llama_cpp_python-"$VERSION"-*.whl | head -n 1)
 if [ -n "$cross" ]; then

@@ -4,7 +4,9 @@ llama.cpp build says how long it takes, shows progress, and where the cached whe
 Nothing is compiled here: the filter reads build output shaped like pip's ``-v`` output
 of a llama-cpp-python build (scikit-build-core's ``***`` lines, then ninja's ``[i/N]`` or
 make's ``[ p%]`` compile steps), and the script runs with a stand-in Python whose
-``-m pip`` prints such output and writes an empty wheel.
+``-m pip`` downloads a small sdist, prints such output and writes an empty wheel. The
+real build, killed at 30% and resumed, was run by hand (the commit that made it resumable
+has the lines it printed).
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import importlib.util
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import tarfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -138,34 +143,115 @@ def test_a_quiet_minute_still_gets_a_line() -> None:
     ]
 
 
+def test_a_resumed_build_counts_the_steps_compiled_before() -> None:
+    """When ninja has fewer steps left than the whole build had, the filter says how many
+    were compiled before and shows percentages of the whole build; a build from nothing
+    hands its step count on."""
+    build = load_filter()
+    rest = [f"  [{i}/20] gcc f{i}.c" for i in range(1, 21)]
+    resumed = list(build.progress(rest, clock=lambda: 0.0, steps=40))
+    assert resumed[0] == "  resuming the build: 20 of 40 steps already compiled"
+    assert percents(resumed) == [52, 60, 70, 80, 90, 100]
+    told: list[int] = []
+    fresh = list(build.progress(rest, clock=lambda: 0.0, on_steps=told.append))
+    assert told == [20]
+    assert not any("resuming" in line for line in fresh)
+    assert percents(fresh)[0] == 5
+
+
+def test_each_run_records_its_seconds_as_it_goes(tmp_path: Path) -> None:
+    """The time record of a run holds its seconds so far while the output passes (at most
+    a write a second, so a killed run keeps what it took) and its whole time at the end."""
+    build = load_filter()
+    # The clock at the start, at each of the four items, and at the end.
+    times = iter([100.0, 100.0, 130.0, 130.5, 190.0, 191.0])
+    record = tmp_path / "1"
+    lines = build.recorded(["a", None, "b", "c"], record, clock=lambda: next(times))
+    seen = [(item, record.read_text()) for item in lines]
+    assert seen == [("a", "0.0\n"), (None, "30.0\n"), ("b", "30.0\n"), ("c", "90.0\n")]
+    assert record.read_text() == "91.0\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["1"]  # no half-written file left
+
+
 # --- the script, with a stand-in Python ----------------------------------------------
+
+
+SDIST_PYPROJECT = """\
+[build-system]
+requires = ["scikit-build-core[pyproject]>=0.9.2"]
+build-backend = "scikit_build_core.build"
+"""
 
 
 @pytest.fixture
 def fake_python(tmp_path: Path) -> Path:
-    """A Python whose ``-m pip wheel`` prints a recorded-style build and writes a wheel
-    (or fails when FAIL is set), whose other ``-m pip`` calls do nothing, and which is
-    the real interpreter otherwise; every pip call is appended to $CALLS."""
+    """A Python standing in for pip and the build. ``-m venv DIR`` copies it to
+    DIR/bin/python; ``-m pip download ... -d DIR`` saves a small llama-cpp-python sdist
+    there; ``-m pip wheel`` prints a recorded-style build ($OUTPUT, 40 ninja steps by
+    default) and writes a wheel, fails when FAIL is set, and prints only the first
+    HANG_AFTER lines and hangs when that is set; other ``-m pip`` calls do nothing.
+    Otherwise it is the real interpreter, with a stand-in scikit-build-core backend that
+    asks for ninja. Every pip call is appended to $CALLS."""
     (tmp_path / "build.txt").write_text(ninja_output(40))
+    tree = tmp_path / "sdist" / "llama_cpp_python-0.3.36"
+    tree.mkdir(parents=True)
+    (tree / "pyproject.toml").write_text(SDIST_PYPROJECT)
+    with tarfile.open(tmp_path / "llama_cpp_python-0.3.36.tar.gz", "w:gz") as sdist:
+        sdist.add(tree, arcname=tree.name)
+    backend = tmp_path / "backend" / "scikit_build_core"
+    backend.mkdir(parents=True)
+    (backend / "__init__.py").write_text("")
+    (backend / "build.py").write_text(
+        "def get_requires_for_build_wheel(config_settings=None):\n    return ['ninja>=1.5']\n"
+    )
     script = tmp_path / "python"
     script.write_text(
         "#!/usr/bin/env bash\n"
+        'if [ "$1" = -m ] && [ "$2" = venv ]; then\n'
+        '  mkdir -p "$3/bin" && cp "$0" "$3/bin/python"; exit 0\n'
+        "fi\n"
         'if [ "$1" = -m ] && [ "$2" = pip ]; then\n'
-        '  echo "$* PLATFORM=${_PYTHON_HOST_PLATFORM:-}" >> "$CALLS"\n'
-        '  if [ "$3" = wheel ]; then\n'
+        '  printf "%s\\t%s\\t%s\\n" "$0" "${*:3}" "${_PYTHON_HOST_PLATFORM:-}" >> "$CALLS"\n'
+        "  while [ $# -gt 0 ]; do\n"
+        '    case "$1" in -d | -w) dir=$2 ;; download | wheel) what=$1 ;; esac; shift\n'
+        "  done\n"
+        '  if [ "${what:-}" = download ]; then\n'
+        '    echo "Collecting llama-cpp-python==0.3.36"\n'
+        '    echo "  Downloading llama_cpp_python-0.3.36.tar.gz (77.6 MB)"\n'
+        f'    mkdir -p "$dir" && cp "{tmp_path / "llama_cpp_python-0.3.36.tar.gz"}" "$dir/"\n'
+        '  elif [ "${what:-}" = wheel ]; then\n'
         '    if [ -n "${FAIL:-}" ]; then\n'
         '      echo "  [3/40] gcc x.c"; echo "error: cc1 died"; exit 1\n'
         "    fi\n"
-        f'    cat "{tmp_path / "build.txt"}"\n'
-        '    while [ $# -gt 0 ]; do [ "$1" = -w ] && dir=$2; shift; done\n'
+        f"    output=${{OUTPUT:-{tmp_path / 'build.txt'}}}\n"
+        '    if [ -n "${HANG_AFTER:-}" ]; then\n'
+        '      head -n "$HANG_AFTER" "$output"; exec sleep 120\n'
+        "    fi\n"
+        '    cat "$output"\n'
         '    touch "$dir/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl"\n'
         "  fi\n"
         "  exit 0\n"
         "fi\n"
-        f'exec "{sys.executable}" "$@"\n'
+        f'PYTHONPATH="{tmp_path / "backend"}" exec "{sys.executable}" "$@"\n'
     )
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     return script
+
+
+@dataclass(frozen=True)
+class PipCall:
+    """One ``-m pip`` call of the stand-in: which Python, its arguments after ``pip``, and
+    the platform the build was told (``_PYTHON_HOST_PLATFORM``)."""
+
+    python: str
+    args: list[str]
+    platform: str
+
+
+def pip_calls(tmp_path: Path) -> list[PipCall]:
+    """The stand-in's pip calls so far."""
+    lines = (tmp_path / "calls").read_text().splitlines()
+    return [PipCall(p, a.split(), f) for p, a, f in (line.split("\t") for line in lines)]
 
 
 def run_install(python: Path, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -189,37 +275,120 @@ def run_install(python: Path, tmp_path: Path, **env: str) -> subprocess.Complete
 def test_the_build_says_how_long_shows_progress_and_where_the_wheel_is(
     fake_python: Path, tmp_path: Path
 ) -> None:
-    """A first install announces the minutes it takes, shows compile percentages, and names
-    the cached wheel; a second one builds nothing and names the same wheel."""
+    """A first install announces the minutes it takes, shows compile percentages, says
+    how long it took and names the cached wheel, then deletes the source, build folder and
+    build environment; a second one builds nothing and names the same wheel."""
     first = run_install(fake_python, tmp_path)
     assert first.returncode == 0, first.stderr
     err = first.stderr
     assert "3 to 10 minutes" in err
+    assert "resuming" not in err
     assert percents(err.splitlines())[-1] == 100
+    assert re.search(r"^built in \d+m\d\ds$", err, re.MULTILINE), err
     assert "gcc" not in err  # the compiler lines go to the log only
     (wheel,) = (tmp_path / "wheels").glob("*/llama_cpp_python-0.3.36-*.whl")
     assert f"cached at {wheel}" in err
     assert "takes seconds" in err
     log = wheel.with_name("build.log")
     assert "gcc" in log.read_text()
+    assert not [p.name for p in wheel.parent.iterdir() if p.is_dir()]
 
     again = run_install(fake_python, tmp_path)
     assert again.returncode == 0, again.stderr
     assert "minutes" not in again.stderr
     assert f"cached at {wheel}" in again.stderr
-    calls = (tmp_path / "calls").read_text().splitlines()
-    assert [call.split()[2] for call in calls] == ["wheel", "install", "install"]
-    assert "-v" in calls[0].split()
+    calls = pip_calls(tmp_path)
+    assert [c.args[0] for c in calls] == [
+        "download",
+        "install",
+        "install",
+        "wheel",
+        "install",
+        "install",
+    ]
+    download, tools, asked, build = calls[:4]
+    assert download.python == calls[-1].python == str(fake_python)
+    build_env = str(wheel.parent / "build-env/bin/python")
+    assert tools.python == asked.python == build.python == build_env
+    assert "scikit-build-core[pyproject]>=0.9.2" in tools.args  # the sdist's build-system
+    assert "ninja>=1.5" in asked.args  # what its backend asked for
+    assert {"-v", "--no-build-isolation"} <= set(build.args)
+    # The long form: pip 22.1-23.0 (Debian bookworm's python3-venv has 23.0.1) lack -C.
+    settings = build.args.index("--config-settings")
+    assert build.args[settings + 1] == f"build-dir={wheel.parent / 'build/cmake'}"
 
 
 def test_a_failed_build_shows_the_end_of_its_log(fake_python: Path, tmp_path: Path) -> None:
-    """When the compile fails, the script exits 1 and prints the end of the build log."""
+    """When the compile fails, the script exits 1, prints the end of the build log, and
+    keeps the build folder for the next run."""
     result = run_install(fake_python, tmp_path, FAIL="1")
     assert result.returncode == 1
     assert "building llama-cpp-python failed" in result.stderr
     assert "error: cc1 died" in result.stderr
     assert "build.log" in result.stderr
+    assert "running the script again continues this build" in result.stderr
     assert not list((tmp_path / "wheels").glob("*/*.whl"))
+    assert list((tmp_path / "wheels").glob("*/build/runs/1"))
+
+
+def test_a_killed_build_resumes_where_it_stopped(fake_python: Path, tmp_path: Path) -> None:
+    """A build killed halfway (its whole process group, as a power cut or a dropped ssh
+    session does) continues in the next run: the source is downloaded once, both runs
+    build the same source folder in the same build folder, the second says how many steps
+    were compiled before and starts at the killed percentage, and the last line adds up
+    the time both runs recorded."""
+    env = {
+        **os.environ,
+        "LLAVA_LOCAL_WHEEL_CACHE": str(tmp_path / "wheels"),
+        "CALLS": str(tmp_path / "calls"),
+        "CMAKE_ARGS": "-DGGML_NATIVE=OFF -DGGML_AVX2=ON",
+        "HANG_AFTER": str(10 + 20),  # the ten lines before the steps, then 20 of 40 steps
+    }
+    said = []
+    with subprocess.Popen(
+        [str(INSTALL), str(fake_python)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as killed:
+        try:
+            assert killed.stderr is not None
+            for line in killed.stderr:
+                said.append(line)
+                if "compiling llama.cpp:  50%" in line:
+                    break
+        finally:
+            os.killpg(killed.pid, signal.SIGKILL)
+    assert "compiling llama.cpp:  50%" in said[-1], said
+    (folder,) = (tmp_path / "wheels").glob("*/build")
+    assert (folder / "steps").read_text() == "40\n"
+    (record,) = (folder / "runs").iterdir()
+    float(record.read_text())  # written while the killed run went on
+    record.write_text("5000.0\n")  # as if that run had compiled for 1h23m20s
+
+    rest = tmp_path / "rest.txt"
+    rest.write_text(ninja_output(20))
+    resumed = run_install(fake_python, tmp_path, OUTPUT=str(rest))
+    assert resumed.returncode == 0, resumed.stderr
+    err = resumed.stderr
+    assert "(1 run so far, 1h23m)" in err
+    assert "resuming the build: 20 of 40 steps already compiled" in err
+    shown = percents(err.splitlines())
+    assert shown[0] >= 50
+    assert shown[-1] == 100
+    assert re.search(r"^built in 1h2\dm over 2 runs$", err, re.MULTILINE), err
+    calls = pip_calls(tmp_path)
+    assert [c.args[0] for c in calls].count("download") == 1
+    first, second = (c.args for c in calls if c.args[0] == "wheel")
+    assert f"build-dir={folder / 'cmake'}" in first
+    assert first == second  # the same source folder, build folder and flags
+    assert first[-1] == str(folder.parent / "src/llama-cpp-python-0.3.36")
+    assert not folder.exists()
+    log = (folder.parent / "build.log").read_text()
+    assert "=== run 1 of the build" in log
+    assert "=== run 2 of the build" in log
 
 
 # --- ARM boards: the flags per board, and the cross-compiled wheel of make arm64-check ---
@@ -321,7 +490,9 @@ def test_the_cross_build_for_arm64_check(fake_python: Path, tmp_path: Path) -> N
     args = arm_args(result)
     assert args.startswith("-DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=armv8-a ")
     assert f"-DCMAKE_TOOLCHAIN_FILE={toolchain}" in args
-    (call,) = (tmp_path / "calls").read_text().splitlines()
-    assert call.split()[2] == "wheel"
-    assert "--no-build-isolation" in call.split()
-    assert call.endswith("PLATFORM=linux-aarch64")
+    calls = pip_calls(tmp_path)
+    (build,) = (c for c in calls if c.args[0] == "wheel")
+    assert "--no-build-isolation" in build.args
+    assert build.platform == "linux-aarch64"
+    assert {c.platform for c in calls if c is not build} == {""}  # the tools are x86's
+    assert "install" not in [c.args[0] for c in calls if c.python == str(fake_python)]
