@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llava_local.backends import state_key
+from llava_local.backends.llama_cpp import state_key
 
 from .gguf_fixtures import tiny_mtmd, tiny_pair, tiny_pair_q4
 from .ollama_server import closed_port, ollama_server

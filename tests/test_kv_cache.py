@@ -23,8 +23,8 @@ from click.testing import CliRunner
 
 from llava_local import VisionChat
 from llava_local.backends import Turn
-from llava_local.backends import kv_cache as kv
 from llava_local.backends.llama_cpp import LlamaCppBackend
+from llava_local.backends.llama_cpp import kv_cache as kv
 from llava_local.demo import demo_paths
 from llava_local.persist import ColdResumeWarning, state_path
 from llava_local.types import Message, Options, Reply
@@ -268,7 +268,7 @@ def test_two_processes_writing_one_state_leave_a_whole_one(tmp_path: Path) -> No
 _WRITER = """
 import ctypes, sys
 from pathlib import Path
-from llava_local.backends import kv_cache as kv
+from llava_local.backends.llama_cpp import kv_cache as kv
 fill, path = int(sys.argv[1]), Path(sys.argv[2])
 data = (ctypes.c_uint8 * 3_000_000)(*([fill] * 3_000_000))
 state = kv.KVState(tuple(range(100)), data)

@@ -385,7 +385,7 @@ def test_a_picture_seen_before_skips_clip_elsewhere(tiny_pair: GgufPair) -> None
 
 def test_embedding_cache_is_bounded_by_bytes() -> None:
     """The embedding cache evicts least-recently-used pictures to stay under its size."""
-    from llava_local.backends.embedding_cache import EmbeddingCache
+    from llava_local.backends.llama_cpp.embedding_cache import EmbeddingCache
 
     cache = EmbeddingCache(max_bytes=3 * 400)
     arrays = {k: np.full(100, i, np.float32) for i, k in enumerate("abcd")}

@@ -15,8 +15,8 @@ import json
 import logging
 from typing import Any
 
-from ..errors import InvalidRequestError
-from ..structured import grammar_schema
+from ...errors import InvalidRequestError
+from ...structured import grammar_schema
 
 _CONVERTER_ERRORS = (ValueError, RuntimeError, KeyError, TypeError, AssertionError)
 

@@ -11,26 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelLoadError
-from ..gguf_header import read_gguf
-
-GGUF_MAGIC = b"GGUF"
-#: How pictures begin: the files most often given as a model by mistake.
-_PICTURES = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"RIFF": "WebP"}
-
-
-def check_magic(path: Path) -> None:
-    """Raise :class:`ModelLoadError` unless ``path`` begins as a GGUF file does."""
-    with path.open("rb") as f:
-        magic = f.read(4)
-    if magic == GGUF_MAGIC:
-        return
-    picture = next((kind for start, kind in _PICTURES.items() if magic.startswith(start)), None)
-    what = f"it is a {picture} picture" if picture else f"it starts with {magic!r}"
-    raise ModelLoadError(
-        f"{path} is not a GGUF file ({what}); llama.cpp needs GGUF model files, "
-        "e.g. the ones listed by `llava-local models`"
-    )
+from ...errors import ModelLoadError
+from ...gguf_header import check_magic, read_gguf
 
 
 def read(path: Path) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:

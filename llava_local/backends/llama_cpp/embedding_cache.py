@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from ..lru import ByteLRU
+from ...lru import ByteLRU
 
 Embeddings = npt.NDArray[np.float32]
 

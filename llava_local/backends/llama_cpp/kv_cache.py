@@ -68,9 +68,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from .. import host
-from ..errors import InvalidRequestError
-from ..lru import ByteLRU
+from ... import host
+from ...errors import InvalidRequestError
+from ...lru import ByteLRU
 from . import state_key
 
 #: One KV position: a text token id, or (picture hash, index within the picture).
