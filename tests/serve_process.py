@@ -17,10 +17,8 @@ from typing import Any
 import httpx
 
 from .ollama_server import free_port
+from .paths import DIGIT, ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-DIGIT = ROOT / "examples" / "digit.png"
-SHAPE = ROOT / "examples" / "shape.png"
 QUESTION = "What digit is this?"
 ANSWER = "This digit is 7."
 START_TIMEOUT_S = 120

@@ -27,8 +27,8 @@ from llava_local.images import prepare
 
 from .gguf_fixtures import GgufPair, png_bytes
 from .ollama_server import OllamaServer, Script
+from .paths import DIGIT
 
-DIGIT = Path(__file__).resolve().parents[1] / "examples" / "digit.png"
 QUESTION = "What digit is this?"
 
 

@@ -12,7 +12,8 @@ from llava_local import VisionChat
 from llava_local.backends.llama_cpp import LlamaCppBackend
 from llava_local.errors import ImageError
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+from .paths import EXAMPLES
+
 DIGIT, SHAPE = EXAMPLES / "digit.png", EXAMPLES / "shape.png"
 QUESTION = "What digit is this?"
 

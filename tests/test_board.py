@@ -13,7 +13,9 @@ import pytest
 from llava_local import host
 from llava_local.apps import doctor
 
-BOARDS = Path(__file__).resolve().parents[1] / "scripts" / "arm64"
+from .paths import ROOT
+
+BOARDS = ROOT / "scripts" / "arm64"
 FIRMWARE = "sys/devices/platform/soc/soc:firmware/get_throttled"
 
 

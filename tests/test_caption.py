@@ -35,6 +35,7 @@ from llava_local.cli.caption import caption as caption_command
 from .caption_lines import lines
 from .gguf_fixtures import GgufPair, png_bytes
 from .ollama_server import OllamaServer, RecordedRequest, Script
+from .paths import EXAMPLES
 
 GOOD = ("B.PNG", "a.png", "c.jpg")
 BROKEN = ("empty.jpg", "noise.png", "page.jpg")
@@ -718,9 +719,6 @@ def test_cli_captions_a_folder_and_prints_the_summary(
     )
     assert "3 pictures kept the error of an earlier run; --retry-errors" in again.stderr
     assert len(lines(out)) == 7
-
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def test_cli_identical_pictures_under_two_names_each_get_their_line(tmp_path: Path) -> None:

@@ -27,9 +27,9 @@ from llava_local.cli.caption import caption as caption_command
 from .caption_lines import lines, pairs
 from .gguf_fixtures import png_bytes
 from .ollama_server import OllamaServer, RecordedRequest, Script
+from .paths import ROOT
 
 PROMPTS = (DIGIT_PROMPT, DIGIT_PROMPTS_HELD_OUT[1], DIGIT_PROMPTS_HELD_OUT[4])
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class Pet(BaseModel):

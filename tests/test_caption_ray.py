@@ -38,8 +38,8 @@ from llava_local.cli.caption import caption as caption_command
 from .caption_lines import lines, pairs
 from .ollama_server import OllamaServer, RecordedRequest, Script
 from .option_args import OptionArgs
+from .paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 DEMO = {"backend": "llama_cpp", "engine": {"model": "demo"}}
 OPTIONS: OptionArgs = {"temperature": 0, "max_tokens": 20}
 WORKER_TITLE = b"MapWorker(MapBatches(_Worker))"

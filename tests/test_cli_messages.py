@@ -21,6 +21,7 @@ from llava_local.cli import main
 from llava_local.cli._common import cli_message, engine_options, open_chat, run_safely
 
 from .gguf_fixtures import GgufPair, png_bytes
+from .paths import DIGIT, PACKAGE
 
 #: Everything rich markup would take for itself: tags, closing tags, escapes, links.
 MESSAGE = (
@@ -133,9 +134,6 @@ def test_one_shot_prompt_too_long_says_shorten_or_n_ctx(picture: Path) -> None:
     assert result.stdout.strip() == ""
 
 
-DIGIT = Path(__file__).resolve().parents[1] / "examples" / "digit.png"
-
-
 @pytest.mark.parametrize(
     ("n_ctx", "line"),
     [
@@ -200,7 +198,6 @@ def test_bench_table_shows_names_exactly(
 
 # -- no Python-only advice on the command line ----------------------------------------
 
-PACKAGE = Path(__file__).resolve().parents[1] / "llava_local"
 #: Commands that open an engine: every core and engine message may reach them.
 ENGINE_COMMANDS = ("ask", "chat", "caption", "eval", "bench", "ui", "serve")
 #: Where a job's own messages can be printed: the command that runs it.

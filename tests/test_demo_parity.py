@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,7 +27,9 @@ from llava_local_dev.mtmd import MtmdRunner
 from llava_local_dev.reference import PairWeights, image_embeddings, next_logits, read_pair
 from PIL import Image
 
-DEMO_DIR = Path(__file__).resolve().parents[1] / "llava_local" / "data" / "demo"
+from .paths import PACKAGE
+
+DEMO_DIR = PACKAGE / "data" / "demo"
 SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."

@@ -17,6 +17,7 @@ from llava_local.apps import doctor, models
 from llava_local.apps.doctor import Check, llama_cpp_build, safe_cmake_args
 
 from .ollama_server import OllamaServer
+from .paths import ROOT
 
 
 def by_name(checks: list[Check]) -> dict[str, Check]:
@@ -114,7 +115,7 @@ def test_the_probe_runs_without_the_gguf_package(tmp_path: Path, no_daemon: str)
 
 def test_the_shipped_probe_model_is_what_the_script_writes(tmp_path: Path) -> None:
     """The probe model in the package is byte for byte what scripts/make_probe_model.py makes."""
-    script = Path(__file__).resolve().parents[1] / "scripts" / "make_probe_model.py"
+    script = ROOT / "scripts" / "make_probe_model.py"
     out = tmp_path / "probe.gguf"
     subprocess.run([sys.executable, str(script), str(out)], check=True, capture_output=True)
     assert doctor.PROBE_MODEL.is_file()

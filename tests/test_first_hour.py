@@ -25,9 +25,8 @@ from llava_local.cli.chat import NO_PICTURE, Repl
 
 from .known import known
 from .option_args import OptionArgs
+from .paths import DIGIT
 
-ROOT = Path(__file__).resolve().parent.parent
-DIGIT = ROOT / "examples" / "digit.png"
 GREEDY: OptionArgs = {"temperature": 0}
 
 

@@ -29,9 +29,10 @@ from llava_local.errors import ImageError, InvalidRequestError
 from llava_local.images import ImageCache, fetch_url, prepare
 from llava_local.types import PreparedImage
 
+from .paths import ROOT
+
 RED = (220, 20, 20)
 WHITE = (255, 255, 255)
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -331,7 +332,7 @@ def peak_memory_kb(script: str, path: pathlib.Path) -> int:
     )
     result = subprocess.run(
         [sys.executable, "-c", code, str(path)],
-        cwd=REPO,
+        cwd=ROOT,
         capture_output=True,
         text=True,
         check=True,

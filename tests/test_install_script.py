@@ -22,7 +22,9 @@ from types import ModuleType
 
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+from .paths import ROOT
+
+SCRIPTS = ROOT / "scripts"
 INSTALL = SCRIPTS / "install-llama-cpp.sh"
 BOARDS = SCRIPTS / "arm64"
 FILTER = SCRIPTS / "build_progress.py"

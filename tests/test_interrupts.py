@@ -27,9 +27,9 @@ from llava_local import TurnCancelledError, VisionChat
 from llava_local.control import STATUS_ENCODING
 
 from .gguf_fixtures import png_bytes
+from .paths import ROOT
 from .test_cli_chat import Terminal
 
-ROOT = Path(__file__).resolve().parent.parent
 PHASES = [
     "preparing pictures",
     "encoding picture",

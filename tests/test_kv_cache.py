@@ -31,10 +31,8 @@ from llava_local.types import Message, Options, Reply
 
 from .known import known
 from .option_args import OptionArgs
+from .paths import DIGIT, SHAPE
 
-ROOT = Path(__file__).resolve().parent.parent
-DIGIT = ROOT / "examples" / "digit.png"
-SHAPE = ROOT / "examples" / "shape.png"
 GREEDY: OptionArgs = {"temperature": 0, "max_tokens": 24}
 
 

@@ -31,9 +31,9 @@ from llava_local.types import Message, Options
 from .gguf_fixtures import GgufPair, png_bytes
 from .known import known
 from .option_args import OptionArgs
+from .paths import DIGIT
 
 GREEDY: OptionArgs = {"temperature": 0, "max_tokens": 6}
-DIGIT = Path(__file__).resolve().parents[1] / "examples" / "digit.png"
 
 
 class Colour(BaseModel):

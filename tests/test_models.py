@@ -28,6 +28,7 @@ from llava_local.errors import (
 from .gguf_fixtures import GgufPair, png_bytes
 from .hub_server import HubServer, prefill
 from .ollama_server import OllamaServer
+from .paths import DIGIT, ROOT
 
 SMOL = catalog.find("smolvlm-256m")
 MIB = 1024 * 1024
@@ -60,7 +61,6 @@ def publish(hub: HubServer, entry: CatalogEntry, lm_size: int = 4000) -> tuple[b
 
 
 #: A picture that exists: `ask` reads it before it looks for the model.
-DIGIT = Path(__file__).resolve().parents[1] / "examples" / "digit.png"
 
 
 def run_cli(
@@ -512,7 +512,7 @@ def test_commands_take_the_options_the_readme_says() -> None:
         command = main.commands[name]
         taken = {opt for param in command.params for opt in param.opts}
         assert options <= taken, (name, options - taken)
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     assert "Every command takes" not in readme
     assert "`models`, `pull` and `doctor` take `--host`" in readme
 

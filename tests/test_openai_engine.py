@@ -42,12 +42,12 @@ from .openai_server import (
     scripted_openai,
     start_llama_cpp_server,
 )
+from .paths import DIGIT
 
 __all__ = ["llama_cpp_server", "scripted_openai"]  # the fixtures, used by name
 
 pytestmark = pytest.mark.llama
 
-DIGIT = Path(__file__).resolve().parents[1] / "examples" / "digit.png"
 QUESTION = "What digit is this?"
 
 

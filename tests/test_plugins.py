@@ -23,10 +23,9 @@ import httpx
 import pytest
 
 from . import serve_process
+from .paths import DIGIT, ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 PLUGIN = ROOT / "tests" / "plugins" / "mirror_engine"
-DIGIT = ROOT / "examples" / "digit.png"
 
 
 def _tree(folder: Path) -> dict[str, int]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from .paths import ROOT
+
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 

@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 from collections.abc import Generator, Iterator
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -22,7 +21,7 @@ from llava_local.backends.ollama import OllamaConfig
 from llava_local.cli import main
 from llava_local.types import Stats
 
-ROOT = Path(__file__).resolve().parent.parent
+from .paths import ROOT
 
 
 class EchoConfig(registry.EngineConfig):

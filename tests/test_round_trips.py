@@ -24,7 +24,8 @@ from pydantic import BaseModel, Field
 from llava_local import Reply, Stats, VisionChat
 
 from .known import known
-from .serve_process import DIGIT, QUESTION, SHAPE, Server, start, stop
+from .paths import DIGIT, SHAPE
+from .serve_process import QUESTION, Server, start, stop
 
 pytestmark = pytest.mark.llama
 

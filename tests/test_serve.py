@@ -29,18 +29,9 @@ import pytest
 from llava_local import VisionChat
 
 from .known import known
+from .paths import DIGIT, SHAPE
 from .security.sites import Site
-from .serve_process import (
-    ANSWER,
-    DIGIT,
-    QUESTION,
-    SHAPE,
-    Server,
-    ask,
-    ask_url,
-    start,
-    stop,
-)
+from .serve_process import ANSWER, QUESTION, Server, ask, ask_url, start, stop
 
 pytestmark = pytest.mark.llama
 

@@ -23,7 +23,8 @@ from llava_local.apps.serve import capacity, create_app
 from llava_local.backends.llama_cpp import LlamaCppBackend
 
 from .ollama_server import free_port
-from .serve_process import ANSWER, DIGIT, QUESTION, SHAPE
+from .paths import DIGIT, SHAPE
+from .serve_process import ANSWER, QUESTION
 
 pytestmark = pytest.mark.llama
 

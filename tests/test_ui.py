@@ -33,6 +33,7 @@ from PIL import Image
 from playwright.sync_api import Browser, Error, Page, sync_playwright
 
 from .ollama_server import OllamaServer, Script, free_port
+from .paths import ROOT
 
 CHROMIUM = os.environ.get("LLAVA_LOCAL_CHROMIUM", "/usr/bin/chromium")
 # What this machine's Chromium needs to run headless, as root, with no network: the
@@ -52,7 +53,7 @@ INSTALL = (
     "install Debian's Chromium (apt-get install -y chromium) and the extras "
     "(pip install -e '.[ui,dev]': gradio, playwright); do not run `playwright install`"
 )
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+ARTIFACTS = ROOT / "test-artifacts"
 START_TIMEOUT_S = 90  # importing Gradio on a busy 2-core machine
 ANSWER_TIMEOUT_MS = 120_000  # the demo model on a busy CPU, with CLIP on first use
 STEP_TIMEOUT_MS = 30_000

@@ -21,10 +21,8 @@ from llava_local.demo import demo_paths
 from llava_local.types import Reply
 
 from .known import known
+from .paths import DIGIT, SHAPE
 
-ROOT = Path(__file__).resolve().parent.parent
-DIGIT = ROOT / "examples" / "digit.png"
-SHAPE = ROOT / "examples" / "shape.png"
 DEMO: dict[str, Any] = {"backend": "llama_cpp", "model": None, "temperature": 0, "max_tokens": 24}
 
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import ast
 import itertools
 import re
-from pathlib import Path
 
 import pytest
 
 from llava_local.wording import count, plural
 
-PACKAGE = Path(__file__).resolve().parents[1] / "llava_local"
+from .paths import PACKAGE
+
 #: Nouns the command line counts; a formatted value right before one is a count.
 NOUNS = (
     "pictures|answers|prompts|turns|workers|CPUs|models|errors|files|lines|tokens|bytes"

@@ -26,7 +26,8 @@ from llava_local.types import Message, Options
 
 from ..ollama_server import OllamaServer
 from ..openai_server import ScriptedServer, scripted_openai
-from .files_fixtures import DIGIT, grey_png, peak_growth
+from ..paths import DIGIT
+from .files_fixtures import grey_png, peak_growth
 
 __all__ = ["scripted_openai"]  # the fixture, used by name
 

@@ -28,11 +28,10 @@ from llava_local import VisionChat
 from llava_local.backends.llama_cpp import kv_cache as kv
 from llava_local.persist import ColdResumeWarning, state_path
 
+from ..paths import DIGIT, SHAPE
 from ..serve_process import Server, start, stop
 from ..serve_process import ask as ask_about
 from .files_fixtures import (
-    DIGIT,
-    SHAPE,
     digit_three,
     forged,
     raw_state_file,
