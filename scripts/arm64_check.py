@@ -82,8 +82,8 @@ TEST_TOOLS = (
 )
 #: The chosen part of the suite: the demo model, pictures, conversation, KV states, serve.
 TESTS = (
-    "tests/test_demo_chat.py",
-    "tests/test_images.py",
+    "tests/core/test_demo_chat.py",
+    "tests/core/test_images.py",
     "tests/test_llama_cpp_engine.py",
     "tests/test_kv_cache.py",
     "tests/test_serve.py",

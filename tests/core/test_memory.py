@@ -26,7 +26,7 @@ from llava_local import gguf_header, host, memory
 from llava_local.errors import InsufficientMemoryError, ModelLoadError
 from llava_local.host import physical_cores
 
-from .gguf_fixtures import GgufPair
+from ..gguf_fixtures import GgufPair
 
 MiB = 1 << 20
 

@@ -29,7 +29,7 @@ from llava_local.errors import ImageError, InvalidRequestError
 from llava_local.images import ImageCache, fetch_url, prepare
 from llava_local.types import PreparedImage
 
-from .paths import ROOT
+from ..paths import ROOT
 
 RED = (220, 20, 20)
 WHITE = (255, 255, 255)

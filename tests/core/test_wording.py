@@ -11,7 +11,7 @@ import pytest
 
 from llava_local.wording import count, plural
 
-from .paths import PACKAGE
+from ..paths import PACKAGE
 
 #: Nouns the command line counts; a formatted value right before one is a count.
 NOUNS = (

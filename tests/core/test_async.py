@@ -25,9 +25,9 @@ from llava_local import (
 from llava_local.control import STATUS_ANSWERING, STATUS_ENCODING, STATUS_PREPARING, TurnControl
 from llava_local.images import prepare
 
-from .gguf_fixtures import GgufPair, png_bytes
-from .ollama_server import OllamaServer, Script
-from .paths import DIGIT
+from ..gguf_fixtures import GgufPair, png_bytes
+from ..ollama_server import OllamaServer, Script
+from ..paths import DIGIT
 
 QUESTION = "What digit is this?"
 

@@ -18,10 +18,10 @@ from llava_local import (
 )
 from llava_local.demo import demo_paths
 
-from .gguf_fixtures import GgufPair, png_bytes
-from .hub_server import prefill
-from .ollama_server import OllamaServer, Script
-from .option_args import OptionArgs
+from ..gguf_fixtures import GgufPair, png_bytes
+from ..hub_server import prefill
+from ..ollama_server import OllamaServer, Script
+from ..option_args import OptionArgs
 
 GREEDY: OptionArgs = {"temperature": 0, "max_tokens": 6}
 SMOL = catalog.find("smolvlm-256m")

@@ -26,7 +26,7 @@ from llava_local import errors as errors_module
 from llava_local.chat import _options
 from llava_local.structured import json_schema, parse
 
-from .option_args import OptionArgs
+from ..option_args import OptionArgs
 
 
 def test_all_is_exactly_the_public_surface() -> None:

@@ -26,9 +26,9 @@ from PIL import Image
 from llava_local import TurnCancelledError, VisionChat
 from llava_local.control import STATUS_ENCODING
 
-from .gguf_fixtures import png_bytes
-from .paths import ROOT
-from .test_cli_chat import Terminal
+from ..gguf_fixtures import png_bytes
+from ..paths import ROOT
+from ..test_cli_chat import Terminal
 
 PHASES = [
     "preparing pictures",
@@ -84,7 +84,7 @@ def test_ctrl_c_stops_every_phase_of_a_turn(slow_twin: SlowTwin) -> None:
         [
             sys.executable,
             "-m",
-            "tests.interrupt_child",
+            "tests.core.interrupt_child",
             str(slow_twin.lm),
             str(slow_twin.mmproj),
             str(slow_twin.big_picture),

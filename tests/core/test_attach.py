@@ -12,7 +12,7 @@ from llava_local import VisionChat
 from llava_local.backends.llama_cpp import LlamaCppBackend
 from llava_local.errors import ImageError
 
-from .paths import EXAMPLES
+from ..paths import EXAMPLES
 
 DIGIT, SHAPE = EXAMPLES / "digit.png", EXAMPLES / "shape.png"
 QUESTION = "What digit is this?"

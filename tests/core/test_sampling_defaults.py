@@ -12,7 +12,7 @@ from llava_local_dev import gguf_writer
 from llava_local import Options, VisionChat
 from llava_local.sampling import LLAMA_CPP, Sampling, recommended
 
-from .gguf_fixtures import GgufPair, png_bytes
+from ..gguf_fixtures import GgufPair, png_bytes
 
 
 def test_gguf_keys_win_and_fill_in_the_rest() -> None:

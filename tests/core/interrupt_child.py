@@ -1,5 +1,5 @@
-"""A process that runs turns on the slow twin for tests/test_interrupts.py, which presses
-Ctrl-C (a real SIGINT) at the phase it names. Run: python -m tests.interrupt_child LM
+"""A process that runs turns on the slow twin for tests/core/test_interrupts.py, which presses
+Ctrl-C (a real SIGINT) at the phase it names. Run: python -m tests.core.interrupt_child LM
 MMPROJ BIG_PICTURE TARGET[,TARGET...]. Prints one JSON object per line: each status as it
 begins, what an interrupted turn left behind, and a last complete turn."""
 
@@ -18,7 +18,7 @@ from llava_local.backends import Turn
 from llava_local.backends.llama_cpp import LlamaCppBackend
 from llava_local.types import Options
 
-from .option_args import OptionArgs
+from ..option_args import OptionArgs
 
 LONG_PROMPT = "Describe every part of this picture in great detail, please. " * 20
 GREEDY: OptionArgs = {"temperature": 0}

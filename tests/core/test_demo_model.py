@@ -17,7 +17,7 @@ import pytest
 from llava_local_dev.mtmd import MtmdRunner
 from PIL import Image, ImageDraw
 
-from tests.test_demo_parity import DEMO_DIR, SYSTEM
+from .test_demo_parity import DEMO_DIR, SYSTEM
 
 EOS_ID = 257
 

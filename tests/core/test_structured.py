@@ -17,8 +17,8 @@ from pydantic import BaseModel, Field
 
 from llava_local import InvalidRequestError, SchemaError, VisionChat, structured
 
-from .ollama_server import OllamaServer, Script
-from .paths import ROOT
+from ..ollama_server import OllamaServer, Script
+from ..paths import ROOT
 
 EXAMPLES = ROOT / "examples"
 DIGIT = EXAMPLES / "digit.png"  # the demo model reads it as a 7

@@ -27,7 +27,7 @@ from llava_local_dev.mtmd import MtmdRunner
 from llava_local_dev.reference import PairWeights, image_embeddings, next_logits, read_pair
 from PIL import Image
 
-from .paths import PACKAGE
+from ..paths import PACKAGE
 
 DEMO_DIR = PACKAGE / "data" / "demo"
 SYSTEM = (
