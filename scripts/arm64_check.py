@@ -84,8 +84,8 @@ TEST_TOOLS = (
 TESTS = (
     "tests/core/test_demo_chat.py",
     "tests/core/test_images.py",
-    "tests/test_llama_cpp_engine.py",
-    "tests/test_kv_cache.py",
+    "tests/backends/llama_cpp/test_llama_cpp_engine.py",
+    "tests/backends/llama_cpp/test_kv_cache.py",
     "tests/test_serve.py",
 )
 QUESTION = "What digit is this?"

@@ -1,7 +1,7 @@
 """An engine from another installed package: found by its entry point and usable
 everywhere an engine is, with no file of ours changed.
 
-``tests/plugins/mirror_engine`` is a package of its own (a ``pyproject.toml`` and one
+``tests/backends/mirror_engine`` is a package of its own (a ``pyproject.toml`` and one
 module) announcing the engine ``mirror`` under the entry-point group
 ``llava_local.engines``. A module fixture installs it with pip into a temporary folder
 (``--target``: nothing goes into the development environment), and every check runs
@@ -22,10 +22,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from . import serve_process
-from .paths import DIGIT, ROOT
+from .. import serve_process
+from ..paths import DIGIT, ROOT
 
-PLUGIN = ROOT / "tests" / "plugins" / "mirror_engine"
+PLUGIN = ROOT / "tests" / "backends" / "mirror_engine"
 
 
 def _tree(folder: Path) -> dict[str, int]:

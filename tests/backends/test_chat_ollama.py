@@ -25,7 +25,7 @@ from llava_local import (
 )
 from llava_local.backends import ollama as ollama_engine
 
-from .ollama_server import OllamaServer, RecordedRequest, Script
+from ..ollama_server import OllamaServer, RecordedRequest, Script
 
 
 def jpeg_photo(size: tuple[int, int] = (2400, 1600)) -> bytes:

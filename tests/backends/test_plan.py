@@ -14,8 +14,8 @@ from llava_local.backends import EnginePlan, open, plan
 from llava_local.backends.llama_cpp import LlamaCppBackend
 from llava_local.demo import demo_paths
 
-from .gguf_fixtures import GgufPair
-from .hub_server import prefill
+from ..gguf_fixtures import GgufPair
+from ..hub_server import prefill
 
 SMOL = catalog.find("smolvlm-256m")
 

@@ -20,9 +20,9 @@ from llava_local.backends.llama_cpp import LlamaCppBackend
 from llava_local.images import prepare
 from llava_local.types import Message, Reply
 
-from .gguf_fixtures import GgufPair, png_bytes
-from .known import known
-from .option_args import OptionArgs
+from ...gguf_fixtures import GgufPair, png_bytes
+from ...known import known
+from ...option_args import OptionArgs
 
 pytestmark = pytest.mark.llama
 

@@ -28,10 +28,10 @@ from llava_local.backends.llama_cpp import LlamaCppBackend
 from llava_local.images import prepare
 from llava_local.types import Message, Options
 
-from .gguf_fixtures import GgufPair, png_bytes
-from .known import known
-from .option_args import OptionArgs
-from .paths import DIGIT
+from ...gguf_fixtures import GgufPair, png_bytes
+from ...known import known
+from ...option_args import OptionArgs
+from ...paths import DIGIT
 
 GREEDY: OptionArgs = {"temperature": 0, "max_tokens": 6}
 

@@ -33,7 +33,7 @@ from llava_local.errors import (
     TurnCancelledError,
 )
 
-from .openai_server import (
+from ..openai_server import (
     DEMO_ALIAS,
     LlamaCppServer,
     Script,
@@ -42,7 +42,7 @@ from .openai_server import (
     scripted_openai,
     start_llama_cpp_server,
 )
-from .paths import DIGIT
+from ..paths import DIGIT
 
 __all__ = ["llama_cpp_server", "scripted_openai"]  # the fixtures, used by name
 

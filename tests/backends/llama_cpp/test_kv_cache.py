@@ -29,9 +29,9 @@ from llava_local.demo import demo_paths
 from llava_local.persist import ColdResumeWarning, state_path
 from llava_local.types import Message, Options, Reply
 
-from .known import known
-from .option_args import OptionArgs
-from .paths import DIGIT, SHAPE
+from ...known import known
+from ...option_args import OptionArgs
+from ...paths import DIGIT, SHAPE
 
 GREEDY: OptionArgs = {"temperature": 0, "max_tokens": 24}
 

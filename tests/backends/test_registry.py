@@ -21,7 +21,7 @@ from llava_local.backends.ollama import OllamaConfig
 from llava_local.cli import main
 from llava_local.types import Stats
 
-from .paths import ROOT
+from ..paths import ROOT
 
 
 class EchoConfig(registry.EngineConfig):

@@ -40,7 +40,7 @@ from llava_local.errors import (
 )
 from llava_local.types import Message, Options, PreparedImage
 
-from .ollama_server import (  # noqa: F401 - the fixtures are used by name
+from ..ollama_server import (  # noqa: F401 - the fixtures are used by name
     NO_VISION_RUNNER,
     PULL_EOF,
     OllamaServer,

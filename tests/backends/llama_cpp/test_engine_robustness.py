@@ -13,8 +13,8 @@ from llava_local.backends import Turn
 from llava_local.backends.llama_cpp import LlamaCppBackend
 from llava_local.types import Message, Options
 
-from .gguf_fixtures import GgufPair, png_bytes
-from .option_args import OptionArgs
+from ...gguf_fixtures import GgufPair, png_bytes
+from ...option_args import OptionArgs
 
 GREEDY: OptionArgs = {"temperature": 0, "max_tokens": 6}
 
