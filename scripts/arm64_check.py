@@ -86,7 +86,7 @@ TESTS = (
     "tests/core/test_images.py",
     "tests/backends/llama_cpp/test_llama_cpp_engine.py",
     "tests/backends/llama_cpp/test_kv_cache.py",
-    "tests/test_serve.py",
+    "tests/apps/serve/test_serve.py",
 )
 QUESTION = "What digit is this?"
 #: Inside the root.

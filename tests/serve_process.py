@@ -1,5 +1,5 @@
 """A real ``llava-local serve`` subprocess on a free port, for the tests that drive it
-(tests/test_serve.py and tests/security/): start it with any flags, wait until
+(tests/apps/serve/test_serve.py and tests/security/): start it with any flags, wait until
 ``/health`` answers, read its log, stop it with Ctrl-C."""
 
 from __future__ import annotations

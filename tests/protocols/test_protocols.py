@@ -3,7 +3,7 @@
 Each translation is written once and used by the engine on one end and by ``serve`` on
 the other, so these tests take values through both directions: what the engine sends
 is what the server reads, what the server writes is what the engine reads. The engines
-against the server for real are in tests/test_round_trips.py.
+against the server for real are in tests/apps/serve/test_round_trips.py.
 """
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ from llava_local.demo import demo_paths
 from llava_local.gguf_header import read_gguf
 from llava_local.sampling import recommended
 
-from .paths import DIGIT
-from .serve_process import ANSWER, QUESTION, Server, ask, start, stop
+from ...paths import DIGIT
+from ...serve_process import ANSWER, QUESTION, Server, ask, start, stop
 
 pytestmark = pytest.mark.llama
 

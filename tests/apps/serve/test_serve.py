@@ -28,10 +28,10 @@ import pytest
 
 from llava_local import VisionChat
 
-from .known import known
-from .paths import DIGIT, SHAPE
-from .security.sites import Site
-from .serve_process import ANSWER, QUESTION, Server, ask, ask_url, start, stop
+from ...known import known
+from ...paths import DIGIT, SHAPE
+from ...security.sites import Site
+from ...serve_process import ANSWER, QUESTION, Server, ask, ask_url, start, stop
 
 pytestmark = pytest.mark.llama
 
@@ -53,8 +53,8 @@ LONG = {
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The demo model served with an API key, one answer at a time (tests/
-    test_serve_parallel.py has several), a queue of 3 and small size limits."""
+    """The demo model served with an API key, one answer at a time
+    (test_serve_parallel.py beside this file has several), a queue of 3 and small size limits."""
     log = tmp_path_factory.mktemp("serve") / "server.log"
     args = ["--api-key", KEY, "--parallel", "1", "--queue", "3", "--n-ctx", "2048"]
     running = start(log, *args, "--max-body-mb", "1", "--max-picture-mb", "0.5")
@@ -470,7 +470,7 @@ def test_prompt_longer_than_the_context_is_400(
 ) -> None:
     """A conversation that does not fit the context gets 400 context_length_exceeded on
     the OpenAI route; the Ollama route cuts it and answers, as Ollama does
-    (tests/test_serve_fields.py has the details)."""
+    (tests/apps/serve/test_serve_fields.py has the details)."""
     long_question = "Is it a seven? " * 200  # about 3000 tokens with the demo's bytes
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(

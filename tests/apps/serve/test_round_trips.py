@@ -23,9 +23,9 @@ from pydantic import BaseModel, Field
 
 from llava_local import Reply, Stats, VisionChat
 
-from .known import known
-from .paths import DIGIT, SHAPE
-from .serve_process import QUESTION, Server, start, stop
+from ...known import known
+from ...paths import DIGIT, SHAPE
+from ...serve_process import QUESTION, Server, start, stop
 
 pytestmark = pytest.mark.llama
 

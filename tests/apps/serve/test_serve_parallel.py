@@ -22,9 +22,9 @@ from llava_local import VisionChat
 from llava_local.apps.serve import capacity, create_app
 from llava_local.backends.llama_cpp import LlamaCppBackend
 
-from .ollama_server import free_port
-from .paths import DIGIT, SHAPE
-from .serve_process import ANSWER, QUESTION
+from ...ollama_server import free_port
+from ...paths import DIGIT, SHAPE
+from ...serve_process import ANSWER, QUESTION
 
 pytestmark = pytest.mark.llama
 
