@@ -35,10 +35,10 @@ from llava_local.apps.captioning import (
 from llava_local.apps.datasets import DIGIT_PROMPT, load_set
 from llava_local.cli.caption import caption as caption_command
 
+from ...ollama_server import OllamaServer, RecordedRequest, Script
+from ...option_args import OptionArgs
+from ...paths import ROOT
 from .caption_lines import lines, pairs
-from .ollama_server import OllamaServer, RecordedRequest, Script
-from .option_args import OptionArgs
-from .paths import ROOT
 
 DEMO = {"backend": "llama_cpp", "engine": {"model": "demo"}}
 OPTIONS: OptionArgs = {"temperature": 0, "max_tokens": 20}

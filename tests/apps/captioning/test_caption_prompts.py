@@ -24,10 +24,10 @@ from llava_local.apps.captioning import caption, read_captions, read_prompts
 from llava_local.apps.datasets import DIGIT_PROMPT, DIGIT_PROMPTS_HELD_OUT, load_set
 from llava_local.cli.caption import caption as caption_command
 
+from ...gguf_fixtures import png_bytes
+from ...ollama_server import OllamaServer, RecordedRequest, Script
+from ...paths import ROOT
 from .caption_lines import lines, pairs
-from .gguf_fixtures import png_bytes
-from .ollama_server import OllamaServer, RecordedRequest, Script
-from .paths import ROOT
 
 PROMPTS = (DIGIT_PROMPT, DIGIT_PROMPTS_HELD_OUT[1], DIGIT_PROMPTS_HELD_OUT[4])
 

@@ -32,10 +32,10 @@ from llava_local.apps.captioning import CaptionSummary, caption, find_pictures, 
 from llava_local.backends import Backend, Finish, Turn
 from llava_local.cli.caption import caption as caption_command
 
+from ...gguf_fixtures import GgufPair, png_bytes
+from ...ollama_server import OllamaServer, RecordedRequest, Script
+from ...paths import EXAMPLES
 from .caption_lines import lines
-from .gguf_fixtures import GgufPair, png_bytes
-from .ollama_server import OllamaServer, RecordedRequest, Script
-from .paths import EXAMPLES
 
 GOOD = ("B.PNG", "a.png", "c.jpg")
 BROKEN = ("empty.jpg", "noise.png", "page.jpg")
