@@ -32,8 +32,8 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Browser, Error, Page, sync_playwright
 
-from .ollama_server import OllamaServer, Script, free_port
-from .paths import ROOT
+from ..ollama_server import OllamaServer, Script, free_port
+from ..paths import ROOT
 
 CHROMIUM = os.environ.get("LLAVA_LOCAL_CHROMIUM", "/usr/bin/chromium")
 # What this machine's Chromium needs to run headless, as root, with no network: the

@@ -40,8 +40,8 @@ from llava_local.apps.eval import (
 )
 from llava_local.cli.eval import eval_command
 
-from .gguf_fixtures import GgufPair, png_bytes
-from .ollama_server import OllamaServer, RecordedRequest, Script
+from ..gguf_fixtures import GgufPair, png_bytes
+from ..ollama_server import OllamaServer, RecordedRequest, Script
 
 # the first eight pictures of the digits test split are these digits
 FIRST_DIGITS = ["2", "8", "2", "2", "5", "7", "9", "5"]

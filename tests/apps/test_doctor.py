@@ -16,8 +16,8 @@ from llava_local import host
 from llava_local.apps import doctor, models
 from llava_local.apps.doctor import Check, llama_cpp_build, safe_cmake_args
 
-from .ollama_server import OllamaServer
-from .paths import ROOT
+from ..ollama_server import OllamaServer
+from ..paths import ROOT
 
 
 def by_name(checks: list[Check]) -> dict[str, Check]:

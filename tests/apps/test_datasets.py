@@ -18,7 +18,7 @@ from llava_local.apps import datasets as ds
 from llava_local.apps.datasets import LabelledPicture, load_set
 from training import data
 
-from .gguf_fixtures import png_bytes
+from ..gguf_fixtures import png_bytes
 
 # load_digits().target[1400:1797], counted once with scikit-learn
 DIGIT_COUNTS = {0: 39, 1: 39, 2: 40, 3: 39, 4: 41, 5: 41, 6: 39, 7: 39, 8: 39, 9: 41}

@@ -20,8 +20,8 @@ from llava_local.backends.llama_cpp import LlamaCppBackend
 from llava_local.demo import demo_paths
 from llava_local.types import Reply
 
-from .known import known
-from .paths import DIGIT, SHAPE
+from ..known import known
+from ..paths import DIGIT, SHAPE
 
 DEMO: dict[str, Any] = {"backend": "llama_cpp", "model": None, "temperature": 0, "max_tokens": 24}
 

@@ -25,10 +25,10 @@ from llava_local.errors import (
     ModelNotFoundError,
 )
 
-from .gguf_fixtures import GgufPair, png_bytes
-from .hub_server import HubServer, prefill
-from .ollama_server import OllamaServer
-from .paths import DIGIT, ROOT
+from ..gguf_fixtures import GgufPair, png_bytes
+from ..hub_server import HubServer, prefill
+from ..ollama_server import OllamaServer
+from ..paths import DIGIT, ROOT
 
 SMOL = catalog.find("smolvlm-256m")
 MIB = 1024 * 1024

@@ -14,9 +14,9 @@ from llava_local import VisionChat
 from llava_local.apps import bench
 from llava_local.cli.bench import bench as bench_command
 
-from .gguf_fixtures import GgufPair, png_bytes
-from .known import known
-from .ollama_server import OllamaServer, Script
+from ..gguf_fixtures import GgufPair, png_bytes
+from ..known import known
+from ..ollama_server import OllamaServer, Script
 
 
 def llama_args(pair: GgufPair) -> list[str]:
