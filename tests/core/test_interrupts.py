@@ -26,9 +26,9 @@ from PIL import Image
 from llava_local import TurnCancelledError, VisionChat
 from llava_local.control import STATUS_ENCODING
 
+from ..cli.test_cli_chat import Terminal
 from ..gguf_fixtures import png_bytes
 from ..paths import ROOT
-from ..test_cli_chat import Terminal
 
 PHASES = [
     "preparing pictures",

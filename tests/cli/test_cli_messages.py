@@ -20,8 +20,8 @@ from llava_local import errors
 from llava_local.cli import main
 from llava_local.cli._common import cli_message, engine_options, open_chat, run_safely
 
-from .gguf_fixtures import GgufPair, png_bytes
-from .paths import DIGIT, PACKAGE
+from ..gguf_fixtures import GgufPair, png_bytes
+from ..paths import DIGIT, PACKAGE
 
 #: Everything rich markup would take for itself: tags, closing tags, escapes, links.
 MESSAGE = (

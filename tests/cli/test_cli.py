@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from llava_local import __version__
 from llava_local.cli import main
 
-from .gguf_fixtures import GgufPair, png_bytes
-from .ollama_server import OllamaServer, Script
+from ..gguf_fixtures import GgufPair, png_bytes
+from ..ollama_server import OllamaServer, Script
 
 
 @pytest.fixture

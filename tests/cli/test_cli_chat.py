@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from .gguf_fixtures import GgufPair, png_bytes
-from .ollama_server import OllamaServer, Script
+from ..gguf_fixtures import GgufPair, png_bytes
+from ..ollama_server import OllamaServer, Script
 
 
 def _take_terminal() -> None:
