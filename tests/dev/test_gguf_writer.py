@@ -20,7 +20,7 @@ from llava_local_dev import gguf_writer as gw
 from llava_local_dev.mtmd import MtmdRunner
 from PIL import Image
 
-from .gguf_fixtures import GgufPair, png_bytes
+from ..gguf_fixtures import GgufPair, png_bytes
 
 GGML_TYPE_F32 = 0
 PROMPT = "USER: {m}\nWhat is this?\nASSISTANT:"

@@ -22,7 +22,7 @@ from types import ModuleType
 
 import pytest
 
-from .paths import ROOT
+from ..paths import ROOT
 
 SCRIPTS = ROOT / "scripts"
 INSTALL = SCRIPTS / "install-llama-cpp.sh"

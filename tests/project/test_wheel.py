@@ -14,7 +14,7 @@ import textwrap
 import zipfile
 from pathlib import Path
 
-from .paths import ROOT
+from ..paths import ROOT
 
 _NOT_SOURCE = (".git", ".venv", "build", "dist", "test-artifacts", "*.egg-info", "*cache*")
 _IMPORTS_GGUF = re.compile(r"^\s*(import gguf\b|from gguf\b)", re.MULTILINE)

@@ -23,9 +23,9 @@ from llava_local.apps.ui import _Session
 from llava_local.cli import main
 from llava_local.cli.chat import NO_PICTURE, Repl
 
-from .known import known
-from .option_args import OptionArgs
-from .paths import DIGIT
+from ..known import known
+from ..option_args import OptionArgs
+from ..paths import DIGIT
 
 GREEDY: OptionArgs = {"temperature": 0}
 

@@ -13,7 +13,7 @@ import pytest
 from llava_local import host
 from llava_local.apps import doctor
 
-from .paths import ROOT
+from ..paths import ROOT
 
 BOARDS = ROOT / "scripts" / "arm64"
 FIRMWARE = "sys/devices/platform/soc/soc:firmware/get_throttled"
