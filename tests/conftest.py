@@ -1,4 +1,5 @@
-"""Fixtures shared by the test modules: the stand-in Ollama daemon and tiny GGUF pairs."""
+"""Fixtures shared by the test modules: the stand-in Ollama daemon, OpenAI-compatible
+servers and Hugging Face Hub, tiny GGUF pairs, and the demo model's chat."""
 
 from __future__ import annotations
 
@@ -8,12 +9,27 @@ from pathlib import Path
 
 import pytest
 
+from llava_local import VisionChat
 from llava_local.backends.llama_cpp import state_key
 
 from .gguf_fixtures import tiny_mtmd, tiny_pair, tiny_pair_q4
-from .ollama_server import closed_port, ollama_server
+from .hub_server import hub_server
+from .ollama_server import closed_port, ollama_daemon, ollama_server
+from .openai_server import llama_cpp_server, scripted_openai
 
-__all__ = ["closed_port", "ollama_server", "state_dir", "tiny_mtmd", "tiny_pair", "tiny_pair_q4"]
+__all__ = [
+    "closed_port",
+    "demo_chat",
+    "hub_server",
+    "llama_cpp_server",
+    "ollama_daemon",
+    "ollama_server",
+    "scripted_openai",
+    "state_dir",
+    "tiny_mtmd",
+    "tiny_pair",
+    "tiny_pair_q4",
+]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -28,3 +44,11 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         del os.environ[state_key.ENV]
     else:
         os.environ[state_key.ENV] = before
+
+
+@pytest.fixture(scope="module")
+def demo_chat() -> Iterator[VisionChat]:
+    """The bundled demo model's chat, greedy (temperature 0), loaded once per module that
+    asks for it; a test that needs a fresh conversation calls ``reset()``."""
+    with VisionChat.llama_cpp(temperature=0) as chat:
+        yield chat

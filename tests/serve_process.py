@@ -29,6 +29,8 @@ class Server:
     url: str
     process: subprocess.Popen[bytes]
     log: Path
+    #: The --api-key it was started with, if any.
+    key: str | None = None
 
     @property
     def port(self) -> int:
@@ -57,7 +59,8 @@ def start(
             raise AssertionError(f"the server exited: {log.read_text(errors='replace')}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return Server(url, process, log)
+                key = args[args.index("--api-key") + 1] if "--api-key" in args else None
+                return Server(url, process, log, key)
         time.sleep(0.2)
     process.kill()
     process.wait()

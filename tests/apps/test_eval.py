@@ -12,7 +12,7 @@ import hashlib
 import io
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -137,12 +137,6 @@ def test_a_prompt_asks_about_the_kind_it_names_first(prompt: str, kind: str | No
 # --- scoring against the stand-in daemon -----------------------------------------------
 
 
-@pytest.fixture
-def chat(ollama_server: OllamaServer) -> Iterator[VisionChat]:
-    with VisionChat.ollama(host=ollama_server.url) as chat:
-        yield chat
-
-
 def answer_by_picture(
     pictures: list[LabelledPicture], reply: Callable[[int, LabelledPicture, str], str]
 ) -> Callable[[RecordedRequest], Script]:
@@ -172,13 +166,15 @@ def digit_reply(i: int, picture: LabelledPicture, prompt: str) -> str:
     ][i % 4]
 
 
-def test_digit_answers_are_scored_exactly(ollama_server: OllamaServer, chat: VisionChat) -> None:
+def test_digit_answers_are_scored_exactly(
+    ollama_server: OllamaServer, ollama_chat: VisionChat
+) -> None:
     """Accuracy, unparsed counts and the confusion matrix follow the replies exactly."""
     digits = load_set("digits", limit=8)
     assert [p.label for p in digits] == FIRST_DIGITS
     ollama_server.script(answer_by_picture(digits, digit_reply))
     prompts = [DIGIT_PROMPT, DIGIT_PROMPTS_HELD_OUT[0]]
-    report = evaluate(chat, "digits", prompts, limit=8, progress=False)
+    report = evaluate(ollama_chat, "digits", prompts, limit=8, progress=False)
 
     assert report.task == {"label": "digit"}
     assert report.classes == {"label": [str(d) for d in range(10)]}
@@ -213,19 +209,19 @@ def test_digit_answers_are_scored_exactly(ollama_server: OllamaServer, chat: Vis
 
 
 def test_each_question_is_a_fresh_greedy_conversation(
-    ollama_server: OllamaServer, chat: VisionChat
+    ollama_server: OllamaServer, ollama_chat: VisionChat
 ) -> None:
     """Every question goes alone with its picture, at temperature 0 and bounded length,
     and the chat is left empty."""
     ollama_server.script(pieces=["It is 1."])
-    report = evaluate(chat, "digits", [DIGIT_PROMPT, "Which digit?"], limit=3, progress=True)
+    report = evaluate(ollama_chat, "digits", [DIGIT_PROMPT, "Which digit?"], limit=3, progress=True)
     bodies = [r.json for r in ollama_server.requests_to("/api/chat")]
     assert len(bodies) == 6
     assert all(len(b["messages"]) == 1 and len(b["messages"][0]["images"]) == 1 for b in bodies)
     assert [b["messages"][0]["content"] for b in bodies[:2]] == [DIGIT_PROMPT, "Which digit?"]
     assert all(b["options"] == {"temperature": 0.0, "num_predict": 64} for b in bodies)
     assert report.options == {"temperature": 0.0, "max_tokens": 64}
-    assert chat.history == []
+    assert ollama_chat.history == []
 
 
 def test_given_and_chat_options_win_over_the_defaults(ollama_server: OllamaServer) -> None:
@@ -243,12 +239,12 @@ def shape_reply(i: int, picture: LabelledPicture, prompt: str) -> str:
 
 
 def test_shape_and_colour_prompts_score_their_own_label(
-    ollama_server: OllamaServer, chat: VisionChat
+    ollama_server: OllamaServer, ollama_chat: VisionChat
 ) -> None:
     """On shapes, a shape question is scored on the shape, a colour question on the colour."""
     shapes = load_set("shapes", limit=30)
     ollama_server.script(answer_by_picture(shapes, shape_reply))
-    report = evaluate(chat, "shapes", limit=30, progress=False)
+    report = evaluate(ollama_chat, "shapes", limit=30, progress=False)
     shape, colour = report.results
     assert (shape.prompt, shape.kind, shape.correct) == ("What shape is this?", "shape", 30)
     assert (colour.prompt, colour.kind, colour.correct) == ("What colour is it?", "colour", 29)
@@ -261,12 +257,12 @@ def test_shape_and_colour_prompts_score_their_own_label(
 
 
 def test_a_mapping_chooses_the_label_each_prompt_is_scored_on(
-    ollama_server: OllamaServer, chat: VisionChat
+    ollama_server: OllamaServer, ollama_chat: VisionChat
 ) -> None:
     """prompts={prompt: kind} overrides the kind a prompt names."""
     shapes = load_set("shapes", limit=6)
     ollama_server.script(answer_by_picture(shapes, shape_reply))
-    report = evaluate(chat, shapes, {"Describe it.": "colour"}, progress=False)
+    report = evaluate(ollama_chat, shapes, {"Describe it.": "colour"}, progress=False)
     (result,) = report.results
     assert (result.kind, result.correct, result.answers) == ("colour", 5, 6)
     assert report.dataset == "pictures"
@@ -289,13 +285,13 @@ PET_REPLIES = ["It is a cat.", "A DOG, clearly", "No idea.", "a dog or a cat", "
 
 
 def test_class_answers_and_unreadable_pictures_are_scored_exactly(
-    ollama_server: OllamaServer, chat: VisionChat, pets: Path
+    ollama_server: OllamaServer, ollama_chat: VisionChat, pets: Path
 ) -> None:
     """Class names are read from replies; a picture that cannot be read is an error
     answer, counted wrong, and the run goes on."""
     pictures = load_set(pets)
     ollama_server.script(answer_by_picture(pictures[:6], lambda i, p, q: PET_REPLIES[i]))
-    report = evaluate(chat, pets, ["What animal is this?"], progress=False)
+    report = evaluate(ollama_chat, pets, ["What animal is this?"], progress=False)
     (result,) = report.results
     assert report.task == {"label": "classes"}
     assert (result.answers, result.correct, result.unparsed, result.errors) == (7, 3, 2, 1)
@@ -315,12 +311,14 @@ def test_class_answers_and_unreadable_pictures_are_scored_exactly(
     assert "error" in text
 
 
-def test_an_engine_failure_stops_the_run(ollama_server: OllamaServer, chat: VisionChat) -> None:
+def test_an_engine_failure_stops_the_run(
+    ollama_server: OllamaServer, ollama_chat: VisionChat
+) -> None:
     """An error from the engine is raised, not scored, and the chat is left empty."""
     ollama_server.script(Script(pieces=["7"]), Script(fault="http_error", error="runner died"))
     with pytest.raises(BackendError, match="runner died"):
-        evaluate(chat, "digits", [DIGIT_PROMPT], limit=3, progress=False)
-    assert chat.history == []
+        evaluate(ollama_chat, "digits", [DIGIT_PROMPT], limit=3, progress=False)
+    assert ollama_chat.history == []
 
 
 def test_the_progress_bar_counts_answers_and_rates_only_the_given_ones() -> None:
@@ -337,11 +335,14 @@ def test_the_progress_bar_counts_answers_and_rates_only_the_given_ones() -> None
 
 
 def test_the_progress_bar_says_it_counts_answers(
-    ollama_server: OllamaServer, chat: VisionChat, pets: Path, capsys: pytest.CaptureFixture[str]
+    ollama_server: OllamaServer,
+    ollama_chat: VisionChat,
+    pets: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Two prompts about seven pictures are fourteen answers, and the bar says so."""
     ollama_server.script(pieces=["It is a cat."])
-    evaluate(chat, pets, ["What animal is this?", "Which animal?"], progress=True)
+    evaluate(ollama_chat, pets, ["What animal is this?", "Which animal?"], progress=True)
     err = capsys.readouterr().err
     assert "14/14 answers" in err
     assert "answers/s" in err or "s/answer" in err
@@ -363,20 +364,20 @@ MISTAKES = [
 @pytest.mark.parametrize("mistake", MISTAKES)
 def test_mistakes_are_refused_before_any_question(
     ollama_server: OllamaServer,
-    chat: VisionChat,
+    ollama_chat: VisionChat,
     mistake: tuple[object, object, dict[str, object], str],
 ) -> None:
     """A wrong task, kind, prompt or limit is refused before the engine is asked anything."""
     dataset, prompts, kwargs, message = mistake
     with pytest.raises(InvalidRequestError, match=message):
-        evaluate(chat, dataset, prompts, progress=False, **kwargs)  # type: ignore[arg-type]
+        evaluate(ollama_chat, dataset, prompts, progress=False, **kwargs)  # type: ignore[arg-type]
     assert ollama_server.requests_to("/api/chat") == []
 
 
-def test_a_user_set_needs_prompts(chat: VisionChat, pets: Path) -> None:
+def test_a_user_set_needs_prompts(ollama_chat: VisionChat, pets: Path) -> None:
     """Only the built-in sets have default prompts."""
     with pytest.raises(InvalidRequestError, match="give at least one prompt to ask about"):
-        evaluate(chat, pets, progress=False)
+        evaluate(ollama_chat, pets, progress=False)
 
 
 def render(report: EvalReport) -> str:
@@ -386,12 +387,14 @@ def render(report: EvalReport) -> str:
 
 
 def test_the_report_renders_and_round_trips_as_json(
-    ollama_server: OllamaServer, chat: VisionChat
+    ollama_server: OllamaServer, ollama_chat: VisionChat
 ) -> None:
     """The report draws as tables and comes back whole from its JSON."""
     digits = load_set("digits", limit=8)
     ollama_server.script(answer_by_picture(digits, digit_reply))
-    report = evaluate(chat, digits, [DIGIT_PROMPT, "Which digit?"], name="digits", progress=False)
+    report = evaluate(
+        ollama_chat, digits, [DIGIT_PROMPT, "Which digit?"], name="digits", progress=False
+    )
     text = render(report)
     assert "digits: 8 pictures, llava (ollama)" in text
     assert re.search(r"What digit is this\?\s+│\s+0\.500\s+│\s+4/8\s+│\s+2\s+│\s+0", text)

@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,28 +34,17 @@ MIB = 1024 * 1024
 
 
 @pytest.fixture
-def hub() -> Iterator[HubServer]:
-    """A running stand-in Hub with its CDN; fails the test if the servers broke."""
-    server = HubServer()
-    try:
-        yield server
-    finally:
-        server.stop()
-    assert not server.errors, server.errors
-
-
-@pytest.fixture
 def cache(tmp_path: Path) -> Path:
     """An empty Hugging Face cache directory of the test's own."""
     return tmp_path / "hf-cache"
 
 
-def publish(hub: HubServer, entry: CatalogEntry, lm_size: int = 4000) -> tuple[bytes, bytes]:
+def publish(hub_server: HubServer, entry: CatalogEntry, lm_size: int = 4000) -> tuple[bytes, bytes]:
     """Put stand-in files for ``entry`` on the Hub; returns their contents."""
     lm = b"GGUF" + hashlib.sha256(entry.name.encode()).digest() * (lm_size // 32)
     mm = b"GGUF" + b"projector" * 100
-    hub.add_file(str(entry.hf_repo), str(entry.gguf), lm)
-    hub.add_file(str(entry.hf_repo), str(entry.mmproj), mm)
+    hub_server.add_file(str(entry.hf_repo), str(entry.gguf), lm)
+    hub_server.add_file(str(entry.hf_repo), str(entry.mmproj), mm)
     return lm, mm
 
 
@@ -158,42 +146,44 @@ def test_memory_estimate_counts_files_cache_and_buffers() -> None:
 # --- pulling GGUF pairs from the Hub -------------------------------------------------
 
 
-def test_pull_downloads_the_pair_into_the_cache(hub: HubServer, cache: Path) -> None:
+def test_pull_downloads_the_pair_into_the_cache(hub_server: HubServer, cache: Path) -> None:
     """A catalogue name downloads both files through the Hub's redirect to its CDN."""
-    lm, mm = publish(hub, SMOL)
-    result = models.pull(SMOL.name, cache_dir=cache, endpoint=hub.url, progress=False)
+    lm, mm = publish(hub_server, SMOL)
+    result = models.pull(SMOL.name, cache_dir=cache, endpoint=hub_server.url, progress=False)
     assert result.backend == "llama_cpp"
     assert result.model_path is not None
     assert result.mmproj_path is not None
     assert result.model_path.read_bytes() == lm
     assert result.mmproj_path.read_bytes() == mm
     assert cache in result.model_path.parents
-    heads = [r.path for r in hub.requests_for("hub", "HEAD")]
+    heads = [r.path for r in hub_server.requests_for("hub", "HEAD")]
     assert heads[0] == "/"  # the one reachability check
     assert len([path for path in heads if "/resolve/" in path]) == 2
-    assert len(hub.requests_for("cdn", "GET")) == 2
+    assert len(hub_server.requests_for("cdn", "GET")) == 2
 
 
-def test_interrupted_download_resumes_with_a_range_request(hub: HubServer, cache: Path) -> None:
+def test_interrupted_download_resumes_with_a_range_request(
+    hub_server: HubServer, cache: Path
+) -> None:
     """A connection dropped mid-file is resumed from the bytes already received."""
-    lm, _ = publish(hub, SMOL, lm_size=12 * MIB)
-    hub.drop_after(str(SMOL.gguf), 10 * MIB + 12345)
-    result = models.pull(SMOL.name, cache_dir=cache, endpoint=hub.url, progress=False)
+    lm, _ = publish(hub_server, SMOL, lm_size=12 * MIB)
+    hub_server.drop_after(str(SMOL.gguf), 10 * MIB + 12345)
+    result = models.pull(SMOL.name, cache_dir=cache, endpoint=hub_server.url, progress=False)
     assert result.model_path is not None
     assert result.model_path.read_bytes() == lm
-    ranges = [r.headers.get("range") for r in hub.requests_for("cdn", "GET")]
+    ranges = [r.headers.get("range") for r in hub_server.requests_for("cdn", "GET")]
     # huggingface_hub writes in 10 MiB chunks: the resume starts at the last whole chunk.
     assert ranges[:2] == [None, f"bytes={10 * MIB}-"]
 
 
-def test_second_pull_downloads_nothing(hub: HubServer, cache: Path) -> None:
+def test_second_pull_downloads_nothing(hub_server: HubServer, cache: Path) -> None:
     """Pulling again only asks the Hub for metadata: no file is fetched twice."""
-    publish(hub, SMOL)
-    first = models.pull(SMOL.name, cache_dir=cache, endpoint=hub.url, progress=False)
-    gets = len(hub.requests_for("cdn", "GET"))
-    again = models.pull(SMOL.name, cache_dir=cache, endpoint=hub.url, progress=False)
+    publish(hub_server, SMOL)
+    first = models.pull(SMOL.name, cache_dir=cache, endpoint=hub_server.url, progress=False)
+    gets = len(hub_server.requests_for("cdn", "GET"))
+    again = models.pull(SMOL.name, cache_dir=cache, endpoint=hub_server.url, progress=False)
     assert again == first
-    assert len(hub.requests_for("cdn", "GET")) == gets
+    assert len(hub_server.requests_for("cdn", "GET")) == gets
 
 
 def test_prefilled_cache_needs_no_network(cache: Path, closed_port: int) -> None:
@@ -207,17 +197,17 @@ def test_prefilled_cache_needs_no_network(cache: Path, closed_port: int) -> None
     assert result.mmproj_path.read_bytes() == b"GGUF mm"
 
 
-def test_missing_file_on_the_hub_is_model_not_found(hub: HubServer, cache: Path) -> None:
+def test_missing_file_on_the_hub_is_model_not_found(hub_server: HubServer, cache: Path) -> None:
     """A repository without the catalogue's projector file says which file is missing."""
-    hub.add_file(str(SMOL.hf_repo), str(SMOL.gguf), b"GGUF")
+    hub_server.add_file(str(SMOL.hf_repo), str(SMOL.gguf), b"GGUF")
     with pytest.raises(ModelNotFoundError, match=f"has no file {SMOL.mmproj}"):
-        models.pull(SMOL.name, cache_dir=cache, endpoint=hub.url, progress=False)
+        models.pull(SMOL.name, cache_dir=cache, endpoint=hub_server.url, progress=False)
 
 
-def test_missing_repository_is_model_not_found(hub: HubServer, cache: Path) -> None:
+def test_missing_repository_is_model_not_found(hub_server: HubServer, cache: Path) -> None:
     """A repository the Hub does not have raises ModelNotFoundError naming it."""
     with pytest.raises(ModelNotFoundError, match=f"no repository {SMOL.hf_repo}"):
-        models.pull(SMOL.name, cache_dir=cache, endpoint=hub.url, progress=False)
+        models.pull(SMOL.name, cache_dir=cache, endpoint=hub_server.url, progress=False)
 
 
 def test_offline_without_cached_files_says_what_to_do(cache: Path, closed_port: int) -> None:
@@ -347,10 +337,12 @@ def test_models_lists_ollama_tags_with_their_vision(
     assert listed["llava-phi3-mini"].installed == ["ollama"]
 
 
-def test_models_finds_downloaded_pairs(hub: HubServer, cache: Path, closed_port: int) -> None:
+def test_models_finds_downloaded_pairs(
+    hub_server: HubServer, cache: Path, closed_port: int
+) -> None:
     """A pulled pair shows as installed from the Hugging Face cache, with its paths."""
-    publish(hub, SMOL)
-    pulled = models.pull(SMOL.name, cache_dir=cache, endpoint=hub.url, progress=False)
+    publish(hub_server, SMOL)
+    pulled = models.pull(SMOL.name, cache_dir=cache, endpoint=hub_server.url, progress=False)
     report = models.list_models(host=f"127.0.0.1:{closed_port}", cache_dir=cache)
     assert not report.ollama.reachable
     assert report.hf_cache == cache
@@ -361,10 +353,10 @@ def test_models_finds_downloaded_pairs(hub: HubServer, cache: Path, closed_port:
     assert {a.entry.name: a.installed for a in report.available}[SMOL.name] == ["hf-cache"]
 
 
-def test_half_downloaded_pair_is_flagged(hub: HubServer, cache: Path) -> None:
+def test_half_downloaded_pair_is_flagged(hub_server: HubServer, cache: Path) -> None:
     """A cached language model without its projector is listed as incomplete."""
-    publish(hub, SMOL)
-    hf_hub_download(str(SMOL.hf_repo), str(SMOL.gguf), cache_dir=cache, endpoint=hub.url)
+    publish(hub_server, SMOL)
+    hf_hub_download(str(SMOL.hf_repo), str(SMOL.gguf), cache_dir=cache, endpoint=hub_server.url)
     (pair,) = models.cached_pairs(cache)
     assert pair.mmproj_path is None
     assert "incomplete" in pair.note
@@ -421,14 +413,14 @@ def test_models_uses_the_machines_available_memory(cache: Path, closed_port: int
 # --- the commands, in a fresh interpreter --------------------------------------------
 
 
-def test_cli_pull_downloads_from_hf_endpoint(hub: HubServer, cache: Path) -> None:
+def test_cli_pull_downloads_from_hf_endpoint(hub_server: HubServer, cache: Path) -> None:
     """`pull NAME --json` downloads from HF_ENDPOINT into HF_HUB_CACHE and prints the paths."""
-    lm, _ = publish(hub, SMOL)
+    lm, _ = publish(hub_server, SMOL)
     result = run_cli(
         "models",
         "pull_command",
         [SMOL.name, "--quiet", "--json"],
-        HF_ENDPOINT=hub.url,
+        HF_ENDPOINT=hub_server.url,
         HF_HUB_CACHE=str(cache),
     )
     assert result.returncode == 0, result.stderr

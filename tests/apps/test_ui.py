@@ -275,36 +275,26 @@ def test_without_gradio_the_page_says_which_extra_to_install(
 
 
 @pytest.fixture(scope="module")
-def daemon() -> Iterator[OllamaServer]:
-    """The stand-in Ollama daemon with ``llava``, shared by the tests of this module."""
-    server = OllamaServer()
-    server.add_model("llava")
-    try:
-        yield server
-    finally:
-        server.stop()
-    assert not server.errors, f"the stand-in daemon failed: {server.errors!r}"
-
-
-@pytest.fixture(scope="module")
-def ollama_page(daemon: OllamaServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+def ollama_page(
+    ollama_daemon: OllamaServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
     """The page, starting on the stand-in daemon."""
     with serve_page(
-        tmp_path_factory.mktemp("ui-ollama"), "--backend", "ollama", "--host", daemon.host
+        tmp_path_factory.mktemp("ui-ollama"), "--backend", "ollama", "--host", ollama_daemon.host
     ) as served:
         yield served
 
 
 def test_answers_stream_with_timings_and_a_new_conversation_starts_clean(
-    browser: Browser, ollama_page: Served, daemon: OllamaServer, digit_png: Path
+    browser: Browser, ollama_page: Served, ollama_daemon: OllamaServer, digit_png: Path
 ) -> None:
     """An answer streams onto the page with its timings, a follow-up keeps the picture
     in the conversation without sending it again, and New conversation starts over."""
-    daemon.script(
+    ollama_daemon.script(
         Script(pieces=["A ", "hand", "written ", "seven."], piece_delay_s=0.8),
         Script(pieces=["It is ", "black ", "on white."], prompt_eval_count=41),
     )
-    before = len(daemon.requests_to("/api/chat"))
+    before = len(ollama_daemon.requests_to("/api/chat"))
     with open_tab(browser, ollama_page) as tab:
         upload(tab, digit_png)
         ask(tab, "What digit is this?")
@@ -328,7 +318,7 @@ def test_answers_stream_with_timings_and_a_new_conversation_starts_clean(
         assert bot_texts(tab) == ["A handwritten seven.", "It is black on white."]
         screenshot(tab, "ui-ollama-conversation.png")
 
-        first, second = (r.json for r in daemon.requests_to("/api/chat")[before:])
+        first, second = (r.json for r in ollama_daemon.requests_to("/api/chat")[before:])
         sent = base64.b64decode(first["messages"][-1]["images"][0])
         assert sent.startswith(b"\x89PNG") or sent[:2] == b"\xff\xd8"
         assert [bool(m.get("images")) for m in second["messages"] if m["role"] == "user"] == [
@@ -341,27 +331,27 @@ def test_answers_stream_with_timings_and_a_new_conversation_starts_clean(
         expect(stats).to_contain_text("none yet")
         ask(tab, "What digit is this?")
         wait_for_bot_text(tab, "It is black on white.")
-        again = daemon.requests_to("/api/chat")[-1].json
+        again = ollama_daemon.requests_to("/api/chat")[-1].json
         assert [m["role"] for m in again["messages"]] == ["user"]
         assert again["messages"][0].get("images"), "the picture goes again after a reset"
 
 
 def test_stop_ends_the_answer_and_leaves_it_out(
-    browser: Browser, ollama_page: Served, daemon: OllamaServer
+    browser: Browser, ollama_page: Served, ollama_daemon: OllamaServer
 ) -> None:
     """Stop hangs up on the engine mid-answer and takes the unfinished answer off the
     page, since the conversation does not keep it either."""
     from playwright.sync_api import expect
 
-    daemon.script(pieces=["One ", "piece ", "at ", "a ", "time."], piece_delay_s=1.0)
-    daemon.client_gone.clear()
+    ollama_daemon.script(pieces=["One ", "piece ", "at ", "a ", "time."], piece_delay_s=1.0)
+    ollama_daemon.client_gone.clear()
     with open_tab(browser, ollama_page) as tab:
         ask(tab, "Tell me slowly.")
         wait_for_bot_text(tab, "One")
         tab.page.locator("#llava-stop").click()
         expect(tab.page.locator("#llava-status")).to_contain_text("that answer was not kept")
         expect(tab.page.locator("#llava-chat .bot.message")).to_have_count(0)
-        assert daemon.client_gone.wait(timeout=15), "the engine was not stopped"
+        assert ollama_daemon.client_gone.wait(timeout=15), "the engine was not stopped"
 
 
 def test_engine_failure_is_shown_on_the_page(

@@ -1,8 +1,5 @@
 """The Ollama engine against the stand-in daemon, through the official client, over sockets."""
 
-# The fixtures are imported from tests.ollama_server and injected by parameter name:
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import base64
@@ -40,13 +37,11 @@ from llava_local.errors import (
 )
 from llava_local.types import Message, Options, PreparedImage
 
-from ..ollama_server import (  # noqa: F401 - the fixtures are used by name
+from ..ollama_server import (
     NO_VISION_RUNNER,
     PULL_EOF,
     OllamaServer,
     Script,
-    closed_port,
-    ollama_server,
 )
 
 MakeBackend = Callable[..., OllamaBackend]

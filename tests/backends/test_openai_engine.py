@@ -38,13 +38,9 @@ from ..openai_server import (
     LlamaCppServer,
     Script,
     ScriptedServer,
-    llama_cpp_server,
-    scripted_openai,
     start_llama_cpp_server,
 )
 from ..paths import DIGIT
-
-__all__ = ["llama_cpp_server", "scripted_openai"]  # the fixtures, used by name
 
 pytestmark = pytest.mark.llama
 

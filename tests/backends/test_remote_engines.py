@@ -17,11 +17,9 @@ from llava_local.backends.remote import RemoteEngine
 from llava_local.errors import BackendError, BackendUnavailableError, ModelNotFoundError
 from llava_local.types import Message, Options
 
-from ..ollama_server import OllamaServer, Script, ollama_server
+from ..ollama_server import OllamaServer, Script
 from ..openai_server import Script as OpenAIScript
-from ..openai_server import ScriptedServer, scripted_openai
-
-__all__ = ["ollama_server", "scripted_openai"]  # the fixtures, used by name
+from ..openai_server import ScriptedServer
 
 
 def turn() -> Turn:

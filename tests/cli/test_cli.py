@@ -8,21 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 
 from llava_local import __version__
 from llava_local.cli import main
 
-from ..gguf_fixtures import GgufPair, png_bytes
+from ..gguf_fixtures import GgufPair
 from ..ollama_server import OllamaServer, Script
-
-
-@pytest.fixture
-def picture(tmp_path: Path) -> Path:
-    path = tmp_path / "pic.png"
-    path.write_bytes(png_bytes(seed=21))
-    return path
 
 
 def llama_args(pair: GgufPair) -> list[str]:

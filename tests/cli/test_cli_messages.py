@@ -61,13 +61,6 @@ ERRORS = sorted({errors.LlavaLocalError, *_subclasses(errors.LlavaLocalError)}, 
 
 
 @pytest.fixture
-def picture(tmp_path: Path) -> Path:
-    path = tmp_path / "pic.png"
-    path.write_bytes(png_bytes(seed=5))
-    return path
-
-
-@pytest.fixture
 def no_ollama_host(monkeypatch: pytest.MonkeyPatch) -> None:
     """No OLLAMA_HOST from the machine running the tests."""
     monkeypatch.delenv("OLLAMA_HOST", raising=False)

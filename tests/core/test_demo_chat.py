@@ -9,7 +9,7 @@ ones, with answers that are right or wrong, not merely produced.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -19,12 +19,6 @@ from llava_local import ImageSource, VisionChat
 from llava_local.apps.datasets import LabelledPicture, load_set
 
 N_DIGITS = 24  # test-split digits 1400-1423, never used in training
-
-
-@pytest.fixture(scope="module")
-def chat() -> Iterator[VisionChat]:
-    with VisionChat.llama_cpp(temperature=0) as chat:
-        yield chat
 
 
 @pytest.fixture(scope="module")
@@ -75,42 +69,42 @@ def score(answers: list[str], digits: list[LabelledPicture]) -> int:
 
 
 def test_demo_reads_test_digits_through_visionchat(
-    chat: VisionChat, digits: list[LabelledPicture]
+    demo_chat: VisionChat, digits: list[LabelledPicture]
 ) -> None:
-    answers = read_all(chat, [_plain(d) for d in digits])
+    answers = read_all(demo_chat, [_plain(d) for d in digits])
     assert score(answers, digits) >= N_DIGITS - 1, list(
         zip(answers, [d.label for d in digits], strict=True)
     )
 
 
 def test_sideways_phone_photos_are_read_as_well_as_plain_ones(
-    chat: VisionChat, digits: list[LabelledPicture]
+    demo_chat: VisionChat, digits: list[LabelledPicture]
 ) -> None:
-    plain = read_all(chat, [_plain(d) for d in digits])
-    sideways = read_all(chat, [sideways_jpeg(_plain(d)) for d in digits])
+    plain = read_all(demo_chat, [_plain(d) for d in digits])
+    sideways = read_all(demo_chat, [sideways_jpeg(_plain(d)) for d in digits])
     # without EXIF orientation these would be digits lying on their side
     assert score(sideways, digits) >= score(plain, digits) - 1
     assert score(sideways, digits) >= N_DIGITS - 2, sideways
 
 
 def test_transparent_pngs_are_read_as_well_as_plain_ones(
-    chat: VisionChat, digits: list[LabelledPicture]
+    demo_chat: VisionChat, digits: list[LabelledPicture]
 ) -> None:
-    plain = read_all(chat, [_plain(d) for d in digits])
-    see_through = read_all(chat, [transparent_png(_plain(d)) for d in digits])
+    plain = read_all(demo_chat, [_plain(d) for d in digits])
+    see_through = read_all(demo_chat, [transparent_png(_plain(d)) for d in digits])
     assert see_through == plain  # flattened onto white, the picture is the same
 
 
-def test_a_follow_up_asks_about_the_same_picture(chat: VisionChat) -> None:
+def test_a_follow_up_asks_about_the_same_picture(demo_chat: VisionChat) -> None:
     """Shape first, then colour with no picture on the second turn: the conversation
     keeps the picture and the model answers about it."""
     shapes = [p for p in load_set("shapes", limit=40) if p.labels.get("shape") == "triangle"]
     assert shapes, "the built-in shapes have triangles"
     hits = 0
     for picture in shapes[:4]:
-        chat.reset()
-        first = chat.ask("What shape is this?", image=picture.source, max_tokens=24)
-        second = chat.ask("What colour is it?", max_tokens=24)
+        demo_chat.reset()
+        first = demo_chat.ask("What shape is this?", image=picture.source, max_tokens=24)
+        second = demo_chat.ask("What colour is it?", max_tokens=24)
         hits += (first.text.strip(), second.text.strip()) == (
             "It is a triangle.",
             f"It is {picture.labels['colour']}.",

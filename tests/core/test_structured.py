@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -32,16 +31,10 @@ def digit_schema(**bounds: Any) -> dict[str, Any]:
     }
 
 
-@pytest.fixture(scope="module")
-def demo() -> Iterator[VisionChat]:
-    with VisionChat.llama_cpp(temperature=0) as chat:
-        yield chat
-
-
 @pytest.fixture
-def chat(demo: VisionChat) -> VisionChat:
-    demo.reset()
-    return demo
+def chat(demo_chat: VisionChat) -> VisionChat:
+    demo_chat.reset()
+    return demo_chat
 
 
 # -- invalid schemas --------------------------------------------------------------------

@@ -6,7 +6,6 @@ is doing before its first token."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,32 +29,24 @@ from ..paths import DIGIT
 GREEDY: OptionArgs = {"temperature": 0}
 
 
-@pytest.fixture(scope="module")
-def demo() -> Iterator[VisionChat]:
-    """The demo model's chat, shared by the module's tests."""
-    chat = VisionChat.llama_cpp()
-    yield chat
-    chat.close()
-
-
-def test_save_creates_missing_folders(demo: VisionChat, tmp_path: Path) -> None:
+def test_save_creates_missing_folders(demo_chat: VisionChat, tmp_path: Path) -> None:
     """chat.save() into folders that do not exist yet creates them, as caption --out does."""
-    demo.reset()
-    demo.ask("What digit is this?", image=DIGIT, **GREEDY)
+    demo_chat.reset()
+    demo_chat.ask("What digit is this?", image=DIGIT, **GREEDY)
     target = tmp_path / "new" / "deeper" / "talk.json"
-    assert demo.save(target) == target
+    assert demo_chat.save(target) == target
     assert len(VisionChat.load(target).history) == 2
 
 
 def test_save_where_it_cannot_write_says_where_and_the_repl_stays_up(
-    demo: VisionChat, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    demo_chat: VisionChat, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A save that cannot be written raises OutputFileError naming the path; the chat
     REPL prints it and goes on to the next line."""
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(OutputFileError, match=r"cannot save the conversation to .*file/x\.json"):
-        demo.save(blocker / "x.json")
+        demo_chat.save(blocker / "x.json")
     lines = iter([f"/save {blocker}/x.json", "/help"])
 
     def read(_prompt: str) -> str:
@@ -64,7 +55,7 @@ def test_save_where_it_cannot_write_says_where_and_the_repl_stays_up(
         except StopIteration:
             raise EOFError from None
 
-    Repl(demo, read=read).run()
+    Repl(demo_chat, read=read).run()
     out = capsys.readouterr().out
     assert "error: cannot save the conversation to" in out
     assert "/image PATH" in out  # the /help after it ran: the REPL was still there
@@ -82,7 +73,7 @@ def test_save_where_it_cannot_write_says_where_and_the_repl_stays_up(
     ],
 )
 def test_save_says_why_this_path_failed(
-    demo: VisionChat,
+    demo_chat: VisionChat,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     target: str,
@@ -90,8 +81,8 @@ def test_save_says_why_this_path_failed(
 ) -> None:
     """The REPL's /save to a path it cannot write says which part of the path failed and
     why, never the contradictory "No such file ...; missing folders are created"."""
-    demo.reset()
-    demo.ask("What digit is this?", image=DIGIT, **GREEDY)
+    demo_chat.reset()
+    demo_chat.ask("What digit is this?", image=DIGIT, **GREEDY)
     (tmp_path / "file").write_text("not a folder")
     lines = iter([f"/save {target.format(tmp=tmp_path)}"])
 
@@ -101,47 +92,49 @@ def test_save_says_why_this_path_failed(
         except StopIteration:
             raise EOFError from None
 
-    Repl(demo, read=read).run()
+    Repl(demo_chat, read=read).run()
     out = " ".join(capsys.readouterr().out.split())  # the console wraps long lines
     assert f"error: cannot save the conversation to {target.format(tmp=tmp_path)}: " in out
     assert why.format(tmp=tmp_path) in out
     assert "missing folders are created" not in out
 
 
-def test_images_given_one_picture_is_refused(demo: VisionChat) -> None:
+def test_images_given_one_picture_is_refused(demo_chat: VisionChat) -> None:
     """images="x.png" is refused with a message naming image= instead of being read
     character by character."""
     with pytest.raises(InvalidRequestError, match=r"image=") as info:
-        demo.ask("What digit is this?", images=str(DIGIT))  # typed as a Sequence[str]
+        demo_chat.ask("What digit is this?", images=str(DIGIT))  # typed as a Sequence[str]
     assert "cannot use picture" not in str(info.value)
     with pytest.raises(InvalidRequestError, match="list of pictures"):
-        demo.ask("What digit is this?", images=DIGIT.read_bytes())  # type: ignore[arg-type]
+        demo_chat.ask("What digit is this?", images=DIGIT.read_bytes())  # type: ignore[arg-type]
 
 
-def test_a_question_with_no_picture_warns_unless_text_only_is_allowed(demo: VisionChat) -> None:
+def test_a_question_with_no_picture_warns_unless_text_only_is_allowed(
+    demo_chat: VisionChat,
+) -> None:
     """A first question with no picture issues NoPictureWarning; a follow-up about a
     picture already in the conversation, or allow_text_only=True, does not."""
-    demo.reset()
+    demo_chat.reset()
     with pytest.warns(NoPictureWarning, match="no picture in this conversation"):
-        demo.ask("What digit is this?", max_tokens=4)
-    demo.reset()
+        demo_chat.ask("What digit is this?", max_tokens=4)
+    demo_chat.reset()
     with warnings.catch_warnings():
         warnings.simplefilter("error", NoPictureWarning)
-        demo.ask("What digit is this?", image=DIGIT, **GREEDY)
-        demo.ask("Are you sure?", max_tokens=4)
-        demo.reset()
-        demo.allow_text_only = True
+        demo_chat.ask("What digit is this?", image=DIGIT, **GREEDY)
+        demo_chat.ask("Are you sure?", max_tokens=4)
+        demo_chat.reset()
+        demo_chat.allow_text_only = True
         try:
-            demo.ask("Hello?", max_tokens=4)
+            demo_chat.ask("Hello?", max_tokens=4)
         finally:
-            demo.allow_text_only = False
+            demo_chat.allow_text_only = False
 
 
 def test_the_chat_repl_says_when_there_is_no_picture(
-    demo: VisionChat, capsys: pytest.CaptureFixture[str]
+    demo_chat: VisionChat, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """In `llava-local chat`, a question with no picture gets a notice on stderr."""
-    demo.reset()
+    demo_chat.reset()
     lines = iter(["What digit is this?"])
 
     def read(_prompt: str) -> str:
@@ -150,7 +143,7 @@ def test_the_chat_repl_says_when_there_is_no_picture(
         except StopIteration:
             raise EOFError from None
 
-    Repl(demo, read=read, options={"max_tokens": 4}).run()
+    Repl(demo_chat, read=read, options={"max_tokens": 4}).run()
     assert NO_PICTURE in capsys.readouterr().err.replace("\n", " ")
 
 
@@ -164,7 +157,7 @@ def test_the_web_page_says_when_there_is_no_picture() -> None:
     assert any(PAGE_NO_PICTURE in s for s in statuses)
 
 
-def test_max_tokens_beyond_the_context_is_capped(demo: VisionChat) -> None:
+def test_max_tokens_beyond_the_context_is_capped(demo_chat: VisionChat) -> None:
     """A max_tokens larger than the context leaves is capped: the answer ends with
     done_reason "length" instead of a refusal."""
     with VisionChat.llama_cpp(n_ctx=256) as chat:
@@ -176,17 +169,17 @@ def test_max_tokens_beyond_the_context_is_capped(demo: VisionChat) -> None:
     assert known(reply.stats.prompt_tokens) + known(reply.stats.completion_tokens) <= n_ctx
 
 
-def test_a_turn_reports_what_it_is_doing_in_order(demo: VisionChat) -> None:
+def test_a_turn_reports_what_it_is_doing_in_order(demo_chat: VisionChat) -> None:
     """on_status hears the picture prepared, encoded and read, then the answer."""
-    demo.reset()
-    demo.engine.embeddings.clear()  # type: ignore[attr-defined]
-    demo.engine.kv_cache.clear()  # type: ignore[attr-defined]  # no kept KV state of it
+    demo_chat.reset()
+    demo_chat.engine.embeddings.clear()  # type: ignore[attr-defined]
+    demo_chat.engine.kv_cache.clear()  # type: ignore[attr-defined]  # no kept KV state of it
     seen: list[str] = []
-    demo.on_status = seen.append
+    demo_chat.on_status = seen.append
     try:
-        demo.ask("What digit is this?", image=DIGIT, **GREEDY)
+        demo_chat.ask("What digit is this?", image=DIGIT, **GREEDY)
     finally:
-        demo.on_status = None
+        demo_chat.on_status = None
     order = ["preparing pictures", "encoding picture", "reading picture", "answering"]
     assert [s for s in seen if s in order] == order
 

@@ -1,5 +1,5 @@
-"""Reading a caption run's output in tests: its lines, and how often each picture and
-prompt appears."""
+"""Caption runs in tests: the digit pictures they read, and reading their output (its
+lines, and how often each picture and prompt appears)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,25 @@ import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
+
+from llava_local.apps.datasets import load_set
+
+
+def save_digits(folder: Path, count: int) -> dict[str, str]:
+    """The first ``count`` test digits as PNG files in ``folder`` (``d0.png`` on, numbered
+    with as many places as the last needs, so names sort as the digits do); the digit
+    each shows, by file name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    places = len(str(count - 1))
+    labels = {}
+    for index, picture in enumerate(load_set("digits", limit=count)):
+        assert isinstance(picture.source, Image.Image)
+        name = f"d{index:0{places}d}.png"
+        picture.source.save(folder / name)
+        labels[name] = picture.label
+    return labels
 
 
 def lines(path: Path) -> list[dict[str, Any]]:

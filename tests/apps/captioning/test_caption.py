@@ -10,7 +10,7 @@ import os
 import shutil
 import signal
 import threading
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -99,12 +99,6 @@ def good_folder(tmp_path: Path) -> Path:
     for index in range(5):
         (pics / f"p{index}.png").write_bytes(png_bytes((40, 40), seed=100 + index))
     return pics
-
-
-@pytest.fixture
-def ollama_chat(ollama_server: OllamaServer) -> Iterator[VisionChat]:
-    with VisionChat.ollama(host=ollama_server.url) as chat:
-        yield chat
 
 
 def names(records: list[dict[str, Any]]) -> list[str]:
@@ -582,13 +576,6 @@ def test_the_progress_bar_goes_to_stderr(
 
 
 # --- resuming: one line per picture and prompt, broken ones included -----------------
-
-
-@pytest.fixture(scope="module")
-def demo_chat() -> Iterator[VisionChat]:
-    """The bundled demo model, loaded once for the resuming tests."""
-    with VisionChat.llama_cpp() as chat:
-        yield chat
 
 
 @pytest.fixture

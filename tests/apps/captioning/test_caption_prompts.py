@@ -10,24 +10,22 @@ import subprocess
 import sys
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
 import pytest
 from click.testing import CliRunner
-from PIL import Image
 from pydantic import BaseModel
 
 from llava_local import InvalidRequestError, VisionChat
 from llava_local.apps.captioning import caption, read_captions, read_prompts
-from llava_local.apps.datasets import DIGIT_PROMPT, DIGIT_PROMPTS_HELD_OUT, load_set
+from llava_local.apps.datasets import DIGIT_PROMPT, DIGIT_PROMPTS_HELD_OUT
 from llava_local.cli.caption import caption as caption_command
 
 from ...gguf_fixtures import png_bytes
 from ...ollama_server import OllamaServer, RecordedRequest, Script
 from ...paths import ROOT
-from .caption_lines import lines, pairs
+from .caption_lines import lines, pairs, save_digits
 
 PROMPTS = (DIGIT_PROMPT, DIGIT_PROMPTS_HELD_OUT[1], DIGIT_PROMPTS_HELD_OUT[4])
 
@@ -36,25 +34,11 @@ class Pet(BaseModel):
     kind: Literal["cat", "dog"]
 
 
-@pytest.fixture(scope="module")
-def demo_chat() -> Iterator[VisionChat]:
-    """The bundled demo model, loaded once for this module."""
-    with VisionChat.llama_cpp(temperature=0, max_tokens=24) as chat:
-        yield chat
-
-
 @pytest.fixture
 def digits(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     """Four test digits as PNG files, and the digit each shows by file name."""
     folder = tmp_path / "digits"
-    folder.mkdir()
-    labels = {}
-    for index, picture in enumerate(load_set("digits", limit=4)):
-        assert isinstance(picture.source, Image.Image)
-        name = f"d{index}.png"
-        picture.source.save(folder / name)
-        labels[name] = picture.label
-    return folder, labels
+    return folder, save_digits(folder, 4)
 
 
 @pytest.fixture
@@ -84,7 +68,7 @@ def test_every_prompt_gets_a_line_and_the_picture_is_read_once(
     first prompt did: the picture's positions come from its KV cache."""
     folder, labels = digits
     out = tmp_path / "out.jsonl"
-    summary = caption(demo_chat, folder, out, prompt=list(PROMPTS), progress=False)
+    summary = caption(demo_chat, folder, out, prompt=list(PROMPTS), max_tokens=24, progress=False)
     assert (summary.found, summary.done, summary.failed) == (12, 12, 0)
     records = lines(out)
     assert [(Path(r["path"]).name, r["prompt"]) for r in records] == [
@@ -106,10 +90,10 @@ def test_answers_equal_those_of_one_prompt_runs(
     (greedy) as a run asking that prompt alone."""
     folder, _ = digits
     together = tmp_path / "together.jsonl"
-    caption(demo_chat, folder, together, prompt=list(PROMPTS[:2]), progress=False)
+    caption(demo_chat, folder, together, prompt=list(PROMPTS[:2]), max_tokens=24, progress=False)
     for prompt in PROMPTS[:2]:
         alone = tmp_path / f"alone{PROMPTS.index(prompt)}.jsonl"
-        caption(demo_chat, folder, alone, prompt=prompt, progress=False)
+        caption(demo_chat, folder, alone, prompt=prompt, max_tokens=24, progress=False)
         expected = {r["path"]: r["text"] for r in lines(alone)}
         got = {r["path"]: r["text"] for r in lines(together) if r["prompt"] == prompt}
         assert got == expected

@@ -32,13 +32,13 @@ from llava_local.apps.captioning import (
     local_cpus_needed,
     read_captions,
 )
-from llava_local.apps.datasets import DIGIT_PROMPT, load_set
+from llava_local.apps.datasets import DIGIT_PROMPT
 from llava_local.cli.caption import caption as caption_command
 
 from ...ollama_server import OllamaServer, RecordedRequest, Script
 from ...option_args import OptionArgs
 from ...paths import ROOT
-from .caption_lines import lines, pairs
+from .caption_lines import lines, pairs, save_digits
 
 DEMO = {"backend": "llama_cpp", "engine": {"model": "demo"}}
 OPTIONS: OptionArgs = {"temperature": 0, "max_tokens": 20}
@@ -66,12 +66,7 @@ def ray_instance() -> Iterator[str]:
 def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     """40 test digits as PNG files plus three broken files; the digit of each by name."""
     folder = tmp_path_factory.mktemp("digits")
-    labels = {}
-    for index, picture in enumerate(load_set("digits", limit=40)):
-        assert isinstance(picture.source, Image.Image)
-        name = f"d{index:02d}.png"
-        picture.source.save(folder / name)
-        labels[name] = picture.label
+    labels = save_digits(folder, 40)
     (folder / BROKEN[0]).write_bytes(b"")
     (folder / BROKEN[1]).write_bytes(b"<html>gone</html>")
     whole = (folder / "d00.png").read_bytes()

@@ -62,21 +62,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     stop(running)
 
 
-@pytest.fixture
-def client(server: Server) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(
-        base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120
-    ) as opened:
-        yield opened
-
-
-@pytest.fixture
-def ollama_client(server: Server) -> Iterator[ollama.Client]:
-    opened = ollama.Client(host=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
-    yield opened
-    opened.close()  # type: ignore[no-untyped-call]
-
-
 def _long_stream() -> dict[str, Any]:
     """A streamed request that keeps the model busy for a long while (see LONG)."""
     return {

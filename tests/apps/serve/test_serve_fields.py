@@ -48,21 +48,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     stop(running)
 
 
-@pytest.fixture
-def client(server: Server) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(
-        base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120
-    ) as opened:
-        yield opened
-
-
-@pytest.fixture
-def ollama_client(server: Server) -> Iterator[ollama.Client]:
-    opened = ollama.Client(host=server.url, timeout=120)
-    yield opened
-    opened.close()  # type: ignore[no-untyped-call]
-
-
 def _post(server: Server, path: str, body: dict[str, Any]) -> httpx.Response:
     return httpx.post(f"{server.url}{path}", json=body, timeout=120)
 
