@@ -265,7 +265,7 @@ def test_ollama_tag_of_an_entry_pulls_through_the_daemon(ollama_server: OllamaSe
     assert ollama_server.find_model("llava-phi3") is not None
 
 
-def test_backend_ollama_pulls_the_entrys_tag(ollama_server: OllamaServer) -> None:
+def test_the_ollama_engine_pulls_the_entrys_tag(ollama_server: OllamaServer) -> None:
     """backend="ollama" with a catalogue name pulls that entry's Ollama tag."""
     ollama_server.add_model("llava:7b-v1.5-q4_K_M", pullable=True)
     result = models.pull("llava-1.5-7b", host=ollama_server.url, backend="ollama", progress=False)
@@ -296,7 +296,7 @@ def test_unknown_name_without_a_daemon_lists_the_catalogue(closed_port: int) -> 
     assert "smolvlm-500m" in str(caught.value)
 
 
-def test_backend_ollama_without_a_daemon_says_start_it(closed_port: int) -> None:
+def test_the_ollama_engine_without_a_daemon_says_start_it(closed_port: int) -> None:
     """Forcing Ollama with no daemon raises BackendUnavailableError saying `ollama serve`."""
     with pytest.raises(BackendUnavailableError, match="ollama serve"):
         models.pull("moondream", host=f"127.0.0.1:{closed_port}", backend="ollama")

@@ -16,7 +16,7 @@ import ollama
 import pytest
 from PIL import Image
 
-from llava_local.backends import ollama as ollama_backend
+from llava_local.backends import ollama as ollama_engine
 from llava_local.backends.base import Finish, Turn
 from llava_local.backends.ollama import (
     OllamaBackend,
@@ -44,7 +44,7 @@ from ..ollama_server import (
     Script,
 )
 
-MakeBackend = Callable[..., OllamaBackend]
+MakeEngine = Callable[..., OllamaBackend]
 
 
 @pytest.fixture(autouse=True)
@@ -57,20 +57,20 @@ def _no_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def make_backend(ollama_server: OllamaServer) -> Iterator[MakeBackend]:
-    """Backends talking to the stand-in daemon, closed after the test."""
+def make_engine(ollama_server: OllamaServer) -> Iterator[MakeEngine]:
+    """Engines talking to the stand-in daemon, closed after the test."""
     made: list[OllamaBackend] = []
 
     def make(model: str = "llava", **kwargs: Any) -> OllamaBackend:
         kwargs.setdefault("host", ollama_server.url)
         kwargs.setdefault("timeout", 5.0)
-        backend = OllamaBackend(model, **kwargs)
-        made.append(backend)
-        return backend
+        engine = OllamaBackend(model, **kwargs)
+        made.append(engine)
+        return engine
 
     yield make
-    for backend in made:
-        backend.close()
+    for engine in made:
+        engine.close()
 
 
 def picture(color: tuple[int, int, int] = (200, 30, 30)) -> PreparedImage:
@@ -92,9 +92,9 @@ def user(text: str = "What is in this picture?", *images: PreparedImage) -> Mess
     return Message(role="user", content=text, images=images)
 
 
-def ask(backend: OllamaBackend, request: Turn) -> tuple[str, Finish]:
+def ask(engine: OllamaBackend, request: Turn) -> tuple[str, Finish]:
     """Run one turn to its end: the text and the Finish."""
-    items = list(backend.generate(request))
+    items = list(engine.generate(request))
     finish = items.pop()
     assert isinstance(finish, Finish)
     assert all(isinstance(item, str) for item in items)
@@ -104,9 +104,9 @@ def ask(backend: OllamaBackend, request: Turn) -> tuple[str, Finish]:
 # --- answers and statistics ----------------------------------------------------------
 
 
-def test_streamed_answer_and_stats(make_backend: MakeBackend) -> None:
+def test_streamed_answer_and_stats(make_engine: MakeEngine) -> None:
     """A streamed answer arrives piece by piece, then a Finish with stats in seconds."""
-    items = list(make_backend().generate(turn(user("Describe it.", picture()))))
+    items = list(make_engine().generate(turn(user("Describe it.", picture()))))
     assert items[:-1] == ["A", " cat", " on", " a", " mat", "."]
     finish = items[-1]
     assert isinstance(finish, Finish)
@@ -123,11 +123,11 @@ def test_streamed_answer_and_stats(make_backend: MakeBackend) -> None:
 
 
 def test_zero_metrics_are_omitted_and_read_as_zero(
-    ollama_server: OllamaServer, make_backend: MakeBackend
+    ollama_server: OllamaServer, make_engine: MakeEngine
 ) -> None:
     """Metrics the daemon leaves out (zero, Go's omitempty) come through as zero."""
     ollama_server.script(pieces=["ok"], load_duration=0, prompt_eval_count=0)
-    _, finish = ask(make_backend(), turn(user()))
+    _, finish = ask(make_engine(), turn(user()))
     final = replay_final_chunk(ollama_server)
     assert "load_duration" not in final
     assert "prompt_eval_count" not in final
@@ -147,11 +147,11 @@ def replay_final_chunk(server: OllamaServer) -> dict[str, Any]:
     ("reason", "expected"), [("stop", "stop"), ("length", "length"), ("unload", "stop")]
 )
 def test_done_reason(
-    ollama_server: OllamaServer, make_backend: MakeBackend, reason: str, expected: str
+    ollama_server: OllamaServer, make_engine: MakeEngine, reason: str, expected: str
 ) -> None:
     """``length`` is kept, ``stop`` is kept, anything else counts as ``stop``."""
     ollama_server.script(pieces=["a"], done_reason=reason)
-    _, finish = ask(make_backend(), turn(user()))
+    _, finish = ask(make_engine(), turn(user()))
     assert finish.done_reason == expected
 
 
@@ -200,20 +200,20 @@ def test_stand_in_refuses_data_urls(ollama_server: OllamaServer) -> None:
 # --- the pre-flight ------------------------------------------------------------------
 
 
-def test_unknown_model_says_how_to_pull(make_backend: MakeBackend) -> None:
+def test_unknown_model_says_how_to_pull(make_engine: MakeEngine) -> None:
     """A model the daemon lacks raises ModelNotFoundError with the pull command."""
-    backend = make_backend("llava:34b")
+    engine = make_engine("llava:34b")
     with pytest.raises(ModelNotFoundError, match=r"ollama pull llava:34b"):
-        backend.check()
+        engine.check()
     with pytest.raises(ModelNotFoundError):
-        next(iter(backend.generate(turn(user()))))
+        next(iter(engine.generate(turn(user()))))
 
 
-def test_text_model_is_refused(ollama_server: OllamaServer, make_backend: MakeBackend) -> None:
+def test_text_model_is_refused(ollama_server: OllamaServer, make_engine: MakeEngine) -> None:
     """A model without the vision capability raises NotAVisionModelError before any chat."""
     ollama_server.add_model("llama3.2", capabilities=["completion", "tools"])
     with pytest.raises(NotAVisionModelError, match=r"llama3\.2"):
-        list(make_backend("llama3.2").generate(turn(user("x", picture()))))
+        list(make_engine("llama3.2").generate(turn(user("x", picture()))))
     assert ollama_server.requests_to("/api/chat") == []
 
 
@@ -222,29 +222,29 @@ def test_text_model_is_refused(ollama_server: OllamaServer, make_backend: MakeBa
 )
 def test_old_daemon_without_capabilities(
     ollama_server: OllamaServer,
-    make_backend: MakeBackend,
+    make_engine: MakeEngine,
     families: list[str] | None,
     sees: bool,
 ) -> None:
     """Without ``capabilities`` the families decide; with no families the model is allowed."""
     spec = ollama_server.add_model("old", capabilities=None)
     spec.families = families
-    backend = make_backend("old")
+    engine = make_engine("old")
     if sees:
-        backend.check()
+        engine.check()
     else:
         with pytest.raises(NotAVisionModelError):
-            backend.check()
+            engine.check()
 
 
 def test_no_daemon_says_run_ollama_serve(closed_port: int) -> None:
     """Nothing listening raises BackendUnavailableError naming the host and `ollama serve`."""
-    backend = OllamaBackend(host=f"127.0.0.1:{closed_port}", timeout=2.0)
+    engine = OllamaBackend(host=f"127.0.0.1:{closed_port}", timeout=2.0)
     try:
         with pytest.raises(BackendUnavailableError, match="ollama serve") as caught:
-            list(backend.generate(turn(user())))
+            list(engine.generate(turn(user())))
     finally:
-        backend.close()
+        engine.close()
     assert f"127.0.0.1:{closed_port}" in str(caught.value)
     assert not isinstance(caught.value, BackendTimeoutError)
 
@@ -281,23 +281,23 @@ def test_refused_connection_is_retried(connection_log: logging.Logger) -> None:
         server.add_model("llava")
         handler = _StartOnRetry(server)
         connection_log.addHandler(handler)
-        backend = OllamaBackend(host=server.url, timeout=5.0)
+        engine = OllamaBackend(host=server.url, timeout=5.0)
         try:
-            backend.check()
-            assert ask(backend, turn(user()))[0] == "A cat on a mat."
+            engine.check()
+            assert ask(engine, turn(user()))[0] == "A cat on a mat."
         finally:
-            backend.close()
+            engine.close()
             connection_log.removeHandler(handler)
     assert handler.retries == 1
     assert [r.path for r in server.requests] == ["/api/version", "/api/show", "/api/chat"]
 
 
 def test_pull_shows_progress_then_answers(
-    ollama_server: OllamaServer, make_backend: MakeBackend, capsys: pytest.CaptureFixture[str]
+    ollama_server: OllamaServer, make_engine: MakeEngine, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """With pull=True a missing model is pulled, with progress on stderr, then answers."""
     spec = ollama_server.add_model("bakllava", pullable=True)
-    text, _ = ask(make_backend("bakllava", pull=True), turn(user("x", picture())))
+    text, _ = ask(make_engine("bakllava", pull=True), turn(user("x", picture())))
     assert text == "A cat on a mat."
     assert [r.json["model"] for r in ollama_server.requests_to("/api/pull")] == ["bakllava"]
     err = capsys.readouterr().err
@@ -306,20 +306,20 @@ def test_pull_shows_progress_then_answers(
     assert "success" in err
 
 
-def test_pull_of_unknown_model_fails_clearly(make_backend: MakeBackend) -> None:
+def test_pull_of_unknown_model_fails_clearly(make_engine: MakeEngine) -> None:
     """A pull the registry cannot serve raises ModelNotFoundError with the daemon's reason."""
     with pytest.raises(ModelNotFoundError, match="file does not exist"):
-        make_backend("no-such-model", pull=True).check()
+        make_engine("no-such-model", pull=True).check()
 
 
 # --- what is sent --------------------------------------------------------------------
 
 
 def test_options_are_mapped_to_ollama_names(
-    ollama_server: OllamaServer, make_backend: MakeBackend
+    ollama_server: OllamaServer, make_engine: MakeEngine
 ) -> None:
     """Options, num_ctx, engine options and keep_alive arrive under Ollama's names."""
-    backend = make_backend(num_ctx=2048, keep_alive="10m", num_thread=4, temperature=0.8)
+    engine = make_engine(num_ctx=2048, keep_alive="10m", num_thread=4, temperature=0.8)
     options = Options(
         temperature=0.0,
         top_p=0.9,
@@ -329,7 +329,7 @@ def test_options_are_mapped_to_ollama_names(
         stop=("USER:",),
         repeat_penalty=1.1,
     )
-    ask(backend, turn(user(), options=options))
+    ask(engine, turn(user(), options=options))
     body = ollama_server.requests_to("/api/chat")[-1].json
     assert body["options"] == {
         "num_ctx": 2048,
@@ -346,9 +346,9 @@ def test_options_are_mapped_to_ollama_names(
     assert body["stream"] is True
 
 
-def test_unset_options_are_not_sent(ollama_server: OllamaServer, make_backend: MakeBackend) -> None:
+def test_unset_options_are_not_sent(ollama_server: OllamaServer, make_engine: MakeEngine) -> None:
     """With nothing set, the request carries no options, no format and no keep_alive."""
-    ask(make_backend(), turn(user()))
+    ask(make_engine(), turn(user()))
     body = ollama_server.requests_to("/api/chat")[-1].json
     assert not {"options", "format", "keep_alive"} & set(body)
 
@@ -360,16 +360,16 @@ def test_unknown_engine_option_is_refused() -> None:
 
 
 def test_pictures_and_history_are_sent_whole_each_turn(
-    ollama_server: OllamaServer, make_backend: MakeBackend
+    ollama_server: OllamaServer, make_engine: MakeEngine
 ) -> None:
     """Pictures go as plain base64, and every turn resends the same history byte for byte."""
-    backend = make_backend()
+    engine = make_engine()
     image = picture()
     system = Message(role="system", content="Be brief.")
     first = user("What is this?", image)
-    text, _ = ask(backend, turn(system, first))
+    text, _ = ask(engine, turn(system, first))
     second = user("What colour is it?")
-    ask(backend, turn(system, first, Message(role="assistant", content=text), second))
+    ask(engine, turn(system, first, Message(role="assistant", content=text), second))
     one, two = (r.json["messages"] for r in ollama_server.requests_to("/api/chat"))
     assert one[1]["images"] == [base64.b64encode(image.data).decode()]
     assert not one[1]["images"][0].startswith("data:")
@@ -379,11 +379,11 @@ def test_pictures_and_history_are_sent_whole_each_turn(
     assert two[2]["content"] == "A cat on a mat."
 
 
-def test_schema_becomes_format(ollama_server: OllamaServer, make_backend: MakeBackend) -> None:
+def test_schema_becomes_format(ollama_server: OllamaServer, make_engine: MakeEngine) -> None:
     """A JSON schema is sent as Ollama's ``format`` object."""
     schema = {"type": "object", "properties": {"animal": {"type": "string"}}}
     ollama_server.script(pieces=['{"animal":', ' "cat"}'])
-    text, _ = ask(make_backend(), turn(user(), json_schema=schema))
+    text, _ = ask(make_engine(), turn(user(), json_schema=schema))
     assert text == '{"animal": "cat"}'
     assert ollama_server.requests_to("/api/chat")[-1].json["format"] == schema
 
@@ -405,75 +405,75 @@ def test_schema_becomes_format(ollama_server: OllamaServer, make_backend: MakeBa
 )
 def test_faults_become_library_errors(
     ollama_server: OllamaServer,
-    make_backend: MakeBackend,
+    make_engine: MakeEngine,
     script: Script,
     error: type[LlavaLocalError],
     text: str,
 ) -> None:
     """Each way the daemon can fail raises the matching library error, never a raw one."""
     ollama_server.script(script)
-    backend = make_backend(timeout=0.5)
-    backend.check()
+    engine = make_engine(timeout=0.5)
+    engine.check()
     with pytest.raises(LlavaLocalError) as caught:
-        list(backend.generate(turn(user("x", picture()))))
+        list(engine.generate(turn(user("x", picture()))))
     assert type(caught.value) is error
     assert text in str(caught.value)
     assert len(ollama_server.requests_to("/api/chat")) == 1  # never retried mid-stream
 
 
-def test_status_codes_are_kept(ollama_server: OllamaServer, make_backend: MakeBackend) -> None:
+def test_status_codes_are_kept(ollama_server: OllamaServer, make_engine: MakeEngine) -> None:
     """An error status is carried on ResponseError; a mid-stream error has none."""
     ollama_server.script(
         Script(fault="http_error", status=503, error="busy"), Script(fault="error_line")
     )
-    backend = make_backend()
+    engine = make_engine()
     with pytest.raises(ResponseError) as before:
-        list(backend.generate(turn(user())))
+        list(engine.generate(turn(user())))
     with pytest.raises(ResponseError) as during:
-        list(backend.generate(turn(user())))
+        list(engine.generate(turn(user())))
     assert (before.value.status_code, during.value.status_code) == (503, None)
 
 
 def test_slow_answer_hits_the_turn_timeout(
-    ollama_server: OllamaServer, make_backend: MakeBackend
+    ollama_server: OllamaServer, make_engine: MakeEngine
 ) -> None:
     """An answer that keeps trickling in past ``timeout`` raises BackendTimeoutError."""
     ollama_server.script(pieces=["x"] * 40, piece_delay_s=0.05)
     with pytest.raises(BackendTimeoutError, match="did not finish the answer within"):
-        list(make_backend(timeout=0.3).generate(turn(user())))
+        list(make_engine(timeout=0.3).generate(turn(user())))
 
 
 def test_engine_recovers_after_a_fault(
-    ollama_server: OllamaServer, make_backend: MakeBackend
+    ollama_server: OllamaServer, make_engine: MakeEngine
 ) -> None:
-    """After a dropped connection the next turn works on the same backend."""
+    """After a dropped connection the next turn works on the same engine."""
     ollama_server.script(Script(fault="drop"), Script(pieces=["fine"]))
-    backend = make_backend()
+    engine = make_engine()
     with pytest.raises(BackendUnavailableError):
-        list(backend.generate(turn(user())))
-    assert ask(backend, turn(user()))[0] == "fine"
+        list(engine.generate(turn(user())))
+    assert ask(engine, turn(user()))[0] == "fine"
 
 
 def test_early_close_closes_the_stream(
-    ollama_server: OllamaServer, make_backend: MakeBackend
+    ollama_server: OllamaServer, make_engine: MakeEngine
 ) -> None:
     """Closing the generator early closes the HTTP stream; the next turn still works."""
     ollama_server.script(Script(pieces=["x"] * 200, piece_delay_s=0.01), Script(pieces=["ok"]))
-    backend = make_backend()
-    answer = backend.generate(turn(user()))
+    engine = make_engine()
+    answer = engine.generate(turn(user()))
     assert isinstance(answer, Generator)
     assert next(answer) == "x"
     answer.close()
     assert ollama_server.client_gone.wait(5.0)
-    assert ask(backend, turn(user()))[0] == "ok"
+    assert ask(engine, turn(user()))[0] == "ok"
 
 
-def test_closed_backend_refuses_turns(make_backend: MakeBackend) -> None:
-    """A closed backend raises BackendError instead of a raw client error."""
-    backend = make_backend()
-    backend.close()
+def test_closed_engine_refuses_turns(make_engine: MakeEngine) -> None:
+    """A closed engine raises BackendError instead of a raw client error."""
+    engine = make_engine()
+    engine.close()
     with pytest.raises(BackendError, match="closed"):
-        list(backend.generate(turn(user())))
+        list(engine.generate(turn(user())))
 
 
 # --- where the daemon is -------------------------------------------------------------
@@ -507,16 +507,16 @@ def test_host_argument_beats_the_environment(monkeypatch: pytest.MonkeyPatch) ->
 
 
 @pytest.mark.parametrize("form", ["{host}", ":{port}", "http://{host}"])
-def test_backend_follows_ollama_host(
+def test_engine_follows_ollama_host(
     ollama_server: OllamaServer, monkeypatch: pytest.MonkeyPatch, form: str
 ) -> None:
-    """A backend without a host finds the daemon through OLLAMA_HOST."""
+    """An engine without a host finds the daemon through OLLAMA_HOST."""
     monkeypatch.setenv("OLLAMA_HOST", form.format(host=ollama_server.host, port=ollama_server.port))
-    backend = OllamaBackend(timeout=5.0)
+    engine = OllamaBackend(timeout=5.0)
     try:
-        assert ask(backend, turn(user()))[0] == "A cat on a mat."
+        assert ask(engine, turn(user()))[0] == "A cat on a mat."
     finally:
-        backend.close()
+        engine.close()
 
 
 def test_find_vision_model_without_daemon(closed_port: int) -> None:
@@ -587,11 +587,11 @@ class RecordingTransport(httpx.BaseTransport):
 def test_injected_transport_carries_every_request(ollama_server: OllamaServer) -> None:
     """transport= carries the check and the turn, and is closed with the engine."""
     transport = RecordingTransport()
-    backend = OllamaBackend(host=ollama_server.url, timeout=5.0, transport=transport)
+    engine = OllamaBackend(host=ollama_server.url, timeout=5.0, transport=transport)
     try:
-        assert ask(backend, turn(user("x", picture())))[0] == "A cat on a mat."
+        assert ask(engine, turn(user("x", picture())))[0] == "A cat on a mat."
     finally:
-        backend.close()
+        engine.close()
     assert transport.paths == ["/api/version", "/api/show", "/api/chat"]
     assert transport.closed
 
@@ -613,11 +613,11 @@ def test_mock_transport_needs_no_socket() -> None:
         ]
         return httpx.Response(200, content=b"".join(json.dumps(x).encode() + b"\n" for x in lines))
 
-    backend = OllamaBackend(host="ollama.invalid", transport=httpx.MockTransport(daemon))
+    engine = OllamaBackend(host="ollama.invalid", transport=httpx.MockTransport(daemon))
     try:
-        text, finish = ask(backend, turn(user("x", picture())))
+        text, finish = ask(engine, turn(user("x", picture())))
     finally:
-        backend.close()
+        engine.close()
     assert (text, finish.stats.completion_tokens) == ("Mocked.", 1)
     assert seen == [
         "GET http://ollama.invalid:11434/api/version",
@@ -630,10 +630,10 @@ def test_ready_client_is_used_as_it_is_and_left_open(ollama_server: OllamaServer
     """client= sends everything with the client's own address and headers, errors name
     that address, and closing the engine leaves the caller's client open."""
     with ollama.Client(host=ollama_server.url, headers={"X-Team": "vision"}) as client:
-        backend = OllamaBackend(client=client, timeout=5.0)
-        assert backend.host == ollama_server.url
-        assert ask(backend, turn(user("x", picture())))[0] == "A cat on a mat."
-        backend.close()
+        engine = OllamaBackend(client=client, timeout=5.0)
+        assert engine.host == ollama_server.url
+        assert ask(engine, turn(user("x", picture())))[0] == "A cat on a mat."
+        engine.close()
         assert {r.headers.get("x-team") for r in ollama_server.requests} == {"vision"}
         missing = OllamaBackend("bakllava", client=client)
         with pytest.raises(ModelNotFoundError, match=re.escape(ollama_server.url)):
@@ -669,14 +669,14 @@ def test_the_callers_transport_decides_the_retries(
         handler = logging.Handler(logging.DEBUG)
         handler.emit = lambda record, seen=events[name]: seen.append(record.getMessage().split()[0])  # type: ignore[method-assign,misc]
         connection_log.addHandler(handler)
-        backend = OllamaBackend(host=f"127.0.0.1:{closed_port}", transport=transport)
+        engine = OllamaBackend(host=f"127.0.0.1:{closed_port}", transport=transport)
         try:
             with pytest.raises(BackendUnavailableError, match="ollama serve"):
-                backend.check()
+                engine.check()
         finally:
-            backend.close()
+            engine.close()
             connection_log.removeHandler(handler)
-    assert events["default"].count("retry.started") == ollama_backend.CONNECT_RETRIES == 2
+    assert events["default"].count("retry.started") == ollama_engine.CONNECT_RETRIES == 2
     assert events["default"].count("connect_tcp.started") == 3
     assert events["own"].count("retry.started") == 0
     assert events["own"].count("connect_tcp.started") == 1
@@ -687,11 +687,11 @@ def test_default_transport_follows_http_proxy(
 ) -> None:
     """Like httpx's own default, the engine's transport sends through HTTP_PROXY."""
     monkeypatch.setenv("HTTP_PROXY", ollama_server.url)  # the stand-in routes proxy requests
-    backend = OllamaBackend(host="http://ollama.invalid:11434", timeout=5.0)
+    engine = OllamaBackend(host="http://ollama.invalid:11434", timeout=5.0)
     try:
-        assert ask(backend, turn(user("x", picture())))[0] == "A cat on a mat."
+        assert ask(engine, turn(user("x", picture())))[0] == "A cat on a mat."
     finally:
-        backend.close()
+        engine.close()
     assert [r.path for r in ollama_server.requests] == ["/api/version", "/api/show", "/api/chat"]
     assert {r.headers["host"] for r in ollama_server.requests} == {"ollama.invalid:11434"}
 
@@ -717,11 +717,11 @@ def test_gemma3_sees_without_a_clip_family(ollama_server: OllamaServer) -> None:
     assert show.details.families == ["gemma3"]
     assert show.capabilities is not None
     assert "vision" in show.capabilities
-    backend = OllamaBackend("gemma3:4b", host=ollama_server.url, timeout=5.0)
+    engine = OllamaBackend("gemma3:4b", host=ollama_server.url, timeout=5.0)
     try:
-        assert ask(backend, turn(user("x", picture())))[0] == "A cat on a mat."
+        assert ask(engine, turn(user("x", picture())))[0] == "A cat on a mat."
     finally:
-        backend.close()
+        engine.close()
     assert find_vision_model(ollama_server.url) == "gemma3:4b"
 
 
@@ -736,12 +736,12 @@ def test_pictures_sent_to_text_models(ollama_server: OllamaServer) -> None:
     assert refused.json() == {"error": NO_VISION_RUNNER}
     assert post_chat(ollama_server, "llama3.2").status_code == 200
     for name in ("gemma3:1b", "llama3.2"):
-        backend = OllamaBackend(name, host=ollama_server.url, timeout=5.0)
+        engine = OllamaBackend(name, host=ollama_server.url, timeout=5.0)
         try:
             with pytest.raises(NotAVisionModelError):
-                backend.check()
+                engine.check()
         finally:
-            backend.close()
+            engine.close()
     assert len(ollama_server.requests_to("/api/chat")) == 2  # only the two raw ones
 
 
@@ -765,28 +765,28 @@ def test_invalid_format_gets_the_daemons_500(ollama_server: OllamaServer) -> Non
 
 
 def test_schema_the_grammar_converter_refuses(
-    ollama_server: OllamaServer, make_backend: MakeBackend
+    ollama_server: OllamaServer, make_engine: MakeEngine
 ) -> None:
     """A schema with an unanchored pattern gets Ollama's 500, raised as ResponseError with
     the daemon's text and what to change."""
     schema = {"type": "object", "properties": {"name": {"type": "string", "pattern": "[a-z]+"}}}
     with pytest.raises(ResponseError) as caught:
-        list(make_backend().generate(turn(user("x", picture()), json_schema=schema)))
+        list(make_engine().generate(turn(user("x", picture()), json_schema=schema)))
     assert caught.value.status_code == 500
     assert "invalid JSON schema in format" in str(caught.value)
     assert "^" in str(caught.value)
     anchored = {"type": "string", "pattern": "^[a-z]+$"}
-    assert ask(make_backend(), turn(user("x", picture()), json_schema=anchored))[0]
+    assert ask(make_engine(), turn(user("x", picture()), json_schema=anchored))[0]
 
 
 def test_pull_failing_part_way(
-    ollama_server: OllamaServer, make_backend: MakeBackend, capsys: pytest.CaptureFixture[str]
+    ollama_server: OllamaServer, make_engine: MakeEngine, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A pull that fails after its download started is a BackendError that says to pull
     again (not a missing model), and the model is not installed."""
     spec = ollama_server.add_model("qwen2.5vl", pullable=True, pull_error=PULL_EOF)
     with pytest.raises(BackendError) as caught:
-        make_backend("qwen2.5vl", pull=True).check()
+        make_engine("qwen2.5vl", pull=True).check()
     assert type(caught.value) is BackendError
     assert PULL_EOF in str(caught.value)
     assert "run the pull again" in str(caught.value)
@@ -797,7 +797,7 @@ def test_pull_failing_part_way(
 
 
 def test_final_chunk_that_carries_content(
-    ollama_server: OllamaServer, make_backend: MakeBackend
+    ollama_server: OllamaServer, make_engine: MakeEngine
 ) -> None:
     """Text in the final chunk is part of the answer, and counts as its first token when
     nothing came before."""
@@ -805,32 +805,32 @@ def test_final_chunk_that_carries_content(
         Script(pieces=["A", " cat"], final_content=" on a mat."),
         Script(pieces=(), final_content="Only this."),
     )
-    backend = make_backend()
-    text, _ = ask(backend, turn(user("x", picture())))
+    engine = make_engine()
+    text, _ = ask(engine, turn(user("x", picture())))
     assert text == "A cat on a mat."
     assert replay_final_chunk(ollama_server)["message"]["content"] == "Only this."
-    text, finish = ask(backend, turn(user("x", picture())))
+    text, finish = ask(engine, turn(user("x", picture())))
     assert text == "Only this."
     assert finish.stats.first_token_s is not None
 
 
 def test_several_pictures_arrive_in_order_in_their_message(
-    ollama_server: OllamaServer, make_backend: MakeBackend
+    ollama_server: OllamaServer, make_engine: MakeEngine
 ) -> None:
     """Several pictures of one turn go in that message, in order; earlier turns keep theirs."""
     red, green, blue = picture((255, 0, 0)), picture((0, 255, 0)), picture((0, 0, 255))
     first = user("Compare these.", red, green)
     history = (first, Message(role="assistant", content="A cat on a mat."))
-    ask(make_backend(), turn(*history, user("And this?", blue, red)))
+    ask(make_engine(), turn(*history, user("And this?", blue, red)))
     sent = ollama_server.requests_to("/api/chat")[-1].pictures()
     assert sent == [[red.data, green.data], [], [blue.data, red.data]]
 
 
 def test_mllama_takes_one_picture_per_message(
-    ollama_server: OllamaServer, make_backend: MakeBackend
+    ollama_server: OllamaServer, make_engine: MakeEngine
 ) -> None:
     """Two pictures in one message to an mllama model get the daemon's 500 and text."""
     ollama_server.add_model("llama3.2-vision", family="mllama")
     with pytest.raises(ResponseError, match="only supports one image") as caught:
-        list(make_backend("llama3.2-vision").generate(turn(user("x", picture(), picture()))))
+        list(make_engine("llama3.2-vision").generate(turn(user("x", picture(), picture()))))
     assert caught.value.status_code == 500

@@ -88,7 +88,9 @@ def test_the_plugin_engine_answers_through_vision_chat(plugin_env: dict[str, str
     assert config == '{"shout": true}'
 
 
-def test_the_plugin_engine_is_a_backend_with_its_own_flags(plugin_env: dict[str, str]) -> None:
+def test_the_plugin_engine_is_a_command_line_choice_with_its_own_flags(
+    plugin_env: dict[str, str],
+) -> None:
     """`--backend mirror` is accepted and listed, and the engine's own setting is a flag
     of the command line, read from its config (`--shout`, with its help)."""
     help_text = run(plugin_env, "-m", "llava_local.cli", "ask", "--help").stdout

@@ -31,7 +31,7 @@ class EchoConfig(registry.EngineConfig):
     shout: bool = False
 
 
-class EchoBackend(Backend):
+class EchoEngine(Backend):
     """Answers with the question, to show an outside engine needs nothing else."""
 
     name = "echo"
@@ -48,7 +48,7 @@ class EchoBackend(Backend):
 
 @pytest.fixture
 def echo() -> Iterator[None]:
-    registry.register(registry.EngineSpec("echo", EchoConfig, EchoBackend, aliases=("parrot",)))
+    registry.register(registry.EngineSpec("echo", EchoConfig, EchoEngine, aliases=("parrot",)))
     yield
     registry._ENGINES.pop("echo")
     registry._ALIASES.pop("parrot")
@@ -201,11 +201,11 @@ def test_a_registered_name_is_replaced_only_when_asked() -> None:
     """Registering an engine under a name or alias another engine has is refused, naming
     replace=True; with it, the new engine takes the name (the old one is put back)."""
     ollama = registry.get("ollama")
-    impostor = registry.EngineSpec("ollama", EchoConfig, EchoBackend)
+    impostor = registry.EngineSpec("ollama", EchoConfig, EchoEngine)
     taken = r"'ollama' already names the registered ollama engine.*replace=True"
     with pytest.raises(InvalidRequestError, match=taken):
         registry.register(impostor)
-    alias_thief = registry.EngineSpec("thief", EchoConfig, EchoBackend, aliases=("llama.cpp",))
+    alias_thief = registry.EngineSpec("thief", EchoConfig, EchoEngine, aliases=("llama.cpp",))
     with pytest.raises(InvalidRequestError, match=r"'llama\.cpp' already names .* llama_cpp"):
         registry.register(alias_thief)
     assert registry.get("ollama") is ollama

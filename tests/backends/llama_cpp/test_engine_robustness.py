@@ -21,12 +21,12 @@ GREEDY: OptionArgs = {"temperature": 0, "max_tokens": 6}
 
 def cold_answer(pair: GgufPair, history: list[Message], question: str) -> str:
     """The greedy answer of a fresh engine to ``history`` + ``question``, no cache."""
-    backend = LlamaCppBackend(pair.lm, pair.mmproj)
+    engine = LlamaCppBackend(pair.lm, pair.mmproj)
     try:
         turn = Turn([*history, Message(role="user", content=question)], Options(**GREEDY))
-        return "".join(p for p in backend.generate(turn) if isinstance(p, str))
+        return "".join(p for p in engine.generate(turn) if isinstance(p, str))
     finally:
-        backend.close()
+        engine.close()
 
 
 def test_ctrl_c_mid_answer_keeps_history_and_cache(tiny_pair: GgufPair) -> None:

@@ -45,7 +45,7 @@ def open_chat(pair: GgufPair, **kwargs: object) -> VisionChat:
 
 
 def test_ask_returns_a_full_reply(tiny_pair: GgufPair) -> None:
-    """ask() answers with text, model, backend, done reason and stats that add up."""
+    """ask() answers with text, model, engine, done reason and stats that add up."""
     with open_chat(tiny_pair) as chat:
         reply = chat.ask("What is in this picture?", image=png_bytes(seed=1), **GREEDY)
     assert reply.backend == "llama_cpp"
@@ -123,12 +123,12 @@ def test_answers_are_the_same_with_and_without_the_cache(tiny_pair: GgufPair) ->
         cached.ask("Pick a colour.", image=picture, schema=Colour, temperature=0)
         warm = cached.ask("Again?", **GREEDY)
         history = cached.history
-    backend = LlamaCppBackend(tiny_pair.lm, tiny_pair.mmproj, chat_format="chatml")
+    engine = LlamaCppBackend(tiny_pair.lm, tiny_pair.mmproj, chat_format="chatml")
     try:
         turn = Turn([*history[:2], Message(role="user", content="Again?")], Options(**GREEDY))
-        cold = "".join(p for p in backend.generate(turn) if isinstance(p, str))
+        cold = "".join(p for p in engine.generate(turn) if isinstance(p, str))
     finally:
-        backend.close()
+        engine.close()
     assert warm.stats.cached_tokens
     assert cold == warm.text
 
@@ -164,18 +164,18 @@ def test_several_pictures_in_one_turn(tiny_pair: GgufPair) -> None:
 def test_pixels_reach_the_model(tiny_pair: GgufPair) -> None:
     """Two different pictures give different next-token logits; the same one, the same."""
     # no kept KV states: a restored prompt reads its last token alone, a few ulps apart
-    backend = LlamaCppBackend(tiny_pair.lm, tiny_pair.mmproj, kv_cache_mb=0)
+    engine = LlamaCppBackend(tiny_pair.lm, tiny_pair.mmproj, kv_cache_mb=0)
 
     def logits(seed: int) -> np.ndarray:
-        picture = prepare(png_bytes(seed=seed), max_side=backend.max_image_side)
+        picture = prepare(png_bytes(seed=seed), max_side=engine.max_image_side)
         message = Message(role="user", content="What is it?", images=(picture,))
-        return np.asarray(backend.next_token_logits(Turn([message], Options())))
+        return np.asarray(engine.next_token_logits(Turn([message], Options())))
 
     try:
         a, b, a_again = logits(10), logits(11), logits(10)
     finally:
-        backend.close()
-    assert a.shape == (backend.n_vocab,)
+        engine.close()
+    assert a.shape == (engine.n_vocab,)
     assert np.array_equal(a, a_again)
     assert np.abs(a - b).max() > 1e-3
 

@@ -35,9 +35,9 @@ def engine_for(pair: GgufPair, **kwargs: Any) -> LlamaCppBackend:
 
 @pytest.fixture(scope="module")
 def engine(tiny_pair: GgufPair) -> Iterator[LlamaCppBackend]:
-    backend = engine_for(tiny_pair, parallel=3, kv_cache_mb=0)
-    yield backend
-    backend.close()
+    engine = engine_for(tiny_pair, parallel=3, kv_cache_mb=0)
+    yield engine
+    engine.close()
 
 
 def alone(pair: GgufPair, question: str, picture: bytes, max_tokens: int = 40) -> str:
@@ -99,15 +99,15 @@ def test_more_conversations_than_slots_wait_their_turn(tiny_pair: GgufPair) -> N
     """With two slots, a third conversation waits for one and is answered as alone."""
     pictures = [png_bytes(seed=s) for s in (51, 52, 53)]
     expected = [alone(tiny_pair, "What is it?", p) for p in pictures]
-    backend = engine_for(tiny_pair, parallel=2, kv_cache_mb=0)
+    engine = engine_for(tiny_pair, parallel=2, kv_cache_mb=0)
     try:
-        chats = [VisionChat(backend, close_engine=False) for _ in pictures]
+        chats = [VisionChat(engine, close_engine=False) for _ in pictures]
         got = side_by_side(
-            backend,
+            engine,
             [asking(c, "What is it?", p) for c, p in zip(chats, pictures, strict=True)],
         )
     finally:
-        backend.close()
+        engine.close()
     assert got == expected
 
 
@@ -224,26 +224,26 @@ def test_a_picture_read_ahead_is_not_read_again(tiny_pair: GgufPair, parallel: i
     comes while the reading is still going, and answers as without reading ahead."""
     picture = png_bytes(seed=101)
     expected = alone(tiny_pair, "What is it?", picture)
-    backend = engine_for(tiny_pair, parallel=parallel, kv_cache_mb=0)
+    engine = engine_for(tiny_pair, parallel=parallel, kv_cache_mb=0)
     try:
-        chat = VisionChat(backend, close_engine=False)
-        prepared = prepare(picture, max_side=backend.max_image_side)
-        with backend.hold():  # the question arrives while the picture waits to be read
-            reading = backend.prefetch([Message(role="user", content="", images=(prepared,))])
+        chat = VisionChat(engine, close_engine=False)
+        prepared = prepare(picture, max_side=engine.max_image_side)
+        with engine.hold():  # the question arrives while the picture waits to be read
+            reading = engine.prefetch([Message(role="user", content="", images=(prepared,))])
             deadline = time.monotonic() + 30
-            while backend.turns_waiting < 1 and time.monotonic() < deadline:
+            while engine.turns_waiting < 1 and time.monotonic() < deadline:
                 time.sleep(0.01)
             asking = threading.Thread(
                 target=lambda: results.append(chat.ask("What is it?", image=picture, **LONG))
             )
             results: list[Any] = []
             asking.start()
-            while backend.turns_waiting < 2 and time.monotonic() < deadline:
+            while engine.turns_waiting < 2 and time.monotonic() < deadline:
                 time.sleep(0.01)
         asking.join(timeout=60)
         reading.join(timeout=60)
     finally:
-        backend.close()
+        engine.close()
     reply = results[0]
     assert reply.text == expected
     assert reply.stats.images_encoded == 0
@@ -257,15 +257,15 @@ def test_questions_about_one_picture_at_once_read_it_once(tiny_pair: GgufPair) -
     picture = png_bytes(seed=111)
     questions = ["What is it?", "Is it round?", "Which colour?"]
     expected = [alone(tiny_pair, q, picture) for q in questions]
-    backend = engine_for(tiny_pair, parallel=3, kv_cache_mb=0)
+    engine = engine_for(tiny_pair, parallel=3, kv_cache_mb=0)
     try:
-        chats = [VisionChat(backend, close_engine=False) for _ in questions]
+        chats = [VisionChat(engine, close_engine=False) for _ in questions]
         replies = side_by_side(
-            backend,
+            engine,
             [ask_reply(c, q, picture) for c, q in zip(chats, questions, strict=True)],
         )
     finally:
-        backend.close()
+        engine.close()
     assert [r.text for r in replies] == expected
     cached = sorted(known(r.stats.cached_tokens) for r in replies)
     assert cached[0] == 0
@@ -301,20 +301,20 @@ def test_a_picture_is_encoded_between_decode_steps_never_during_one(
 
     monkeypatch.setattr(llama_cpp, "llama_decode", decode_watched)
     monkeypatch.setattr(mtmd_cpp, "mtmd_encode_chunk", encode_slowly)
-    backend = engine_for(tiny_pair, parallel=2, kv_cache_mb=0, embedding_cache_mb=0)
+    engine = engine_for(tiny_pair, parallel=2, kv_cache_mb=0, embedding_cache_mb=0)
     try:
-        first, second = (VisionChat(backend, close_engine=False) for _ in range(2))
+        first, second = (VisionChat(engine, close_engine=False) for _ in range(2))
         answering = threading.Thread(
             target=lambda: first.ask("Tell me about it.", image=png_bytes(seed=121), **LONG)
         )
         answering.start()
         deadline = time.monotonic() + 60
-        while backend.turns_running < 1 and time.monotonic() < deadline:
+        while engine.turns_running < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
         for seed in (122, 123):  # two pictures while the first answer is written
             second.reset()
             second.ask("What is it?", image=png_bytes(seed=seed), **LONG)
         answering.join(timeout=60)
     finally:
-        backend.close()
+        engine.close()
     assert not overlaps
