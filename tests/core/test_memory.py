@@ -129,15 +129,18 @@ def run_turn(pair: tuple[Path, Path], n_ctx: int, pageout: bool = False, load: s
     return Run(json.loads(proc.stdout.strip().splitlines()[-1]), logged)
 
 
-def llama_report(model: Path, n_ctx: int, n_batch: int) -> dict[str, float]:
+def llama_report(
+    model: Path, n_ctx: int, n_batch: int, flash_attn: bool = True
+) -> dict[str, float]:
     """The buffer sizes llama.cpp logs when it creates a context (no picture involved)."""
     code = (
         "import sys, llama_cpp\n"
-        "m, c, b = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])\n"
-        "llama_cpp.Llama(m, n_ctx=c, n_batch=b, n_ubatch=b, n_threads=1, verbose=True)\n"
+        "m, c, b, fa = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == '1'\n"
+        "llama_cpp.Llama(m, n_ctx=c, n_batch=b, n_ubatch=b, n_threads=1, flash_attn=fa,"
+        " verbose=True)\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code, str(model), str(n_ctx), str(n_batch)],
+        [sys.executable, "-c", code, str(model), str(n_ctx), str(n_batch), str(int(flash_attn))],
         capture_output=True,
         text=True,
         check=False,
@@ -266,16 +269,37 @@ def big_vocab_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return gguf_writer.write_language_model(path, cfg, vocab=gguf_writer.padded_vocab(50000))
 
 
+@pytest.fixture(scope="module")
+def wide_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One block 1024 wide with 16 heads over 2 KV heads: attention, not the logits, sets
+    its compute buffer, so flash attention changes it (143 MiB without at n_ctx 4096)."""
+    path = tmp_path_factory.mktemp("wide") / "wide.gguf"
+    cfg = TextConfig(n_embd=1024, n_layer=1, n_ff=2816, n_head=16, n_head_kv=2)
+    return gguf_writer.write_language_model(path, cfg, dtype="f16")
+
+
+@pytest.mark.parametrize("flash_attn", [True, False], ids=["flash-attn", "no-flash-attn"])
 @pytest.mark.parametrize(("n_ctx", "n_batch"), [(512, 512), (2048, 512), (1000, 64), (4096, 256)])
 def test_kv_and_compute_match_llama_cpp(
-    tiny_pair: GgufPair, big_vocab_lm: Path, n_ctx: int, n_batch: int
+    tiny_pair: GgufPair,
+    big_vocab_lm: Path,
+    wide_lm: Path,
+    *,
+    n_ctx: int,
+    n_batch: int,
+    flash_attn: bool,
 ) -> None:
-    """KV cache bytes equal llama.cpp's, compute buffer within [1.0x, 1.07x], for two shapes."""
-    for lm in (tiny_pair.lm, big_vocab_lm):
-        logged = llama_report(lm, n_ctx, n_batch)
-        est = memory.estimate(lm, tiny_pair.mmproj, n_ctx=n_ctx, n_batch=n_batch)
+    """KV cache bytes equal llama.cpp's; the compute buffer never below llama.cpp's, for
+    three shapes, with flash attention (the engine's default: at most 1.3x, these narrow
+    shapes reuse part of the feed-forward's buffers) and without (at most 1.07x)."""
+    for lm in (tiny_pair.lm, big_vocab_lm, wide_lm):
+        logged = llama_report(lm, n_ctx, n_batch, flash_attn)
+        est = memory.estimate(
+            lm, tiny_pair.mmproj, n_ctx=n_ctx, n_batch=n_batch, flash_attn=flash_attn
+        )
         assert mib(est.kv_bytes) == pytest.approx(logged["kv"], abs=0.01)
-        assert 0.995 <= mib(est.lm_compute_bytes) / logged["lm_compute"] <= 1.07, (lm, logged)
+        high = 1.3 if flash_attn else 1.07
+        assert 0.995 <= mib(est.lm_compute_bytes) / logged["lm_compute"] <= high, (lm, logged)
 
 
 def test_repack_matches_llama_cpp_for_a_q4_model(tiny_pair_q4: GgufPair) -> None:

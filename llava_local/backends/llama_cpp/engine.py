@@ -114,6 +114,7 @@ class LlamaCppBackend(Backend):
                 n_batch=n_batch,
                 n_threads=self.n_threads,
                 use_mmap=use_mmap,
+                flash_attn=config.flash_attn,
             )
 
         if parallel == "auto":
@@ -136,6 +137,7 @@ class LlamaCppBackend(Backend):
             n_threads=self.n_threads,
             n_gpu_layers=n_gpu_layers,
             use_mmap=use_mmap,
+            flash_attn=config.flash_attn,
             verbose=config.verbose,
             clip_callback=self.pictures.clip_callback,
             catalog_sampling=_catalog_sampling(config.model),
@@ -191,6 +193,7 @@ class LlamaCppBackend(Backend):
                 n_batch=config.n_batch,
                 n_threads=self.n_threads,
                 use_mmap=self.use_mmap,
+                flash_attn=config.flash_attn,
                 slots=1 if config.parallel == "auto" else config.parallel,
             )
         return n_ctx

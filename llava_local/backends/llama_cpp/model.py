@@ -41,6 +41,7 @@ class LoadedModel:
         n_threads: int,
         n_gpu_layers: int,
         use_mmap: bool,
+        flash_attn: bool,
         verbose: bool,
         clip_callback: Any,
         catalog_sampling: Sampling | None = None,
@@ -65,7 +66,7 @@ class LoadedModel:
         try:
             with loading.c_calls():
                 self.model = self._load_model(n_gpu_layers, use_mmap)
-                self.ctx = self._context(n_ctx * n_seq, n_seq, n_batch, n_threads)
+                self.ctx = self._context(n_ctx * n_seq, n_seq, n_batch, n_threads, flash_attn)
                 if not loading.cancelled:  # no projector to load for nothing
                     self.mctx = self._projector(n_threads, verbose, clip_callback)
         except BaseException:
@@ -95,7 +96,9 @@ class LoadedModel:
             )
         return model
 
-    def _context(self, cells: int, n_seq: int, n_batch: int, n_threads: int) -> Any:
+    def _context(
+        self, cells: int, n_seq: int, n_batch: int, n_threads: int, flash_attn: bool
+    ) -> Any:
         lib = self.lib
         params = lib.llama_context_default_params()
         _set(
@@ -105,8 +108,12 @@ class LoadedModel:
             n_ubatch=min(n_batch, cells),
             n_seq_max=n_seq,
             kv_unified=True,  # one pool of cells, used by whichever sequence needs it
-            # As llama-cpp-python's Llama has it, which memory.estimate was fitted to.
-            flash_attn_type=lib.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+            # Auto: on wherever the device has the kernel (every CPU), as llama-server.
+            # A first look on the 1.1B twin reads its picture's 576 positions in 6.2 s
+            # instead of 7.4 (2 cores), and the compute buffer does not grow with n_ctx.
+            flash_attn_type=(
+                lib.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            ),
             n_threads=n_threads,
             n_threads_batch=n_threads,
             no_perf=True,

@@ -22,6 +22,8 @@ from llava_local import (
     ModelLoadError,
     ModelNotFoundError,
     VisionChat,
+    host,
+    memory,
 )
 from llava_local.backends import Turn
 from llava_local.backends.llama_cpp import LlamaCppBackend
@@ -451,7 +453,8 @@ def test_unknown_overflow_policy_is_refused(tiny_pair: GgufPair) -> None:
 
 def test_a_model_too_big_for_free_memory_is_refused(tiny_pair: GgufPair) -> None:
     """Loading is refused before llama.cpp runs when the pair would not fit; force=True loads."""
-    huge_ctx = 4_000_000  # a KV cache of this size cannot fit in this machine's memory
+    per_token = memory.estimate(tiny_pair.lm, tiny_pair.mmproj, n_ctx=1024).kv_bytes // 1024
+    huge_ctx = 2 * host.available_bytes() // per_token  # a KV cache twice the free memory
     with pytest.raises(InsufficientMemoryError, match="force=True") as info:
         open_chat(tiny_pair, n_ctx=huge_ctx)
     assert info.value.needed > info.value.available
