@@ -13,7 +13,7 @@ from llava_local.backends.llama_cpp.lib import import_llama_cpp
 from llava_local.backends.llama_cpp.model import LoadedModel
 from llava_local.backends.llama_cpp.stopflag import StopFlag
 
-from .gguf_fixtures import GgufPair
+from ...gguf_fixtures import GgufPair
 
 #: llama_decode's "aborted" (its processed micro-batches stay in the KV cache).
 ABORTED = 2
