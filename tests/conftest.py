@@ -7,14 +7,14 @@ The folders mirror the package: a module's tests are in the folder of its packag
 ``llava_local/apps/serve/`` in ``tests/apps/serve/``, and so on for ``apps/``,
 ``apps/captioning/``, ``cli/`` and ``protocols/``. ``tests/dev/`` tests the development
 package (``dev/llava_local_dev``), ``tests/project/`` the repository as a whole (README,
-wheel, install script, benchmark report, the first hour), ``tests/security/`` what
-untrusted input must not do, and ``tests/clients/`` other people's client libraries
-against ``serve``. This folder holds only what they share: the stand-in servers
-(``ollama_server.py``, ``openai_server.py``, ``hub_server.py``), ``serve_process.py``,
-``gguf_fixtures.py``, ``paths.py`` (where the repository's files are), ``known.py`` and
-``option_args.py``, imported with relative imports (``from ..paths import DIGIT``). A
-fixture that several folders use is here; one that a folder's modules share is in that
-folder's ``conftest.py``.
+wheel, install script, benchmark report, the Pi boards, the first hour),
+``tests/security/`` what untrusted input must not do, and ``tests/clients/`` other
+people's client libraries against ``serve``. This folder holds only what they share:
+the stand-in servers (``ollama_server.py``, ``openai_server.py``, ``hub_server.py``),
+``serve_process.py``, ``gguf_fixtures.py``, ``paths.py`` (where the repository's files
+are), ``known.py`` and ``option_args.py``, imported with relative imports (``from
+..paths import DIGIT``). A fixture that several folders use is here; one that a
+folder's modules share is in that folder's ``conftest.py``.
 """
 
 from __future__ import annotations
