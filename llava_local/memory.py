@@ -36,7 +36,7 @@ What llama.cpp (0.3.x, CPU) holds, and how each part is estimated here:
   (``4 * (3 * S**2 + 2 * n_pos * max(n_ff, n_embd))``) and its embeddings.
 - **overhead**: libraries, threads and the tokenizer's tables, measured.
 
-Measured against peak RSS (see ``tests/test_memory.py``): the estimate is the
+Measured against peak RSS (see ``tests/core/test_memory.py``): the estimate is the
 peak over a long conversation, so one short turn measures somewhat below it.
 """
 

@@ -13,6 +13,7 @@ from typing import Any
 from . import catalog
 from .catalog import CatalogEntry
 from .errors import InvalidRequestError, MissingDependencyError, ModelNotFoundError
+from .gguf_header import check_magic
 
 __all__ = [
     "find_mmproj",
@@ -97,8 +98,6 @@ def find_mmproj(model: Path) -> Path:
             f"no language model file at {model}; check the path, or pull a catalogue "
             "model (`llava-local models` lists them) and pass its name"
         )
-    from .backends.gguf_meta import check_magic  # engines import this module
-
     check_magic(model)  # a picture given as the model is not a missing projector
     found = sorted(model.parent.glob("*mmproj*.gguf")) if model.parent.is_dir() else []
     if len(found) == 1:

@@ -88,11 +88,11 @@ TEST_TOOLS = (
 )
 #: The chosen part of the suite: the demo model, pictures, conversation, KV states, serve.
 TESTS = (
-    "tests/test_demo_chat.py",
-    "tests/test_images.py",
-    "tests/test_llama_cpp_engine.py",
-    "tests/test_kv_cache.py",
-    "tests/test_serve.py",
+    "tests/core/test_demo_chat.py",
+    "tests/core/test_images.py",
+    "tests/backends/llama_cpp/test_llama_cpp_engine.py",
+    "tests/backends/llama_cpp/test_kv_cache.py",
+    "tests/apps/serve/test_serve.py",
 )
 QUESTION = "What digit is this?"
 #: Inside the root.

@@ -6,7 +6,7 @@ model costs) and the demo-model trainer (who exports trained PyTorch weights thr
 :func:`write_language_model` and :func:`write_projector`). Every fact below was checked
 against the llama.cpp vendored by llama-cpp-python 0.3.36 (``src/models/llama.cpp``,
 ``tools/mtmd/clip.cpp``, ``tools/mtmd/models/llava.cpp``, ``tools/mtmd/mtmd-image.cpp``)
-and, where marked *tested*, against that build's numbers in ``tests/test_gguf_writer.py``.
+and, where marked *tested*, against that build's numbers in ``tests/dev/test_gguf_writer.py``.
 
 Part of the development package (``pip install -e ./dev``): it needs the ``gguf`` package,
 which the installed library never imports.

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from ..serve_process import ANSWER, DIGIT
+from ..paths import DIGIT
+from ..serve_process import ANSWER
 from .recorder import Recorder
 
 pytestmark = pytest.mark.llama

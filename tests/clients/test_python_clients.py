@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, Field
 
-from ..serve_process import ANSWER, DIGIT, QUESTION
+from ..paths import DIGIT
+from ..serve_process import ANSWER, QUESTION
 from .recorder import Recorder
 
 # litellm fetches its model price list from GitHub when imported, unless told not to.

@@ -7,7 +7,7 @@ This engine remembers what each sequence of its KV cache holds, position by posi
 (text tokens, and picture positions named by the picture's content hash), and each
 turn evaluates only what differs from it: a picture is encoded once per
 conversation. Several conversations are answered at once (:mod:`.scheduler`), and
-copies of earlier KV states (:mod:`..kv_cache`, in memory and optionally on disk) let
+copies of earlier KV states (:mod:`.kv_cache`, in memory and optionally on disk) let
 another conversation, a loaded one or a new process restore the longest prefix they
 share instead of reading it again.
 """
@@ -34,9 +34,9 @@ from ...errors import (
 from ...sampling import Sampling
 from ...types import Message, Options
 from ...wording import count, plural
-from .. import gguf_meta, kv_cache
 from ..base import Backend, Finish, ModelDescription, Turn
 from ..registry import make_config
+from . import gguf_meta, kv_cache
 from .config import MAX_AUTO_PARALLEL, LlamaCppConfig, files, settle
 from .jobs import Job
 from .lib import import_llama_cpp
@@ -162,7 +162,7 @@ class LlamaCppBackend(Backend):
             llama_cpp_version=str(getattr(self._lib, "__version__", "?")),
         )
         #: Earlier KV states, restored when a prompt shares a longer prefix with one of
-        #: them than any slot holds (see :mod:`..kv_cache`).
+        #: them than any slot holds (see :mod:`.kv_cache`).
         self.kv_cache = self._open_kv_cache(
             config.kv_cache_mb, config.kv_cache_dir, config.kv_cache_dir_gb
         )
@@ -570,7 +570,7 @@ class LlamaCppBackend(Backend):
         slot holds (or, when every slot is busy, a kept state); what that slot held
         before is kept in the prefix cache. Returns the positions restored, or 0 when
         the file is missing, damaged, not written with this user's key
-        (:mod:`..state_key`), beyond this engine's context or vocabulary, or made for
+        (:mod:`.state_key`), beyond this engine's context or vocabulary, or made for
         another model, projector or settings (then nothing changes). Should the next
         turn's reading fail on top of it, the file is removed and the turn read cold."""
         target = Path(path)
@@ -609,7 +609,7 @@ def _auto_parallel(estimate: Callable[[int], memory.MemoryEstimate]) -> int:
 def _grammar(schema: dict[str, Any] | None) -> str | None:
     if schema is None:
         return None
-    from ..grammar import grammar_text  # bounds the converter drops; checked it parses
+    from .grammar import grammar_text  # bounds the converter drops; checked it parses
 
     return grammar_text(schema)
 

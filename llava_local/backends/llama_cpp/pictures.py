@@ -14,7 +14,7 @@ import numpy as np
 from ...control import STATUS_ENCODING, TurnControl
 from ...errors import BackendError
 from ...types import PreparedImage
-from ..embedding_cache import EmbeddingCache
+from .embedding_cache import EmbeddingCache
 from .jobs import Job
 from .model import LoadedModel
 from .prompt import Part, Prompt, tokenize

@@ -8,7 +8,7 @@ own, a chunk at a time). So a new question does not wait for another client's wh
 answer, and running answers keep flowing while a long prompt is read.
 
 A slot keeps what its last turn left (the key of every position, as in
-:mod:`..kv_cache`), so a follow-up reads only its new tokens. A turn takes the idle
+:mod:`.kv_cache`), so a follow-up reads only its new tokens. A turn takes the idle
 slot that shares most of its prompt; it may instead copy a longer shared prefix (a
 picture) from another slot's cells (``llama_memory_seq_cp``: no computing, no extra
 memory), or restore one from the prefix cache. What a reused slot held is kept in the
@@ -39,10 +39,10 @@ from ...control import (
     STATUS_READING_PROMPT,
 )
 from ...errors import BackendError, InvalidRequestError, LlavaLocalError
-from .. import kv_cache
 from ..base import Finish
-from ..kv_cache import Key, KVState
+from . import kv_cache
 from .jobs import Job
+from .kv_cache import Key, KVState
 from .model import LoadedModel
 from .prompt import Part, usable
 from .sampling import Sampler, token_logprob

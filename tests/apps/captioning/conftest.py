@@ -6,21 +6,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
-from llava_local.apps.datasets import load_set
 from llava_local.backends.llama_cpp import LlamaCppBackend
 from llava_local.demo import demo_paths
+
+from .caption_lines import save_digits
 
 
 @pytest.fixture
 def digits(tmp_path: Path) -> Path:
     """Eight test digits as PNG files, d0.png to d7.png."""
     folder = tmp_path / "digits"
-    folder.mkdir()
-    for index, picture in enumerate(load_set("digits", limit=8)):
-        assert isinstance(picture.source, Image.Image)
-        picture.source.save(folder / f"d{index}.png")
+    save_digits(folder, 8)
     return folder
 
 

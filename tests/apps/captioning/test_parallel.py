@@ -24,10 +24,10 @@ from llava_local.backends.llama_cpp import LlamaCppBackend
 from llava_local.cli.caption import caption as caption_command
 from llava_local.demo import demo_paths
 
-from ...caption_lines import lines, pairs
 from ...gguf_fixtures import png_bytes
 from ...ollama_server import OllamaServer, RecordedRequest, Script
 from ...option_args import OptionArgs
+from .caption_lines import lines, pairs
 
 pytestmark = pytest.mark.llama
 
