@@ -1,0 +1,142 @@
+"""The llama.cpp engine's memory budget (`llava_local.kv_budget`): the context, the slots and
+the kept-state memory decided together before loading, against made-up memory sizes; and the
+engine opening with exactly that."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from llava_local import host, kv_budget, memory
+from llava_local.backends.llama_cpp import LlamaCppBackend
+from llava_local.errors import ModelLoadError
+
+from .gguf_fixtures import GgufPair
+
+GiB = 1 << 30
+#: The tiny pair's contexts: trained 2048 (16 picture tokens + 2048 capped), then 16 + 1024
+#: and 16 + 512 text tokens.
+FULL, SHORTER, SHORTEST = 2048, 1040, 528
+
+
+def room(pair: GgufPair, positions: int) -> int:
+    """What loading ``pair`` with ``positions`` KV cells needs with the memory check's
+    margin, with the budget's own settings (this machine's threads, mapping chosen)."""
+    est = memory.estimate(
+        pair.lm,
+        pair.mmproj,
+        n_ctx=positions,
+        n_threads=host.physical_cores(),
+        use_mmap=memory.maps_weights(pair.lm),
+    )
+    return est.needed_bytes + memory.margin(est)
+
+
+def auto(pair: GgufPair, available: int, kv_cache_mb: float | None = None) -> kv_budget.KVBudget:
+    """The budget of ``pair`` with ``parallel="auto"`` against ``available`` bytes."""
+    return kv_budget.budget(
+        pair.lm, pair.mmproj, parallel="auto", available=available, kv_cache_mb=kv_cache_mb
+    )
+
+
+# --- the budget ----------------------------------------------------------------------
+
+
+def test_fewer_slots_then_a_shorter_context_as_memory_shrinks(tiny_pair: GgufPair) -> None:
+    """With less memory the budget keeps the full context and drops slots first, then
+    shortens the context; with none to spare it keeps nothing, and below that it does
+    not fit."""
+    four = math.ceil(room(tiny_pair, 4 * FULL) / kv_budget.AUTO_SHARE)
+    sizes = [
+        four,
+        four - 1,
+        math.ceil(room(tiny_pair, 2 * FULL) / kv_budget.AUTO_SHARE),
+        room(tiny_pair, FULL),
+        room(tiny_pair, FULL) - 1,
+        room(tiny_pair, SHORTEST),
+    ]
+    chosen = [(b.n_ctx, b.parallel) for b in (auto(tiny_pair, size) for size in sizes)]
+    assert chosen == [(FULL, 4), (FULL, 3), (FULL, 2), (FULL, 1), (SHORTER, 1), (SHORTEST, 1)]
+    starved = auto(tiny_pair, room(tiny_pair, SHORTEST))
+    assert starved.fits
+    assert starved.kept_bytes == 0
+    assert starved.n_ctx_wanted == FULL
+    too_small = auto(tiny_pair, room(tiny_pair, SHORTEST) - 1)
+    assert not too_small.fits
+    assert (too_small.n_ctx, too_small.parallel, too_small.kept_bytes) == (FULL, 1, 0)
+
+
+def test_the_parts_add_up_to_the_memory_available(tiny_pair: GgufPair) -> None:
+    """The slots' KV cache is the estimate's for all of them; weights, projector, KV,
+    compute and overhead make what loading needs; with the kept states that is the total,
+    and the total and what is left make the memory available; kept states get half of
+    what the estimate and its margin leave."""
+    available = 2 * GiB
+    b = kv_budget.budget(tiny_pair.lm, tiny_pair.mmproj, parallel=3, available=available)
+    est = b.estimate
+    assert (b.n_ctx, b.parallel, est.n_ctx) == (FULL, 3, 3 * FULL)
+    parts = b.weights_bytes + b.projector_bytes + b.kv_bytes + b.compute_bytes + b.overhead_bytes
+    assert parts == est.needed_bytes
+    assert b.total_bytes == est.needed_bytes + b.kept_bytes
+    assert b.total_bytes + b.left_bytes == available
+    assert b.kept_bytes == (available - est.needed_bytes - memory.margin(est)) // 2
+    assert b.left_bytes - b.kept_bytes - b.margin_bytes in (0, 1)
+    one = kv_budget.budget(tiny_pair.lm, tiny_pair.mmproj, parallel=1, available=available)
+    assert b.kv_bytes == 3 * one.kv_bytes
+
+
+def test_kv_cache_mb_sets_the_kept_states_alone(tiny_pair: GgufPair) -> None:
+    """kv_cache_mb=0 keeps no state in RAM and kv_cache_mb=1.5 keeps 1.5 MiB, whatever
+    the memory; the context and the slots stay as the memory decides them."""
+    base = auto(tiny_pair, 2 * GiB)
+    off = auto(tiny_pair, 2 * GiB, kv_cache_mb=0)
+    small = auto(tiny_pair, 2 * GiB, kv_cache_mb=1.5)
+    assert base.kept_bytes > 0
+    assert (off.kept_bytes, small.kept_bytes) == (0, int(1.5 * 2**20))
+    assert {(b.n_ctx, b.parallel) for b in (base, off, small)} == {(base.n_ctx, base.parallel)}
+    assert off.left_bytes > base.left_bytes
+
+
+def test_a_given_context_or_force_is_never_shortened(tiny_pair: GgufPair) -> None:
+    """n_ctx= is kept even when it does not fit (loading is then refused), and force=True
+    keeps the default context where the memory would shorten it."""
+    tight = room(tiny_pair, SHORTEST)
+    given = kv_budget.budget(tiny_pair.lm, tiny_pair.mmproj, n_ctx=FULL, available=tight)
+    assert (given.n_ctx, given.fits) == (FULL, False)
+    forced = kv_budget.budget(tiny_pair.lm, tiny_pair.mmproj, force=True, available=tight)
+    assert forced.n_ctx == FULL
+
+
+def test_a_swapped_pair_is_refused_before_any_sum(tiny_pair: GgufPair) -> None:
+    """The budget reads both headers first: a projector given as the model is the
+    library's error, saying to swap them."""
+    with pytest.raises(ModelLoadError, match="swap"):
+        kv_budget.budget(tiny_pair.mmproj, tiny_pair.lm, available=GiB)
+
+
+# --- the engine opens with it --------------------------------------------------------
+
+
+def test_the_engine_opens_with_the_budget_it_predicts(
+    tiny_pair: GgufPair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An engine opened with the defaults and parallel="auto" on a machine with room for
+    two slots has the context, slots, estimate and kept-state memory the budget predicted
+    for the same memory."""
+    available = math.ceil(room(tiny_pair, 2 * FULL) / kv_budget.AUTO_SHARE)
+    predicted = auto(tiny_pair, available)
+    assert (predicted.n_ctx, predicted.parallel) == (FULL, 2)
+    monkeypatch.setattr(host, "available_bytes", lambda: available)
+    engine = LlamaCppBackend(tiny_pair.lm, tiny_pair.mmproj, parallel="auto")
+    try:
+        assert (engine.n_ctx, engine.parallel) == (predicted.n_ctx, predicted.parallel)
+        assert engine.memory_estimate == predicted.estimate
+        assert engine.kv_cache is not None
+        assert engine.kv_cache.memory is not None
+        assert engine.kv_cache.memory.max_bytes == predicted.kept_bytes
+        assert engine.kv_cache.memory.reserve == predicted.margin_bytes
+        assert engine.memory_budget == predicted
+        assert engine.describe().kept_bytes == predicted.kept_bytes
+    finally:
+        engine.close()
