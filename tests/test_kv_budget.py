@@ -1,15 +1,21 @@
 """The llama.cpp engine's memory budget (`llava_local.kv_budget`): the context, the slots and
-the kept-state memory decided together before loading, against made-up memory sizes; and the
-engine opening with exactly that."""
+the kept-state memory decided together before loading, against made-up memory sizes; the
+engine opening with exactly that; and `models` showing it."""
 
 from __future__ import annotations
 
+import json
 import math
+import re
+from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
-from llava_local import host, kv_budget, memory
+from llava_local import devices, host, kv_budget, memory
+from llava_local.apps import models
 from llava_local.backends.llama_cpp import LlamaCppBackend
+from llava_local.cli.models import models as models_command
 from llava_local.errors import ModelLoadError
 
 from .gguf_fixtures import GgufPair
@@ -140,3 +146,79 @@ def test_the_engine_opens_with_the_budget_it_predicts(
         assert engine.describe().kept_bytes == predicted.kept_bytes
     finally:
         engine.close()
+
+
+# --- models --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def env_pair(monkeypatch: pytest.MonkeyPatch, tiny_pair: GgufPair) -> GgufPair:
+    """The tiny pair named by LLAVA_LOCAL_MODEL / LLAVA_LOCAL_MMPROJ."""
+    monkeypatch.setenv("LLAVA_LOCAL_MODEL", str(tiny_pair.lm))
+    monkeypatch.setenv("LLAVA_LOCAL_MMPROJ", str(tiny_pair.mmproj))
+    return tiny_pair
+
+
+def test_models_gives_each_local_pair_its_budget_here(
+    env_pair: GgufPair, tmp_path: Path, closed_port: int
+) -> None:
+    """Every local GGUF pair (the environment's, the demo) is listed with the budget the
+    engine would open it with on the memory the report measured; Ollama's have none."""
+    report = models.list_models(host=f"127.0.0.1:{closed_port}", cache_dir=tmp_path)
+    by_source = {m.source: m for m in report.installed}
+    available = report.available_memory_bytes
+    assert by_source["env"].budget == models.llama_budget(
+        env_pair.lm, env_pair.mmproj, available=available
+    )
+    assert by_source["demo"].budget == models.llama_budget(None, available=available)
+    assert report.pairs_on_device == []
+
+
+def test_models_on_a_pi_sizes_each_pair_for_its_memory(
+    env_pair: GgufPair, tmp_path: Path, closed_port: int
+) -> None:
+    """With --device, each local pair gets a budget per board RAM size, made against what
+    that board leaves for a model with four threads: more kept states on 8 GB than on 4."""
+    report = models.list_models(host=f"127.0.0.1:{closed_port}", cache_dir=tmp_path, device="pi4")
+    pairs = {p.name: p for p in report.pairs_on_device}
+    assert set(pairs) == {env_pair.lm.name, "demo"}
+    for pair in pairs.values():
+        assert set(pair.budgets) == {4, 8}
+        for gib, one in pair.budgets.items():
+            assert one == models.llama_budget(
+                None if pair.name == "demo" else env_pair.lm,
+                None if pair.name == "demo" else env_pair.mmproj,
+                available=devices.available_bytes(gib),
+                n_threads=devices.CORES,
+            )
+        assert pair.budgets[8].kept_bytes > pair.budgets[4].kept_bytes
+
+
+def test_cli_models_shows_conversations_at_once_and_kept_states(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, closed_port: int
+) -> None:
+    """The installed table has an "at once" and a "kept" column filled for the demo, the
+    board's table a cell per RAM size, and --json the whole budget."""
+    monkeypatch.delenv("LLAVA_LOCAL_MODEL", raising=False)
+    args = ["--host", f"127.0.0.1:{closed_port}", "--device", "pi5"]
+    env = {"HF_HUB_CACHE": str(tmp_path), "COLUMNS": "160"}
+    table = CliRunner().invoke(models_command, args, env=env)
+    assert table.exit_code == 0, table.output
+    data = json.loads(CliRunner().invoke(models_command, [*args, "--json"], env=env).output)
+    (demo,) = [m for m in data["installed"] if m["source"] == "demo"]
+    budget = demo["budget"]
+    assert {"n_ctx", "parallel", "kv_bytes", "kept_bytes", "left_bytes"} <= set(budget)
+    assert "at once" in table.output
+    assert "kept" in table.output
+    row = next(line for line in table.output.splitlines() if line.startswith("│ demo "))
+    cells = [cell.strip() for cell in row.split("│")]
+    header = next(line for line in table.output.splitlines() if "at once" in line)
+    names = [cell.strip() for cell in header.split("┃")]
+    # the two runs measured the memory apart: the slots agree, the kept bytes may not
+    assert cells[names.index("at once")] == str(budget["parallel"])
+    assert re.fullmatch(r"[\d.]+ [GM]iB", cells[names.index("kept")])
+    (on_pi,) = [p for p in data["pairs_on_device"] if p["name"] == "demo"]
+    eight = on_pi["budgets"]["8"]
+    cell = f"{eight['parallel']} x {eight['n_ctx']}, kept {memory.human(eight['kept_bytes'])}"
+    assert "Raspberry Pi 5" in table.output
+    assert cell in table.output
