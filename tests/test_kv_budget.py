@@ -1,6 +1,6 @@
 """The llama.cpp engine's memory budget (`llava_local.kv_budget`): the context, the slots and
 the kept-state memory decided together before loading, against made-up memory sizes; the
-engine opening with exactly that; and `models` showing it."""
+engine opening with exactly that; and `doctor` and `models` showing it."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ import pytest
 from click.testing import CliRunner
 
 from llava_local import devices, host, kv_budget, memory
-from llava_local.apps import models
+from llava_local.apps import doctor, models
 from llava_local.backends.llama_cpp import LlamaCppBackend
+from llava_local.cli.doctor import doctor as doctor_command
 from llava_local.cli.models import models as models_command
+from llava_local.demo import demo_paths
 from llava_local.errors import ModelLoadError
 
 from .gguf_fixtures import GgufPair
@@ -146,6 +148,75 @@ def test_the_engine_opens_with_the_budget_it_predicts(
         assert engine.describe().kept_bytes == predicted.kept_bytes
     finally:
         engine.close()
+
+
+# --- doctor --------------------------------------------------------------------------
+
+
+def test_doctor_shows_the_default_models_budget_in_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without LLAVA_LOCAL_MODEL, doctor's budget check sizes the demo as serve opens it:
+    conversations at once, positions, KV, kept states and what is left."""
+    monkeypatch.delenv("LLAVA_LOCAL_MODEL", raising=False)
+    check = doctor.budget_check(available=8 * GiB)
+    expected = models.llama_budget(None, available=8 * GiB)
+    assert check.status == "ok"
+    assert check.detail == expected.summary("demo")
+    assert re.fullmatch(
+        r"demo: 4 conversations at once x \d+ positions, KV [\d.]+ MiB; kept states up to "
+        r"[\d.]+ GiB in RAM; [\d.]+ GiB left",
+        check.detail,
+    ), check.detail
+
+
+def test_doctor_warns_when_one_conversation_fits_and_states_get_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With memory for the demo's one conversation and nothing more, the check warns that
+    serve answers one at a time and kept states get nothing; with a byte less, that the
+    context is shorter; below the memory check's margin, that it does not fit."""
+    monkeypatch.delenv("LLAVA_LOCAL_MODEL", raising=False)
+    one = kv_budget.budget(*demo_paths(), available=8 * GiB)
+    exact = one.estimate.needed_bytes + one.margin_bytes
+    tight = doctor.budget_check(available=exact)
+    assert tight.status == "warn"
+    assert "one conversation at a time" in tight.detail
+    assert "only one conversation fits at once" in tight.detail
+    assert "kept states get nothing" in tight.detail
+    shorter = doctor.budget_check(available=exact - 1)
+    assert shorter.status == "warn"
+    assert re.search(rf"only \d+ positions fit of {one.n_ctx}", shorter.detail), shorter.detail
+    too_small = doctor.budget_check(available=100 * 2**20)
+    assert too_small.status == "warn"
+    assert "does not fit" in too_small.detail
+
+
+def test_doctor_sizes_the_environment_pair(
+    monkeypatch: pytest.MonkeyPatch, tiny_pair: GgufPair
+) -> None:
+    """With LLAVA_LOCAL_MODEL set, the check sizes that pair, by its file name."""
+    monkeypatch.setenv("LLAVA_LOCAL_MODEL", str(tiny_pair.lm))
+    monkeypatch.setenv("LLAVA_LOCAL_MMPROJ", str(tiny_pair.mmproj))
+    check = doctor.budget_check(available=2 * GiB)
+    expected = models.llama_budget(tiny_pair.lm, tiny_pair.mmproj, available=2 * GiB)
+    assert check.detail == expected.summary(f"{tiny_pair.lm.name} (LLAVA_LOCAL_MODEL)")
+
+
+def test_cli_doctor_prints_the_budget(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, closed_port: int
+) -> None:
+    """`doctor --json` carries the memory budget check with the demo's line."""
+    monkeypatch.delenv("LLAVA_LOCAL_MODEL", raising=False)
+    result = CliRunner().invoke(
+        doctor_command,
+        ["--no-probe", "--json", "--host", f"127.0.0.1:{closed_port}"],
+        env={"HF_HUB_CACHE": str(tmp_path)},
+    )
+    checks = {c["name"]: c for c in json.loads(result.output)}
+    line = checks["memory budget"]["detail"]
+    assert re.match(r"demo: (\d+ conversations at once|one conversation at a time) x \d+ ", line)
+    assert "kept states" in line
 
 
 # --- models --------------------------------------------------------------------------
