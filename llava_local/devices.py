@@ -48,7 +48,15 @@ from . import catalog, memory
 from .catalog import CatalogEntry, VisionEncoder
 from .gguf_header import read_gguf
 
-__all__ = ["DEVICES", "Budget", "Device", "budget", "file_facts", "find_device"]
+__all__ = [
+    "DEVICES",
+    "Budget",
+    "Device",
+    "available_bytes",
+    "budget",
+    "file_facts",
+    "find_device",
+]
 
 GiB = 1 << 30
 #: What Raspberry Pi OS keeps of the RAM: the kernel, the firmware's share, the system's
@@ -58,6 +66,8 @@ OS_RESERVE = GiB // 2
 PROMPT_TOKENS = 64
 #: The picture-embedding cache's default bound (``embedding_cache_mb``).
 EMBEDDING_CACHE = 256 * 2**20
+#: Cores of both boards (four Cortex-A72 or A76): the engine's threads there.
+CORES = 4
 #: TinyLlama 1.1B, the published figures' model: parameters and its Q8_0 file's bytes.
 _REF_PARAMS, _REF_Q8_BYTES = 1.1e9, 1.17e9
 
@@ -115,6 +125,12 @@ def find_device(name: str) -> Device:
         return DEVICES[name.strip().lower()]
     except KeyError:
         raise ValueError(f"no device {name!r}; choose {' or '.join(DEVICES)}") from None
+
+
+def available_bytes(ram_gib: int) -> int:
+    """What a model has on a board with ``ram_gib`` GiB: the RAM less what the system
+    keeps (:data:`OS_RESERVE`) and the picture cache (:data:`EMBEDDING_CACHE`)."""
+    return ram_gib * GiB - OS_RESERVE - EMBEDDING_CACHE
 
 
 class Budget(BaseModel):
@@ -187,7 +203,7 @@ def budget(
         context[gib], kept[gib] = None, 0
         for text in memory.TEXT_BUDGETS:  # as the engine picks its default context
             whole = parts(text)[1]
-            room = gib * GiB - OS_RESERVE - EMBEDDING_CACHE - whole - memory.margin_bytes(whole)
+            room = available_bytes(gib) - whole - memory.margin_bytes(whole)
             if room >= 0:
                 context[gib], kept[gib] = entry.image_tokens + text, room // 2
                 break

@@ -467,6 +467,39 @@ def default_context(
     shorter one than the first is announced with a :class:`ShorterContextWarning`; when
     none fits, the first (and :func:`check` then refuses with its numbers)."""
     free = host.available_bytes() if available is None else available
+    n_ctx, wanted = fitting_context(
+        model,
+        mmproj,
+        image_tokens=image_tokens,
+        trained=trained,
+        n_batch=n_batch,
+        n_threads=n_threads,
+        use_mmap=use_mmap,
+        flash_attn=flash_attn,
+        slots=slots,
+        available=free,
+    )
+    if n_ctx < wanted:
+        warnings.warn(shorter_context(Path(model).name, n_ctx, wanted, free), stacklevel=2)
+    return n_ctx
+
+
+def fitting_context(
+    model: Path,
+    mmproj: Path,
+    *,
+    image_tokens: int,
+    trained: int,
+    n_batch: int = 512,
+    n_threads: int | None = None,
+    use_mmap: bool = True,
+    flash_attn: bool = True,
+    slots: int = 1,
+    available: int,
+) -> tuple[int, int]:
+    """:func:`default_context`'s choice without its warning: the n_ctx chosen, and the
+    one wanted (the first of :data:`TEXT_BUDGETS`; the two are equal when it fits, or
+    when none does)."""
     sizes = [min(trained, image_tokens + text) for text in TEXT_BUDGETS]
     for n_ctx in sizes:
         est = estimate(
@@ -478,17 +511,16 @@ def default_context(
             use_mmap=use_mmap,
             flash_attn=flash_attn,
         )
-        if est.needed_bytes + margin(est) > free:
-            continue
-        if n_ctx < sizes[0]:
-            warnings.warn(
-                ShorterContextWarning(
-                    f"{Path(model).name} is loaded with a context of {n_ctx} tokens, not "
-                    f"{sizes[0]}: with {sizes[0]} it would not fit the {human(free)} of "
-                    f"memory available. A conversation longer than {n_ctx} tokens is "
-                    "refused; pass n_ctx= to choose, or free memory"
-                ),
-                stacklevel=3,
-            )
-        return n_ctx
-    return sizes[0]
+        if est.needed_bytes + margin(est) <= available:
+            return n_ctx, sizes[0]
+    return sizes[0], sizes[0]
+
+
+def shorter_context(model: str, n_ctx: int, wanted: int, available: int) -> ShorterContextWarning:
+    """The warning for ``model`` loaded with ``n_ctx`` instead of ``wanted`` positions,
+    because only that fits ``available`` bytes."""
+    return ShorterContextWarning(
+        f"{model} is loaded with a context of {n_ctx} tokens, not {wanted}: with {wanted} "
+        f"it would not fit the {human(available)} of memory available. A conversation "
+        f"longer than {n_ctx} tokens is refused; pass n_ctx= to choose, or free memory"
+    )

@@ -29,11 +29,20 @@ from typing import Literal
 from pydantic import BaseModel
 
 from .. import catalog, host
+from ..demo import DEMO_NAME
 from ..errors import LlavaLocalError
+from ..memory import human
 from ..wording import count
 from . import models
 
-__all__ = ["Check", "board_checks", "doctor", "llama_cpp_build", "safe_cmake_args"]
+__all__ = [
+    "Check",
+    "board_checks",
+    "budget_check",
+    "doctor",
+    "llama_cpp_build",
+    "safe_cmake_args",
+]
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -87,6 +96,7 @@ def doctor(
     checks += _guarded("local models", lambda: [_local_models_check(cache_dir)])
     checks += _guarded("CPU threads", lambda: [_threads_check()])
     checks += _guarded("memory", lambda: [_memory_check()])
+    checks += _guarded("memory budget", lambda: [budget_check()])
     checks += _guarded("disk", lambda: [_disk_check(cache_dir)])
     checks.append(_ready_check(checks, ollama))
     return checks
@@ -503,6 +513,64 @@ def _memory_check() -> Check:
     largest = fitting[-1]
     more = f"; too big: {', '.join(too_big)}" if too_big else ""
     return Check(name="memory", status="ok", detail=f"{detail}: models up to {largest} fit{more}")
+
+
+def budget_check(available: int | None = None) -> Check:
+    """The llama.cpp engine's memory for the model it loads by default (the
+    ``LLAVA_LOCAL_MODEL`` pair, else the demo) as ``serve`` opens it: conversations at
+    once, their context and KV cache, the memory for kept KV states, and what is left of
+    ``available`` bytes (default: this machine's now). Warns when the model does not fit,
+    when only one conversation fits at once, or when kept states get nothing."""
+    env = models.env_pair()
+    if env is not None:
+        name, files = f"{env.name} (LLAVA_LOCAL_MODEL)", (env.model_path, env.mmproj_path)
+    elif models.demo_model() is not None:
+        name, files = DEMO_NAME, (None, None)
+    else:
+        return Check(
+            name="memory budget",
+            status="warn",
+            detail="no default model to size: LLAVA_LOCAL_MODEL is unset and the demo is missing",
+            fix="set LLAVA_LOCAL_MODEL (and LLAVA_LOCAL_MMPROJ) to a GGUF pair",
+        )
+    try:
+        budget = models.llama_budget(*files, available=available)
+    except LlavaLocalError as exc:
+        return Check(
+            name="memory budget",
+            status="warn",
+            detail=f"cannot size {name} for llama.cpp: {exc}",
+            fix="point LLAVA_LOCAL_MODEL / LLAVA_LOCAL_MMPROJ at a GGUF pair",
+        )
+    detail = budget.summary(name)
+    if not budget.fits:
+        return Check(
+            name="memory budget",
+            status="warn",
+            detail=f"{detail}: it needs {human(budget.estimate.needed_bytes + budget.margin_bytes)}"
+            f" with the margin, {human(budget.available_bytes)} is available",
+            fix="close other programs, or use a smaller model or quantization (or a shorter "
+            "--n-ctx)",
+        )
+    short = budget.n_ctx < budget.n_ctx_wanted
+    if budget.parallel == 1 or budget.kept_bytes == 0 or short:
+        why = []
+        if short:
+            why.append(f"only {budget.n_ctx} positions fit of {budget.n_ctx_wanted}")
+        if budget.parallel == 1:
+            why.append("only one conversation fits at once: `serve` answers one at a time")
+        if budget.kept_bytes == 0:
+            why.append(
+                "kept states get nothing: a conversation that loses its slot reads its "
+                "picture again"
+            )
+        return Check(
+            name="memory budget",
+            status="warn",
+            detail=f"{detail}; {'; '.join(why)}",
+            fix="close other programs, or use a smaller model or quantization",
+        )
+    return Check(name="memory budget", status="ok", detail=detail)
 
 
 def _disk_check(cache_dir: str | os.PathLike[str] | None) -> Check:

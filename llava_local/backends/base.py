@@ -65,12 +65,14 @@ class Finish:
 class ModelDescription:
     """What an engine says about its model (:meth:`Backend.describe`), for listings and
     for ``serve``'s clients: its files (the language model first), the context window
-    of one conversation, the conversations it answers at once and their KV cache."""
+    of one conversation, the conversations it answers at once, their KV cache, and the
+    memory it keeps earlier KV states in."""
 
     files: tuple[Path, ...] = ()
     n_ctx: int | None = None
     parallel: int = 1
     kv_bytes: int | None = None
+    kept_bytes: int | None = None
 
 
 class Backend(ABC):

@@ -12,7 +12,9 @@ from rich.table import Table
 from rich.text import Text
 
 from ..apps.models import ModelsReport, PullResult, list_models, pull, this_board
+from ..backends.llama_cpp.kv_budget import KVBudget
 from ..devices import DEVICES, OS_RESERVE, Budget
+from ..memory import human
 from ._common import EngineName, json_option, run_safely
 
 
@@ -101,7 +103,11 @@ def _print_installed(report: ModelsReport, console: Console, compact: bool) -> N
     widths = (("name", 4), ("from", 7), ("vision", 6), ("size", 8), ("needs", 8), ("fits", 4))
     for column, width in widths:
         installed.add_column(column, no_wrap=True, min_width=width)
+    # llama.cpp's budget for a GGUF pair: conversations at once, and (when there is
+    # room) the memory for kept KV states
+    installed.add_column("at once", no_wrap=True)
     if not compact:
+        installed.add_column("kept", no_wrap=True)
         installed.add_column("where", overflow="fold")
     places = []
     for model in report.installed:
@@ -116,7 +122,8 @@ def _print_installed(report: ModelsReport, console: Console, compact: bool) -> N
             _size(model.size_bytes),
             _size(model.memory_bytes),
             _yes(model.fits),
-            *([] if compact else [escape(where)]),
+            _at_once(model.budget),
+            *([] if compact else [_kept(model.budget), escape(where)]),
         )
         if where:
             places.append(Text(f"  {model.name}: {where}", overflow="fold"))
@@ -124,6 +131,29 @@ def _print_installed(report: ModelsReport, console: Console, compact: bool) -> N
     if compact:
         for place in places:
             console.print(place)
+    console.print(
+        Text(
+            "at once: conversations llama.cpp answers together (`serve`, `caption "
+            "--parallel`) with the default context"
+            + ("" if compact else "; kept: the memory for KV states kept between them")
+            + "; `--json` has the whole budget.",
+            overflow="fold",
+        )
+    )
+
+
+def _at_once(budget: KVBudget | None) -> str:
+    if budget is None:
+        return ""
+    if not budget.fits:
+        return "[red]0[/]"
+    return f"[yellow]{budget.parallel}[/]" if budget.parallel == 1 else str(budget.parallel)
+
+
+def _kept(budget: KVBudget | None) -> str:
+    if budget is None or not budget.fits:
+        return ""
+    return human(budget.kept_bytes) if budget.kept_bytes else "[yellow]none[/]"
 
 
 def _print_catalogue(
@@ -206,6 +236,40 @@ def _print_device(report: ModelsReport, console: Console, compact: bool) -> None
             "first answer: encoding the picture and reading the prompt, after loading. "
             f"These speeds are estimates from published figures ({device.figures}); "
             "see llava_local/devices.py.",
+            overflow="fold",
+        )
+    )
+    if report.pairs_on_device:
+        _print_pairs_on_device(report, console, compact)
+
+
+def _on_board(budget: KVBudget | None) -> str:
+    """One RAM size's cell: conversations at once x positions, kept states."""
+    if budget is None:
+        return "?"
+    if not budget.fits:
+        return _yes(False)
+    kept = f", kept {human(budget.kept_bytes)}" if budget.kept_bytes else ", none kept"
+    return f"{budget.parallel} x {budget.n_ctx}{kept}"
+
+
+def _print_pairs_on_device(report: ModelsReport, console: Console, compact: bool) -> None:
+    device = report.device
+    assert device is not None
+    board = device.title.split(" (")[0]
+    table = _table(f"GGUF pairs here, on a {board}", compact)
+    table.add_column("model", no_wrap=True)
+    for gib in device.ram_gib:
+        table.add_column(f"{gib} GB", no_wrap=True)
+    for pair in report.pairs_on_device:
+        table.add_row(
+            escape(pair.name), *[_on_board(pair.budgets.get(gib)) for gib in device.ram_gib]
+        )
+    console.print(table)
+    console.print(
+        Text(
+            "N x P: llama.cpp answers N conversations at once (`serve`), each of P positions; "
+            "kept: the memory for KV states kept between them.",
             overflow="fold",
         )
     )

@@ -18,10 +18,7 @@ from ...demo import DEMO_NAME, demo_paths, is_demo
 from ...errors import InvalidRequestError, ModelNotFoundError
 from ...resolve import find_mmproj, pulled_entry, pulled_pair
 from ..spec import EngineConfig, setting
-
-#: The most slots ``parallel=None`` chooses: beyond four answers a step, a CPU's
-#: memory bandwidth is spent and each answer slows down.
-MAX_AUTO_PARALLEL = 4
+from .kv_budget import KVBudget, budget
 
 if TYPE_CHECKING:
     from .engine import LlamaCppBackend
@@ -49,8 +46,8 @@ class LlamaCppConfig(EngineConfig):
     flash_attn: bool = True
     verbose: bool = False
     embedding_cache_mb: float = 256
-    #: KV states kept in memory, in MB: None sizes it from the memory available after
-    #: loading (half of what the memory preflight's margin leaves); 0 keeps none.
+    #: KV states kept in memory, in MB: None sizes it from the memory available (half
+    #: of what the model, its slots and the memory check's margin leave); 0 keeps none.
     kv_cache_mb: float | None = setting(
         None,
         help="Memory for KV states kept between conversations, in MB; default: half of "
@@ -68,7 +65,8 @@ class LlamaCppConfig(EngineConfig):
     )
     kv_cache_dir_gb: float = 8.0
     #: Conversations answered at once (slots sharing one KV cache of n_ctx * parallel);
-    #: "auto": as many as fit the memory available, up to :data:`MAX_AUTO_PARALLEL`.
+    #: "auto": as many as fit the memory available, up to
+    #: :data:`llava_local.backends.llama_cpp.kv_budget.MAX_AUTO_PARALLEL`.
     parallel: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = 1
     force: bool = setting(
         False,
@@ -157,6 +155,27 @@ def existing_file(path: Path, what: str) -> Path:
     if not path.is_file():
         raise ModelNotFoundError(f"the {what} path {path} is not a file")
     return path
+
+
+def memory_budget(config: LlamaCppConfig, *, available: int | None = None) -> KVBudget:
+    """What the engine opened with ``config`` will hold (:func:`.kv_budget.budget` with
+    its settings): its context, slots and kept-state memory, decided before any
+    loading, against ``available`` bytes (default: what this machine has now)."""
+    model, mmproj = files(config)
+    return budget(
+        model,
+        mmproj,
+        n_ctx=config.n_ctx,
+        parallel=config.parallel,
+        kv_cache_mb=config.kv_cache_mb,
+        n_batch=config.n_batch,
+        flash_attn=config.flash_attn,
+        use_mmap=config.use_mmap,
+        n_threads=config.n_threads,
+        force=config.force,
+        n_gpu_layers=config.n_gpu_layers,
+        available=available,
+    )
 
 
 def open_engine(config: LlamaCppConfig) -> LlamaCppBackend:

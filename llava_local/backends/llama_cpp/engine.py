@@ -18,7 +18,8 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+import warnings
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from ...wording import count, plural
 from ..base import Backend, Finish, ModelDescription, Turn
 from ..registry import make_config
 from . import gguf_meta, kv_cache
-from .config import MAX_AUTO_PARALLEL, LlamaCppConfig, files, settle
+from .config import LlamaCppConfig, files, memory_budget, settle
 from .jobs import Job
 from .lib import import_llama_cpp
 from .model import LoadedModel
@@ -47,10 +48,6 @@ from .scheduler import Scheduler
 
 #: The driver's last message for a turn.
 _LAST = frozenset({"finish", "error", "cancelled", "logits"})
-
-# Text budget added to the pictures' tokens when n_ctx is not given (shorter when that
-# is what fits the memory: memory.default_context).
-TEXT_BUDGET = memory.TEXT_BUDGETS[0]
 
 
 class LlamaCppBackend(Backend):
@@ -93,49 +90,39 @@ class LlamaCppBackend(Backend):
         self.embeddings = self.pictures.embeddings
         self.model_path, self.mmproj_path = files(config)
         self.model = self.model_path.name
-        n_ctx, n_threads, n_batch = config.n_ctx, config.n_threads, config.n_batch
-        n_gpu_layers, use_mmap, parallel = config.n_gpu_layers, config.use_mmap, config.parallel
-        #: Whether the model file is memory-mapped (or read into memory).
-        self.use_mmap = use_mmap = (
-            memory.maps_weights(self.model_path) if use_mmap is None else use_mmap
-        )
-        lm_meta, mm_meta = gguf_meta.check_pair(self.model_path, self.mmproj_path)
+        _, mm_meta = gguf_meta.check_pair(self.model_path, self.mmproj_path)
         self._image_tokens = gguf_meta.image_tokens(mm_meta)
         self._image_size = gguf_meta.image_size(mm_meta)
-        self.n_threads = n_threads or host.physical_cores()
-        if n_ctx is None:
-            n_ctx = self._default_n_ctx(config, int(lm_meta.get("context_length") or 4096))
-
-        def estimate(slots: int) -> memory.MemoryEstimate:
-            return memory.estimate(
-                self.model_path,
-                self.mmproj_path,
-                n_ctx=n_ctx * slots,
-                n_batch=n_batch,
-                n_threads=self.n_threads,
-                use_mmap=use_mmap,
-                flash_attn=config.flash_attn,
+        self.n_threads = config.n_threads or host.physical_cores()
+        #: What this engine holds, decided before loading (the same record ``doctor`` and
+        #: ``models`` show): its context, slots and the memory for kept KV states.
+        self.memory_budget = budget = memory_budget(config)
+        if budget.n_ctx < budget.n_ctx_wanted:
+            warnings.warn(
+                memory.shorter_context(
+                    self.model, budget.n_ctx, budget.n_ctx_wanted, budget.available_bytes
+                ),
+                stacklevel=2,
             )
-
-        if parallel == "auto":
-            parallel = _auto_parallel(estimate)
+        #: Whether the model file is memory-mapped (or read into memory).
+        self.use_mmap = use_mmap = budget.estimate.mapped
         #: Conversations answered at once.
-        self.parallel = parallel
+        self.parallel = parallel = budget.parallel
         #: What loading is expected to take; checked against free memory first, because
         #: the kernel's answer to a model that does not fit is to kill the process.
-        self.memory_estimate = estimate(parallel)
-        if n_gpu_layers == 0:  # with GPU offload the host holds less than this
-            memory.check(self.memory_estimate, force=config.force)
+        self.memory_estimate = budget.estimate
+        if config.n_gpu_layers == 0:  # with GPU offload the host holds less than this
+            memory.check(self.memory_estimate, force=config.force, available=budget.available_bytes)
         start = time.perf_counter()
         self._loaded = LoadedModel(
             self._lib,
             self.model_path,
             self.mmproj_path,
-            n_ctx=n_ctx,
+            n_ctx=budget.n_ctx,
             n_seq=parallel,
-            n_batch=n_batch,
+            n_batch=config.n_batch,
             n_threads=self.n_threads,
-            n_gpu_layers=n_gpu_layers,
+            n_gpu_layers=config.n_gpu_layers,
             use_mmap=use_mmap,
             flash_attn=config.flash_attn,
             verbose=config.verbose,
@@ -143,7 +130,7 @@ class LlamaCppBackend(Backend):
             catalog_sampling=_catalog_sampling(config.model),
         )
         self._load_s = time.perf_counter() - start
-        self._n_gpu_layers = n_gpu_layers
+        self._n_gpu_layers = config.n_gpu_layers
         loaded = self._loaded
         self._marker = loaded.marker
         self.chat_format: ChatFormat = choose_format(
@@ -163,9 +150,7 @@ class LlamaCppBackend(Backend):
         )
         #: Earlier KV states, restored when a prompt shares a longer prefix with one of
         #: them than any slot holds (see :mod:`.kv_cache`).
-        self.kv_cache = self._open_kv_cache(
-            config.kv_cache_mb, config.kv_cache_dir, config.kv_cache_dir_gb
-        )
+        self.kv_cache = self._open_kv_cache(config.kv_cache_dir, config.kv_cache_dir_gb)
         mctx, mtmd = loaded.mctx, self._mtmd
         disk = self.kv_cache.disk if self.kv_cache is not None else None
         self._writer = kv_cache.BackgroundWriter(disk) if disk is not None else None
@@ -179,24 +164,6 @@ class LlamaCppBackend(Backend):
         self._closed = False
 
     # -- loading ---------------------------------------------------------------
-
-    def _default_n_ctx(self, config: LlamaCppConfig, trained: int) -> int:
-        """The context when none is given: the pictures' tokens and a text budget within
-        the trained length, shorter if that is what fits the memory (CPU, not forced)."""
-        n_ctx = min(trained, (self._image_tokens or 576) + TEXT_BUDGET)
-        if config.n_gpu_layers == 0 and not config.force:
-            n_ctx = memory.default_context(
-                self.model_path,
-                self.mmproj_path,
-                image_tokens=self._image_tokens or 576,
-                trained=trained,
-                n_batch=config.n_batch,
-                n_threads=self.n_threads,
-                use_mmap=self.use_mmap,
-                flash_attn=config.flash_attn,
-                slots=1 if config.parallel == "auto" else config.parallel,
-            )
-        return n_ctx
 
     def _state_settings(self) -> dict[str, Any]:
         """The settings a KV state depends on besides the two files."""
@@ -222,17 +189,16 @@ class LlamaCppBackend(Backend):
         )
 
     def _open_kv_cache(
-        self,
-        memory_mb: float | None,
-        directory: str | os.PathLike[str] | None,
-        directory_gb: float,
+        self, directory: str | os.PathLike[str] | None, directory_gb: float
     ) -> kv_cache.PrefixCache | None:
-        reserve = memory.margin(self.memory_estimate)
-        if memory_mb is None:
-            budget = kv_cache.default_memory_bytes(reserve)
-        else:
-            budget = max(0, int(memory_mb * 2**20))
-        tier = kv_cache.MemoryTier(budget, reserve) if budget > 0 else None
+        """The kept states: in RAM within the budget's share (the memory check's margin
+        always left free), and on disk when a folder is given."""
+        budget = self.memory_budget
+        tier = (
+            kv_cache.MemoryTier(budget.kept_bytes, budget.margin_bytes)
+            if budget.kept_bytes > 0
+            else None
+        )
         disk = None
         if directory is not None:
             disk = kv_cache.DiskTier(
@@ -270,6 +236,7 @@ class LlamaCppBackend(Backend):
             n_ctx=self.n_ctx,
             parallel=self.parallel,
             kv_bytes=self.memory_estimate.kv_bytes,
+            kept_bytes=self.memory_budget.kept_bytes,
         )
 
     @property
@@ -593,17 +560,6 @@ class LlamaCppBackend(Backend):
             return len(state.keys)
 
         return scheduler.call(restore)
-
-
-def _auto_parallel(estimate: Callable[[int], memory.MemoryEstimate]) -> int:
-    """The most slots (up to four) whose KV cache fits with the memory check's margin and
-    leaves a fifth of what is available for kept states and the rest of the machine."""
-    available = host.available_bytes()
-    for slots in range(MAX_AUTO_PARALLEL, 1, -1):
-        est = estimate(slots)
-        if est.needed_bytes + memory.margin(est) <= available * 0.8:
-            return slots
-    return 1
 
 
 def _grammar(schema: dict[str, Any] | None) -> str | None:

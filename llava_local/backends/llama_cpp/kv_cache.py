@@ -678,9 +678,3 @@ class PrefixCache:
             self.memory.clear()
         if self.disk is not None:
             self.disk.clear()
-
-
-def default_memory_bytes(reserve: int) -> int:
-    """Half of what the machine has available beyond ``reserve``, measured now (after
-    the model is loaded)."""
-    return max(0, (host.available_bytes() - reserve) // 2)

@@ -21,6 +21,7 @@ import uvicorn
 from llava_local import VisionChat
 from llava_local.apps.serve import capacity, create_app
 from llava_local.backends.llama_cpp import LlamaCppBackend
+from llava_local.memory import human
 
 from ...ollama_server import free_port
 from ...paths import DIGIT, SHAPE
@@ -101,8 +102,8 @@ def test_requests_at_once_are_answered_together(served: tuple[str, LlamaCppBacke
 
 
 def test_the_ready_line_says_what_the_engine_holds() -> None:
-    """The line serve prints when ready names the conversations at once, their positions
-    and the memory of their KV cache."""
+    """The line serve prints when ready names the conversations at once, their positions,
+    the memory of their KV cache and the kept states' share."""
     with VisionChat("llama_cpp", "demo", parallel=2) as chat:
         said = capacity(chat)
         engine = chat.engine
@@ -110,3 +111,4 @@ def test_the_ready_line_says_what_the_engine_holds() -> None:
         assert said.startswith("; 2 conversations at once, ")
         assert f"{engine.n_ctx} positions each" in said
         assert "KV cache" in said
+        assert f"kept states up to {human(engine.memory_budget.kept_bytes)}" in said
