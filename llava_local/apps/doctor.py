@@ -556,7 +556,8 @@ def budget_check(available: int | None = None) -> Check:
     if budget.parallel == 1 or budget.kept_bytes == 0 or short:
         why = []
         if short:
-            why.append(f"only {budget.n_ctx} positions fit of {budget.n_ctx_wanted}")
+            shortened = count(budget.n_ctx, "position")
+            why.append(f"the context is shortened to {shortened} of {budget.n_ctx_wanted}")
         if budget.parallel == 1:
             why.append("only one conversation fits at once: `serve` answers one at a time")
         if budget.kept_bytes == 0:

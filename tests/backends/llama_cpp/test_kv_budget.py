@@ -186,7 +186,8 @@ def test_doctor_warns_when_one_conversation_fits_and_states_get_nothing(
     assert "kept states get nothing" in tight.detail
     shorter = doctor.budget_check(available=exact - 1)
     assert shorter.status == "warn"
-    assert re.search(rf"only \d+ positions fit of {one.n_ctx}", shorter.detail), shorter.detail
+    shortened = rf"the context is shortened to \d+ positions of {one.n_ctx}"
+    assert re.search(shortened, shorter.detail), shorter.detail
     too_small = doctor.budget_check(available=100 * 2**20)
     assert too_small.status == "warn"
     assert "does not fit" in too_small.detail
