@@ -76,9 +76,13 @@ class KVBudget(BaseModel):
     estimate: MemoryEstimate
     #: The memory tier's bound for kept KV states; 0 keeps none in RAM.
     kept_bytes: int
-    #: Room left free beyond the estimate (the memory check's margin, which kept states
-    #: never take either).
-    margin_bytes: int
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def margin_bytes(self) -> int:
+        """Room left free beyond the estimate (the memory check's margin, which kept
+        states never take either)."""
+        return memory.margin(self.estimate)
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -209,9 +213,8 @@ def budget(
         _auto_parallel(lambda n: estimate(context * n), free) if parallel == "auto" else parallel
     )
     est = estimate(context * slots)
-    reserve = memory.margin(est)
     if kv_cache_mb is None:
-        kept = max(0, (free - est.needed_bytes - reserve) // 2)
+        kept = max(0, (free - est.needed_bytes - memory.margin(est)) // 2)
     else:
         kept = max(0, int(kv_cache_mb * memory.MiB))
     return KVBudget(
@@ -223,7 +226,6 @@ def budget(
         parallel=slots,
         estimate=est,
         kept_bytes=kept,
-        margin_bytes=reserve,
     )
 
 
