@@ -6,7 +6,7 @@ context, work buffers), plus what this library keeps beside it: the cache of pic
 embeddings at its default bound (256 MiB). A model fits a board when that and the
 engine's safety margin (:func:`llava_local.memory.margin`) fit in what Raspberry Pi OS
 leaves (:data:`OS_RESERVE` below the board's RAM); when only a shorter context fits, the
-budget says which, as the engine picks it (:func:`llava_local.memory.default_context`).
+budget says which, as the engine picks it (:func:`llava_local.memory.fitting_context`).
 Half of what is left then goes to kept KV states, the engine's default
 (``kv_cache_mb``), so they stay inside the board.
 

@@ -43,7 +43,6 @@ peak over a long conversation, so one short turn measures somewhat below it.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -448,42 +447,6 @@ class ShorterContextWarning(LlavaLocalError, UserWarning):
     available: a conversation longer than it gets ``ContextOverflowError``."""
 
 
-def default_context(
-    model: Path,
-    mmproj: Path,
-    *,
-    image_tokens: int,
-    trained: int,
-    n_batch: int = 512,
-    n_threads: int | None = None,
-    use_mmap: bool = True,
-    flash_attn: bool = True,
-    slots: int = 1,
-    available: int | None = None,
-) -> int:
-    """The n_ctx for one picture and the longest of :data:`TEXT_BUDGETS` whose estimate
-    (for ``slots`` conversations at once) fits ``available`` bytes (default: what the
-    machine has) with :func:`check`'s margin, never beyond the ``trained`` context. A
-    shorter one than the first is announced with a :class:`ShorterContextWarning`; when
-    none fits, the first (and :func:`check` then refuses with its numbers)."""
-    free = host.available_bytes() if available is None else available
-    n_ctx, wanted = fitting_context(
-        model,
-        mmproj,
-        image_tokens=image_tokens,
-        trained=trained,
-        n_batch=n_batch,
-        n_threads=n_threads,
-        use_mmap=use_mmap,
-        flash_attn=flash_attn,
-        slots=slots,
-        available=free,
-    )
-    if n_ctx < wanted:
-        warnings.warn(shorter_context(Path(model).name, n_ctx, wanted, free), stacklevel=2)
-    return n_ctx
-
-
 def fitting_context(
     model: Path,
     mmproj: Path,
@@ -497,9 +460,11 @@ def fitting_context(
     slots: int = 1,
     available: int,
 ) -> tuple[int, int]:
-    """:func:`default_context`'s choice without its warning: the n_ctx chosen, and the
-    one wanted (the first of :data:`TEXT_BUDGETS`; the two are equal when it fits, or
-    when none does)."""
+    """The n_ctx for one picture and the longest of :data:`TEXT_BUDGETS` whose estimate
+    (for ``slots`` conversations at once) fits ``available`` bytes with :func:`check`'s
+    margin, never beyond the ``trained`` context, and the one wanted (the first budget).
+    The two are equal when it fits, or when none does (:func:`check` then refuses with
+    its numbers); a shorter one is announced with :func:`shorter_context`'s warning."""
     sizes = [min(trained, image_tokens + text) for text in TEXT_BUDGETS]
     for n_ctx in sizes:
         est = estimate(

@@ -13,7 +13,6 @@ import re
 import subprocess
 import sys
 import textwrap
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -409,22 +408,22 @@ def room(pair: GgufPair, n_ctx: int) -> int:
 
 def test_default_context_is_the_longest_that_fits(tiny_pair: GgufPair) -> None:
     """With room for it, one picture and 2048 text tokens (capped at the trained 2048); with
-    room only for less, 1024 or 512 text tokens and a warning saying so; with room for
-    none, the first, which check() then refuses with its numbers."""
+    room only for less, 1024 or 512 text tokens, and the warning that says so names both;
+    with room for none, the first, which check() then refuses with its numbers."""
 
-    def pick(available: int) -> int:
-        return memory.default_context(
+    def pick(available: int) -> tuple[int, int]:
+        return memory.fitting_context(
             tiny_pair.lm, tiny_pair.mmproj, image_tokens=16, trained=2048, available=available
         )
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert pick(room(tiny_pair, 2048)) == 2048
-        assert pick(room(tiny_pair, 528) - 1) == 2048
-    with pytest.warns(memory.ShorterContextWarning, match="1040 tokens, not 2048"):
-        assert pick(room(tiny_pair, 2048) - 1) == 1040
-    with pytest.warns(memory.ShorterContextWarning, match="pass n_ctx="):
-        assert pick(room(tiny_pair, 528)) == 528
+    assert pick(room(tiny_pair, 2048)) == (2048, 2048)
+    assert pick(room(tiny_pair, 528) - 1) == (2048, 2048)
+    assert pick(room(tiny_pair, 2048) - 1) == (1040, 2048)
+    assert pick(room(tiny_pair, 528)) == (528, 2048)
+    warning = memory.shorter_context("model.gguf", 1040, 2048, room(tiny_pair, 2048) - 1)
+    assert isinstance(warning, memory.ShorterContextWarning)
+    assert re.search("1040 tokens, not 2048", str(warning))
+    assert re.search("pass n_ctx=", str(warning))
 
 
 def test_the_engine_loads_a_shorter_context_when_memory_is_short(
