@@ -7,9 +7,9 @@ RUN := $(VENV)/.installed-run
 DEV := $(VENV)/.installed-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint clean chromium
+.PHONY: demo test lint clean chromium arm64-check
 
-$(RUN): pyproject.toml scripts/install-llama-cpp.sh scripts/build_progress.py
+$(RUN): pyproject.toml scripts/install-llama-cpp.sh scripts/build_progress.py scripts/build_requires.py
 	python3 -m venv $(VENV)
 	scripts/install-llama-cpp.sh $(PY)
 	$(PY) -m pip install -e ".[llama-cpp]"
@@ -34,6 +34,12 @@ chromium:
 	  echo "installing Debian's chromium for the web page's tests"; \
 	  $(SUDO) apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+# The project on an emulated Raspberry Pi 4 and Pi 5 (qemu-user, a Debian arm64 root,
+# cross-built llama.cpp wheels): see scripts/arm64_check.py. Hours cold, minutes warm,
+# so it is not part of `make test` or .ci/run; the cache is ~/.cache/llava-local/arm64.
+arm64-check:
+	$(SUDO) python3 scripts/arm64_check.py
 
 lint: $(DEV)
 	$(VENV)/bin/ruff check .

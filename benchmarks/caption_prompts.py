@@ -13,7 +13,7 @@ own, one after the other, as a user's runs would be; the model is loaded before 
 starts (load times are reported apart, and in a second ratio that counts them), the
 files read once beforehand so that every run finds them in the page cache:
 
-- **three prompts, one run**: ``llava_local.apps.caption.caption(chat, folder, out,
+- **three prompts, one run**: ``llava_local.apps.captioning.caption(chat, folder, out,
   prompt=[A, B, C])``, what ``llava-local caption DIR -p A -p B -p C`` runs. Each picture is
   read and prepared once; each prompt is a fresh conversation beginning with the picture,
   so the engine reads the picture once and then only each prompt's own tokens;
@@ -65,15 +65,17 @@ def _load() -> str:
 def work_caption(args: dict[str, Any]) -> dict[str, Any]:
     """``caption`` over the folder with the given prompts, the model loaded first."""
     from llava_local import VisionChat
-    from llava_local.apps.caption import caption, read_captions
+    from llava_local.apps.captioning import caption, read_captions
 
     t0 = time.perf_counter()
+    parallel = args.get("parallel", 1)
     chat = VisionChat.llama_cpp(
         args["model"],
         mmproj=args["mmproj"],
         n_ctx=args["n_ctx"],
         n_threads=args["threads"],
         chat_format="vicuna",
+        parallel=parallel,
     )
     load_s = time.perf_counter() - t0
     out = Path(args["out"])
@@ -85,6 +87,7 @@ def work_caption(args: dict[str, Any]) -> dict[str, Any]:
             out,
             prompt=args["prompts"],
             progress=False,
+            parallel=parallel,
             temperature=0,
             max_tokens=args["max_tokens"],
         )
@@ -219,7 +222,9 @@ def _handler_rows(handler: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-def report(results: dict[str, Any], command: str, settings: str, pictures: int) -> str:
+def report(
+    results: dict[str, Any], command: str, settings: str, pictures: int, parallel: int = 1
+) -> str:
     multi, singles, handler = results["multi"], results["singles"], results["handler"]
     one_s, three_s = multi["seconds"], _total(singles, "seconds")
     vs_three = three_s / one_s
@@ -238,7 +243,12 @@ def report(results: dict[str, Any], command: str, settings: str, pictures: int) 
         "| run | answers | seconds | answers/min | model load s | prompt tokens read | "
         "reused | pictures encoded | new tokens | load average |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-        _row("`caption -p A -p B -p C`, one run", [multi]),
+        _row(
+            "`caption -p A -p B -p C`"
+            + (f" `--parallel {parallel}`" if parallel != 1 else "")
+            + ", one run",
+            [multi],
+        ),
         _row("`caption -p A`, `-p B`, `-p C`: three runs", singles),
         *(_row(f"&nbsp;&nbsp;run {i + 1}", [run]) for i, run in enumerate(singles)),
         *_handler_rows(handler),
@@ -281,6 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--max-tokens", type=int, default=8, help="new tokens per answer")
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        help="turns at once in the three-prompt run (3: a picture's prompts together)",
+    )
     parser.add_argument(
         "--no-handler", action="store_true", help="leave out the Llava15ChatHandler runs"
     )
@@ -329,7 +345,13 @@ def main(argv: list[str] | None = None) -> int:
         # slowing down during the run favours neither side
         first = single(0)
         results["multi"] = run_worker(
-            "caption", {**base, "prompts": list(PROMPTS), "out": str(out / "all.jsonl")}
+            "caption",
+            {
+                **base,
+                "prompts": list(PROMPTS),
+                "out": str(out / "all.jsonl"),
+                "parallel": args.parallel,
+            },
         )
         results["singles"] = [first, *(single(i) for i in range(1, len(PROMPTS)))]
         results["handler"] = (
@@ -340,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     command = (
         f"python benchmarks/caption_prompts.py --preset {args.preset} --pictures {args.pictures}"
         f" --threads {args.threads} --n-ctx {args.n_ctx} --max-tokens {args.max_tokens}"
+        + (f" --parallel {args.parallel}" if args.parallel != 1 else "")
         + (" --no-handler" if args.no_handler else "")
         + " --update BENCHMARKS.md"
     )
@@ -347,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.threads} threads, n_ctx {args.n_ctx}, n_batch 512, {args.max_tokens} new tokens "
         "per answer, greedy; pictures: generated 1280x960 photo-like JPEGs"
     )
-    body = report(results, command, settings, args.pictures)
+    body = report(results, command, settings, args.pictures, args.parallel)
     title = f"Prompts per picture (issue 18): {args.preset} twin"
     print(f"### {title}\n\n{body}")
     if args.json:

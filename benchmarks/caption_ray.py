@@ -6,7 +6,7 @@ each, on this machine, in one run (same pictures, same model, same moment).
 
 What is measured:
 
-- **one process**: ``llava_local.apps.caption.caption`` with ``n_threads=2``, the model
+- **one process**: ``llava_local.apps.captioning.caption`` with ``n_threads=2``, the model
   loaded before the clock starts (what ``llava-local caption`` does after loading);
 - **Ray**: ``caption_ray`` with 2 workers of 1 CPU on a local instance started for the
   run (3 logical CPUs: one kept for Ray Data). Reported apart: the instance's start-up
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llava_local_dev.report import update_section
+from llava_local_dev.report import command_line, update_section
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "caption-ray"
@@ -52,7 +52,7 @@ def _pictures(folder: Path, count: int, model: str) -> None:
 def one_process(config: dict[str, Any], folder: Path, prompt: str, max_tokens: int) -> float:
     """Seconds for the one-process job over ``folder`` (model loaded before the clock)."""
     from llava_local import VisionChat
-    from llava_local.apps.caption import caption
+    from llava_local.apps.captioning import caption
 
     with tempfile.TemporaryDirectory() as out, VisionChat.from_config(config) as chat:
         started = time.monotonic()
@@ -74,7 +74,7 @@ def with_ray(
     """(start-up seconds, run seconds) for 2 Ray workers of 1 thread each."""
     import ray
 
-    from llava_local.apps.caption_ray import caption_ray, local_cpus_needed
+    from llava_local.apps.captioning import caption_ray, local_cpus_needed
 
     started = time.monotonic()
     ray.init(
@@ -111,7 +111,7 @@ def markdown(count: int, one: float, startup: float, run: float, load: str) -> s
 
     per_picture = one / count
     lines = [
-        f"Command: `python {' '.join(['benchmarks/caption_ray.py', *sys.argv[1:]])}`  ",
+        f"Command: `{command_line('benchmarks/caption_ray.py', sys.argv[1:])}`  ",
         f"Run: {time.strftime('%Y-%m-%d %H:%M')}, {count} pictures, load average {load}; "
         "both sides in the same run.",
         "",

@@ -40,7 +40,6 @@ import base64
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -50,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_local_dev.mtmd import MtmdRunner
-from llava_local_dev.report import update_section
+from llava_local_dev.report import command_line, update_section
 from llava_local_dev.twins import ascii_answers, twin_pair, word_answers
 from pydantic import BaseModel
 
@@ -758,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
             while f.read(1 << 24):
                 pass
     when = time.strftime("%Y-%m-%d %H:%M %Z")
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
+    command = command_line("benchmarks/followup.py", argv or sys.argv[1:])
     engines = args.engines.split(",")
     every: dict[str, list[EngineRun]] = {name: [] for name in engines}
     for rep in range(args.repeat):  # alternate the order, so no engine always goes first

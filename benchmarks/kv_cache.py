@@ -103,7 +103,7 @@ def work_resume(args: dict[str, Any]) -> dict[str, Any]:
     kv = state_path(path)
     if kv.exists():
         t0 = time.perf_counter()
-        restored = chat.engine.load_state(kv)  # type: ignore[attr-defined]
+        restored = chat.engine.load_state(kv)
         restore_s = time.perf_counter() - t0
         assert restored > 0
     with chat:
@@ -131,7 +131,7 @@ def work_turns(args: dict[str, Any]) -> dict[str, Any]:
 def work_first(args: dict[str, Any]) -> dict[str, Any]:
     """The photo's first question with a disk folder (cold, or warm from an earlier process)."""
     from llava_local.apps.bench import synthetic_photo
-    from llava_local.backends import kv_cache
+    from llava_local.backends.llama_cpp import kv_cache
 
     with _chat(args, kv_cache_dir=args["dir"], kv_cache_mb=0) as chat:
         reply = chat.ask(QUESTIONS[0], image=synthetic_photo(seed=1))

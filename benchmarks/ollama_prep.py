@@ -128,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         grid.add_row(way, f"{seconds * 1e3:.1f}", f"{sent / 1e6:.2f}", what)
     Console(width=150).print(grid)
     if args.update:
-        from llava_local_dev.report import update_section
+        from llava_local_dev.report import command_line, update_section
 
-        command = "python benchmarks/ollama_prep.py " + " ".join(argv or sys.argv[1:])
+        command = command_line("benchmarks/ollama_prep.py", argv or sys.argv[1:])
         update_section(
             args.update,
             "ollama-prep",

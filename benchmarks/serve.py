@@ -26,6 +26,12 @@ long):
    piece and total time of each turn;
 2. ``--clients`` clients at once, each a three-turn conversation about a photo of its
    own: whether all were answered, the total wall time and each request's latency;
+With ``--rounds R`` every server is measured R times, in turn (each round starting with
+the next server, so a drift of the machine's speed is shared out), and each figure is
+the median over the rounds (a request latency: over every request of every round), the
+range of the main ones beside the table: on a shared virtual machine the same server's
+first turn varies by 10-20% from one minute to the next.
+
 3. the server's peak resident memory (``VmHWM`` of its process): after the one-client
    conversation (what the memory target is about) and after the concurrent clients, where
    ``llava-local serve`` keeps each conversation's KV state (within its budget,
@@ -38,7 +44,6 @@ import argparse
 import base64
 import os
 import re
-import shlex
 import statistics
 import subprocess
 import sys
@@ -52,7 +57,7 @@ from typing import Any, cast
 
 import httpx
 import openai
-from llava_local_dev.report import update_section
+from llava_local_dev.report import command_line, update_section
 from llava_local_dev.twins import twin_pair, word_answers
 from openai.types.chat import ChatCompletionChunk
 
@@ -243,6 +248,49 @@ def measure(server: str, lm: Path, mm: Path, args: argparse.Namespace) -> Run:
     return run
 
 
+def combined(runs: list[Run]) -> Run:
+    """One server's rounds as one run: medians of the times, every request's latency,
+    the highest peak memory, the load averages at the first start and the last end."""
+    if len(runs) == 1:
+        return runs[0]
+    first = runs[0]
+    turns = [
+        Turn(
+            statistics.median(r.turns[i].ttft_s for r in runs),
+            statistics.median(r.turns[i].total_s for r in runs),
+            first.turns[i].text,
+        )
+        for i in range(len(first.turns))
+    ]
+    return Run(
+        first.server,
+        load_s=statistics.median(r.load_s for r in runs),
+        turns=turns,
+        concurrent_wall_s=statistics.median(r.concurrent_wall_s for r in runs),
+        concurrent_latencies=[x for r in runs for x in r.concurrent_latencies],
+        concurrent_answered=sum(r.concurrent_answered for r in runs),
+        concurrent_asked=sum(r.concurrent_asked for r in runs),
+        peak_rss_one_mib=max(r.peak_rss_one_mib for r in runs),
+        peak_rss_mib=max(r.peak_rss_mib for r in runs),
+        load_before=first.load_before,
+        load_after=runs[-1].load_after,
+    )
+
+
+def ranges(rounds: dict[str, list[Run]]) -> str:
+    """The spread over the rounds of the first turn and of the clients' wall time."""
+
+    def span(values: list[float]) -> str:
+        return f"{min(values):.2f}-{max(values):.2f} s"
+
+    parts = [
+        f"{server}: first turn {span([r.turns[0].ttft_s for r in runs])}, "
+        f"clients' wall {span([r.concurrent_wall_s for r in runs])}"
+        for server, runs in rounds.items()
+    ]
+    return "Over the rounds: " + "; ".join(parts) + "."
+
+
 def _load() -> str:
     return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -259,8 +307,9 @@ def markdown(runs: list[Run], label: str, args: argparse.Namespace, command: str
     lines = [
         f"{label}; {args.threads} threads, n_ctx {args.n_ctx}, {args.max_tokens} new tokens "
         f"per answer, streamed, temperature 0; measured {time.strftime('%Y-%m-%d %H:%M %Z')} "
-        f"on a {os.cpu_count()}-core machine, the servers one after the other in one run "
-        f"(`{command}`). Ratios: the peer's time over ours.",
+        f"on a {os.cpu_count()}-core machine, the servers one after the other in one run"
+        + (f", {args.rounds} rounds, each figure the median" if args.rounds > 1 else "")
+        + f" (`{command}`). Ratios: the peer's time over ours.",
         "",
         f"| one client, {args.turns} turns, history resent | {names} |",
         "|---|" + "---:|" * len(runs),
@@ -357,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated, of: {', '.join(PEERS)}",
     )
     parser.add_argument("--parallel", type=int, help="serve's --parallel (default: its own)")
+    parser.add_argument("--rounds", type=int, default=1, help="measure every server R times")
     parser.add_argument("--update", type=Path, help="BENCHMARKS.md to update")
     args = parser.parse_args(argv)
 
@@ -375,10 +425,17 @@ def main(argv: list[str] | None = None) -> int:
         args.llama_server = llama_server()
         if args.llama_server is None:
             peers = [p for p in peers if not p.startswith("llama-server")]
-    runs = [measure(server, lm, mm, args) for server in [OURS, *peers]]
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
+    servers = [OURS, *peers]
+    rounds: dict[str, list[Run]] = {server: [] for server in servers}
+    for r in range(args.rounds):
+        for server in servers[r % len(servers) :] + servers[: r % len(servers)]:
+            rounds[server].append(measure(server, lm, mm, args))
+    runs = [combined(rounds[server]) for server in servers]
+    command = command_line("benchmarks/serve.py", argv or sys.argv[1:])
     label = f"{args.preset} twin"
     table = markdown(runs, label, args, command)
+    if args.rounds > 1:
+        table += "\n" + ranges(rounds) + "\n"
     print(table)
     if args.update:
         update_section(

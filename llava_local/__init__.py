@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .aio import AsyncReplyStream, AsyncVisionChat
 from .backends import Backend, Finish, Turn
-from .chat import ReplyStream, VisionChat
+from .chat import VisionChat
 from .control import TurnControl
 from .errors import (
     BackendError,
@@ -23,6 +23,7 @@ from .errors import (
     BackendUnavailableError,
     ContextOverflowError,
     ConversationFileError,
+    EnginePluginWarning,
     ImageError,
     InsufficientMemoryError,
     InvalidRequestError,
@@ -39,7 +40,17 @@ from .errors import (
 )
 from .images import ImageSource
 from .persist import ColdResumeWarning
-from .types import Message, Options, PreparedImage, Reply, Stats
+from .stream import ReplyStream
+from .types import (
+    Message,
+    Options,
+    PreparedImage,
+    Reply,
+    Stats,
+    TokenLogprob,
+    Tool,
+    ToolCall,
+)
 
 try:
     __version__ = version("llava-local")
@@ -56,6 +67,7 @@ __all__ = [
     "ColdResumeWarning",
     "ContextOverflowError",
     "ConversationFileError",
+    "EnginePluginWarning",
     "Finish",
     "ImageError",
     "ImageSource",
@@ -76,6 +88,9 @@ __all__ = [
     "ResponseError",
     "SchemaError",
     "Stats",
+    "TokenLogprob",
+    "Tool",
+    "ToolCall",
     "Turn",
     "TurnCancelledError",
     "TurnControl",

@@ -24,14 +24,17 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 from . import structured
-from .backends import Backend
-from .chat import ReplyStream, VisionChat
+from .backends import Backend, EnginePlan
+from .chat import Forced, VisionChat
 from .control import TurnControl
 from .errors import InvalidRequestError
+from .fitting import OnOverflow
 from .images import ImageSource
+from .stream import ReplyStream
+from .tools import ToolSpec
 from .types import Message, Options, Reply
 
 _DONE = object()
@@ -92,6 +95,11 @@ class AsyncVisionChat:
     def config(self) -> dict[str, Any]:
         """This chat as JSON data, as :attr:`VisionChat.config`."""
         return self.sync.config
+
+    @property
+    def plan(self) -> EnginePlan | None:
+        """The engine as planned, as :attr:`VisionChat.plan`."""
+        return self.sync.plan
 
     # -- what the sync chat has ------------------------------------------------------
 
@@ -161,12 +169,12 @@ class AsyncVisionChat:
         self.sync.allow_text_only = value
 
     @property
-    def on_overflow(self) -> Literal["error", "drop_oldest"]:
+    def on_overflow(self) -> OnOverflow:
         """What a turn that would not fit the context does; see :class:`VisionChat`."""
         return self.sync.on_overflow
 
     @on_overflow.setter
-    def on_overflow(self, value: Literal["error", "drop_oldest"]) -> None:
+    def on_overflow(self, value: OnOverflow) -> None:
         self.sync.on_overflow = value
 
     @property
@@ -182,6 +190,13 @@ class AsyncVisionChat:
         """Start a new conversation. Never blocks the loop: while a turn is running,
         raises :class:`InvalidRequestError` (await it, or close its stream, first)."""
         self.sync._clear(wait=False)
+
+    def attach(
+        self, image: ImageSource | None = None, *, images: Sequence[ImageSource] | None = None
+    ) -> asyncio.Future[None]:
+        """Like :meth:`VisionChat.attach`: returns at once; await the future to wait for
+        the head start (the next question waits for it anyway)."""
+        return asyncio.wrap_future(self.sync.attach(image, images=images))
 
     async def save(self, path: str | os.PathLike[str]) -> Path:
         """Like :meth:`VisionChat.save` (the finished turns), written in a worker thread."""
@@ -201,6 +216,8 @@ class AsyncVisionChat:
         *,
         images: Sequence[ImageSource] | None = None,
         schema: structured.Schema | None = None,
+        tool: ToolSpec | None = None,
+        tools: Sequence[ToolSpec] | None = None,
         **options: Any,
     ) -> AsyncReplyStream:
         """Like :meth:`VisionChat.stream`; iterate it with ``async for``.
@@ -208,7 +225,8 @@ class AsyncVisionChat:
         The prompt and options are checked now; the pictures are prepared in the
         stream's worker thread when it is first read, so a download never blocks the
         loop (a bad picture raises there)."""
-        return self._stream(prompt, image, images, schema, options, stacklevel=3)
+        forced = self.sync._tool(tool, tools)
+        return self._stream(prompt, image, images, schema, options, stacklevel=3, tool=forced)
 
     def _stream(
         self,
@@ -219,6 +237,7 @@ class AsyncVisionChat:
         options: dict[str, Any],
         *,
         stacklevel: int,
+        tool: Forced | None = None,
     ) -> AsyncReplyStream:
         self._refuse_in_reading_task("start another turn")
         request = self.sync._request(
@@ -228,6 +247,7 @@ class AsyncVisionChat:
             schema=schema,
             options=options,
             stacklevel=stacklevel + 1,
+            tool=tool,
         )
         stream = AsyncReplyStream(partial(self.sync._open, request), control=request.control)
         self._streams.add(stream)
@@ -256,10 +276,15 @@ class AsyncVisionChat:
         *,
         images: Sequence[ImageSource] | None = None,
         schema: structured.Schema | None = None,
+        tool: ToolSpec | None = None,
+        tools: Sequence[ToolSpec] | None = None,
         **options: Any,
     ) -> Reply:
         """Like :meth:`VisionChat.ask`, awaiting the whole answer."""
-        async with self._stream(prompt, image, images, schema, options, stacklevel=3) as s:
+        forced = self.sync._tool(tool, tools)
+        async with self._stream(
+            prompt, image, images, schema, options, stacklevel=3, tool=forced
+        ) as s:
             async for _ in s:
                 pass
         return s.reply

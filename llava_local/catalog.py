@@ -15,6 +15,11 @@ recorded in the entry, not implied:
 Sizes nobody published are ``None``, never guessed. ``memory_bytes`` *is* an
 estimate, by :func:`estimate_memory`: both files, the KV cache of the default context
 (one picture plus 2048 text tokens, f16) and llama.cpp's work buffers.
+
+``lm_params`` (the language model's parameters, from its model card) and ``vision``
+(the picture encoder's shape, from its published configuration) give the work a
+picture and a token cost, from which :mod:`llava_local.devices` estimates speeds on a
+Raspberry Pi.
 """
 
 from __future__ import annotations
@@ -27,14 +32,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from .chat_formats import get_format
 from .demo import DEMO_NAME
 from .errors import ModelNotFoundError
+from .sampling import Sampling
 
 __all__ = [
     "CATALOG",
     "CatalogEntry",
     "Evidence",
+    "VisionEncoder",
     "estimate_memory",
     "find",
     "match",
+    "memory_parts",
     "names",
 ]
 
@@ -54,14 +62,71 @@ def estimate_memory(
 ) -> int:
     """Bytes a GGUF pair needs in memory: the files (llama.cpp maps them whole), the
     f16 KV cache of one picture plus :data:`TEXT_TOKENS`, and ~5 % + 256 MiB of work
-    buffers. Without the KV size per token, a quarter of the language model stands in
-    (a 7B LLaMA's KV for 2.6k tokens is about that)."""
-    weights = lm_bytes + mmproj_bytes
+    buffers (:func:`memory_parts`)."""
+    kv, work = memory_parts(
+        lm_bytes, mmproj_bytes, kv_bytes_per_token=kv_bytes_per_token, image_tokens=image_tokens
+    )
+    return lm_bytes + mmproj_bytes + kv + work
+
+
+def memory_parts(
+    lm_bytes: int,
+    mmproj_bytes: int,
+    *,
+    kv_bytes_per_token: int | None = None,
+    image_tokens: int = 576,
+    text_tokens: int = TEXT_TOKENS,
+) -> tuple[int, int]:
+    """:func:`estimate_memory` beyond the files: the KV cache (of one picture and
+    ``text_tokens``) and the work buffers. Without the KV size per token, a quarter of
+    the language model stands in (a 7B LLaMA's KV for 2.6k tokens is about that)."""
     if kv_bytes_per_token is None:
         kv = lm_bytes // 4
     else:
-        kv = kv_bytes_per_token * (image_tokens + TEXT_TOKENS)
-    return weights + kv + weights // 20 + 256 * _MIB
+        kv = kv_bytes_per_token * (image_tokens + text_tokens)
+    return kv, (lm_bytes + mmproj_bytes) // 20 + 256 * _MIB
+
+
+class VisionEncoder(BaseModel):
+    """The shape of a picture encoder (a ViT), enough to count the work of one picture.
+
+    ``patches`` is what one tile of the picture becomes (with the class token if the
+    encoder has one), ``tokens`` what the language model receives per tile (fewer when
+    the projector pools or merges patches), ``layers`` the blocks that run (LLaVA stops
+    one short of CLIP's 24). ``gated`` feed-forward blocks have three matrices, not two;
+    ``window`` is the patches each attends to in the layers other than ``full_layers``
+    (0: every layer attends to the whole tile).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    width: int = Field(gt=0)
+    layers: int = Field(gt=0)
+    ff: int = Field(gt=0)
+    patches: int = Field(gt=0)
+    tokens: int = Field(gt=0)
+    gated: bool = False
+    window: int = 0
+    full_layers: int = 0
+
+    def flops(self, tiles: int = 1) -> float:
+        """Floating-point operations to encode ``tiles`` tiles (a multiply-add is two):
+        the matrices of every block, then attention; the projector is left out (a few
+        per cent)."""
+        p, d = self.patches, self.width
+        dense = 2 * p * (4 * d * d + (3 if self.gated else 2) * d * self.ff)
+        full = 4 * p * p * d
+        attention = self.layers * full
+        if self.window:
+            windowed = 4 * p * min(self.window, p) * d
+            attention = self.full_layers * full + (self.layers - self.full_layers) * windowed
+        return float(tiles * (self.layers * dense + attention))
+
+
+#: CLIP ViT-L/14 at 336 pixels (LLaVA-1.5 and its kin): 577 patches, 23 of 24 blocks.
+CLIP_L_336 = VisionEncoder(width=1024, layers=23, ff=4096, patches=577, tokens=576)
+#: SigLIP so400m/14 at 378 or 384 pixels: 729 patches.
+SIGLIP_SO400M = VisionEncoder(width=1152, layers=27, ff=4304, patches=729, tokens=729)
 
 
 class CatalogEntry(BaseModel):
@@ -80,10 +145,17 @@ class CatalogEntry(BaseModel):
     #: KV-cache bytes per token (f16) and tokens per picture, for :func:`estimate_memory`.
     kv_bytes_per_token: int | None = None
     image_tokens: int = 576
+    #: The language model's parameters and the picture encoder, for speed estimates.
+    lm_params: float | None = None
+    vision: VisionEncoder | None = None
     chat_format: str | None = None
     evidence: Evidence
     evidence_note: str = ""
     aliases: tuple[str, ...] = ()
+    #: The sampling the model's authors recommend, for files whose GGUF says none
+    #: (see :mod:`llava_local.sampling`); None: llama.cpp's defaults. Set only from the
+    #: model card, named in ``evidence_note``.
+    sampling: Sampling | None = None
 
     @field_validator("chat_format")
     @classmethod
@@ -102,6 +174,13 @@ class CatalogEntry(BaseModel):
         if self.gguf_bytes is None or self.mmproj_bytes is None:
             return None
         return self.gguf_bytes + self.mmproj_bytes
+
+    @property
+    def vision_flops(self) -> float | None:
+        """The work of encoding one picture (all its tiles), when the encoder is known."""
+        if self.vision is None:
+            return None
+        return self.vision.flops(max(1, self.image_tokens // self.vision.tokens))
 
     @property
     def memory_bytes(self) -> int | None:
@@ -139,6 +218,8 @@ CATALOG: tuple[CatalogEntry, ...] = (
         gguf_bytes=_listed(4.08),
         mmproj_bytes=_listed(0.624),
         kv_bytes_per_token=_kv(32, 4096),
+        lm_params=6.74e9,
+        vision=CLIP_L_336,
         chat_format="vicuna",
         evidence="listing",
         evidence_note=f"{_LISTING}; Vicuna format per LLaVA's conv_vicuna_v1; "
@@ -155,6 +236,8 @@ CATALOG: tuple[CatalogEntry, ...] = (
         gguf_bytes=_listed(7.87),
         mmproj_bytes=_listed(0.645),
         kv_bytes_per_token=_kv(40, 5120),
+        lm_params=13.0e9,
+        vision=CLIP_L_336,
         chat_format="vicuna",
         evidence="listing",
         evidence_note=f"{_LISTING}; Vicuna format per LLaVA's conv_vicuna_v1; "
@@ -173,6 +256,8 @@ CATALOG: tuple[CatalogEntry, ...] = (
         mmproj_bytes=_listed(0.624),
         kv_bytes_per_token=_kv(32, 1024),
         image_tokens=2880,
+        lm_params=7.24e9,
+        vision=CLIP_L_336,
         chat_format="mistral",
         evidence="listing",
         evidence_note=f"{_LISTING}; [INST] format per LLaVA's conv_mistral_instruct; "
@@ -189,6 +274,8 @@ CATALOG: tuple[CatalogEntry, ...] = (
         gguf_bytes=_listed(4.37),
         mmproj_bytes=_listed(0.624),
         kv_bytes_per_token=_kv(32, 1024),
+        lm_params=7.24e9,
+        vision=CLIP_L_336,
         chat_format="vicuna",
         evidence="listing",
         evidence_note=f"{_LISTING}; chat format not confirmed by the model card "
@@ -205,6 +292,8 @@ CATALOG: tuple[CatalogEntry, ...] = (
         mmproj_bytes=_listed(0.910),
         kv_bytes_per_token=_kv(24, 2048),
         image_tokens=729,
+        lm_params=1.42e9,
+        vision=SIGLIP_SO400M,
         chat_format="moondream",
         evidence="listing",
         evidence_note=f"{_LISTING}; Question/Answer format per llama-cpp-python's "
@@ -221,6 +310,8 @@ CATALOG: tuple[CatalogEntry, ...] = (
         gguf_bytes=_listed(2.32),
         mmproj_bytes=_listed(0.608),
         kv_bytes_per_token=_kv(32, 3072),
+        lm_params=3.82e9,
+        vision=CLIP_L_336,
         chat_format=None,
         evidence="listing",
         evidence_note=f"{_LISTING}; Phi-3 format, taken from the GGUF's own template "
@@ -237,6 +328,8 @@ CATALOG: tuple[CatalogEntry, ...] = (
         mmproj_bytes=103_769_856,
         kv_bytes_per_token=_kv(30, 192),
         image_tokens=64,
+        lm_params=0.135e9,
+        vision=VisionEncoder(width=768, layers=12, ff=3072, patches=1024, tokens=64),
         chat_format=None,
         evidence="third-party",
         evidence_note="names and exact sizes from two projects' download code; "
@@ -252,6 +345,8 @@ CATALOG: tuple[CatalogEntry, ...] = (
         mmproj_bytes=108_783_360,
         kv_bytes_per_token=_kv(32, 320),
         image_tokens=64,
+        lm_params=0.362e9,
+        vision=VisionEncoder(width=768, layers=12, ff=3072, patches=1024, tokens=64),
         chat_format=None,
         evidence="third-party",
         evidence_note="language model named on the model card; mmproj name and both "
@@ -267,6 +362,8 @@ CATALOG: tuple[CatalogEntry, ...] = (
         mmproj_bytes=592_523_200,
         kv_bytes_per_token=_kv(24, 2048),
         image_tokens=81,
+        lm_params=1.71e9,
+        vision=VisionEncoder(width=1152, layers=27, ff=4304, patches=729, tokens=81),
         chat_format=None,
         evidence="third-party",
         evidence_note="language model named on the model card; mmproj name and exact "
@@ -284,6 +381,17 @@ CATALOG: tuple[CatalogEntry, ...] = (
         mmproj_bytes=844_757_728,
         kv_bytes_per_token=_kv(36, 256),
         image_tokens=1024,
+        lm_params=3.09e9,
+        vision=VisionEncoder(
+            width=1280,
+            layers=32,
+            ff=3420,
+            patches=4096,
+            tokens=1024,
+            gated=True,
+            window=64,
+            full_layers=4,
+        ),
         chat_format=None,
         evidence="third-party",
         evidence_note="names in several projects' code (one pinning sha256s), exact sizes "
@@ -300,6 +408,8 @@ CATALOG: tuple[CatalogEntry, ...] = (
         mmproj_bytes=_listed(0.851),
         kv_bytes_per_token=_kv(34, 1024),
         image_tokens=256,
+        lm_params=3.88e9,
+        vision=VisionEncoder(width=1152, layers=27, ff=4304, patches=4096, tokens=256),
         chat_format=None,
         evidence="listing",
         evidence_note=f"{_LISTING}; the GGUF's own template",
@@ -314,6 +424,8 @@ CATALOG: tuple[CatalogEntry, ...] = (
         mmproj_bytes=_listed(0.866),
         kv_bytes_per_token=_kv(40, 2304),
         image_tokens=640,
+        lm_params=2.4e9,
+        vision=VisionEncoder(width=1152, layers=27, ff=4304, patches=1024, tokens=64),
         chat_format=None,
         evidence="listing",
         evidence_note=f"{_LISTING}; chat format not confirmed (the GGUF's own template)",
@@ -329,6 +441,8 @@ CATALOG: tuple[CatalogEntry, ...] = (
         mmproj_bytes=_listed(0.893),
         kv_bytes_per_token=_kv(40, 512),
         image_tokens=3645,
+        lm_params=2.53e9,
+        vision=SIGLIP_SO400M,
         chat_format=None,
         evidence="listing",
         evidence_note=f"{_LISTING}; chat format not confirmed (the GGUF's own template)",

@@ -13,30 +13,38 @@ import os
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
+from . import fitting, saving, structured
 from . import images as _images
-from . import structured
-from .backends import Backend, Finish, Turn, create, registry
-from .backends.registry import EngineConfig
-from .control import STATUS_ANSWERING, STATUS_PREPARING, TurnControl
+from .attach import Attachment
+from .backends import Backend, Turn, registry
+from .backends.plan import EnginePlan, announce
+from .backends.plan import open as open_plan
+from .backends.plan import plan as make_plan
+from .control import STATUS_PREPARING, TurnControl
 from .errors import (
-    BackendError,
     InvalidRequestError,
-    LlavaLocalError,
     NoPictureWarning,
-    SchemaError,
     problems,
 )
-from .types import Message, Options, PreparedImage, Reply
+from .fitting import OnOverflow
+from .stream import ReplyStream
+from .tools import ToolSpec, as_tool, forced_tool
+from .types import Message, Options, PreparedImage, Reply, Tool
+
+__all__ = ["ReplyStream", "VisionChat"]
 
 _OPTION_NAMES = frozenset(Options.model_fields)
+#: What a turn that would not fit the context does (see ``VisionChat.on_overflow``).
+_OVERFLOWS = ("error", "drop_oldest", "truncate")
 #: How often a turn waiting for another thread's turn looks at its own stop flag.
 _WAIT_POLL_S = 0.05
 
@@ -61,12 +69,12 @@ class VisionChat:
 
     def __init__(
         self,
-        backend: str | Backend = "auto",
+        backend: str | Backend | EnginePlan = "auto",
         model: str | None = None,
         *,
         system: str | None = None,
         max_image_side: int | None = None,
-        on_overflow: Literal["error", "drop_oldest"] = "error",
+        on_overflow: OnOverflow = "error",
         allow_text_only: bool = False,
         on_status: Callable[[str], None] | None = None,
         close_engine: bool = True,
@@ -74,32 +82,47 @@ class VisionChat:
     ) -> None:
         options = {k: kwargs.pop(k) for k in list(kwargs) if k in _OPTION_NAMES}
         self.options = _options(options)
+        if max_image_side is not None and max_image_side < 16:
+            raise InvalidRequestError("max_image_side must be at least 16 pixels")
+        if on_overflow not in _OVERFLOWS:
+            raise InvalidRequestError("on_overflow must be 'error', 'drop_oldest' or 'truncate'")
+        #: The engine as planned: its spec and settled config (what :attr:`config` and
+        #: :meth:`save` describe, and what engine pools key on); None for an engine
+        #: built by hand without a config.
+        self.plan: EnginePlan | None
         if isinstance(backend, Backend):
             if kwargs or model is not None:
                 raise InvalidRequestError("pass engine arguments to the backend, not the chat")
-            self._backend = backend
+            self._backend, self.plan = backend, _plan_of(backend)
         elif not close_engine:
             raise InvalidRequestError(
                 "close_engine=False is for an engine object shared by several chats; "
                 "a chat that opens its engine by name closes it"
             )
         else:
-            self._backend = create(backend, model, **kwargs)
+            if isinstance(backend, EnginePlan):
+                if kwargs or model is not None:
+                    raise InvalidRequestError(
+                        "a plan holds its engine's settings: give them to plan(), not the chat"
+                    )
+                chosen = backend
+            else:
+                chosen = make_plan(backend, model, **kwargs)
+            announce(chosen)
+            self._backend, self.plan = open_plan(chosen), chosen
         #: Whether :meth:`close` also closes the engine. False for an engine shared by
         #: several chats (the web page's tabs, each its own conversation over one loaded
         #: model and its KV states): closing one conversation must leave the engine to
         #: the others, and whoever opened it closes it when the last one is done.
         self.close_engine = close_engine
-        if max_image_side is not None and max_image_side < 16:
-            raise InvalidRequestError("max_image_side must be at least 16 pixels")
         self.max_image_side = max_image_side or self._backend.max_image_side
-        if on_overflow not in ("error", "drop_oldest"):
-            raise InvalidRequestError("on_overflow must be 'error' or 'drop_oldest'")
         self.system = system
         #: What a turn that would not fit the context does: raise ContextOverflowError,
         #: or leave out the oldest turns (the system prompt and pictures still talked
-        #: about are kept). The history itself is never changed.
-        self.on_overflow = on_overflow
+        #: about are kept), or, as Ollama does ("truncate"), also cut the start of the
+        #: newest message until the prompt leaves room for an answer (``max_tokens``,
+        #: else a quarter of the context). The history itself is never changed.
+        self.on_overflow: OnOverflow = on_overflow
         #: Questions with no picture anywhere in the conversation are answered from the
         #: text alone; unless this is True, each such turn issues a NoPictureWarning,
         #: because vision models then tend to describe a picture they never saw.
@@ -119,6 +142,8 @@ class VisionChat:
         self._state = threading.Lock()  # history, system, last_reply: read or set together
         self._closed = False
         self.last_reply: Reply | None = None
+        # Pictures given with attach() for the next question, until a turn keeps them.
+        self._attached: list[Attachment] = []
 
     @classmethod
     def ollama(
@@ -198,7 +223,46 @@ class VisionChat:
     def _clear(self, *, wait: bool) -> None:
         with self._exclusive("reset the conversation", wait=wait), self._state:
             self._history = []
+            self._attached = []
             self.last_reply = None
+
+    def attach(
+        self,
+        image: _images.ImageSource | None = None,
+        *,
+        images: Sequence[_images.ImageSource] | None = None,
+    ) -> Future[None]:
+        """Give the next question's pictures before the question, and return at once.
+
+        They are prepared in the background and, on an engine that keeps its KV cache
+        (llama.cpp), encoded and read into the model too, so the next :meth:`ask` or
+        :meth:`stream` waits only for what is left and then reads its own words: a
+        question typed while the picture is read costs little more than the typing. That
+        question takes them as if given with ``image=``, before any picture of its own;
+        a turn that fails leaves them attached; :meth:`reset` and :meth:`restore` drop them. Other
+        engines (Ollama, OpenAI-compatible servers) get them prepared only. The future
+        is done when the head start is (``.result()`` waits; it raises what preparing
+        the pictures raised, which the next question raises too).
+        """
+        if self._closed:
+            raise InvalidRequestError("this VisionChat is closed; create a new one")
+        sources = ([] if image is None else [image]) + _picture_list(images)
+        if not sources:
+            raise InvalidRequestError("attach() needs a picture: image= or images=")
+        with self._state:
+            earlier = list(self._attached)
+            history = list(self._history)
+        own = [Message(role="system", content=self.system)] if self.system else []
+
+        def read_ahead(prepared: tuple[PreparedImage, ...]) -> threading.Thread | None:
+            pictures = tuple(i for a in earlier for i in a.images()) + prepared
+            question = Message(role="user", content="", images=pictures)
+            return self._backend.prefetch([*own, *history, question])
+
+        attachment = Attachment(sources, max_side=self.max_image_side, read_ahead=read_ahead)
+        with self._state:
+            self._attached.append(attachment)
+        return attachment.done
 
     def ask(
         self,
@@ -207,6 +271,8 @@ class VisionChat:
         *,
         images: Sequence[_images.ImageSource] | None = None,
         schema: structured.Schema | None = None,
+        tool: ToolSpec | None = None,
+        tools: Sequence[ToolSpec] | None = None,
         **options: Any,
     ) -> Reply:
         """Ask about ``image`` (or the pictures already in the conversation) and wait.
@@ -214,9 +280,21 @@ class VisionChat:
         With ``schema``, ``reply.parsed`` is the answer checked against it, and an
         answer that does not fit raises :class:`SchemaError`; an answer cut by
         ``max_tokens`` before its JSON ended is not a misfit: ``reply.done_reason`` is
-        ``"length"``, ``reply.parsed`` None and ``reply.text`` the JSON as written."""
+        ``"length"``, ``reply.parsed`` None and ``reply.text`` the JSON as written.
+
+        With ``tool`` (a :class:`~llava_local.Tool`, a pydantic model class or an
+        OpenAI-style function dict), or ``tools`` holding one, the model is made to
+        call it: ``reply.tool_calls`` holds the call, its arguments checked against
+        the tool's parameters (see :mod:`llava_local.tools`: a model not trained for
+        tools cannot choose among several)."""
         request = self._request(
-            prompt, image=image, images=images, schema=schema, options=options, stacklevel=3
+            prompt,
+            image=image,
+            images=images,
+            schema=schema,
+            options=options,
+            stacklevel=3,
+            tool=self._tool(tool, tools),
         )
         with self._open(request) as stream:
             for _ in stream:
@@ -230,9 +308,12 @@ class VisionChat:
         *,
         images: Sequence[_images.ImageSource] | None = None,
         schema: structured.Schema | None = None,
+        tool: ToolSpec | None = None,
+        tools: Sequence[ToolSpec] | None = None,
         **options: Any,
     ) -> ReplyStream:
-        """Like :meth:`ask`, but iterate the answer as it is written.
+        """Like :meth:`ask`, but iterate the answer as it is written (a tool call's
+        arguments, with ``tool``).
 
         Pictures and options are checked now, before anything is sent; the turn is
         kept in the history when the iteration ends. The turn starts at the first
@@ -240,9 +321,31 @@ class VisionChat:
         this one is read to the end or closed raises :class:`InvalidRequestError`).
         """
         request = self._request(
-            prompt, image=image, images=images, schema=schema, options=options, stacklevel=3
+            prompt,
+            image=image,
+            images=images,
+            schema=schema,
+            options=options,
+            stacklevel=3,
+            tool=self._tool(tool, tools),
         )
         return self._open(request)
+
+    def _tool(self, tool: ToolSpec | None, tools: Sequence[ToolSpec] | None) -> Forced | None:
+        """The tool a question forces, with the schema its arguments are checked
+        against (the pydantic class itself when the tool is one)."""
+        if tool is None and not tools:
+            return None
+        if tool is None:
+            given = [as_tool(spec) for spec in tools or []]
+            chosen = forced_tool(given, "required", self.model)
+            assert chosen is not None
+            spec: ToolSpec = (tools or [])[given.index(chosen)]
+        else:
+            spec = tool
+        forced = as_tool(spec)
+        is_model = isinstance(spec, type) and issubclass(spec, BaseModel)
+        return Forced(forced, spec if is_model else forced.parameters)  # type: ignore[arg-type]
 
     def answer(
         self,
@@ -250,6 +353,7 @@ class VisionChat:
         *,
         schema: structured.Schema | None = None,
         control: TurnControl | None = None,
+        on_overflow: OnOverflow | None = None,
         **options: Any,
     ) -> ReplyStream:
         """A reply to the last message of ``messages``, a whole conversation given at once,
@@ -263,8 +367,12 @@ class VisionChat:
         reads only what differs from the turn before, so a client that resends the
         conversation with a new question pays for the question alone. Iterate the
         stream as :meth:`stream`'s; ``control`` is the turn's stop flag when the caller
-        made it first (to cancel a turn whose pictures are still being prepared).
+        made it first (to cancel a turn whose pictures are still being prepared);
+        ``on_overflow`` replaces the chat's own for this turn (``serve``'s Ollama routes
+        answer with ``"truncate"``, as Ollama does).
         """
+        if on_overflow is not None and on_overflow not in _OVERFLOWS:
+            raise InvalidRequestError("on_overflow must be 'error', 'drop_oldest' or 'truncate'")
         if self._closed:
             raise InvalidRequestError("this VisionChat is closed; create a new one")
         self._refuse_reentry("start another turn")
@@ -302,7 +410,13 @@ class VisionChat:
             json_schema,
             control=control or TurnControl(self.on_status),
             earlier=tuple(given[:-1]),
+            on_overflow=on_overflow,
         )
+
+    def detach(self) -> None:
+        """Drop the pictures attached for the next question (read ahead for nothing)."""
+        with self._state:
+            self._attached = []
 
     def _request(
         self,
@@ -313,6 +427,7 @@ class VisionChat:
         schema: structured.Schema | None,
         options: dict[str, Any],
         stacklevel: int,
+        tool: Forced | None = None,
     ) -> _Request:
         """Everything about a question that is quick to check (no picture is read yet)."""
         if self._closed:
@@ -320,10 +435,18 @@ class VisionChat:
         self._refuse_reentry("start another turn")
         if not isinstance(prompt, str) or not prompt.strip():
             raise InvalidRequestError("the prompt must be a non-empty string")
+        if tool is not None:
+            if schema is not None:
+                raise InvalidRequestError(
+                    "pass schema= or tool=, not both: a tool's arguments follow its parameters"
+                )
+            schema = tool.schema
         opts = self.options.overlay(_options(options))
         json_schema = None if schema is None else structured.json_schema(schema)
         sources = ([] if image is None else [image]) + _picture_list(images)
-        if not sources and not self.allow_text_only and not self.has_pictures:
+        with self._state:
+            attached = tuple(self._attached)
+        if not (sources or attached) and not self.allow_text_only and not self.has_pictures:
             warnings.warn(
                 NoPictureWarning(
                     "no picture in this conversation: the model answers from the text "
@@ -332,14 +455,29 @@ class VisionChat:
                 ),
                 stacklevel=stacklevel,
             )
-        return _Request(prompt, sources, opts, schema, json_schema, TurnControl(self.on_status))
+        return _Request(
+            prompt,
+            sources,
+            opts,
+            schema,
+            json_schema,
+            TurnControl(self.on_status),
+            None if tool is None else tool.tool,
+            attached,
+        )
 
     def _open(self, request: _Request) -> ReplyStream:
         """The turn's stream, once its pictures are prepared (read, downloaded, encoded)."""
-        if request.sources:
+        if request.sources or request.attached:
             request.control.report(STATUS_PREPARING)
+        try:
+            given = tuple(i for a in request.attached for i in a.images())
+        except BaseException:
+            with self._state:  # a picture that cannot be read is not kept for the next
+                self._attached = [a for a in self._attached if not a.failed()]
+            raise
         prepared = tuple(_images.prepare(s, max_side=self.max_image_side) for s in request.sources)
-        message = Message(role="user", content=request.prompt, images=prepared)
+        message = Message(role="user", content=request.prompt, images=given + prepared)
         return ReplyStream(
             self,
             message,
@@ -347,6 +485,7 @@ class VisionChat:
             request.schema,
             request.json_schema,
             control=request.control,
+            tool=request.tool,
         )
 
     @property
@@ -381,6 +520,8 @@ class VisionChat:
             answer = Message(role="assistant", content=reply.text)
             self._history = [*self._history, message, answer]
             self.last_reply = reply
+            taken = {i.sha256 for i in message.images}  # the attachments it took are used
+            self._attached = [a for a in self._attached if not a.taken_by(taken)]
 
     def _end_turn(self) -> None:
         """Let go of the chat (a plain lock: any thread that read the turn may)."""
@@ -411,73 +552,42 @@ class VisionChat:
         json_schema: dict[str, Any] | None,
         control: TurnControl,
         earlier: Sequence[Message] | None = None,
+        *,
+        on_overflow: OnOverflow | None = None,
     ) -> tuple[Turn, int]:
-        """The turn to send, with the oldest turns left out if it would not fit;
-        ``earlier`` is a conversation given instead of the history (see :meth:`answer`)."""
+        """The turn to send, with the oldest turns left out if it would not fit (and,
+        with ``"truncate"``, the newest message's start cut); ``earlier`` is a
+        conversation given instead of the history (see :meth:`answer`)."""
         own = [Message(role="system", content=self.system)] if self.system else []
+
+        def turn_of(messages: list[Message]) -> Turn:
+            return Turn(messages, options, json_schema, control)
+
         if earlier is None:
             system, history = own, list(self._history)
         else:
             system = [m for m in earlier if m.role == "system"] or own
             history = [m for m in earlier if m.role != "system"]
-        dropped = 0
-        while True:
-            turn = Turn([*system, *history, message], options, json_schema, control)
-            if self.on_overflow == "error" or not history:
-                return turn, dropped
-            need = self._backend.context_needed(turn)
-            if need is None or need[0] <= need[1]:
-                return turn, dropped
-            history, message = _drop_oldest_turn(history, message)
-            dropped += 1
+        overflow = on_overflow or self.on_overflow
+        return fitting.fit(
+            self._backend, system, history, message, turn_of=turn_of, overflow=overflow
+        )
 
-    # -- keeping conversations ------------------------------------------------------
+    # -- describing and keeping (saving.py does the work) -------------------------------
 
     @property
     def config(self) -> dict[str, Any]:
-        """This chat as JSON data: its engine with that engine's settings (catalogue
-        models and the demo by name), the default options and the chat's own settings;
-        not the conversation (``save`` keeps that). :meth:`from_config` makes an
-        equivalent chat from it, in this process or another."""
-        settings = self._backend.config
-        if settings is None:
-            raise InvalidRequestError(
-                f"the {self.backend} engine was built by hand and has no config to describe "
-                "it; open it by name (VisionChat(backend, model, ...)) to get one"
-            )
-        return {
-            "backend": self.backend,
-            "engine": settings.model_dump(mode="json", exclude_defaults=True),
-            "options": self.options.model_dump(mode="json", exclude_none=True),
-            "system": self.system,
-            "max_image_side": self.max_image_side,
-            "on_overflow": self.on_overflow,
-            "allow_text_only": self.allow_text_only,
-        }
+        """This chat as JSON data: its engine with that engine's settings as its plan
+        settled them (catalogue models and the demo by name, other files by absolute
+        path), the default options and the chat's own settings; not the conversation
+        (``save`` keeps that). :meth:`from_config` makes an equivalent chat from it, in
+        this process or another."""
+        return saving.describe(self)
 
     @classmethod
     def from_config(cls, data: Mapping[str, Any]) -> VisionChat:
         """A chat like the one whose :attr:`config` is ``data`` (JSON data is fine)."""
-        known = {"backend", "engine", "options", "system", "max_image_side", "on_overflow"}
-        unknown = sorted(set(data) - known - {"allow_text_only"})
-        if unknown or not isinstance(data.get("backend"), str):
-            raise InvalidRequestError(
-                "not a chat config: it needs 'backend' and may have "
-                + ", ".join(sorted(known | {"allow_text_only"}))
-                + (f" (unknown: {', '.join(unknown)})" if unknown else "")
-            )
-        engine = dict(data.get("engine") or {})
-        model = engine.pop("model", None)
-        return cls(
-            data["backend"],
-            model,
-            system=data.get("system"),
-            max_image_side=data.get("max_image_side"),
-            on_overflow=data.get("on_overflow", "error"),
-            allow_text_only=bool(data.get("allow_text_only", False)),
-            **engine,
-            **dict(data.get("options") or {}),
-        )
+        return cls(**saving.arguments(data))
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the conversation, pictures included (each once), atomically as JSON.
@@ -491,98 +601,14 @@ class VisionChat:
         The in-process engine also writes its KV state beside it (``path`` + ``.kv``),
         so :meth:`load` goes on without reading the pictures and turns again.
         """
-        from . import persist
-
-        with self._state:  # the finished turns; a turn being read is not in them yet
-            settings = self._backend.config  # the demo or a pulled pair by name, not paths
-            model = getattr(settings, "model", None)
-            mmproj = getattr(settings, "mmproj", None)
-            engine = {} if settings is None else _recorded_settings(settings)
-            history, system = list(self._history), self.system
-            target = persist.save(
-                Path(path),
-                history=history,
-                system=system,
-                options=self.options,
-                backend=self.backend,
-                model=str(model or self.model),
-                mmproj=str(mmproj) if mmproj else None,
-                engine=engine,
-            )
-        self._save_engine_state(target, history, system)
-        return target
-
-    def _save_engine_state(self, target: Path, history: list[Message], system: str | None) -> None:
-        """The engine's KV state of the conversation, beside the JSON (engines that
-        keep one); an old state file there is removed when there is nothing to write."""
-        from . import persist
-
-        kv_path = persist.state_path(target)
-        save_state = getattr(self._backend, "save_state", None)
-        if save_state is None:
-            with contextlib.suppress(OSError):
-                kv_path.unlink()
-            return
-        messages = [*([Message(role="system", content=system)] if system else []), *history]
-        try:
-            save_state(messages, kv_path)
-        except OSError as exc:
-            warnings.warn(
-                persist.ColdResumeWarning(
-                    f"the conversation was saved to {target}, but not its KV state "
-                    f"({kv_path}: {exc.strerror or exc}); loading it will read the "
-                    "conversation again"
-                ),
-                stacklevel=3,
-            )
-
-    def _load_engine_state(self, path: Path, saved_backend: str, turns: int) -> None:
-        """Restore the KV state saved beside the conversation at ``path``, if the engine
-        keeps one and it was made with this model, projector and settings, by this user;
-        else say that the next turn reads the conversation again."""
-        from . import persist
-
-        kv_path = persist.state_path(path)
-        load_state = getattr(self._backend, "load_state", None)
-        if load_state is None:
-            return  # an engine that keeps nothing (Ollama, a server): nothing to miss
-        if not kv_path.is_file():
-            if turns and _engine_name(saved_backend) == self.backend:  # save wrote one
-                warnings.warn(
-                    persist.ColdResumeWarning(
-                        f"there is no KV state beside {path} ({kv_path.name} is missing: "
-                        "copied without it, or saved when the engine held none); the "
-                        "first follow-up reads the conversation's pictures and turns "
-                        "again, which on a CPU takes as long as their first reading"
-                    ),
-                    stacklevel=3,
-                )
-            return
-        if not load_state(kv_path):
-            warnings.warn(
-                persist.ColdResumeWarning(
-                    f"the KV state saved with {path} ({kv_path.name}) was made with another "
-                    "model, projector or engine settings, is damaged, or was not written "
-                    "with this user's key (a copy from another user or machine); the "
-                    "conversation is read again on the next turn"
-                ),
-                stacklevel=3,
-            )
+        return saving.save(self, path)
 
     def restore(self, path: str | os.PathLike[str]) -> None:
         """Replace this chat's conversation with a saved one; the engine stays.
 
         The file is read and checked whole first: a damaged file changes nothing.
         """
-        from . import persist
-
-        saved = persist.load(Path(path))
-        with self._exclusive("restore a conversation"):
-            with self._state:
-                self._history = _fitted(saved.history(), self.max_image_side)
-                self.system = saved.system
-                self.last_reply = None
-            self._load_engine_state(Path(path).expanduser(), saved.backend, len(saved.messages))
+        saving.restore(self, path)
 
     @classmethod
     def load(
@@ -611,28 +637,9 @@ class VisionChat:
         both and nothing is contacted. ``use_saved_address=True`` takes the file's
         address: only for a file you trust, since its conversation and your key go there.
         """
-        from . import persist
-
-        source = Path(path).expanduser()
-        saved = persist.load(source)  # before any model is loaded
-        options = {**saved.options.model_dump(exclude_none=True), **kwargs}
-        options.setdefault("system", saved.system)
-        if backend is None or _engine_name(backend) == _engine_name(saved.backend):
-            given = {k: v for k, v in kwargs.items() if v is not None}
-            settings = persist.engine_settings(
-                saved, source, given, use_saved_address=use_saved_address
-            )
-            options.update(settings)
-            if saved.mmproj and model is None:
-                options.setdefault("mmproj", saved.mmproj)
-        chat = cls(backend or saved.backend, model or saved.model, **options)
-        chat._history = _fitted(saved.history(), chat.max_image_side)
-        try:
-            chat._load_engine_state(source, saved.backend, len(saved.messages))
-        except BaseException:
-            chat.close()
-            raise
-        return chat
+        return saving.load(
+            cls, path, backend, model, use_saved_address=use_saved_address, kwargs=kwargs
+        )
 
     # -- lifetime ----------------------------------------------------------------
 
@@ -670,35 +677,16 @@ class VisionChat:
         )
 
 
-def _engine_name(name: str) -> str | None:
-    """The registered engine a name or alias means (None: no such engine)."""
+def _plan_of(engine: Backend) -> EnginePlan | None:
+    """The plan of an engine opened elsewhere, from its own config (None: it has none,
+    or no registered engine takes it)."""
+    if engine.config is None:
+        return None
     try:
-        return registry.get(name).name
+        spec = registry.engine_of(engine.config)
     except InvalidRequestError:
         return None
-
-
-def _recorded_settings(settings: EngineConfig) -> dict[str, Any]:
-    """What :meth:`VisionChat.save` records of an engine's settings: those a load uses
-    again, and the address of a server (which a load only compares)."""
-    spec = registry.engine_of(settings)
-    keep = settings.conversation_names() | ({spec.address} if spec.address else set())
-    recorded = settings.model_dump(mode="json", exclude_defaults=True, include=set(keep))
-    return {k: v for k, v in recorded.items() if v is not None}
-
-
-def _fitted(history: list[Message], max_side: int) -> list[Message]:
-    """A loaded conversation's pictures as this chat would have prepared them: one larger
-    than its engine takes is shrunk, as any picture is, before an engine decodes it at
-    full size. A conversation saved by a chat like this one comes back unchanged."""
-    fitted = []
-    for message in history:
-        if any(max(image.width, image.height) > max_side for image in message.images):
-            images = tuple(_images.prepare(image, max_side=max_side) for image in message.images)
-            fitted.append(message.model_copy(update={"images": images}))
-        else:
-            fitted.append(message)
-    return fitted
+    return EnginePlan(spec, engine.config)
 
 
 def _picture_list(images: Any) -> list[_images.ImageSource]:
@@ -725,23 +713,6 @@ def _picture_list(images: Any) -> list[_images.ImageSource]:
         ) from None
 
 
-def _drop_oldest_turn(history: list[Message], message: Message) -> tuple[list[Message], Message]:
-    """History without its oldest question and answer.
-
-    Pictures of the dropped question travel to the oldest remaining question when no
-    later message brings pictures of its own: the conversation is still about them.
-    """
-    dropped, rest = history[:2], history[2:]
-    pictures = tuple(p for m in dropped for p in m.images)
-    if not pictures or any(m.images for m in [*rest, message]):
-        return rest, message
-    for i, m in enumerate(rest):
-        if m.role == "user":
-            rest[i] = m.model_copy(update={"images": pictures})
-            return rest, message
-    return rest, message.model_copy(update={"images": pictures})
-
-
 @dataclass(frozen=True)
 class _Request:
     """A checked question whose pictures are not prepared yet (see ``VisionChat._open``)."""
@@ -752,194 +723,13 @@ class _Request:
     schema: structured.Schema | None
     json_schema: dict[str, Any] | None
     control: TurnControl
+    tool: Tool | None = None
+    attached: tuple[Attachment, ...] = ()
 
 
-class ReplyStream(Iterator[str]):
-    """The answer as it is written: iterate for text pieces, then read :attr:`reply`.
+@dataclass(frozen=True)
+class Forced:
+    """A tool a question forces, and the schema its arguments are checked against."""
 
-    The stream owns its turn: from its first piece to its end it holds the chat, drives
-    the engine and builds the reply; the chat only keeps the finished turn. Use it as a
-    context manager (or iterate to the end) so that an abandoned stream stops the
-    engine; a stream closed early does not enter the history.
-    """
-
-    def __init__(
-        self,
-        chat: VisionChat,
-        message: Message,
-        options: Options,
-        schema: structured.Schema | None,
-        json_schema: dict[str, Any] | None,
-        *,
-        control: TurnControl | None = None,
-        earlier: tuple[Message, ...] | None = None,
-    ) -> None:
-        self.message = message
-        # A conversation given whole (VisionChat.answer): used instead of the history,
-        # and the turn is not kept.
-        self._earlier = earlier
-        #: The turn's stop flag and status (see :mod:`llava_local.control`).
-        self.control = control or TurnControl(chat.on_status)
-        self._chat = chat
-        self._options = options
-        self._schema = schema
-        self._json_schema = json_schema
-        self._stage: Literal["new", "running", "over"] = "new"
-        self._engine: Generator[str | Finish, None, None] | None = None
-        self._dropped = 0
-        self._pieces: list[str] = []
-        self._finish: Finish | None = None
-        self._reply: Reply | None = None
-        self._busy = threading.Lock()  # held by the thread reading the next piece
-        self._reader: threading.Thread | None = None
-
-    @property
-    def images(self) -> tuple[PreparedImage, ...]:
-        """The pictures of this turn, as prepared and sent."""
-        return self.message.images
-
-    @property
-    def reply(self) -> Reply:
-        """The finished reply; only after the iteration has ended."""
-        if self._reply is None:
-            raise InvalidRequestError("the reply is ready only after the stream has been read")
-        return self._reply
-
-    def __iter__(self) -> ReplyStream:
-        return self
-
-    def __next__(self) -> str:
-        with self._busy:
-            self._reader = threading.current_thread()
-            try:
-                return self._next_piece()
-            finally:
-                self._reader = None
-
-    def _next_piece(self) -> str:
-        if self._stage == "new":
-            self._begin()
-        if self._stage != "running":
-            raise StopIteration
-        assert self._engine is not None
-        try:
-            for item in self._engine:
-                self.control.check()  # cancel() lands here too, with engines that never poll
-                if isinstance(item, Finish):
-                    self._finish = item
-                elif item:
-                    # Said here, for every engine: the ones that report no phases too.
-                    self.control.report(STATUS_ANSWERING)
-                    self._pieces.append(item)
-                    return item
-            self._keep()
-        except BaseException as exc:  # Ctrl-C, cancel, errors: the turn is not kept
-            self._end()
-            if isinstance(exc, Exception) and not isinstance(exc, LlavaLocalError):
-                # an engine bug must still surface as our error
-                raise BackendError(f"the {self._chat.backend} engine failed: {exc!r}") from exc
-            raise
-        raise StopIteration
-
-    def _begin(self) -> None:
-        chat = self._chat
-        chat._begin_turn(self)
-        self._stage = "running"
-        try:
-            self.control.check()  # cancelled before it started
-            turn, self._dropped = chat._fit(
-                self.message, self._options, self._json_schema, self.control, self._earlier
-            )
-            self._engine = chat._backend.generate(turn)
-        except BaseException:
-            self._end()
-            raise
-
-    def _keep(self) -> None:
-        """The engine has finished: build the reply, have the chat keep the turn."""
-        chat = self._chat
-        if self._finish is None:
-            raise BackendError(f"the {chat.backend} engine ended the answer without finishing")
-        stats = self._finish.stats
-        stats.dropped_turns = self._dropped
-        text = "".join(self._pieces)
-        parsed = self._parsed(text, self._finish.done_reason)
-        reply = Reply(
-            text=text,
-            model=chat.model,
-            backend=chat.backend,
-            done_reason=self._finish.done_reason,
-            stats=stats,
-            parsed=parsed,
-        )
-        if self._earlier is None:
-            chat._keep_turn(self.message, reply)
-        self._reply = reply
-        self._end()
-
-    def _parsed(self, text: str, done_reason: str | None) -> Any:
-        """The answer checked against the schema. An answer cut by ``max_tokens``
-        (``done_reason == "length"``) is not a schema violation: when its JSON is
-        unfinished, ``parsed`` is None and the reply keeps the text as written, as
-        OpenAI's API answers ``finish_reason: "length"``."""
-        if self._schema is None:
-            return None
-        try:
-            return structured.parse(text, self._schema)
-        except SchemaError:
-            if done_reason == "length":
-                return None
-            raise
-
-    def _end(self) -> None:
-        """Stop the engine and let go of the chat; the turn is over (once)."""
-        if self._stage != "running":
-            self._stage = "over"
-            return
-        self._stage = "over"
-        engine, self._engine = self._engine, None
-        try:
-            if engine is not None:
-                engine.close()
-        finally:
-            self._chat._end_turn()
-
-    @property
-    def status(self) -> str:
-        """What the turn is doing now: "", "preparing pictures", "encoding picture", ..."""
-        return self.control.status
-
-    def cancel(self) -> None:
-        """Stop the turn from any thread, even in the middle of a picture's encoding:
-        the thread reading the stream gets :class:`TurnCancelledError` within a moment,
-        and the turn is not kept. Ctrl-C in the reading thread does the same with
-        ``KeyboardInterrupt``."""
-        self.control.cancel()
-
-    def close(self) -> None:
-        """Stop the answer now; the turn is not kept. From a thread other than the one
-        reading it, this cancels the turn and waits until that thread lets go of it."""
-        if self._reader is threading.current_thread():  # from inside the turn (on_status)
-            self.control.cancel()
-            return
-        if self._reader is not None:
-            self.control.cancel()
-        with self._busy:
-            self._end()
-
-    def __del__(self) -> None:
-        # A stream dropped unfinished (a `break` out of its for loop) lets go of the chat.
-        if getattr(self, "_stage", "over") == "running":
-            with contextlib.suppress(Exception):
-                self._end()
-
-    def __enter__(self) -> ReplyStream:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+    tool: Tool
+    schema: structured.Schema

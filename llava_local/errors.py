@@ -22,9 +22,10 @@ this library::
     └── BackendError(RuntimeError)             the engine failed during a turn
         └── ResponseError                      the daemon answered with an error status
 
-A warning, issued with :mod:`warnings` and never raised by the library:
+Warnings, issued with :mod:`warnings` and never raised by the library:
 :class:`NoPictureWarning(UserWarning)`, a question asked with no picture
-anywhere in the conversation.
+anywhere in the conversation; :class:`EnginePluginWarning(UserWarning)`, an installed
+package's engine that could not be added.
 
 Low-level exceptions (httpx, ollama, json, llama_cpp) are translated where they
 happen, ``raise ... from exc``, so the cause stays visible in tracebacks.
@@ -129,6 +130,12 @@ class TurnCancelledError(LlavaLocalError, RuntimeError):
 class NoPictureWarning(LlavaLocalError, UserWarning):
     """A question was asked with no picture anywhere in the conversation: the model
     answers from the text alone, and vision models then often make a picture up."""
+
+
+class EnginePluginWarning(LlavaLocalError, UserWarning):
+    """An engine another installed package announces (entry point ``llava_local.engines``)
+    could not be added: it failed to import, is no engine, or takes a name already
+    registered. The other engines work; the message names the package."""
 
 
 class BackendUnavailableError(LlavaLocalError, ConnectionError):

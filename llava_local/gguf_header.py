@@ -2,8 +2,9 @@
 
 Why not ``gguf.GGUFReader``: it takes about a second on a 7B file, because it builds
 an array view per vocabulary entry, and it is a heavy dependency for reading a few
-keys. Checks before loading (:mod:`llava_local.backends.gguf_meta`) and the memory
-estimate (:mod:`llava_local.memory`) need only the header.
+keys. Checks before loading (:func:`check_magic` here, for the resolver too;
+:mod:`llava_local.backends.llama_cpp.gguf_meta`) and the memory estimate
+(:mod:`llava_local.memory`) need only the header.
 """
 
 from __future__ import annotations
@@ -112,6 +113,25 @@ class GgufHeader:
 
     meta: dict[str, Any]
     tensors: list[GgufTensor]
+
+
+GGUF_MAGIC = b"GGUF"
+#: How pictures begin: the files most often given as a model by mistake.
+_PICTURES = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"RIFF": "WebP"}
+
+
+def check_magic(path: Path) -> None:
+    """Raise :class:`ModelLoadError` unless ``path`` begins as a GGUF file does."""
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic == GGUF_MAGIC:
+        return
+    picture = next((kind for start, kind in _PICTURES.items() if magic.startswith(start)), None)
+    what = f"it is a {picture} picture" if picture else f"it starts with {magic!r}"
+    raise ModelLoadError(
+        f"{path} is not a GGUF file ({what}); llama.cpp needs GGUF model files, "
+        "e.g. the ones listed by `llava-local models`"
+    )
 
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q"}

@@ -1,28 +1,54 @@
 """Facts about this machine that several parts need: physical cores, CPU flags and
-model, and the memory still available (cgroup limits included). One place, so the
+model, the memory still available (cgroup limits included), and on a single-board
+computer the board, its swap and whether its CPU is throttled. One place, so the
 engine's thread count, the memory preflight, ``doctor`` and ``bench`` agree.
+
+Functions that read ``/proc`` and ``/sys`` take ``root``, the file system root, so
+tests (and ``make arm64-check``) can hand in a made-up board.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["available_bytes", "cpu_flags", "cpu_model", "physical_cores", "total_bytes"]
+from pydantic import BaseModel, ConfigDict
+
+__all__ = [
+    "Board",
+    "available_bytes",
+    "board",
+    "cpu_flags",
+    "cpu_model",
+    "physical_cores",
+    "swap_bytes",
+    "throttled",
+    "throttled_reasons",
+    "total_bytes",
+]
+
+_ROOT = Path("/")
 
 
-def physical_cores() -> int:
-    """Physical cores this process may use: llama.cpp slows down on hyper-threads."""
+def physical_cores(root: Path = _ROOT) -> int:
+    """Physical cores this process may use, and of a big.LITTLE CPU only the big ones:
+    llama.cpp slows down on hyper-threads, and a token waits for its slowest thread."""
     try:
-        allowed = len(os.sched_getaffinity(0))
+        allowed = sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        allowed = os.cpu_count() or 1
+        allowed = list(range(os.cpu_count() or 1))
+    big = _big_cpus(root, allowed)
+    if big:
+        return len(big)
     cores: set[tuple[str, str]] = set()
     try:
         physical = core = ""
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in (root / "proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             key, value = key.strip(), value.strip()
             if key == "physical id":
@@ -32,14 +58,31 @@ def physical_cores() -> int:
                 cores.add((physical, core))
     except OSError:
         pass
-    return max(1, min(allowed, len(cores) or allowed))
+    return max(1, min(len(allowed), len(cores) or len(allowed)))
 
 
-def cpu_flags() -> frozenset[str]:
+def _big_cpus(root: Path, allowed: list[int]) -> list[int]:
+    """The allowed CPUs of the highest ``cpu_capacity`` (ARM's sysfs), when CPUs differ
+    in it (big.LITTLE: an RK3588's four Cortex-A76 beside four A55); else empty."""
+    capacity = {}
+    for cpu in allowed:
+        try:
+            capacity[cpu] = int(
+                (root / f"sys/devices/system/cpu/cpu{cpu}/cpu_capacity").read_text()
+            )
+        except (OSError, ValueError):
+            return []
+    if len(set(capacity.values())) < 2:
+        return []
+    top = max(capacity.values())
+    return [cpu for cpu, value in capacity.items() if value == top]
+
+
+def cpu_flags(root: Path = _ROOT) -> frozenset[str]:
     """The CPU's feature flags as ``/proc/cpuinfo`` lists them (x86 ``flags``, ARM
     ``Features``); empty where there is no such file."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in (root / "proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
                 return frozenset(line.partition(":")[2].split())
     except OSError:
@@ -47,10 +90,10 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def cpu_model() -> str:
+def cpu_model(root: Path = _ROOT) -> str:
     """The CPU's name, for benchmark reports."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in (root / "proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             if key.strip() in ("model name", "Model", "Hardware") and value.strip():
                 return value.strip()
@@ -59,8 +102,103 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def total_bytes() -> int | None:
+# --------------------------------------------------------------------- the board
+
+
+class Board(BaseModel):
+    """A single-board computer, as its device tree names it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str
+    #: ``pi4`` or ``pi5`` for the Raspberry Pis :mod:`llava_local.devices` knows.
+    device: str | None = None
+
+
+# The device-tree names of the Raspberry Pis built on the Pi 4's and the Pi 5's chips.
+_PI4 = re.compile(r"^Raspberry Pi (4 Model|400|Compute Module 4)")
+_PI5 = re.compile(r"^Raspberry Pi (5 Model|500|Compute Module 5)")
+
+
+def board(root: Path = _ROOT) -> Board | None:
+    """The board the device tree names (``/proc/device-tree/model``), or None on a
+    machine without one (a PC)."""
+    for place in ("proc/device-tree/model", "sys/firmware/devicetree/base/model"):
+        try:
+            model = (root / place).read_bytes().replace(b"\0", b"").decode(errors="replace")
+        except OSError:
+            continue
+        if model.strip():
+            model = model.strip()
+            device = "pi4" if _PI4.match(model) else "pi5" if _PI5.match(model) else None
+            return Board(model=model, device=device)
+    return None
+
+
+def swap_bytes(root: Path = _ROOT) -> tuple[int, int] | None:
+    """Swap space: (total, free) in bytes from ``/proc/meminfo``, or None."""
+    found = _meminfo(root)
+    if "SwapTotal" not in found or "SwapFree" not in found:
+        return None
+    return found["SwapTotal"], found["SwapFree"]
+
+
+def _meminfo(root: Path) -> dict[str, int]:
+    """``/proc/meminfo``'s sizes, in bytes."""
+    found = {}
+    try:
+        for line in (root / "proc/meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            words = rest.split()
+            if words and words[0].isdigit():
+                found[key] = int(words[0]) * (1024 if words[1:] == ["kB"] else 1)
+    except OSError:
+        return {}
+    return found
+
+
+#: The bits of a Raspberry Pi's ``get_throttled`` word (the firmware's documentation).
+THROTTLE_BITS = {
+    0: "under-voltage",
+    1: "ARM frequency capped",
+    2: "throttled",
+    3: "soft temperature limit",
+}
+
+
+def throttled(root: Path = _ROOT, *, vcgencmd: bool = True) -> int | None:
+    """A Raspberry Pi's ``get_throttled`` word: from the firmware's sysfs file, else from
+    ``vcgencmd get_throttled`` (only on the real root); None where neither answers."""
+    for path in sorted((root / "sys/devices/platform").glob("soc*/soc*:firmware/get_throttled")):
+        try:
+            return int(path.read_text().strip(), 16)
+        except (OSError, ValueError):
+            continue
+    command = shutil.which("vcgencmd") if vcgencmd and root == _ROOT else None
+    if command is None:
+        return None
+    try:
+        done = subprocess.run(
+            [command, "get_throttled"], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found = re.search(r"throttled=(0x[0-9a-fA-F]+)", done.stdout)
+    return int(found[1], 16) if found else None
+
+
+def throttled_reasons(word: int) -> tuple[list[str], list[str]]:
+    """What ``word`` says: the conditions now (bits 0-3), and those since boot (16-19)."""
+    now = [name for bit, name in THROTTLE_BITS.items() if word & (1 << bit)]
+    since = [name for bit, name in THROTTLE_BITS.items() if word & (1 << (bit + 16))]
+    return now, since
+
+
+def total_bytes(root: Path = _ROOT) -> int | None:
     """Physical memory, in bytes, or None where the system does not say."""
+    total = _meminfo(root).get("MemTotal")
+    if total is not None or root != _ROOT:
+        return total
     try:
         return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):

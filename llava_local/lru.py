@@ -1,8 +1,8 @@
 """One least-recently-used map bounded by the bytes of its values, shared by every cache.
 
 Prepared pictures (:class:`~llava_local.images.ImageCache`), projected picture
-embeddings (:class:`~llava_local.backends.embedding_cache.EmbeddingCache`) and KV
-states kept in memory (:mod:`llava_local.backends.kv_cache`) all hold values whose
+embeddings (:class:`~llava_local.backends.llama_cpp.embedding_cache.EmbeddingCache`) and KV
+states kept in memory (:mod:`llava_local.backends.llama_cpp.kv_cache`) all hold values whose
 size varies by orders of magnitude, so each is bounded by total bytes, not by count.
 ``cachetools.LRUCache`` with ``getsizeof`` does the bookkeeping; this adds a lock
 (threads share an engine and the picture cache) and skips values larger than the

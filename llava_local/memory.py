@@ -8,7 +8,9 @@ machine (or the container's cgroup) has available.
 What llama.cpp (0.3.x, CPU) holds, and how each part is estimated here:
 
 - **weights**: the language model is memory-mapped; every page of it is read at
-  load or on the first turn, so its tensor bytes count as resident.
+  load or on the first turn, so its tensor bytes count as resident. Where this CPU
+  repacks most of them (below) the engine reads the file instead (:func:`maps_weights`),
+  so only the tensors not repacked count here.
 - **repack**: on CPUs with fast integer kernels (x86 AVX2; ARM NEON with dotprod
   or i8mm) llama.cpp copies Q4_0, IQ4_NL, Q4_K, MXFP4 (and on ARM also Q5_K,
   Q6_K, Q8_0; on AVX512 also Q2_K) matrices into an interleaved layout, an
@@ -19,11 +21,13 @@ What llama.cpp (0.3.x, CPU) holds, and how each part is estimated here:
 - **projector**: clip.cpp reads the whole mmproj file into memory.
 - **KV cache**: ``n_layer * n_ctx * (n_head_kv * head_dim_k + n_head_kv * head_dim_v)``
   f16 values, ``n_ctx`` rounded up to 256, zeroed at load (so resident).
-- **compute**: llama.cpp reserves one buffer for its worst-case graph (no flash
-  attention, as llama-cpp-python defaults). Fitted to the buffer sizes llama.cpp
-  reports, with ``u = min(n_batch, n_ctx)`` and ``k = n_ctx`` rounded to 256::
+- **compute**: llama.cpp reserves one buffer for its worst-case graph. Fitted to the
+  buffer sizes llama.cpp reports, with ``u = min(n_batch, n_ctx)`` and ``k = n_ctx``
+  rounded to 256::
 
-      attention = 4 * u * (k * (n_head + 1) + 5 * n_embd + 2 * n_head_kv * head_dim)
+      attention = 2 * u * k + 4 * u * (3 * n_ff + 4 * n_embd)   (flash attention)
+                = 4 * u * (k * (n_head + 1) + 5 * n_embd + 2 * n_head_kv * head_dim)
+                                                               (without: the KQ matrix)
       output    = 4 * u * (n_vocab + 3 * n_embd)
       compute   = max(attention, output)
 
@@ -32,7 +36,7 @@ What llama.cpp (0.3.x, CPU) holds, and how each part is estimated here:
   (``4 * (3 * S**2 + 2 * n_pos * max(n_ff, n_embd))``) and its embeddings.
 - **overhead**: libraries, threads and the tokenizer's tables, measured.
 
-Measured against peak RSS (see ``tests/test_memory.py``): the estimate is the
+Measured against peak RSS (see ``tests/core/test_memory.py``): the estimate is the
 peak over a long conversation, so one short turn measures somewhat below it.
 """
 
@@ -46,7 +50,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, computed_field
 
 from . import host
-from .errors import InsufficientMemoryError, ModelLoadError
+from .errors import InsufficientMemoryError, LlavaLocalError, ModelLoadError
 from .gguf_header import GgmlType, GgufTensor, align, read_gguf
 
 MiB = 1 << 20
@@ -58,6 +62,11 @@ GiB = 1 << 30
 OVERHEAD_FIXED = 16 * MiB
 OVERHEAD_PER_TOKEN = 512
 OVERHEAD_PER_THREAD = 1 * MiB
+
+#: Text tokens beside one picture when n_ctx is not given: the longest that fits the
+#: memory available, so a small machine (a 4 GB Raspberry Pi) loads a model with shorter
+#: conversations rather than refusing it.
+TEXT_BUDGETS = (2048, 1024, 512)
 
 # check(): what must be left free beyond the estimate, for Python, the pictures
 # being prepared and estimation error.
@@ -147,6 +156,13 @@ def repack_rule(features: frozenset[str]) -> Callable[[int, int], bool]:
     return lambda ggml_type, rows: ggml_type in need and rows % need[ggml_type] == 0
 
 
+def _packed_bytes(tensors: list[GgufTensor], features: frozenset[str] | None) -> int:
+    """Bytes of the tensors llama.cpp repacks on a CPU with ``features`` (default: this
+    one's)."""
+    rule = repack_rule(cpu_features() if features is None else features)
+    return sum(t.nbytes for t in tensors if _repacked(t, rule))
+
+
 def _repacked(tensor: GgufTensor, rule: Callable[[int, int], bool]) -> bool:
     if tensor.name in _LOOKUP_TENSORS or len(tensor.shape) < 2:
         return False
@@ -181,6 +197,8 @@ class MemoryEstimate(BaseModel):
     projector_compute_bytes: int
     overhead_bytes: int
     reclaimable_bytes: int
+    #: Whether the model file is memory-mapped (else read, its repacked matrices once).
+    mapped: bool = True
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -214,10 +232,13 @@ class MemoryEstimate(BaseModel):
             repack = (
                 f"\n  + {human(self.repack_bytes)} repacked copy of its matrices for this CPU"
                 f" (their {human(self.reclaimable_bytes)} of mapped pages can be dropped)"
+                if self.mapped
+                else f"\n  + {human(self.repack_bytes)} of its matrices, repacked for this CPU"
             )
         return (
             f"{self.model} + {self.mmproj}, n_ctx {self.n_ctx}, n_batch {self.n_batch}:\n"
-            f"  {human(self.weights_bytes)} language model weights (memory-mapped){repack}\n"
+            f"  {human(self.weights_bytes)} language model weights "
+            f"({'memory-mapped' if self.mapped else 'read from the file'}){repack}\n"
             f"  + {human(self.projector_bytes)} projector weights\n"
             f"  + {human(self.kv_bytes)} KV cache (f16, {align(self.n_ctx, 256)} positions)\n"
             f"  + {human(self.compute_bytes)} compute buffers\n"
@@ -261,19 +282,19 @@ def estimate(
     n_batch: int = 512,
     n_threads: int | None = None,
     use_mmap: bool = True,
+    flash_attn: bool = True,
     features: frozenset[str] | None = None,
 ) -> MemoryEstimate:
     """Estimate the memory llama.cpp needs for ``model`` + ``mmproj`` with these settings.
 
-    ``n_ctx`` and ``n_batch`` as given to llama.cpp; ``features`` are the CPU
-    features that decide repacking (default: :func:`cpu_features`).
+    ``n_ctx``, ``n_batch`` and ``flash_attn`` as given to llama.cpp; ``features`` are the
+    CPU features that decide repacking (default: :func:`cpu_features`).
     """
     lm, mm = read_gguf(Path(model)), read_gguf(Path(mmproj))
     arch = str(lm.meta.get("general.architecture", "llama"))
     shapes = {t.name: t.shape for t in lm.tensors}
 
-    rule = repack_rule(cpu_features() if features is None else features)
-    packed = sum(t.nbytes for t in lm.tensors if _repacked(t, rule))
+    packed = _packed_bytes(lm.tensors, features)
     weights = sum(t.nbytes for t in lm.tensors)
 
     embd = shapes.get("token_embd.weight", ())
@@ -296,6 +317,8 @@ def estimate(
         n_head=n_head,
         kv_width=max(kv_heads) * head_k,
         n_vocab=n_vocab,
+        n_ff=n_ff,
+        flash_attn=flash_attn,
     )
     threads = n_threads or os.cpu_count() or 1
     overhead = (
@@ -317,21 +340,48 @@ def estimate(
         projector_compute_bytes=projector_compute_bytes(mm.meta),
         overhead_bytes=overhead,
         reclaimable_bytes=packed if use_mmap else 0,
+        mapped=use_mmap,
     )
 
 
+def maps_weights(model: Path, features: frozenset[str] | None = None) -> bool:
+    """Whether to memory-map ``model`` (the engine's ``use_mmap=None``): yes unless this
+    CPU repacks most of its weights. A repacked matrix is copied out of the mapping, so
+    mapping it would keep the file's pages resident beside their copy (the 7B twin: 9.1
+    GiB instead of 5.8 after loading); reading the file instead holds each weight once.
+    """
+    lm = read_gguf(Path(model))
+    packed = _packed_bytes(lm.tensors, features)
+    return 2 * packed <= sum(t.nbytes for t in lm.tensors)
+
+
 def llama_compute_bytes(
-    *, n_ctx: int, n_batch: int, n_embd: int, n_head: int, kv_width: int, n_vocab: int
+    *,
+    n_ctx: int,
+    n_batch: int,
+    n_embd: int,
+    n_head: int,
+    kv_width: int,
+    n_vocab: int,
+    n_ff: int = 0,
+    flash_attn: bool = True,
 ) -> int:
-    """The compute buffer llama.cpp reserves for a llama-like graph without flash attention.
+    """The compute buffer llama.cpp reserves for a llama-like graph.
 
     Fitted to the sizes llama.cpp reports (``sched_reserve: CPU compute buffer size``)
-    over n_ctx 512-8192, n_batch 32-1024 and five shapes (n_embd 64-4096, vocabularies
-    258-152k): from 0.3% below to 6% above. ``kv_width`` is ``n_head_kv * head_dim``.
+    over n_ctx 512-8192, n_batch 32-1024 and shapes from n_embd 64 to 4096 (vocabularies
+    258-152k). Without flash attention: from 0.3% below to 6% above; the KQ matrix
+    (``u * k * n_head`` floats) dominates at long contexts, 285 MiB against 70 MiB for the
+    1.1B twin at n_ctx 4096. With it: exact for the 7B twin's shape, up to 30% above for
+    narrow test models, whose feed-forward buffers llama.cpp partly reuses.
+    ``kv_width`` is ``n_head_kv * head_dim``.
     """
     k = align(n_ctx, 256)
     u = max(1, min(n_batch, n_ctx))
-    attention = 4 * u * (k * (n_head + 1) + 5 * n_embd + 2 * kv_width)  # KQ, mask, q/k/v/...
+    if flash_attn:  # the f16 mask beside the feed-forward's gate, up and product
+        attention = 2 * u * k + 4 * u * (3 * n_ff + 4 * n_embd)
+    else:
+        attention = 4 * u * (k * (n_head + 1) + 5 * n_embd + 2 * kv_width)  # KQ, mask, q/k/v
     output = 4 * u * (n_vocab + 3 * n_embd)  # logits for a full batch
     return max(attention, output)
 
@@ -356,7 +406,12 @@ def projector_compute_bytes(meta: dict[str, Any]) -> int:
 
 def margin(est: MemoryEstimate) -> int:
     """Room :func:`check` keeps free beyond the estimate."""
-    return max(MARGIN_MIN, int(est.needed_bytes * MARGIN_FRACTION))
+    return margin_bytes(est.needed_bytes)
+
+
+def margin_bytes(needed: int) -> int:
+    """Room kept free beyond ``needed`` bytes: a tenth, at least :data:`MARGIN_MIN`."""
+    return max(MARGIN_MIN, int(needed * MARGIN_FRACTION))
 
 
 def check(est: MemoryEstimate, *, force: bool = False, available: int | None = None) -> None:
@@ -381,4 +436,56 @@ def check(est: MemoryEstimate, *, force: bool = False, available: int | None = N
         "(the system may then kill the process).\n" + est.explain(),
         needed=needed,
         available=free,
+    )
+
+
+# ------------------------------------------------------------------ default context
+
+
+class ShorterContextWarning(LlavaLocalError, UserWarning):
+    """The model was loaded with a shorter context than the default, to fit the memory
+    available: a conversation longer than it gets ``ContextOverflowError``."""
+
+
+def fitting_context(
+    model: Path,
+    mmproj: Path,
+    *,
+    image_tokens: int,
+    trained: int,
+    n_batch: int = 512,
+    n_threads: int | None = None,
+    use_mmap: bool = True,
+    flash_attn: bool = True,
+    slots: int = 1,
+    available: int,
+) -> tuple[int, int]:
+    """The n_ctx for one picture and the longest of :data:`TEXT_BUDGETS` whose estimate
+    (for ``slots`` conversations at once) fits ``available`` bytes with :func:`check`'s
+    margin, never beyond the ``trained`` context, and the one wanted (the first budget).
+    The two are equal when it fits, or when none does (:func:`check` then refuses with
+    its numbers); a shorter one is announced with :func:`shorter_context`'s warning."""
+    sizes = [min(trained, image_tokens + text) for text in TEXT_BUDGETS]
+    for n_ctx in sizes:
+        est = estimate(
+            model,
+            mmproj,
+            n_ctx=n_ctx * slots,
+            n_batch=n_batch,
+            n_threads=n_threads,
+            use_mmap=use_mmap,
+            flash_attn=flash_attn,
+        )
+        if est.needed_bytes + margin(est) <= available:
+            return n_ctx, sizes[0]
+    return sizes[0], sizes[0]
+
+
+def shorter_context(model: str, n_ctx: int, wanted: int, available: int) -> ShorterContextWarning:
+    """The warning for ``model`` loaded with ``n_ctx`` instead of ``wanted`` positions,
+    because only that fits ``available`` bytes."""
+    return ShorterContextWarning(
+        f"{model} is loaded with a context of {n_ctx} tokens, not {wanted}: with {wanted} "
+        f"it would not fit the {human(available)} of memory available. A conversation "
+        f"longer than {n_ctx} tokens is refused; pass n_ctx= to choose, or free memory"
     )

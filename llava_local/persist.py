@@ -10,14 +10,21 @@ half of one. Reading checks everything before returning: a damaged, truncated,
 tampered or foreign file raises :class:`~llava_local.errors.ConversationFileError`
 and nothing is loaded, never a partial conversation.
 
-Layout (``version`` 3; version 2 had no ``engine``, version 1 no ``mmproj``)::
+Layout (``version`` 4)::
 
-    {"format": "llava-local.conversation", "version": 3, "saved_at": "...",
-     "backend": "llama_cpp", "model": "...", "mmproj": "...",
-     "engine": {"n_ctx": 4096}, "system": null, "options": {...},
+    {"format": "llava-local.conversation", "version": 4, "saved_at": "...",
+     "backend": "llama_cpp", "engine": {"model": "...", "mmproj": "...", "n_ctx": 4096},
+     "system": null, "options": {...},
      "messages": [{"role": "user", "content": "...", "images": ["<sha256>", ...]}, ...],
      "pictures": {"<sha256>": {"mime": "image/png", "width": 336, "height": 336,
                                "source": "cat.jpg", "changes": [...], "data": "<base64>"}}}
+
+``engine`` is the one description of the engine, the chat's config (``chat.config``'s
+``engine``) less what a load never takes from a file: the model's files (the engine
+config's ``model_names``), what fits its context (``conversation_names``) and a
+server's address. Versions 1 to 3 kept the model and projector beside it as
+``"model"`` and ``"mmproj"`` (version 1 had no ``mmproj``, 2 no ``engine``); they are
+read into ``engine``.
 
 A message's picture is the hash alone when its details (source, changes, ...) are
 the stored ones; when the same bytes came from another source, it is an object with
@@ -65,6 +72,7 @@ from pydantic import (
 
 from . import images
 from .backends import registry
+from .backends.spec import EngineConfig
 from .errors import (
     ConversationFileError,
     ImageError,
@@ -75,7 +83,7 @@ from .errors import (
 from .types import Message, Options, PreparedImage, Role
 
 FORMAT: Final = "llava-local.conversation"
-VERSION: Final = 3
+VERSION: Final = 4
 
 Mime = Literal["image/png", "image/jpeg"]
 _HEX = frozenset("0123456789abcdef")
@@ -165,15 +173,35 @@ class SavedConversation(BaseModel):
     version: int = VERSION
     saved_at: datetime
     backend: str
-    model: str
-    mmproj: str | None = None  # the llama.cpp projector the conversation used
-    #: The engine's other settings that differ from its defaults (a server's address,
-    #: n_ctx, ...), as its config records them; never a key or a live object.
+    #: The engine's settings that a load uses (the model's files, n_ctx, ...) and a
+    #: server's address, as its config records them; never a key or a live object.
     engine: dict[str, Any] = Field(default_factory=dict)
     system: str | None = None
     options: Options = Field(default_factory=Options)
     messages: list[SavedMessage] = Field(default_factory=list)
     pictures: dict[str, SavedPicture] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_into_engine(cls, data: Any) -> Any:
+        """Versions 1 to 3 kept the model and projector beside ``engine``."""
+        if not isinstance(data, dict) or not ({"model", "mmproj"} & set(data)):
+            return data
+        version = data.get("version", VERSION)
+        if isinstance(version, int) and version >= 4:
+            return data  # refused as an unknown field, as any other
+        rest = {k: v for k, v in data.items() if k not in ("model", "mmproj")}
+        engine = dict(rest.get("engine") or {})
+        for name in ("model", "mmproj"):
+            if data.get(name) is not None:
+                engine.setdefault(name, data[name])
+        return {**rest, "engine": engine}
+
+    @property
+    def model(self) -> str | None:
+        """The model the conversation used, as its engine's config named it."""
+        model = self.engine.get("model")
+        return model if isinstance(model, str) else None
 
     @field_validator("version")
     @classmethod
@@ -238,8 +266,6 @@ def to_document(
     system: str | None,
     options: Options,
     backend: str,
-    model: str,
-    mmproj: str | None = None,
     engine: dict[str, Any] | None = None,
     saved_at: datetime | None = None,
 ) -> SavedConversation:
@@ -267,8 +293,6 @@ def to_document(
     return SavedConversation(
         saved_at=saved_at or datetime.now(timezone.utc),
         backend=backend,
-        model=model,
-        mmproj=mmproj,
         engine=engine or {},
         system=system,
         options=options,
@@ -284,11 +308,10 @@ def save(
     system: str | None,
     options: Options,
     backend: str,
-    model: str,
-    mmproj: str | None = None,
     engine: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the conversation to ``path`` atomically and return the path.
+    """Write the conversation to ``path`` atomically and return the path. ``engine`` is
+    the engine's settings a load uses (:func:`recorded`), the model among them.
 
     An existing file is replaced only once the new one is complete on disk. Missing
     folders are created, as ``caption --out`` does. A file system error (no
@@ -301,8 +324,6 @@ def save(
         system=system,
         options=options,
         backend=backend,
-        model=model,
-        mmproj=mmproj,
         engine=engine,
     )
     data = document.model_dump(mode="json")
@@ -436,6 +457,20 @@ def load(path: str | os.PathLike[str]) -> SavedConversation:
     return saved
 
 
+def recorded(config: EngineConfig, model: str | None = None) -> dict[str, Any]:
+    """What a saved file records of an engine's settings (its ``engine``): those a load
+    uses again (the model's files, what fits the context) and a server's address, which
+    a load only compares. ``model`` names the model when the config left it to the
+    engine (an OpenAI-compatible server's only model)."""
+    spec = registry.engine_of(config)
+    names = config.model_names() | config.conversation_names()
+    keep = names | ({spec.address} if spec.address else set())
+    settings = config.model_dump(mode="json", exclude_defaults=True, include=set(keep))
+    settings = {k: v for k, v in settings.items() if v is not None}
+    named = config.model if config.model is not None else model
+    return {**({"model": named} if named is not None else {}), **settings}
+
+
 def engine_settings(
     saved: SavedConversation,
     path: Path,
@@ -444,8 +479,9 @@ def engine_settings(
     use_saved_address: bool = False,
 ) -> dict[str, Any]:
     """The engine settings a conversation loaded from ``path`` takes from its file, for
-    its own engine: what decides which model answers and what fits its context (the
-    engine config's :meth:`~llava_local.backends.registry.EngineConfig.conversation_names`).
+    its own engine: the model's files, unless ``given`` names a model (the engine
+    config's :meth:`~llava_local.backends.spec.EngineConfig.model_names`), and what
+    fits its context (its ``conversation_names``).
 
     A remote engine's address is the caller's: ``given`` (``host=``, ``base_url=``),
     else the environment or the engine's default. The file's address is used only when
@@ -457,6 +493,8 @@ def engine_settings(
     except InvalidRequestError:
         return {}  # not an engine this install knows: nothing of its settings applies
     allowed = spec.config.conversation_names()
+    if given.get("model") is None:
+        allowed |= spec.config.model_names()
     settings = {k: v for k, v in saved.engine.items() if k in allowed and k not in given}
     address = spec.address
     if address is None or address in given or not isinstance(saved.engine.get(address), str):

@@ -13,8 +13,16 @@ from typing import Any
 from . import catalog
 from .catalog import CatalogEntry
 from .errors import InvalidRequestError, MissingDependencyError, ModelNotFoundError
+from .gguf_header import check_magic
 
-__all__ = ["find_mmproj", "hf_cache_dir", "huggingface_hub", "looks_like_path", "pulled_pair"]
+__all__ = [
+    "find_mmproj",
+    "hf_cache_dir",
+    "huggingface_hub",
+    "looks_like_path",
+    "pulled_entry",
+    "pulled_pair",
+]
 
 
 def looks_like_path(model: str | None) -> bool:
@@ -60,6 +68,29 @@ def pulled_pair(
     return entry, paths[0], paths[1]
 
 
+def pulled_entry(model: Path, mmproj: Path) -> CatalogEntry | None:
+    """The catalogue model whose pulled pair ``model`` and ``mmproj`` are (files given by
+    their Hugging Face cache paths), so that a path and the name mean one model; None
+    for files outside the cache or not a catalogue pair. Reads only the cache."""
+    try:
+        cache = hf_cache_dir().resolve()
+    except MissingDependencyError:
+        return None
+    wanted = (model.resolve(), mmproj.resolve())
+    if not wanted[0].is_relative_to(cache):
+        return None
+    for entry in catalog.CATALOG:
+        if not entry.has_gguf:
+            continue
+        try:
+            pair = pulled_pair(entry.name)
+        except ModelNotFoundError:
+            continue
+        if pair is not None and (pair[1].resolve(), pair[2].resolve()) == wanted:
+            return entry
+    return None
+
+
 def find_mmproj(model: Path) -> Path:
     """The one projector file beside the model, when the caller named none."""
     if not model.is_file():  # say what is wrong first: the model itself is missing
@@ -67,8 +98,6 @@ def find_mmproj(model: Path) -> Path:
             f"no language model file at {model}; check the path, or pull a catalogue "
             "model (`llava-local models` lists them) and pass its name"
         )
-    from .backends.gguf_meta import check_magic  # engines import this module
-
     check_magic(model)  # a picture given as the model is not a missing projector
     found = sorted(model.parent.glob("*mmproj*.gguf")) if model.parent.is_dir() else []
     if len(found) == 1:

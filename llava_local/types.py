@@ -31,6 +31,9 @@ class Options(BaseModel):
     seed: int | None = None
     stop: tuple[str, ...] | None = None
     repeat_penalty: float | None = Field(default=None, gt=0.0)
+    #: Report each answer token's log-probability with this many most likely
+    #: alternatives (0: the chosen token's alone) in ``reply.logprobs``; None: none.
+    logprobs: int | None = Field(default=None, ge=0, le=20)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -107,6 +110,42 @@ class Stats(BaseModel):
         return self.completion_tokens / self.decode_s
 
 
+class Tool(BaseModel):
+    """A function the model can be made to call: its name, what it does, and the JSON
+    schema of its arguments (an object). A model not trained for tools cannot choose
+    one; a turn that forces it (``ask(..., tool=...)``, ``tool_choice`` on the HTTP
+    routes) gets its arguments written by the grammar to ``parameters``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+class ToolCall(BaseModel):
+    """A call the model wrote: the function's name and its arguments, checked against
+    its parameters (a pydantic object when the tool was a pydantic model), and as
+    written (``arguments_json``, what OpenAI's protocol sends)."""
+
+    id: str
+    name: str
+    arguments: Any = None
+    arguments_json: str = ""
+
+
+class TokenLogprob(BaseModel):
+    """One answer token and its log-probability under the model's raw distribution at
+    that step (the log-softmax of its logits, before temperature, top-k/p or a
+    grammar), with the most likely alternatives there (``top_logprobs``, most likely
+    first). ``bytes`` are the token's own bytes: a character may span two tokens."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...] = ()
+    top_logprobs: tuple[TokenLogprob, ...] = ()
+
+
 class Reply(BaseModel):
     """A finished answer. ``str(reply)`` is its text."""
 
@@ -118,6 +157,11 @@ class Reply(BaseModel):
     #: With a schema: the answer checked against it; None when it was cut by
     #: ``max_tokens`` (``done_reason == "length"``) before its JSON ended.
     parsed: Any = None
+    #: With a forced tool: the call the model wrote (its ``arguments`` are ``parsed``).
+    tool_calls: tuple[ToolCall, ...] = ()
+    #: With ``logprobs=N``: each answer token's log-probability (see
+    #: :class:`TokenLogprob`); None when not asked for or the engine cannot say.
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
     def __str__(self) -> str:
         return self.text

@@ -1,7 +1,7 @@
 """Counted nouns in messages: "1 picture", "3 pictures", never "1 pictures".
 
 Every message that says how many of something goes through :func:`count`, once,
-instead of an ``'s' if n != 1`` of its own (``tests/test_wording.py`` looks for
+instead of an ``'s' if n != 1`` of its own (``tests/core/test_wording.py`` looks for
 counts written any other way in the command line and the jobs behind it).
 """
 

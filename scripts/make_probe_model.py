@@ -13,7 +13,7 @@ are Q4_0 (``output.weight`` Q8_0, llava_local_dev.gguf_writer's rule for Q4_0 fi
 rows are not a multiple of 256). Every width is a multiple of 32, as ggml's quantized
 matrix products need, and the prompt the doctor evaluates is a batch of ~40 tokens,
 so both the batched and the single-token products run. The weights are drawn from a
-fixed seed: the file is byte-for-byte reproducible, which ``tests/test_doctor.py``
+fixed seed: the file is byte-for-byte reproducible, which ``tests/apps/test_doctor.py``
 checks against the shipped copy.
 """
 

@@ -1,4 +1,21 @@
-"""Fixtures shared by the test modules: the stand-in Ollama daemon and tiny GGUF pairs."""
+"""Fixtures shared by every test folder: the stand-in Ollama daemon, OpenAI-compatible
+servers and Hugging Face Hub, tiny GGUF pairs, and the demo model's chat.
+
+The folders mirror the package: a module's tests are in the folder of its package,
+``llava_local/X.py`` in ``tests/core/``, ``llava_local/backends/`` in ``tests/backends/``
+(``tests/backends/llama_cpp/`` for what only the llama.cpp engine does),
+``llava_local/apps/serve/`` in ``tests/apps/serve/``, and so on for ``apps/``,
+``apps/captioning/``, ``cli/`` and ``protocols/``. ``tests/dev/`` tests the development
+package (``dev/llava_local_dev``), ``tests/project/`` the repository as a whole (README,
+wheel, install script, benchmark report, the Pi boards, the first hour),
+``tests/security/`` what untrusted input must not do, and ``tests/clients/`` other
+people's client libraries against ``serve``. This folder holds only what they share:
+the stand-in servers (``ollama_server.py``, ``openai_server.py``, ``hub_server.py``),
+``serve_process.py``, ``gguf_fixtures.py``, ``paths.py`` (where the repository's files
+are), ``known.py`` and ``option_args.py``, imported with relative imports (``from
+..paths import DIGIT``). A fixture that several folders use is here; one that a
+folder's modules share is in that folder's ``conftest.py``.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +25,27 @@ from pathlib import Path
 
 import pytest
 
-from llava_local.backends import state_key
+from llava_local import VisionChat
+from llava_local.backends.llama_cpp import state_key
 
 from .gguf_fixtures import tiny_mtmd, tiny_pair, tiny_pair_q4
-from .ollama_server import closed_port, ollama_server
+from .hub_server import hub_server
+from .ollama_server import closed_port, ollama_daemon, ollama_server
+from .openai_server import llama_cpp_server, scripted_openai
 
-__all__ = ["closed_port", "ollama_server", "state_dir", "tiny_mtmd", "tiny_pair", "tiny_pair_q4"]
+__all__ = [
+    "closed_port",
+    "demo_chat",
+    "hub_server",
+    "llama_cpp_server",
+    "ollama_daemon",
+    "ollama_server",
+    "scripted_openai",
+    "state_dir",
+    "tiny_mtmd",
+    "tiny_pair",
+    "tiny_pair_q4",
+]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -28,3 +60,11 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         del os.environ[state_key.ENV]
     else:
         os.environ[state_key.ENV] = before
+
+
+@pytest.fixture(scope="module")
+def demo_chat() -> Iterator[VisionChat]:
+    """The bundled demo model's chat, greedy (temperature 0), loaded once per module that
+    asks for it; a test that needs a fresh conversation calls ``reset()``."""
+    with VisionChat.llama_cpp(temperature=0) as chat:
+        yield chat

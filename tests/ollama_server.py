@@ -854,10 +854,9 @@ def free_port() -> int:
     return port
 
 
-@pytest.fixture
-def ollama_server() -> Iterator[OllamaServer]:
-    """A running stand-in daemon with one vision model, ``llava:latest``; stopped after
-    the test, which fails if the server itself hit an unexpected error."""
+def _running_daemon() -> Iterator[OllamaServer]:
+    """A stand-in daemon with one vision model, ``llava:latest``, until it is closed;
+    then an AssertionError if the server itself hit an unexpected error."""
     server = OllamaServer()
     server.add_model("llava")
     try:
@@ -865,6 +864,19 @@ def ollama_server() -> Iterator[OllamaServer]:
     finally:
         server.stop()
     assert not server.errors, f"the stand-in daemon failed: {server.errors!r}"
+
+
+@pytest.fixture
+def ollama_server() -> Iterator[OllamaServer]:
+    """A running stand-in daemon with ``llava:latest``, the test's own."""
+    yield from _running_daemon()
+
+
+@pytest.fixture(scope="module")
+def ollama_daemon() -> Iterator[OllamaServer]:
+    """A running stand-in daemon with ``llava:latest`` shared by a module's tests, for a
+    server or page started once per module in front of it."""
+    yield from _running_daemon()
 
 
 @pytest.fixture

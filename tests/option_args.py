@@ -8,7 +8,8 @@ from typing import TypedDict
 
 
 class OptionArgs(TypedDict, total=False):
-    """The fields of ``llava_local.types.Options`` (tests/test_public_api.py keeps them equal)."""
+    """The fields of ``llava_local.types.Options`` (tests/core/test_public_api.py keeps
+    them equal)."""
 
     temperature: float
     top_p: float
@@ -17,3 +18,4 @@ class OptionArgs(TypedDict, total=False):
     seed: int
     stop: tuple[str, ...]
     repeat_penalty: float
+    logprobs: int

@@ -1,5 +1,5 @@
 """A real ``llava-local serve`` subprocess on a free port, for the tests that drive it
-(tests/test_serve.py and tests/security/): start it with any flags, wait until
+(tests/apps/serve/test_serve.py and tests/security/): start it with any flags, wait until
 ``/health`` answers, read its log, stop it with Ctrl-C."""
 
 from __future__ import annotations
@@ -17,10 +17,8 @@ from typing import Any
 import httpx
 
 from .ollama_server import free_port
+from .paths import DIGIT, ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-DIGIT = ROOT / "examples" / "digit.png"
-SHAPE = ROOT / "examples" / "shape.png"
 QUESTION = "What digit is this?"
 ANSWER = "This digit is 7."
 START_TIMEOUT_S = 120
@@ -31,6 +29,8 @@ class Server:
     url: str
     process: subprocess.Popen[bytes]
     log: Path
+    #: The --api-key it was started with, if any.
+    key: str | None = None
 
     @property
     def port(self) -> int:
@@ -40,13 +40,18 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
-def start(log: Path, *args: str, host: str = "127.0.0.1") -> Server:
+def start(
+    log: Path, *args: str, host: str = "127.0.0.1", env: dict[str, str] | None = None
+) -> Server:
     """``llava-local serve --port P ARGS`` with its output in ``log``, once it answers
-    ``/health`` on ``host`` (an AssertionError with the log if it exits or never does)."""
+    ``/health`` on ``host`` (an AssertionError with the log if it exits or never does);
+    ``env``: the process's environment (default: this one's)."""
     port = free_port()
     command = [sys.executable, "-m", "llava_local.cli", "serve", "--port", str(port), *args]
     with log.open("wb") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT)
+        process = subprocess.Popen(
+            command, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT, env=env
+        )
     url = f"http://{host}:{port}"
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -54,7 +59,8 @@ def start(log: Path, *args: str, host: str = "127.0.0.1") -> Server:
             raise AssertionError(f"the server exited: {log.read_text(errors='replace')}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return Server(url, process, log)
+                key = args[args.index("--api-key") + 1] if "--api-key" in args else None
+                return Server(url, process, log, key)
         time.sleep(0.2)
     process.kill()
     process.wait()

@@ -6,7 +6,7 @@ Run from the repository root (needs torch and scikit-learn, see training/README.
 
 It renders its own data (sklearn digits 0-1399 and Pillow shapes), trains a LLaVA-1.5
 architecture model from scratch on the CPU, checks the PyTorch graph against the numpy
-reference (``llava_local_dev.reference``, which tests/test_demo_parity.py checks against
+reference (``llava_local_dev.reference``, which tests/core/test_demo_parity.py checks against
 llama.cpp) on the exported files, and writes ``demo-lm.gguf``, ``demo-mmproj.gguf`` and
 ``demo.json``. Then run
 ``python -m training.evaluate_demo --write`` to measure it through llama.cpp.

@@ -6,7 +6,7 @@ model costs) and the demo-model trainer (who exports trained PyTorch weights thr
 :func:`write_language_model` and :func:`write_projector`). Every fact below was checked
 against the llama.cpp vendored by llama-cpp-python 0.3.36 (``src/models/llama.cpp``,
 ``tools/mtmd/clip.cpp``, ``tools/mtmd/models/llava.cpp``, ``tools/mtmd/mtmd-image.cpp``)
-and, where marked *tested*, against that build's numbers in ``tests/test_gguf_writer.py``.
+and, where marked *tested*, against that build's numbers in ``tests/dev/test_gguf_writer.py``.
 
 Part of the development package (``pip install -e ./dev``): it needs the ``gguf`` package,
 which the installed library never imports.
@@ -553,6 +553,10 @@ def _write(path: Path, writer: gguf.GGUFWriter, plan: Sequence[_Planned]) -> Pat
 # ------------------------------------------------------------------ language model
 
 
+#: The ``general.sampling.*`` keys ``write_language_model`` writes (llama.cpp reads them).
+SAMPLING_KEYS = ("temp", "top_k", "top_p", "min_p", "penalty_repeat")
+
+
 def write_language_model(
     path: str | os.PathLike[str],
     cfg: TextConfig,
@@ -567,9 +571,9 @@ def write_language_model(
 ) -> Path:
     """Write a llama-architecture GGUF; see the module docstring for names and layout.
 
-    ``sampling`` declares the model's recommended sampling as ``general.sampling.*``
-    keys (``{"temp": 0.0}``; names as gguf's ``add_sampling_*`` writers: temp, top_k,
-    top_p, min_p, ...), which llama.cpp's tools read as their defaults.
+    ``sampling`` writes the model's recommended sampling as llama.cpp's
+    ``general.sampling.<key>`` (``temp``, ``top_k``, ``top_p``, ``min_p``,
+    ``penalty_repeat``; ``top_k`` as an integer, the rest as float32).
 
     ``dtype`` applies to 2-D tensors; 1-D norms stay float32 (llama.cpp's own rule).
     ``q8_0``/``q4_0`` quantize given weights with ``gguf.quants`` (rows must be multiples
@@ -626,10 +630,12 @@ def write_language_model(
     if chat_template:
         w.add_string("tokenizer.chat_template", chat_template)
     for key, value in (sampling or {}).items():
-        add = getattr(w, f"add_sampling_{key}", None)
-        if add is None:
-            raise ValueError(f"gguf has no writer for general.sampling.{key}")
-        add(int(value) if key in ("top_k", "mirostat", "penalty_last_n") else float(value))
+        if key not in SAMPLING_KEYS:
+            raise ValueError(f"general.sampling.{key} is not one of {', '.join(SAMPLING_KEYS)}")
+        if key == "top_k":
+            w.add_int32(f"general.sampling.{key}", int(value))
+        else:
+            w.add_float32(f"general.sampling.{key}", float(value))
     return _write(Path(path), w, plan)
 
 

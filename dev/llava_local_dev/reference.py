@@ -4,7 +4,7 @@
 (with the ``gguf`` package's GGUFReader, no torch); :func:`image_embeddings` is the
 vision graph (:func:`llava_local_dev.gguf_writer.reference_image_embeddings`) and
 :func:`lm_logits` the llama graph with adjacent-pair RoPE, as this llama.cpp build runs
-them. ``tests/test_demo_parity.py`` compares them with llama.cpp on the shipped demo
+them. ``tests/core/test_demo_parity.py`` compares them with llama.cpp on the shipped demo
 pair; ``training/train_demo.py`` compares PyTorch with them when it exports.
 """
 

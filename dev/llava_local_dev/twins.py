@@ -1,6 +1,6 @@
 """Copies of benchmark twins whose answers tokenize as a trained model's do.
 
-``benchmarks/followup.py`` measures the KV cache on these copies; ``tests/test_bench_twins.py``
+``benchmarks/followup.py`` measures the KV cache on these copies; ``tests/dev/test_bench_twins.py``
 checks them with llama.cpp's own tokenizer.
 """
 

@@ -16,6 +16,7 @@ the model file missing from a broken install) does the check fall back to readin
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -28,11 +29,20 @@ from typing import Literal
 from pydantic import BaseModel
 
 from .. import catalog, host
+from ..demo import DEMO_NAME
 from ..errors import LlavaLocalError
+from ..memory import human
 from ..wording import count
 from . import models
 
-__all__ = ["Check", "doctor", "llama_cpp_build", "safe_cmake_args"]
+__all__ = [
+    "Check",
+    "board_checks",
+    "budget_check",
+    "doctor",
+    "llama_cpp_build",
+    "safe_cmake_args",
+]
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -72,9 +82,13 @@ def doctor(
     cache_dir: str | os.PathLike[str] | None = None,
     probe: bool = True,
     timeout: float = 1.0,
+    root: Path = Path("/"),
 ) -> list[Check]:
-    """Check the engines, the models, and the machine; see the module docstring."""
+    """Check the engines, the models, and the machine; see the module docstring.
+    ``root`` is where ``/proc`` and ``/sys`` are read for the board (tests pass a
+    made-up one)."""
     checks: list[Check] = []
+    checks += _guarded("board", lambda: board_checks(root))
     status, ollama = models.ollama_models(host, timeout=timeout)
     checks += _guarded("Ollama", lambda: _ollama_checks(status, ollama))
     checks += _guarded("llama.cpp", lambda: _llama_checks(probe))
@@ -82,6 +96,7 @@ def doctor(
     checks += _guarded("local models", lambda: [_local_models_check(cache_dir)])
     checks += _guarded("CPU threads", lambda: [_threads_check()])
     checks += _guarded("memory", lambda: [_memory_check()])
+    checks += _guarded("memory budget", lambda: [budget_check()])
     checks += _guarded("disk", lambda: [_disk_check(cache_dir)])
     checks.append(_ready_check(checks, ollama))
     return checks
@@ -248,11 +263,13 @@ def _probe_verdict(summary: str, done: subprocess.CompletedProcess[str]) -> Chec
     tail = " ".join((done.stderr or done.stdout).strip().splitlines()[-3:])[-300:]
     if code < 0:
         name = _signal_name(-code)
+        fix = _reinstall_fix()
         if -code == signal.SIGILL:
             cause = (
                 "illegal instruction: this build uses CPU instructions this machine lacks "
-                "(built on another machine?)"
+                "(built on another machine, such as a Pi 5's build on a Pi 4?)"
             )
+            fix = _reinstall_fix("rebuild it on this machine, for its CPU")
         else:
             cause = (
                 "the AMX trap: llama-cpp-python was built with -march=native on a CPU "
@@ -263,7 +280,7 @@ def _probe_verdict(summary: str, done: subprocess.CompletedProcess[str]) -> Chec
             name="llama.cpp build",
             status="fail",
             detail=f"{summary}; evaluating a Q4_0 model killed the process ({name}): {cause}",
-            fix=_reinstall_fix(),
+            fix=fix,
         )
     return Check(
         name="llama.cpp build",
@@ -306,10 +323,17 @@ def _system_info() -> dict[str, str]:
     return features
 
 
-def safe_cmake_args(flags: set[str] | None = None) -> str:
-    """CMAKE_ARGS for a build without ``-march=native`` and without AMX, switching on
-    what /proc/cpuinfo lists (the same rule as scripts/install-llama-cpp.sh)."""
+def safe_cmake_args(flags: set[str] | None = None, machine: str | None = None) -> str:
+    """CMAKE_ARGS for a build without ``-march=native`` that uses only what /proc/cpuinfo
+    lists (the same rule as scripts/install-llama-cpp.sh): on x86-64 its instruction sets
+    but never AMX; on aarch64 the architecture its Features name (a Pi 4: armv8-a, no
+    dotprod; a Pi 5: armv8.2-a+dotprod+fp16)."""
     flags = set(host.cpu_flags()) if flags is None else flags
+    if (machine or platform.machine()).lower() in ("aarch64", "arm64"):
+        ext = "+dotprod" if "asimddp" in flags else ""
+        ext += "+fp16" if {"asimdhp", "fphp"} <= flags else ""
+        ext += "+i8mm" if "i8mm" in flags else ""
+        return f"-DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH={'armv8.2-a' if ext else 'armv8-a'}{ext}"
     wanted = [
         ("avx", "AVX"),
         ("avx2", "AVX2"),
@@ -324,13 +348,13 @@ def safe_cmake_args(flags: set[str] | None = None) -> str:
     return " ".join(args)
 
 
-def _reinstall_fix() -> str:
+def _reinstall_fix(why: str = "rebuild without -march=native") -> str:
     try:
         version = metadata.version("llama-cpp-python")
     except metadata.PackageNotFoundError:
         version = ".".join(map(str, MIN_LLAMA_CPP))
     return (
-        "rebuild without -march=native: run scripts/install-llama-cpp.sh from the "
+        f"{why}: run scripts/install-llama-cpp.sh from the "
         f'llava-local repository, or CMAKE_ARGS="{safe_cmake_args()}" pip install '
         f"--force-reinstall --no-cache-dir llama-cpp-python=={version} "
         "(--no-cache-dir matters: pip's wheel cache ignores CMAKE_ARGS)"
@@ -406,6 +430,58 @@ def _local_models_check(cache_dir: str | os.PathLike[str] | None) -> Check:
     )
 
 
+def board_checks(root: Path = Path("/")) -> list[Check]:
+    """On a single-board computer: which board, its memory and swap, and (on a
+    Raspberry Pi) whether the CPU is throttled now or was since boot. Nothing on a PC."""
+    found = host.board(root)
+    if found is None:
+        return []
+    total, swap = host.total_bytes(root), host.swap_bytes(root)
+    memory = f"{total / 2**30:.1f} GiB of memory" if total else "memory unknown"
+    swapped = "no swap"
+    if swap and swap[0]:
+        swapped = f"swap {swap[0] / 2**30:.1f} GiB ({swap[1] / 2**30:.1f} free)"
+    detail = f"{found.model}: {memory}, {swapped}"
+    if found.device:
+        detail += f"; estimates for it: `llava-local models --device {found.device}`"
+    word = host.throttled(root)
+    if word is None:
+        if found.device is None:
+            return [Check(name="board", status="ok", detail=detail)]
+        return [
+            Check(
+                name="board",
+                status="ok",
+                detail=f"{detail}; throttling unknown (no get_throttled file, no vcgencmd)",
+            )
+        ]
+    now, since = host.throttled_reasons(word)
+    if not now and not since:
+        return [Check(name="board", status="ok", detail=f"{detail}; not throttled (0x{word:x})")]
+    said = "; ".join(
+        part
+        for part in (
+            f"now: {', '.join(now)}" if now else "",
+            f"since boot: {', '.join(since)}" if since else "",
+        )
+        if part
+    )
+    power = "under-voltage" in now + since
+    fix = (
+        "use the official power supply (5 V 3 A for a Pi 4, 5 V 5 A for a Pi 5) and a short cable"
+        if power
+        else "add a heatsink or fan: a throttled CPU answers slower"
+    )
+    return [
+        Check(
+            name="board",
+            status="warn",
+            detail=f"{detail}; the CPU is throttled (0x{word:x}) {said}",
+            fix=fix,
+        )
+    ]
+
+
 def _threads_check() -> Check:
 
     cores = host.physical_cores()
@@ -437,6 +513,65 @@ def _memory_check() -> Check:
     largest = fitting[-1]
     more = f"; too big: {', '.join(too_big)}" if too_big else ""
     return Check(name="memory", status="ok", detail=f"{detail}: models up to {largest} fit{more}")
+
+
+def budget_check(available: int | None = None) -> Check:
+    """The llama.cpp engine's memory for the model it loads by default (the
+    ``LLAVA_LOCAL_MODEL`` pair, else the demo) as ``serve`` opens it: conversations at
+    once, their context and KV cache, the memory for kept KV states, and what is left of
+    ``available`` bytes (default: this machine's now). Warns when the model does not fit,
+    when only one conversation fits at once, or when kept states get nothing."""
+    env = models.env_pair()
+    if env is not None:
+        name, files = f"{env.name} (LLAVA_LOCAL_MODEL)", (env.model_path, env.mmproj_path)
+    elif models.demo_model() is not None:
+        name, files = DEMO_NAME, (None, None)
+    else:
+        return Check(
+            name="memory budget",
+            status="warn",
+            detail="no default model to size: LLAVA_LOCAL_MODEL is unset and the demo is missing",
+            fix="set LLAVA_LOCAL_MODEL (and LLAVA_LOCAL_MMPROJ) to a GGUF pair",
+        )
+    try:
+        budget = models.llama_budget(*files, available=available)
+    except LlavaLocalError as exc:
+        return Check(
+            name="memory budget",
+            status="warn",
+            detail=f"cannot size {name} for llama.cpp: {exc}",
+            fix="point LLAVA_LOCAL_MODEL / LLAVA_LOCAL_MMPROJ at a GGUF pair",
+        )
+    detail = budget.summary(name)
+    if not budget.fits:
+        return Check(
+            name="memory budget",
+            status="warn",
+            detail=f"{detail}: it needs {human(budget.estimate.needed_bytes + budget.margin_bytes)}"
+            f" with the margin, {human(budget.available_bytes)} is available",
+            fix="close other programs, or use a smaller model or quantization (or a shorter "
+            "--n-ctx)",
+        )
+    short = budget.n_ctx < budget.n_ctx_wanted
+    if budget.parallel == 1 or budget.kept_bytes == 0 or short:
+        why = []
+        if short:
+            shortened = count(budget.n_ctx, "position")
+            why.append(f"the context is shortened to {shortened} of {budget.n_ctx_wanted}")
+        if budget.parallel == 1:
+            why.append("only one conversation fits at once: `serve` answers one at a time")
+        if budget.kept_bytes == 0:
+            why.append(
+                "kept states get nothing: a conversation that loses its slot reads its "
+                "picture again"
+            )
+        return Check(
+            name="memory budget",
+            status="warn",
+            detail=f"{detail}; {'; '.join(why)}",
+            fix="close other programs, or use a smaller model or quantization",
+        )
+    return Check(name="memory budget", status="ok", detail=detail)
 
 
 def _disk_check(cache_dir: str | os.PathLike[str] | None) -> Check:

@@ -6,7 +6,10 @@ entries in the Hugging Face cache, the pair named by ``LLAVA_LOCAL_MODEL`` /
 ``LLAVA_LOCAL_MMPROJ``, and the bundled demo. Whether a model fits compares its
 memory with what is available now: for files on disk, :mod:`llava_local.memory`'s
 estimate from their headers; for the catalogue and Ollama's tags, the rougher
-:func:`llava_local.catalog.estimate_memory` from file sizes.
+:func:`llava_local.catalog.estimate_memory` from file sizes. For each GGUF pair (and the
+demo) the report also carries the llama.cpp engine's budget as ``serve`` opens it
+(:func:`llama_budget`: conversations at once, their context and KV cache, and the
+memory for kept KV states), on this machine and, with a device, on that board.
 
 :func:`pull` fetches a model either way: an Ollama tag through the daemon's
 ``/api/pull``, or a catalogue entry's GGUF pair with ``huggingface_hub`` into its
@@ -28,10 +31,13 @@ import httpx
 import ollama
 from pydantic import BaseModel
 
-from .. import catalog, host
+from .. import catalog, devices, host
 from ..backends import registry
+from ..backends.llama_cpp.config import LlamaCppConfig, memory_budget
+from ..backends.llama_cpp.kv_budget import KVBudget
 from ..catalog import CatalogEntry, estimate_memory
 from ..demo import DEMO_NAME, demo_paths
+from ..devices import Budget, Device, DeviceName
 from ..errors import (
     BackendError,
     BackendUnavailableError,
@@ -49,21 +55,26 @@ __all__ = [
     "InstalledModel",
     "ModelsReport",
     "OllamaStatus",
+    "PairOnDevice",
     "PullResult",
     "available_memory",
     "cached_pairs",
     "demo_model",
+    "device_budgets",
     "download_gguf",
     "env_pair",
     "hf_cache_dir",
     "hub_unreachable",
     "list_models",
+    "llama_budget",
     "ollama_models",
     "ollama_version",
     "pair_memory",
+    "pairs_on_device",
     "pull",
     "pull_engines",
     "pulled_pair",
+    "this_board",
 ]
 
 Source = Literal["ollama", "hf-cache", "env", "demo"]
@@ -91,6 +102,19 @@ class InstalledModel(BaseModel):
     model_path: Path | None = None
     mmproj_path: Path | None = None
     note: str = ""
+    #: For a GGUF pair: what the llama.cpp engine holds for it on this machine, as
+    #: ``serve`` opens it (:func:`llama_budget`); None for Ollama's models, or when its
+    #: files cannot be read.
+    budget: KVBudget | None = None
+
+
+class PairOnDevice(BaseModel):
+    """A GGUF pair of this machine on a board: the llama.cpp engine's budget against
+    each of its RAM sizes (GiB -> budget), as ``serve`` would open it there."""
+
+    name: str
+    device: DeviceName
+    budgets: dict[int, KVBudget]
 
 
 class AvailableModel(BaseModel):
@@ -102,13 +126,18 @@ class AvailableModel(BaseModel):
 
 
 class ModelsReport(BaseModel):
-    """Everything ``llava-local models`` shows."""
+    """Everything ``llava-local models`` shows; with a device, each model's budget on it
+    (memory against the board's, and speeds that are estimates)."""
 
     ollama: OllamaStatus
     hf_cache: Path | None
     available_memory_bytes: int | None
     installed: list[InstalledModel]
     available: list[AvailableModel]
+    device: Device | None = None
+    budgets: list[Budget] = []
+    #: With a device: this machine's GGUF pairs (and the demo) on that board.
+    pairs_on_device: list[PairOnDevice] = []
 
 
 class PullResult(BaseModel):
@@ -127,6 +156,36 @@ class PullResult(BaseModel):
 def available_memory() -> int | None:
     """Bytes of memory available now (:func:`llava_local.host.available_bytes`)."""
     return host.available_bytes()
+
+
+def llama_budget(
+    model: Path | None,
+    mmproj: Path | None = None,
+    *,
+    available: int | None = None,
+    n_threads: int | None = None,
+) -> KVBudget:
+    """What the llama.cpp engine holds for ``model`` (a GGUF path, or None for the demo)
+    and its projector (None: the one beside it) with ``parallel="auto"``, as ``serve``
+    opens it, against ``available`` bytes (default: this machine's now). Raises
+    :class:`~llava_local.errors.ModelNotFoundError` or
+    :class:`~llava_local.errors.ModelLoadError` for files that are not such a pair."""
+    config = LlamaCppConfig(
+        model=str(model) if model is not None else None,
+        mmproj=str(mmproj) if mmproj is not None else None,
+        parallel="auto",
+        n_threads=n_threads,
+    )
+    return memory_budget(config, available=available)
+
+
+def _budget_or_none(files: tuple[Path | None, Path | None], **kwargs: Any) -> KVBudget | None:
+    """:func:`llama_budget`, or None when the files cannot be read as a pair (a listing
+    shows what it can)."""
+    try:
+        return llama_budget(*files, **kwargs)
+    except (LlavaLocalError, OSError, ValueError, KeyError, IndexError):
+        return None
 
 
 def _fits(needed: int | None, available: int | None) -> bool | None:
@@ -316,8 +375,11 @@ def list_models(
     host: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     timeout: float = 1.0,
+    device: str | None = None,
 ) -> ModelsReport:
-    """Installed models (all sources), the catalogue, and what fits in memory now."""
+    """Installed models (all sources), the catalogue, and what fits in memory now; with
+    ``device`` (``pi4``, ``pi5``), every catalogue model's budget on that board."""
+    board = devices.find_device(device) if device else None
     status, installed = ollama_models(host, timeout=timeout)
     try:
         cache: Path | None = hf_cache_dir(cache_dir)
@@ -326,7 +388,12 @@ def list_models(
         cache = None
     installed += [m for m in (env_pair(), demo_model()) if m is not None]
     available = available_memory()
-    installed = [m.model_copy(update={"fits": _fits(m.memory_bytes, available)}) for m in installed]
+    installed = [
+        m.model_copy(
+            update={"fits": _fits(m.memory_bytes, available), "budget": _budget_here(m, available)}
+        )
+        for m in installed
+    ]
     where: dict[str, list[Source]] = {}
     for model in installed:
         if model.catalog_name:
@@ -345,7 +412,74 @@ def list_models(
         available_memory_bytes=available,
         installed=installed,
         available=listing,
+        device=board,
+        budgets=device_budgets(board) if board else [],
+        pairs_on_device=pairs_on_device(installed, board) if board else [],
     )
+
+
+def _pair(model: InstalledModel) -> tuple[Path | None, Path | None] | None:
+    """The files of a local GGUF pair the engine can open (None for the demo's), or None
+    for Ollama's models and incomplete pairs."""
+    if model.source == "demo":
+        return None, None
+    if model.source == "ollama" or model.model_path is None or model.note.startswith("incomplete"):
+        return None
+    return model.model_path, model.mmproj_path
+
+
+def _budget_here(model: InstalledModel, available: int | None) -> KVBudget | None:
+    files = _pair(model)
+    return None if files is None else _budget_or_none(files, available=available)
+
+
+def pairs_on_device(installed: list[InstalledModel], device: Device) -> list[PairOnDevice]:
+    """Each local GGUF pair (and the demo) with the llama.cpp engine's budget on each of
+    ``device``'s RAM sizes (:func:`llava_local.devices.available_bytes`, four threads)."""
+    found = []
+    for model in installed:
+        files = _pair(model)
+        if files is None or model.budget is None:  # unreadable here, unreadable there
+            continue
+        budgets = {}
+        for gib in device.ram_gib:
+            room = devices.available_bytes(gib)
+            one = _budget_or_none(files, available=room, n_threads=devices.CORES)
+            if one is not None:
+                budgets[gib] = one
+        found.append(PairOnDevice(name=model.name, device=device.name, budgets=budgets))
+    return found
+
+
+def this_board() -> str | None:
+    """``pi4`` or ``pi5`` when running on such a Raspberry Pi."""
+    found = host.board()
+    return found.device if found else None
+
+
+def device_budgets(device: Device) -> list[Budget]:
+    """Every catalogue model on ``device``; the bundled demo from its files."""
+    found = []
+    for entry in catalog.CATALOG:
+        if entry.name == DEMO_NAME:
+            try:
+                lm, mm = demo_paths()
+            except ModelNotFoundError:
+                continue
+            params, flops = devices.file_facts(lm, mm, entry.image_tokens)
+            one = devices.budget(
+                entry,
+                device,
+                lm_bytes=lm.stat().st_size,
+                mmproj_bytes=mm.stat().st_size,
+                lm_params=params,
+                vision_flops=flops,
+            )
+        else:
+            one = devices.budget(entry, device)
+        if one is not None:
+            found.append(one)
+    return found
 
 
 def _entry_memory(entry: CatalogEntry, installed: list[InstalledModel]) -> int | None:

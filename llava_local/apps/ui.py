@@ -12,10 +12,12 @@ Why it is built this way:
   by the page itself, and nothing it loads comes from another host.
 * Each browser tab gets its own :class:`~llava_local.VisionChat`, opened with the first
   question (an idle tab loads no model) and closed when the tab goes away. The tabs
-  share the engine: one per distinct engine choice (engine, model and their settings),
-  loaded once and closed when the last tab using it goes (or the page stops). Two
-  tabs then cost one model's memory, and taking turns restores each conversation's
-  KV state from the engine's prefix cache instead of reading its pictures again.
+  share the engine through an engine pool (:mod:`.engines`): one per plan, so choices
+  that mean the same files (``auto`` and ``llama_cpp``, no model and ``demo``, a path
+  and a catalogue name) are one engine, loaded once and closed when the last tab using
+  it goes (or the page stops). Two tabs then cost one model's memory, and taking turns
+  restores each conversation's KV state from the engine's prefix cache instead of
+  reading its pictures again.
 * A turn runs in a thread of its own: ``VisionChat`` holds its lock for the whole
   answer, and Gradio would otherwise step the answer from a different worker thread
   each time. One answer is written at a time, across all tabs: on a CPU, two at once
@@ -26,7 +28,6 @@ This module deliberately has no ``from __future__ import annotations``: Gradio f
 """
 
 import hashlib
-import inspect
 import os
 import queue
 import signal
@@ -35,12 +36,13 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ..backends import Backend, create, engine_names, registry
-from ..chat import ReplyStream, VisionChat
+from ..backends import engine_names, registry
+from ..chat import VisionChat
 from ..errors import (
     BackendError,
     LlavaLocalError,
@@ -48,7 +50,9 @@ from ..errors import (
     NoPictureWarning,
     TurnCancelledError,
 )
-from ..types import Options, Reply
+from ..stream import ReplyStream
+from ..types import Reply
+from .engines import EnginePool, split_settings
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -90,118 +94,6 @@ def _gradio() -> ModuleType:
     return gradio
 
 
-# -- the engines, shared by the tabs -------------------------------------------------
-
-#: VisionChat arguments that belong to one conversation, not to its engine (system
-#: prompt, options, ...): tabs that differ only in these share an engine.
-_CHAT_SETTINGS = frozenset(
-    {
-        name
-        for name, param in inspect.signature(VisionChat).parameters.items()
-        if param.kind is param.KEYWORD_ONLY
-    }
-    | set(Options.model_fields)
-)
-
-
-def _split(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """VisionChat arguments as ``(the engine's, the conversation's)``; ``close_engine``
-    is the page's to decide (its engines are shared), so it is dropped."""
-    engine = {k: v for k, v in settings.items() if k not in _CHAT_SETTINGS}
-    chat = {k: v for k, v in settings.items() if k in _CHAT_SETTINGS and k != "close_engine"}
-    return engine, chat
-
-
-def _engine_key(settings: dict[str, Any]) -> tuple[tuple[str, str], ...]:
-    """What makes two choices the same engine: its arguments, unset ones left out."""
-    engine, _ = _split(settings)
-    return tuple(sorted((k, repr(v)) for k, v in engine.items() if v is not None))
-
-
-class _Shared:
-    """One open (or opening) engine and how many tabs' chats use it."""
-
-    def __init__(self) -> None:
-        self.engine: Backend | None = None
-        self.users = 0
-        self.opening = threading.Lock()  # held while the model loads
-
-    def close(self) -> None:
-        """Close the engine (after a load under way ends); safe to call twice."""
-        with self.opening:
-            engine, self.engine = self.engine, None
-        if engine is not None:
-            engine.close()
-
-
-class _Engines:
-    """The page's engines, one per distinct choice, shared by the tabs that chose it.
-
-    :meth:`chat` gives a tab a conversation of its own over the shared engine (a
-    :class:`~llava_local.VisionChat` with ``close_engine=False``), opening the engine
-    first if no tab uses it yet; :meth:`release` ends that conversation and closes the
-    engine when it was the last one. The in-process engine serves one turn at a time,
-    whichever chat asks, so chats sharing it need nothing more.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()  # the tables below; never held while a model loads
-        self._by_key: dict[tuple[tuple[str, str], ...], _Shared] = {}
-        self._of_chat: dict[VisionChat, tuple[tuple[str, str], ...]] = {}
-
-    def chat(self, settings: dict[str, Any]) -> VisionChat:
-        """A new conversation with these settings, on the engine they choose."""
-        engine_args, chat_args = _split(settings)
-        key = _engine_key(settings)
-        with self._lock:
-            shared = self._by_key.setdefault(key, _Shared())
-            shared.users += 1
-        try:
-            with shared.opening:  # a second tab waits for the first one's load
-                if shared.engine is None:
-                    backend = str(engine_args.pop("backend", None) or "auto")
-                    model = engine_args.pop("model", None)
-                    shared.engine = create(backend, model, **engine_args)
-                chat = VisionChat(shared.engine, close_engine=False, **chat_args)
-        except BaseException:
-            self._let_go(key)
-            raise
-        with self._lock:
-            self._of_chat[chat] = key
-        return chat
-
-    def release(self, chat: VisionChat) -> None:
-        """End ``chat`` (waiting for its turn); its engine closes if no other tab uses it."""
-        chat.close()
-        with self._lock:
-            key = self._of_chat.pop(chat, None)
-        if key is not None:
-            self._let_go(key)
-
-    def _let_go(self, key: tuple[tuple[str, str], ...]) -> None:
-        with self._lock:
-            shared = self._by_key.get(key)
-            if shared is None:
-                return
-            shared.users -= 1
-            if shared.users > 0:
-                return
-            del self._by_key[key]
-        shared.close()
-
-    def open_engines(self) -> list[Backend]:
-        """The engines open now, each once."""
-        with self._lock:
-            return [s.engine for s in self._by_key.values() if s.engine is not None]
-
-    def close_all(self) -> None:
-        """Close every engine (the page is stopping; its tabs' chats are closed first)."""
-        with self._lock:
-            shared, self._by_key, self._of_chat = list(self._by_key.values()), {}, {}
-        for entry in shared:
-            entry.close()
-
-
 # -- one tab's conversation ----------------------------------------------------------
 
 
@@ -213,12 +105,14 @@ class _Session:
     engine it shares with the tabs that chose the same one), and what the chat window
     shows, which changes only when a turn finishes, like the history."""
 
-    def __init__(self, engine: dict[str, Any], engines: _Engines | None = None) -> None:
+    def __init__(self, engine: dict[str, Any], engines: EnginePool | None = None) -> None:
         self.engine = dict(engine)
-        self.engines = engines or _Engines()
+        self.engines = engines or EnginePool()
         self.chat: VisionChat | None = None
         self.messages: list[_MESSAGE] = []
         self.seen_picture: str | None = None  # sha256 of the picture the model has
+        self.attached: str | None = None  # sha256 of the picture attached to the chat
+        self.reading: Future[None] | None = None  # its head start (done when read)
         self.lock = threading.Lock()  # held by the turn running now
         self.stop = threading.Event()  # asks the running turn to stop
         self.stream: ReplyStream | None = None  # the running turn, to cancel mid-encoding
@@ -229,7 +123,7 @@ class _Session:
         if self.closed:
             raise BackendError("this page's session has ended; reload the page")
         if self.chat is None:
-            self.chat = self.engines.chat(self.engine)
+            self.chat = self.engines.chat_for(self.engine)
         return self.chat
 
     def cancel_turn(self) -> None:
@@ -251,7 +145,7 @@ class _Session:
         with self.lock:
             if self.chat is not None:
                 self.chat.reset()
-            self.messages, self.seen_picture = [], None
+            self.messages, self.seen_picture, self.attached = [], None, None
 
     def switch(self, engine: dict[str, Any]) -> VisionChat:
         """Another engine or model: the old chat is closed (and its share of the engine
@@ -259,19 +153,19 @@ class _Session:
         address shows at once. The same engine again is a new conversation on it."""
         self.interrupt()
         with self.lock:
-            old = self.chat if _engine_key(engine) == _engine_key(self.engine) else None
+            chosen, _ = split_settings(engine)  # the engine the choice means, not yet open
+            old = self.chat if self.chat is not None and self.chat.plan == chosen else None
             if old is None:  # let go first: two models at once may not fit in memory
                 self._close_chat()
             self.chat, self.engine, self.messages, self.seen_picture = None, dict(engine), [], None
+            self.attached = None
             try:
                 chat = self.open()
             finally:
                 if old is not None:  # kept the engine open until the new chat had it
                     self.engines.release(old)
-            check = getattr(chat.engine, "check", None)  # Ollama: daemon, model, vision
             try:
-                if callable(check):
-                    check()
+                chat.engine.check()  # a server's engine: it answers, has the model, sees
             except LlavaLocalError:
                 self._close_chat()
                 raise
@@ -287,6 +181,23 @@ class _Session:
         chat, self.chat = self.chat, None
         if chat is not None:
             self.engines.release(chat)
+
+    def attach(self, picture: str | None) -> None:
+        """A picture just uploaded: the engine starts reading it while the question is
+        typed (:meth:`VisionChat.attach`), opening the tab's engine first if needed.
+        Skipped while a turn runs: the question then sends the picture itself."""
+        sha = _sha256(picture) if picture else None
+        if picture is None or sha is None or sha in (self.seen_picture, self.attached):
+            return
+        if not self.lock.acquire(blocking=False):
+            return
+        try:
+            self.reading = self.open().attach(picture)
+            self.attached = sha
+        except LlavaLocalError:
+            pass  # the question sends the picture and reports what is wrong with it
+        finally:
+            self.lock.release()
 
     def new_picture(self, picture: str | None) -> str | None:
         """The picture to send with the next question: None when the model has it."""
@@ -339,9 +250,16 @@ class _Session:
                 chat.on_status = lambda status: pieces.put(("status", status))
                 if image is None and not chat.has_pictures:
                     pieces.put(("note", NO_PICTURE))
+                given = image  # a picture attached on upload is in the chat already
+                if self.attached is not None:
+                    if image is not None and _sha256(image) == self.attached:
+                        given = None
+                    else:  # replaced or removed since: not for this question
+                        chat.detach()
+                        self.attached = None
                 with warnings.catch_warnings():  # said on the page instead
                     warnings.simplefilter("ignore", NoPictureWarning)
-                    stream = chat.stream(prompt, image)
+                    stream = chat.stream(prompt, given)
                 self.stream = stream
                 with stream:
                     for piece in stream:
@@ -353,6 +271,7 @@ class _Session:
                 self.messages += [*_user_messages(prompt, image), _text("assistant", reply.text)]
                 if image is not None:
                     self.seen_picture = _sha256(image)
+                    self.attached = None
             pieces.put(("done", reply))
         except TurnCancelledError:
             pieces.put(("stopped", None))
@@ -371,9 +290,10 @@ class _Session:
 class _Sessions:
     """The tabs' sessions, by Gradio's session hash, and the engines they share."""
 
-    def __init__(self, engine: dict[str, Any]) -> None:
+    def __init__(self, engine: dict[str, Any], engines: EnginePool | None = None) -> None:
         self.engine = engine
-        self.engines = _Engines()
+        self.engines = engines or EnginePool()
+        self._own_pool = engines is None  # then its engines are the page's alone
         self._by_id: dict[str, _Session] = {}
         self._lock = threading.Lock()
 
@@ -395,7 +315,8 @@ class _Sessions:
             sessions, self._by_id = list(self._by_id.values()), {}
         for session in sessions:
             session.close()
-        self.engines.close_all()  # none should be left; a tab still opening one, say
+        if self._own_pool:
+            self.engines.close_all()  # none should be left; a tab still opening one, say
 
 
 _SESSIONS: "weakref.WeakKeyDictionary[gr.Blocks, _Sessions]" = weakref.WeakKeyDictionary()
@@ -404,17 +325,25 @@ _SESSIONS: "weakref.WeakKeyDictionary[gr.Blocks, _Sessions]" = weakref.WeakKeyDi
 # -- the page -------------------------------------------------------------------------
 
 
-def build_app(backend: str = "auto", model: str | None = None, **engine: Any) -> "gr.Blocks":
+def build_app(
+    backend: str = "auto",
+    model: str | None = None,
+    *,
+    engines: EnginePool | None = None,
+    **engine: Any,
+) -> "gr.Blocks":
     """The page, not yet started: for mounting in another app or launching yourself.
 
     ``backend``, ``model`` and ``engine`` are :class:`~llava_local.VisionChat`
     arguments (``mmproj=``, ``host=``, ``n_threads=``, ``temperature=`` ...): the
     starting engine of every tab; the page can change backend, model, projector and
-    Ollama address per tab. :func:`launch` starts it with the offline settings.
+    Ollama address per tab. ``engines``: the pool its tabs open engines in (default:
+    one of its own; :func:`~.engines.shared_pool` shares them with ``serve`` in the
+    same process). :func:`launch` starts it with the offline settings.
     """
     gr: Any = _gradio()
     start = {"backend": backend, "model": model, **engine}
-    sessions = _Sessions(start)
+    sessions = _Sessions(start, engines)
     on = _handlers(gr, sessions, start)
     with gr.Blocks(title=_TITLE, analytics_enabled=False) as app:
         w = _layout(gr, start)
@@ -440,6 +369,7 @@ def build_app(backend: str = "auto", model: str | None = None, **engine: Any) ->
             cancels=[turn],
             concurrency_id="engine",
         )
+        w.picture.upload(on.picture, inputs=[w.picture], queue=False)
         app.unload(on.end)
     _SESSIONS[app] = sessions
     return app  # type: ignore[no-any-return]
@@ -451,6 +381,7 @@ class _Handlers(NamedTuple):
     stop: Callable[..., tuple[Any, ...]]
     use_engine: Callable[..., tuple[Any, ...]]
     end: Callable[..., None]
+    picture: Callable[..., None]
 
 
 def _handlers(gr: Any, sessions: _Sessions, start: dict[str, Any]) -> _Handlers:
@@ -506,7 +437,10 @@ def _handlers(gr: Any, sessions: _Sessions, start: dict[str, Any]) -> _Handlers:
     def end(request: gr.Request) -> None:
         sessions.end(request.session_hash)
 
-    return _Handlers(respond, new_conversation, stop, use_engine, end)
+    def picture(picture: str | None, request: gr.Request) -> None:
+        sessions.get(request.session_hash).attach(picture)
+
+    return _Handlers(respond, new_conversation, stop, use_engine, end, picture)
 
 
 class _Widgets(NamedTuple):

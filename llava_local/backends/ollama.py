@@ -30,6 +30,11 @@ Choices worth knowing:
 - A daemon too old to report ``capabilities`` is judged by the model's families:
   ``clip`` or ``mllama`` means vision (every vision model of that era had one). If
   it reports no families either, the model is let through.
+- ``logprobs=N`` is sent as Ollama's ``logprobs``/``top_logprobs`` and what the daemon
+  sends back becomes ``reply.logprobs`` (None from a daemon that sends none). A forced
+  tool (``ask(..., tool=...)``) is sent as its parameter schema in ``format``: Ollama
+  has no ``tool_choice``, and its ``tools`` let the model choose (or are refused for a
+  model not trained for them).
 
 The protocol's shapes and translations (option names, the answer's figures, model
 listings, names) are :mod:`llava_local.protocols.ollama`'s, which ``serve`` answers
@@ -65,10 +70,10 @@ from ..errors import (
 )
 from ..progress import DownloadProgress
 from ..protocols import ollama as wire
-from ..types import Message
+from ..types import Message, TokenLogprob
 from .base import Finish, Turn
-from .registry import Capabilities, EngineConfig, EngineSpec, register
 from .remote import DEFAULT_READ_TIMEOUT, RemoteEngine
+from .spec import Capabilities, EngineConfig, EngineSpec, setting
 
 __all__ = [
     "OllamaBackend",
@@ -293,17 +298,22 @@ class OllamaBackend(RemoteEngine):
         deadline = None if self.timeout is None else started + self.timeout
         stream, first = self._open(turn)
         first_token_s: float | None = None
+        logprobs: list[TokenLogprob] | None = None  # as the daemon sends them
         try:
             for raw in stream if first is None else itertools.chain([first], stream):
                 chunk = wire.ChatResponse.model_validate(raw, from_attributes=True)
                 piece = chunk.message.content or ""
+                if chunk.logprobs is not None:
+                    logprobs = (logprobs or []) + [t.ours() for t in chunk.logprobs]
                 if chunk.done:
                     if piece:  # a final chunk may carry text (a parser's held-back tail)
                         if first_token_s is None:
                             first_token_s = time.monotonic() - started
                         yield piece
                     stats = chunk.stats(first_token_s)
-                    yield Finish(wire.done_reason(chunk.done_reason), stats)
+                    asked = turn.options.logprobs is not None and logprobs is not None
+                    kept = tuple(logprobs or ()) if asked else None
+                    yield Finish(wire.done_reason(chunk.done_reason), stats, kept)
                     return
                 if deadline is not None and time.monotonic() > deadline:
                     raise BackendTimeoutError(
@@ -320,6 +330,8 @@ class OllamaBackend(RemoteEngine):
     def _open(self, turn: Turn) -> tuple[_Stream, ollama.ChatResponse | None]:
         """Send the request and wait for the first chunk (where connection errors surface)."""
         options = {**self._options, **wire.options_to_wire(turn.options)}
+        top = turn.options.logprobs  # sent only when asked: older ollama clients lack them
+        extra: dict[str, Any] = {} if top is None else {"logprobs": True, "top_logprobs": top}
         stream = cast(
             _Stream,
             self._client.chat(
@@ -329,6 +341,7 @@ class OllamaBackend(RemoteEngine):
                 format=turn.json_schema,
                 options=options or None,
                 keep_alive=self.keep_alive,
+                **extra,
             ),
         )
         try:
@@ -521,8 +534,12 @@ class OllamaConfig(EngineConfig):
     ``num_gpu``, ...) go into ``options`` and may also be given by name."""
 
     model: str | None = "llava"
-    host: str | None = None
-    timeout: float | None = None
+    host: str | None = setting(
+        None,
+        help="the daemon's address (default: OLLAMA_HOST or 127.0.0.1:11434)",
+        flag="--host",
+    )
+    timeout: float | None = setting(None, help="Seconds a turn may take", flag="--timeout")
     pull: bool = False
     keep_alive: str | float | None = None
     connect_timeout: float = 3.0
@@ -562,14 +579,13 @@ def open_engine(config: OllamaConfig, **runtime: Any) -> OllamaBackend:
     return OllamaBackend(config.model or "llava", **settings, **runtime, **config.options)
 
 
-register(
-    EngineSpec(
-        name="ollama",
-        config=OllamaConfig,
-        open=open_engine,
-        capabilities=Capabilities(pulls_models=True),
-        description="the Ollama daemon (ollama serve)",
-        address="host",
-        resolve_address=resolve_host,
-    )
+#: The engine as the registry lists it (:data:`..registry.BUILTINS`).
+SPEC = EngineSpec(
+    name="ollama",
+    config=OllamaConfig,
+    open=open_engine,
+    capabilities=Capabilities(pulls_models=True),
+    description="the Ollama daemon (ollama serve)",
+    address="host",
+    resolve_address=resolve_host,
 )

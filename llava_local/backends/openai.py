@@ -14,6 +14,11 @@ What this module adds to the client:
 - ``schema=`` is sent as ``response_format`` ``{"type": "json_schema", ...}``; a server
   that refuses that form (llama-cpp-python's own server knows only ``json_object`` with
   a ``schema``) is asked once more in its form, which is then kept for the engine.
+- ``logprobs=N`` is sent as ``logprobs: true, top_logprobs: N``; the tokens' entries
+  the server streams become ``reply.logprobs`` (None when it sends none).
+- A forced tool (``ask(..., tool=...)``) is sent as the one tool, named by
+  ``tool_choice``; the arguments the server streams in ``tool_calls`` are the answer's
+  text, which the core checks against the tool's parameters.
 - ``top_k`` and ``repeat_penalty``, which the protocol lacks, are sent as extra body
   fields under those names (llama-server, llamafile, llama-cpp-python and LM Studio read
   them; servers that do not know them ignore them). ``extra_body`` adds more fields to
@@ -68,9 +73,10 @@ from ..errors import (
 )
 from ..protocols import openai as wire
 from ..protocols.ollama import same_model
+from ..types import TokenLogprob
 from .base import Finish, Turn
-from .registry import Capabilities, EngineConfig, EngineSpec, register
 from .remote import DEFAULT_READ_TIMEOUT, RemoteEngine
+from .spec import Capabilities, EngineConfig, EngineSpec, setting
 
 if TYPE_CHECKING:
     from openai import Stream
@@ -137,8 +143,12 @@ class OpenAIConfig(EngineConfig):
     """Settings of the OpenAI engine. The API key is not one of them: it is handed to the
     engine as it opens (``api_key=`` or ``OPENAI_API_KEY``) and never recorded."""
 
-    base_url: str | None = None
-    timeout: float | None = pydantic.Field(default=None, gt=0)
+    base_url: str | None = setting(
+        None,
+        help="the server's address (default: OPENAI_BASE_URL; its key: OPENAI_API_KEY)",
+        flag="--host",
+    )
+    timeout: float | None = setting(None, help="Seconds a turn may take", flag="--timeout", gt=0)
     connect_timeout: float = pydantic.Field(default=3.0, gt=0)
     #: The client's retries of refused connections, timeouts, 429 and 5xx, before any piece.
     max_retries: int = pydantic.Field(default=2, ge=0)
@@ -250,11 +260,18 @@ class OpenAIBackend(RemoteEngine):
         finish: str | None = None
         usage: wire.Usage | None = None
         timings: wire.Timings | None = None
+        logprobs: list[TokenLogprob] | None = None  # as the server gives them
         try:
             for chunk in self._chunks(items, turn, deadline):
                 choice = chunk.first_choice()
+                if choice is not None and choice.logprobs is not None:
+                    logprobs = (logprobs or []) + choice.logprobs.ours()
                 if choice is not None:
                     piece = choice.delta.content
+                    if turn.tool is not None and choice.delta.tool_calls:  # its arguments
+                        piece = "".join(
+                            call.function.arguments or "" for call in choice.delta.tool_calls
+                        )
                     if piece:
                         if first_token_s is None:
                             first_token_s = time.monotonic() - started
@@ -272,7 +289,8 @@ class OpenAIBackend(RemoteEngine):
             )
         total_s = time.monotonic() - started
         stats = wire.stats(usage, timings, first_token_s=first_token_s, total_s=total_s)
-        yield Finish(wire.done_reason(finish), stats)
+        asked = turn.options.logprobs is not None and logprobs is not None
+        yield Finish(wire.done_reason(finish), stats, tuple(logprobs or ()) if asked else None)
 
     def _chunks(
         self, items: queue.SimpleQueue[Any], turn: Turn, deadline: float | None
@@ -339,7 +357,7 @@ class OpenAIBackend(RemoteEngine):
         """The request, sent through the client: the model and messages as its arguments,
         the rest as extra fields over ``extra_body`` (the turn's options win)."""
         request = wire.ChatRequest.for_turn(
-            self.model, turn.messages, turn.options, turn.json_schema, form
+            self.model, turn.messages, turn.options, turn.json_schema, form, tool=turn.tool
         ).wire()
         model, messages = request.pop("model"), request.pop("messages")
         stream: Stream[ChatCompletionChunk] = self._client.chat.completions.create(
@@ -498,17 +516,16 @@ def open_engine(config: OpenAIConfig, api_key: str | None = None) -> OpenAIBacke
     )
 
 
-register(
-    EngineSpec(
-        name="openai",
-        config=OpenAIConfig,
-        open=open_engine,
-        # Whether a follow-up reuses earlier turns is the server's affair (llama-server
-        # does, llama-cpp-python's LLaVA handler does not): not promised here.
-        capabilities=Capabilities(reuses_turns=False, pulls_models=False),
-        aliases=("openai_compatible",),
-        address="base_url",
-        resolve_address=resolve_base_url,
-        description="an OpenAI-compatible server (llamafile, llama-server, LM Studio, vLLM)",
-    )
+#: The engine as the registry lists it (:data:`..registry.BUILTINS`).
+SPEC = EngineSpec(
+    name="openai",
+    config=OpenAIConfig,
+    open=open_engine,
+    # Whether a follow-up reuses earlier turns is the server's affair (llama-server
+    # does, llama-cpp-python's LLaVA handler does not): not promised here.
+    capabilities=Capabilities(reuses_turns=False, pulls_models=False),
+    aliases=("openai_compatible",),
+    address="base_url",
+    resolve_address=resolve_base_url,
+    description="an OpenAI-compatible server (llamafile, llama-server, LM Studio, vLLM)",
 )

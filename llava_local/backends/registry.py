@@ -1,111 +1,91 @@
-"""The engines by name: each engine module registers its name, aliases, settings and
-capabilities here, and everything that lists or opens engines reads this table.
+"""The engines by name: everything that lists or opens engines reads this table.
 
-Adding an engine is one module that calls :func:`register` (an engine written outside
-the package registers the same way, with one call, and is then usable by name in
-``VisionChat``, the CLI's ``--backend`` and the web page)::
+The table is filled the first time it is read, never at import: first the package's
+own engines (:data:`BUILTINS`, module paths, imported then), then every engine another
+installed package announces under the entry-point group ``llava_local.engines``, as
+simonw/llm finds its plugins. An engine package needs no file of ours, only this in its
+``pyproject.toml``::
 
-    register(EngineSpec("echo", EchoConfig, EchoBackend, Capabilities(...)))
+    [project.entry-points."llava_local.engines"]
+    echo = "echo_engine:SPEC"
 
-Settings are a frozen pydantic model per engine (:class:`EngineConfig`): typed,
-checked when the chat is made (a misspelt name is refused with the valid ones), and
-JSON-serialisable, so a chat can be described and rebuilt in another process.
+where ``SPEC`` is an :class:`~.spec.EngineSpec` (or a function returning one). It is
+then usable by name in ``VisionChat``, ``--backend`` (with its flags), the web page and
+``serve``. A program can also call :func:`register` itself. A name is registered once:
+replacing one is said with ``replace=True``, else it is an error (an entry point that
+takes a registered name is skipped with an :class:`EnginePluginWarning`, as is one that
+fails to load, so one broken plugin does not stop the others).
+
+This module imports no engine (the configs and specs live in :mod:`.spec`).
 """
 
 from __future__ import annotations
 
 import difflib
-import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+import importlib
+import threading
+import warnings
+from collections.abc import Mapping
+from importlib.metadata import entry_points
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import ValidationError
 
-from ..errors import InvalidRequestError, problems
-from .base import Backend
+from ..errors import EnginePluginWarning, InvalidRequestError, problems
+from .spec import Capabilities, EngineConfig, EngineSpec, Flag, setting
 
+__all__ = [
+    "BUILTINS",
+    "ENTRY_POINT_GROUP",
+    "Capabilities",
+    "EngineConfig",
+    "EngineSpec",
+    "Flag",
+    "address_settings",
+    "engine_of",
+    "get",
+    "make_config",
+    "names",
+    "register",
+    "setting",
+    "specs",
+]
 
-class EngineConfig(BaseModel):
-    """One engine's settings. Subclasses add fields; unknown names are refused."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
-
-    #: The model: a name the engine knows, a path, or None for the engine's default.
-    model: str | None = None
-
-    @classmethod
-    def setting_names(cls) -> list[str]:
-        """The names this engine takes as settings (its fields, unless it says more)."""
-        return list(cls.model_fields)
-
-    @classmethod
-    def runtime_names(cls) -> frozenset[str]:
-        """Settings that are live objects (an HTTP transport, a client): handed to the
-        engine when it opens, never part of the config, so a rebuilt chat lacks them."""
-        return frozenset()
-
-    @classmethod
-    def conversation_names(cls) -> frozenset[str]:
-        """Settings a saved conversation records and loads again besides the model:
-        what decides which model answers and what fits its context. Never where to
-        connect (the engine's address is confirmed by the caller), keys, timeouts,
-        folders, memory or threads: a saved file is data, and may come from anyone."""
-        return frozenset()
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _paths_as_text(cls, value: Any) -> Any:
-        """Paths are recorded as text, so that the config stays JSON."""
-        return os.fspath(value) if isinstance(value, os.PathLike) else value
-
-
-class Capabilities(BaseModel):
-    """What an engine can do, so that callers check one place instead of the name."""
-
-    model_config = ConfigDict(frozen=True)
-
-    stream: bool = True
-    json_schema: bool = True
-    several_pictures: bool = True
-    #: Keeps earlier turns between requests, so a follow-up costs only its new tokens.
-    reuses_turns: bool = False
-    #: ``llava-local pull`` can fetch its models.
-    pulls_models: bool = False
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    """An engine as the registry knows it."""
-
-    name: str
-    config: type[EngineConfig]
-    #: Opens the engine for a config and its runtime objects (see
-    #: :meth:`EngineConfig.runtime_names`); imports heavy dependencies only when called.
-    open: Callable[..., Backend]
-    capabilities: Capabilities = field(default_factory=Capabilities)
-    aliases: tuple[str, ...] = ()
-    #: One line for lists (``--help``, the web page).
-    description: str = ""
-    #: The setting that holds a server's address, which the command line's ``--host``
-    #: and the web page's address field fill (None: the engine runs in this process).
-    address: str | None = None
-    #: The address a value of that setting means (None: from the environment or the
-    #: default), so two spellings of one server compare equal; raises
-    #: InvalidRequestError for a value that is no address.
-    resolve_address: Callable[[str | None], str] | None = None
-
+#: The package's own engines: ``module:attribute`` of each one's :class:`EngineSpec`.
+BUILTINS = (
+    "llava_local.backends.ollama:SPEC",
+    "llava_local.backends.llama_cpp:SPEC",
+    "llava_local.backends.openai:SPEC",
+)
+#: The entry-point group other packages announce their engines under.
+ENTRY_POINT_GROUP = "llava_local.engines"
 
 _ENGINES: dict[str, EngineSpec] = {}
 _ALIASES: dict[str, str] = {}
-_BUILTINS_LOADED = False
+_loaded = False
+_loading = threading.RLock()  # two threads asking first load the table once
 
 
-def register(spec: EngineSpec) -> None:
-    """Make ``spec`` usable by its name and aliases; registering a name again replaces it."""
+def register(spec: EngineSpec, *, replace: bool = False) -> None:
+    """Make ``spec`` usable by its name and aliases. A name or alias another engine has
+    is refused (InvalidRequestError) unless ``replace`` is True."""
+    if not isinstance(spec, EngineSpec):
+        raise InvalidRequestError(f"register() takes an EngineSpec, not {type(spec).__name__}")
+    with _loading:
+        _load()
+        _add(spec, replace=replace)
+
+
+def _add(spec: EngineSpec, *, replace: bool) -> None:
     key = _key(spec.name)
     if key == "auto":
         raise InvalidRequestError("'auto' is the choice between engines, not an engine name")
+    taken = [name for name in (key, *map(_key, spec.aliases)) if _owner(name) is not None]
+    if taken and not replace:
+        raise InvalidRequestError(
+            f"{taken[0]!r} already names the registered {_owner(taken[0])} engine; "
+            "register(spec, replace=True) replaces it"
+        )
     for alias, target in list(_ALIASES.items()):
         if target == key:
             del _ALIASES[alias]
@@ -114,15 +94,26 @@ def register(spec: EngineSpec) -> None:
         _ALIASES[_key(alias)] = key
 
 
+def _owner(name: str) -> str | None:
+    """The engine a name or alias is taken by, if any."""
+    return _ALIASES.get(name, name if name in _ENGINES else None)
+
+
 def names() -> list[str]:
     """The registered engines' names, built-in ones first."""
-    _load_builtins()
+    _load()
     return list(_ENGINES)
+
+
+def specs() -> list[EngineSpec]:
+    """The registered engines, built-in ones first."""
+    _load()
+    return list(_ENGINES.values())
 
 
 def get(name: str) -> EngineSpec:
     """The engine called ``name`` (or one of its aliases)."""
-    _load_builtins()
+    _load()
     key = _key(name)
     spec = _ENGINES.get(_ALIASES.get(key, key))
     if spec is None:
@@ -154,7 +145,7 @@ def make_config(name: str, settings: Mapping[str, Any]) -> EngineConfig:
 
 def engine_of(config: EngineConfig) -> EngineSpec:
     """The registered engine whose config class ``config`` is."""
-    _load_builtins()
+    _load()
     for spec in _ENGINES.values():
         if type(config) is spec.config:
             return spec
@@ -179,13 +170,36 @@ def _key(name: str) -> str:
     return name.strip().replace("-", "_").lower()
 
 
-def _load_builtins() -> None:
-    """The package's own engines register when their modules are imported."""
-    global _BUILTINS_LOADED  # noqa: PLW0603 - a once-only import, as Python's own caches
-    if not _BUILTINS_LOADED:
-        _BUILTINS_LOADED = True
-        from . import (
-            llama_cpp,  # noqa: F401
-            ollama,  # noqa: F401 - imported for its register() call
-            openai,  # noqa: F401
+def _load() -> None:
+    """Fill the table once: the built-in engines, then the installed plugins'."""
+    global _loaded  # noqa: PLW0603 - a once-only load, as Python's own caches
+    if _loaded:
+        return
+    with _loading:
+        if _loaded:
+            return
+        _loaded = True
+        for path in BUILTINS:
+            module, _, attribute = path.partition(":")
+            _add(getattr(importlib.import_module(module), attribute), replace=False)
+        for point in entry_points(group=ENTRY_POINT_GROUP):
+            _add_plugin(point)
+
+
+def _add_plugin(point: Any) -> None:
+    """Register the engine an entry point names; a failure is a warning, not an error."""
+    where = f"{point.value} ({getattr(point.dist, 'name', None) or 'an installed package'})"
+    try:
+        found = point.load()
+        spec = found() if callable(found) and not isinstance(found, EngineSpec) else found
+        if not isinstance(spec, EngineSpec):
+            raise TypeError(f"it is a {type(spec).__name__}, not an EngineSpec")
+        _add(spec, replace=False)
+    except Exception as exc:
+        warnings.warn(
+            EnginePluginWarning(
+                f"the engine {point.name!r} from {where} is left out: {exc}; "
+                "update or uninstall that package"
+            ),
+            stacklevel=3,
         )

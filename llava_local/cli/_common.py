@@ -11,11 +11,13 @@ Text from the library is never read as rich markup: ``pip install
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import click
@@ -24,7 +26,8 @@ from rich.status import Status
 from rich.text import Text
 
 from ..apps.models import pull_engines
-from ..backends import engine_names, registry
+from ..backends import EnginePlan, engine_names, plan, registry
+from ..backends.spec import EngineSpec, Flag
 from ..chat import VisionChat
 from ..errors import ContextOverflowError, LlavaLocalError
 from ..wording import count
@@ -33,31 +36,18 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: Messages on stderr: printed as they are (no markup, no line breaks added).
 err_console = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
 
-#: Python argument names in library messages, and the flags that set them here.
-_FLAGS = {
+#: Python argument names in library messages that are not engine settings, and the
+#: flags that set them here (the engines' own come from their configs: :func:`flags`).
+_COMMAND_FLAGS = {
     "backend": "--backend",
     "model": "--model",
-    "mmproj": "--mmproj",
-    "n_ctx": "--n-ctx",
-    "n_threads": "--threads",
-    "chat_format": "--chat-format",
-    "kv_cache_dir": "--kv-cache",
-    "kv_cache_mb": "--kv-cache-mb",
-    "host": "--host",
-    "base_url": "--host",
-    "timeout": "--timeout",
+    "parallel": "--parallel",
     "max_tokens": "--max-tokens",
-    "force": "--force",
     "retry_errors": "--retry-errors",
     "task": "--task",
     "vary": "--vary",
     "schema": "--schema",
 }
-#: ``mmproj='path'``, ``n_ctx=4096``, ``force=True`` or a bare ``mmproj=``, as a word of
-#: its own (never inside a path).
-_ARGUMENT = re.compile(
-    rf"(?<![\w./\\-])({'|'.join(_FLAGS)})=(?:'([^'\s]*)'|(\d+)\b|True\b|(?=[\s,;:)]|$))"
-)
 #: Advice that has no flag, said the command line's way (the Python way first).
 _PHRASES = (
     (re.compile(r", or pass pull=True\b"), ""),  # `ollama pull NAME` is already said
@@ -101,8 +91,98 @@ class EngineName(_ParamType):  # type: ignore[misc]
         return name
 
 
+@dataclass(frozen=True)
+class EngineFlag:
+    """One command line option for engine settings: the engines' flags (their configs'
+    :func:`~llava_local.backends.spec.setting` fields) merged by option, so ``--timeout``
+    serves the Ollama and openai engines and ``--host`` fills each engine's address."""
+
+    option: str
+    #: The keyword the command receives: the setting's name (``n_threads`` for
+    #: ``--threads``), or ``host`` for engines' addresses (see ``address_settings``).
+    param: str
+    #: Each setting it fills, by engine.
+    settings: tuple[tuple[str, str], ...]
+    help: str
+    type: str
+    metavar: str | None
+    minimum: float | None
+
+    def click_option(self) -> Callable[[F], F]:
+        kinds: dict[str, Any] = {"int": int, "float": float, "str": str}
+        extra: dict[str, Any] = {"metavar": self.metavar} if self.metavar else {}
+        if self.type == "bool":
+            extra.update(is_flag=True, default=None)
+        elif self.minimum is not None and self.type == "int":
+            extra["type"] = click.IntRange(min=int(self.minimum))
+        elif self.minimum is not None and self.type == "float":
+            extra["type"] = click.FloatRange(min=self.minimum)
+        else:
+            extra["type"] = kinds[self.type]
+        return click.option(self.option, self.param, help=self.help, **extra)
+
+
+@functools.cache
+def flags() -> tuple[EngineFlag, ...]:
+    """The engines' command line options, read from the registered engines' configs
+    (plugins' too). An option two engines use for different settings is one option only
+    when both are their server's address (``host``); otherwise the first engine keeps it."""
+    by_option: dict[str, list[tuple[EngineSpec, Flag]]] = {}
+    for spec in registry.specs():
+        for flag in spec.config.flags():
+            by_option.setdefault(flag.option, []).append((spec, flag))
+    found = []
+    for option, given in by_option.items():
+        first = given[0][1]
+        if all(flag.setting == spec.address for spec, flag in given) and len(given) > 1:
+            param = "host"
+        else:
+            param = first.setting
+            given = [(s, f) for s, f in given if f.setting == first.setting]  # noqa: PLW2901
+        users = [(s, f) for s, f in given if f.type == first.type]
+        texts: dict[str, list[str]] = {}
+        for spec, flag in users:
+            texts.setdefault(flag.help, []).append(spec.name)
+        if len(texts) == 1:
+            names = next(iter(texts.values()))
+            engines = "engine" if len(names) == 1 else "engines"
+            text = f"{first.help} ({', '.join(names)} {engines})."
+        else:
+            text = "; ".join(f"{', '.join(names)}: {help}" for help, names in texts.items()) + "."
+        found.append(
+            EngineFlag(
+                option=option,
+                param=param,
+                settings=tuple((spec.name, flag.setting) for spec, flag in users),
+                help=text,
+                type=first.type,
+                metavar=first.metavar,
+                minimum=first.minimum,
+            )
+        )
+    return tuple(found)
+
+
+def flag_names() -> dict[str, str]:
+    """Every Python argument name library messages use, and the flag that sets it here."""
+    names = dict(_COMMAND_FLAGS)
+    for flag in flags():
+        for _, setting in flag.settings:
+            names.setdefault(setting, flag.option)
+    return names
+
+
+@functools.cache
+def _argument() -> re.Pattern[str]:
+    """``mmproj='path'``, ``n_ctx=4096``, ``force=True`` or a bare ``mmproj=``, as a word
+    of its own (never inside a path)."""
+    names = "|".join(map(re.escape, flag_names()))
+    return re.compile(rf"(?<![\w./\\-])({names})=(?:'([^'\s]*)'|(\d+)\b|True\b|(?=[\s,;:)]|$))")
+
+
 def engine_options(func: F) -> F:
-    """The options that choose and configure an engine, shared by every command."""
+    """The options that choose and configure an engine, shared by every command:
+    ``--backend``, ``--model``, then each engine's own flags (:func:`flags`)."""
     decorators = [
         click.option(
             "--backend",
@@ -110,81 +190,38 @@ def engine_options(func: F) -> F:
             default="auto",
             show_default=True,
             help="Engine: the Ollama daemon, llama.cpp in-process, an OpenAI-compatible "
-            "server (openai), or the first that works.",
+            "server (openai), another installed engine, or the first that works.",
         ),
         click.option(
             "--model", "-m", help="Model name (Ollama, OpenAI server), or path of a GGUF model."
         ),
-        click.option("--mmproj", help="Path of the GGUF projector (llama.cpp engine)."),
-        click.option(
-            "--host",
-            help="Ollama address (default: OLLAMA_HOST or 127.0.0.1:11434), or the "
-            "OpenAI-compatible server's with --backend openai (its key: OPENAI_API_KEY).",
-        ),
-        click.option(
-            "--timeout", type=float, help="Seconds a turn may take (Ollama, openai engines)."
-        ),
-        click.option("--n-ctx", type=int, help="Context window in tokens (llama.cpp engine)."),
-        click.option("--threads", type=int, help="CPU threads (llama.cpp engine)."),
-        click.option("--chat-format", help="Prompt format (llama.cpp engine), e.g. vicuna."),
-        click.option(
-            "--kv-cache",
-            "kv_cache_dir",
-            metavar="DIR",
-            help="Keep KV states in DIR (llama.cpp engine): a picture read by an earlier "
-            "run is restored, not read again.",
-        ),
-        click.option(
-            "--force",
-            is_flag=True,
-            default=None,
-            help="Load the model even when the memory check says it does not fit "
-            "(llama.cpp engine); the system may then kill the process.",
-        ),
-        click.option(
-            "--kv-cache-mb",
-            "kv_cache_mb",
-            type=click.FloatRange(0),
-            metavar="MB",
-            help="Memory for KV states kept between conversations (llama.cpp engine; "
-            "default: half of what is free after loading; 0: none).",
-        ),
+        *(flag.click_option() for flag in flags()),
     ]
     for decorator in reversed(decorators):
         func = decorator(func)
     return func
 
 
-def open_chat(
-    *,
-    backend: str,
-    model: str | None,
-    mmproj: str | None,
-    host: str | None,
-    timeout: float | None,
-    n_ctx: int | None,
-    threads: int | None,
-    chat_format: str | None,
-    **options: Any,
-) -> VisionChat:
-    """A :class:`VisionChat` from the command-line engine options (unset ones left out).
+def engine_plan(backend: str, model: str | None, **engine: Any) -> EnginePlan:
+    """The plan for the command line's engine options (unset ones left out; ``--host``
+    as the chosen engine's address setting)."""
+    given = {k: v for k, v in engine.items() if v is not None}
+    return plan(backend, model, **registry.address_settings(backend, given))
+
+
+def open_chat(*, backend: str, model: str | None, **options: Any) -> VisionChat:
+    """A :class:`VisionChat` from the command-line engine options and the chat's own
+    (system prompt, generation options; unset ones left out).
 
     An ``on_status`` callable in ``options`` is told "loading model" first.
     """
     on_status = options.get("on_status")
     if on_status is not None:
         on_status("loading model")
-    engine: dict[str, Any] = {
-        "mmproj": mmproj,
-        "host": host,
-        "timeout": timeout,
-        "n_ctx": n_ctx,
-        "n_threads": threads,
-        "chat_format": chat_format,
-    }
-    given = {k: v for k, v in {**engine, **options}.items() if v is not None}
-    kwargs = registry.address_settings(backend, given)
-    return VisionChat(backend, model, **kwargs)
+    params = {flag.param for flag in flags()}
+    engine = {k: options.pop(k) for k in list(options) if k in params}
+    chat = {k: v for k, v in options.items() if v is not None}
+    return VisionChat(engine_plan(backend, model, **engine), **chat)
 
 
 class StatusLine:
@@ -248,23 +285,24 @@ def cli_message(exc: LlavaLocalError, *, one_shot: bool = False) -> str:
         text = text.replace(" (reset())", " (/reset)" if _in_chat() else "")
 
     command = _command()
-    options = _option_names(command) if command is not None else set(_FLAGS.values())
+    names = flag_names()
+    options = _option_names(command) if command is not None else set(names.values())
 
     def flag(match: re.Match[str]) -> str:
         value = match.group(2) or match.group(3)
-        name = _FLAGS[match.group(1)]
+        name = names[match.group(1)]
         if name not in options:  # a setting this command has no flag for: its name only
             name = match.group(1)
         return name + (f" {value}" if value else "")
 
-    return _ARGUMENT.sub(flag, text)
+    return _argument().sub(flag, text)
 
 
 def _overflow(exc: ContextOverflowError, *, one_shot: bool) -> str:
     """A turn too long for the context window, with what to do here: the flag that sizes
     the window, and ``/reset`` in ``chat``."""
     needed, available = exc.needed, exc.available
-    setting = _FLAGS.get(exc.setting or "")
+    setting = flag_names().get(exc.setting or "")
     suggest = 2 ** math.ceil(math.log2(needed + 256))
     larger = (
         f"raise {setting} above {needed} (e.g. {setting} {suggest})"

@@ -1,8 +1,8 @@
 """``llava-local caption DIR|GLOB... -p TEXT [-p TEXT...] --out results.jsonl``: a folder,
 captioned (several prompts: each picture is read once and asked each).
 
-A thin layer over :func:`llava_local.apps.caption.caption`, which documents the line format
-and how a run resumes. Run the same command again after a crash, Ctrl-C or a stop: the
+A thin layer over :func:`llava_local.apps.captioning.caption` (the package documents the
+line format and how a run resumes). Run the same command again after a crash, Ctrl-C or a stop: the
 pictures already recorded are skipped, those that failed too unless --retry-errors.
 """
 
@@ -18,12 +18,13 @@ from typing import Any
 
 import click
 
-from ..apps.caption import caption as caption_pictures
-from ..apps.caption import read_prompts
-from ..apps.caption_ray import caption_ray
+from ..apps.captioning import caption as caption_pictures
+from ..apps.captioning import caption_ray, read_prompts
+from ..backends import announce
+from ..chat import VisionChat
 from ..errors import InvalidRequestError, LlavaLocalError
 from ..wording import count, plural
-from ._common import engine_options, err_console, json_option, open_chat, run_safely
+from ._common import engine_options, engine_plan, err_console, json_option, run_safely
 
 
 def _load_schema(
@@ -60,8 +61,10 @@ def _load_schema(
     "--out",
     "-o",
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="JSON Lines file to append to; an existing one is resumed.",
+    metavar="PATH",
+    type=click.Path(path_type=Path),
+    help="JSON Lines file to append to (a folder with --format parquet); an existing "
+    "one is resumed.",
 )
 @click.option(
     "--schema",
@@ -75,6 +78,15 @@ def _load_schema(
     "--retry-errors",
     is_flag=True,
     help="Ask again about pictures whose line in --out is an error (else they are skipped).",
+)
+@click.option(
+    "--parallel",
+    type=click.IntRange(1, 64),
+    help="Pictures, or prompts about one picture, asked at once (default 1). With the "
+    "llama.cpp engine (chosen or found by auto) the model is loaded with that many slots "
+    "(each its own KV memory), decoded together a token each per step, and a picture's "
+    "prompts share one reading of it; Ollama or an OpenAI-compatible server gets that "
+    "many requests at once; with --ray, per worker.",
 )
 @click.option(
     "--ray",
@@ -96,7 +108,7 @@ def _load_schema(
     type=click.Choice(["jsonl", "parquet"]),
     default="jsonl",
     show_default=True,
-    help="With --ray: JSON Lines, or a Parquet dataset (--out is then a folder).",
+    help="JSON Lines, or a Parquet dataset (--out is then a folder of part files).",
 )
 @engine_options
 @click.option("--system", help="System prompt.")
@@ -117,6 +129,7 @@ def caption(
     retry_errors: bool,
     ray_address: str | None,
     workers: int | None,
+    parallel: int | None,
     output_format: str,
     system: str | None,
     temperature: float | None,
@@ -131,15 +144,16 @@ def caption(
     With several prompts (-p A -p B, or --prompts FILE) each picture is read once and
     asked each, one line per picture and prompt. Pictures already recorded in --out for
     a prompt (same content, any name) are not asked it again, failed ones too unless
-    --retry-errors, so the same command continues an interrupted run.
+    --retry-errors, so the same command continues an interrupted run. --parallel asks
+    several at once.
     """
     given = {"temperature": temperature, "max_tokens": max_tokens, "seed": seed}
     options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     if not prompt and prompts_file is None:
         raise click.UsageError("give what to ask: --prompt/-p TEXT, or --prompts FILE")
     hosts: tuple[str, ...] = engine.pop("host")
-    if ray_address is None and (len(hosts) > 1 or workers or output_format != "jsonl"):
-        raise click.UsageError("several --host, --workers and --format need --ray")
+    if ray_address is None and (len(hosts) > 1 or workers):
+        raise click.UsageError("several --host and --workers need --ray")
     if ray_address is not None and not _ray_address(ray_address):
         raise click.UsageError(
             f"--ray took {ray_address!r} as a cluster's address, which it is not (auto, "
@@ -149,43 +163,48 @@ def caption(
 
     def body() -> None:
         prompts = [*prompt, *(read_prompts(prompts_file) if prompts_file else [])]
-        with open_chat(**engine, system=system) as chat:
-            try:
-                # the one-machine job's settings; --ray adds where and how to spread it
-                job: dict[str, Any] = {
-                    "prompt": prompts,
-                    "schema": schema,
-                    "limit": limit,
-                    "recursive": recursive,
-                    "retry_errors": retry_errors,
-                    "progress": not no_progress,
-                    **options,
-                }
-                if ray_address is None:
+        # the one-machine job's settings; --ray adds where and how to spread it
+        job: dict[str, Any] = {
+            "prompt": prompts,
+            "schema": schema,
+            "limit": limit,
+            "recursive": recursive,
+            "retry_errors": retry_errors,
+            "progress": not no_progress,
+            "parallel": parallel,
+            "format": "parquet" if output_format == "parquet" else "jsonl",
+            **options,
+        }
+        # Planned first: which engine (auto's choice too) is known before any model loads.
+        planned = engine_plan(**engine)
+        try:
+            if ray_address is None:
+                if parallel and planned.engine == "llama_cpp":
+                    planned = planned.replace(parallel=parallel)  # a slot per turn at once
+                with VisionChat(planned, system=system) as chat:
                     summary = caption_pictures(chat, list(inputs), out, **job)
-                else:
-                    config = chat.config
-                    chat.close()  # the workers load their own engines
-                    with _native_stderr_aside():
-                        summary = caption_ray(
-                            config,
-                            list(inputs),
-                            out,
-                            address=None if ray_address == "local" else ray_address,
-                            workers=workers,
-                            cpus_per_worker=engine.get("threads"),
-                            hosts=hosts if len(hosts) > 1 else None,
-                            format="parquet" if output_format == "parquet" else "jsonl",
-                            **job,
-                        )
-            except (LlavaLocalError, KeyboardInterrupt) as exc:
-                if not isinstance(exc, InvalidRequestError):
-                    err_console.print(
-                        f"the results so far are in {out}; run again to continue "
-                        "(--retry-errors also asks again about pictures that failed)",
-                        soft_wrap=True,
+            else:
+                # Opened only by the workers (each with its slots): the driver loads no model.
+                announce(planned)
+                with _native_stderr_aside():
+                    summary = caption_ray(
+                        {**planned.describe(), "system": system},
+                        list(inputs),
+                        out,
+                        address=None if ray_address == "local" else ray_address,
+                        workers=workers,
+                        cpus_per_worker=engine.get("n_threads"),
+                        hosts=hosts if len(hosts) > 1 else None,
+                        **job,
                     )
-                raise
+        except (LlavaLocalError, KeyboardInterrupt) as exc:
+            if not isinstance(exc, InvalidRequestError):
+                err_console.print(
+                    f"the results so far are in {out}; run again to continue "
+                    "(--retry-errors also asks again about pictures that failed)",
+                    soft_wrap=True,
+                )
+            raise
         if as_json:
             click.echo(summary.model_dump_json(indent=2))
         else:

@@ -42,7 +42,8 @@ NO_PICTURE = (
 )
 
 HELP = """\
-/image PATH   add a picture to the next question (several are fine)
+/image PATH   add a picture to the next question (several are fine); it is read
+              while you type the question
 /reset        start a new conversation
 /save FILE    save the conversation, pictures included
 /load FILE    continue a saved conversation
@@ -130,8 +131,10 @@ class Repl:
         return None
 
     def add_image(self, source: ImageSource) -> None:
-        """Prepare a picture now, so a bad file is reported before the question."""
+        """Prepare a picture now, so a bad file is reported before the question, and
+        attach it: the engine reads it while the question is typed."""
         picture = prepare(source, max_side=self.chat.max_image_side)
+        self.chat.attach(picture)
         self.pending.append(picture)
         note = f" ({'; '.join(picture.changes)})" if picture.changes else ""
         self.out.print(
@@ -153,7 +156,7 @@ class Repl:
         try:
             with warnings.catch_warnings():  # said above, in the terminal's words
                 warnings.simplefilter("ignore", NoPictureWarning)
-                stream = self.chat.stream(prompt, images=self.pending, **self.options)
+                stream = self.chat.stream(prompt, **self.options)  # with what is attached
         except LlavaLocalError as exc:
             print_error(exc, self.out)
             return

@@ -25,7 +25,8 @@ _MARKS = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[bold red]FA
 )
 @json_option("Print the checks as JSON.")
 def doctor(*, host: str | None, timeout: float, no_probe: bool, as_json: bool) -> None:
-    """Check Ollama, llama.cpp (and the AMX trap), models, threads, memory and disk."""
+    """Check Ollama, llama.cpp (and the AMX trap), models, threads, memory and disk; on a
+    Raspberry Pi also the board, its memory and swap, and whether its CPU is throttled."""
     failed: list[bool] = []
 
     def body() -> None:

@@ -7,7 +7,8 @@ from typing import Any
 
 import click
 
-from ._common import engine_options, err_console, open_chat, run_safely
+from ..apps.engines import shared_pool
+from ._common import engine_options, engine_plan, err_console, run_safely
 
 
 @click.command()
@@ -153,7 +154,8 @@ def serve(
     def body() -> None:
         nonlocal held
         server.check_installed()
-        chat = open_chat(backend=chosen, **engine)
+        pool = shared_pool()  # the process's engines: one per plan
+        chat = pool.chat(engine_plan(chosen, **engine))
         held = server.capacity(chat)
         try:
             server.serve(
@@ -173,6 +175,6 @@ def serve(
                 "this computer's; choose another --port or --bind"
             ) from exc
         finally:
-            chat.close()
+            pool.release(chat)
 
     run_safely(body)

@@ -27,7 +27,6 @@ def ui(
     port: int,
     backend: str,
     model: str | None,
-    threads: int | None,
     **settings: Any,
 ) -> None:
     """A web page to chat about pictures, like the LLaVA demo, served until Ctrl-C.
@@ -38,7 +37,7 @@ def ui(
     """
     from ..apps import ui as page
 
-    engine = {k: v for k, v in {**settings, "n_threads": threads}.items() if v is not None}
+    engine = {k: v for k, v in settings.items() if v is not None}
 
     def ready(url: str) -> None:
         err_console.print(f"llava-local ui: open {url}  (Ctrl-C stops it)", highlight=False)

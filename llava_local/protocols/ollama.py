@@ -13,18 +13,23 @@ are in the project notes (``ollama-api.md``).
   ``Stats.prompt_tokens`` counts; Ollama has no field for the reused ones); durations
   are nanoseconds.
 - Names: ``llava`` is ``llava:latest``, in any case.
+- Log-probabilities: ``logprobs: true`` with ``top_logprobs: N`` is our
+  ``logprobs=N`` option; the answer's ``logprobs`` list one entry per token (a
+  streamed answer sends them all with its last line).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, Literal
 
 from pydantic import Field
 
-from ..types import DoneReason, Options, Stats
-from .shapes import Count, Shape
+from .. import types as our_types
+from ..tools import forced_tool
+from ..types import DoneReason, Options, Stats, Tool
+from .shapes import Count, Shape, ToolDef
 
 __all__ = [
     "OPTION_NAMES",
@@ -33,6 +38,9 @@ __all__ = [
     "ChatRequest",
     "ChatResponse",
     "ErrorBody",
+    "GenerateRequest",
+    "GenerateResponse",
+    "Logprob",
     "Message",
     "Metrics",
     "ModelDetails",
@@ -41,10 +49,13 @@ __all__ = [
     "RunningModels",
     "Show",
     "Tags",
+    "ToolCall",
+    "ToolCallFunction",
     "Version",
     "done_reason",
     "full_name",
     "is_vision",
+    "logprobs_option",
     "options_from_wire",
     "options_to_wire",
     "same_model",
@@ -133,16 +144,32 @@ def _now() -> str:
 # --- chat ----------------------------------------------------------------------------
 
 
+class ToolCallFunction(Shape):
+    name: str = ""
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class ToolCall(Shape):
+    """A tool call of an answer: Ollama sends the arguments as an object, whole."""
+
+    function: ToolCallFunction
+
+
 class Message(Shape):
-    """One message; ``images`` are base64 text without a ``data:`` prefix."""
+    """One message; ``images`` are base64 text without a ``data:`` prefix; an answer
+    that called a tool carries ``tool_calls``, a ``tool`` message the result of one."""
 
     role: str
     content: str | None = ""
     images: list[str] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_name: str | None = None
 
 
 class ChatRequest(Shape):
-    """``POST /api/chat``: the fields this library reads and sends."""
+    """``POST /api/chat``: the fields this library reads and sends. ``tool_choice`` is
+    not Ollama's: ``serve`` reads it as OpenAI's, the way to force a function on a
+    model not trained for tools (see :mod:`llava_local.tools`)."""
 
     model: str = Field(min_length=1)
     messages: list[Message] = Field(default_factory=list)
@@ -150,6 +177,15 @@ class ChatRequest(Shape):
     format: Literal["", "json"] | dict[str, Any] | None = None
     options: dict[str, Any] | None = None
     keep_alive: str | float | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def forced_tool(self, served: str) -> Tool | None:
+        """The tool the answer must call (see :func:`llava_local.tools.forced_tool`)."""
+        tools = [tool.tool() for tool in self.tools or []]
+        return forced_tool(tools, self.tool_choice, served)
 
 
 class Metrics(Shape):
@@ -189,6 +225,49 @@ class Metrics(Shape):
         )
 
 
+class TokenLogprob(Shape):
+    token: str = ""
+    logprob: float = 0.0
+    bytes: list[int] | None = None
+
+
+class Logprob(TokenLogprob):
+    """An answer token's log-probability, with the likeliest alternatives there."""
+
+    top_logprobs: list[TokenLogprob] | None = None
+
+    @classmethod
+    def of(cls, tokens: Sequence[our_types.TokenLogprob]) -> list[Logprob]:
+        return [
+            cls(
+                token=t.token,
+                logprob=t.logprob,
+                bytes=list(t.bytes),
+                top_logprobs=[
+                    TokenLogprob(token=a.token, logprob=a.logprob, bytes=list(a.bytes))
+                    for a in t.top_logprobs
+                ],
+            )
+            for t in tokens
+        ]
+
+    def ours(self) -> our_types.TokenLogprob:
+        return our_types.TokenLogprob(
+            token=self.token,
+            logprob=self.logprob,
+            bytes=tuple(self.bytes or ()),
+            top_logprobs=tuple(
+                our_types.TokenLogprob(token=a.token, logprob=a.logprob, bytes=tuple(a.bytes or ()))
+                for a in self.top_logprobs or []
+            ),
+        )
+
+
+def logprobs_option(logprobs: bool | None, top_logprobs: int | None) -> dict[str, Any]:
+    """A request's ``logprobs``/``top_logprobs`` as our ``logprobs`` option."""
+    return {"logprobs": top_logprobs or 0} if logprobs else {}
+
+
 class ChatResponse(Metrics):
     """A chunk of a streamed answer, or (``done``) its last one with the figures, or the
     whole answer."""
@@ -198,6 +277,51 @@ class ChatResponse(Metrics):
     message: Message = Field(default_factory=lambda: Message(role="assistant"))
     done: bool | None = False
     done_reason: str | None = None
+    logprobs: list[Logprob] | None = None
+
+    def wire(self) -> dict[str, Any]:
+        """As sent: a piece's chunk carries no figures or ``done_reason``."""
+        return self.model_dump(exclude_none=True)
+
+
+# --- generate ------------------------------------------------------------------------
+
+
+class GenerateRequest(Shape):
+    """``POST /api/generate``: one prompt (with its own ``system`` and ``images``)
+    answered in the model's chat format. ``suffix`` (fill in the middle), ``template``,
+    ``raw`` and a non-empty ``context`` are read so that the server can refuse them by
+    name: ``serve`` writes the model's own chat format and keeps no token lists (the
+    conversation's prefix is reused from the KV cache instead, as on ``/api/chat``)."""
+
+    model: str = Field(min_length=1)
+    prompt: str | None = ""
+    suffix: str | None = None
+    images: list[str] | None = None
+    system: str | None = None
+    template: str | None = None
+    context: list[int] | None = None
+    raw: bool | None = False
+    stream: bool = True
+    format: Literal["", "json"] | dict[str, Any] | None = None
+    options: dict[str, Any] | None = None
+    keep_alive: str | float | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+
+class GenerateResponse(Metrics):
+    """A chunk of ``/api/generate``'s streamed answer (``response``: its text), or the
+    last one (``done``) with the figures, or the whole answer. Ollama's deprecated
+    ``context`` token list is not sent: clients that continue a conversation send it
+    to ``/api/chat`` as messages."""
+
+    model: str | None = ""
+    created_at: str | None = Field(default_factory=_now)
+    response: str = ""
+    done: bool | None = False
+    done_reason: str | None = None
+    logprobs: list[Logprob] | None = None
 
     def wire(self) -> dict[str, Any]:
         """As sent: a piece's chunk carries no figures or ``done_reason``."""

@@ -16,6 +16,12 @@ figures with these shapes; ``serve`` (``apps/serve/openai_api.py``) reads
   What a server does not report stays None, never guessed.
 - ``schema=`` is a ``response_format`` of type ``json_schema``; llama-cpp-python's
   server knows only ``json_object`` with a ``schema``, read too.
+- Log-probabilities: ``logprobs: true`` with ``top_logprobs: N`` is our
+  ``logprobs=N`` option; a choice's ``logprobs.content`` has one entry per answer
+  token (a streamed answer sends them all with its last chunk).
+- Tools: a forced function (``tool_choice`` naming it, or ``"required"`` with one
+  tool) is answered as ``tool_calls`` (``finish_reason: "tool_calls"``); see
+  :mod:`llava_local.tools` for what a model that was not trained for tools does.
 """
 
 from __future__ import annotations
@@ -25,9 +31,11 @@ from typing import Any, Literal
 
 from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
+from .. import types as ours
 from ..errors import InvalidRequestError
-from ..types import DoneReason, Message, Options, Stats
-from .shapes import Count, Number, Shape
+from ..tools import forced_tool
+from ..types import DoneReason, Message, Options, Stats, Tool
+from .shapes import Count, Number, Shape, ToolDef
 
 __all__ = [
     "EXTRA_OPTIONS",
@@ -42,12 +50,15 @@ __all__ = [
     "Delta",
     "ErrorBody",
     "ErrorDetail",
+    "FunctionCall",
     "ImageUrl",
+    "Logprobs",
     "Model",
     "ModelList",
     "ResponseFormat",
     "SchemaForm",
     "Timings",
+    "ToolCall",
     "Usage",
     "done_reason",
     "stats",
@@ -89,9 +100,38 @@ class ContentPart(Shape):
         return self.image_url
 
 
+class FunctionCall(Shape):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _unsent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {key: value for key, value in data.items() if value is not None}
+
+
+class ToolCall(Shape):
+    """A tool call of an answer (``index`` in a streamed delta), or of an earlier
+    assistant message a client sends back."""
+
+    index: int | None = None
+    id: str | None = None
+    type: str | None = None
+    function: FunctionCall = Field(default_factory=FunctionCall)
+
+    @model_serializer(mode="wrap")
+    def _unsent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {key: value for key, value in data.items() if value is not None}
+
+
 class ChatMessage(Shape):
     role: str
     content: str | list[ContentPart] | None = None
+    #: An earlier answer that was a tool call (sent back by the client).
+    tool_calls: list[ToolCall] | None = None
+    #: A ``tool`` message: the result of that call.
+    tool_call_id: str | None = None
 
     @classmethod
     def from_message(cls, message: Message) -> ChatMessage:
@@ -164,6 +204,11 @@ class ChatRequest(Shape):
     n: int | None = Field(default=None, ge=1, le=1)
     top_k: int | None = Field(default=None, ge=0)
     repeat_penalty: float | None = Field(default=None, gt=0.0)
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     @classmethod
     def for_turn(
@@ -173,21 +218,39 @@ class ChatRequest(Shape):
         options: Options,
         schema: dict[str, Any] | None = None,
         form: SchemaForm = "json_schema",
+        *,
+        tool: Tool | None = None,
     ) -> ChatRequest:
-        """What the engine sends for a turn: streamed, usage asked for. Our options are
-        checked already, by their own bounds (a local server may take a temperature
-        over OpenAI's 2), so they are not checked again."""
+        """What the engine sends for a turn: streamed, usage asked for; a forced
+        ``tool`` as the one tool, named by ``tool_choice`` (instead of a
+        ``response_format``). Our options are checked already, by their own bounds (a
+        local server may take a temperature over OpenAI's 2), so they are not checked
+        again."""
         values = options.model_dump(include=set(STANDARD_OPTIONS + EXTRA_OPTIONS))
         if values["stop"] is not None:
             values["stop"] = list(values["stop"])
+        if options.logprobs is not None:
+            values.update(logprobs=True, top_logprobs=options.logprobs)
+        fmt = None
+        if schema is not None and tool is None:
+            fmt = ResponseFormat.for_schema(schema, form)
         return cls.model_construct(
             model=model,
             messages=[ChatMessage.from_message(message) for message in messages],
             stream=True,
             stream_options=StreamOptions(include_usage=True),
-            response_format=None if schema is None else ResponseFormat.for_schema(schema, form),
+            response_format=fmt,
+            tools=None if tool is None else [ToolDef.of(tool)],
+            tool_choice=None
+            if tool is None
+            else {"type": "function", "function": {"name": tool.name}},
             **values,
         )
+
+    def forced_tool(self, served: str) -> Tool | None:
+        """The tool the answer must call (see :func:`llava_local.tools.forced_tool`)."""
+        tools = [tool.tool() for tool in self.tools or []]
+        return forced_tool(tools, self.tool_choice, served)
 
     def options(self) -> dict[str, Any]:
         """The request's options in our names (those given)."""
@@ -199,6 +262,7 @@ class ChatRequest(Shape):
             "stop": self.stop,
             "top_k": self.top_k,
             "repeat_penalty": self.repeat_penalty,
+            "logprobs": (self.top_logprobs or 0) if self.logprobs else None,
         }
         return {name: value for name, value in given.items() if value is not None}
 
@@ -316,12 +380,67 @@ class _Answer(Shape):
 class ResponseMessage(Shape):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _unsent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
+
+
+class TopLogprob(Shape):
+    token: str = ""
+    logprob: float = 0.0
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class Logprobs(Shape):
+    """A choice's ``logprobs``: one entry per answer token."""
+
+    content: list[TokenLogprob] | None = None
+
+    @classmethod
+    def of(cls, tokens: Sequence[ours.TokenLogprob]) -> Logprobs:
+        return cls(
+            content=[
+                TokenLogprob(
+                    token=t.token,
+                    logprob=t.logprob,
+                    bytes=list(t.bytes),
+                    top_logprobs=[
+                        TopLogprob(token=a.token, logprob=a.logprob, bytes=list(a.bytes))
+                        for a in t.top_logprobs
+                    ],
+                )
+                for t in tokens
+            ]
+        )
+
+    def ours(self) -> list[ours.TokenLogprob]:
+        return [
+            ours.TokenLogprob(
+                token=t.token,
+                logprob=t.logprob,
+                bytes=tuple(t.bytes or ()),
+                top_logprobs=tuple(
+                    ours.TokenLogprob(token=a.token, logprob=a.logprob, bytes=tuple(a.bytes or ()))
+                    for a in t.top_logprobs
+                ),
+            )
+            for t in self.content or []
+        ]
 
 
 class _Choice(Shape):
     index: int = 0
     finish_reason: str | None = None
-    logprobs: Any = None
+    logprobs: Logprobs | None = None
 
 
 class Choice(_Choice):
@@ -338,6 +457,7 @@ class ChatCompletion(_Answer):
 class Delta(Shape):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _unsent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

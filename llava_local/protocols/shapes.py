@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidatorFunctionWrapHandler
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler
 from pydantic.functional_validators import WrapValidator
 
-__all__ = ["Count", "Number", "Shape"]
+from ..types import Tool
+
+__all__ = ["Count", "FunctionDef", "Number", "Shape", "ToolDef"]
 
 
 class Shape(BaseModel):
@@ -32,3 +34,37 @@ def _unreported(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
 Count = Annotated[int | None, WrapValidator(_unreported)]
 #: A figure (milliseconds, nanoseconds) a peer reports; anything but a number reads as None.
 Number = Annotated[float | None, WrapValidator(_unreported)]
+
+
+class FunctionDef(Shape):
+    """A function a request offers the model (both protocols name it the same way)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(Shape):
+    """An entry of a request's ``tools``: ``{"type": "function", "function": {...}}``."""
+
+    type: str = "function"
+    function: FunctionDef
+
+    def tool(self) -> Tool:
+        """Our :class:`~llava_local.types.Tool` (a function without parameters takes an
+        empty object)."""
+        function = self.function
+        if function.parameters is None:
+            return Tool(name=function.name, description=function.description)
+        return Tool(
+            name=function.name, description=function.description, parameters=function.parameters
+        )
+
+    @classmethod
+    def of(cls, tool: Tool) -> ToolDef:
+        return cls(
+            function=FunctionDef(
+                name=tool.name, description=tool.description, parameters=tool.parameters
+            )
+        )

@@ -20,10 +20,6 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-DIGIT = ROOT / "examples" / "digit.png"
-SHAPE = ROOT / "examples" / "shape.png"
-
 _SAMPLE_FORMAT = {"F": (3, b"\x00\x00\x00\x3f"), "I": (2, b"\x00\x00\x01\x00")}
 
 

@@ -25,7 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 
-from ..serve_process import DIGIT, SHAPE
+from ..paths import DIGIT, SHAPE
 
 #: What /not-a-picture sends: an error message echoing it would leak the token.
 SECRET = b"\x00\x01SECRET-TOKEN-4242 internal admin credentials"

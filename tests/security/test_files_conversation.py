@@ -25,10 +25,9 @@ from llava_local.images import prepare
 from llava_local.types import Message, Options
 
 from ..ollama_server import OllamaServer
-from ..openai_server import ScriptedServer, scripted_openai
-from .files_fixtures import DIGIT, grey_png, peak_growth
-
-__all__ = ["scripted_openai"]  # the fixture, used by name
+from ..openai_server import ScriptedServer
+from ..paths import DIGIT
+from .files_fixtures import grey_png, peak_growth
 
 SECRET = "sk-the-users-own-key"
 GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 24}
@@ -48,8 +47,7 @@ def conversation_file(path: Path, backend: str, model: str, engine: dict[str, An
         system=None,
         options=Options(),
         backend=backend,
-        model=model,
-        engine=engine,
+        engine={"model": model, **engine},
     )
 
 

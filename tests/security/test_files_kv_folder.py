@@ -23,7 +23,7 @@ from llava_local.cli import main
 from llava_local.demo import demo_paths
 
 from ..option_args import OptionArgs
-from .files_fixtures import DIGIT, SHAPE
+from ..paths import DIGIT, SHAPE
 
 pytestmark = pytest.mark.llama
 

@@ -25,14 +25,13 @@ import httpx
 import pytest
 
 from llava_local import VisionChat
-from llava_local.backends import kv_cache as kv
+from llava_local.backends.llama_cpp import kv_cache as kv
 from llava_local.persist import ColdResumeWarning, state_path
 
+from ..paths import DIGIT, SHAPE
 from ..serve_process import Server, start, stop
 from ..serve_process import ask as ask_about
 from .files_fixtures import (
-    DIGIT,
-    SHAPE,
     digit_three,
     forged,
     raw_state_file,
@@ -246,7 +245,7 @@ def test_a_header_claiming_3e8_positions_costs_nothing(served: Served) -> None:
 _KEY_CHILD = """
 import sys, time
 from pathlib import Path
-from llava_local.backends import state_key
+from llava_local.backends.llama_cpp import state_key
 go = Path(sys.argv[1])
 while not go.exists():
     time.sleep(0.001)

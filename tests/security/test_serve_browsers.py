@@ -5,10 +5,12 @@ operator allows with --cors can use the API key."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
-from ..serve_process import Server, ask
+from ..serve_process import Server, ask, wait_for
 from .conftest import KEY, PAGE, Exposed, post, still_answers
 
 pytestmark = pytest.mark.llama
@@ -30,6 +32,26 @@ def test_a_body_that_is_not_json_is_415(plain: Server) -> None:
     assert refused.status_code == 415
     assert "application/json" in refused.json()["error"]
     assert plain.log_text().count(" 200 prompt=") == answered  # no turn was started
+    still_answers(plain)
+
+
+def test_a_body_without_a_type_is_read_only_from_programs(plain: Server) -> None:
+    """A body with no Content-Type (litellm's ollama/ provider sends one so) is read when
+    no Origin header comes with it, and refused with 415 when one does: a browser sends
+    Origin with every POST, and a page may POST an untyped body without a preflight."""
+    body = json.dumps({"model": "demo", "prompt": "hi", "stream": False}).encode()
+    headers = {"Authorization": f"Bearer {KEY}"}
+    url = f"{plain.url}/api/generate"
+    answered = plain.log_text().count(" 200 prompt=")
+    program = httpx.post(url, content=body, headers=headers, timeout=120)
+    assert "content-type" not in program.request.headers
+    assert program.status_code == 200, program.text
+    for origin in ("https://attacker.example", "null"):
+        page = httpx.post(url, content=body, headers={**headers, "Origin": origin}, timeout=120)
+        assert page.status_code == 415, origin
+        assert "application/json" in page.json()["error"]
+    wait_for("the answer's log line", lambda: " 415 " in plain.log_text().splitlines()[-1])
+    assert plain.log_text().count(" 200 prompt=") == answered + 1  # the program's turn alone
     still_answers(plain)
 
 

@@ -14,7 +14,7 @@ from llava_local.apps.serve import Limits
 from llava_local.apps.serve.downloads import Downloads, HostPort, refusal
 from llava_local.errors import ImageError
 
-from ..serve_process import DIGIT
+from ..paths import DIGIT
 from .sites import Site
 
 

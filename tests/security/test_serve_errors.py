@@ -21,24 +21,19 @@ INSIDE = "runner crashed at /home/alice/.ollama/models/blobs/sha256-4a5b token=h
 
 
 @pytest.fixture(scope="module")
-def daemon() -> Iterator[OllamaServer]:
-    fake = OllamaServer()
-    fake.add_model("llava")
-    fake.start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture(scope="module")
-def proxy(daemon: OllamaServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def proxy(
+    ollama_daemon: OllamaServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
     """``llava-local serve`` in front of the stand-in daemon (Ollama engine)."""
     log = tmp_path_factory.mktemp("proxy") / "server.log"
-    running = start(log, "--backend", "ollama", "--host", daemon.url, "-m", "llava")
+    running = start(log, "--backend", "ollama", "--host", ollama_daemon.url, "-m", "llava")
     yield running
     stop(running)
 
 
-def test_an_engine_failure_is_500_without_its_text(daemon: OllamaServer, proxy: Server) -> None:
+def test_an_engine_failure_is_500_without_its_text(
+    ollama_daemon: OllamaServer, proxy: Server
+) -> None:
     """When the engine fails (the daemon answers 500 with its own error, or breaks its
     stream), both protocols answer 500 saying the engine failed and to read the log,
     with none of the daemon's words; the log has the cause, with one traceback per
@@ -47,7 +42,7 @@ def test_an_engine_failure_is_500_without_its_text(daemon: OllamaServer, proxy: 
     ollama_body = {**openai_body, "stream": False}
     failures = 0
     for fault in ("http_error", "error_line", "bad_line"):
-        daemon.script(Script(fault=fault, error=INSIDE, bad_line=f"{INSIDE}\n".encode()))
+        ollama_daemon.script(Script(fault=fault, error=INSIDE, bad_line=f"{INSIDE}\n".encode()))
         for path, body in (("/v1/chat/completions", openai_body), ("/api/chat", ollama_body)):
             failed = post(proxy, path, body)
             failures += 1
@@ -58,7 +53,7 @@ def test_an_engine_failure_is_500_without_its_text(daemon: OllamaServer, proxy: 
             for leak in ("alice", "hunter2", "sha256", "runner", "Traceback", "Error("):
                 assert leak not in text, (fault, leak, text)
         assert failed.json()["error"].startswith("the engine failed")
-    daemon.script(pieces=["Fine", "."])
+    ollama_daemon.script(pieces=["Fine", "."])
     answered = post(proxy, "/v1/chat/completions", openai_body)
     assert answered.json()["choices"][0]["message"]["content"] == "Fine."
     log = proxy.log_text()

@@ -15,7 +15,8 @@ import httpx
 import openai
 import pytest
 
-from ..serve_process import ANSWER, QUESTION, ROOT, Server, ask_url, wait_for
+from ..paths import ROOT
+from ..serve_process import ANSWER, QUESTION, Server, ask_url, wait_for
 from .conftest import KEY, Exposed, post, still_answers
 from .sites import SECRET, Site
 

@@ -3,10 +3,11 @@
 Routes (FastAPI, served by uvicorn; ``pip install 'llava-local[serve]'``):
 
 * OpenAI-compatible: ``POST /v1/chat/completions`` (server-sent events with
-  ``"stream": true``), ``GET /v1/models``;
-* Ollama-compatible: ``POST /api/chat`` (NDJSON stream unless ``"stream": false``),
-  ``GET /api/tags``, ``POST /api/show``, ``GET /api/version``, ``GET /api/ps``;
-* ``GET /health`` (never behind the API key) and ``GET /``.
+  ``"stream": true``), ``GET /v1/models``, ``GET /v1/models/{id}``;
+* Ollama-compatible: ``POST /api/chat`` and ``POST /api/generate`` (NDJSON stream
+  unless ``"stream": false``), ``GET /api/tags``, ``POST /api/show``,
+  ``GET /api/version``, ``GET /api/ps``;
+* ``GET /health`` (never behind the API key) and ``GET``/``HEAD /``.
 
 How a chat request flows, module by module:
 

@@ -69,7 +69,7 @@ def create_app(
     from starlette.exceptions import HTTPException
 
     chat.allow_text_only = True  # a text-only question is the client's choice
-    parallel = max(1, int(getattr(chat.engine, "parallel", 1)))  # the engine's slots
+    parallel = max(1, chat.engine.describe().parallel)  # the engine's slots
     engine = Engine(chat, name or default_name(chat), limits or Limits(), parallel=parallel)
     openai = OpenAIRoutes(engine)
     ollama = OllamaRoutes(engine, model_facts(chat))
@@ -93,19 +93,21 @@ def create_app(
     app.state.engine = engine
     app.add_exception_handler(ApiError, _on_api_error)
     app.add_exception_handler(HTTPException, _on_http_error)
-    routes: list[tuple[str, Callable[..., Any], str]] = [
-        ("/", _root, "GET"),
-        ("/health", _Health(engine).answer, "GET"),
-        ("/v1/models", openai.models, "GET"),
-        ("/v1/chat/completions", openai.chat_completions, "POST"),
-        ("/api/version", ollama.version, "GET"),
-        ("/api/tags", ollama.tags, "GET"),
-        ("/api/ps", ollama.ps, "GET"),
-        ("/api/show", ollama.show, "POST"),
-        ("/api/chat", ollama.chat, "POST"),
+    routes: list[tuple[str, Callable[..., Any], list[str]]] = [
+        ("/", _root, ["GET", "HEAD"]),  # HEAD: Ollama's liveness check, as clients send it
+        ("/health", _Health(engine).answer, ["GET"]),
+        ("/v1/models", openai.models, ["GET"]),
+        ("/v1/models/{model_id:path}", openai.model, ["GET"]),
+        ("/v1/chat/completions", openai.chat_completions, ["POST"]),
+        ("/api/version", ollama.version, ["GET"]),
+        ("/api/tags", ollama.tags, ["GET"]),
+        ("/api/ps", ollama.ps, ["GET"]),
+        ("/api/show", ollama.show, ["POST"]),
+        ("/api/chat", ollama.chat, ["POST"]),
+        ("/api/generate", ollama.generate, ["POST"]),
     ]
-    for path, endpoint, method in routes:
-        app.add_api_route(path, endpoint, methods=[method], response_model=None)
+    for path, endpoint, methods in routes:
+        app.add_api_route(path, endpoint, methods=methods, response_model=None)
     # The last one added is the outermost (see the order in .middleware).
     app.add_middleware(CatchErrors)
     if api_key:

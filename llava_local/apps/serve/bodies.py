@@ -5,7 +5,11 @@ as ``application/json``, then the protocol's pydantic model; each failure a 400,
 Only JSON bodies are read because a web page may send a cross-origin POST of a
 ``text/plain`` body without asking the browser first (no CORS preflight): such a
 request would start turns and downloads through a visitor's browser. A JSON body is
-always preflighted, and the preflight is refused unless ``--cors`` allows the page."""
+always preflighted, and the preflight is refused unless ``--cors`` allows the page.
+A body sent with no ``Content-Type`` at all (litellm's ``ollama/`` provider does so;
+Ollama reads it) is read as JSON only from a request without an ``Origin`` header:
+a browser sends ``Origin`` with every POST (a page can POST a body without a type,
+unpreflighted), programs do not."""
 
 from __future__ import annotations
 
@@ -34,7 +38,8 @@ async def read_json(request: Request, limits: Limits) -> dict[str, Any]:
     """The request's JSON object, refusing bodies that are not JSON, or over the size
     limit, before reading them, and bodies nested deeper than the limit."""
     kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-    if kind != "application/json":
+    untyped_program = not kind and "origin" not in request.headers  # not a browser
+    if kind != "application/json" and not untyped_program:
         raise ApiError(
             415,
             f"the request body must be JSON sent with 'Content-Type: application/json', "

@@ -28,6 +28,7 @@ ROLES: dict[str, Role] = {
     "developer": "system",
     "user": "user",
     "assistant": "assistant",
+    "tool": "user",  # a function's result, for the model to read as the user's words
 }
 
 
@@ -64,7 +65,7 @@ def wanted(i: int, role: str, text: str, pictures: list[Picture]) -> Wanted:
         raise ApiError(
             400,
             f"messages[{i}]: role {role!r} is not supported here "
-            "(system, developer, user or assistant)",
+            "(system, developer, user, assistant or tool)",
             param=f"messages[{i}].role",
         )
     if pictures and known != "user":

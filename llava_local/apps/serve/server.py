@@ -20,15 +20,18 @@ log = logging.getLogger("llava_local.serve")
 
 def capacity(chat: VisionChat) -> str:
     """What the engine holds for its clients, said up front: conversations answered at
-    once, positions each, and the memory of their KV cache (empty for other engines)."""
-    engine = chat.engine
-    parallel = getattr(engine, "parallel", None)
-    estimate = getattr(engine, "memory_estimate", None)
-    n_ctx = getattr(engine, "n_ctx", None)
-    if not parallel or estimate is None or not n_ctx:
+    once, positions each, the memory of their KV cache and of the KV states kept between
+    them (empty for other engines)."""
+    described = chat.engine.describe()
+    parallel, n_ctx, kv_bytes = described.parallel, described.n_ctx, described.kv_bytes
+    if kv_bytes is None or not n_ctx:
         return ""
     at_once = "one conversation at a time" if parallel == 1 else f"{parallel} conversations at once"
-    return f"; {at_once}, {n_ctx} positions each, KV cache {human(estimate.kv_bytes)}"
+    kept = described.kept_bytes
+    held = f"; {at_once}, {n_ctx} positions each, KV cache {human(kv_bytes)}"
+    if kept is None:
+        return held
+    return held + (f", kept states up to {human(kept)}" if kept else ", no kept states in RAM")
 
 
 def serve(

@@ -28,6 +28,7 @@ from ... import structured
 from ...aio import AsyncReplyStream
 from ...chat import VisionChat
 from ...errors import LlavaLocalError, TurnCancelledError
+from ...fitting import OnOverflow
 from ...protocols.ollama import same_model
 from ...types import Message, Reply
 from .downloads import Downloads
@@ -136,7 +137,11 @@ class Turn:
         self._closed = False
 
     async def begin(
-        self, wanted: list[Wanted], schema: dict[str, Any] | None, options: dict[str, Any]
+        self,
+        wanted: list[Wanted],
+        schema: dict[str, Any] | None,
+        options: dict[str, Any],
+        on_overflow: OnOverflow | None = None,
     ) -> str | None:
         """Take a place in the queue (or be refused, 503, at once), read the pictures,
         wait for the model, and read the answer's first piece before any status is sent:
@@ -148,14 +153,18 @@ class Turn:
             self._admitted = True
             side = engine.chat.max_image_side
             messages = await asyncio.to_thread(prepare_all, wanted, engine.limits, side)
-            await self._start(messages, schema, options)
+            await self._start(messages, schema, options, on_overflow)
             return await self.next()
         except BaseException:
             await self.close()
             raise
 
     async def _start(
-        self, messages: list[Message], schema: dict[str, Any] | None, options: dict[str, Any]
+        self,
+        messages: list[Message],
+        schema: dict[str, Any] | None,
+        options: dict[str, Any],
+        on_overflow: OnOverflow | None,
     ) -> None:
         """Wait for the model, then open the turn (its first piece is not read yet)."""
         engine = self.engine
@@ -170,7 +179,7 @@ class Turn:
         engine.refuse_if_stopping()
         assert self.chat is not None
         try:
-            stream = self.chat.answer(messages, schema=schema, **options)
+            stream = self.chat.answer(messages, schema=schema, on_overflow=on_overflow, **options)
         except LlavaLocalError as exc:
             raise library_error(exc) from exc
         self.stream = AsyncReplyStream(stream)
@@ -245,9 +254,11 @@ async def respond(
     streamed: Streamed | None = None,
     media_type: str = "",
     headers: dict[str, str] | None = None,
+    on_overflow: OnOverflow | None = None,
 ) -> Any:
     """Answer a chat request: ``streamed(turn, first)`` as the body of a streamed
-    answer, or ``whole(reply)`` once the answer is complete."""
+    answer, or ``whole(reply)`` once the answer is complete. ``on_overflow`` is what a
+    conversation too long for the context gets (the chat's own, ``"error"``: a 400)."""
     from starlette.responses import StreamingResponse
 
     if not wanted or wanted[-1].role != "user":
@@ -265,7 +276,7 @@ async def respond(
             await watched(request, downloading)
         gone = "client gone"
         turn = Turn(engine, request)
-        first = await turn.begin(wanted, schema, options)
+        first = await turn.begin(wanted, schema, options, on_overflow)
         if streamed is not None:
             body = streamed(turn, first)
             return StreamingResponse(body, media_type=media_type, headers=headers)

@@ -7,7 +7,7 @@ This engine remembers what each sequence of its KV cache holds, position by posi
 (text tokens, and picture positions named by the picture's content hash), and each
 turn evaluates only what differs from it: a picture is encoded once per
 conversation. Several conversations are answered at once (:mod:`.scheduler`), and
-copies of earlier KV states (:mod:`..kv_cache`, in memory and optionally on disk) let
+copies of earlier KV states (:mod:`.kv_cache`, in memory and optionally on disk) let
 another conversation, a loaded one or a new process restore the longest prefix they
 share instead of reading it again.
 """
@@ -18,25 +18,27 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+import warnings
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from ... import host, memory
+from ... import catalog, host, memory
 from ...chat_formats import ChatFormat, choose_format
 from ...control import TurnControl
-from ...demo import DEMO_NAME, is_demo
 from ...errors import (
     ContextOverflowError,
+    InvalidRequestError,
     LlavaLocalError,
-    ModelNotFoundError,
     TurnCancelledError,
 )
+from ...sampling import Sampling
 from ...types import Message, Options
 from ...wording import count, plural
-from .. import gguf_meta, kv_cache
-from ..base import Backend, Finish, Turn
-from .config import MAX_AUTO_PARALLEL, LlamaCppConfig
+from ..base import Backend, Finish, ModelDescription, Turn
+from ..registry import make_config
+from . import gguf_meta, kv_cache
+from .config import LlamaCppConfig, files, memory_budget, settle
 from .jobs import Job
 from .lib import import_llama_cpp
 from .model import LoadedModel
@@ -47,115 +49,92 @@ from .scheduler import Scheduler
 #: The driver's last message for a turn.
 _LAST = frozenset({"finish", "error", "cancelled", "logits"})
 
-# Text budget added to the pictures' tokens when n_ctx is not given.
-TEXT_BUDGET = 2048
-
 
 class LlamaCppBackend(Backend):
     """llama.cpp in this process, CPU by default, model memory-mapped; ``parallel``
     conversations are answered at once, each with a window of ``n_ctx`` positions."""
 
     name = "llama_cpp"
+    keeps_state = True
 
     def __init__(
         self,
-        model: str | os.PathLike[str],
-        mmproj: str | os.PathLike[str],
-        *,
-        n_ctx: int | None = None,
-        n_threads: int | None = None,
-        chat_format: str | None = None,
-        n_gpu_layers: int = 0,
-        n_batch: int = 512,
-        use_mmap: bool = True,
-        verbose: bool = False,
-        embedding_cache_mb: float = 256,
-        kv_cache_mb: float | None = None,
-        kv_cache_dir: str | os.PathLike[str] | None = None,
-        kv_cache_dir_gb: float = 8.0,
-        parallel: int | Literal["auto"] = 1,
-        force: bool = False,
-        catalog_name: str | None = None,
+        config: LlamaCppConfig | str | os.PathLike[str],
+        mmproj: str | os.PathLike[str] | None = None,
+        **settings: Any,
     ) -> None:
+        """Open ``config`` (as :func:`~llava_local.backends.plan` made it), or, by hand,
+        a model file, its projector and :class:`LlamaCppConfig`'s other settings (the
+        same checks and the same settled config)."""
+        if isinstance(config, LlamaCppConfig):
+            if mmproj is not None or settings:
+                raise InvalidRequestError(
+                    "give the engine a LlamaCppConfig alone, or a model file with mmproj= "
+                    "and settings"
+                )
+            given = config
+        else:
+            files_given = {"model": os.fspath(config), "mmproj": mmproj}
+            made = make_config(self.name, {**files_given, **settings})
+            assert isinstance(made, LlamaCppConfig)
+            given = made
+        #: The settings this engine was opened with, as a plan records them and
+        #: :meth:`VisionChat.from_config` rebuilds them (see :func:`.config.settle`).
+        self.config: LlamaCppConfig = settle(given)
+        config = self.config
         self._lib = import_llama_cpp()
         self._mtmd = self._lib.mtmd_cpp
-        # The control of the picture being encoded, polled by CLIP's callback (kept
-        # alive here: C holds only the pointer).
         #: Tokenizing prompts and encoding pictures (libmtmd, in the callers' threads).
-        self.pictures = Pictures(self._lib, int(embedding_cache_mb * 2**20))
+        self.pictures = Pictures(self._lib, int(config.embedding_cache_mb * 2**20))
         #: Projected embeddings of pictures seen before, by content hash.
         self.embeddings = self.pictures.embeddings
-        self.model_path = _existing_file(model, "language model")
-        self.mmproj_path = _existing_file(mmproj, "projector (mmproj)")
+        self.model_path, self.mmproj_path = files(config)
         self.model = self.model_path.name
-        if is_demo(self.model_path):
-            catalog_name = DEMO_NAME
-        #: These settings, as :meth:`VisionChat.from_config` rebuilds them; the demo and
-        #: pulled catalogue models (``catalog_name``) by name, other files by path.
-        self.config = LlamaCppConfig(
-            model=catalog_name or str(self.model_path.resolve()),
-            mmproj=None if catalog_name else str(self.mmproj_path.resolve()),
-            n_ctx=n_ctx,
-            n_threads=n_threads,
-            chat_format=chat_format,
-            n_gpu_layers=n_gpu_layers,
-            n_batch=n_batch,
-            use_mmap=use_mmap,
-            verbose=verbose,
-            embedding_cache_mb=embedding_cache_mb,
-            kv_cache_mb=kv_cache_mb,
-            kv_cache_dir=None if kv_cache_dir is None else str(Path(kv_cache_dir).expanduser()),
-            kv_cache_dir_gb=kv_cache_dir_gb,
-            parallel=parallel,
-            force=force,
-        )
-        lm_meta, mm_meta = gguf_meta.check_pair(self.model_path, self.mmproj_path)
+        _, mm_meta = gguf_meta.check_pair(self.model_path, self.mmproj_path)
         self._image_tokens = gguf_meta.image_tokens(mm_meta)
         self._image_size = gguf_meta.image_size(mm_meta)
-        self.n_threads = n_threads or host.physical_cores()
-        if n_ctx is None:
-            trained = int(lm_meta.get("context_length") or 4096)
-            n_ctx = min(trained, (self._image_tokens or 576) + TEXT_BUDGET)
-
-        def estimate(slots: int) -> memory.MemoryEstimate:
-            return memory.estimate(
-                self.model_path,
-                self.mmproj_path,
-                n_ctx=n_ctx * slots,
-                n_batch=n_batch,
-                n_threads=self.n_threads,
-                use_mmap=use_mmap,
+        self.n_threads = config.n_threads or host.physical_cores()
+        #: What this engine holds, decided before loading (the same record ``doctor`` and
+        #: ``models`` show): its context, slots and the memory for kept KV states.
+        self.memory_budget = budget = memory_budget(config)
+        if budget.n_ctx < budget.n_ctx_wanted:
+            warnings.warn(
+                memory.shorter_context(
+                    self.model, budget.n_ctx, budget.n_ctx_wanted, budget.available_bytes
+                ),
+                stacklevel=2,
             )
-
-        if parallel == "auto":
-            parallel = _auto_parallel(estimate)
+        #: Whether the model file is memory-mapped (or read into memory).
+        self.use_mmap = use_mmap = budget.estimate.mapped
         #: Conversations answered at once.
-        self.parallel = parallel
+        self.parallel = parallel = budget.parallel
         #: What loading is expected to take; checked against free memory first, because
         #: the kernel's answer to a model that does not fit is to kill the process.
-        self.memory_estimate = estimate(parallel)
-        if n_gpu_layers == 0:  # with GPU offload the host holds less than this
-            memory.check(self.memory_estimate, force=force)
+        self.memory_estimate = budget.estimate
+        if config.n_gpu_layers == 0:  # with GPU offload the host holds less than this
+            memory.check(self.memory_estimate, force=config.force, available=budget.available_bytes)
         start = time.perf_counter()
         self._loaded = LoadedModel(
             self._lib,
             self.model_path,
             self.mmproj_path,
-            n_ctx=n_ctx,
+            n_ctx=budget.n_ctx,
             n_seq=parallel,
-            n_batch=n_batch,
+            n_batch=config.n_batch,
             n_threads=self.n_threads,
-            n_gpu_layers=n_gpu_layers,
+            n_gpu_layers=config.n_gpu_layers,
             use_mmap=use_mmap,
-            verbose=verbose,
+            flash_attn=config.flash_attn,
+            verbose=config.verbose,
             clip_callback=self.pictures.clip_callback,
+            catalog_sampling=_catalog_sampling(config.model),
         )
         self._load_s = time.perf_counter() - start
-        self._n_gpu_layers = n_gpu_layers
+        self._n_gpu_layers = config.n_gpu_layers
         loaded = self._loaded
         self._marker = loaded.marker
         self.chat_format: ChatFormat = choose_format(
-            chat_format,
+            config.chat_format,
             loaded.metadata,
             bos=loaded.piece(loaded.bos, special=True).decode("utf-8", "replace"),
             eos=loaded.piece(loaded.eos, special=True).decode("utf-8", "replace"),
@@ -170,8 +149,8 @@ class LlamaCppBackend(Backend):
             llama_cpp_version=str(getattr(self._lib, "__version__", "?")),
         )
         #: Earlier KV states, restored when a prompt shares a longer prefix with one of
-        #: them than any slot holds (see :mod:`..kv_cache`).
-        self.kv_cache = self._open_kv_cache(kv_cache_mb, kv_cache_dir, kv_cache_dir_gb)
+        #: them than any slot holds (see :mod:`.kv_cache`).
+        self.kv_cache = self._open_kv_cache(config.kv_cache_dir, config.kv_cache_dir_gb)
         mctx, mtmd = loaded.mctx, self._mtmd
         disk = self.kv_cache.disk if self.kv_cache is not None else None
         self._writer = kv_cache.BackgroundWriter(disk) if disk is not None else None
@@ -210,17 +189,16 @@ class LlamaCppBackend(Backend):
         )
 
     def _open_kv_cache(
-        self,
-        memory_mb: float | None,
-        directory: str | os.PathLike[str] | None,
-        directory_gb: float,
+        self, directory: str | os.PathLike[str] | None, directory_gb: float
     ) -> kv_cache.PrefixCache | None:
-        reserve = memory.margin(self.memory_estimate)
-        if memory_mb is None:
-            budget = kv_cache.default_memory_bytes(reserve)
-        else:
-            budget = max(0, int(memory_mb * 2**20))
-        tier = kv_cache.MemoryTier(budget, reserve) if budget > 0 else None
+        """The kept states: in RAM within the budget's share (the memory check's margin
+        always left free), and on disk when a folder is given."""
+        budget = self.memory_budget
+        tier = (
+            kv_cache.MemoryTier(budget.kept_bytes, budget.margin_bytes)
+            if budget.kept_bytes > 0
+            else None
+        )
         disk = None
         if directory is not None:
             disk = kv_cache.DiskTier(
@@ -242,9 +220,24 @@ class LlamaCppBackend(Backend):
         return self.default_max_image_side
 
     @property
+    def sampling(self) -> Sampling:
+        """What a turn samples with where its options say nothing: the GGUF's
+        recommendation, else the catalogue's, else llama.cpp's defaults."""
+        return self._loaded.sampling
+
+    @property
     def n_ctx(self) -> int:
         """The context window of one conversation, in tokens (positions)."""
         return self._loaded.n_ctx
+
+    def describe(self) -> ModelDescription:
+        return ModelDescription(
+            files=(self.model_path, self.mmproj_path),
+            n_ctx=self.n_ctx,
+            parallel=self.parallel,
+            kv_bytes=self.memory_estimate.kv_bytes,
+            kept_bytes=self.memory_budget.kept_bytes,
+        )
 
     @property
     def n_vocab(self) -> int:
@@ -544,7 +537,7 @@ class LlamaCppBackend(Backend):
         slot holds (or, when every slot is busy, a kept state); what that slot held
         before is kept in the prefix cache. Returns the positions restored, or 0 when
         the file is missing, damaged, not written with this user's key
-        (:mod:`..state_key`), beyond this engine's context or vocabulary, or made for
+        (:mod:`.state_key`), beyond this engine's context or vocabulary, or made for
         another model, projector or settings (then nothing changes). Should the next
         turn's reading fail on top of it, the file is removed and the turn read cold."""
         target = Path(path)
@@ -569,29 +562,15 @@ class LlamaCppBackend(Backend):
         return scheduler.call(restore)
 
 
-def _auto_parallel(estimate: Callable[[int], memory.MemoryEstimate]) -> int:
-    """The most slots (up to four) whose KV cache fits with the memory check's margin and
-    leaves a fifth of what is available for kept states and the rest of the machine."""
-    available = host.available_bytes()
-    for slots in range(MAX_AUTO_PARALLEL, 1, -1):
-        est = estimate(slots)
-        if est.needed_bytes + memory.margin(est) <= available * 0.8:
-            return slots
-    return 1
-
-
-def _existing_file(path: str | os.PathLike[str], what: str) -> Path:
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise ModelNotFoundError(f"no {what} file at {p}; check the path or download it first")
-    if not p.is_file():
-        raise ModelNotFoundError(f"the {what} path {p} is not a file")
-    return p
-
-
 def _grammar(schema: dict[str, Any] | None) -> str | None:
     if schema is None:
         return None
-    from ..grammar import grammar_text  # bounds the converter drops; checked it parses
+    from .grammar import grammar_text  # bounds the converter drops; checked it parses
 
     return grammar_text(schema)
+
+
+def _catalog_sampling(model: str | None) -> Sampling | None:
+    """The sampling the catalogue recommends for ``model`` (a catalogue name or a file)."""
+    entry = catalog.match(model) if model else None
+    return entry[0].sampling if entry else None

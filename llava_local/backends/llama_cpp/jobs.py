@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ...control import TurnControl
-from ...types import Options, Stats
+from ...types import Options, Stats, TokenLogprob
 from .prompt import Prompt
 from .sampling import Sampler, StopScanner
 from .slots import Slot
@@ -75,6 +75,8 @@ class Job:
         self.leading = True
         self.next_token: int | None = None
         self.count = 0
+        #: Each answer token's log-probability, when ``options.logprobs`` asks.
+        self.logprobs: list[TokenLogprob] = []
         self.stats = Stats()
         self.started = started
         self.decode_started = 0.0

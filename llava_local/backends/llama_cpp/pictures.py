@@ -14,7 +14,7 @@ import numpy as np
 from ...control import STATUS_ENCODING, TurnControl
 from ...errors import BackendError
 from ...types import PreparedImage
-from ..embedding_cache import EmbeddingCache
+from .embedding_cache import EmbeddingCache
 from .jobs import Job
 from .model import LoadedModel
 from .prompt import Part, Prompt, tokenize
@@ -48,8 +48,9 @@ class Pictures:
             return tokenize(self.mtmd, model.mctx, text, images)
 
     def encode(self, model: LoadedModel, job: Job, parts: Sequence[Part]) -> None:
-        """CLIP for the pictures ``job`` needs read, in the caller's thread (other
-        conversations go on being answered meanwhile)."""
+        """CLIP for the pictures ``job`` needs read, in the caller's thread: tokenizing
+        and the embedding cache go on beside other conversations' answers, the encoding
+        itself between two of their decode steps (:attr:`LoadedModel.compute`)."""
         mtmd = self.mtmd
         for part in parts:
             if part.picture in job.embeddings:
@@ -63,7 +64,8 @@ class Pictures:
                 t0 = time.perf_counter()
                 self._encoding, self.clip_nodes = job.control, 0
                 try:
-                    code = mtmd.mtmd_encode_chunk(model.mctx, part.chunk)
+                    with model.compute:  # between the driver's decode steps
+                        code = mtmd.mtmd_encode_chunk(model.mctx, part.chunk)
                     if job.control.cancelled:  # a stopped encode returns half-computed data
                         raise _Stopped
                     if code != 0:

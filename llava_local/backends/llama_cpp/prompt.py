@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from ...errors import BackendError, ImageError
 from ...types import PreparedImage
-from ..kv_cache import Key
+from .kv_cache import Key
 
 PartKind = Literal["text", "image"]
 

@@ -3,23 +3,29 @@ grammar, seed), and stop strings cut from the streamed text."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from ...types import Options
+import numpy as np
+import numpy.typing as npt
+
+from ...sampling import LLAMA_CPP, Sampling
+from ...types import Options, TokenLogprob
 
 #: Tokens the repeat penalty looks back over (llama-cpp-python's default).
 PENALTY_LAST_N = 64
 
 
-def sampling_values(opts: Options) -> dict[str, Any]:
-    """llama.cpp's own defaults where an option is unset."""
+def sampling_values(opts: Options, defaults: Sampling = LLAMA_CPP) -> dict[str, Any]:
+    """The options, with the model's recommended sampling (``defaults``: the GGUF's,
+    the catalogue's, else llama.cpp's own) where one is unset."""
+    filled = defaults.fill(opts)
     return {
-        "temp": 0.8 if opts.temperature is None else opts.temperature,
-        "top_k": 40 if opts.top_k is None else opts.top_k,
-        "top_p": 0.95 if opts.top_p is None else opts.top_p,
-        "min_p": 0.05,
-        "repeat_penalty": 1.0 if opts.repeat_penalty is None else opts.repeat_penalty,
+        "temp": filled.temperature,
+        "top_k": filled.top_k,
+        "top_p": filled.top_p,
+        "min_p": defaults.min_p,
+        "repeat_penalty": filled.repeat_penalty,
     }
 
 
@@ -37,9 +43,10 @@ class Sampler:
         *,
         grammar: str | None,
         seed: int,
+        defaults: Sampling = LLAMA_CPP,
     ) -> None:
         self.lib = lib
-        values = sampling_values(opts)
+        values = sampling_values(opts, defaults)
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         self.chain = chain
 
@@ -71,6 +78,29 @@ class Sampler:
         if self.chain:
             self.lib.llama_sampler_free(self.chain)
             self.chain = None
+
+
+def token_logprob(
+    logits: npt.NDArray[np.float32], token: int, top: int, piece: Callable[[int], bytes]
+) -> TokenLogprob:
+    """``token``'s log-probability under the raw distribution of ``logits`` (their
+    log-softmax: what the model said before temperature, top-k/p, penalties or a
+    grammar shaped it), with the ``top`` most likely tokens there."""
+    values = logits.astype(np.float64)
+    peak = float(values.max())
+    logsumexp = peak + float(np.log(np.exp(values - peak).sum()))
+
+    def one(tok: int) -> TokenLogprob:
+        data = piece(tok)
+        text = data.decode("utf-8", "replace")
+        return TokenLogprob(token=text, logprob=float(values[tok]) - logsumexp, bytes=tuple(data))
+
+    best: list[int] = []
+    if top > 0:
+        count = min(top, len(values))
+        chosen = np.argpartition(-values, count - 1)[:count]
+        best = sorted((int(i) for i in chosen), key=lambda i: -values[i])
+    return one(token).model_copy(update={"top_logprobs": tuple(one(i) for i in best)})
 
 
 class StopScanner:

@@ -8,7 +8,7 @@ own, a chunk at a time). So a new question does not wait for another client's wh
 answer, and running answers keep flowing while a long prompt is read.
 
 A slot keeps what its last turn left (the key of every position, as in
-:mod:`..kv_cache`), so a follow-up reads only its new tokens. A turn takes the idle
+:mod:`.kv_cache`), so a follow-up reads only its new tokens. A turn takes the idle
 slot that shares most of its prompt; it may instead copy a longer shared prefix (a
 picture) from another slot's cells (``llama_memory_seq_cp``: no computing, no extra
 memory), or restore one from the prefix cache. What a reused slot held is kept in the
@@ -39,14 +39,15 @@ from ...control import (
     STATUS_READING_PROMPT,
 )
 from ...errors import BackendError, InvalidRequestError, LlavaLocalError
-from .. import kv_cache
 from ..base import Finish
-from ..kv_cache import Key, KVState
+from . import kv_cache
 from .jobs import Job
+from .kv_cache import Key, KVState
 from .model import LoadedModel
 from .prompt import Part, usable
-from .sampling import Sampler
+from .sampling import Sampler, token_logprob
 from .slots import Slot, Slots
+from .stopflag import StopFlag
 
 T = TypeVar("T")
 
@@ -87,8 +88,9 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._decoding: list[Job] = []  # the jobs of the decode running now
         lib = self.lib
-        self._abort_cb = lib.ggml_abort_callback(self._abort_requested)
-        self._no_abort = ctypes.cast(0, lib.ggml_abort_callback)
+        #: Read by llama.cpp after every graph node, raised by :meth:`wake`.
+        self._stop = StopFlag(lib.ggml_abort_callback)
+        lib.llama_set_abort_callback(model.ctx, self._stop.callback, self._stop.data)
         n = model.n_batch
         self._tokens = lib.llama_batch_init(n, 0, 1)
         self._embd = lib.llama_batch_init(n, model.n_embd, 1)
@@ -106,6 +108,9 @@ class Scheduler:
             self._cond.notify()
 
     def wake(self) -> None:
+        """A turn was stopped, or work came: the running computation stops if every
+        turn in it is stopped, and the driver looks again."""
+        self._stop.check()
         with self._cond:
             self._cond.notify()
 
@@ -361,7 +366,7 @@ class Scheduler:
                 completed.append((job, row))
             self._status(job, STATUS_READING_PROMPT)
         if batch.n_tokens:
-            if not self._decode(batch, [j for j, _ in fed], abortable=bool(reading)):
+            if not self._decode(batch, [j for j, _ in fed]):
                 return
             for job, keys in fed:
                 assert job.slot is not None
@@ -434,7 +439,7 @@ class Scheduler:
             batch.seq_id[i][0] = job.slot.seq
             batch.logits[i] = 1 if (logits_last and i == n - 1) else 0
         batch.n_tokens = n
-        return self._decode(batch, [job], abortable=True)
+        return self._decode(batch, [job])
 
     def _whole_picture(self, job: Job, part: Part) -> bool:
         """Pictures whose attention is not causal, or whose positions are 2-D (M-RoPE),
@@ -444,7 +449,7 @@ class Scheduler:
         embd = job.embeddings[part.picture]
         new_n_past = lib.llama_pos(0)
         self._decoding = [job]
-        lib.llama_set_abort_callback(self.model.ctx, self._abort_cb, None)
+        self._stop.arm(self._all_stopped)
         try:
             code = mtmd.mtmd_helper_decode_image_chunk(
                 self.model.mctx,
@@ -459,8 +464,8 @@ class Scheduler:
                 None,
             )
         finally:
+            self._stop.disarm()
             self._decoding = []
-            lib.llama_set_abort_callback(self.model.ctx, self._no_abort, None)
         if code != 0:
             if job.stopped:
                 self._cancel(job)
@@ -469,21 +474,18 @@ class Scheduler:
             return False
         return True
 
-    def _decode(self, batch: Any, jobs: list[Job], *, abortable: bool) -> bool:
-        """One ``llama_decode``; on failure the turns in it end (stopped or failed).
-
-        ``abortable``: a stop request may cut it short (llama.cpp then calls back after
-        every graph node: worth it while a prompt is read, not for one token a turn)."""
+    def _decode(self, batch: Any, jobs: list[Job]) -> bool:
+        """One ``llama_decode``; on failure the turns in it end (stopped or failed). A
+        stop request for every turn in it cuts it short (:class:`.StopFlag`)."""
         lib, ctx = self.lib, self.model.ctx
         self._decoding = jobs
-        if abortable:
-            lib.llama_set_abort_callback(ctx, self._abort_cb, None)
         try:
-            code = int(lib.llama_decode(ctx, batch))
+            with self.model.compute:  # not while a picture is encoded
+                self._stop.arm(self._all_stopped)
+                code = int(lib.llama_decode(ctx, batch))
         finally:
+            self._stop.disarm()
             self._decoding = []
-            if abortable:
-                lib.llama_set_abort_callback(ctx, self._no_abort, None)
         self.steps += 1
         if code == 0:
             self.shared_steps += len(set(map(id, jobs))) > 1
@@ -495,7 +497,7 @@ class Scheduler:
             if job.slot is not None:
                 self.slots.trim(job.slot, len(job.slot.keys))
         if code == 1 and self.slots.free_cells():
-            return self._decode(batch, jobs, abortable=abortable)
+            return self._decode(batch, jobs)
         for job in dict.fromkeys(jobs):
             slot = job.slot
             if slot is not None and slot.suspect is not None and not job.stopped:
@@ -528,9 +530,9 @@ class Scheduler:
         job.pos, job.next_token = 0, None
         self._start_reading(job)
 
-    def _abort_requested(self, _data: Any = None) -> bool:
-        """llama.cpp asks after every graph node: stop when every turn in the decode
-        was stopped (one that still wants its answer is never cut short)."""
+    def _all_stopped(self) -> bool:
+        """Whether every turn in the running decode was stopped (one that still wants
+        its answer is never cut short)."""
         jobs = self._decoding
         return bool(jobs) and all(job.stopped for job in jobs)
 
@@ -564,6 +566,7 @@ class Scheduler:
             job.options,
             grammar=job.grammar,
             seed=job.seed,
+            defaults=self.model.sampling,
         )
         self._next(job, row)
         if read_a_picture:
@@ -589,6 +592,12 @@ class Scheduler:
             self._finish(job, "stop")
             return
         job.count += 1
+        if job.options.logprobs is not None:  # from the same row the sampler read
+            ptr = self.lib.llama_get_logits_ith(self.model.ctx, row)
+            logits = np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+            job.logprobs.append(
+                token_logprob(logits, token, job.options.logprobs, self.model.piece)
+            )
         piece = job.utf8.decode(self.model.piece(token))
         if job.leading:
             piece = piece.lstrip()
@@ -624,7 +633,8 @@ class Scheduler:
         stats.decode_s = now - job.decode_started
         stats.total_s = now - job.started
         self._release(job)
-        job.send("finish", Finish(reason, stats))
+        logprobs = tuple(job.logprobs) if job.options.logprobs is not None else None
+        job.send("finish", Finish(reason, stats, logprobs))
 
     def _fail(self, job: Job, error: LlavaLocalError) -> None:
         self._release(job)

@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import kv_cache, kv_payload
-from ..kv_cache import Key, KVState
+from . import kv_cache, kv_payload
+from .kv_cache import Key, KVState
 from .model import LoadedModel
 from .prompt import usable
 
@@ -97,7 +97,7 @@ class Slots:
 
     def set_state(self, slot: Slot, state: KVState) -> bool:
         """Make ``state`` what ``slot`` holds. A state whose layout, sizes or positions
-        do not check out (:mod:`..kv_payload`) is never handed to llama.cpp; on any
+        do not check out (:mod:`.kv_payload`) is never handed to llama.cpp; on any
         failure the slot is emptied (never half a state) and False returned: the prompt
         is then read from the start."""
         lib, ctx, mem = self.lib, self.model.ctx, self.model.memory
