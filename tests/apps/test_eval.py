@@ -445,13 +445,13 @@ def json_digit_reply(i: int, picture: LabelledPicture, prompt: str) -> str:
 
 
 def test_structured_answers_score_the_exact_value(
-    ollama_server: OllamaServer, chat: VisionChat
+    ollama_server: OllamaServer, ollama_chat: VisionChat
 ) -> None:
     """With structured=True every question carries the task's schema as the format, and
     only the exact value of its field counts: 70 for 7 is wrong, a cut answer unparsed."""
     digits = load_set("digits", limit=8)
     ollama_server.script(by_picture(digits, json_digit_reply))
-    report = evaluate(chat, digits, [DIGIT_PROMPT], name="digits", structured=True, progress=False)
+    report = evaluate(ollama_chat, digits, [DIGIT_PROMPT], name="digits", structured=True, progress=False)
     (result,) = report.results
     assert (result.correct, result.unparsed, result.answers) == (4, 2, 8)
     assert report.structured is True
@@ -465,7 +465,7 @@ def test_structured_answers_score_the_exact_value(
 
 
 def test_structured_shape_questions_ask_for_their_own_key(
-    ollama_server: OllamaServer, chat: VisionChat
+    ollama_server: OllamaServer, ollama_chat: VisionChat
 ) -> None:
     """On shapes, the shape question's schema has a "shape" string and the colour
     question's a "colour" one, each scored on its own label."""
@@ -476,7 +476,7 @@ def test_structured_shape_questions_ask_for_their_own_key(
         return json.dumps({kind: picture.labels[kind] if i else "blue"})
 
     ollama_server.script(by_picture(shapes, reply))
-    report = evaluate(chat, "shapes", limit=6, structured=True, progress=False)
+    report = evaluate(ollama_chat, "shapes", limit=6, structured=True, progress=False)
     assert [(r.kind, r.correct) for r in report.results] == [("shape", 5), ("colour", 5)]
     formats = [r.json["format"] for r in ollama_server.requests_to("/api/chat")]
     shape, colour = (task_schema(key, integer=False) for key in ("shape", "colour"))
@@ -484,13 +484,13 @@ def test_structured_shape_questions_ask_for_their_own_key(
 
 
 def test_samples_ask_each_question_again_with_the_next_seed(
-    ollama_server: OllamaServer, chat: VisionChat
+    ollama_server: OllamaServer, ollama_chat: VisionChat
 ) -> None:
     """samples=3 asks every question three times, sample i with seed + i, and scores
     every answer."""
     ollama_server.script(pieces=["This digit is 2."])
     report = evaluate(
-        chat, "digits", [DIGIT_PROMPT], limit=2, samples=3, temperature=0.8, seed=5, progress=False
+        ollama_chat, "digits", [DIGIT_PROMPT], limit=2, samples=3, temperature=0.8, seed=5, progress=False
     )
     options = [r.json["options"] for r in ollama_server.requests_to("/api/chat")]
     assert [o["seed"] for o in options] == [5, 6, 7, 5, 6, 7]
@@ -503,18 +503,18 @@ def test_samples_ask_each_question_again_with_the_next_seed(
 
 
 def test_default_sampling_sends_no_temperature(
-    ollama_server: OllamaServer, chat: VisionChat
+    ollama_server: OllamaServer, ollama_chat: VisionChat
 ) -> None:
     """temperature=None leaves sampling to the engine, as a client that sends none."""
     ollama_server.script(pieces=["7"])
-    report = evaluate(chat, "digits", [DIGIT_PROMPT], limit=1, samples=2, temperature=None)
+    report = evaluate(ollama_chat, "digits", [DIGIT_PROMPT], limit=1, samples=2, temperature=None)
     options = [r.json["options"] for r in ollama_server.requests_to("/api/chat")]
     assert options == [{"num_predict": 64}, {"num_predict": 64}]
     assert "the engine's default sampling" in render(report)
 
 
 def test_wrapped_questions_go_as_the_client_sends_them(
-    ollama_server: OllamaServer, chat: VisionChat
+    ollama_server: OllamaServer, ollama_chat: VisionChat
 ) -> None:
     """Each wrapper sends its system message and its text around the question, with the
     schema written into them and, where the client asks, enforced; one row each."""
@@ -524,7 +524,7 @@ def test_wrapped_questions_go_as_the_client_sends_them(
         Wrapper(name="around", user="Q: {question}\nA:", schema_style="javascript"),
         Wrapper(name="enforced", user="{question} {schema}", grammar="schema"),
     ]
-    report = evaluate(chat, "digits", limit=1, wrappers=wrappers, progress=False)
+    report = evaluate(ollama_chat, "digits", limit=1, wrappers=wrappers, progress=False)
     bodies = [r.json for r in ollama_server.requests_to("/api/chat")]
     schema = task_schema("digit", integer=True)
     written = json.dumps(schema)
@@ -548,7 +548,7 @@ def test_wrapped_questions_go_as_the_client_sends_them(
     ]
     assert report.wrappers == ["sys", "around", "enforced"]
     assert str(report).splitlines()[0] == f"1.000  {DIGIT_PROMPT} [sys]"
-    assert chat.history == []
+    assert ollama_chat.history == []
 
 
 def test_the_held_out_wrappers_write_their_schema_as_their_client_does() -> None:
