@@ -629,14 +629,18 @@ def write_language_model(
     w.add_bool("tokenizer.ggml.add_eos_token", False)
     if chat_template:
         w.add_string("tokenizer.chat_template", chat_template)
-    for key, value in (sampling or {}).items():
+    _add_sampling(w, sampling or {})
+    return _write(Path(path), w, plan)
+
+
+def _add_sampling(w: gguf.GGUFWriter, sampling: Mapping[str, float]) -> None:
+    for key, value in sampling.items():
         if key not in SAMPLING_KEYS:
             raise ValueError(f"general.sampling.{key} is not one of {', '.join(SAMPLING_KEYS)}")
         if key == "top_k":
             w.add_int32(f"general.sampling.{key}", int(value))
         else:
             w.add_float32(f"general.sampling.{key}", float(value))
-    return _write(Path(path), w, plan)
 
 
 def _random_maker(

@@ -451,7 +451,9 @@ def test_structured_answers_score_the_exact_value(
     only the exact value of its field counts: 70 for 7 is wrong, a cut answer unparsed."""
     digits = load_set("digits", limit=8)
     ollama_server.script(by_picture(digits, json_digit_reply))
-    report = evaluate(ollama_chat, digits, [DIGIT_PROMPT], name="digits", structured=True, progress=False)
+    report = evaluate(
+        ollama_chat, digits, [DIGIT_PROMPT], name="digits", structured=True, progress=False
+    )
     (result,) = report.results
     assert (result.correct, result.unparsed, result.answers) == (4, 2, 8)
     assert report.structured is True
@@ -490,7 +492,14 @@ def test_samples_ask_each_question_again_with_the_next_seed(
     every answer."""
     ollama_server.script(pieces=["This digit is 2."])
     report = evaluate(
-        ollama_chat, "digits", [DIGIT_PROMPT], limit=2, samples=3, temperature=0.8, seed=5, progress=False
+        ollama_chat,
+        "digits",
+        [DIGIT_PROMPT],
+        limit=2,
+        samples=3,
+        temperature=0.8,
+        seed=5,
+        progress=False,
     )
     options = [r.json["options"] for r in ollama_server.requests_to("/api/chat")]
     assert [o["seed"] for o in options] == [5, 6, 7, 5, 6, 7]
