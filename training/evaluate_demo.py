@@ -30,7 +30,7 @@ from llava_local_dev.mtmd import MtmdRunner
 from PIL import Image
 
 from llava_local.images import prepare
-from training import data
+from training import data, validation_prompts
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DIR = REPO / "llava_local" / "data" / "demo"
@@ -242,8 +242,10 @@ def harness_figures(
     (``llava_local.apps.eval``) on the test split and the built-in shapes: structured
     answers (the task's schema, the grammar on, exact values), the engine's default
     sampling (5 samples a question, seeds 0-4), the held-out client wrappers, and
-    instructor's JSON mode (a trained client, for the issue's failing case). ``only``:
-    the names of the runs to measure (all by default), to share them among processes."""
+    instructor's JSON mode (a trained client, for the issue's failing case); and
+    ``wrapped_validation``, the clients' prompts of ``validation_prompts`` on shapes
+    drawn from another seed (to choose recipes on; not a test figure). ``only``: the
+    names of the runs to measure (all by default), to share them among processes."""
     from llava_local import VisionChat
     from llava_local.apps.datasets import COLOUR_PROMPT, DIGIT_PROMPT, SHAPE_PROMPT, load_set
     from llava_local.apps.eval import evaluate
@@ -266,7 +268,11 @@ def harness_figures(
         "default_sampling": {"samples": 5, "temperature": None, "seed": 0},
         "wrapped_held_out": {"wrappers": list(HELD_OUT)},
         "instructor_json_mode": {"wrappers": [instructor]},
+        "wrapped_validation": {"wrappers": list(validation_prompts.VALIDATION)},
     }
+    validation_shapes = load_set(
+        "shapes", seed=validation_prompts.SHAPES_SEED, limit=60 if quick else None
+    )
     out: dict[str, Any] = {
         "how": "llava_local.apps.eval.evaluate (llava-local eval), llama.cpp engine, "
         "n_threads=1; digits: the test split; shapes: the built-in 300"
@@ -276,10 +282,13 @@ def harness_figures(
             if only is not None and name not in only:
                 continue
             figures: dict[str, Any] = {}
-            for label, pictures, prompts_ in (
+            sets = [
                 ("digits", digits, [DIGIT_PROMPT]),
                 ("shapes", shapes, [SHAPE_PROMPT, COLOUR_PROMPT]),
-            ):
+            ]
+            if name == "wrapped_validation":
+                sets = [("shapes", validation_shapes, [SHAPE_PROMPT, COLOUR_PROMPT])]
+            for label, pictures, prompts_ in sets:
                 report = evaluate(chat, pictures, prompts_, name=label, progress=False, **kwargs)
                 rows = {
                     r.prompt + (f" [{r.wrapper}]" if r.wrapper else ""): round(r.accuracy, 4)
@@ -297,7 +306,10 @@ def harness_figures(
     return out
 
 
-HARNESS_JOBS = (("structured", "default_sampling", "instructor_json_mode"), ("wrapped_held_out",))
+HARNESS_JOBS = (
+    ("structured", "default_sampling", "instructor_json_mode", "wrapped_validation"),
+    ("wrapped_held_out",),
+)
 
 
 def _figures(job: tuple[Path, Path, bool, tuple[str, ...] | None]) -> dict[str, Any]:

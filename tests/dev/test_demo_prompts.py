@@ -10,8 +10,10 @@ from textwrap import dedent
 import numpy as np
 import pytest
 
+from llava_local.apps import datasets
 from llava_local.apps.wrappers import HELD_OUT, task_schema
 from training import data, prompts
+from training.validation_prompts import SHAPES_SEED, VALIDATION
 
 FACTS = {"digit": 7}
 SHAPE_FACTS = {"shape": "star", "colour": "red"}
@@ -129,3 +131,20 @@ def test_wrappers_keep_the_question() -> None:
     for _ in range(100):
         assert data.PRIMARY_DIGIT_QUESTION in prompts.wrap(data.PRIMARY_DIGIT_QUESTION, rng)
     assert all("{q}" in w for w in prompts.WRAPPERS)
+
+
+def test_validation_prompts_are_neither_trained_nor_held_out() -> None:
+    """The prompts recipes are chosen on share no text with training or with the held-out
+    clients' prompts (12 characters or more either way), and measure shapes from a seed
+    of their own."""
+    trained = [" ".join(t.split()) for t in prompts.all_training_texts()]
+    held_out = [p for w in HELD_OUT for t in (w.system or "", w.user) for p in _pieces(t)]
+    pieces = [p for w in VALIDATION for t in (w.system or "", w.user) for p in _pieces(t)]
+    assert len(pieces) >= len(VALIDATION)
+    for piece in pieces:
+        assert not any(piece in text for text in trained + held_out), piece
+    for text in (p for t in prompts.all_training_texts() for p in _pieces(t)):
+        assert not any(text in piece for piece in pieces), text
+    for piece in held_out:
+        assert not any(piece in text for text in pieces), piece
+    assert SHAPES_SEED not in (0, 1000, datasets.SHAPES_SEED)
