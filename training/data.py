@@ -187,6 +187,34 @@ COLOUR_QUESTIONS_TRAIN = tuple(
     dict.fromkeys(COLOUR_QUESTIONS_TRAIN + keyword_questions(["colour", "color"], _HELD_OUT))
 )
 
+# Stage 3 (the 2nd edition's polish): questions that name the *other* word as well, so
+# that the word asked about, not the last keyword, decides the answer (run 19 answered
+# "What colour does the shape have?" with the shape). Filtered like the frames: nothing
+# within one word of a held-out question.
+_COLOUR_NAMING_SHAPE = (
+    "What is the shape's {k}?", "Tell me the {k} of the shape.", "Which {k} is this shape?",
+    "What {k} is this shape?", "The shape is which {k}?", "In which {k} is the shape drawn?",
+    "What {k} is the shape drawn in?", "Name the {k} of this shape.",
+    "What {k} is the shape painted?", "Forget the shape: which {k} is it?",
+    "Not the shape, the {k}: what is it?", "Which {k} does this shape show?",
+    "Say which {k} the shape is.", "I know the shape. What {k} is it?",
+)  # fmt: skip
+_SHAPE_NAMING_COLOUR = (
+    "What shape is the {k}ed figure?", "Which shape has this {k}?",
+    "Ignore the {k}: what shape is it?", "Not the {k}, the shape: what is it?",
+    "What is the shape of the {k}ed thing?", "I know the {k}. What shape is it?",
+    "Which shape is drawn in {k}?", "Forget the {k}: which shape is it?",
+)  # fmt: skip
+
+
+def _naming(frames: Sequence[str], keys: Sequence[str]) -> tuple[str, ...]:
+    out = [f.format(k=k) for f in frames for k in keys]
+    return tuple(q for q in out if all(_word_distance(q, h) > 1 for h in _HELD_OUT))
+
+
+COLOUR_QUESTIONS_NAMING_SHAPE = _naming(_COLOUR_NAMING_SHAPE, ("colour", "color"))
+SHAPE_QUESTIONS_NAMING_COLOUR = _naming(_SHAPE_NAMING_COLOUR, ("colour", "color"))
+
 # --- labels ---------------------------------------------------------------------------------
 
 SHAPES = datasets.SHAPES  # circle, square, triangle, star, cross

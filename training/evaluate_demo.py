@@ -4,6 +4,7 @@ Run from the repository root (needs llama-cpp-python and scikit-learn; not torch
 
     python -m training.evaluate_demo            # print the table
     python -m training.evaluate_demo --write    # also record it in demo.json
+    python -m training.evaluate_demo --write --processes 3   # the same, sooner
 
 Pictures go the way the library sends them: ``llava_local.images.prepare`` (RGB, at most
 1344 px, PNG or JPEG), then libmtmd decodes and preprocesses them itself. Prompts are the
@@ -29,7 +30,7 @@ from llava_local_dev.mtmd import MtmdRunner
 from PIL import Image
 
 from llava_local.images import prepare
-from training import data
+from training import data, validation_prompts
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DIR = REPO / "llava_local" / "data" / "demo"
@@ -234,14 +235,112 @@ def evaluate(lm: Path, mmproj: Path, n_shapes: int = 300, quick: bool = False) -
     return result
 
 
+def harness_figures(
+    lm: Path, mmproj: Path, quick: bool = False, only: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """The 2nd edition's targets, measured with ``llava-local eval``'s harness
+    (``llava_local.apps.eval``) on the test split and the built-in shapes: structured
+    answers (the task's schema, the grammar on, exact values), the engine's default
+    sampling (5 samples a question, seeds 0-4), the held-out client wrappers, and
+    instructor's JSON mode (a trained client, for the issue's failing case); and
+    ``wrapped_validation``, the clients' prompts of ``validation_prompts`` on shapes
+    drawn from another seed (to choose recipes on; not a test figure). ``only``: the
+    names of the runs to measure (all by default), to share them among processes."""
+    from llava_local import VisionChat
+    from llava_local.apps.datasets import COLOUR_PROMPT, DIGIT_PROMPT, SHAPE_PROMPT, load_set
+    from llava_local.apps.eval import evaluate
+    from llava_local.apps.wrappers import HELD_OUT, Wrapper
+
+    digits = load_set("digits", limit=100 if quick else None)
+    shapes = load_set("shapes", limit=60 if quick else None)
+    instructor = Wrapper(
+        name="instructor-json",
+        source="instructor Mode.JSON (trained): its system message, response_format json_object",
+        system="\n        As a genius expert, your task is to understand the content and provide\n"
+        "        the parsed objects in json that match the following json_schema:\n\n\n"
+        "        {schema}\n\n"
+        "        Make sure to return an instance of the JSON, not the schema itself\n",
+        schema_style="python-indent",
+        grammar="object",
+    )
+    runs: dict[str, dict[str, Any]] = {
+        "structured": {"structured": True},
+        "default_sampling": {"samples": 5, "temperature": None, "seed": 0},
+        "wrapped_held_out": {"wrappers": list(HELD_OUT)},
+        "instructor_json_mode": {"wrappers": [instructor]},
+        "wrapped_validation": {"wrappers": list(validation_prompts.VALIDATION)},
+    }
+    validation_shapes = load_set(
+        "shapes", seed=validation_prompts.SHAPES_SEED, limit=60 if quick else None
+    )
+    out: dict[str, Any] = {
+        "how": "llava_local.apps.eval.evaluate (llava-local eval), llama.cpp engine, "
+        "n_threads=1; digits: the test split; shapes: the built-in 300"
+    }
+    with VisionChat.llama_cpp(model=lm, mmproj=mmproj, n_threads=1) as chat:
+        for name, kwargs in runs.items():
+            if only is not None and name not in only:
+                continue
+            figures: dict[str, Any] = {}
+            sets = [
+                ("digits", digits, [DIGIT_PROMPT]),
+                ("shapes", shapes, [SHAPE_PROMPT, COLOUR_PROMPT]),
+            ]
+            if name == "wrapped_validation":
+                sets = [("shapes", validation_shapes, [SHAPE_PROMPT, COLOUR_PROMPT])]
+            for label, pictures, prompts_ in sets:
+                report = evaluate(chat, pictures, prompts_, name=label, progress=False, **kwargs)
+                rows = {
+                    r.prompt + (f" [{r.wrapper}]" if r.wrapper else ""): round(r.accuracy, 4)
+                    for r in report.results
+                }
+                figures[label] = {
+                    "accuracy": round(report.accuracy, 4),
+                    "answers": len(report.answers),
+                    "unparsed": sum(r.unparsed for r in report.results),
+                    "per_question": rows,
+                }
+                print(name, label, figures[label]["accuracy"], flush=True)
+            figures["options"] = {k: v for k, v in kwargs.items() if k != "wrappers"}
+            out[name] = figures
+    return out
+
+
+HARNESS_JOBS = (
+    ("structured", "default_sampling", "instructor_json_mode", "wrapped_validation"),
+    ("wrapped_held_out",),
+)
+
+
+def _figures(job: tuple[Path, Path, bool, tuple[str, ...] | None]) -> dict[str, Any]:
+    """One process's share: the figures of evaluate() (``only`` None) or harness runs."""
+    lm, mmproj, quick, only = job
+    if only is None:
+        return evaluate(lm, mmproj, quick=quick)
+    return harness_figures(lm, mmproj, quick=quick, only=only)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Evaluate, print, and optionally record the figures in demo.json."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=DEMO_DIR, help="directory of the pair")
     parser.add_argument("--write", action="store_true", help="record in <dir>/demo.json")
     parser.add_argument("--quick", action="store_true", help="a subset, for a quick look")
+    parser.add_argument(
+        "--processes", type=int, default=1, help="measure in this many processes (1 thread each)"
+    )
     args = parser.parse_args(argv)
-    result = evaluate(args.dir / "demo-lm.gguf", args.dir / "demo-mmproj.gguf", quick=args.quick)
+    lm, mmproj = args.dir / "demo-lm.gguf", args.dir / "demo-mmproj.gguf"
+    jobs = [(lm, mmproj, args.quick, only) for only in (None, *HARNESS_JOBS)]
+    if args.processes > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.processes) as pool:
+            parts = list(pool.map(_figures, jobs))
+    else:
+        parts = [_figures(job) for job in jobs]
+    result, second = parts[0], {k: v for part in parts[1:] for k, v in part.items()}
+    result["second_edition"] = second  # "how" first, then the runs in HARNESS_JOBS order
     print(json.dumps(result, indent=2))
     if args.write:
         meta_path = args.dir / "demo.json"

@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import multiprocessing
+import os
 import platform
 import re
 import time
@@ -28,12 +29,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+
+# PyTorch's OpenMP threads spin while they wait; on a machine shared with other work two
+# spinning threads made a step 25 times slower. Waiting passively changes no result.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # after the OpenMP setting above
 import torch.nn.functional as F
 from llava_local_dev import gguf_writer as gw
 from llava_local_dev import reference
 
-from training import data
+from training import data, prompts
 from training.model import LlamaBlock, TextShape, TinyLlava, VisionShape, scale_residual_outputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +48,11 @@ OUT_DIR = REPO / "llava_local" / "data" / "demo"
 
 VISION = VisionShape(image_size=32, patch_size=8, n_embd=128, n_ff=512, n_head=4, n_layer=5)
 TEXT = TextShape(n_vocab=gw.FIRST_EXTRA_ID, n_embd=128, n_layer=4, n_ff=352, n_head=4)
-CONTEXT_LENGTH = 1024
+CONTEXT_LENGTH = 2048  # Open WebUI's task templates with their chat history fit
+# Declared in the GGUF (general.sampling.*), which llama.cpp's own tools take as their
+# defaults: greedy, since the model reads pictures rather than writes. It is trained to be
+# right at llama.cpp's and Ollama's default sampling as well.
+RECOMMENDED_SAMPLING = {"temp": 0.0}
 
 
 @dataclass(frozen=True)
@@ -50,7 +60,7 @@ class Recipe:
     """Everything that decides the training run (recorded in demo.json)."""
 
     seed: int = 0
-    steps: int = 900
+    steps: int = 1600
     batch_size: int = 48
     lr: float = 2e-3
     min_lr: float = 1e-4
@@ -74,6 +84,23 @@ class Recipe:
     p_default_system: float = 0.7
     p_no_system: float = 0.15
     p_second_turn: float = 0.25
+    # stage 2's conversations (the 2nd edition): batch kinds, then first-turn variants
+    p_schema_batch: float = 0.3  # a JSON schema in the system prompt (instructor, ...)
+    p_task_batch: float = 0.08  # Open WebUI's title / tags / follow-up tasks, no picture
+    task_batch_size: int = 16  # their prompts are long and their answers few
+    p_chat_system: float = 0.25  # chat batches: a client's system prompt
+    p_wrapped: float = 0.15  # the question inside a client's text
+    p_json_asked: float = 0.1  # the question asks for JSON
+    p_json_forced: float = 0.1  # a grammar forces JSON on a plain question
+    p_schema_asked: float = 0.05  # a JSON schema in the user's text, before or after
+    # stage 3, the polish: a short pass at a low rate, from stage 2's weights, on what
+    # run 19 missed (training/README.md)
+    polish_steps: int = 400
+    polish_lr: float = 3e-4
+    polish_warmup: int = 20
+    p_polish_schema: float = 0.3  # a schema in the system prompt
+    p_polish_task: float = 0.04  # an Open WebUI task
+    polish_key_weight: float = 2.0  # the JSON keys the model writes itself
     threads: int = 2
 
 
@@ -84,9 +111,9 @@ class Recipe:
 class Sample:
     """One training conversation: a picture (index into a pool) and its turns."""
 
-    pool: str  # "digit" or "shape"
+    pool: str  # "digit", "shape", or "text" (no picture: an Open WebUI task)
     index: int
-    turns: tuple[tuple[str, str], ...]
+    turns: tuple[tuple[str, prompts.Reply], ...]
 
 
 def _pick(rng: np.random.Generator, items: Sequence[str]) -> str:
@@ -138,30 +165,40 @@ def shape_turns(
 
 
 LABEL_WORDS = re.compile(
-    r"\b(" + "|".join([*map(str, range(10)), *data.SHAPES, *data.COLOUR_NAMES]) + r")\b"
+    rb"\b(" + "|".join([*map(str, range(10)), *data.SHAPES, *data.COLOUR_NAMES]).encode() + rb")\b"
 )
 
 
 def encode_suffix(
-    turns: Sequence[tuple[str, str]], key_weight: float = 1.0
+    turns: Sequence[tuple[str, prompts.Reply]], key_weight: float = 1.0, *, picture: bool = True
 ) -> tuple[list[int], list[float]]:
-    """Token ids after the picture and their loss weights.
+    """Token ids after the picture (or after the shared prefix) and their loss weights.
 
-    Question tokens weigh 0, answer tokens (and their ``</s>``) 1, and the bytes of the
-    words that carry the picture's content (digit, shape, colour) ``key_weight``.
+    Question tokens weigh 0, answer tokens (and their ``</s>``) their segment's weight
+    (1, or 0 for what a grammar wrote), and the bytes of the words that carry the
+    picture's content (digit, shape, colour) in a learnt segment ``key_weight``.
+    ``picture=False``: the first turn's text follows the prefix directly (no picture).
     """
     ids: list[int] = []
     weights: list[float] = []
-    for i, (question, answer) in enumerate(turns):
-        text = data.first_turn_after_image(question) if i == 0 else data.later_turn(question)
+    for i, (question, reply) in enumerate(turns):
+        if i == 0:
+            text = data.first_turn_after_image(question) if picture else f"{question} ASSISTANT:"
+        else:
+            text = data.later_turn(question)
         q_ids = list(text.encode())
-        a_text = f" {answer}"
-        a_weights = [1.0] * (len(a_text.encode()) + 1)
-        for match in LABEL_WORDS.finditer(a_text):  # answers are ASCII: chars = bytes
-            for j in range(match.start(), match.end()):
-                a_weights[j] = key_weight
-        ids += [*q_ids, *a_text.encode(), gw.EOS_ID]
-        weights += [0.0] * len(q_ids) + a_weights
+        ids += q_ids
+        weights += [0.0] * len(q_ids)
+        for seg_text, seg_weight in reply.segments:
+            raw = seg_text.encode()
+            w = [seg_weight] * len(raw)
+            if seg_weight:
+                for match in LABEL_WORDS.finditer(raw):
+                    w[match.start() : match.end()] = [key_weight] * (match.end() - match.start())
+            ids += list(raw)
+            weights += w
+        ids.append(gw.EOS_ID)
+        weights.append(1.0)
     return ids, weights
 
 
@@ -268,7 +305,9 @@ def render_pools(recipe: Recipe, train_indices: Sequence[int], rng: np.random.Ge
 
 
 def make_batch(recipe: Recipe, pools: Pools, rng: np.random.Generator) -> tuple[str, list[Sample]]:
-    """One system prompt and a batch of conversations using it."""
+    """One system prompt and a batch of plain conversations using it (the first
+    edition's; stage 1 draws its pictures with it, so that the tower is trained as
+    before)."""
     r = rng.random()
     if r < recipe.p_default_system:
         system = data.DEFAULT_SYSTEM
@@ -281,12 +320,382 @@ def make_batch(recipe: Recipe, pools: Pools, rng: np.random.Generator) -> tuple[
         if rng.random() < recipe.p_digit:
             i = int(rng.integers(len(pools.digit_labels)))
             turns = digit_turns(int(pools.digit_labels[i]), rng, recipe.p_second_turn)
-            samples.append(Sample("digit", i, tuple(turns)))
+            samples.append(Sample("digit", i, _sentences(turns)))
         else:
             i = int(rng.integers(len(pools.shape_specs)))
             turns = shape_turns(pools.shape_specs[i], rng, recipe.p_second_turn)
-            samples.append(Sample("shape", i, tuple(turns)))
+            samples.append(Sample("shape", i, _sentences(turns)))
     return system, samples
+
+
+def _sentences(turns: Sequence[tuple[str, str]]) -> tuple[tuple[str, prompts.Reply], ...]:
+    return tuple((q, prompts.sentence(a)) for q, a in turns)
+
+
+# ------------------------------------------------- stage 2: conversations as clients send them
+
+Turn2 = tuple[str, prompts.Reply]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A batch of conversations after one shared prefix (``<s>``, the system prompt, and
+    for a task without a picture the template's text before the chat history)."""
+
+    prefix: str
+    samples: list[Sample]
+    kind: str  # "chat", "schema" or "task"
+
+
+def _facts(pools: Pools, sample_pool: str, index: int) -> prompts.Facts:
+    if sample_pool == "digit":
+        return {"digit": int(pools.digit_labels[index])}
+    spec = pools.shape_specs[index]
+    return {"shape": spec.shape, "colour": spec.colour}
+
+
+def _sentence(kind: str, facts: prompts.Facts) -> str:
+    if kind == "digit":
+        return data.digit_answer(int(facts["digit"]))
+    return data.shape_answer(kind, facts["shape"], facts["colour"])
+
+
+def digit_question(rng: np.random.Generator) -> str:
+    """A question about a digit picture, drawn as the first edition draws them."""
+    r = rng.random()
+    if r < 0.2:
+        return data.PRIMARY_DIGIT_QUESTION
+    if r < 0.75:
+        return str(_pick(rng, data.DIGIT_QUESTIONS_TRAIN))
+    return str(_pick(rng, data.GENERIC_QUESTIONS_TRAIN))
+
+
+def shape_question(rng: np.random.Generator, kind: str | None = None) -> tuple[str, str]:
+    """A question about a shape picture and what it asks (shape, colour or both)."""
+    if kind is None:
+        r = rng.random()
+        kind = "shape" if r < 0.3 else "colour" if r < 0.6 else "both"
+    if kind == "shape":
+        return str(_pick(rng, data.SHAPE_QUESTIONS_TRAIN)), kind
+    if kind == "colour":
+        return str(_pick(rng, data.COLOUR_QUESTIONS_TRAIN)), kind
+    both = data.GENERIC_QUESTIONS_TRAIN + data.DESCRIBE_SHAPE_QUESTIONS_TRAIN
+    return str(_pick(rng, both)), kind
+
+
+def first_turn(
+    recipe: Recipe, question: str, kind: str, facts: prompts.Facts, rng: np.random.Generator
+) -> Turn2:
+    """The first question as a client might send it, and the answer it should get:
+    plain, wrapped in a client's text, asking for JSON, or forced into JSON by a grammar."""
+    r = rng.random()
+    sentence = _sentence(kind, facts)
+    if r < recipe.p_wrapped:
+        return prompts.wrap(question, rng), prompts.sentence(sentence)
+    r -= recipe.p_wrapped
+    if r < recipe.p_json_asked:
+        if rng.random() < 0.35:
+            fields = prompts.random_fields(kind, rng)[:1]
+            ask = str(_pick(rng, prompts.JSON_ASKS_WITH_KEY)).format(key=fields[0].key)
+            if kind == "both" and fields[0].kind != "shape":
+                kind = "colour"
+            fields = (fields[0],)
+        else:
+            fields, ask = prompts.default_fields(kind, question), str(_pick(rng, prompts.JSON_ASKS))
+        reply = prompts.json_reply(
+            fields, facts, forced=bool(rng.random() < 0.4), keys_known=True, types_known=True
+        )
+        return question + ask, reply
+    r -= recipe.p_json_asked
+    if r < recipe.p_schema_asked:
+        fields = prompts.random_fields(kind, rng)
+        schema = prompts.object_schema(fields, rng, kind)
+        ask = prompts.schema_request(schema, rng)
+        text = f"{question}\n\n{ask}" if rng.random() < 0.7 else f"{ask}\n\n{question}"
+        forced = bool(rng.random() < 0.3)
+        reply = prompts.json_reply(fields, facts, forced=forced, keys_known=True, types_known=True)
+        return text, reply
+    r -= recipe.p_schema_asked
+    if r < recipe.p_json_forced:
+        if rng.random() < 0.2:
+            question = prompts.wrap(question, rng)
+        roll = rng.random()
+        if roll < 0.45:  # format=json: the model chooses the keys
+            fields, known, inside = prompts.default_fields(kind, question), True, None
+        elif roll < 0.9:  # a schema's grammar chose them
+            fields, known, inside = prompts.random_fields(kind, rng), False, None
+        else:  # a string field that holds the whole sentence
+            key = str(_pick(rng, prompts.SENTENCE_KEYS))
+            fields, known, inside = (prompts.Field(kind, key),), False, sentence
+        reply = prompts.json_reply(
+            fields, facts, forced=True, keys_known=known, types_known=known, sentence_text=inside
+        )
+        return question, reply
+    return question, prompts.sentence(sentence)
+
+
+def picture_conversation(
+    recipe: Recipe, pools: Pools, rng: np.random.Generator, pool: str
+) -> Sample:
+    """A conversation about one picture: a first turn as a client sends it and, a
+    quarter of the time, a plain follow-up."""
+    if pool == "digit":
+        index = int(rng.integers(len(pools.digit_labels)))
+        question, kind = digit_question(rng), "digit"
+    else:
+        index = int(rng.integers(len(pools.shape_specs)))
+        question, kind = shape_question(rng)
+    facts = _facts(pools, pool, index)
+    turns = [first_turn(recipe, question, kind, facts, rng)]
+    if rng.random() < recipe.p_second_turn:
+        if pool == "digit":
+            follow, follow_kind = digit_question(rng), "digit"
+        elif rng.random() < 0.5:
+            follow, follow_kind = data.FOLLOW_UP_COLOUR_QUESTION, "colour"
+        else:
+            follow, follow_kind = shape_question(rng)
+        turns.append((follow, prompts.sentence(_sentence(follow_kind, facts))))
+    return Sample(pool, index, tuple(turns))
+
+
+def _system(recipe: Recipe, rng: np.random.Generator) -> str:
+    """The system prompt of a chat batch: LLaVA's, none, or another one."""
+    r = rng.random()
+    if r < recipe.p_chat_system:
+        return str(_pick(rng, prompts.CHAT_SYSTEMS))
+    r = rng.random()
+    if r < recipe.p_default_system:
+        return data.DEFAULT_SYSTEM
+    if r < recipe.p_default_system + recipe.p_no_system:
+        return ""
+    return str(_pick(rng, data.OTHER_SYSTEMS))
+
+
+def chat_batch(recipe: Recipe, pools: Pools, rng: np.random.Generator) -> Batch:
+    """Conversations about pictures after one system prompt."""
+    system = _system(recipe, rng)
+    samples = [
+        picture_conversation(
+            recipe, pools, rng, "digit" if rng.random() < recipe.p_digit else "shape"
+        )
+        for _ in range(recipe.batch_size)
+    ]
+    return Batch(data.prompt_prefix(system), samples, "chat")
+
+
+SCHEMA_KINDS = (("digit", 0.5), ("shape", 0.2), ("colour", 0.15), ("both", 0.15))
+NEUTRAL_ASKS = (
+    "Extract the information from the image.", "Describe the picture.", "Analyse this image.",
+    "What is in the image?", "Extract.", "Read the picture.", "Fill in the fields.",
+)  # fmt: skip
+
+
+def schema_batch(recipe: Recipe, pools: Pools, rng: np.random.Generator) -> Batch:
+    """A JSON schema in the system prompt (instructor's JSON modes, the Vercel AI SDK or
+    a hand-written instruction) and pictures of what it asks about, answered in JSON."""
+    r, kind = rng.random(), "both"
+    for name, share in SCHEMA_KINDS:
+        if r < share:
+            kind = name
+            break
+        r -= share
+    generic = rng.random() < 0.1  # "You MUST answer with JSON." with no schema
+    if generic:
+        fields = prompts.default_fields(kind)
+        text, who = prompts.vercel_instruction(None), "vercel"
+    else:
+        fields = prompts.random_fields(kind, rng)
+        text, who = prompts.schema_system(prompts.object_schema(fields, rng, kind), rng)
+    if who != "generic" and rng.random() < 0.3:  # added to the system prompt already there
+        text = f"{_system(recipe, rng) or data.DEFAULT_SYSTEM}\n\n{text}"
+    md_json = who == "instructor" and rng.random() < 0.3
+    pool = "digit" if kind == "digit" else "shape"
+    samples = []
+    for _ in range(recipe.batch_size):
+        if pool == "digit":
+            index = int(rng.integers(len(pools.digit_labels)))
+            question = digit_question(rng)
+        else:
+            index = int(rng.integers(len(pools.shape_specs)))
+            question, _ = shape_question(rng, kind)
+        if rng.random() < 0.2:
+            question = str(_pick(rng, NEUTRAL_ASKS))
+        if rng.random() < 0.15:
+            question = prompts.wrap(question, rng)
+        facts = _facts(pools, pool, index)
+        forced = not md_json and rng.random() < 0.4
+        reply = prompts.json_reply(fields, facts, forced=forced, keys_known=True, types_known=True)
+        if md_json:
+            sep = "\n\n" if rng.random() < 0.5 else "\n"
+            question, reply = question + sep + prompts.INSTRUCTOR_MD_JSON, prompts.fenced(reply)
+        samples.append(Sample(pool, index, ((question, reply),)))
+    return Batch(data.prompt_prefix(text), samples, "schema")
+
+
+def task_batch(recipe: Recipe, pools: Pools, rng: np.random.Generator) -> Batch:
+    """One of Open WebUI's background tasks (title, tags, follow-ups) about chats with
+    the demo, with no picture: the template's text before the history is the prefix."""
+    task = str(_pick(rng, tuple(prompts.OPEN_WEBUI_TASKS)))
+    head, keep, tail = prompts.task_parts(prompts.OPEN_WEBUI_TASKS[task])
+    r = rng.random()
+    system = "" if r < 0.3 else data.DEFAULT_SYSTEM if r < 0.85 else _system(recipe, rng)
+    samples = []
+    for _ in range(recipe.task_batch_size):
+        pool = "digit" if rng.random() < recipe.p_digit else "shape"
+        if pool == "digit":
+            index = int(rng.integers(len(pools.digit_labels)))
+        else:
+            index = int(rng.integers(len(pools.shape_specs)))
+        facts = _facts(pools, pool, index)
+        chat, asked = [], []
+        for _ in range(1 + int(rng.integers(3))):
+            if pool == "digit":
+                question, kind = digit_question(rng), "digit"
+            else:
+                question, kind = shape_question(rng)
+            chat.append((question, _sentence(kind, facts)))
+            asked.append(kind)
+        text = prompts.history_lines(chat, keep) + tail
+        reply = prompts.sentence(prompts.task_answer(task, asked))
+        samples.append(Sample("text", -1, ((text, reply),)))
+    return Batch(data.prompt_prefix(system) + head, samples, "task")
+
+
+def conversation_batch(recipe: Recipe, pools: Pools, rng: np.random.Generator) -> Batch:
+    """Stage 2's batches: chats, JSON schemas in the system prompt, Open WebUI tasks."""
+    r = rng.random()
+    if r < recipe.p_task_batch:
+        return task_batch(recipe, pools, rng)
+    if r < recipe.p_task_batch + recipe.p_schema_batch:
+        return schema_batch(recipe, pools, rng)
+    return chat_batch(recipe, pools, rng)
+
+
+# ------------------------------------------------------------------- stage 3: polish
+
+
+def polish_question(
+    rng: np.random.Generator, pool: str, kind: str | None = None
+) -> tuple[str, str]:
+    """Stage 3's questions: stage 2's, and shape or colour questions that name the other
+    word as well ("Which colour is this shape?")."""
+    if pool == "digit":
+        return digit_question(rng), "digit"
+    if kind is None:
+        r = rng.random()
+        kind = "shape" if r < 0.35 else "colour" if r < 0.75 else "both"
+    if kind == "shape" and rng.random() < 0.25:
+        return str(_pick(rng, data.SHAPE_QUESTIONS_NAMING_COLOUR)), kind
+    if kind == "colour" and rng.random() < 0.3:
+        return str(_pick(rng, data.COLOUR_QUESTIONS_NAMING_SHAPE)), kind
+    return shape_question(rng, kind)
+
+
+def task_fields(kind: str, question: str, rng: np.random.Generator) -> tuple[prompts.Field, ...]:
+    """A schema's keys: the task's own name most of the time (``class Shape(BaseModel):
+    shape: str``), else any of the names a request may use."""
+    if rng.random() < 0.6:
+        return prompts.default_fields(kind, question)
+    return prompts.random_fields(kind, rng)
+
+
+def polish_first_turn(
+    recipe: Recipe, question: str, kind: str, facts: prompts.Facts, rng: np.random.Generator
+) -> Turn2:
+    """A first question in a composed wrapper, with a schema in the user's text, as
+    stage 2 draws it, or plain."""
+    r = rng.random()
+    if r < 0.25:
+        text = prompts.compose(question, rng) if rng.random() < 0.7 else prompts.wrap(question, rng)
+        return text, prompts.sentence(_sentence(kind, facts))
+    if r < 0.4:
+        fields = task_fields(kind, question, rng)
+        ask = prompts.framed_schema(prompts.object_schema(fields, rng, kind), rng)
+        text = f"{question}\n\n{ask}" if rng.random() < 0.6 else f"{ask}\n\n{question}"
+        reply = prompts.json_reply(
+            fields,
+            facts,
+            forced=bool(rng.random() < 0.3),
+            keys_known=True,
+            types_known=True,
+            key_learnt=recipe.polish_key_weight,
+        )
+        return text, reply
+    if r < 0.55:
+        return first_turn(recipe, question, kind, facts, rng)
+    return question, prompts.sentence(_sentence(kind, facts))
+
+
+def polish_chat_batch(recipe: Recipe, pools: Pools, rng: np.random.Generator) -> Batch:
+    """Conversations after one system prompt, their first questions as stage 3 draws them."""
+    system = _system(recipe, rng)
+    samples = []
+    for _ in range(recipe.batch_size):
+        pool = "digit" if rng.random() < recipe.p_digit else "shape"
+        index = int(rng.integers(len(pools.digit_labels if pool == "digit" else pools.shape_specs)))
+        facts = _facts(pools, pool, index)
+        question, kind = polish_question(rng, pool)
+        turns = [polish_first_turn(recipe, question, kind, facts, rng)]
+        if rng.random() < recipe.p_second_turn:
+            follow, follow_kind = polish_question(rng, pool)
+            turns.append((follow, prompts.sentence(_sentence(follow_kind, facts))))
+        samples.append(Sample(pool, index, tuple(turns)))
+    return Batch(data.prompt_prefix(system), samples, "chat")
+
+
+POLISH_SCHEMA_KINDS = (("digit", 0.35), ("shape", 0.25), ("colour", 0.2), ("both", 0.2))
+
+
+def polish_schema_batch(recipe: Recipe, pools: Pools, rng: np.random.Generator) -> Batch:
+    """A schema in the system prompt, as stage 2's batches, with the task's own keys more
+    often, stage 3's frames and wrappers, and more shapes and colours."""
+    r, kind = rng.random(), "both"
+    for name, share in POLISH_SCHEMA_KINDS:
+        if r < share:
+            kind = name
+            break
+        r -= share
+    fields = task_fields(kind, "", rng)
+    schema = prompts.object_schema(fields, rng, kind)
+    if rng.random() < 0.4:
+        text, who = prompts.schema_system(schema, rng)
+    else:
+        text, who = prompts.framed_schema(schema, rng), "framed"
+    if rng.random() < 0.25:
+        text = f"{_system(recipe, rng) or data.DEFAULT_SYSTEM}\n\n{text}"
+    md_json = who == "instructor" and rng.random() < 0.3
+    pool = "digit" if kind == "digit" else "shape"
+    samples = []
+    for _ in range(recipe.batch_size):
+        index = int(rng.integers(len(pools.digit_labels if pool == "digit" else pools.shape_specs)))
+        question, _ = polish_question(rng, pool, None if pool == "digit" else kind)
+        if rng.random() < 0.15:
+            question = str(_pick(rng, NEUTRAL_ASKS))
+        if rng.random() < 0.25:
+            question = prompts.compose(question, rng)
+        facts = _facts(pools, pool, index)
+        reply = prompts.json_reply(
+            fields,
+            facts,
+            forced=not md_json and bool(rng.random() < 0.3),
+            keys_known=True,
+            types_known=True,
+            key_learnt=recipe.polish_key_weight,
+        )
+        if md_json:
+            question, reply = question + "\n\n" + prompts.INSTRUCTOR_MD_JSON, prompts.fenced(reply)
+        samples.append(Sample(pool, index, ((question, reply),)))
+    return Batch(data.prompt_prefix(text), samples, "schema")
+
+
+def polish_batch(recipe: Recipe, pools: Pools, rng: np.random.Generator) -> Batch:
+    """Stage 3's batches: chats (most), schemas in the system prompt, a few tasks."""
+    r = rng.random()
+    if r < recipe.p_polish_task:
+        return task_batch(recipe, pools, rng)
+    if r < recipe.p_polish_task + recipe.p_polish_schema:
+        return polish_schema_batch(recipe, pools, rng)
+    return polish_chat_batch(recipe, pools, rng)
 
 
 def _pixels(pools: Pools, samples: Sequence[Sample]) -> torch.Tensor:
@@ -343,8 +752,7 @@ def consistency_loss(model: TinyLlava, pools: Pools, recipe: Recipe) -> tuple[to
 def batch_loss(
     model: TinyLlava,
     pools: Pools,
-    system: str,
-    samples: Sequence[Sample],
+    batch: Batch,
     *,
     aux_weight: float,
     key_weight: float,
@@ -354,13 +762,19 @@ def batch_loss(
 
     The LM reads the conversations in groups of ``group_rows`` sorted by length, each
     padded to its own longest: one padded batch spent 40% of its positions on padding
-    (a quarter of the conversations have a second turn).
+    (a quarter of the conversations have a second turn). A batch without pictures (an
+    Open WebUI task) skips the tower and the probe.
     """
-    features = model.vision.features(_pixels(pools, samples))
-    image = model.vision.project(features)
+    samples = batch.samples
+    pictures = samples[0].pool != "text"
+    if pictures:
+        features = model.vision.features(_pixels(pools, samples))
+        image = model.vision.project(features)
+    else:
+        image = torch.zeros(len(samples), 0, model.lm.s.n_embd)
     n_img = image.shape[1]
-    prefix = torch.tensor(prefix_ids(system))
-    encoded = [encode_suffix(s.turns, key_weight) for s in samples]
+    prefix = torch.tensor([gw.BOS_ID, *batch.prefix.encode()])
+    encoded = [encode_suffix(s.turns, key_weight, picture=pictures) for s in samples]
     order = sorted(range(len(samples)), key=lambda row: len(encoded[row][0]))
     ce_sum = torch.zeros(())
     weight_sum = 0.0
@@ -377,7 +791,10 @@ def batch_loss(
             weight[i, : len(w)] = torch.tensor(w)
         suffix = torch.cat([image[rows], model.lm.token_embd(ids)], dim=1)
         logits = model.lm.forward_shared_prefix(prefix, suffix)
-        pred = logits[:, n_img - 1 : n_img - 1 + t_max]
+        if n_img:
+            pred = logits[:, n_img - 1 : n_img - 1 + t_max]
+        else:  # the first suffix byte is question text (weight 0): nothing predicts it
+            pred, ids, weight = logits[:, :-1], ids[:, 1:], weight[:, 1:]
         ce = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), ids.reshape(-1), reduction="none")
         ce_sum = ce_sum + (ce * weight.reshape(-1)).sum()
         weight_sum += float(weight.sum())
@@ -385,15 +802,16 @@ def batch_loss(
         hit_parts.append(hits[weight > 0])
         key_parts.append(hits[weight > 1])
     lm_loss = ce_sum / weight_sum
-    probe_loss, probe_acc = aux_loss(model, pools, samples, features)
     key_hits = torch.cat(key_parts)
     stats = {
         "lm": lm_loss.item(),
-        "aux": probe_loss.item(),
-        "probe_acc": probe_acc,
         "token_acc": torch.cat(hit_parts).float().mean().item(),
         "key_acc": key_hits.float().mean().item() if len(key_hits) else 1.0,
     }
+    if not pictures:
+        return lm_loss, stats
+    probe_loss, probe_acc = aux_loss(model, pools, samples, features)
+    stats |= {"aux": probe_loss.item(), "probe_acc": probe_acc}
     return lm_loss + aux_weight * probe_loss, stats
 
 
@@ -460,10 +878,105 @@ def _update_average(
             a.mul_(decay).add_(p, alpha=1.0 - decay)
 
 
-def train(recipe: Recipe, pools: Pools, rng: np.random.Generator, log_every: int = 50) -> TinyLlava:
-    """Stage 1: the vision tower alone on the probe classes. Stage 2: everything together."""
+def train(
+    recipe: Recipe,
+    pools: Pools,
+    rng: np.random.Generator,
+    *,
+    log_every: int = 50,
+    stage1: Path | None = None,
+    stage2: Path | None = None,
+) -> TinyLlava:
+    """Stage 1: the vision tower alone on the probe classes. Stage 2: everything together.
+
+    ``stage1``: a file for the state after stage 1 (the weights and the random
+    generators' states). If it exists, stage 1 is read from it instead of trained, and
+    the run goes on exactly as if it had been trained here; else it is written there.
+    Stage 1 depends only on the seed, the digits and the stage-1 fields of the recipe,
+    which the file records and checks. ``stage2``: the same for the weights after stage 2
+    (stage 3 draws from its own generators, so the weights are all it needs).
+    Stage 3: a short pass at a low rate on stage 3's conversations.
+    """
     model = TinyLlava(VISION, TEXT, n_aux=10 + len(data.SHAPES) + len(data.COLOUR_NAMES))
     scale_residual_outputs(model)
+    if stage2 is not None and stage2.exists():
+        _load_stage2(stage2, recipe, model, pools)
+        return _stage3(recipe, pools, model, log_every)
+    if stage1 is not None and stage1.exists():
+        _load_stage1(stage1, recipe, model, pools, rng)
+    else:
+        _stage1(recipe, pools, rng, model, log_every)
+        if stage1 is not None:
+            _save_stage1(stage1, recipe, model, pools, rng)
+    _stage2(recipe, pools, rng, model, log_every)
+    if stage2 is not None:
+        torch.save({"key": _stage2_key(recipe, pools), "model": model.state_dict()}, stage2)
+        print(f"stage 2 saved to {stage2}", flush=True)
+    return _stage3(recipe, pools, model, log_every)
+
+
+STAGE1_FIELDS = (
+    "seed", "lr", "min_lr", "warmup", "pretrain_weight_decay", "pretrain_steps",
+    "pretrain_batch", "pretrain_p_digit", "pretrain_ema", "digit_renders", "whole_blocks",
+    "consistency", "consistency_pairs", "consistency_batch", "shape_renders", "p_digit",
+    "p_default_system", "p_no_system", "threads",
+)  # fmt: skip
+
+
+def _stage1_key(recipe: Recipe, pools: Pools) -> dict[str, Any]:
+    fields = {name: getattr(recipe, name) for name in STAGE1_FIELDS}
+    return fields | {"digits": len(pools.digit_labels), "torch": torch.__version__}
+
+
+def _save_stage1(
+    path: Path, recipe: Recipe, model: TinyLlava, pools: Pools, rng: np.random.Generator
+) -> None:
+    state = {
+        "key": _stage1_key(recipe, pools),
+        "model": model.state_dict(),
+        "rng": rng.bit_generator.state,
+        "pair_rng": pools.pair_rng.bit_generator.state,
+        "torch_rng": torch.get_rng_state(),
+    }
+    torch.save(state, path)
+    print(f"stage 1 saved to {path}", flush=True)
+
+
+def _load_stage1(
+    path: Path, recipe: Recipe, model: TinyLlava, pools: Pools, rng: np.random.Generator
+) -> None:
+    state = torch.load(path, weights_only=False)
+    if state["key"] != _stage1_key(recipe, pools):
+        raise SystemExit(
+            f"{path} holds stage 1 of another run ({state['key']}); this run's is "
+            f"{_stage1_key(recipe, pools)}: delete it or give another --stage1 file"
+        )
+    model.load_state_dict(state["model"])
+    rng.bit_generator.state = state["rng"]
+    pools.pair_rng.bit_generator.state = state["pair_rng"]
+    torch.set_rng_state(state["torch_rng"])
+    print(f"stage 1 read from {path}", flush=True)
+
+
+def _stage2_key(recipe: Recipe, pools: Pools) -> dict[str, Any]:
+    stage2 = {k: v for k, v in asdict(recipe).items() if "polish" not in k}
+    return _stage1_key(recipe, pools) | stage2
+
+
+def _load_stage2(path: Path, recipe: Recipe, model: TinyLlava, pools: Pools) -> None:
+    state = torch.load(path, weights_only=False)
+    if state["key"] != _stage2_key(recipe, pools):
+        raise SystemExit(
+            f"{path} holds stage 2 of another run: delete it or give another --stage2 file"
+        )
+    model.load_state_dict(state["model"])
+    print(f"stage 2 read from {path}", flush=True)
+
+
+def _stage1(
+    recipe: Recipe, pools: Pools, rng: np.random.Generator, model: TinyLlava, log_every: int
+) -> None:
+    """The vision tower and the probe alone, then the tower's moving average."""
     start = time.monotonic()
 
     vision_params = [
@@ -500,23 +1013,24 @@ def train(recipe: Recipe, pools: Pools, rng: np.random.Generator, log_every: int
     if recipe.pretrain_ema:
         _update_average(tower, average, 0.0)  # stage 2 starts from the average
 
+
+def _stage2(
+    recipe: Recipe, pools: Pools, rng: np.random.Generator, model: TinyLlava, log_every: int
+) -> None:
+    """Everything together on the conversations, the tower at a fraction of the rate."""
+    start = time.monotonic()
     opt = _optimizer(
         list(model.named_parameters()),
         recipe,
         weight_decay=recipe.weight_decay,
         slow=recipe.vision_lr_scale,
     )
-    running = {}
+    running: dict[str, float] = {}
     for step in range(recipe.steps):
         _set_lr(opt, lr_at(step, recipe.steps, recipe))
-        system, samples = make_batch(recipe, pools, rng)
+        batch = conversation_batch(recipe, pools, rng)
         loss, stats = batch_loss(
-            model,
-            pools,
-            system,
-            samples,
-            aux_weight=recipe.aux_weight,
-            key_weight=recipe.key_weight,
+            model, pools, batch, aux_weight=recipe.aux_weight, key_weight=recipe.key_weight
         )
         if recipe.consistency:
             extra, stats["consistency"] = consistency_loss(model, pools, recipe)
@@ -526,6 +1040,44 @@ def train(recipe: Recipe, pools: Pools, rng: np.random.Generator, log_every: int
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % log_every == 0 or step == recipe.steps - 1:
+            _log(step, running, stats, start)
+        else:
+            running = {k: 0.9 * running.get(k, v) + 0.1 * v for k, v in stats.items()}
+
+
+def _stage3(recipe: Recipe, pools: Pools, model: TinyLlava, log_every: int) -> TinyLlava:
+    """The polish: everything at a tenth of stage 2's rate, decaying to a hundredth, on
+    stage 3's conversations, from generators of its own (seeded from the run's seed)."""
+    if not recipe.polish_steps:
+        return model
+    start = time.monotonic()
+    rng = np.random.default_rng([recipe.seed, 3])
+    pools.pair_rng = np.random.default_rng([recipe.seed, 3, 1])
+    torch.manual_seed(recipe.seed + 3)
+    schedule = replace(
+        recipe, lr=recipe.polish_lr, min_lr=recipe.polish_lr / 10, warmup=recipe.polish_warmup
+    )
+    opt = _optimizer(
+        list(model.named_parameters()),
+        schedule,
+        weight_decay=recipe.weight_decay,
+        slow=recipe.vision_lr_scale,
+    )
+    running: dict[str, float] = {}
+    for step in range(recipe.polish_steps):
+        _set_lr(opt, lr_at(step, recipe.polish_steps, schedule))
+        batch = polish_batch(recipe, pools, rng)
+        loss, stats = batch_loss(
+            model, pools, batch, aux_weight=recipe.aux_weight, key_weight=recipe.key_weight
+        )
+        if recipe.consistency:
+            extra, stats["consistency"] = consistency_loss(model, pools, recipe)
+            loss = loss + extra
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % log_every == 0 or step == recipe.polish_steps - 1:
             _log(step, running, stats, start)
         else:
             running = {k: 0.9 * running.get(k, v) + 0.1 * v for k, v in stats.items()}
@@ -541,17 +1093,22 @@ def greedy_answers(
     question: str,
     *,
     system: str = data.DEFAULT_SYSTEM,
+    answer_prefix: str = "",
     max_tokens: int = 24,
     batch: int = 128,
 ) -> list[str]:
-    """Greedy first-turn answers in PyTorch (no KV cache; fine for short answers)."""
+    """Greedy first-turn answers in PyTorch (no KV cache; fine for short answers).
+
+    ``answer_prefix`` is written after ``ASSISTANT:`` first, as a grammar would force it
+    (``{"digit": ``); the answer returned goes on from there."""
     with torch.no_grad():
         answers: list[str] = []
         prefix = torch.tensor(prefix_ids(system))
+        start_text = data.first_turn_after_image(question) + answer_prefix
         for start in range(0, len(pixels), batch):
             x = torch.from_numpy(data.normalize(pixels[start : start + batch]))
             image = model.vision(x)
-            ids = torch.tensor([list(data.first_turn_after_image(question).encode())] * len(x))
+            ids = torch.tensor([list(start_text.encode())] * len(x))
             done = torch.zeros(len(x), dtype=torch.bool)
             out: list[list[int]] = [[] for _ in range(len(x))]
             for _ in range(max_tokens):
@@ -592,6 +1149,24 @@ def validate(model: TinyLlava, seed: int, digit_indices: Sequence[int]) -> dict[
         got = greedy_answers(model, pixels, question)
         want = [f" {data.digit_answer(int(d))}" for d in labels]
         result[name] = float(np.mean([g == w for g, w in zip(got, want, strict=True)]))
+    # JSON: instructor's JSON mode (the schema in the system prompt) and a grammar's
+    # forced start (what llama.cpp's grammar writes before the value)
+    digit_schema = {
+        "properties": {"digit": {"title": "Digit", "type": "integer"}},
+        "required": ["digit"],
+        "title": "Digit",
+        "type": "object",
+    }
+    got = greedy_answers(
+        model, pixels, data.PRIMARY_DIGIT_QUESTION, system=prompts.instructor_message(digit_schema)
+    )
+    result["digits_instructor_json"] = float(
+        np.mean([g == f' {{"digit": {int(d)}}}' for g, d in zip(got, labels, strict=True)])
+    )
+    got = greedy_answers(model, pixels, data.PRIMARY_DIGIT_QUESTION, answer_prefix='{"digit": ')
+    result["digits_forced_json"] = float(
+        np.mean([g == f"{int(d)}}}" for g, d in zip(got, labels, strict=True)])
+    )
     with torch.no_grad():
         probe = model.aux_logits(model.vision.features(torch.from_numpy(data.normalize(pixels))))
     result["digits_probe"] = float((probe[:, :10].argmax(-1).numpy() == labels).mean())
@@ -739,14 +1314,24 @@ def _parse_span(text: str) -> range:
     return span
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Train, export, check and describe the demo model."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="output directory")
     parser.add_argument("--seed", type=int, default=Recipe.seed)
     parser.add_argument("--steps", type=int, default=Recipe.steps)
     parser.add_argument("--dtype", choices=("f32", "f16"), default="f32")
     parser.add_argument("--checkpoint", type=Path, help="also save the PyTorch weights here")
+    parser.add_argument(
+        "--stage1", type=Path, metavar="FILE",
+        help="read stage 1 from FILE if it exists (same seed, digits and stage-1 recipe), "
+        "else write it there: runs that change only stage 2 skip the tower's training",
+    )  # fmt: skip
+    parser.add_argument(
+        "--stage2", type=Path, metavar="FILE",
+        help="the same for the weights after stage 2: runs that change only stage 3 "
+        "start from them",
+    )  # fmt: skip
+    parser.add_argument("--polish-steps", type=int, default=Recipe.polish_steps)
     parser.add_argument(
         "--consistency", type=float, default=Recipe.consistency,
         help="weight of the blocky-to-smooth feature loss (0 turns it off)",
@@ -763,11 +1348,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         "training and validate on them (for choosing a recipe; the shipped model trains on "
         "all of 0-1399)",
     )  # fmt: skip
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Train, export, check and describe the demo model."""
+    parser = _parser()
     args = parser.parse_args(argv)
     if not 0.0 <= args.ema < 1.0:
         parser.error(f"--ema {args.ema}: give a decay from 0 (off) up to, not including, 1")
     recipe = Recipe(
-        seed=args.seed, steps=args.steps, consistency=args.consistency, pretrain_ema=args.ema
+        seed=args.seed,
+        steps=args.steps,
+        consistency=args.consistency,
+        pretrain_ema=args.ema,
+        polish_steps=args.polish_steps,
     )
     if args.smoke:
         recipe = replace(
@@ -776,6 +1371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shape_renders=500,
             pretrain_steps=20,
             steps=20,
+            polish_steps=min(args.polish_steps, 10),
             consistency_pairs=1,
         )
 
@@ -790,7 +1386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t_render = time.monotonic() - t0
     print(f"rendered {len(pools.digit_labels)} digit and {len(pools.shape_specs)} shape "
           f"pictures in {t_render:.0f}s", flush=True)  # fmt: skip
-    model = train(recipe, pools, rng)
+    model = train(recipe, pools, rng, stage1=args.stage1, stage2=args.stage2)
     t_train = time.monotonic() - t0 - t_render
     if args.checkpoint:
         torch.save(model.state_dict(), args.checkpoint)
@@ -802,7 +1398,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     lm_path, mm_path = args.out / "demo-lm.gguf", args.out / "demo-mmproj.gguf"
     text_w, vision_w = export_weights(model)
     gw.write_language_model(
-        lm_path, text_config(), weights=text_w, dtype=args.dtype, name="llava-local demo"
+        lm_path,
+        text_config(),
+        weights=text_w,
+        dtype=args.dtype,
+        name="llava-local demo",
+        sampling=RECOMMENDED_SAMPLING,
     )
     gw.write_projector(
         mm_path, vision_config(), weights=vision_w, dtype=args.dtype,
@@ -830,7 +1431,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         "chat_format": "vicuna (LLaVA-1.5): '{system} USER: <image>\\n{question} ASSISTANT:'"
         " -> ' {answer}</s>'; follow-ups 'USER: {question} ASSISTANT:' after '</s>'",
         "default_system": data.DEFAULT_SYSTEM,
-        "other_systems_trained": ["", *data.OTHER_SYSTEMS],
+        "recommended_sampling": {
+            f"general.sampling.{k}": v for k, v in RECOMMENDED_SAMPLING.items()
+        },
+        "other_systems_trained": ["", *data.OTHER_SYSTEMS, *prompts.CHAT_SYSTEMS],
+        "client_prompts_trained": {
+            "wrappers": list(prompts.WRAPPERS),
+            "openings (stage 3)": list(prompts.OPENINGS),
+            "closings (stage 3)": list(prompts.CLOSINGS),
+            "schema_frames (stage 3)": list(prompts.SCHEMA_FRAMES),
+            "json_asks": [*prompts.JSON_ASKS, *prompts.JSON_ASKS_WITH_KEY],
+            "schema_asks": list(prompts.SCHEMA_ASKS),
+            "schema_systems": [
+                "instructor (modes JSON, JSON_SCHEMA, MD_JSON)",
+                "Vercel AI SDK injectJsonInstruction",
+                *prompts.SCHEMA_SYSTEMS,
+            ],
+            "grammar_only": "instructor TOOLS, LangChain with_structured_output, llm --schema, "
+            "Ollama format: the grammar writes '{' and the keys",
+            "open_webui_tasks": list(prompts.OPEN_WEBUI_TASKS),
+        },
         "preprocessing": "clip.cpp llava-1.5: aspect-preserving Pillow-bicubic resize to "
         f"{VISION.image_size} px, centred on rgb(122,116,104), CLIP mean/std",
         "training": {
@@ -859,6 +1479,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "generic_train": list(data.GENERIC_QUESTIONS_TRAIN),
             "shape_train": list(data.SHAPE_QUESTIONS_TRAIN),
             "colour_train": list(data.COLOUR_QUESTIONS_TRAIN),
+            "shape_naming_colour_train (stage 3)": list(data.SHAPE_QUESTIONS_NAMING_COLOUR),
+            "colour_naming_shape_train (stage 3)": list(data.COLOUR_QUESTIONS_NAMING_SHAPE),
             "describe_train": list(data.DESCRIBE_SHAPE_QUESTIONS_TRAIN),
             "digit_held_out": list(data.DIGIT_QUESTIONS_HELD_OUT),
             "shape_held_out": list(data.SHAPE_QUESTIONS_HELD_OUT),
@@ -869,6 +1491,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "shape": "It is a SHAPE.",
             "colour": "It is COLOUR.",
             "both": "It is a COLOUR SHAPE.",
+            "json": '{"digit": 7}, {"shape": "star", "colour": "red"}: the keys a schema or '
+            "the question names, else digit, shape, colour (color if asked so)",
+            "open_webui_tasks": '{"title": ...}, {"tags": [...]}, {"follow_ups": [...]}',
         },
         "validation_pytorch" if args.hold_out else "training_digits_pytorch": val,
         "export_check_torch_vs_numpy": check,

@@ -553,6 +553,10 @@ def _write(path: Path, writer: gguf.GGUFWriter, plan: Sequence[_Planned]) -> Pat
 # ------------------------------------------------------------------ language model
 
 
+#: The ``general.sampling.*`` keys ``write_language_model`` writes (llama.cpp reads them).
+SAMPLING_KEYS = ("temp", "top_k", "top_p", "min_p", "penalty_repeat")
+
+
 def write_language_model(
     path: str | os.PathLike[str],
     cfg: TextConfig,
@@ -625,12 +629,18 @@ def write_language_model(
     w.add_bool("tokenizer.ggml.add_eos_token", False)
     if chat_template:
         w.add_string("tokenizer.chat_template", chat_template)
-    for key, value in (sampling or {}).items():
+    _add_sampling(w, sampling or {})
+    return _write(Path(path), w, plan)
+
+
+def _add_sampling(w: gguf.GGUFWriter, sampling: Mapping[str, float]) -> None:
+    for key, value in sampling.items():
+        if key not in SAMPLING_KEYS:
+            raise ValueError(f"general.sampling.{key} is not one of {', '.join(SAMPLING_KEYS)}")
         if key == "top_k":
             w.add_int32(f"general.sampling.{key}", int(value))
         else:
             w.add_float32(f"general.sampling.{key}", float(value))
-    return _write(Path(path), w, plan)
 
 
 def _random_maker(

@@ -153,14 +153,15 @@ class LabelledPicture(BaseModel):
             ) from None
 
 
-def default_prompts(name: str) -> tuple[str, ...]:
+def default_prompts(name: str, *, wrapped: bool = False) -> tuple[str, ...]:
     """The questions a built-in set is asked unless told otherwise.
 
-    digits: the trained question, then the ten held-out paraphrases; shapes: a shape
-    question and a colour question.
+    digits: the trained question, then the ten held-out paraphrases (``wrapped``, asked
+    through client wrappers: the trained question alone); shapes: a shape question and a
+    colour question.
     """
     if name == "digits":
-        return (DIGIT_PROMPT, *DIGIT_PROMPTS_HELD_OUT)
+        return (DIGIT_PROMPT,) if wrapped else (DIGIT_PROMPT, *DIGIT_PROMPTS_HELD_OUT)
     if name == "shapes":
         return (SHAPE_PROMPT, COLOUR_PROMPT)
     raise InvalidRequestError(f"only the built-in sets ({', '.join(BUILT_IN)}) have prompts")

@@ -15,6 +15,21 @@ each prompt against the kind of label it asks about: the kind the prompt names f
 ("What colour is this shape?" asks about colour), or the one given explicitly with a
 mapping of prompt to kind.
 
+Three ways of asking test what other software needs from a model:
+
+- ``structured=True`` asks for JSON as structured-output clients do: each question with
+  the schema of its task (``{"digit": int}`` for digits, ``{"<kind>": str}`` for class
+  names, as pydantic writes a one-field model), the engine's grammar on, and only the
+  exact value of that field counts (``{"digit": 7}`` is 7; ``{"digit": 70}`` and an
+  answer that is not JSON are wrong, the latter in ``unparsed``);
+- ``samples=N`` asks every question N times, each in a fresh conversation, for sampled
+  decoding: ``temperature`` above 0, or ``None`` for the engine's own default sampling
+  (what a client that sends no temperature gets); with ``seed`` given, sample ``i`` uses
+  ``seed + i``, so a run can be repeated;
+- ``wrappers`` asks through client software's system prompts and text around the
+  question (:mod:`llava_local.apps.wrappers`; ``HELD_OUT`` are the ones the demo model
+  never saw), each as a whole conversation the way the client sends it.
+
 A picture that cannot be read is recorded as an error (counted wrong, in an ``error``
 column) and the run goes on; an engine failure stops it.
 
@@ -40,11 +55,12 @@ from rich.text import Text
 
 from .. import images as _images
 from ..chat import VisionChat
-from ..errors import ImageError, InvalidRequestError
+from ..errors import ImageError, InvalidRequestError, SchemaError
 from ..progress import RunProgress
-from ..types import PreparedImage
+from ..types import Message, PreparedImage, Reply
 from ..wording import count
 from .datasets import LabelledPicture, default_prompts, load_set
+from .wrappers import Wrapper, names, task_schema
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
@@ -75,6 +91,8 @@ class Answer(BaseModel):
     picture: str
     prompt: str
     label: str
+    wrapper: str | None = None
+    sample: int = 0
     reply: str | None = None
     predicted: str | None = None
     correct: bool = False
@@ -91,6 +109,7 @@ class PromptResult(BaseModel):
 
     prompt: str
     kind: str | None = None
+    wrapper: str | None = None
     answers: int = 0
     correct: int = 0
     unparsed: int = 0
@@ -112,6 +131,9 @@ class EvalReport(BaseModel):
     classes: dict[str, list[str]]
     pictures: int
     options: dict[str, Any]
+    structured: bool = False
+    samples: int = 1
+    wrappers: list[str] = Field(default_factory=list)
     results: list[PromptResult]
     accuracy: float
     seconds_total: float
@@ -132,7 +154,7 @@ class EvalReport(BaseModel):
         return total
 
     def __str__(self) -> str:
-        lines = [f"{r.accuracy:.3f}  {r.prompt}" for r in self.results]
+        lines = [f"{r.accuracy:.3f}  {_row_name(r)}" for r in self.results]
         lines.append(
             f"{self.accuracy:.3f}  overall: {count(len(self.answers), 'answer')} about "
             f"{count(self.pictures, 'picture')} in {self.seconds_total:.1f} s"
@@ -142,8 +164,16 @@ class EvalReport(BaseModel):
     def render(self) -> RenderableType:
         """Tables for a terminal: accuracy per prompt, then a confusion matrix per kind."""
         title = f"{self.dataset}: {count(self.pictures, 'picture')}, {self.model} ({self.backend})"
+        how = [
+            *(["JSON with the task's schema and the grammar, exact values"] * self.structured),
+            *([f"{self.samples} samples per question"] * (self.samples > 1)),
+            _sampling(self.options),
+        ]
+        title += "\n" + "; ".join(how)
         table = Table(title=title, title_justify="left")
         table.add_column("prompt", overflow="fold")
+        if self.wrappers:
+            table.add_column("wrapper", overflow="fold")
         several_kinds = len(self.classes) > 1
         if several_kinds:
             table.add_column("scores")
@@ -153,6 +183,7 @@ class EvalReport(BaseModel):
             kind = [r.kind or "label"] if several_kinds else []
             table.add_row(
                 r.prompt,
+                *([r.wrapper or "(none)"] if self.wrappers else []),
                 *kind,
                 f"{r.accuracy:.3f}",
                 f"{r.correct}/{r.answers}",
@@ -165,6 +196,7 @@ class EvalReport(BaseModel):
             right = sum(r.correct for r in self.results)
             table.add_row(
                 "all prompts",
+                *([""] if self.wrappers else []),
                 *([""] if several_kinds else []),
                 f"{self.accuracy:.3f}",
                 f"{right}/{len(self.answers)}",
@@ -182,6 +214,17 @@ class EvalReport(BaseModel):
             )
         )
         return Group(*parts)
+
+
+def _row_name(result: PromptResult) -> str:
+    return result.prompt if result.wrapper is None else f"{result.prompt} [{result.wrapper}]"
+
+
+def _sampling(options: Mapping[str, Any]) -> str:
+    temperature = options.get("temperature")
+    if temperature is None:
+        return "the engine's default sampling"
+    return "greedy" if temperature == 0 else f"temperature {temperature}"
 
 
 def _confusion_table(kind: str, matrix: dict[str, dict[str, int]]) -> Table:
@@ -261,25 +304,42 @@ def evaluate(
     limit: int | None = None,
     progress: bool = True,
     name: str | None = None,
+    structured: bool = False,
+    samples: int = 1,
+    wrappers: Sequence[Wrapper] | None = None,
     **options: Any,
 ) -> EvalReport:
     """Ask every picture of ``dataset`` each of ``prompts`` and score the answers.
 
     ``dataset`` is a built-in set name, a folder or CSV/JSONL file (see
     :mod:`llava_local.apps.datasets`), or pictures already loaded. ``prompts`` defaults to the
-    built-in set's questions; a mapping gives the kind of label each prompt is scored
-    against (``{"Which colour?": "colour"}``). ``task`` chooses how answers are read
-    (``auto``: first digit when every label is a digit, else class names). ``limit``
-    keeps the first pictures. ``name`` is how the report calls the set (default: the
-    name or path given; a built-in name also chooses the default prompts). ``options``
-    are generation options; unless given here or on the chat, ``temperature=0`` and
-    ``max_tokens=64``. The conversation is reset before each question and after the run.
+    built-in set's questions (with ``wrappers``, its first question of each kind); a
+    mapping gives the kind of label each prompt is scored against (``{"Which colour?":
+    "colour"}``). ``task`` chooses how answers are read (``auto``: first digit when every
+    label is a digit, else class names). ``limit`` keeps the first pictures. ``name`` is
+    how the report calls the set (default: the name or path given; a built-in name also
+    chooses the default prompts). ``structured``, ``samples`` and ``wrappers`` are the
+    modes of the module docstring. ``options`` are generation options; unless given here
+    or on the chat, ``temperature=0`` and ``max_tokens=64`` (``temperature=None``: the
+    engine's default sampling). The conversation is reset before each question and after
+    the run.
     """
-    plan = _plan(chat, dataset, prompts, name, task=task, limit=limit, options=options)
+    plan = _plan(
+        chat,
+        dataset,
+        prompts,
+        name,
+        task=task,
+        limit=limit,
+        options=options,
+        structured=structured,
+        samples=samples,
+        wrappers=wrappers,
+    )
     started = time.monotonic()
     answers: list[list[Answer]] = [[] for _ in plan.questions]
     try:
-        total = len(plan.pictures) * len(plan.questions)
+        total = len(plan.pictures) * len(plan.questions) * plan.samples
         with _Bar(total, plan.name, enabled=progress) as bar:
             for picture in plan.pictures:
                 prepared: PreparedImage | ImageError
@@ -288,11 +348,21 @@ def evaluate(
                 except ImageError as exc:
                     prepared = exc
                 for question, got in zip(plan.questions, answers, strict=True):
-                    got.append(_ask(chat, plan, picture, prepared, question))
-                    bar.advance(got[-1])
+                    for sample in range(plan.samples):
+                        got.append(_ask(chat, plan, picture, prepared, (question, sample)))
+                        bar.advance(got[-1])
     finally:
         chat.reset()
     return _report(chat, plan, answers, time.monotonic() - started)
+
+
+@dataclass(frozen=True)
+class _Question:
+    """A prompt, the kind of label it is scored against, and the client wrapping it."""
+
+    prompt: str
+    kind: str | None
+    wrapper: Wrapper | None = None
 
 
 @dataclass(frozen=True)
@@ -301,10 +371,12 @@ class _Plan:
 
     name: str
     pictures: list[LabelledPicture]
-    questions: list[tuple[str, str | None]]
+    questions: list[_Question]
     tasks: dict[str, Literal["digit", "classes"]]
     classes: dict[str, list[str]]
     options: dict[str, Any]
+    structured: bool
+    samples: int
 
 
 def _plan(
@@ -316,24 +388,52 @@ def _plan(
     task: Task,
     limit: int | None,
     options: dict[str, Any],
+    structured: bool,
+    samples: int,
+    wrappers: Sequence[Wrapper] | None,
 ) -> _Plan:
     if task not in ("auto", "digit", "classes"):
         raise InvalidRequestError(f"task must be auto, digit or classes, not {task!r}")
     if limit is not None and (isinstance(limit, bool) or limit < 1):
         raise InvalidRequestError(f"limit must be a positive number, not {limit!r}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise InvalidRequestError(f"samples must be a positive number, not {samples!r}")
+    if wrappers is not None:
+        wrappers = list(wrappers)
+        if not wrappers or not all(isinstance(w, Wrapper) for w in wrappers):
+            raise InvalidRequestError("wrappers must be a non-empty list of Wrapper objects")
+        names(wrappers)
     given, pictures = _pictures(dataset)
     name = given if name is None else name
     kinds = _kinds(pictures)
     # class names come from the whole set, so a limited run still recognises them all
     classes = {k or "label": _order({p.label_for(k) for p in pictures}) for k in kinds}
+    run_options = _with_defaults(chat, options)
+    if samples > 1 and _greedy(chat, run_options):
+        raise InvalidRequestError(
+            f"{samples} samples of a greedy answer are {samples} copies of one answer: give "
+            "a temperature above 0, or temperature=None for the engine's default sampling"
+        )
+    asked = _questions(prompts, name, kinds, wrapped=wrappers is not None)
     return _Plan(
         name=name,
         pictures=pictures[:limit],
-        questions=_questions(prompts, name, kinds),
-        tasks={kind: _task(task, kind, names) for kind, names in classes.items()},
+        questions=[
+            _Question(prompt, kind, wrapper)
+            for prompt, kind in asked
+            for wrapper in (wrappers if wrappers is not None else [None])
+        ],
+        tasks={kind: _task(task, kind, names_) for kind, names_ in classes.items()},
         classes=classes,
-        options=_with_defaults(chat, options),
+        options=run_options,
+        structured=structured,
+        samples=samples,
     )
+
+
+def _greedy(chat: VisionChat, options: Mapping[str, Any]) -> bool:
+    temperature = options.get("temperature", chat.options.temperature)
+    return temperature is not None and temperature <= 0
 
 
 def _pictures(
@@ -356,11 +456,15 @@ def _kinds(pictures: Sequence[LabelledPicture]) -> list[str | None]:
 
 
 def _questions(
-    prompts: Sequence[str] | Mapping[str, str] | None, name: str, kinds: Sequence[str | None]
+    prompts: Sequence[str] | Mapping[str, str] | None,
+    name: str,
+    kinds: Sequence[str | None],
+    *,
+    wrapped: bool = False,
 ) -> list[tuple[str, str | None]]:
     """Each prompt with the kind of label it is scored against."""
     if prompts is None:
-        prompts = default_prompts(name) if name in ("digits", "shapes") else ()
+        prompts = default_prompts(name, wrapped=wrapped) if name in ("digits", "shapes") else ()
         if not prompts:
             raise InvalidRequestError(f"give at least one prompt to ask about {name}")
     if isinstance(prompts, str):
@@ -408,31 +512,85 @@ def _with_defaults(chat: VisionChat, options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _field(plan: _Plan, kind: str | None) -> tuple[str, dict[str, Any]]:
+    """The JSON key a structured answer about ``kind`` has, and its schema."""
+    key = kind or "label"
+    digit = plan.tasks[key] == "digit"
+    if digit and kind is None:
+        key = "digit"
+    return key, task_schema(key, integer=digit)
+
+
 def _ask(
     chat: VisionChat,
     plan: _Plan,
     picture: LabelledPicture,
     prepared: PreparedImage | ImageError,
-    question: tuple[str, str | None],
+    asked: tuple[_Question, int],
 ) -> Answer:
-    """One question in a fresh conversation; an unreadable picture is an error answer."""
-    prompt, kind = question
+    """One question (and which sample of it) in a fresh conversation; an unreadable
+    picture is an error answer."""
+    question, sample = asked
+    kind, wrapper = question.kind, question.wrapper
     label = picture.label_for(kind)
-    answer = Answer(picture=picture.name, prompt=prompt, label=label)
+    answer = Answer(
+        picture=picture.name,
+        prompt=question.prompt,
+        label=label,
+        wrapper=None if wrapper is None else wrapper.name,
+        sample=sample,
+    )
     if isinstance(prepared, ImageError):
         answer.error = str(prepared)
         return answer
-    chat.reset()
+    options = dict(plan.options)
+    if plan.samples > 1 and options.get("seed") is not None:
+        options["seed"] = int(options["seed"]) + sample
+    key, schema = _field(plan, kind)
+    grammar: dict[str, Any] | None = schema if plan.structured else None
+    if wrapper is not None and grammar is None and wrapper.grammar is not None:
+        grammar = schema if wrapper.grammar == "schema" else {"type": "object"}
     started = time.monotonic()
-    reply = chat.ask(prompt, image=prepared, **plan.options)
+    reply: Reply | None = None
+    try:
+        reply = _reply(chat, question, prepared, (schema, grammar), options)
+        answer.reply = reply.text
+    except SchemaError as exc:  # not JSON, or JSON outside the schema: no answer read
+        answer.reply = exc.text
     answer.seconds = time.monotonic() - started
-    answer.reply = reply.text
-    if plan.tasks[kind or "label"] == "digit":
-        answer.predicted = first_digit(reply.text)
+    if plan.structured:
+        parsed = reply.parsed if reply is not None else None
+        value = parsed.get(key) if isinstance(parsed, dict) else None
+        answer.predicted = None if value is None or isinstance(value, bool) else str(value)
+    elif plan.tasks[kind or "label"] == "digit":
+        answer.predicted = first_digit(answer.reply or "")
     else:
-        answer.predicted = match_class(reply.text, plan.classes[kind or "label"])
+        answer.predicted = match_class(answer.reply or "", plan.classes[kind or "label"])
     answer.correct = answer.predicted == label
     return answer
+
+
+def _reply(
+    chat: VisionChat,
+    question: _Question,
+    prepared: PreparedImage,
+    schemas: tuple[dict[str, Any], dict[str, Any] | None],
+    options: dict[str, Any],
+) -> Reply:
+    """The model's reply: asked plainly, or as the wrapper's client sends it (its system
+    message, its text around the question) in one stateless turn, as ``serve`` gets it.
+    ``schemas``: the one written into the wrapper's text, the one the grammar enforces."""
+    schema, grammar = schemas
+    if question.wrapper is None:
+        chat.reset()
+        return chat.ask(question.prompt, image=prepared, schema=grammar, **options)
+    system, text = question.wrapper.render(question.prompt, schema)
+    messages = [Message(role="system", content=system)] if system is not None else []
+    messages.append(Message(role="user", content=text, images=(prepared,)))
+    stream = chat.answer(messages, schema=grammar, **options)
+    for _ in stream:
+        pass
+    return stream.reply
 
 
 def _order(labels: Iterable[str]) -> list[str]:
@@ -440,9 +598,7 @@ def _order(labels: Iterable[str]) -> list[str]:
     return sorted(labels, key=lambda s: (0, int(s), s) if s.isdigit() else (1, 0, s.casefold()))
 
 
-def _result(
-    prompt: str, kind: str | None, answers: Sequence[Answer], classes: Sequence[str]
-) -> PromptResult:
+def _result(question: _Question, answers: Sequence[Answer], classes: Sequence[str]) -> PromptResult:
     confusion: dict[str, dict[str, int]] = {c: dict.fromkeys(classes, 0) for c in classes}
     for a in answers:
         column = ERROR if a.error else UNPARSED if a.predicted is None else a.predicted
@@ -453,8 +609,9 @@ def _result(
     asked = [a.seconds for a in answers if a.error is None]
     correct = sum(a.correct for a in answers)
     return PromptResult(
-        prompt=prompt,
-        kind=kind,
+        prompt=question.prompt,
+        kind=question.kind,
+        wrapper=None if question.wrapper is None else question.wrapper.name,
         answers=len(answers),
         correct=correct,
         unparsed=sum(a.error is None and a.predicted is None for a in answers),
@@ -470,8 +627,8 @@ def _report(
     chat: VisionChat, plan: _Plan, answers: Sequence[Sequence[Answer]], elapsed: float
 ) -> EvalReport:
     results = [
-        _result(prompt, kind, got, plan.classes[kind or "label"])
-        for (prompt, kind), got in zip(plan.questions, answers, strict=True)
+        _result(question, got, plan.classes[question.kind or "label"])
+        for question, got in zip(plan.questions, answers, strict=True)
     ]
     every = [a for got in answers for a in got]
     asked = [a.seconds for a in every if a.error is None]
@@ -483,6 +640,9 @@ def _report(
         classes=plan.classes,
         pictures=len(plan.pictures),
         options=plan.options,
+        structured=plan.structured,
+        samples=plan.samples,
+        wrappers=list(dict.fromkeys(q.wrapper.name for q in plan.questions if q.wrapper)),
         results=results,
         accuracy=sum(a.correct for a in every) / len(every) if every else 0.0,
         seconds_total=elapsed,

@@ -52,6 +52,7 @@ _COMMAND_FLAGS = {
 _PHRASES = (
     (re.compile(r", or pass pull=True\b"), ""),  # `ollama pull NAME` is already said
     (re.compile(r"pass its key with api_key= or set OPENAI_API_KEY"), "set OPENAI_API_KEY"),
+    (re.compile(r"\btemperature=None\b"), "--temperature default"),  # eval's samples
 )
 
 

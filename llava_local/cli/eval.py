@@ -13,7 +13,25 @@ from rich.console import Console
 
 from ..apps.datasets import BUILT_IN, RESAMPLING, default_prompts, load_set
 from ..apps.eval import evaluate
-from ._common import engine_options, json_option, open_chat, run_safely
+from ..apps.wrappers import HELD_OUT, load_wrappers
+from ._common import _ParamType, engine_options, json_option, open_chat, run_safely
+
+
+class _Temperature(_ParamType):  # type: ignore[misc]
+    """A temperature (0: greedy), or ``default``: the engine's own sampling."""
+
+    name = "FLOAT|default"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float | str:
+        if isinstance(value, float) or value == "default":
+            return value  # type: ignore[no-any-return]
+        try:
+            number = float(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number nor 'default'", param, ctx)
+        if number < 0:
+            self.fail(f"{value} is below 0", param, ctx)
+        return number
 
 
 @click.command("eval")
@@ -46,7 +64,34 @@ from ._common import engine_options, json_option, open_chat, run_safely
 @click.option("--vary", is_flag=True, help="digits: a random size and filter per picture.")
 @engine_options
 @click.option("--system", help="System prompt.")
-@click.option("--temperature", type=float, help="Sampling temperature (default 0: greedy).")
+@click.option(
+    "--structured",
+    is_flag=True,
+    help="Ask for JSON with each task's schema, the grammar on, and score the exact value.",
+)
+@click.option(
+    "--wrapped",
+    "wrapped",
+    is_flag=False,
+    flag_value="held-out",
+    metavar="[held-out|PATH]",
+    help="Ask through client software's system prompts and text around the question: the "
+    "held-out set the demo never saw, or a JSON file of wrappers.",
+)
+@click.option(
+    "--temperature",
+    type=_Temperature(),
+    help="Sampling temperature (default 0: greedy); 'default': the engine's own sampling, "
+    "as a client that sends none gets.",
+)
+@click.option(
+    "--samples",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Answers per picture and question (needs a temperature above 0 or 'default').",
+)
+@click.option("--seed", type=int, help="Sampling seed; sample i uses SEED+i.")
 @click.option("--max-tokens", type=int, help="Stop each answer after this many tokens (64).")
 @click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
 @json_option("Print the whole report as JSON.")
@@ -61,7 +106,11 @@ def eval_command(
     resample: str | None,
     vary: bool,
     system: str | None,
-    temperature: float | None,
+    structured: bool,
+    wrapped: str | None,
+    temperature: float | str | None,
+    samples: int,
+    seed: int | None,
     max_tokens: int | None,
     no_progress: bool,
     as_json: bool,
@@ -73,15 +122,26 @@ def eval_command(
     The set is digits (397 handwritten test digits), shapes (300 drawn shapes, asked
     their shape and colour), a folder with one sub-folder per class, or a CSV / JSONL
     file of path and label.
-    """
-    given = {"temperature": temperature, "max_tokens": max_tokens}
-    options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
 
-    asked = list(prompts) or (list(default_prompts(dataset)) if dataset in BUILT_IN else [])
+    --structured asks for JSON as structured-output clients do; --wrapped asks through
+    other software's prompts; --temperature with --samples measures sampled answers
+    (e.g. --temperature default --samples 5 --seed 0).
+    """
+    given = {"temperature": temperature, "max_tokens": max_tokens, "seed": seed}
+    options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    if temperature == "default":
+        options["temperature"] = None  # the engine's default sampling
+
+    asked = list(prompts)
+    if not asked and dataset in BUILT_IN:
+        asked = list(default_prompts(dataset, wrapped=wrapped is not None))
     if not asked:
         raise click.UsageError(f"give the question to ask about {dataset} with --prompt")
 
     def body() -> None:
+        wrappers = None
+        if wrapped is not None:
+            wrappers = list(HELD_OUT) if wrapped == "held-out" else load_wrappers(wrapped)
         pictures = load_set(dataset, size=size, resample=resample, vary=vary)
         with open_chat(**engine, system=system) as chat:
             report = evaluate(
@@ -92,6 +152,9 @@ def eval_command(
                 limit=limit,
                 progress=not no_progress,
                 name=dataset,
+                structured=structured,
+                samples=samples,
+                wrappers=wrappers,
                 **options,
             )
         if as_json:

@@ -38,6 +38,7 @@ from llava_local.apps.eval import (
     first_digit,
     match_class,
 )
+from llava_local.apps.wrappers import HELD_OUT, Wrapper, load_wrappers, task_schema
 from llava_local.cli.eval import eval_command
 
 from ..gguf_fixtures import GgufPair, png_bytes
@@ -350,6 +351,10 @@ def test_the_progress_bar_says_it_counts_answers(
 
 
 MISTAKES = [
+    ("digits", None, {"samples": 3}, "3 copies of one answer"),
+    ("digits", None, {"samples": 0}, "samples must be a positive number"),
+    ("digits", None, {"wrappers": []}, "non-empty list of Wrapper"),
+    ("digits", None, {"wrappers": [Wrapper(name="a"), Wrapper(name="a")]}, "named 'a'"),
     ("shapes", None, {"task": "digit"}, "single-digit labels"),
     ("shapes", {"What is it?": "size"}, {}, "no 'size' label"),
     ("digits", {"What is it?": "colour"}, {}, "no 'colour' label"),
@@ -402,6 +407,187 @@ def test_the_report_renders_and_round_trips_as_json(
     assert "16 answers in" in text
     assert EvalReport.model_validate_json(report.model_dump_json()) == report
     assert str(report).splitlines()[0] == "0.500  What digit is this?"
+
+
+# --- structured answers, samples, wrapped questions ------------------------------------
+
+
+def last_user(request: RecordedRequest) -> dict[str, object]:
+    message: dict[str, object] = request.json["messages"][-1]
+    return message
+
+
+def by_picture(
+    pictures: list[LabelledPicture], reply: Callable[[int, LabelledPicture, str], str]
+) -> Callable[[RecordedRequest], Script]:
+    """Like answer_by_picture, for conversations that may start with a system message."""
+    index = {
+        images_module.prepare(p.source, max_side=1344).sha256: (i, p)
+        for i, p in enumerate(pictures)
+    }
+
+    def script(request: RecordedRequest) -> Script:
+        message = last_user(request)
+        images = message["images"]
+        assert isinstance(images, list)
+        assert len(images) == 1
+        i, picture = index[hashlib.sha256(base64.b64decode(str(images[0]))).hexdigest()]
+        return Script(pieces=[reply(i, picture, str(message["content"]))])
+
+    return script
+
+
+def json_digit_reply(i: int, picture: LabelledPicture, prompt: str) -> str:
+    """Right, a wrong value, not JSON, right (with spaces): in turn."""
+    label = int(picture.label)
+    replies = [f'{{"digit": {label}}}', f'{{"digit": {label}0}}', '{"digit": ']
+    return [*replies, f'{{ "digit":{label} }}'][i % 4]
+
+
+def test_structured_answers_score_the_exact_value(
+    ollama_server: OllamaServer, ollama_chat: VisionChat
+) -> None:
+    """With structured=True every question carries the task's schema as the format, and
+    only the exact value of its field counts: 70 for 7 is wrong, a cut answer unparsed."""
+    digits = load_set("digits", limit=8)
+    ollama_server.script(by_picture(digits, json_digit_reply))
+    report = evaluate(
+        ollama_chat, digits, [DIGIT_PROMPT], name="digits", structured=True, progress=False
+    )
+    (result,) = report.results
+    assert (result.correct, result.unparsed, result.answers) == (4, 2, 8)
+    assert report.structured is True
+    bodies = [r.json for r in ollama_server.requests_to("/api/chat")]
+    assert all(b["format"] == task_schema("digit", integer=True) for b in bodies)
+    assert bodies[0]["format"]["properties"] == {"digit": {"title": "Digit", "type": "integer"}}
+    wrong = report.answers[1]
+    assert (wrong.reply, wrong.predicted, wrong.correct) == ('{"digit": 80}', "80", False)
+    assert report.answers[2].reply == '{"digit": '
+    assert "JSON with the task's schema and the grammar" in render(report)
+
+
+def test_structured_shape_questions_ask_for_their_own_key(
+    ollama_server: OllamaServer, ollama_chat: VisionChat
+) -> None:
+    """On shapes, the shape question's schema has a "shape" string and the colour
+    question's a "colour" one, each scored on its own label."""
+    shapes = load_set("shapes", limit=6)
+
+    def reply(i: int, picture: LabelledPicture, prompt: str) -> str:
+        kind = "colour" if "colour" in prompt else "shape"
+        return json.dumps({kind: picture.labels[kind] if i else "blue"})
+
+    ollama_server.script(by_picture(shapes, reply))
+    report = evaluate(ollama_chat, "shapes", limit=6, structured=True, progress=False)
+    assert [(r.kind, r.correct) for r in report.results] == [("shape", 5), ("colour", 5)]
+    formats = [r.json["format"] for r in ollama_server.requests_to("/api/chat")]
+    shape, colour = (task_schema(key, integer=False) for key in ("shape", "colour"))
+    assert formats[:2] == [shape, colour]
+
+
+def test_samples_ask_each_question_again_with_the_next_seed(
+    ollama_server: OllamaServer, ollama_chat: VisionChat
+) -> None:
+    """samples=3 asks every question three times, sample i with seed + i, and scores
+    every answer."""
+    ollama_server.script(pieces=["This digit is 2."])
+    report = evaluate(
+        ollama_chat,
+        "digits",
+        [DIGIT_PROMPT],
+        limit=2,
+        samples=3,
+        temperature=0.8,
+        seed=5,
+        progress=False,
+    )
+    options = [r.json["options"] for r in ollama_server.requests_to("/api/chat")]
+    assert [o["seed"] for o in options] == [5, 6, 7, 5, 6, 7]
+    assert all(o["temperature"] == 0.8 for o in options)
+    assert [a.sample for a in report.answers] == [0, 1, 2, 0, 1, 2]
+    (result,) = report.results
+    assert (result.answers, result.correct) == (6, 3)  # the first picture is a 2, then an 8
+    assert report.samples == 3
+    assert "3 samples per question" in render(report)
+
+
+def test_default_sampling_sends_no_temperature(
+    ollama_server: OllamaServer, ollama_chat: VisionChat
+) -> None:
+    """temperature=None leaves sampling to the engine, as a client that sends none."""
+    ollama_server.script(pieces=["7"])
+    report = evaluate(ollama_chat, "digits", [DIGIT_PROMPT], limit=1, samples=2, temperature=None)
+    options = [r.json["options"] for r in ollama_server.requests_to("/api/chat")]
+    assert options == [{"num_predict": 64}, {"num_predict": 64}]
+    assert "the engine's default sampling" in render(report)
+
+
+def test_wrapped_questions_go_as_the_client_sends_them(
+    ollama_server: OllamaServer, ollama_chat: VisionChat
+) -> None:
+    """Each wrapper sends its system message and its text around the question, with the
+    schema written into them and, where the client asks, enforced; one row each."""
+    ollama_server.script(pieces=["This digit is 2."])
+    wrappers = [
+        Wrapper(name="sys", system="Reply per {schema}", grammar="object"),
+        Wrapper(name="around", user="Q: {question}\nA:", schema_style="javascript"),
+        Wrapper(name="enforced", user="{question} {schema}", grammar="schema"),
+    ]
+    report = evaluate(ollama_chat, "digits", limit=1, wrappers=wrappers, progress=False)
+    bodies = [r.json for r in ollama_server.requests_to("/api/chat")]
+    schema = task_schema("digit", integer=True)
+    written = json.dumps(schema)
+    assert [[m["role"] for m in b["messages"]] for b in bodies] == [
+        ["system", "user"],
+        ["user"],
+        ["user"],
+    ]
+    assert bodies[0]["messages"][0]["content"] == f"Reply per {written}"
+    assert bodies[0]["format"] == {"type": "object"}
+    assert bodies[1]["messages"][0]["content"] == f"{DIGIT_PROMPT}\nA:".replace(
+        DIGIT_PROMPT, "Q: " + DIGIT_PROMPT
+    )
+    assert "format" not in bodies[1]
+    assert bodies[2]["messages"][0]["content"] == f"{DIGIT_PROMPT} {written}"
+    assert bodies[2]["format"] == schema
+    assert [(r.prompt, r.wrapper, r.correct) for r in report.results] == [
+        (DIGIT_PROMPT, "sys", 1),
+        (DIGIT_PROMPT, "around", 1),
+        (DIGIT_PROMPT, "enforced", 1),
+    ]
+    assert report.wrappers == ["sys", "around", "enforced"]
+    assert str(report).splitlines()[0] == f"1.000  {DIGIT_PROMPT} [sys]"
+    assert ollama_chat.history == []
+
+
+def test_the_held_out_wrappers_write_their_schema_as_their_client_does() -> None:
+    """LangChain's text drops the schema's top title and type; JavaScript clients write
+    it without spaces; each held-out wrapper puts the question in."""
+    schema = task_schema("digit", integer=True)
+    langchain = next(w for w in HELD_OUT if w.name == "langchain-format-instructions")
+    _, text = langchain.render("Which?", schema)
+    assert '```\n{"properties": {"digit": {"title": "Digit", "type": "integer"}}, ' in text
+    assert '"required": ["digit"]}\n```\nWhich?\n' in text
+    javascript = Wrapper(name="js", system="{schema}", schema_style="javascript")
+    assert javascript.render("Q", schema)[0] == json.dumps(schema, separators=(",", ":"))
+    for wrapper in HELD_OUT:
+        system, user = wrapper.render("QUESTION-HERE", schema)
+        assert "QUESTION-HERE" in user
+        assert "{schema}" not in (system or "") + user
+
+
+def test_wrappers_load_from_a_json_file(tmp_path: Path) -> None:
+    """A JSON list of wrappers loads; a bad one is refused naming its place and field."""
+    good = tmp_path / "w.json"
+    good.write_text(json.dumps([{"name": "mine", "user": "Hey. {question}"}]))
+    assert load_wrappers(good) == [Wrapper(name="mine", user="Hey. {question}")]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"name": "mine", "user": "no question"}]))
+    with pytest.raises(InvalidRequestError, match=r"bad.json, wrapper 1: user: .*\{question\}"):
+        load_wrappers(bad)
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(InvalidRequestError, match="non-empty JSON list"):
+        load_wrappers(tmp_path / "empty.json")
 
 
 # --- with llama.cpp in-process ---------------------------------------------------------
@@ -497,3 +683,52 @@ def test_eval_renders_digits_another_way(ollama_server: OllamaServer) -> None:
         r.json["messages"][0]["images"][0] for r in ollama_server.requests_to("/api/chat")
     )
     assert first != second
+
+
+def test_eval_structured_wrapped_and_sampled_from_the_command_line(
+    ollama_server: OllamaServer, tmp_path: Path
+) -> None:
+    """--structured sends the schema, --wrapped held-out asks through every held-out
+    wrapper, --temperature default with --samples and --seed samples each question again."""
+    ollama_server.script(pieces=['{"digit": 2}'])
+    base = ["digits", "--limit", "1", "--json", "--no-progress", *ollama_args(ollama_server)]
+    result = CliRunner().invoke(eval_command, [*base, "--structured", "-p", DIGIT_PROMPT])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["results"][0]["correct"] == 1
+    result = CliRunner().invoke(eval_command, [*base, "--wrapped"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["results"]
+    assert [r["wrapper"] for r in rows] == [w.name for w in HELD_OUT]
+    assert {r["prompt"] for r in rows} == {DIGIT_PROMPT}
+    sampled = [*base, "-p", DIGIT_PROMPT, "--temperature", "default", "--samples", "2"]
+    result = CliRunner().invoke(eval_command, [*sampled, "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    options = [r.json["options"] for r in ollama_server.requests_to("/api/chat")][-2:]
+    assert options == [{"num_predict": 64, "seed": 3}, {"num_predict": 64, "seed": 4}]
+    wrappers = tmp_path / "w.json"
+    wrappers.write_text(json.dumps([{"name": "mine", "user": "Hey. {question}"}]))
+    mine = [*base, "-p", DIGIT_PROMPT, "--wrapped", str(wrappers)]
+    result = CliRunner().invoke(eval_command, mine)
+    assert result.exit_code == 0, result.output
+    assert ollama_server.requests_to("/api/chat")[-1].json["messages"][0]["content"] == (
+        f"Hey. {DIGIT_PROMPT}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--temperature", "warm"], "neither a number nor 'default'"),
+        (["--temperature", "-1"], "below 0"),
+        (["--samples", "2"], "copies of one answer"),
+    ],
+)
+def test_eval_refuses_sampling_mistakes(
+    ollama_server: OllamaServer, args: list[str], message: str
+) -> None:
+    """A temperature that is no number, or samples of a greedy answer, are refused."""
+    base = ["digits", "--limit", "1", *ollama_args(ollama_server)]
+    result = CliRunner().invoke(eval_command, [*base, *args])
+    assert result.exit_code != 0
+    assert message in result.output
+    assert ollama_server.requests_to("/api/chat") == []

@@ -320,6 +320,27 @@ def test_weights_round_trip_in_pytorch_layout(tmp_path: Path) -> None:
             assert tuple(reversed(tensors[name].shape.tolist())) == value.shape
 
 
+def test_recommended_sampling_is_written_as_general_sampling_keys(tmp_path: Path) -> None:
+    """sampling= writes llama.cpp's general.sampling.* keys (top_k an integer), which
+    llama.cpp reads back from the model; an unknown name is refused."""
+    import llama_cpp
+
+    cfg = gw.PRESETS["tiny"].text
+    path = gw.write_language_model(
+        tmp_path / "lm.gguf", cfg, sampling={"temp": 0.25, "top_k": 1, "top_p": 0.5}
+    )
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False)
+    try:
+        meta = llm.metadata
+    finally:
+        llm.close()
+    assert float(meta["general.sampling.temp"]) == 0.25
+    assert meta["general.sampling.top_k"] == "1"
+    assert float(meta["general.sampling.top_p"]) == 0.5
+    with pytest.raises(ValueError, match=r"general\.sampling\.warmth"):
+        gw.write_language_model(tmp_path / "bad.gguf", cfg, sampling={"warmth": 1.0})
+
+
 def test_f16_projector_keeps_norms_and_biases_f32(tiny_pair: GgufPair) -> None:
     """As llama.cpp's converter does: matrices and the conv kernel f16, 1-D tensors f32."""
     from gguf import GGMLQuantizationType, GGUFReader

@@ -327,7 +327,7 @@ def test_library_refuses_a_choice_among_tools() -> None:
 
 # -- Ollama's context behaviour -----------------------------------------------------------
 
-#: Far more than the 1024-token context holds, with the demo's one token a byte.
+#: Far more than a 1024-token context holds, with the demo's one token a byte.
 PADDING = "Tell me about the picture again, please. " * 40
 
 
@@ -389,9 +389,10 @@ def test_openai_route_still_refuses_what_does_not_fit(client: openai.OpenAI) -> 
 def test_library_truncate_keeps_the_end_of_a_long_question() -> None:
     """VisionChat(on_overflow="truncate") answers a question longer than the context,
     from its end (with room left to answer), and leaves the history whole."""
-    with VisionChat.llama_cpp(on_overflow="truncate", temperature=0) as chat:
+    with VisionChat.llama_cpp(on_overflow="truncate", temperature=0, n_ctx=1024) as chat:
         reply = chat.ask(PADDING * 2 + QUESTION, image=DIGIT)
         assert reply.text
+        # a quarter of the context is left to answer in
         assert (reply.stats.prompt_tokens or 0) + (reply.stats.cached_tokens or 0) <= 768
         assert chat.history[0].content == PADDING * 2 + QUESTION
 

@@ -114,7 +114,9 @@ def test_restored_state_gives_the_logits_of_reading_from_scratch() -> None:
     warm.close()
     cold.close()
     assert int(np.argmax(logits)) == int(np.argmax(expected))
-    np.testing.assert_allclose(logits, expected, rtol=1e-3, atol=1e-3)
+    # the two read the prompt in different batches, so float sums differ in order: up to
+    # 1.2e-3 on the demo's logits (whose largest are about 16)
+    np.testing.assert_allclose(logits, expected, rtol=1e-3, atol=2e-3)
 
 
 def test_a_new_engine_restores_from_the_disk_folder(tmp_path: Path) -> None:

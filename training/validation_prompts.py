@@ -1,0 +1,67 @@
+"""Client prompts to choose the next recipe on: neither trained nor held out.
+
+Run 20 was judged on ``llava_local.apps.wrappers.HELD_OUT``, the test of how the demo
+copes with software it never saw; choosing a recipe on those figures would make them a
+score the model was fitted to. These wrappers are a third set, written like the ones
+real clients send (a schema in the system prompt or the user's text, an instruction
+after or before the question, a product's system prompt), sharing no text with either
+(``tests/dev/test_demo_prompts.py``). ``evaluate_demo.py``'s ``wrapped_validation`` asks
+them about shapes drawn from :data:`SHAPES_SEED`, a seed neither training nor the
+test set uses.
+"""
+
+from __future__ import annotations
+
+from llava_local.apps.wrappers import Wrapper
+
+#: Shapes for the validation figures (training draws from 0 and 1000, the built-in
+#: test set from 20251122).
+SHAPES_SEED = 2000
+
+VALIDATION: tuple[Wrapper, ...] = (
+    Wrapper(
+        name="val-extractor-system",
+        source="an extraction library's system prompt with the schema",
+        system="You turn what you see into data. Emit exactly one JSON value "
+        "conforming to {schema}",
+    ),
+    Wrapper(
+        name="val-form-after-question",
+        source="a library that puts the expected form after the question",
+        user="{question}\nGive back a JSON value of this form:\n{schema}",
+        schema_style="python-indent",
+    ),
+    Wrapper(
+        name="val-schema-first",
+        source="the schema before the task in the user's text",
+        user="Expected reply layout ->\n{schema}\n\nTask: {question}",
+        schema_style="javascript",
+    ),
+    Wrapper(
+        name="val-json-mode-system",
+        source="a schema in the system prompt and an any-object grammar",
+        system="Answer in machine-readable form that validates against {schema}",
+        grammar="object",
+    ),
+    Wrapper(
+        name="val-brief-suffix",
+        source="an instruction after the question",
+        user="{question}\n\nRespond using a brief statement.",
+    ),
+    Wrapper(
+        name="val-words-suffix",
+        source="an instruction after the question, on the same line",
+        user="{question} Limit your reply to a handful of words.",
+    ),
+    Wrapper(
+        name="val-photo-prefix",
+        source="a question introduced by the user's text",
+        user="Take a look at the photo I sent.\n{question}",
+    ),
+    Wrapper(
+        name="val-product-system",
+        source="a photo app's own system prompt",
+        system="You are Aria, the helper inside a photo gallery app. Assist people with "
+        "their pictures in a warm tone.",
+    ),
+)
