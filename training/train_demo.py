@@ -22,7 +22,7 @@ import os
 import platform
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -1018,31 +1018,10 @@ def _stage2(
     recipe: Recipe, pools: Pools, rng: np.random.Generator, model: TinyLlava, log_every: int
 ) -> None:
     """Everything together on the conversations, the tower at a fraction of the rate."""
-    start = time.monotonic()
-    opt = _optimizer(
-        list(model.named_parameters()),
-        recipe,
-        weight_decay=recipe.weight_decay,
-        slow=recipe.vision_lr_scale,
-    )
-    running: dict[str, float] = {}
-    for step in range(recipe.steps):
-        _set_lr(opt, lr_at(step, recipe.steps, recipe))
-        batch = conversation_batch(recipe, pools, rng)
-        loss, stats = batch_loss(
-            model, pools, batch, aux_weight=recipe.aux_weight, key_weight=recipe.key_weight
-        )
-        if recipe.consistency:
-            extra, stats["consistency"] = consistency_loss(model, pools, recipe)
-            loss = loss + extra
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % log_every == 0 or step == recipe.steps - 1:
-            _log(step, running, stats, start)
-        else:
-            running = {k: 0.9 * running.get(k, v) + 0.1 * v for k, v in stats.items()}
+    _conversations(
+        recipe, recipe, recipe.steps, lambda: conversation_batch(recipe, pools, rng),
+        pools=pools, model=model, log_every=log_every,
+    )  # fmt: skip
 
 
 def _stage3(recipe: Recipe, pools: Pools, model: TinyLlava, log_every: int) -> TinyLlava:
@@ -1050,13 +1029,32 @@ def _stage3(recipe: Recipe, pools: Pools, model: TinyLlava, log_every: int) -> T
     stage 3's conversations, from generators of its own (seeded from the run's seed)."""
     if not recipe.polish_steps:
         return model
-    start = time.monotonic()
     rng = np.random.default_rng([recipe.seed, 3])
     pools.pair_rng = np.random.default_rng([recipe.seed, 3, 1])
     torch.manual_seed(recipe.seed + 3)
     schedule = replace(
         recipe, lr=recipe.polish_lr, min_lr=recipe.polish_lr / 10, warmup=recipe.polish_warmup
     )
+    _conversations(
+        recipe, schedule, recipe.polish_steps, lambda: polish_batch(recipe, pools, rng),
+        pools=pools, model=model, log_every=log_every,
+    )  # fmt: skip
+    return model
+
+
+def _conversations(
+    recipe: Recipe,
+    schedule: Recipe,
+    steps: int,
+    draw: Callable[[], Batch],
+    *,
+    pools: Pools,
+    model: TinyLlava,
+    log_every: int,
+) -> None:
+    """``steps`` steps on the batches ``draw`` makes, with a fresh AdamW whose rate
+    follows ``schedule`` (its lr, min_lr and warmup), the tower at ``vision_lr_scale``."""
+    start = time.monotonic()
     opt = _optimizer(
         list(model.named_parameters()),
         schedule,
@@ -1064,9 +1062,9 @@ def _stage3(recipe: Recipe, pools: Pools, model: TinyLlava, log_every: int) -> T
         slow=recipe.vision_lr_scale,
     )
     running: dict[str, float] = {}
-    for step in range(recipe.polish_steps):
-        _set_lr(opt, lr_at(step, recipe.polish_steps, schedule))
-        batch = polish_batch(recipe, pools, rng)
+    for step in range(steps):
+        _set_lr(opt, lr_at(step, steps, schedule))
+        batch = draw()
         loss, stats = batch_loss(
             model, pools, batch, aux_weight=recipe.aux_weight, key_weight=recipe.key_weight
         )
@@ -1077,11 +1075,10 @@ def _stage3(recipe: Recipe, pools: Pools, model: TinyLlava, log_every: int) -> T
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if step % log_every == 0 or step == recipe.polish_steps - 1:
+        if step % log_every == 0 or step == steps - 1:
             _log(step, running, stats, start)
         else:
             running = {k: 0.9 * running.get(k, v) + 0.1 * v for k, v in stats.items()}
-    return model
 
 
 # ------------------------------------------------------------------------ validation
