@@ -20,6 +20,7 @@ folder's modules share is in that folder's ``conftest.py``.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,6 +47,15 @@ __all__ = [
     "tiny_pair",
     "tiny_pair_q4",
 ]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Ctrl-C reaches the programs the tests start, whoever started pytest: a shell
+    without job control (``cmd &`` in a script, ``nohup``) starts it with SIGINT
+    ignored, and an ignored signal stays ignored in every child, so the tests that press
+    Ctrl-C in a child would see it run to the end."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)
