@@ -30,7 +30,7 @@ from llava_local_dev.mtmd import MtmdRunner
 from PIL import Image
 
 from llava_local.images import prepare
-from training import data, validation_prompts
+from training import data, prompts, validation_prompts
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DIR = REPO / "llava_local" / "data" / "demo"
@@ -253,13 +253,15 @@ def harness_figures(
 
     digits = load_set("digits", limit=100 if quick else None)
     shapes = load_set("shapes", limit=60 if quick else None)
+    shape_prompts = [SHAPE_PROMPT, COLOUR_PROMPT]
+    # the trained message with {schema} where its schema goes (a schema of several lines
+    # at column 0, as every task's is, so dedent changes nothing else)
+    probe: dict[str, Any] = {"properties": {}}
+    written = json.dumps(probe, indent=2, ensure_ascii=False)
     instructor = Wrapper(
         name="instructor-json",
         source="instructor Mode.JSON (trained): its system message, response_format json_object",
-        system="\n        As a genius expert, your task is to understand the content and provide\n"
-        "        the parsed objects in json that match the following json_schema:\n\n\n"
-        "        {schema}\n\n"
-        "        Make sure to return an instance of the JSON, not the schema itself\n",
+        system=prompts.instructor_message(probe).replace(written, "{schema}"),
         schema_style="python-indent",
         grammar="object",
     )
@@ -270,30 +272,24 @@ def harness_figures(
         "instructor_json_mode": {"wrappers": [instructor]},
         "wrapped_validation": {"wrappers": list(validation_prompts.VALIDATION)},
     }
-    validation_shapes = load_set(
-        "shapes", seed=validation_prompts.SHAPES_SEED, limit=60 if quick else None
-    )
     out: dict[str, Any] = {
         "how": "llava_local.apps.eval.evaluate (llava-local eval), llama.cpp engine, "
-        "n_threads=1; digits: the test split; shapes: the built-in 300"
+        "n_threads=1; digits: the test split; shapes: the built-in 300 "
+        f"(wrapped_validation: 300 from seed {validation_prompts.SHAPES_SEED})"
     }
     with VisionChat.llama_cpp(model=lm, mmproj=mmproj, n_threads=1) as chat:
         for name, kwargs in runs.items():
             if only is not None and name not in only:
                 continue
             figures: dict[str, Any] = {}
-            sets = [
-                ("digits", digits, [DIGIT_PROMPT]),
-                ("shapes", shapes, [SHAPE_PROMPT, COLOUR_PROMPT]),
-            ]
-            if name == "wrapped_validation":
-                sets = [("shapes", validation_shapes, [SHAPE_PROMPT, COLOUR_PROMPT])]
+            if name == "wrapped_validation":  # shapes of their own, no digits
+                seed, limit = validation_prompts.SHAPES_SEED, 60 if quick else None
+                sets = [("shapes", load_set("shapes", seed=seed, limit=limit), shape_prompts)]
+            else:
+                sets = [("digits", digits, [DIGIT_PROMPT]), ("shapes", shapes, shape_prompts)]
             for label, pictures, prompts_ in sets:
                 report = evaluate(chat, pictures, prompts_, name=label, progress=False, **kwargs)
-                rows = {
-                    r.prompt + (f" [{r.wrapper}]" if r.wrapper else ""): round(r.accuracy, 4)
-                    for r in report.results
-                }
+                rows = {r.name: round(r.accuracy, 4) for r in report.results}
                 figures[label] = {
                     "accuracy": round(report.accuracy, 4),
                     "answers": len(report.answers),

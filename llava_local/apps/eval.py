@@ -119,6 +119,11 @@ class PromptResult(BaseModel):
     seconds_mean: float = 0.0
     confusion: dict[str, dict[str, int]] = Field(default_factory=dict)
 
+    @property
+    def name(self) -> str:
+        """The prompt, with the wrapper it was asked through in brackets."""
+        return self.prompt if self.wrapper is None else f"{self.prompt} [{self.wrapper}]"
+
 
 class EvalReport(BaseModel):
     """The outcome of :func:`evaluate`; ``render()`` draws it, ``model_dump()`` is for
@@ -154,7 +159,7 @@ class EvalReport(BaseModel):
         return total
 
     def __str__(self) -> str:
-        lines = [f"{r.accuracy:.3f}  {_row_name(r)}" for r in self.results]
+        lines = [f"{r.accuracy:.3f}  {r.name}" for r in self.results]
         lines.append(
             f"{self.accuracy:.3f}  overall: {count(len(self.answers), 'answer')} about "
             f"{count(self.pictures, 'picture')} in {self.seconds_total:.1f} s"
@@ -214,10 +219,6 @@ class EvalReport(BaseModel):
             )
         )
         return Group(*parts)
-
-
-def _row_name(result: PromptResult) -> str:
-    return result.prompt if result.wrapper is None else f"{result.prompt} [{result.wrapper}]"
 
 
 def _sampling(options: Mapping[str, Any]) -> str:
@@ -587,9 +588,9 @@ def _reply(
     system, text = question.wrapper.render(question.prompt, schema)
     messages = [Message(role="system", content=system)] if system is not None else []
     messages.append(Message(role="user", content=text, images=(prepared,)))
-    stream = chat.answer(messages, schema=grammar, **options)
-    for _ in stream:
-        pass
+    with chat.answer(messages, schema=grammar, **options) as stream:
+        for _ in stream:
+            pass
     return stream.reply
 
 
