@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Any
 from ... import __version__
 from ...chat import VisionChat
 from ...errors import MissingDependencyError
+from ...host_header import HostNames
 from .errors import ApiError
 from .limits import Limits
-from .middleware import CatchErrors, CheckHost, HostNames, LogRequests, RequireKey
+from .middleware import CatchErrors, CheckHost, LogRequests, RequireKey
 from .model_info import default_name, model_facts
 from .ollama_api import OllamaRoutes
 from .openai_api import OpenAIRoutes
@@ -63,7 +64,7 @@ def create_app(
     token every route but ``/health`` and ``/`` requires; ``cors`` the origins allowed
     to call it from a browser (none by default). ``bind`` is the address it is served
     on and, with ``allow_hosts``, decides which ``Host`` headers it answers (see
-    :class:`~.middleware.HostNames`). The chat is closed when the app shuts down,
+    :class:`~llava_local.host_header.HostNames`). The chat is closed when the app shuts down,
     unless ``close_chat`` is False."""
     fastapi = fastapi_module()
     from starlette.exceptions import HTTPException

@@ -11,13 +11,11 @@ browser's preflight is answered and error answers carry CORS headers too),
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
-import socket
 import time
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from ...host_header import HostNames, refusal, shown
 from .errors import ApiError
 
 if TYPE_CHECKING:
@@ -96,73 +94,9 @@ class RequireKey:
         await error.response(str(scope.get("path", "")))(scope, receive, send)
 
 
-#: Names that always mean this machine, whatever the bind: ``*.localhost`` resolves to
-#: loopback by RFC 6761, and ``host.docker.internal`` is how a container (Open WebUI in
-#: Docker) names its host; ``.internal`` names are never in public DNS, so no web page
-#: can point one at this server.
-LOCAL_NAMES = frozenset({"localhost", "host.docker.internal"})
-
-
-def is_loopback(bind: str) -> bool:
-    """Whether serving on ``bind`` reaches only this machine."""
-    name = bind.strip().strip("[]").lower().rstrip(".")
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
-
-
-class HostNames:
-    """The names the server answers to in a request's ``Host`` header (DNS rebinding:
-    a web page whose name an attacker points at 127.0.0.1 would otherwise reach the
-    server from a visitor's browser as its own origin).
-
-    For a loopback bind: ``localhost`` (and ``*.localhost``), loopback addresses and
-    ``host.docker.internal``; beyond loopback also any IP address and this machine's
-    host names. Plus the ``allowed`` names (``--allow-host``): exact names,
-    ``*.example.com`` for any name under it, or ``*`` for any name at all."""
-
-    def __init__(self, bind: str, allowed: Sequence[str] = ()) -> None:
-        wanted = [name.strip().lower().rstrip(".") for name in allowed if name.strip()]
-        self.anything = "*" in wanted
-        self.suffixes = tuple(name[1:] for name in wanted if name.startswith("*."))
-        self.names = {_host(name) for name in wanted if not name.startswith("*")}
-        self.names |= LOCAL_NAMES
-        self.loopback = is_loopback(bind)
-        if not self.loopback:
-            self.names |= {_host(socket.gethostname()), _host(socket.getfqdn())}
-
-    def allows(self, header: str) -> bool:
-        if self.anything or not header:
-            return True
-        name = _host(header)
-        try:
-            address = ipaddress.ip_address(name)
-        except ValueError:
-            return name in self.names or name.endswith(".localhost") or name.endswith(self.suffixes)
-        mapped = getattr(address, "ipv4_mapped", None)
-        if address.is_loopback or (mapped is not None and mapped.is_loopback):
-            return True
-        return not self.loopback or str(address) in self.names
-
-
-def _host(header: str) -> str:
-    """The host of a ``Host`` header (or a name), without port, brackets or final dot."""
-    text = header.strip().lower()
-    if text.startswith("["):
-        return text[1:].partition("]")[0]
-    try:
-        return str(ipaddress.ip_address(text))  # a bare IPv6 address: no port to split
-    except ValueError:
-        pass
-    name = text.rpartition(":")[0] if ":" in text else text
-    return name.rstrip(".")
-
-
 class CheckHost:
-    """403 for a request whose ``Host`` header names none of :class:`HostNames`."""
+    """403 for a request whose ``Host`` header names none of its
+    :class:`~llava_local.host_header.HostNames` (DNS rebinding)."""
 
     def __init__(self, app: ASGIApp, names: HostNames) -> None:
         self.app = app
@@ -177,14 +111,10 @@ class CheckHost:
         if self.names.allows(given):
             await self.app(scope, receive, send)
             return
-        name = "".join(c for c in _host(given) if c.isprintable())[:100]
-        scope.setdefault("state", {})["note"] = f"refused Host {name!r}"
+        scope.setdefault("state", {})["note"] = f"refused Host {shown(given)!r}"
         error = ApiError(
             403,
-            f"this server does not answer to the name {name!r} (the request's Host "
-            "header), so that a web page cannot reach it by pointing its own name at "
-            f"this machine (DNS rebinding); to use that name, start the server with "
-            f"--allow-host {name}",
+            refusal(given, server="this server", command="the server"),
             code="host_not_allowed",
         )
         await error.response(str(scope.get("path", "")))(scope, receive, send)

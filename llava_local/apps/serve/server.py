@@ -9,10 +9,10 @@ from types import FrameType
 from typing import Any
 
 from ...chat import VisionChat
+from ...host_header import is_loopback
 from ...memory import human
 from .app import create_app, fastapi_module
 from .limits import Limits
-from .middleware import is_loopback
 from .turns import Engine
 
 log = logging.getLogger("llava_local.serve")
