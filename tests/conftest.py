@@ -11,8 +11,9 @@ wheel, install script, benchmark report, the Pi boards, the first hour),
 ``tests/security/`` what untrusted input must not do, and ``tests/clients/`` other
 people's client libraries against ``serve``. This folder holds only what they share:
 the stand-in servers (``ollama_server.py``, ``openai_server.py``, ``hub_server.py``),
-``serve_process.py``, ``gguf_fixtures.py``, ``paths.py`` (where the repository's files
-are), ``known.py`` and ``option_args.py``, imported with relative imports (``from
+``serve_process.py`` and ``ui_process.py`` (a real ``serve`` or ``ui``),
+``gguf_fixtures.py``, ``paths.py`` (where the repository's files are), ``known.py`` and
+``option_args.py``, imported with relative imports (``from
 ..paths import DIGIT``). A fixture that several folders use is here; one that a
 folder's modules share is in that folder's ``conftest.py``.
 """

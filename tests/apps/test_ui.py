@@ -18,11 +18,7 @@ import base64
 import contextlib
 import os
 import re
-import signal
-import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +30,7 @@ from playwright.sync_api import Browser, Error, Page, sync_playwright
 
 from ..ollama_server import OllamaServer, Script, free_port
 from ..paths import ROOT
+from ..ui_process import Served, serve_page
 
 CHROMIUM = os.environ.get("LLAVA_LOCAL_CHROMIUM", "/usr/bin/chromium")
 # What this machine's Chromium needs to run headless, as root, with no network: the
@@ -54,77 +51,10 @@ INSTALL = (
     "(pip install -e '.[ui,dev]': gradio, playwright); do not run `playwright install`"
 )
 ARTIFACTS = ROOT / "test-artifacts"
-START_TIMEOUT_S = 90  # importing Gradio on a busy 2-core machine
 ANSWER_TIMEOUT_MS = 120_000  # the demo model on a busy CPU, with CLIP on first use
 STEP_TIMEOUT_MS = 30_000
 DIGIT_INDEX = 1422  # a test-split digit (>= 1400, never trained on) the demo reads
 DIGIT_LABEL = 7
-
-
-# --- the served page ---------------------------------------------------------------
-
-
-@dataclass
-class Served:
-    """A running ``llava-local ui`` subprocess and where its output goes."""
-
-    url: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-
-@contextlib.contextmanager
-def serve_page(tmp: Path, *engine_args: str) -> Iterator[Served]:
-    """``llava-local ui`` on a free port, until the block ends (SIGTERM, then kill)."""
-    port = free_port()
-    log = tmp / f"ui-{port}.log"
-    env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "GRADIO_TEMP_DIR": str(tmp / "gradio"),
-        "LLAVA_LOCAL_MODEL": "",  # the tests choose the engine themselves
-    }
-    args = [sys.executable, "-m", "llava_local.cli", "ui", "--port", str(port), *engine_args]
-    with log.open("wb") as out:
-        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
-    served = Served(f"http://127.0.0.1:{port}/", process, log)
-    try:
-        _wait_until_served(served)
-        yield served
-    except BaseException:
-        _stop(process)
-        raise
-    _stop(process)
-    assert process.returncode == 0, f"the page did not stop cleanly:\n{served.output()}"
-
-
-def _wait_until_served(served: Served) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if served.process.poll() is not None:
-            pytest.fail(
-                f"llava-local ui exited with {served.process.returncode}:\n{served.output()}"
-            )
-        with contextlib.suppress(OSError), urllib.request.urlopen(served.url, timeout=5) as page:
-            if page.status == 200:
-                return
-        time.sleep(0.3)
-    pytest.fail(
-        f"llava-local ui did not serve {served.url} in {START_TIMEOUT_S} s:\n{served.output()}"
-    )
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)  # SIGINT is ignored under `cmd &` shells
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
 
 
 # --- the browser -------------------------------------------------------------------
