@@ -18,6 +18,8 @@ Why it is built this way:
   it goes (or the page stops). Two tabs then cost one model's memory, and taking turns
   restores each conversation's KV state from the engine's prefix cache instead of
   reading its pictures again.
+* Who may use the page is :mod:`.ui_access`'s job: a ``Host`` check against DNS
+  rebinding on every address, and a login required beyond loopback.
 * A turn runs in a thread of its own: ``VisionChat`` holds its lock for the whole
   answer, and Gradio would otherwise step the answer from a different worker thread
   each time. One answer is written at a time, across all tabs: on a CPU, two at once
@@ -35,7 +37,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from types import ModuleType
@@ -53,6 +55,7 @@ from ..errors import (
 from ..stream import ReplyStream
 from ..types import Reply
 from .engines import EnginePool, split_settings
+from .ui_access import Login, check_exposure, launch_options
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -76,6 +79,7 @@ _LAUNCH_OPTIONS: dict[str, Any] = {
     "mcp_server": False,
     "pwa": False,
     "ssr_mode": False,
+    "num_workers": 0,  # file workers on ports of their own would skip the Host check
     "css": _CSS,
 }
 _MESSAGE = dict[str, Any]
@@ -540,16 +544,25 @@ def launch(
     port: int = 7860,
     *,
     on_ready: Callable[[str], None] | None = None,
+    auth: Login | None = None,
+    allow_hosts: Sequence[str] = (),
+    no_auth: bool = False,
     **engine: Any,
 ) -> None:
     """Serve the page on ``bind:port`` until Ctrl-C or SIGTERM; ``engine`` as for
     :func:`build_app`.
 
     ``bind`` is the web server's address (``host=`` stays the Ollama address, as
-    everywhere in llava-local); the default serves this computer only. ``on_ready``
-    gets the page's address once it is served (default: print it). Every tab's
-    engine is closed on the way out.
+    everywhere in llava-local); the default serves this computer only. ``auth``, a
+    ``(user, password)`` pair, puts the page behind Gradio's login; beyond loopback it
+    is required unless ``no_auth`` is True (anyone who can reach the machine may then
+    use the page and all it can do: see :mod:`.ui_access`). The page answers requests
+    naming it ``localhost`` or an address of this machine (its names too beyond
+    loopback) in their ``Host`` header, and ``allow_hosts`` (``*.example.com``, ``*``);
+    others get 403. ``on_ready`` gets the page's address once it is served (default:
+    print it). Every tab's engine is closed on the way out.
     """
+    check_exposure(bind, auth, no_auth=no_auth)
     app = build_app(**engine)
     gr = _gradio()
     stopping = _stop_on_sigterm()
@@ -560,6 +573,7 @@ def launch(
             prevent_thread_lock=True,
             theme=gr.themes.Default(),  # its fonts ship with Gradio: nothing from Google
             **_LAUNCH_OPTIONS,
+            **launch_options(bind, allow_hosts, auth),
         )
         url = f"http://{'127.0.0.1' if bind in ('0.0.0.0', '') else bind}:{port}/"
         if on_ready is None:

@@ -47,6 +47,8 @@ _COMMAND_FLAGS = {
     "task": "--task",
     "vary": "--vary",
     "schema": "--schema",
+    "auth": "--auth",
+    "no_auth": "--no-auth",
 }
 #: Advice that has no flag, said the command line's way (the Python way first).
 _PHRASES = (

@@ -200,6 +200,7 @@ JOB_COMMANDS = {
     "apps/datasets.py": ("eval",),
     "apps/bench.py": ("bench",),
     "apps/ui.py": ("ui",),
+    "apps/ui_access.py": ("ui",),
     "apps/serve": ("serve",),
     "apps/models.py": ("models", "pull"),
     "apps/doctor.py": ("doctor",),
