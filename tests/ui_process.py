@@ -39,6 +39,11 @@ class Served:
     def port(self) -> int:
         return int(urlsplit(self.url).port or 0)
 
+    @property
+    def uploads(self) -> Path:
+        """Gradio's upload folder (``GRADIO_TEMP_DIR``): the page's own, beside its log."""
+        return self.log.parent / "gradio"
+
     def output(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]
 

@@ -19,7 +19,8 @@ Why it is built this way:
   restores each conversation's KV state from the engine's prefix cache instead of
   reading its pictures again.
 * Who may use the page is :mod:`.ui_access`'s job: a ``Host`` check against DNS
-  rebinding on every address, and a login required beyond loopback.
+  rebinding on every address, and a login required beyond loopback. What an upload
+  may cost, and how long Gradio keeps it, is :mod:`.ui_uploads`'s.
 * A turn runs in a thread of its own: ``VisionChat`` holds its lock for the whole
   answer, and Gradio would otherwise step the answer from a different worker thread
   each time. One answer is written at a time, across all tabs: on a CPU, two at once
@@ -56,6 +57,7 @@ from ..stream import ReplyStream
 from ..types import Reply
 from .engines import EnginePool, split_settings
 from .ui_access import Login, check_exposure, launch_options
+from .ui_uploads import DELETE_CACHE, MAX_PICTURE_MB, upload_limits
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -343,13 +345,15 @@ def build_app(
     starting engine of every tab; the page can change backend, model, projector and
     Ollama address per tab. ``engines``: the pool its tabs open engines in (default:
     one of its own; :func:`~.engines.shared_pool` shares them with ``serve`` in the
-    same process). :func:`launch` starts it with the offline settings.
+    same process). The pictures uploaded to it are deleted when it stops (and a week
+    after upload). :func:`launch` starts it with the offline settings and the upload
+    limits.
     """
     gr: Any = _gradio()
     start = {"backend": backend, "model": model, **engine}
     sessions = _Sessions(start, engines)
     on = _handlers(gr, sessions, start)
-    with gr.Blocks(title=_TITLE, analytics_enabled=False) as app:
+    with gr.Blocks(title=_TITLE, analytics_enabled=False, delete_cache=DELETE_CACHE) as app:
         w = _layout(gr, start)
         turn = gr.on(
             [w.question.submit, w.send.click],
@@ -547,6 +551,7 @@ def launch(
     auth: Login | None = None,
     allow_hosts: Sequence[str] = (),
     no_auth: bool = False,
+    max_picture_mb: float = MAX_PICTURE_MB,
     **engine: Any,
 ) -> None:
     """Serve the page on ``bind:port`` until Ctrl-C or SIGTERM; ``engine`` as for
@@ -559,11 +564,15 @@ def launch(
     use the page and all it can do: see :mod:`.ui_access`). The page answers requests
     naming it ``localhost`` or an address of this machine (its names too beyond
     loopback) in their ``Host`` header, and ``allow_hosts`` (``*.example.com``, ``*``);
-    others get 403. ``on_ready`` gets the page's address once it is served (default:
-    print it). Every tab's engine is closed on the way out.
+    others get 403. An upload over ``max_picture_mb`` is refused (413) before it is
+    stored (see :mod:`.ui_uploads`). ``on_ready`` gets the page's address once it is
+    served (default: print it). Every tab's engine is closed on the way out.
     """
     check_exposure(bind, auth, no_auth=no_auth)
     app = build_app(**engine)
+    options = launch_options(bind, allow_hosts, auth)  # the Host check and the login
+    limits = upload_limits(max_picture_mb)
+    options["app_kwargs"]["middleware"].append(limits.middleware)  # after the Host check
     gr = _gradio()
     stopping = _stop_on_sigterm()
     try:
@@ -572,8 +581,9 @@ def launch(
             server_port=port,
             prevent_thread_lock=True,
             theme=gr.themes.Default(),  # its fonts ship with Gradio: nothing from Google
+            max_file_size=limits.max_file_size,
             **_LAUNCH_OPTIONS,
-            **launch_options(bind, allow_hosts, auth),
+            **options,
         )
         url = f"http://{'127.0.0.1' if bind in ('0.0.0.0', '') else bind}:{port}/"
         if on_ready is None:

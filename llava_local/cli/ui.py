@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from ..apps.ui_access import wants_login
+from ..apps.ui_uploads import MAX_PICTURE_MB
 from ._common import engine_options, err_console, run_safely
 
 
@@ -55,6 +56,13 @@ def _login(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
     "address and this machine's names when --bind is beyond loopback; other names get "
     "403, so that a web page cannot reach the page by DNS rebinding.",
 )
+@click.option(
+    "--max-picture-mb",
+    type=click.FloatRange(0.001),
+    default=MAX_PICTURE_MB,
+    show_default=True,
+    help="Largest picture a tab may upload; a bigger upload is refused before it is stored.",
+)
 @engine_options
 @click.option("--system", help="System prompt.")
 @click.option("--temperature", type=float, help="Sampling temperature (0 = greedy).")
@@ -66,6 +74,7 @@ def ui(
     auth: tuple[str, str] | None,
     no_auth: bool,
     allow_host: tuple[str, ...],
+    max_picture_mb: float,
     backend: str,
     model: str | None,
     **settings: Any,
@@ -102,6 +111,7 @@ def ui(
                 auth=auth,
                 allow_hosts=allow_host,
                 no_auth=no_auth,
+                max_picture_mb=max_picture_mb,
                 backend=backend,
                 model=model,
                 **engine,

@@ -86,3 +86,14 @@ def test_installed_script_runs(tiny_pair: GgufPair, picture: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip()
     assert "add_text" not in done.stderr  # libmtmd's chatter stays quiet
+
+
+def test_ui_and_serve_bound_pictures_alike() -> None:
+    """`ui` and `serve` take the same --max-picture-mb with the same default, so the
+    largest picture means the same on the page and in the API."""
+    defaults = {}
+    for command in ("ui", "serve"):
+        cli = main.commands[command]
+        (option,) = [p for p in cli.params if "--max-picture-mb" in getattr(p, "opts", ())]
+        defaults[command] = option.default
+    assert defaults == {"ui": 20.0, "serve": 20.0}

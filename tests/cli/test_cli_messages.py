@@ -201,6 +201,7 @@ JOB_COMMANDS = {
     "apps/bench.py": ("bench",),
     "apps/ui.py": ("ui",),
     "apps/ui_access.py": ("ui",),
+    "apps/ui_uploads.py": ("ui",),
     "apps/serve": ("serve",),
     "apps/models.py": ("models", "pull"),
     "apps/doctor.py": ("doctor",),
