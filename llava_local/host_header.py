@@ -63,10 +63,30 @@ class HostNames:
             address = ipaddress.ip_address(name)
         except ValueError:
             return name in self.names or name.endswith(".localhost") or name.endswith(self.suffixes)
-        mapped = getattr(address, "ipv4_mapped", None)
-        if address.is_loopback or (mapped is not None and mapped.is_loopback):
+        if _loopback_address(address):
             return True
         return not self.loopback or str(address) in self.names
+
+    def known(self, header: str) -> bool:
+        """Whether ``header`` names this server by a name it was given or has: as
+        :meth:`allows`, less what admits a name unseen (``*``, and any IP address
+        beyond loopback), and never an empty one. What a web page's ``Origin`` is held
+        to: a ``Host`` header says which name a request was sent to, an ``Origin``
+        where it was sent from, and an address that is not this machine's may be
+        anyone's."""
+        name = host_of(header)
+        if not name:
+            return False
+        try:
+            address = ipaddress.ip_address(name)
+        except ValueError:
+            return name in self.names or name.endswith(".localhost") or name.endswith(self.suffixes)
+        return _loopback_address(address) or str(address) in self.names
+
+
+def _loopback_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def host_of(header: str) -> str:

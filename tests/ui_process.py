@@ -128,9 +128,42 @@ def call(
 ) -> list[Any]:
     """Call one of the page's handlers through Gradio's HTTP API and return its outputs
     once it has finished."""
+    kind, outputs, text = finished(served, handler, data, client, headers)
+    assert kind == "complete", text
+    assert isinstance(outputs, list)
+    return outputs
+
+
+def call_error(
+    served: Served,
+    handler: str,
+    data: list[Any],
+    *,
+    client: httpx.Client | None = None,
+    **headers: str,
+) -> str | None:
+    """Call one of the page's handlers as :func:`call` does, expecting Gradio to answer
+    with an error: its message (None when Gradio shows none)."""
+    kind, outputs, text = finished(served, handler, data, client, headers)
+    assert kind == "error", text
+    assert isinstance(outputs, dict), text
+    error = outputs.get("error")
+    return None if error is None else str(error)
+
+
+def finished(
+    served: Served,
+    handler: str,
+    data: list[Any],
+    client: httpx.Client | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[str, Any, str]:
+    """Call one of the page's handlers as :func:`call` does: its last event
+    (``complete`` or ``error``), that event's data, and the whole answer."""
+    headers = headers or {}
     if client is None:
         with httpx.Client() as own:
-            return call(served, handler, data, client=own, **headers)
+            return finished(served, handler, data, own, headers)
     started = start_call(served, handler, data, client=client, **headers)
     assert started.status_code == 200, started.text
     event = started.json()["event_id"]
@@ -144,6 +177,28 @@ def call(
             kind = line.removeprefix("event: ")
         elif line.startswith("data: ") and kind in ("complete", "error"):
             outputs = json.loads(line.removeprefix("data: "))
-    assert kind == "complete", answer.text
-    assert isinstance(outputs, list)
-    return outputs
+    return kind, outputs, answer.text
+
+
+def upload(served: Served, *files: bytes, **headers: str) -> httpx.Response:
+    """POST ``files`` to the page's upload route as its picture box does (multipart)."""
+    parts = [("files", (f"picture-{i}.png", data, "image/png")) for i, data in enumerate(files)]
+    return httpx.post(f"{served.url}gradio_api/upload", files=parts, headers=headers, timeout=60)
+
+
+def stored(served: Served) -> dict[str, int]:
+    """Every file in the page's upload folder, with its size."""
+    if not served.uploads.exists():
+        return {}
+    return {str(p): p.stat().st_size for p in served.uploads.rglob("*") if p.is_file()}
+
+
+def uploaded(path: str, **fields: Any) -> dict[str, Any]:
+    """The picture box's value in a handler call, as the page sends it: the path the
+    upload route returned (``fields`` add to it or replace it)."""
+    return {
+        "path": path,
+        "meta": {"_type": "gradio.FileData"},
+        "orig_name": "picture.png",
+        **fields,
+    }

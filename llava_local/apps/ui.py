@@ -19,8 +19,9 @@ Why it is built this way:
   restores each conversation's KV state from the engine's prefix cache instead of
   reading its pictures again.
 * Who may use the page is :mod:`.ui_access`'s job: a ``Host`` check against DNS
-  rebinding on every address, and a login required beyond loopback. What an upload
-  may cost, and how long Gradio keeps it, is :mod:`.ui_uploads`'s.
+  rebinding on every address, an ``Origin`` check against other web pages' requests,
+  and a login required beyond loopback. What an upload may cost, and how long Gradio
+  keeps it, is :mod:`.ui_uploads`'s.
 * A turn runs in a thread of its own: ``VisionChat`` holds its lock for the whole
   answer, and Gradio would otherwise step the answer from a different worker thread
   each time. One answer is written at a time, across all tabs: on a CPU, two at once

@@ -9,26 +9,46 @@ machine by path, and point the Ollama or OpenAI-compatible engine at any address
   machine (:class:`~llava_local.host_header.HostNames`, as ``serve``'s API does), so
   that a web page a visitor opens cannot drive it by pointing its own name at
   127.0.0.1 (DNS rebinding); ``allow_hosts`` (``--allow-host``) admits more names;
+* it answers no request sent by another web page (:class:`CheckOrigin`): a page the
+  user visits may POST to the page on loopback without asking first (a form, or a
+  multipart upload: "simple" cross-origin requests), and the user's browser sends it,
+  login cookie included. A browser names the page a request comes from in ``Origin``;
+  Gradio reads it only to leave out the CORS headers that would let a foreign page
+  *read* the answer (and only when the page is named ``localhost`` or ``127.0.0.1``:
+  named ``[::1]`` or ``127.0.0.2`` it lets any page read it), so the request itself
+  still runs. Here a request whose ``Origin`` is not this page gets 403 before its body
+  is read; one without ``Origin`` (a script, ``curl``, the page's own GETs) is not a
+  browser's cross-site request and is answered;
 * beyond loopback it needs a login (Gradio's own, ``auth=``), unless the caller says
   it serves everyone who can reach the machine (``no_auth``, ``--no-auth``).
 
-The Host check is ASGI middleware given to the FastAPI app Gradio builds (``launch``'s
-documented ``app_kwargs``), so it runs before any of Gradio's routes, the login
-included.
+Both checks are ASGI middleware given to the FastAPI app Gradio builds (``launch``'s
+documented ``app_kwargs``), so they run before any of Gradio's routes, the login
+included (Gradio's own CORS middleware, added after, wraps them and still answers a
+preflight itself: the request that follows is refused here).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from ..errors import InvalidRequestError
-from ..host_header import HostNames, is_loopback, refusal
+from ..host_header import HostNames, host_of, is_loopback, refusal
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
 
-__all__ = ["CheckHost", "Login", "check_exposure", "launch_options", "wants_login"]
+__all__ = [
+    "CheckHost",
+    "CheckOrigin",
+    "Login",
+    "check_exposure",
+    "from_this_page",
+    "launch_options",
+    "wants_login",
+]
 
 #: A user name and its password, for Gradio's login page.
 Login = tuple[str, str]
@@ -54,12 +74,13 @@ def check_exposure(bind: str, auth: Login | None, *, no_auth: bool = False) -> N
 def launch_options(
     bind: str, allow_hosts: Sequence[str] = (), auth: Login | None = None
 ) -> dict[str, Any]:
-    """Gradio ``launch()`` arguments for the Host check (its middleware, through
-    ``app_kwargs``) and the login (``auth``)."""
+    """Gradio ``launch()`` arguments for the Host and Origin checks (their middleware,
+    through ``app_kwargs``) and the login (``auth``)."""
     from starlette.middleware import Middleware
 
     names = HostNames(bind, allow_hosts)
-    return {"app_kwargs": {"middleware": [Middleware(CheckHost, names=names)]}, "auth": auth}
+    checks = [Middleware(CheckHost, names=names), Middleware(CheckOrigin, names=names)]
+    return {"app_kwargs": {"middleware": checks}, "auth": auth}
 
 
 class CheckHost:
@@ -79,19 +100,115 @@ class CheckHost:
         if self.names.allows(given):
             await self.app(scope, receive, send)
             return
-        if scope["type"] == "websocket":  # closed before it is accepted: a 403
-            await send({"type": "websocket.close", "code": 1008})
+        await _forbid(scope, send, refusal(given, server="this page", command="llava-local ui"))
+
+
+class CheckOrigin:
+    """403 in plain text for a request sent by another web page: one whose ``Origin``
+    header is present and is not this page (:func:`from_this_page`), on every method,
+    before its body is read; it says which page was refused and how to admit it."""
+
+    def __init__(self, app: ASGIApp, names: HostNames) -> None:
+        self.app = app
+        self.names = names
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
             return
-        text = refusal(given, server="this page", command="llava-local ui") + "\n"
-        body = text.encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 403,
-                "headers": [
-                    (b"content-type", b"text/plain; charset=utf-8"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
+        headers = dict(scope.get("headers") or [])
+        origin = headers.get(b"origin")
+        if origin is None:
+            await self.app(scope, receive, send)
+            return
+        given = origin.decode("latin-1").strip()
+        host = headers.get(b"host", b"").decode("latin-1")
+        if from_this_page(given, host, str(scope.get("scheme", "http")), self.names):
+            await self.app(scope, receive, send)
+            return
+        await _forbid(scope, send, _origin_refusal(given))
+
+
+#: The port a URL of each scheme means when it names none.
+_DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
+
+
+def from_this_page(origin: str, host: str, scheme: str, names: HostNames) -> bool:
+    """Whether a request with this ``Origin`` header comes from the page itself, sent to
+    the ``Host`` it names over ``scheme`` (the request's, for a ``Host`` without port).
+
+    It does when the origin's ``host[:port]`` is the ``Host`` header's (what a browser
+    sends for the page's own requests, behind a reverse proxy too when the proxy passes
+    the name it was asked by), or when its name is one the page was given or has
+    (:meth:`~llava_local.host_header.HostNames.known`: loopback names, this machine's,
+    ``--allow-host``'s, but not ``*``) on the same port as the ``Host`` header's.
+    ``null`` (a sandboxed frame, a local file, a redirect from another site) never
+    does."""
+    try:
+        parts = urlsplit(origin.lower())
+        given_port = parts.port
+    except ValueError:
+        return False
+    name = (parts.hostname or "").rstrip(".")
+    if not name or parts.scheme not in ("http", "https") or parts.path not in ("", "/"):
+        return False
+    default = _DEFAULT_PORTS[parts.scheme]
+    port = given_port if given_port is not None else default
+    to_name, to_port = host_of(host), _port_of(host)
+    if name == to_name and port == (to_port if to_port is not None else default):
+        return True
+    sent_to = to_port if to_port is not None else _DEFAULT_PORTS.get(scheme, 80)
+    return port == sent_to and names.known(name)
+
+
+def _port_of(host: str) -> int | None:
+    """The port a ``Host`` header names, if any (``[::1]:8080``, ``name:8080``)."""
+    text = host.strip()
+    tail = text.rpartition("]")[2] if text.startswith("[") else text
+    if tail.count(":") != 1:
+        return None  # none, or a bare IPv6 address
+    digits = tail.rpartition(":")[2]
+    return int(digits) if digits.isdigit() and int(digits) < 65536 else None
+
+
+def _origin_refusal(origin: str) -> str:
+    """What a request refused for its ``Origin`` header is told: which page sent it,
+    why that is refused, and what admits a page's own address."""
+    if origin.lower() == "null":
+        return (
+            "this page takes no request from a web page without an address (Origin: null: "
+            "a sandboxed frame, a local file or a redirect from another site), so that "
+            "another page cannot make your browser upload to it or use its model; open "
+            "the page at its own address"
         )
-        await send({"type": "http.response.body", "body": body})
+    shown = "".join(c for c in origin if c.isprintable())[:100]
+    try:
+        name = host_of(urlsplit(shown).netloc) or "NAME"
+    except ValueError:  # not a URL at all
+        name = "NAME"
+    return (
+        f"this page takes no request from another web page ({shown!r}, the request's "
+        "Origin header), so that a page you visit cannot make your browser upload to it "
+        "or use its model; to open the page itself at that address, start llava-local ui "
+        f"with --allow-host {name} (behind a reverse proxy, have the proxy pass "
+        "that name in the Host header)"
+    )
+
+
+async def _forbid(scope: Scope, send: Send, text: str) -> None:
+    """403 in plain text (a websocket is closed before it is accepted: a 403 too)."""
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    body = (text + "\n").encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 403,
+            "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -54,7 +54,10 @@ def _login(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
     "(repeatable; '*.example.com', or '*' for any name), e.g. a reverse proxy's name. "
     "By default: localhost, loopback addresses and host.docker.internal, plus any IP "
     "address and this machine's names when --bind is beyond loopback; other names get "
-    "403, so that a web page cannot reach the page by DNS rebinding.",
+    "403, so that a web page cannot reach the page by DNS rebinding. A request sent by "
+    "another web page (its Origin header) gets 403 too: behind a reverse proxy, have "
+    "the proxy pass its public name in Host (nginx: proxy_set_header Host $http_host) "
+    "and give that name here.",
 )
 @click.option(
     "--max-picture-mb",

@@ -52,3 +52,31 @@ def test_a_refusal_names_the_option_and_repeats_only_printable_text() -> None:
     long = refusal("a\x1b[31m" + "b" * 300, server="this server", command="the server")
     assert "\x1b" not in long
     assert "a[31m" + "b" * 95 + "'" in long
+
+
+def test_a_known_name_is_one_given_or_this_machines_never_a_wildcard() -> None:
+    """known() (what a page's Origin is held to) takes loopback names and addresses,
+    this machine's names and --allow-host's names and suffixes, but not what allows()
+    admits unseen: '*', or any IP address beyond loopback; and never an empty name."""
+    names = HostNames("0.0.0.0", ["proxy.example", "*.corp.example", "*"])
+    for name in (
+        "localhost",
+        "app.localhost",
+        "127.0.0.1",
+        "::1",
+        "::ffff:127.0.0.1",
+        "host.docker.internal",
+        socket.gethostname(),
+        "0.0.0.0",
+        "PROXY.example.",
+        "pi.corp.example",
+    ):
+        assert names.known(name), name
+        assert names.allows(name), name
+    for name in ("evil.example", "192.0.2.7", "corp.example.evil", ""):
+        assert not names.known(name), name
+    assert names.allows("evil.example")
+    assert names.allows("192.0.2.7")
+    bound = HostNames("192.0.2.7")
+    assert bound.known("192.0.2.7")
+    assert not bound.known("192.0.2.8")

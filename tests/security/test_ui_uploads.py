@@ -22,7 +22,7 @@ from llava_local import InvalidRequestError
 from llava_local.apps.ui_uploads import upload_limits
 
 from ..ollama_server import OllamaServer
-from ..ui_process import Served, call, serve_page
+from ..ui_process import Served, call, serve_page, stored, upload, uploaded
 
 LIMIT = 2**20  # --max-picture-mb 1
 
@@ -34,19 +34,6 @@ def page(ollama_daemon: OllamaServer, tmp_path_factory: pytest.TempPathFactory) 
     args = ("--backend", "ollama", "--host", ollama_daemon.host, "--max-picture-mb", "1")
     with serve_page(tmp, *args) as served:
         yield served
-
-
-def upload(page: Served, *files: bytes, **headers: str) -> httpx.Response:
-    """POST ``files`` to the page's upload route as its picture box does (multipart)."""
-    parts = [("files", (f"picture-{i}.png", data, "image/png")) for i, data in enumerate(files)]
-    return httpx.post(f"{page.url}gradio_api/upload", files=parts, headers=headers, timeout=60)
-
-
-def stored(page: Served) -> dict[str, int]:
-    """Every file in the page's upload folder, with its size."""
-    if not page.uploads.exists():
-        return {}
-    return {str(p): p.stat().st_size for p in page.uploads.rglob("*") if p.is_file()}
 
 
 def noise_png(side: int) -> bytes:
@@ -130,7 +117,7 @@ def test_a_picture_within_the_limit_is_stored_and_asked_about(
     answer = upload(page, picture)
     assert answer.status_code == 200, answer.text
     (path,) = answer.json()
-    given = {"path": path, "meta": {"_type": "gradio.FileData"}, "orig_name": "picture.png"}
+    given = uploaded(path)
     asked = len(ollama_daemon.requests_to("/api/chat"))
     outputs = call(page, "respond", ["What is in the picture?", given])
     chats = ollama_daemon.requests_to("/api/chat")[asked:]
