@@ -21,7 +21,9 @@ Why it is built this way:
 * Who may use the page is :mod:`.ui_access`'s job: a ``Host`` check against DNS
   rebinding on every address, an ``Origin`` check against other web pages' requests,
   and a login required beyond loopback. What an upload may cost, and how long Gradio
-  keeps it, is :mod:`.ui_uploads`'s.
+  keeps it, is :mod:`.ui_uploads`'s; that the picture box takes nothing but an upload
+  (no ``data:`` or remote URL, which Gradio would decode or download first) is
+  :mod:`.ui_picture`'s.
 * A turn runs in a thread of its own: ``VisionChat`` holds its lock for the whole
   answer, and Gradio would otherwise step the answer from a different worker thread
   each time. One answer is written at a time, across all tabs: on a CPU, two at once
@@ -470,10 +472,12 @@ class _Widgets(NamedTuple):
 
 def _layout(gr: Any, start: dict[str, Any]) -> _Widgets:
     """The page: picture, engine and timings on the left, the conversation on the right."""
+    from .ui_picture import Picture  # subclasses gr.Image: imported once Gradio is
+
     gr.Markdown("## llava-local\nAsk a vision-language model about a picture, on this computer.")
     with gr.Row():
         with gr.Column(scale=2, min_width=280):
-            picture = gr.Image(
+            picture = Picture(
                 label="Picture: upload, paste or take one",
                 type="filepath",
                 image_mode=None,  # the file as uploaded: images.prepare() does the rest

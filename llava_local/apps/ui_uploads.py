@@ -22,6 +22,11 @@ in one request. So:
 A connection broken in the middle of an upload still leaves Gradio's part-written file
 (at most the limit) in the upload folder, where the system's cleaning of its temporary
 folder finds it.
+
+A picture must come this way: the picture box (:mod:`.ui_picture`) takes no picture
+sent inside a handler's call as a ``data:`` or http(s) URL, which Gradio would decode
+or download before any limit here applies; :data:`NO_DATA_URL`, :data:`NO_PICTURE_URL`
+and :data:`NOT_UPLOADED` are what such a call is told.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ __all__ = [
     "BODY_SLACK",
     "DELETE_CACHE",
     "MAX_PICTURE_MB",
+    "NOT_UPLOADED",
+    "NO_DATA_URL",
+    "NO_PICTURE_URL",
     "LimitBody",
     "UploadLimits",
     "upload_limits",
@@ -50,6 +58,15 @@ MAX_PICTURE_MB = 20.0
 BODY_SLACK = MB
 #: Gradio's ``delete_cache``: every hour, delete stored files a week old (all at the end).
 DELETE_CACHE = (3600, 7 * 86400)
+
+#: How a client gives the page a picture: what each refusal of another way ends with.
+_UPLOAD_FIRST = (
+    "upload the file first (POST it to /gradio_api/upload, as the page does; "
+    "gradio_client's handle_file() does it for a path) and send the path it returns"
+)
+NO_DATA_URL = f"this page takes no picture sent as a data: URL: {_UPLOAD_FIRST}"
+NO_PICTURE_URL = f"this page downloads no picture from an address: {_UPLOAD_FIRST}"
+NOT_UPLOADED = f"that picture was not uploaded to this page: {_UPLOAD_FIRST}"
 
 
 class UploadLimits(NamedTuple):
