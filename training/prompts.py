@@ -325,13 +325,16 @@ _SEPARATORS = (" ", "\n", "\n\n")
 
 def compose(question: str, rng: np.random.Generator, filler: float = 0.0) -> str:
     """The question after an opening, before a closing, or both (stage 3); each of them
-    is a sentence of random trained words (:func:`filler_sentence`) ``filler`` of the time."""
+    is a sentence of random words (:func:`filler_sentence`) ``filler`` of the time (0: no
+    draw, as run 20 drew them)."""
     r = rng.random()
     text = question
     if r < 0.65:
-        opening = filler_sentence(rng) if rng.random() < filler else _pick(rng, OPENINGS)
+        opening = filler_sentence(rng) if filler and rng.random() < filler else _pick(rng, OPENINGS)
         text = f"{opening}{_pick(rng, _SEPARATORS)}{text}"
-    if r > 0.35:
+    if r > 0.35 and not filler:  # run 20's draws: the separator, then the closing
+        text = f"{text}{_pick(rng, _SEPARATORS)}{_pick(rng, CLOSINGS)}"
+    elif r > 0.35:  # run 26's: the closing first
         closing = filler_sentence(rng) if rng.random() < filler else _pick(rng, CLOSINGS)
         text = f"{text}{_pick(rng, _SEPARATORS)}{closing}"
     return text

@@ -95,18 +95,29 @@ class Recipe:
     p_schema_asked: float = 0.05  # a JSON schema in the user's text, before or after
     # stage 3, the polish: a short pass at a low rate, from stage 2's weights, on what
     # run 19 missed (training/README.md)
-    polish_steps: int = 600
-    polish_lr: float = 6e-4
+    polish_steps: int = 400
+    polish_lr: float = 3e-4
     polish_warmup: int = 20
     p_polish_schema: float = 0.3  # a schema in the system prompt
     p_polish_task: float = 0.04  # an Open WebUI task
     polish_key_weight: float = 2.0  # the JSON keys the model writes itself
-    polish_filler: float = 0.7  # openings and closings made of random words
-    p_polish_composed: float = 0.5  # first questions inside an opening and closing
-    p_polish_follow_composed: float = 0.3  # a follow-up question inside them too
+    # off in the shipped pair (run 20); --asked-polish (run 26, training/README.md):
+    polish_filler: float = 0.0  # openings and closings made of random words
+    p_polish_composed: float = 0.25  # first questions inside an opening and closing
+    p_polish_follow_composed: float = 0.0  # a follow-up question inside them too
     polish_decision_weight: float = 1.0  # the byte that says shape or colour ("It is a")
-    polish_asked_weight: float = 2.0  # what was asked, known at every byte after the question
+    polish_asked_weight: float = 0.0  # what was asked, known at every byte after the question
     threads: int = 2
+
+
+#: Stage 3 as run 26 made it (``--asked-polish``): the asked-kind loss, filler openings
+#: and closings, more composed questions, longer and faster. It answers the clients'
+#: prompts (0.986 on the validation prompts, run 20 0.846) but reads 5 fewer test digits
+#: than run 20, so it does not ship (training/README.md).
+ASKED_POLISH: dict[str, Any] = {
+    "polish_steps": 600, "polish_lr": 6e-4, "polish_filler": 0.7, "p_polish_composed": 0.5,
+    "p_polish_follow_composed": 0.3, "polish_asked_weight": 2.0,
+}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- samples
@@ -612,9 +623,10 @@ def polish_answer(recipe: Recipe, kind: str, facts: prompts.Facts) -> prompts.Re
     decides between a shape ("It is a star.") and a colour ("It is red."), the choice
     run 20 got wrong after closings it had not seen."""
     text = _sentence(kind, facts)
-    if kind not in ("shape", "both") or not text.startswith("It is a "):
+    weight = recipe.polish_decision_weight
+    if weight == 1.0 or kind not in ("shape", "both") or not text.startswith("It is a "):
         return prompts.sentence(text)
-    return prompts.Reply(((" It is ", 1.0), ("a", recipe.polish_decision_weight), (text[7:], 1.0)))
+    return prompts.Reply(((" It is ", 1.0), ("a", weight), (text[7:], 1.0)))
 
 
 def polish_first_turn(
@@ -662,7 +674,7 @@ def polish_chat_batch(recipe: Recipe, pools: Pools, rng: np.random.Generator) ->
         end = found + len(question) if found >= 0 else -1
         if rng.random() < recipe.p_second_turn:
             follow, follow_kind = polish_question(rng, pool)
-            if rng.random() < recipe.p_polish_follow_composed:
+            if recipe.p_polish_follow_composed and rng.random() < recipe.p_polish_follow_composed:
                 follow = prompts.compose(follow, rng, recipe.polish_filler)
             turns.append((follow, polish_answer(recipe, follow_kind, facts)))
         samples.append(Sample(pool, index, tuple(turns), asked=kind, asked_end=end))
@@ -1409,7 +1421,14 @@ def _parser() -> argparse.ArgumentParser:
         help="the same for the weights after stage 2: runs that change only stage 3 "
         "start from them",
     )  # fmt: skip
-    parser.add_argument("--polish-steps", type=int, default=Recipe.polish_steps)
+    parser.add_argument(
+        "--polish-steps", type=int, help=f"stage 3's steps (default {Recipe.polish_steps})"
+    )
+    parser.add_argument(
+        "--asked-polish", action="store_true",
+        help="stage 3 as run 26 made it (ASKED_POLISH: the asked-kind loss, filler "
+        "closings; not the shipped pair's, see training/README.md)",
+    )  # fmt: skip
     parser.add_argument(
         "--consistency", type=float, default=Recipe.consistency,
         help="weight of the blocky-to-smooth feature loss (0 turns it off)",
@@ -1436,12 +1455,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0.0 <= args.ema < 1.0:
         parser.error(f"--ema {args.ema}: give a decay from 0 (off) up to, not including, 1")
     recipe = Recipe(
-        seed=args.seed,
-        steps=args.steps,
-        consistency=args.consistency,
-        pretrain_ema=args.ema,
-        polish_steps=args.polish_steps,
+        seed=args.seed, steps=args.steps, consistency=args.consistency, pretrain_ema=args.ema
     )
+    if args.asked_polish:
+        recipe = replace(recipe, **ASKED_POLISH)
+    if args.polish_steps is not None:
+        recipe = replace(recipe, polish_steps=args.polish_steps)
     if args.smoke:
         recipe = replace(
             recipe,
@@ -1449,7 +1468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shape_renders=500,
             pretrain_steps=20,
             steps=20,
-            polish_steps=min(args.polish_steps, 10),
+            polish_steps=min(recipe.polish_steps, 10),
             consistency_pairs=1,
         )
 
