@@ -211,6 +211,12 @@ class LlamaLM(nn.Module):
         ``prefix_ids`` (P,) token ids (may be empty); ``suffix`` (B, S, E) input embeddings.
         Returns (B, S, V): the next-token logits at every suffix position.
         """
+        logits: torch.Tensor = self.output(self.hidden_shared_prefix(prefix_ids, suffix))
+        return logits
+
+    def hidden_shared_prefix(self, prefix_ids: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
+        """The normed last hidden states (B, S, E) that :meth:`forward_shared_prefix`
+        turns into logits (training heads read them too)."""
         p_len = int(prefix_ids.shape[0])
         b, s_len, _ = suffix.shape
         xp = self.token_embd(prefix_ids)[None] if p_len else None
@@ -230,8 +236,8 @@ class LlamaLM(nn.Module):
                 xp = block.finish(xp, att_p)
             att_s = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
             xs = block.finish(xs, att_s)
-        logits: torch.Tensor = self.output(self.output_norm(xs))
-        return logits
+        hidden: torch.Tensor = self.output_norm(xs)
+        return hidden
 
 
 class TinyLlava(nn.Module):

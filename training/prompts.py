@@ -26,8 +26,11 @@ The client prompts that ``llava-local eval --wrapped`` measures
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 from textwrap import dedent
 from typing import Any
 
@@ -320,15 +323,51 @@ CLOSINGS = (
 _SEPARATORS = (" ", "\n", "\n\n")
 
 
-def compose(question: str, rng: np.random.Generator) -> str:
-    """The question after an opening, before a closing, or both (stage 3)."""
+def compose(question: str, rng: np.random.Generator, filler: float = 0.0) -> str:
+    """The question after an opening, before a closing, or both (stage 3); each of them
+    is a sentence of random words (:func:`filler_sentence`) ``filler`` of the time (0: no
+    draw, as run 20 drew them)."""
     r = rng.random()
     text = question
     if r < 0.65:
-        text = f"{_pick(rng, OPENINGS)}{_pick(rng, _SEPARATORS)}{text}"
-    if r > 0.35:
+        opening = filler_sentence(rng) if filler and rng.random() < filler else _pick(rng, OPENINGS)
+        text = f"{opening}{_pick(rng, _SEPARATORS)}{text}"
+    if r > 0.35 and not filler:  # run 20's draws: the separator, then the closing
         text = f"{text}{_pick(rng, _SEPARATORS)}{_pick(rng, CLOSINGS)}"
+    elif r > 0.35:  # run 26's: the closing first
+        closing = filler_sentence(rng) if rng.random() < filler else _pick(rng, CLOSINGS)
+        text = f"{text}{_pick(rng, _SEPARATORS)}{closing}"
     return text
+
+
+#: Words a filler sentence never holds: those that say what is asked or answered.
+_ASKING_WORDS = frozenset(
+    {"shape", "shapes", "colour", "colours", "color", "colors", "coloured", "colored"}
+    | {"digit", "digits", "number", "numbers", "json", "schema"}
+    | set(data.SHAPES) | {f"{s}s" for s in data.SHAPES} | set(data.COLOUR_NAMES)
+)  # fmt: skip
+
+
+_FILLER_FILE = Path(__file__).with_name("filler_words.txt")
+
+
+@cache
+def filler_words() -> tuple[str, ...]:
+    """The words of every trained client text and 2000 common English words
+    (``filler_words.txt`` says which), without the asking ones, sorted. Common words
+    bring the near-misses of the keywords a byte-level model confuses with them
+    ("statement" and "shape"), none from the held-out or validation prompts."""
+    common = [w for w in _FILLER_FILE.read_text().split("\n") if w and not w.startswith("#")]
+    words = {w.lower() for t in all_training_texts() for w in re.findall(r"[A-Za-z']+", t)}
+    words |= set(common)
+    return tuple(sorted(w for w in words if len(w) > 1 and w not in _ASKING_WORDS))
+
+
+def filler_sentence(rng: np.random.Generator) -> str:
+    """Two to nine random words as a sentence ("Reply picture careful only."):
+    an opening or closing the model cannot have learnt as a cue for what is asked."""
+    words = [str(_pick(rng, filler_words())) for _ in range(2 + int(rng.integers(8)))]
+    return " ".join(words).capitalize() + str(_pick(rng, (".", ".", "!", ":", "?")))
 
 
 def wrap(question: str, rng: np.random.Generator) -> str:

@@ -148,3 +148,35 @@ def test_validation_prompts_are_neither_trained_nor_held_out() -> None:
     for piece in held_out:
         assert not any(piece in text for text in pieces), piece
     assert SHAPES_SEED not in (0, 1000, datasets.SHAPES_SEED)
+
+
+def _words(texts: list[str]) -> set[str]:
+    return {w.lower() for t in texts for w in re.findall(r"[A-Za-z']+", t)}
+
+
+def test_filler_sentences_bring_no_word_of_the_measured_prompts() -> None:
+    """Stage 3's filler openings and closings use no word that says what is asked, and
+    no word of the held-out or validation prompts that training does not have anyway:
+    the filler teaches orders of words, not the prompts the model is measured with."""
+    words = set(prompts.filler_words())
+    assert len(words) > 2000
+    asked = {"shape", "colour", "color", "digit", "number", *data.SHAPES, *data.COLOUR_NAMES}
+    assert not words & asked
+    measured = [t for w in (*HELD_OUT, *VALIDATION) for t in (w.system or "", w.user)]
+    measured += [*data.SHAPE_QUESTIONS_HELD_OUT, *data.COLOUR_QUESTIONS_HELD_OUT]
+    measured += list(data.DIGIT_QUESTIONS_HELD_OUT)
+    only_measured = _words(measured) - _words(prompts.all_training_texts())
+    assert {"handful", "statement", "limit"} <= only_measured  # what the check is for
+    assert not words & only_measured
+
+
+def test_composed_questions_keep_the_question_whole() -> None:
+    """A composed wrapper (whole or filler openings and closings) keeps the question as
+    it is, and filler sentences vary."""
+    rng = np.random.default_rng(1)
+    question = "What shape is this?"
+    texts = [prompts.compose(question, rng, filler=1.0) for _ in range(200)]
+    assert all(question in t for t in texts)
+    fillers = {prompts.filler_sentence(rng) for _ in range(200)}
+    assert len(fillers) == 200
+    assert all(f[0].isupper() and f[-1] in ".!:?" for f in fillers)
