@@ -34,6 +34,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, NamedTuple
 
 from ..errors import InvalidRequestError
+from ..wording import count
 
 if TYPE_CHECKING:
     from starlette.middleware import Middleware
@@ -113,7 +114,7 @@ class LimitBody:
             await _refuse(
                 send,
                 413,
-                f"the request body is {int(declared)} bytes, more than this page takes: "
+                f"the request body is {count(int(declared), 'byte')}, more than this page takes: "
                 f"pictures of up to {self.max_picture_mb:g} MB (llava-local ui "
                 "--max-picture-mb); send a smaller picture",
             )
