@@ -9,7 +9,7 @@ machine by path, and point the Ollama or OpenAI-compatible engine at any address
   machine (:class:`~llava_local.host_header.HostNames`, as ``serve``'s API does), so
   that a web page a visitor opens cannot drive it by pointing its own name at
   127.0.0.1 (DNS rebinding); ``allow_hosts`` (``--allow-host``) admits more names;
-* it answers no request sent by another web page (:class:`CheckOrigin`): a page the
+* it answers no request sent by another web page (:class:`CheckCaller`): a page the
   user visits may POST to the page on loopback without asking first (a form, or a
   multipart upload: "simple" cross-origin requests), and the user's browser sends it,
   login cookie included. A browser names the page a request comes from in ``Origin``;
@@ -22,7 +22,7 @@ machine by path, and point the Ollama or OpenAI-compatible engine at any address
 * beyond loopback it needs a login (Gradio's own, ``auth=``), unless the caller says
   it serves everyone who can reach the machine (``no_auth``, ``--no-auth``).
 
-Both checks are ASGI middleware given to the FastAPI app Gradio builds (``launch``'s
+Both checks are one ASGI middleware given to the FastAPI app Gradio builds (``launch``'s
 documented ``app_kwargs``), so they run before any of Gradio's routes, the login
 included (Gradio's own CORS middleware, added after, wraps them and still answers a
 preflight itself: the request that follows is refused here).
@@ -41,12 +41,12 @@ if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
 
 __all__ = [
-    "CheckHost",
-    "CheckOrigin",
+    "CheckCaller",
     "Login",
     "check_exposure",
     "from_this_page",
     "launch_options",
+    "send_text",
     "wants_login",
 ]
 
@@ -79,13 +79,15 @@ def launch_options(
     from starlette.middleware import Middleware
 
     names = HostNames(bind, allow_hosts)
-    checks = [Middleware(CheckHost, names=names), Middleware(CheckOrigin, names=names)]
+    checks = [Middleware(CheckCaller, names=names)]
     return {"app_kwargs": {"middleware": checks}, "auth": auth}
 
 
-class CheckHost:
-    """403 in plain text for a request whose ``Host`` header names none of ``names``,
-    before Gradio sees it; it says which option admits the name."""
+class CheckCaller:
+    """403 in plain text, before Gradio sees the request, for one whose ``Host`` header
+    names none of ``names`` (DNS rebinding), then for one sent by another web page: its
+    ``Origin`` header is present and is not this page (:func:`from_this_page`), on every
+    method, before its body is read. Each refusal says how to admit what was refused."""
 
     def __init__(self, app: ASGIApp, names: HostNames) -> None:
         self.app = app
@@ -96,37 +98,17 @@ class CheckHost:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        given = headers.get(b"host", b"").decode("latin-1")
-        if self.names.allows(given):
-            await self.app(scope, receive, send)
-            return
-        await _forbid(scope, send, refusal(given, server="this page", command="llava-local ui"))
-
-
-class CheckOrigin:
-    """403 in plain text for a request sent by another web page: one whose ``Origin``
-    header is present and is not this page (:func:`from_this_page`), on every method,
-    before its body is read; it says which page was refused and how to admit it."""
-
-    def __init__(self, app: ASGIApp, names: HostNames) -> None:
-        self.app = app
-        self.names = names
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope.get("headers") or [])
-        origin = headers.get(b"origin")
-        if origin is None:
-            await self.app(scope, receive, send)
-            return
-        given = origin.decode("latin-1").strip()
         host = headers.get(b"host", b"").decode("latin-1")
-        if from_this_page(given, host, str(scope.get("scheme", "http")), self.names):
-            await self.app(scope, receive, send)
+        if not self.names.allows(host):
+            await _forbid(scope, send, refusal(host, server="this page", command="llava-local ui"))
             return
-        await _forbid(scope, send, _origin_refusal(given))
+        origin = headers.get(b"origin")
+        if origin is not None:
+            given = origin.decode("latin-1").strip()
+            if not from_this_page(given, host, str(scope.get("scheme", "http")), self.names):
+                await _forbid(scope, send, _origin_refusal(given))
+                return
+        await self.app(scope, receive, send)
 
 
 #: The port a URL of each scheme means when it names none.
@@ -200,11 +182,17 @@ async def _forbid(scope: Scope, send: Send, text: str) -> None:
     if scope["type"] == "websocket":
         await send({"type": "websocket.close", "code": 1008})
         return
+    await send_text(send, 403, text)
+
+
+async def send_text(send: Send, status: int, text: str) -> None:
+    """An answer of ``status`` in plain text, the page's way of refusing a request
+    before Gradio reads it (here and in :mod:`.ui_uploads`)."""
     body = (text + "\n").encode()
     await send(
         {
             "type": "http.response.start",
-            "status": 403,
+            "status": status,
             "headers": [
                 (b"content-type", b"text/plain; charset=utf-8"),
                 (b"content-length", str(len(body)).encode()),

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from ..errors import InvalidRequestError
 from ..wording import count
+from .ui_access import send_text
 
 if TYPE_CHECKING:
     from starlette.middleware import Middleware
@@ -111,7 +112,7 @@ class LimitBody:
         if declared.isdigit() and int(declared) <= self.limit:
             await self.app(scope, receive, send)
         elif declared.isdigit():
-            await _refuse(
+            await send_text(
                 send,
                 413,
                 f"the request body is {count(int(declared), 'byte')}, more than this page takes: "
@@ -119,7 +120,7 @@ class LimitBody:
                 "--max-picture-mb); send a smaller picture",
             )
         elif b"transfer-encoding" in headers:
-            await _refuse(
+            await send_text(
                 send,
                 411,
                 "send the request body with a Content-Length header: this page takes "
@@ -127,18 +128,3 @@ class LimitBody:
             )
         else:  # no body
             await self.app(scope, receive, send)
-
-
-async def _refuse(send: Send, status: int, text: str) -> None:
-    body = (text + "\n").encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"text/plain; charset=utf-8"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
