@@ -1425,6 +1425,9 @@ def _parser() -> argparse.ArgumentParser:
         "--polish-steps", type=int, help=f"stage 3's steps (default {Recipe.polish_steps})"
     )
     parser.add_argument(
+        "--polish-lr", type=float, help=f"stage 3's peak rate (default {Recipe.polish_lr})"
+    )
+    parser.add_argument(
         "--asked-polish", action="store_true",
         help="stage 3 as run 26 made it (ASKED_POLISH: the asked-kind loss, filler "
         "closings; not the shipped pair's, see training/README.md)",
@@ -1461,6 +1464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         recipe = replace(recipe, **ASKED_POLISH)
     if args.polish_steps is not None:
         recipe = replace(recipe, polish_steps=args.polish_steps)
+    if args.polish_lr is not None:
+        recipe = replace(recipe, polish_lr=args.polish_lr)
     if args.smoke:
         recipe = replace(
             recipe,
