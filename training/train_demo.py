@@ -101,6 +101,7 @@ class Recipe:
     p_polish_schema: float = 0.3  # a schema in the system prompt
     p_polish_task: float = 0.04  # an Open WebUI task
     polish_key_weight: float = 2.0  # the JSON keys the model writes itself
+    polish_vision_lr_scale: float = 0.1  # the tower's share of stage 3's rate (0: frozen)
     # off in the shipped pair (run 20); --asked-polish (run 26, training/README.md):
     polish_filler: float = 0.0  # openings and closings made of random words
     p_polish_composed: float = 0.25  # first questions inside an opening and closing
@@ -1123,6 +1124,7 @@ def _stage3(recipe: Recipe, pools: Pools, model: TinyLlava, log_every: int) -> T
     _conversations(
         recipe, schedule, recipe.polish_steps, lambda: polish_batch(recipe, pools, rng),
         pools=pools, model=model, log_every=log_every, asked_head=asked_head,
+        slow=recipe.polish_vision_lr_scale,
     )  # fmt: skip
     return model
 
@@ -1137,9 +1139,11 @@ def _conversations(
     model: TinyLlava,
     log_every: int,
     asked_head: torch.nn.Linear | None = None,
+    slow: float | None = None,
 ) -> None:
     """``steps`` steps on the batches ``draw`` makes, with a fresh AdamW whose rate
-    follows ``schedule`` (its lr, min_lr and warmup), the tower at ``vision_lr_scale``;
+    follows ``schedule`` (its lr, min_lr and warmup), the tower at ``slow`` times it
+    (default ``vision_lr_scale``);
     ``asked_head`` (stage 3, not exported) learns the asked-kind loss beside them."""
     start = time.monotonic()
     head = (
@@ -1151,7 +1155,7 @@ def _conversations(
         list(model.named_parameters()) + head,
         schedule,
         weight_decay=recipe.weight_decay,
-        slow=recipe.vision_lr_scale,
+        slow=recipe.vision_lr_scale if slow is None else slow,
     )
     running: dict[str, float] = {}
     for step in range(steps):
@@ -1428,6 +1432,11 @@ def _parser() -> argparse.ArgumentParser:
         "--polish-lr", type=float, help=f"stage 3's peak rate (default {Recipe.polish_lr})"
     )
     parser.add_argument(
+        "--polish-vision-scale", type=float, metavar="F",
+        help=f"the tower's share of stage 3's rate (default {Recipe.polish_vision_lr_scale}; "
+        "0 freezes it)",
+    )  # fmt: skip
+    parser.add_argument(
         "--asked-polish", action="store_true",
         help="stage 3 as run 26 made it (ASKED_POLISH: the asked-kind loss, filler "
         "closings; not the shipped pair's, see training/README.md)",
@@ -1466,6 +1475,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         recipe = replace(recipe, polish_steps=args.polish_steps)
     if args.polish_lr is not None:
         recipe = replace(recipe, polish_lr=args.polish_lr)
+    if args.polish_vision_scale is not None:
+        recipe = replace(recipe, polish_vision_lr_scale=args.polish_vision_scale)
     if args.smoke:
         recipe = replace(
             recipe,
