@@ -16,6 +16,7 @@ on a square of rgb(122, 116, 104), then ``(x / 255 - mean) / std`` with CLIP's m
 
 from __future__ import annotations
 
+import argparse
 import io
 import math
 import re
@@ -45,6 +46,28 @@ OTHER_SYSTEMS = (
 TRAIN_INDICES = range(0, 1400)  # sklearn digits used for training (incl. validation slice)
 VALIDATION_INDICES = range(1250, 1400)  # carved out of the training range, for choices
 TEST_INDICES = range(1400, 1797)  # never used for training or model selection
+
+
+def span(indices: range) -> str:
+    """range(1250, 1400) as "1250-1399"."""
+    return f"{indices.start}-{indices.stop - 1}"
+
+
+def parse_span(text: str) -> range:
+    """``"0-199"`` as range(0, 200), checked to lie inside the training digits: the
+    ``--hold-out`` options' type (argparse prints the error as a usage error)."""
+    start, _, end = text.partition("-")
+    try:
+        indices = range(int(start), int(end) + 1)
+    except ValueError:
+        indices = range(0)
+    inside = TRAIN_INDICES.start <= indices.start and indices.stop <= TRAIN_INDICES.stop
+    if not (indices and inside):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give START-END within {span(TRAIN_INDICES)}, e.g. 0-199"
+        )
+    return indices
+
 
 # --- questions ----------------------------------------------------------------------------
 

@@ -99,14 +99,15 @@ OTHER_RENDERINGS = (
 )
 
 
-def digit_set(rendering: Rendering) -> tuple[list[bytes], list[int]]:
-    """The test split (indices 1400-1796) drawn with ``rendering``."""
+def digit_set(
+    rendering: Rendering, indices: Sequence[int] = data.TEST_INDICES
+) -> tuple[list[bytes], list[int]]:
+    """The test split (indices 1400-1796), or other ``indices``, drawn with ``rendering``."""
     images, labels = data.load_digits_arrays()
     pngs = [
-        prepared(data.render_digit(images[i], rendering.size, rendering.resample))
-        for i in data.TEST_INDICES
+        prepared(data.render_digit(images[i], rendering.size, rendering.resample)) for i in indices
     ]
-    return pngs, [int(labels[i]) for i in data.TEST_INDICES]
+    return pngs, [int(labels[i]) for i in indices]
 
 
 def shape_set(n: int) -> tuple[list[bytes], list[data.ShapeSpec]]:
@@ -302,6 +303,32 @@ def harness_figures(
     return out
 
 
+def choice_figures(lm: Path, mmproj: Path, held_out: range | None) -> dict[str, Any]:
+    """The figures a recipe is chosen on, never the test split's: the validation prompts
+    (``wrapped_validation``) and, for a pair trained with ``train_demo --hold-out``, its
+    held-out training digits read as ``evaluate`` reads the test split."""
+    result: dict[str, Any] = {}
+    if held_out is not None:
+        digits: dict[str, Any] = {"indices": data.span(held_out)}
+        with DemoEngine(lm, mmproj) as engine:
+            pngs, labels = digit_set(CANONICAL, held_out)
+            question = [data.PRIMARY_DIGIT_QUESTION]
+            digits["primary"] = score_digits(engine, pngs, labels, question)
+            digits["no_system_prompt"] = score_digits(engine, pngs, labels, question, system="")
+            per_question = {
+                q: score_digits(engine, pngs, labels, [q])["exact"]
+                for q in data.DIGIT_QUESTIONS_HELD_OUT
+            }
+            digits["held_out_paraphrases"] = round(float(np.mean(list(per_question.values()))), 4)
+            digits["other_renderings"] = {
+                r.name: score_digits(engine, *digit_set(r, held_out), question)["exact"]
+                for r in OTHER_RENDERINGS
+            }
+        print("held-out digits", digits["primary"]["exact"], flush=True)
+        result["held_out_digits"] = digits
+    return result | harness_figures(lm, mmproj, only=["wrapped_validation"])
+
+
 HARNESS_JOBS = (
     ("structured", "default_sampling", "instructor_json_mode", "wrapped_validation"),
     ("wrapped_held_out",),
@@ -325,8 +352,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--processes", type=int, default=1, help="measure in this many processes (1 thread each)"
     )
+    parser.add_argument(
+        "--choose", action="store_true",
+        help="only the figures recipes are chosen on (the validation prompts; with "
+        "--hold-out, the held-out training digits), into <dir>/choice.json",
+    )  # fmt: skip
+    parser.add_argument(
+        "--hold-out", nargs="?", const=data.VALIDATION_INDICES, type=data.parse_span,
+        metavar="START-END",
+        help="with --choose: the digits the pair was trained without (train_demo --hold-out; "
+        f"default {data.span(data.VALIDATION_INDICES)})",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     lm, mmproj = args.dir / "demo-lm.gguf", args.dir / "demo-mmproj.gguf"
+    if args.hold_out is not None and not args.choose:
+        parser.error("--hold-out goes with --choose (the test split is never held out)")
+    if args.choose:
+        figures = choice_figures(lm, mmproj, args.hold_out)
+        print(json.dumps(figures, indent=2))
+        (args.dir / "choice.json").write_text(json.dumps(figures, indent=2) + "\n")
+        return 0
     jobs = [(lm, mmproj, args.quick, only) for only in (None, *HARNESS_JOBS)]
     if args.processes > 1:
         from concurrent.futures import ProcessPoolExecutor

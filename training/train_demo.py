@@ -1389,25 +1389,6 @@ def check_against_numpy(model: TinyLlava, lm_path: Path, mm_path: Path) -> dict[
 # ------------------------------------------------------------------------------ main
 
 
-def _span(indices: range) -> str:
-    return f"{indices.start}-{indices.stop - 1}"
-
-
-def _parse_span(text: str) -> range:
-    """``"0-199"`` as range(0, 200), checked to lie inside the training digits."""
-    start, _, end = text.partition("-")
-    try:
-        span = range(int(start), int(end) + 1)
-    except ValueError:
-        span = range(0)
-    inside = data.TRAIN_INDICES.start <= span.start and span.stop <= data.TRAIN_INDICES.stop
-    if not (span and inside):
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: give START-END within {_span(data.TRAIN_INDICES)}, e.g. 0-199"
-        )
-    return span
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="output directory")
@@ -1451,9 +1432,9 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="tiny pools, for a quick try")
     parser.add_argument(
-        "--hold-out", nargs="?", const=data.VALIDATION_INDICES, type=_parse_span,
+        "--hold-out", nargs="?", const=data.VALIDATION_INDICES, type=data.parse_span,
         metavar="START-END",
-        help=f"keep these training digits (default {_span(data.VALIDATION_INDICES)}) out of "
+        help=f"keep these training digits (default {data.span(data.VALIDATION_INDICES)}) out of "
         "training and validate on them (for choosing a recipe; the shipped model trains on "
         "all of 0-1399)",
     )  # fmt: skip
@@ -1576,8 +1557,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "source": "sklearn.datasets.load_digits()",
                 "train_indices": f"{train_indices[0]}-{train_indices[-1]}"
                 if not args.hold_out
-                else f"{_span(data.TRAIN_INDICES)} except {_span(held_out)}",
-                "validation_indices": f"{_span(held_out)}, held out"
+                else f"{data.span(data.TRAIN_INDICES)} except {data.span(held_out)}",
+                "validation_indices": f"{data.span(held_out)}, held out"
                 if args.hold_out
                 else "none held out (recipe chosen on held-out runs)",
                 "test_indices": "1400-1796 (never used in training or choices)",

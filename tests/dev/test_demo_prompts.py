@@ -3,6 +3,7 @@ held-out client wrappers ``llava-local eval --wrapped`` asks through."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from textwrap import dedent
@@ -180,3 +181,13 @@ def test_composed_questions_keep_the_question_whole() -> None:
     fillers = {prompts.filler_sentence(rng) for _ in range(200)}
     assert len(fillers) == 200
     assert all(f[0].isupper() and f[-1] in ".!:?" for f in fillers)
+
+
+def test_hold_out_spans_are_training_digits_only() -> None:
+    """``--hold-out`` (train_demo, evaluate_demo --choose) takes a span of the training
+    digits and refuses one that reaches the test split, which nothing may choose on."""
+    assert data.parse_span("1250-1399") == data.VALIDATION_INDICES
+    assert data.span(data.parse_span("0-199")) == "0-199"
+    for text in ("1300-1500", "1400-1796", "x", "10-5", "-3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="within 0-1399"):
+            data.parse_span(text)
