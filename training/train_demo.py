@@ -102,6 +102,7 @@ class Recipe:
     p_polish_task: float = 0.04  # an Open WebUI task
     polish_key_weight: float = 2.0  # the JSON keys the model writes itself
     polish_vision_lr_scale: float = 0.1  # the tower's share of stage 3's rate (0: frozen)
+    polish_probe_kd: float = 0.0  # the answer's digit learns the tower probe's distribution
     # off in the shipped pair (run 20); --asked-polish (run 26, training/README.md):
     polish_filler: float = 0.0  # openings and closings made of random words
     p_polish_composed: float = 0.25  # first questions inside an opening and closing
@@ -798,9 +799,12 @@ def batch_loss(
     group_rows: int = 16,
     asked_head: torch.nn.Linear | None = None,
     asked_weight: float = 0.0,
+    probe_kd: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted answer-token cross-entropy plus the auxiliary picture-class loss, and
-    with ``asked_head`` (stage 3) the asked-kind loss (:func:`asked_targets`).
+    with ``asked_head`` (stage 3) the asked-kind loss (:func:`asked_targets`); with
+    ``probe_kd`` (stage 3) the digit an answer writes is also taught the tower probe's
+    distribution over the ten digits (:func:`_probe_kd`).
 
     The LM reads the conversations in groups of ``group_rows`` sorted by length, each
     padded to its own longest: one padded batch spent 40% of its positions on padding
@@ -823,15 +827,15 @@ def batch_loss(
     hit_parts: list[torch.Tensor] = []
     key_parts: list[torch.Tensor] = []
     asked_parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+    kd_parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+    teacher = (
+        F.softmax(model.aux_logits(features)[:, :10].detach(), dim=-1)
+        if probe_kd and pictures
+        else None
+    )
     for start in range(0, len(order), group_rows):
         rows = order[start : start + group_rows]
-        t_max = max(len(encoded[row][0]) for row in rows)
-        ids = torch.zeros(len(rows), t_max, dtype=torch.long)
-        weight = torch.zeros(len(rows), t_max)
-        for i, row in enumerate(rows):
-            tok, w = encoded[row]
-            ids[i, : len(tok)] = torch.tensor(tok)
-            weight[i, : len(w)] = torch.tensor(w)
+        ids, weight = _padded([encoded[row] for row in rows])
         suffix = torch.cat([image[rows], model.lm.token_embd(ids)], dim=1)
         hidden = model.lm.hidden_shared_prefix(prefix, suffix)
         logits = model.lm.output(hidden)
@@ -840,9 +844,13 @@ def batch_loss(
             if len(kinds):
                 asked_parts.append((asked_head(hidden[at[:, 0], at[:, 1]]), kinds))
         if n_img:
-            pred = logits[:, n_img - 1 : n_img - 1 + t_max]
+            pred = logits[:, n_img - 1 : n_img - 1 + ids.shape[1]]
         else:  # the first suffix byte is question text (weight 0): nothing predicts it
             pred, ids, weight = logits[:, :-1], ids[:, 1:], weight[:, 1:]
+        if teacher is not None:
+            kd_parts += _digit_positions(
+                pred, ids, weight, samples=samples, rows=rows, teacher=teacher
+            )
         ce = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), ids.reshape(-1), reduction="none")
         ce_sum = ce_sum + (ce * weight.reshape(-1)).sum()
         weight_sum += float(weight.sum())
@@ -857,8 +865,9 @@ def batch_loss(
         "key_acc": key_hits.float().mean().item() if len(key_hits) else 1.0,
     }
     if asked_parts:
-        asked_loss, stats["asked"], stats["asked_acc"] = _asked_loss(asked_parts)
-        lm_loss = lm_loss + asked_weight * asked_loss
+        lm_loss = lm_loss + asked_weight * _asked_loss(asked_parts, stats)
+    if kd_parts:
+        lm_loss = lm_loss + probe_kd * _probe_kd(kd_parts, stats)
     if not pictures:
         return lm_loss, stats
     probe_loss, probe_acc = aux_loss(model, pools, samples, features)
@@ -866,17 +875,71 @@ def batch_loss(
     return lm_loss + aux_weight * probe_loss, stats
 
 
+DIGIT_BYTES = slice(ord("0"), ord("9") + 1)  # byte tokens 48-57, the probe's classes 0-9
+
+
+def _padded(encoded: Sequence[tuple[list[int], list[float]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A group's token ids and loss weights, padded with zeros to its longest."""
+    t_max = max(len(tok) for tok, _ in encoded)
+    ids = torch.zeros(len(encoded), t_max, dtype=torch.long)
+    weight = torch.zeros(len(encoded), t_max)
+    for i, (tok, w) in enumerate(encoded):
+        ids[i, : len(tok)] = torch.tensor(tok)
+        weight[i, : len(w)] = torch.tensor(w)
+    return ids, weight
+
+
+def _digit_positions(
+    pred: torch.Tensor,
+    ids: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    samples: Sequence[Sample],
+    rows: Sequence[int],
+    teacher: torch.Tensor,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The LM's logits over the ten digit bytes where a digit picture's answer (the
+    group's row i is sample ``rows[i]``) writes its digit (a weighted key byte), each with
+    the probe's distribution for that picture."""
+    parts = []
+    for i, row in enumerate(rows):
+        if samples[row].pool != "digit":
+            continue
+        at = (
+            (ids[i] >= DIGIT_BYTES.start) & (ids[i] < DIGIT_BYTES.stop) & (weight[i] > 1)
+        ).nonzero()
+        if len(at):
+            student = pred[i, at[:, 0], DIGIT_BYTES]
+            parts.append((student, teacher[row].expand(len(at), -1)))
+    return parts
+
+
+def _probe_kd(
+    parts: Sequence[tuple[torch.Tensor, torch.Tensor]], stats: dict[str, float]
+) -> torch.Tensor:
+    """KL(probe || LM) over the ten digits, averaged over the answers' digit bytes (its
+    value into ``stats``): on held-out digits the probe reads what the LM's answer misses
+    (training/README.md)."""
+    student = torch.cat([s for s, _ in parts])
+    target = torch.cat([t for _, t in parts])
+    kd = F.kl_div(F.log_softmax(student, dim=-1), target, reduction="batchmean")
+    stats["kd"] = kd.item()
+    return kd
+
+
 ASKED = ("digit", "shape", "colour", "both")
 
 
 def _asked_loss(
-    parts: Sequence[tuple[torch.Tensor, torch.Tensor]],
-) -> tuple[torch.Tensor, float, float]:
-    """The asked-kind cross-entropy over a batch's groups, its value and accuracy."""
+    parts: Sequence[tuple[torch.Tensor, torch.Tensor]], stats: dict[str, float]
+) -> torch.Tensor:
+    """The asked-kind cross-entropy over a batch's groups (its value and accuracy into
+    ``stats``)."""
     logits = torch.cat([a for a, _ in parts])
     kinds = torch.cat([k for _, k in parts])
     loss = F.cross_entropy(logits, kinds)
-    return loss, loss.item(), (logits.argmax(-1) == kinds).float().mean().item()
+    stats |= {"asked": loss.item(), "asked_acc": (logits.argmax(-1) == kinds).float().mean().item()}
+    return loss
 
 
 def asked_targets(samples: Sequence[Sample], n_img: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1124,7 +1187,7 @@ def _stage3(recipe: Recipe, pools: Pools, model: TinyLlava, log_every: int) -> T
     _conversations(
         recipe, schedule, recipe.polish_steps, lambda: polish_batch(recipe, pools, rng),
         pools=pools, model=model, log_every=log_every, asked_head=asked_head,
-        slow=recipe.polish_vision_lr_scale,
+        slow=recipe.polish_vision_lr_scale, probe_kd=recipe.polish_probe_kd,
     )  # fmt: skip
     return model
 
@@ -1140,6 +1203,7 @@ def _conversations(
     log_every: int,
     asked_head: torch.nn.Linear | None = None,
     slow: float | None = None,
+    probe_kd: float = 0.0,
 ) -> None:
     """``steps`` steps on the batches ``draw`` makes, with a fresh AdamW whose rate
     follows ``schedule`` (its lr, min_lr and warmup), the tower at ``slow`` times it
@@ -1163,7 +1227,7 @@ def _conversations(
         batch = draw()
         loss, stats = batch_loss(
             model, pools, batch, aux_weight=recipe.aux_weight, key_weight=recipe.key_weight,
-            asked_head=asked_head, asked_weight=recipe.polish_asked_weight,
+            asked_head=asked_head, asked_weight=recipe.polish_asked_weight, probe_kd=probe_kd,
         )  # fmt: skip
         if recipe.consistency:
             extra, stats["consistency"] = consistency_loss(model, pools, recipe)
@@ -1418,6 +1482,11 @@ def _parser() -> argparse.ArgumentParser:
         "0 freezes it)",
     )  # fmt: skip
     parser.add_argument(
+        "--polish-probe-kd", type=float, metavar="W",
+        help="stage 3: weight of the loss that teaches an answer's digit the tower probe's "
+        "distribution (default 0, off)",
+    )  # fmt: skip
+    parser.add_argument(
         "--asked-polish", action="store_true",
         help="stage 3 as run 26 made it (ASKED_POLISH: the asked-kind loss, filler "
         "closings; not the shipped pair's, see training/README.md)",
@@ -1456,6 +1525,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         recipe = replace(recipe, polish_steps=args.polish_steps)
     if args.polish_lr is not None:
         recipe = replace(recipe, polish_lr=args.polish_lr)
+    if args.polish_probe_kd is not None:
+        recipe = replace(recipe, polish_probe_kd=args.polish_probe_kd)
     if args.polish_vision_scale is not None:
         recipe = replace(recipe, polish_vision_lr_scale=args.polish_vision_scale)
     if args.smoke:
