@@ -1521,14 +1521,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.asked_polish:
         recipe = replace(recipe, **ASKED_POLISH)
-    if args.polish_steps is not None:
-        recipe = replace(recipe, polish_steps=args.polish_steps)
-    if args.polish_lr is not None:
-        recipe = replace(recipe, polish_lr=args.polish_lr)
-    if args.polish_probe_kd is not None:
-        recipe = replace(recipe, polish_probe_kd=args.polish_probe_kd)
-    if args.polish_vision_scale is not None:
-        recipe = replace(recipe, polish_vision_lr_scale=args.polish_vision_scale)
+    given = {
+        "polish_steps": args.polish_steps,
+        "polish_lr": args.polish_lr,
+        "polish_probe_kd": args.polish_probe_kd,
+        "polish_vision_lr_scale": args.polish_vision_scale,
+    }  # the --polish-* options, over --asked-polish's values
+    recipe = replace(recipe, **{k: v for k, v in given.items() if v is not None})
     if args.smoke:
         recipe = replace(
             recipe,
