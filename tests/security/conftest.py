@@ -22,6 +22,21 @@ KEY = "security-key-123"
 PAGE = "http://page.example"
 
 
+def loopback_hosts(port: int) -> tuple[str, ...]:
+    """Host headers naming this machine that ``serve`` and the page both answer: loopback
+    names and addresses, *.localhost and host.docker.internal, with or without the port,
+    in any case."""
+    return (
+        f"127.0.0.1:{port}",
+        f"localhost:{port}",
+        f"LOCALHOST.:{port}",
+        f"[::1]:{port}",
+        f"app.localhost:{port}",
+        f"host.docker.internal:{port}",
+        "127.0.0.2",
+    )
+
+
 @dataclass
 class Exposed:
     """The exposed server, the picture host it may download from (``site``), and a

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from ..serve_process import Server, ask, wait_for
-from .conftest import KEY, PAGE, Exposed, post, still_answers
+from .conftest import KEY, PAGE, Exposed, loopback_hosts, post, still_answers
 
 pytestmark = pytest.mark.llama
 
@@ -72,15 +72,7 @@ def test_a_host_name_the_server_does_not_have_is_403(plain: Server) -> None:
         assert f"--allow-host {host.split(':')[0]}" in refused.json()["error"]["message"]
     ollama = httpx.get(f"{plain.url}/api/tags", headers={"Host": "attacker.example"}, timeout=10)
     assert "--allow-host" in ollama.json()["error"]
-    for host in (
-        f"127.0.0.1:{port}",
-        f"localhost:{port}",
-        f"LOCALHOST.:{port}",
-        f"[::1]:{port}",
-        f"app.localhost:{port}",
-        f"host.docker.internal:{port}",
-        "127.0.0.2",
-    ):
+    for host in loopback_hosts(port):
         assert httpx.get(f"{plain.url}/v1/models", headers={"Host": host}, timeout=10).is_success
 
 

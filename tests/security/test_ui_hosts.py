@@ -15,6 +15,7 @@ import pytest
 
 from ..ollama_server import OllamaServer
 from ..ui_process import Served, call, serve_page, start_call
+from .conftest import loopback_hosts
 
 
 @pytest.fixture(scope="module")
@@ -68,15 +69,7 @@ def test_the_names_of_this_machine_are_answered(page: Served) -> None:
     """Served on loopback, the page answers to localhost (and *.localhost), loopback
     addresses and host.docker.internal, with or without the port, in any case."""
     port = page.port
-    for host in (
-        f"127.0.0.1:{port}",
-        f"localhost:{port}",
-        f"LOCALHOST.:{port}",
-        f"[::1]:{port}",
-        f"app.localhost:{port}",
-        f"host.docker.internal:{port}",
-        "127.0.0.2",
-    ):
+    for host in loopback_hosts(port):
         answered = httpx.get(f"{page.url}config", headers={"Host": host}, timeout=10)
         assert answered.status_code == 200, host
         assert answered.json()["mode"] == "blocks"
