@@ -118,6 +118,22 @@ def start_call(
     )
 
 
+def join_queue(
+    served: Served, handler: str, data: list[Any], session: str, **headers: str
+) -> httpx.Response:
+    """POST the same call the way the page's own script does (into Gradio's queue, by the
+    handler's index in the page's config, read without ``headers``); ``headers`` are sent
+    as given (``Host=...``, ``Origin=...``)."""
+    config = httpx.get(f"{served.url}config", timeout=10).json()
+    index = next(d["id"] for d in config["dependencies"] if d["api_name"] == handler)
+    return httpx.post(
+        f"{served.url}gradio_api/queue/join",
+        json={"data": data, "fn_index": index, "session_hash": session},
+        headers=headers,
+        timeout=10,
+    )
+
+
 def call(
     served: Served,
     handler: str,

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from ..ollama_server import OllamaServer
-from ..ui_process import Served, call, serve_page, start_call
+from ..ui_process import Served, call, join_queue, serve_page, start_call
 from .conftest import loopback_hosts
 
 
@@ -35,8 +35,6 @@ def test_a_rebound_name_can_neither_read_the_page_nor_drive_its_engine(
     contacted, while the same call naming localhost switches the tab's engine."""
     target = ollama_server  # where the rebinding page would send this machine's engine
     switch = ["ollama", "llava", "", target.host]
-    config = httpx.get(f"{page.url}config", timeout=10).json()
-    handler = next(d["id"] for d in config["dependencies"] if d["api_name"] == "use_engine")
     for host in (f"attacker.example:{page.port}", "attacker.example", "192.168.1.20"):
         name = host.partition(":")[0]
         for path in ("", "config", "gradio_api/info", "gradio_api/queue/data"):
@@ -47,12 +45,7 @@ def test_a_rebound_name_can_neither_read_the_page_nor_drive_its_engine(
         assert refused.status_code == 403, refused.text
         assert "DNS rebinding" in refused.text
         assert f"--allow-host {name}" in refused.text
-        joined = httpx.post(
-            f"{page.url}gradio_api/queue/join",
-            json={"data": switch, "fn_index": handler, "session_hash": "rebound"},
-            headers={"Host": host},
-            timeout=10,
-        )
+        joined = join_queue(page, "use_engine", switch, "rebound", Host=host)
         assert joined.status_code == 403
 
     with OllamaServer() as reached:  # the same call, from the page's own name

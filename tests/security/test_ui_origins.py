@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from ..ollama_server import OllamaServer
-from ..ui_process import Served, call, serve_page, start_call, stored, upload
+from ..ui_process import Served, call, join_queue, serve_page, start_call, stored, upload
 
 PROXY = "public.example"  # the page's --allow-host
 
@@ -77,18 +77,11 @@ def test_another_page_cannot_drive_the_engine_or_read_the_page(
     gets 403 too; the same call from the page itself switches the tab's engine."""
     target = ollama_server  # where the other page would send this machine's engine
     switch = ["ollama", "llava", "", target.host]
-    config = httpx.get(f"{page.url}config", timeout=10).json()
-    handler = next(d["id"] for d in config["dependencies"] if d["api_name"] == "use_engine")
     for host in (f"127.0.0.1:{page.port}", f"[::1]:{page.port}"):
         for origin in foreign_origins(page):
             refused = start_call(page, "use_engine", switch, Origin=origin, Host=host)
             assert refused.status_code == 403, (origin, refused.text)
-            joined = httpx.post(
-                f"{page.url}gradio_api/queue/join",
-                json={"data": switch, "fn_index": handler, "session_hash": "other-page"},
-                headers={"Origin": origin, "Host": host},
-                timeout=10,
-            )
+            joined = join_queue(page, "use_engine", switch, "other-page", Origin=origin, Host=host)
             assert joined.status_code == 403, origin
     read = httpx.get(
         f"{page.url}config",
