@@ -60,6 +60,7 @@ from ..stream import ReplyStream
 from ..types import Reply
 from .engines import EnginePool, split_settings
 from .ui_access import Login, check_exposure, launch_options
+from .ui_logins import login_throttle
 from .ui_uploads import DELETE_CACHE, MAX_PICTURE_MB, upload_limits
 
 if TYPE_CHECKING:
@@ -578,6 +579,8 @@ def launch(
     options = launch_options(bind, allow_hosts, auth)  # the Host check and the login
     limits = upload_limits(max_picture_mb)
     options["app_kwargs"]["middleware"].append(limits.middleware)  # after the Host check
+    if auth is not None:  # a few wrong passwords per address and minute
+        options["app_kwargs"]["middleware"].append(login_throttle())
     gr = _gradio()
     stopping = _stop_on_sigterm()
     try:

@@ -185,9 +185,12 @@ async def _forbid(scope: Scope, send: Send, text: str) -> None:
     await send_text(send, 403, text)
 
 
-async def send_text(send: Send, status: int, text: str) -> None:
-    """An answer of ``status`` in plain text, the page's way of refusing a request
-    before Gradio reads it (here and in :mod:`.ui_uploads`)."""
+async def send_text(
+    send: Send, status: int, text: str, headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
+    """An answer of ``status`` in plain text (with ``headers`` too), the page's way of
+    refusing a request before Gradio reads it (here, in :mod:`.ui_uploads` and
+    :mod:`.ui_logins`)."""
     body = (text + "\n").encode()
     await send(
         {
@@ -196,6 +199,7 @@ async def send_text(send: Send, status: int, text: str) -> None:
             "headers": [
                 (b"content-type", b"text/plain; charset=utf-8"),
                 (b"content-length", str(len(body)).encode()),
+                *headers,
             ],
         }
     )

@@ -36,7 +36,8 @@ def _login(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
     metavar="USER:PASSWORD",
     callback=_login,
     help="Show a login page first and let in only this user (or set LLAVA_LOCAL_UI_AUTH, "
-    "which ps does not show). Required when --bind is beyond loopback.",
+    "which ps does not show). Required when --bind is beyond loopback. An address "
+    "that gives five wrong passwords in a minute must wait (429).",
 )
 @click.option(
     "--no-auth",

@@ -81,6 +81,28 @@ def test_allow_host_admits_the_names_given_and_no_others(guarded: Served) -> Non
         assert "--allow-host" in refused.text
 
 
+def test_password_guessing_is_stopped_after_a_few_tries(guarded: Served) -> None:
+    """After five wrong passwords from one address its logins get 429 with Retry-After,
+    the right password too (so a guess learns nothing), and set no cookie; another
+    address still logs in. (From 127.0.0.3 and 127.0.0.2, so the other tests' logins
+    from 127.0.0.1 are not counted.)"""
+    login = f"{guarded.url}login"
+    wrong = {"username": USER, "password": "guess"}
+    right = {"username": USER, "password": PASSWORD}
+    with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.3")) as guesser:
+        for _ in range(5):
+            assert guesser.post(login, data=wrong).status_code == 400
+        for form in (wrong, right):
+            refused = guesser.post(login, data=form)
+            assert refused.status_code == 429, refused.text
+            assert 1 <= int(refused.headers["retry-after"]) <= 60
+            assert "too many failed logins" in refused.text
+            assert not refused.cookies
+    with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2")) as other:
+        assert other.post(login, data=right).status_code == 200
+        assert other.get(f"{guarded.url}config").status_code == 200
+
+
 @pytest.fixture
 def taken_port() -> Iterator[int]:
     """A port on 127.0.0.1 something else listens on: a page started there cannot
