@@ -1071,7 +1071,7 @@ STAGE1_FIELDS = (
 
 def _stage1_key(recipe: Recipe, pools: Pools) -> dict[str, Any]:
     fields = {name: getattr(recipe, name) for name in STAGE1_FIELDS}
-    return fields | {"digits": len(pools.digit_labels), "torch": torch.__version__}
+    return fields | {"digits": len(pools.digit_labels), "torch": str(torch.__version__)}
 
 
 def _save_stage1(
@@ -1088,10 +1088,19 @@ def _save_stage1(
     print(f"stage 1 saved to {path}", flush=True)
 
 
+def load_state(path: Path) -> Any:
+    """A file this script saved (a stage file, ``--checkpoint``'s weights), read as data
+    only: tensors, numbers, strings and the torch version earlier stage files keep."""
+    from torch.torch_version import TorchVersion
+
+    with torch.serialization.safe_globals([TorchVersion]):
+        return torch.load(path, weights_only=True)
+
+
 def _load_stage1(
     path: Path, recipe: Recipe, model: TinyLlava, pools: Pools, rng: np.random.Generator
 ) -> None:
-    state = torch.load(path, weights_only=False)
+    state = load_state(path)
     if state["key"] != _stage1_key(recipe, pools):
         raise SystemExit(
             f"{path} holds stage 1 of another run ({state['key']}); this run's is "
@@ -1110,7 +1119,7 @@ def _stage2_key(recipe: Recipe, pools: Pools) -> dict[str, Any]:
 
 
 def _load_stage2(path: Path, recipe: Recipe, model: TinyLlava, pools: Pools) -> None:
-    state = torch.load(path, weights_only=False)
+    state = load_state(path)
     if state["key"] != _stage2_key(recipe, pools):
         raise SystemExit(
             f"{path} holds stage 2 of another run: delete it or give another --stage2 file"
