@@ -1467,6 +1467,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="output directory")
     parser.add_argument("--seed", type=int, default=Recipe.seed)
     parser.add_argument("--steps", type=int, default=Recipe.steps)
+    parser.add_argument(
+        "--pretrain-steps", type=int, default=Recipe.pretrain_steps,
+        help="stage 1's steps (the tower alone on the probe classes)",
+    )  # fmt: skip
     parser.add_argument("--dtype", choices=("f32", "f16"), default="f32")
     parser.add_argument("--checkpoint", type=Path, help="also save the PyTorch weights here")
     parser.add_argument(
@@ -1526,7 +1530,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0.0 <= args.ema < 1.0:
         parser.error(f"--ema {args.ema}: give a decay from 0 (off) up to, not including, 1")
     recipe = Recipe(
-        seed=args.seed, steps=args.steps, consistency=args.consistency, pretrain_ema=args.ema
+        seed=args.seed,
+        steps=args.steps,
+        pretrain_steps=args.pretrain_steps,
+        consistency=args.consistency,
+        pretrain_ema=args.ema,
     )
     if args.asked_polish:
         recipe = replace(recipe, **ASKED_POLISH)
