@@ -48,7 +48,8 @@ from ._common import engine_options, engine_plan, err_console, run_safely
     type=click.IntRange(1, 64),
     default=None,
     help="Requests the llama.cpp engine answers at once, decoded together a token each "
-    "per step (default: as many as fit the memory, up to 4; 1 answers one at a time).",
+    "per step (default: as many as fit the memory, up to 4; 1 answers one at a time). "
+    "Each has the whole context (n_ctx), where llama-server's -np divides its -c.",
 )
 @click.option(
     "--queue",
