@@ -57,7 +57,7 @@ def read(model: TinyLlava, pixels: np.ndarray, labels: np.ndarray) -> dict[str, 
 def load(path: Path) -> TinyLlava:
     """A checkpoint's model (``--checkpoint`` weights, or a ``--stage2`` file's)."""
     state = td.load_state(path)
-    model = TinyLlava(td.VISION, td.TEXT, n_aux=10 + len(data.SHAPES) + len(data.COLOUR_NAMES))
+    model = td.new_model()
     model.load_state_dict(state.get("model", state))
     return model
 

@@ -1024,6 +1024,12 @@ def _update_average(
             a.mul_(decay).add_(p, alpha=1.0 - decay)
 
 
+def new_model() -> TinyLlava:
+    """The demo's model, untrained: its probe reads the ten digits, the shapes and the
+    colours (the one place that says so: training and the checkpoint readers build it)."""
+    return TinyLlava(VISION, TEXT, n_aux=10 + len(data.SHAPES) + len(data.COLOUR_NAMES))
+
+
 def train(
     recipe: Recipe,
     pools: Pools,
@@ -1043,7 +1049,7 @@ def train(
     (stage 3 draws from its own generators, so the weights are all it needs).
     Stage 3: a short pass at a low rate on stage 3's conversations.
     """
-    model = TinyLlava(VISION, TEXT, n_aux=10 + len(data.SHAPES) + len(data.COLOUR_NAMES))
+    model = new_model()
     scale_residual_outputs(model)
     if stage2 is not None and stage2.exists():
         _load_stage2(stage2, recipe, model, pools)
