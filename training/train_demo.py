@@ -68,6 +68,9 @@ class Recipe:
     weight_decay: float = 0.05
     pretrain_weight_decay: float = 0.3  # stage 1 (0.05: higher held-out loss, README)
     aux_weight: float = 0.5
+    # a second probe, on the projector's class-token row (what the LM reads), stages 2-3:
+    # run 33's projector made that row small and colourless (training/README.md)
+    projected_probe: float = 0.0
     key_weight: float = 4.0  # loss weight of the digit / shape / colour words
     pretrain_steps: int = 2500  # vision tower alone on the auxiliary classes first
     pretrain_batch: int = 128
@@ -752,7 +755,13 @@ def aux_loss(
     model: TinyLlava, pools: Pools, samples: Sequence[Sample], features: torch.Tensor
 ) -> tuple[torch.Tensor, float]:
     """Cross-entropy of the auxiliary probe (digit, or shape and colour) and its accuracy."""
-    aux = model.aux_logits(features)
+    return class_loss(model.aux_logits(features), pools, samples)
+
+
+def class_loss(
+    aux: torch.Tensor, pools: Pools, samples: Sequence[Sample]
+) -> tuple[torch.Tensor, float]:
+    """Cross-entropy of a probe's logits (digit, or shape and colour) and its accuracy."""
     losses, hits = [], []
     digit_rows = [i for i, s in enumerate(samples) if s.pool == "digit"]
     shape_rows = [i for i, s in enumerate(samples) if s.pool == "shape"]
@@ -800,11 +809,14 @@ def batch_loss(
     asked_head: torch.nn.Linear | None = None,
     asked_weight: float = 0.0,
     probe_kd: float = 0.0,
+    projected_head: torch.nn.Linear | None = None,
+    projected_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted answer-token cross-entropy plus the auxiliary picture-class loss, and
     with ``asked_head`` (stage 3) the asked-kind loss (:func:`asked_targets`); with
     ``probe_kd`` (stage 3) the digit an answer writes is also taught the tower probe's
-    distribution over the ten digits (:func:`_probe_kd`).
+    distribution over the ten digits (:func:`_probe_kd`); with ``projected_head`` a probe
+    on the projector's class-token row learns the picture's classes too.
 
     The LM reads the conversations in groups of ``group_rows`` sorted by length, each
     padded to its own longest: one padded batch spent 40% of its positions on padding
@@ -870,9 +882,34 @@ def batch_loss(
         lm_loss = lm_loss + probe_kd * _probe_kd(kd_parts, stats)
     if not pictures:
         return lm_loss, stats
-    probe_loss, probe_acc = aux_loss(model, pools, samples, features)
+    picture_loss = _picture_loss(
+        model, pools, batch, features, image, stats=stats,
+        aux_weight=aux_weight, head=projected_head, head_weight=projected_weight,
+    )  # fmt: skip
+    return lm_loss + picture_loss, stats
+
+
+def _picture_loss(
+    model: TinyLlava,
+    pools: Pools,
+    batch: Batch,
+    features: torch.Tensor,
+    image: torch.Tensor,
+    *,
+    stats: dict[str, float],
+    aux_weight: float,
+    head: torch.nn.Linear | None,
+    head_weight: float,
+) -> torch.Tensor:
+    """The tower probe's loss, and with ``head`` the probe's on the projector's class-token
+    row; their accuracies into ``stats``."""
+    probe_loss, probe_acc = aux_loss(model, pools, batch.samples, features)
     stats |= {"aux": probe_loss.item(), "probe_acc": probe_acc}
-    return lm_loss + aux_weight * probe_loss, stats
+    loss = aux_weight * probe_loss
+    if head is not None:
+        projected, stats["projected_acc"] = class_loss(head(image[:, -1]), pools, batch.samples)
+        loss = loss + head_weight * projected
+    return loss
 
 
 DIGIT_BYTES = slice(ord("0"), ord("9") + 1)  # byte tokens 48-57, the probe's classes 0-9
@@ -1051,20 +1088,41 @@ def train(
     """
     model = new_model()
     scale_residual_outputs(model)
+    head = projected_head(recipe)
     if stage2 is not None and stage2.exists():
-        _load_stage2(stage2, recipe, model, pools)
-        return _stage3(recipe, pools, model, log_every)
+        _load_stage2(stage2, recipe, model, pools, head)
+        return _stage3(recipe, pools, model, log_every, head)
     if stage1 is not None and stage1.exists():
         _load_stage1(stage1, recipe, model, pools, rng)
     else:
         _stage1(recipe, pools, rng, model, log_every)
         if stage1 is not None:
             _save_stage1(stage1, recipe, model, pools, rng)
-    _stage2(recipe, pools, rng, model, log_every)
+    _stage2(recipe, pools, rng, model, log_every, head=head)
     if stage2 is not None:
-        torch.save({"key": _stage2_key(recipe, pools), "model": model.state_dict()}, stage2)
+        state = {"key": _stage2_key(recipe, pools), "model": model.state_dict()}
+        if head is not None:
+            state["projected_head"] = head.state_dict()
+        torch.save(state, stage2)
         print(f"stage 2 saved to {stage2}", flush=True)
-    return _stage3(recipe, pools, model, log_every)
+    return _stage3(recipe, pools, model, log_every, head)
+
+
+def projected_head(recipe: Recipe) -> torch.nn.Linear | None:
+    """The probe on the projector's class-token row (not exported), or None when off.
+
+    Its first weights come from a generator of their own: the run's other draws stay as
+    they were without it."""
+    if not recipe.projected_probe:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        head = torch.nn.Linear(TEXT.n_embd, 10 + len(data.SHAPES) + len(data.COLOUR_NAMES))
+    gen = torch.Generator().manual_seed(recipe.seed + 2)
+    with torch.no_grad():
+        bound = 1 / math.sqrt(TEXT.n_embd)
+        head.weight.uniform_(-bound, bound, generator=gen)
+        head.bias.zero_()
+    return head
 
 
 STAGE1_FIELDS = (
@@ -1124,13 +1182,17 @@ def _stage2_key(recipe: Recipe, pools: Pools) -> dict[str, Any]:
     return _stage1_key(recipe, pools) | stage2
 
 
-def _load_stage2(path: Path, recipe: Recipe, model: TinyLlava, pools: Pools) -> None:
+def _load_stage2(
+    path: Path, recipe: Recipe, model: TinyLlava, pools: Pools, head: torch.nn.Linear | None
+) -> None:
     state = load_state(path)
     if state["key"] != _stage2_key(recipe, pools):
         raise SystemExit(
             f"{path} holds stage 2 of another run: delete it or give another --stage2 file"
         )
     model.load_state_dict(state["model"])
+    if head is not None:
+        head.load_state_dict(state["projected_head"])
     print(f"stage 2 read from {path}", flush=True)
 
 
@@ -1176,16 +1238,24 @@ def _stage1(
 
 
 def _stage2(
-    recipe: Recipe, pools: Pools, rng: np.random.Generator, model: TinyLlava, log_every: int
+    recipe: Recipe,
+    pools: Pools,
+    rng: np.random.Generator,
+    model: TinyLlava,
+    log_every: int,
+    *,
+    head: torch.nn.Linear | None,
 ) -> None:
     """Everything together on the conversations, the tower at a fraction of the rate."""
     _conversations(
         recipe, recipe, recipe.steps, lambda: conversation_batch(recipe, pools, rng),
-        pools=pools, model=model, log_every=log_every,
+        pools=pools, model=model, log_every=log_every, projected_head=head,
     )  # fmt: skip
 
 
-def _stage3(recipe: Recipe, pools: Pools, model: TinyLlava, log_every: int) -> TinyLlava:
+def _stage3(
+    recipe: Recipe, pools: Pools, model: TinyLlava, log_every: int, head: torch.nn.Linear | None
+) -> TinyLlava:
     """The polish: everything at a tenth of stage 2's rate, decaying to a hundredth, on
     stage 3's conversations, from generators of its own (seeded from the run's seed)."""
     if not recipe.polish_steps:
@@ -1203,6 +1273,7 @@ def _stage3(recipe: Recipe, pools: Pools, model: TinyLlava, log_every: int) -> T
         recipe, schedule, recipe.polish_steps, lambda: polish_batch(recipe, pools, rng),
         pools=pools, model=model, log_every=log_every, asked_head=asked_head,
         slow=recipe.polish_vision_lr_scale, probe_kd=recipe.polish_probe_kd,
+        projected_head=head,
     )  # fmt: skip
     return model
 
@@ -1219,17 +1290,19 @@ def _conversations(
     asked_head: torch.nn.Linear | None = None,
     slow: float | None = None,
     probe_kd: float = 0.0,
+    projected_head: torch.nn.Linear | None = None,
 ) -> None:
     """``steps`` steps on the batches ``draw`` makes, with a fresh AdamW whose rate
     follows ``schedule`` (its lr, min_lr and warmup), the tower at ``slow`` times it
     (default ``vision_lr_scale``);
-    ``asked_head`` (stage 3, not exported) learns the asked-kind loss beside them."""
+    ``asked_head`` (stage 3) and ``projected_head`` (not exported) learn beside them."""
     start = time.monotonic()
-    head = (
-        []
-        if asked_head is None
-        else [(f"asked_head.{n}", p) for n, p in asked_head.named_parameters()]
-    )
+    head = [
+        (f"{name}.{n}", p)
+        for name, module in (("asked_head", asked_head), ("projected_head", projected_head))
+        if module is not None
+        for n, p in module.named_parameters()
+    ]
     opt = _optimizer(
         list(model.named_parameters()) + head,
         schedule,
@@ -1243,6 +1316,7 @@ def _conversations(
         loss, stats = batch_loss(
             model, pools, batch, aux_weight=recipe.aux_weight, key_weight=recipe.key_weight,
             asked_head=asked_head, asked_weight=recipe.polish_asked_weight, probe_kd=probe_kd,
+            projected_head=projected_head, projected_weight=recipe.projected_probe,
         )  # fmt: skip
         if recipe.consistency:
             extra, stats["consistency"] = consistency_loss(model, pools, recipe)
@@ -1511,6 +1585,11 @@ def _parser() -> argparse.ArgumentParser:
         "closings; not the shipped pair's, see training/README.md)",
     )  # fmt: skip
     parser.add_argument(
+        "--projected-probe", type=float, default=Recipe.projected_probe, metavar="W",
+        help="stages 2-3: weight of a probe on the projector's class-token row, which "
+        "keeps the picture's classes in what the LM reads (0 turns it off)",
+    )  # fmt: skip
+    parser.add_argument(
         "--consistency", type=float, default=Recipe.consistency,
         help="weight of the blocky-to-smooth feature loss (0 turns it off)",
     )  # fmt: skip
@@ -1541,6 +1620,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pretrain_steps=args.pretrain_steps,
         consistency=args.consistency,
         pretrain_ema=args.ema,
+        projected_probe=args.projected_probe,
     )
     if args.asked_polish:
         recipe = replace(recipe, **ASKED_POLISH)
