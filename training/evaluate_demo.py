@@ -245,7 +245,8 @@ def harness_figures(
     sampling (5 samples a question, seeds 0-4), the held-out client wrappers, and
     instructor's JSON mode (a trained client, for the issue's failing case); and
     ``wrapped_validation``, the clients' prompts of ``validation_prompts`` on shapes
-    drawn from another seed (to choose recipes on; not a test figure). ``only``: the
+    drawn from another seed and on the validation digits (to choose recipes on; not a
+    test figure). ``only``: the
     names of the runs to measure (all by default), to share them among processes."""
     from llava_local import VisionChat
     from llava_local.apps.datasets import COLOUR_PROMPT, DIGIT_PROMPT, SHAPE_PROMPT, load_set
@@ -276,16 +277,20 @@ def harness_figures(
     out: dict[str, Any] = {
         "how": "llava_local.apps.eval.evaluate (llava-local eval), llama.cpp engine, "
         "n_threads=1; digits: the test split; shapes: the built-in 300 "
-        f"(wrapped_validation: 300 from seed {validation_prompts.SHAPES_SEED})"
+        f"(wrapped_validation: 300 from seed {validation_prompts.SHAPES_SEED} and the "
+        f"digits {data.span(data.VALIDATION_INDICES)})"
     }
     with VisionChat.llama_cpp(model=lm, mmproj=mmproj, n_threads=1) as chat:
         for name, kwargs in runs.items():
             if only is not None and name not in only:
                 continue
             figures: dict[str, Any] = {}
-            if name == "wrapped_validation":  # shapes of their own, no digits
+            if name == "wrapped_validation":  # shapes of their own, the validation digits
                 seed, limit = validation_prompts.SHAPES_SEED, 60 if quick else None
-                sets = [("shapes", load_set("shapes", seed=seed, limit=limit), shape_prompts)]
+                sets = [
+                    ("digits", validation_digits(limit), [DIGIT_PROMPT]),
+                    ("shapes", load_set("shapes", seed=seed, limit=limit), shape_prompts),
+                ]
             else:
                 sets = [("digits", digits, [DIGIT_PROMPT]), ("shapes", shapes, shape_prompts)]
             for label, pictures, prompts_ in sets:
@@ -301,6 +306,22 @@ def harness_figures(
             figures["options"] = {k: v for k, v in kwargs.items() if k != "wrappers"}
             out[name] = figures
     return out
+
+
+def validation_digits(limit: int | None = None) -> list[Any]:
+    """The validation digits (1250-1399, canonical rendering) as ``llava-local eval``'s
+    labelled pictures."""
+    from llava_local.apps.datasets import LabelledPicture
+
+    images, labels = data.load_digits_arrays()
+    return [
+        LabelledPicture(
+            name=f"digit-{i}",
+            source=data.render_digit(images[i], CANONICAL.size, CANONICAL.resample),
+            label=str(int(labels[i])),
+        )
+        for i in data.VALIDATION_INDICES[:limit]
+    ]
 
 
 def choice_figures(lm: Path, mmproj: Path, held_out: range | None) -> dict[str, Any]:

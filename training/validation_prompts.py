@@ -7,7 +7,8 @@ real clients send (a schema in the system prompt or the user's text, an instruct
 after or before the question, a product's system prompt), sharing no text with either
 (``tests/dev/test_demo_prompts.py``). ``evaluate_demo.py``'s ``wrapped_validation`` asks
 them about shapes drawn from :data:`SHAPES_SEED`, a seed neither training nor the
-test set uses.
+test set uses, and about the validation digits (1250-1399: what a client's text does to
+the answer's form shows on them whether or not the pair was trained on them).
 """
 
 from __future__ import annotations
@@ -57,6 +58,16 @@ VALIDATION: tuple[Wrapper, ...] = (
         name="val-photo-prefix",
         source="a question introduced by the user's text",
         user="Take a look at the photo I sent.\n{question}",
+    ),
+    Wrapper(
+        name="val-example-schema",
+        source="a library that shows an example schema and its instance before the task's "
+        "(LangChain's, held out, made run 34 answer digits with a colour key; this one did not)",
+        user="Machine-readable output expected. Illustration: given the layout "
+        '{"properties": {"mood": {"type": "string"}}} an acceptable reply is '
+        '{"mood": "calm"}, while {"properties": {"mood": "calm"}} is not.\n'
+        "Layout for this reply:\n{schema}\n\n{question}",
+        schema_style="langchain",
     ),
     Wrapper(
         name="val-product-system",
