@@ -246,8 +246,8 @@ def harness_figures(
     instructor's JSON mode (a trained client, for the issue's failing case); and
     ``wrapped_validation``, the clients' prompts of ``validation_prompts`` on shapes
     drawn from another seed and on the validation digits (to choose recipes on; not a
-    test figure). ``only``: the
-    names of the runs to measure (all by default), to share them among processes."""
+    test figure). ``only``: the names of the runs to measure (all by default), to share
+    them among processes."""
     from llava_local import VisionChat
     from llava_local.apps.datasets import COLOUR_PROMPT, DIGIT_PROMPT, SHAPE_PROMPT, load_set
     from llava_local.apps.eval import evaluate

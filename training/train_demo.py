@@ -48,6 +48,8 @@ OUT_DIR = REPO / "llava_local" / "data" / "demo"
 
 VISION = VisionShape(image_size=32, patch_size=8, n_embd=128, n_ff=512, n_head=4, n_layer=5)
 TEXT = TextShape(n_vocab=gw.FIRST_EXTRA_ID, n_embd=128, n_layer=4, n_ff=352, n_head=4)
+#: The probes' classes: the ten digits, then the shapes, then the colours.
+PROBE_CLASSES = 10 + len(data.SHAPES) + len(data.COLOUR_NAMES)
 CONTEXT_LENGTH = 2048  # Open WebUI's task templates with their chat history fit
 # Declared in the GGUF (general.sampling.*), which llama.cpp's own tools take as their
 # defaults: greedy, since the model reads pictures rather than writes. It is trained to be
@@ -1062,9 +1064,9 @@ def _update_average(
 
 
 def new_model() -> TinyLlava:
-    """The demo's model, untrained: its probe reads the ten digits, the shapes and the
-    colours (the one place that says so: training and the checkpoint readers build it)."""
-    return TinyLlava(VISION, TEXT, n_aux=10 + len(data.SHAPES) + len(data.COLOUR_NAMES))
+    """The demo's model, untrained, its probe on :data:`PROBE_CLASSES` (the one place that
+    builds it: training and the checkpoint readers call this)."""
+    return TinyLlava(VISION, TEXT, n_aux=PROBE_CLASSES)
 
 
 def train(
@@ -1116,7 +1118,7 @@ def projected_head(recipe: Recipe) -> torch.nn.Linear | None:
     if not recipe.projected_probe:
         return None
     with torch.random.fork_rng(devices=[]):
-        head = torch.nn.Linear(TEXT.n_embd, 10 + len(data.SHAPES) + len(data.COLOUR_NAMES))
+        head = torch.nn.Linear(TEXT.n_embd, PROBE_CLASSES)
     gen = torch.Generator().manual_seed(recipe.seed + 2)
     with torch.no_grad():
         bound = 1 / math.sqrt(TEXT.n_embd)
