@@ -358,7 +358,7 @@ def filler_words() -> tuple[str, ...]:
     bring the near-misses of the keywords a byte-level model confuses with them
     ("statement" and "shape"), none from the held-out or validation prompts."""
     common = [w for w in _FILLER_FILE.read_text().split("\n") if w and not w.startswith("#")]
-    words = {w.lower() for t in all_training_texts() for w in re.findall(r"[A-Za-z']+", t)}
+    words = {w.lower() for t in _texts_before_examples() for w in re.findall(r"[A-Za-z']+", t)}
     words |= set(common)
     return tuple(sorted(w for w in words if len(w) > 1 and w not in _ASKING_WORDS))
 
@@ -461,6 +461,97 @@ def written_schema(schema: dict[str, Any], rng: np.random.Generator) -> str:
 def framed_schema(schema: dict[str, Any], rng: np.random.Generator) -> str:
     """A request for JSON with ``schema`` in one of stage 3's frames."""
     return str(_pick(rng, SCHEMA_FRAMES)).replace("{schema}", written_schema(schema, rng))
+
+
+# Stage 3 (``Recipe.polish_examples``): a worked example of another schema before the
+# task's, as libraries that teach the format by example write it. The example's keys and
+# values are filler words, so no key but the task's can be learnt as an answer.
+EXAMPLE_INTROS = (
+    "For example, given the schema {example}",
+    "Sample schema: {example}",
+    "To illustrate, a schema such as\n{example}",
+    "Here is how it works. Schema:\n{example}",
+    "Consider this schema: {example}",
+)
+EXAMPLE_GOOD = (
+    "{good} would be a valid reply.",
+    "A correct answer is {good}",
+    "It should be answered with {good}",
+    "The reply {good} fits it.",
+    "Valid output: {good}",
+)
+EXAMPLE_BAD = (
+    "But {bad} would be invalid.",
+    "Wrong: {bad}",
+    "{bad} does not fit.",
+    "Do not write {bad}",
+)
+EXAMPLE_OUTROS = (
+    "Now the schema for your reply:",
+    "The real schema follows.",
+    "Use this schema instead:",
+    "Your answer's schema:",
+    "",
+)
+
+
+def _example_value(type_: str, rng: np.random.Generator) -> Any:
+    if type_ == "integer":
+        return int(rng.integers(0, 1000))
+    if type_ == "boolean":
+        return bool(rng.random() < 0.5)
+    if type_ == "string":
+        return str(_pick(rng, filler_words()))
+    item = "integer" if type_ == "array-integer" else "string"
+    return [_example_value(item, rng) for _ in range(1 + int(rng.integers(3)))]
+
+
+def example_schema(rng: np.random.Generator) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A schema of one or two made-up keys (filler words) and an instance of it."""
+    words = filler_words()
+    keys = [str(_pick(rng, words)) for _ in range(1 + int(rng.random() < 0.3))]
+    if rng.random() < 0.3:
+        keys[0] = f"{keys[0]}_{_pick(rng, words)}"
+    types = ("string", "integer", "boolean", "array-string", "array-integer")
+    properties: dict[str, Any] = {}
+    good: dict[str, Any] = {}
+    for key in keys:
+        type_ = str(_pick(rng, types))
+        prop: dict[str, Any] = {"title": _title(key)} if rng.random() < 0.6 else {}
+        if rng.random() < 0.4:
+            prop["description"] = " ".join(
+                str(_pick(rng, words)) for _ in range(2 + int(rng.integers(3)))
+            )
+        if type_.startswith("array"):
+            prop |= {"type": "array", "items": {"type": type_[6:]}}
+        else:
+            prop["type"] = type_
+        properties[key] = prop
+        good[key] = _example_value(type_, rng)
+    return {"properties": properties, "required": list(properties)}, good
+
+
+def worked_example(rng: np.random.Generator) -> str:
+    """An example schema, its instance, sometimes a wrong one, as a paragraph: what goes
+    before the task's own schema."""
+    example, good = example_schema(rng)
+    text = str(_pick(rng, EXAMPLE_INTROS)).replace("{example}", written_schema(example, rng))
+    text += "\n" if rng.random() < 0.5 else " "
+    text += str(_pick(rng, EXAMPLE_GOOD)).replace("{good}", json.dumps(good))
+    if rng.random() < 0.5:
+        bad = {"properties": good} if rng.random() < 0.6 else example
+        text += " " + str(_pick(rng, EXAMPLE_BAD)).replace("{bad}", json.dumps(bad))
+    return text
+
+
+def with_example(ask: str, rng: np.random.Generator) -> str:
+    """``ask`` (a framed schema) after a worked example, and sometimes a sentence of
+    filler words before it all."""
+    outro = str(_pick(rng, EXAMPLE_OUTROS))
+    text = (
+        f"{worked_example(rng)}\n\n{outro}\n{ask}" if outro else f"{worked_example(rng)}\n\n{ask}"
+    )
+    return f"{filler_sentence(rng)}\n{text}" if rng.random() < 0.5 else text
 
 
 def schema_request(schema: dict[str, Any], rng: np.random.Generator) -> str:
@@ -590,10 +681,18 @@ def history_lines(turns: Sequence[tuple[str, str]], keep: int) -> str:
     return "\n".join(lines[-keep:])
 
 
-def all_training_texts() -> list[str]:
-    """Every fixed client text drawn in training (for the check against held-out ones)."""
+def _texts_before_examples() -> list[str]:
+    """The fixed client texts before the worked examples came: the filler words' source,
+    kept as it was so that earlier recipes draw the same filler sentences."""
     texts = [*CHAT_SYSTEMS, *WRAPPERS, *JSON_ASKS, *JSON_ASKS_WITH_KEY, *SCHEMA_SYSTEMS]
     texts += [*SCHEMA_ASKS, *SCHEMA_FRAMES, *OPENINGS, *CLOSINGS]
     texts += [INSTRUCTOR_MD_JSON, instructor_message({}), vercel_instruction(None)]
     texts += [*OPEN_WEBUI_TASKS.values(), *data.OTHER_SYSTEMS, data.DEFAULT_SYSTEM]
     return texts
+
+
+def all_training_texts() -> list[str]:
+    """Every fixed client text drawn in training (for the check against held-out ones)."""
+    texts = _texts_before_examples()
+    texts += [*EXAMPLE_INTROS, *EXAMPLE_GOOD, *EXAMPLE_BAD, *EXAMPLE_OUTROS]
+    return [t for t in texts if t]

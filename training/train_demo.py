@@ -114,6 +114,9 @@ class Recipe:
     p_polish_follow_composed: float = 0.0  # a follow-up question inside them too
     polish_decision_weight: float = 1.0  # the byte that says shape or colour ("It is a")
     polish_asked_weight: float = 0.0  # what was asked, known at every byte after the question
+    # run 35: a worked example of another schema before the task's (share of the framed
+    # schemas); run 34 answered digits with a colour key after LangChain's (README)
+    polish_examples: float = 0.0
     threads: int = 2
 
 
@@ -652,6 +655,8 @@ def polish_first_turn(
     if r < 0.4:
         fields = task_fields(kind, question, rng)
         ask = prompts.framed_schema(prompts.object_schema(fields, rng, kind), rng)
+        if recipe.polish_examples and rng.random() < recipe.polish_examples:
+            ask = prompts.with_example(ask, rng)
         text = f"{question}\n\n{ask}" if rng.random() < 0.6 else f"{ask}\n\n{question}"
         reply = prompts.json_reply(
             fields,
@@ -706,6 +711,8 @@ def polish_schema_batch(recipe: Recipe, pools: Pools, rng: np.random.Generator) 
         text, who = prompts.schema_system(schema, rng)
     else:
         text, who = prompts.framed_schema(schema, rng), "framed"
+        if recipe.polish_examples and rng.random() < recipe.polish_examples:
+            text = prompts.with_example(text, rng)
     if rng.random() < 0.25:
         text = f"{_system(recipe, rng) or data.DEFAULT_SYSTEM}\n\n{text}"
     md_json = who == "instructor" and rng.random() < 0.3
@@ -1592,6 +1599,11 @@ def _parser() -> argparse.ArgumentParser:
         "keeps the picture's classes in what the LM reads (0 turns it off)",
     )  # fmt: skip
     parser.add_argument(
+        "--polish-examples", type=float, metavar="P",
+        help="stage 3: share of the framed schemas that come after a worked example of "
+        f"another schema (default {Recipe.polish_examples}, off)",
+    )  # fmt: skip
+    parser.add_argument(
         "--consistency", type=float, default=Recipe.consistency,
         help="weight of the blocky-to-smooth feature loss (0 turns it off)",
     )  # fmt: skip
@@ -1631,6 +1643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "polish_lr": args.polish_lr,
         "polish_probe_kd": args.polish_probe_kd,
         "polish_vision_lr_scale": args.polish_vision_scale,
+        "polish_examples": args.polish_examples,
     }  # the --polish-* options, over --asked-polish's values
     recipe = replace(recipe, **{k: v for k, v in given.items() if v is not None})
     if args.smoke:

@@ -70,6 +70,18 @@ VALIDATION: tuple[Wrapper, ...] = (
         schema_style="langchain",
     ),
     Wrapper(
+        name="val-worked-example",
+        source="a worked example (a schema with a description, a fitting instance and a "
+        "wrong one) before the task's schema and the question (run 34: 0.667 on digits "
+        "1250-1279, wrong digits; written after run 34's test, run 35 is chosen on it)",
+        user="Respond to the request.\nWrite JSON that fits the layout given below.\n\n"
+        'For the layout {"properties": {"mood": {"title": "Mood", "description": "mood '
+        'words", "type": "array", "items": {"type": "string"}}}, "required": ["mood"]}\n'
+        'the value {"mood": ["calm", "keen"]} matches it. The value {"properties": {"mood": '
+        '["calm", "keen"]}} does not match.\n\nSchema to use:\n```\n{schema}\n```\n{question}\n',
+        schema_style="langchain",
+    ),
+    Wrapper(
         name="val-product-system",
         source="a photo app's own system prompt",
         system="You are Aria, the helper inside a photo gallery app. Assist people with "

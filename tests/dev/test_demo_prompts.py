@@ -191,3 +191,22 @@ def test_hold_out_spans_are_training_digits_only() -> None:
     for text in ("1300-1500", "1400-1796", "x", "10-5", "-3"):
         with pytest.raises(argparse.ArgumentTypeError, match="within 0-1399"):
             data.parse_span(text)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_worked_examples_use_no_answer_key_and_keep_the_task_schema_last(seed: int) -> None:
+    """A worked example's schema is valid, its instance fits it, its keys never say
+    what is asked, and the task's framed schema stays whole at the end of the request."""
+    from llava_local.structured import json_schema, parse
+
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        example, good = prompts.example_schema(rng)
+        assert parse(json.dumps(good), json_schema(example)) == good
+        assert not {k for key in example["properties"] for k in key.split("_")} & {
+            "digit", "shape", "colour", "color", "number"
+        }  # fmt: skip
+    ask = prompts.framed_schema(task_schema("digit", integer=True), rng)
+    texts = [prompts.with_example(ask, rng) for _ in range(30)]
+    assert all(t.endswith(ask) and len(t) > len(ask) + 40 for t in texts)
+    assert len(set(texts)) == 30
