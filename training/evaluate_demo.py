@@ -99,15 +99,19 @@ OTHER_RENDERINGS = (
 )
 
 
+def digit_pictures(rendering: Rendering, indices: Sequence[int]) -> tuple[list[Any], list[int]]:
+    """The digits at ``indices`` drawn with ``rendering`` (images) and their labels."""
+    images, labels = data.load_digits_arrays()
+    drawn = [data.render_digit(images[i], rendering.size, rendering.resample) for i in indices]
+    return drawn, [int(labels[i]) for i in indices]
+
+
 def digit_set(
     rendering: Rendering, indices: Sequence[int] = data.TEST_INDICES
 ) -> tuple[list[bytes], list[int]]:
     """The test split (indices 1400-1796), or other ``indices``, drawn with ``rendering``."""
-    images, labels = data.load_digits_arrays()
-    pngs = [
-        prepared(data.render_digit(images[i], rendering.size, rendering.resample)) for i in indices
-    ]
-    return pngs, [int(labels[i]) for i in indices]
+    drawn, labels = digit_pictures(rendering, indices)
+    return [prepared(picture) for picture in drawn], labels
 
 
 def shape_set(n: int) -> tuple[list[bytes], list[data.ShapeSpec]]:
@@ -313,14 +317,11 @@ def validation_digits(limit: int | None = None) -> list[Any]:
     labelled pictures."""
     from llava_local.apps.datasets import LabelledPicture
 
-    images, labels = data.load_digits_arrays()
+    indices = data.VALIDATION_INDICES[:limit]
+    drawn, labels = digit_pictures(CANONICAL, indices)
     return [
-        LabelledPicture(
-            name=f"digit-{i}",
-            source=data.render_digit(images[i], CANONICAL.size, CANONICAL.resample),
-            label=str(int(labels[i])),
-        )
-        for i in data.VALIDATION_INDICES[:limit]
+        LabelledPicture(name=f"digit-{i}", source=picture, label=str(label))
+        for i, picture, label in zip(indices, drawn, labels, strict=True)
     ]
 
 
