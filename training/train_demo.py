@@ -72,9 +72,9 @@ class Recipe:
     aux_weight: float = 0.5
     # a second probe, on the projector's class-token row (what the LM reads), stages 2-3:
     # run 33's projector made that row small and colourless (training/README.md)
-    projected_probe: float = 0.0
+    projected_probe: float = 0.5
     key_weight: float = 4.0  # loss weight of the digit / shape / colour words
-    pretrain_steps: int = 2500  # vision tower alone on the auxiliary classes first
+    pretrain_steps: int = 5000  # vision tower alone on the auxiliary classes first (runs 33-36)
     pretrain_batch: int = 128
     pretrain_p_digit: float = 0.45
     pretrain_ema: float = 0.998  # stage 2 starts from the tower's moving average (README)
@@ -100,34 +100,24 @@ class Recipe:
     p_schema_asked: float = 0.05  # a JSON schema in the user's text, before or after
     # stage 3, the polish: a short pass at a low rate, from stage 2's weights, on what
     # run 19 missed (training/README.md)
-    polish_steps: int = 400
-    polish_lr: float = 3e-4
+    polish_steps: int = 600
+    polish_lr: float = 6e-4
     polish_warmup: int = 20
     p_polish_schema: float = 0.3  # a schema in the system prompt
     p_polish_task: float = 0.04  # an Open WebUI task
     polish_key_weight: float = 2.0  # the JSON keys the model writes itself
     polish_vision_lr_scale: float = 0.1  # the tower's share of stage 3's rate (0: frozen)
     polish_probe_kd: float = 0.0  # the answer's digit learns the tower probe's distribution
-    # off in the shipped pair (run 20); --asked-polish (run 26, training/README.md):
-    polish_filler: float = 0.0  # openings and closings made of random words
-    p_polish_composed: float = 0.25  # first questions inside an opening and closing
-    p_polish_follow_composed: float = 0.0  # a follow-up question inside them too
+    # run 26's stage 3 (``--asked-polish`` before run 36 shipped, training/README.md):
+    polish_filler: float = 0.7  # openings and closings made of random words
+    p_polish_composed: float = 0.5  # first questions inside an opening and closing
+    p_polish_follow_composed: float = 0.3  # a follow-up question inside them too
     polish_decision_weight: float = 1.0  # the byte that says shape or colour ("It is a")
-    polish_asked_weight: float = 0.0  # what was asked, known at every byte after the question
-    # run 35: a worked example of another schema before the task's (share of the framed
+    polish_asked_weight: float = 2.0  # what was asked, known at every byte after the question
+    # run 36: a worked example of another schema before the task's (share of the framed
     # schemas); run 34 answered digits with a colour key after LangChain's (README)
-    polish_examples: float = 0.0
+    polish_examples: float = 0.25
     threads: int = 2
-
-
-#: Stage 3 as run 26 made it (``--asked-polish``): the asked-kind loss, filler openings
-#: and closings, more composed questions, longer and faster. It answers the clients'
-#: prompts (0.986 on the validation prompts, run 20 0.846) but reads 5 fewer test digits
-#: than run 20, so it does not ship (training/README.md).
-ASKED_POLISH: dict[str, Any] = {
-    "polish_steps": 600, "polish_lr": 6e-4, "polish_filler": 0.7, "p_polish_composed": 0.5,
-    "p_polish_follow_composed": 0.3, "polish_asked_weight": 2.0,
-}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- samples
@@ -1589,11 +1579,6 @@ def _parser() -> argparse.ArgumentParser:
         "distribution (default 0, off)",
     )  # fmt: skip
     parser.add_argument(
-        "--asked-polish", action="store_true",
-        help="stage 3 as run 26 made it (ASKED_POLISH: the asked-kind loss, filler "
-        "closings; not the shipped pair's, see training/README.md)",
-    )  # fmt: skip
-    parser.add_argument(
         "--projected-probe", type=float, default=Recipe.projected_probe, metavar="W",
         help="stages 2-3: weight of a probe on the projector's class-token row, which "
         "keeps the picture's classes in what the LM reads (0 turns it off)",
@@ -1636,15 +1621,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         pretrain_ema=args.ema,
         projected_probe=args.projected_probe,
     )
-    if args.asked_polish:
-        recipe = replace(recipe, **ASKED_POLISH)
     given = {
         "polish_steps": args.polish_steps,
         "polish_lr": args.polish_lr,
         "polish_probe_kd": args.polish_probe_kd,
         "polish_vision_lr_scale": args.polish_vision_scale,
         "polish_examples": args.polish_examples,
-    }  # the --polish-* options, over --asked-polish's values
+    }  # the --polish-* options given
     recipe = replace(recipe, **{k: v for k, v in given.items() if v is not None})
     if args.smoke:
         recipe = replace(
