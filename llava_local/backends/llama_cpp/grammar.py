@@ -33,12 +33,27 @@ def grammar_text(schema: dict[str, Any]) -> str:
         except _CONVERTER_ERRORS as exc:
             problem = f"{type(exc).__name__}: {exc}"
             continue
+        text = _strict_chars(str(text))
         if parses(text):
-            return str(text)
+            return text
         problem = "llama.cpp's grammar parser refused the converted grammar"
     raise InvalidRequestError(
         f"llama.cpp cannot turn this JSON schema into a grammar ({problem}); simplify the "
         "schema, or use the Ollama engine"
+    )
+
+
+#: The converter's string character lets control characters through (a raw newline or
+#: NUL inside a JSON string is not JSON); llama.cpp's own converter leaves them out.
+_LOOSE_CHAR = 'char ::= [^"\\\\] |'
+_STRICT_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |'
+
+
+def _strict_chars(text: str) -> str:
+    """``text`` with JSON's rule for a string's characters: no control characters."""
+    return "\n".join(
+        _STRICT_CHAR + line[len(_LOOSE_CHAR) :] if line.startswith(_LOOSE_CHAR) else line
+        for line in text.split("\n")
     )
 
 
