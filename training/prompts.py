@@ -502,7 +502,7 @@ def _example_value(type_: str, rng: np.random.Generator) -> Any:
         return bool(rng.random() < 0.5)
     if type_ == "string":
         return str(_pick(rng, filler_words()))
-    item = "integer" if type_ == "array-integer" else "string"
+    item = type_.removeprefix("array-")
     return [_example_value(item, rng) for _ in range(1 + int(rng.integers(3)))]
 
 
@@ -522,8 +522,8 @@ def example_schema(rng: np.random.Generator) -> tuple[dict[str, Any], dict[str, 
             prop["description"] = " ".join(
                 str(_pick(rng, words)) for _ in range(2 + int(rng.integers(3)))
             )
-        if type_.startswith("array"):
-            prop |= {"type": "array", "items": {"type": type_[6:]}}
+        if type_.startswith("array-"):
+            prop |= {"type": "array", "items": {"type": type_.removeprefix("array-")}}
         else:
             prop["type"] = type_
         properties[key] = prop
@@ -548,9 +548,7 @@ def with_example(ask: str, rng: np.random.Generator) -> str:
     """``ask`` (a framed schema) after a worked example, and sometimes a sentence of
     filler words before it all."""
     outro = str(_pick(rng, EXAMPLE_OUTROS))
-    text = (
-        f"{worked_example(rng)}\n\n{outro}\n{ask}" if outro else f"{worked_example(rng)}\n\n{ask}"
-    )
+    text = f"{worked_example(rng)}\n\n" + (f"{outro}\n" if outro else "") + ask
     return f"{filler_sentence(rng)}\n{text}" if rng.random() < 0.5 else text
 
 

@@ -1586,7 +1586,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--polish-examples", type=float, metavar="P",
         help="stage 3: share of the framed schemas that come after a worked example of "
-        f"another schema (default {Recipe.polish_examples}, off)",
+        f"another schema (default {Recipe.polish_examples}; 0 turns them off)",
     )  # fmt: skip
     parser.add_argument(
         "--consistency", type=float, default=Recipe.consistency,

@@ -72,8 +72,9 @@ VALIDATION: tuple[Wrapper, ...] = (
     Wrapper(
         name="val-worked-example",
         source="a worked example (a schema with a description, a fitting instance and a "
-        "wrong one) before the task's schema and the question (run 34: 0.667 on digits "
-        "1250-1279, wrong digits; written after run 34's test, run 35 is chosen on it)",
+        "wrong one) before the task's schema and the question (run 34: 0.80 on digits "
+        "1250-1289 in PyTorch, wrong digits; written after run 34's test, runs 35 and 36 "
+        "were chosen with it)",
         user="Respond to the request.\nWrite JSON that fits the layout given below.\n\n"
         'For the layout {"properties": {"mood": {"title": "Mood", "description": "mood '
         'words", "type": "array", "items": {"type": "string"}}}, "required": ["mood"]}\n'

@@ -216,9 +216,10 @@ def test_a_grammar_string_holds_no_control_character() -> None:
         "properties": {"text": {"type": "string", "maxLength": 24}, "tags": {"type": "array"}},
         "required": ["text"],
     }
-    rules = dict(line.split(" ::= ", 1) for line in grammar_text(schema).splitlines())
+    text = grammar_text(schema)
+    rules = dict(line.split(" ::= ", 1) for line in text.splitlines())
     assert rules["char"].startswith('[^"\\\\\\x7F\\x00-\\x1F] | "\\\\" (')
-    assert '[^"\\\\] |' not in grammar_text(schema)
+    assert '[^"\\\\] |' not in text
 
 
 def test_grammar_schema_rewrites_only_what_the_converter_drops() -> None:
